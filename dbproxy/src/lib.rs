@@ -1,0 +1,31 @@
+//! PostgreSQL wire proxy with read/write splitting and failover (replaces pgpool-II).
+
+use serde::{Deserialize, Serialize};
+
+/// The `dbproxy` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the main listener binds.
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:9999".to_string(),
+        }
+    }
+}
+
+impl common::Validate for Config {
+    fn validate(self) -> Result<Self, common::ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(common::ConfigError::invalid(
+                "listen",
+                format!("`{}` is not an address:port", self.listen),
+            ));
+        }
+        Ok(self)
+    }
+}

@@ -1,0 +1,31 @@
+//! HTTP load balancer in front of the web replicas (replaces nginx upstream).
+
+use serde::{Deserialize, Serialize};
+
+/// The `lb` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the main listener binds.
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8080".to_string(),
+        }
+    }
+}
+
+impl common::Validate for Config {
+    fn validate(self) -> Result<Self, common::ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(common::ConfigError::invalid(
+                "listen",
+                format!("`{}` is not an address:port", self.listen),
+            ));
+        }
+        Ok(self)
+    }
+}

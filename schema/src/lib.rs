@@ -1,0 +1,1 @@
+//! The ha-stack database schema: versioned SQL migrations embedded in the binaries.

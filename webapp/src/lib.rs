@@ -1,0 +1,31 @@
+//! The web page: latest host metrics, serving instance and database node, live dashboard.
+
+use serde::{Deserialize, Serialize};
+
+/// The `webapp` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the main listener binds.
+    pub listen: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8000".to_string(),
+        }
+    }
+}
+
+impl common::Validate for Config {
+    fn validate(self) -> Result<Self, common::ConfigError> {
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(common::ConfigError::invalid(
+                "listen",
+                format!("`{}` is not an address:port", self.listen),
+            ));
+        }
+        Ok(self)
+    }
+}
