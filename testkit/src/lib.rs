@@ -185,6 +185,15 @@ impl PgClusterBuilder {
                 Ok((n == "1").then_some(()))
             })?;
         }
+        if self.synchronous && self.standbys > 0 {
+            // A walsender reports `sync` a moment after `streaming`; commits only wait once it does.
+            wait_for("a synchronous standby", DEADLINE, || {
+                let n = cluster
+                    .primary()
+                    .psql("select count(*) from pg_stat_replication where sync_state = 'sync'")?;
+                Ok((n != "0").then_some(()))
+            })?;
+        }
         Ok(cluster)
     }
 }
