@@ -1,5 +1,8 @@
 //! The `collector` binary: parses flags and hands over to the library.
 
+use std::sync::Arc;
+
+use anyhow::Context;
 use clap::Parser;
 
 /// Samples host metrics from /proc and writes them through dbproxy.
@@ -8,6 +11,26 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     common: common::CommonArgs,
+
+    /// Time between samples, as in the old `coletor.sh [interval]` (seconds, or e.g. `200ms`).
+    #[arg(value_name = "INTERVAL", conflicts_with = "interval")]
+    interval_arg: Option<String>,
+
+    /// Time between samples (seconds, or e.g. `200ms`); also COLLECTOR_INTERVAL. Default 60.
+    #[arg(long, value_name = "DURATION")]
+    interval: Option<String>,
+
+    /// Take one sample, write it, and exit.
+    #[arg(long)]
+    once: bool,
+
+    /// Print samples as JSON lines on stdout instead of writing them to the database.
+    #[arg(long)]
+    print: bool,
+
+    /// Database connection string (libpq `key=value` or `postgres://` URL); dbproxy in production.
+    #[arg(long, value_name = "URL")]
+    database_url: Option<String>,
 }
 
 fn main() {
@@ -15,20 +38,51 @@ fn main() {
     let loaded = cli
         .common
         .source("COLLECTOR")
+        .map(|mut s| {
+            if let Some(v) = cli.interval.as_ref().or(cli.interval_arg.as_ref()) {
+                s = s.set("interval", v.as_str());
+            }
+            if let Some(url) = &cli.database_url {
+                // Quoted, so that a URL or `key=value` text is always taken as a string.
+                s = s.set(
+                    "database_url",
+                    format!("\"{}\"", url.replace('\\', "\\\\").replace('"', "\\\"")),
+                );
+            }
+            s
+        })
         .and_then(|s| s.load::<collector::Config>())
         .map_err(anyhow::Error::from);
     if cli.common.check_config {
         std::process::exit(common::cli::report_check("collector", &loaded));
     }
     common::telemetry::init(cli.common.log_format, "info");
-    match loaded {
-        Ok(_) => {
-            eprintln!("collector: not built yet (see issue 6)");
-            std::process::exit(1);
-        }
+    let config = match loaded {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("collector: {e:#}");
             std::process::exit(2);
         }
+    };
+    let mode = collector::Mode {
+        once: cli.once,
+        print: cli.print,
+    };
+    if let Err(e) = serve(config, mode) {
+        eprintln!("collector: {e:#}");
+        std::process::exit(1);
     }
+}
+
+#[tokio::main]
+async fn serve(config: collector::Config, mode: collector::Mode) -> anyhow::Result<()> {
+    let signals = common::shutdown::install().context("installing signal handlers")?;
+    collector::run(
+        config,
+        mode,
+        Arc::new(collector::Stats::default()),
+        signals.shutdown,
+    )
+    .await
+    .context("collector stopped")
 }

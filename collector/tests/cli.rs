@@ -1,0 +1,207 @@
+//! The real `collector` binary: `--print --once`, flag and config errors, and SIGTERM.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_collector");
+
+fn collector() -> Command {
+    let mut c = Command::new(BIN);
+    // The tests' environment must not leak config into the binary under test.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("COLLECTOR_") {
+            c.env_remove(k);
+        }
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Runs a command to completion, killing it if it outlives `limit`.
+fn output(mut cmd: Command, limit: Duration) -> Result<std::process::Output> {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("spawning collector")?;
+    let pid = child.id() as i32;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => Ok(out?),
+        Err(_) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            anyhow::bail!("collector did not finish within {limit:?}")
+        }
+    }
+}
+
+#[test]
+fn print_once_prints_one_valid_json_sample() -> Result<()> {
+    let mut cmd = collector();
+    cmd.args(["--print", "--once", "0.1"]);
+    let out = output(cmd, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "status {:?}: {stderr}", out.status);
+    let stdout = String::from_utf8(out.stdout)?;
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    let s: schema::Sample = serde_json::from_str(stdout.trim())?;
+    let v: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    assert_eq!(s.host, hostname.trim());
+    assert!(s.mem_total_bytes > 0 && s.mem_used_bytes <= s.mem_total_bytes);
+    assert!(s.process_count > 0);
+    assert!(s.uptime_seconds > 0.0);
+    assert!(
+        s.cpu_percent.is_some_and(|c| (0.0..=100.0).contains(&c)),
+        "{stdout}"
+    );
+    assert!(s.disks.iter().any(|d| d.mount == "/"), "{stdout}");
+    assert!(s.net.iter().any(|n| n.iface == "lo"), "{stdout}");
+    assert!(
+        v["sampled_at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{stdout}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_flags_and_config_are_clear_errors() -> Result<()> {
+    for (args, env, want) in [
+        (
+            vec!["--print", "--once", "--interval", "soon"],
+            None,
+            "invalid value for `interval`",
+        ),
+        (
+            vec!["--print", "--once", "0"],
+            None,
+            "`interval`: must be at least 1ms",
+        ),
+        (
+            vec!["--print", "--once"],
+            Some(("COLLECTOR_INTERVAL", "-3")),
+            "`interval`",
+        ),
+        (
+            vec!["--once", "--database-url", "port=notaport"],
+            None,
+            "`database_url`",
+        ),
+        (vec!["--print", "--once", "--set", "colour=blue"], None, "colour"),
+    ] {
+        let mut cmd = collector();
+        cmd.args(&args);
+        if let Some((k, v)) = env {
+            cmd.env(k, v);
+        }
+        let out = output(cmd, Duration::from_secs(30))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // Both an interval flag and a positional interval: refused by the parser.
+    let mut cmd = collector();
+    cmd.args(["--print", "--interval", "1", "2"]);
+    let out = output(cmd, Duration::from_secs(30))?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
+
+#[test]
+fn unreadable_proc_is_a_clear_error() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    std::fs::create_dir_all(dir.path().join("sys/kernel"))?;
+    std::fs::write(dir.path().join("sys/kernel/hostname"), "fakehost\n")?;
+    std::fs::write(dir.path().join("stat"), "cpu 1 2 3 4 5 6 7 8\n")?;
+    std::fs::write(dir.path().join("loadavg"), "garbage\n")?;
+    let mut cmd = collector();
+    cmd.args(["--print", "--once", "0.01", "--set"])
+        .arg(format!("proc_root=\"{}\"", dir.path().display()));
+    let out = output(cmd, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot parse loadavg: `garbage` is not a load average"),
+        "{stderr}"
+    );
+    assert!(out.stdout.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_and_exits_zero() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool.jsonl");
+    let mut cmd = collector();
+    cmd.args([
+        "--interval",
+        "200ms",
+        "--database-url",
+        &cluster.primary().conn_string(),
+    ])
+    .args(["--set", "host=sigterm-host", "--set"])
+    .arg(format!("spool_file=\"{}\"", spool.display()))
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let cl = cluster.clone();
+    wait_for("samples from the binary", move || {
+        Ok((count(cl.primary(), "sigterm-host")? >= 3).then_some(()))
+    })
+    .await?;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+    let status = tokio::task::spawn_blocking(move || {
+        testkit::wait_for("collector to exit", Duration::from_secs(30), || {
+            Ok(child.try_wait()?)
+        })
+    })
+    .await??;
+    assert_eq!(status.code(), Some(0));
+    let rows = rows(cluster.primary(), "sigterm-host")?;
+    assert_in_order_once(&rows);
+    assert_eq!(
+        std::fs::metadata(&spool)?.len(),
+        0,
+        "everything was written before exit"
+    );
+
+    // With the database gone, `--once` keeps its sample in the spool file and says so.
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.primary().stop()).await??;
+    let mut cmd = collector();
+    cmd.args([
+        "--once",
+        "0.01",
+        "--database-url",
+        &cluster.primary().conn_string(),
+    ])
+    .args([
+        "--set",
+        "host=sigterm-host",
+        "--set",
+        "connect_timeout=\"1s\"",
+        "--set",
+    ])
+    .arg(format!("spool_file=\"{}\"", spool.display()));
+    let out = tokio::task::spawn_blocking(move || output(cmd, Duration::from_secs(60))).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("1 sample(s) could not be written and remain in the spool file"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_to_string(&spool)?.lines().count(), 1);
+    Ok(())
+}

@@ -1,0 +1,62 @@
+//! The collector against a real PostgreSQL that goes away for several intervals.
+
+mod support;
+
+use anyhow::Result;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sample_arrives_once_and_in_order_across_an_outage() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool.jsonl");
+    let host = "outage-host";
+    let c = spawn(config(cluster.primary(), &spool, host));
+
+    let cl = cluster.clone();
+    wait_for("two samples in the database", move || {
+        Ok((count(cl.primary(), host)? >= 2).then_some(()))
+    })
+    .await?;
+
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.primary().stop()).await??;
+    // Three intervals' worth of samples are taken while the database is down, and they wait.
+    let before = c.stats.produced();
+    let stats = c.stats.clone();
+    wait_for("three samples taken during the outage", move || {
+        Ok((stats.produced() >= before + 3 && stats.pending() >= 3).then_some(()))
+    })
+    .await?;
+    assert!(
+        c.stats.write_errors() > 0,
+        "writes must have failed during the outage"
+    );
+    let spooled = std::fs::read_to_string(&spool)?.lines().count();
+    assert!(
+        spooled >= 3,
+        "the spool file holds the waiting samples ({spooled} lines)"
+    );
+
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.primary().start()).await??;
+    let (cl, stats) = (cluster.clone(), c.stats.clone());
+    wait_for("the spool to drain into the database", move || {
+        let produced = stats.produced();
+        Ok((stats.pending() == 0 && count(cl.primary(), host)? == produced).then_some(()))
+    })
+    .await?;
+
+    let stats = c.stop().await?;
+    let rows = rows(cluster.primary(), host)?;
+    assert_eq!(
+        rows.len() as u64,
+        stats.produced(),
+        "every sample taken is stored"
+    );
+    assert_in_order_once(&rows);
+    assert_eq!(stats.written(), stats.produced());
+    assert_eq!(stats.already_stored(), 0);
+    assert_eq!(std::fs::metadata(&spool)?.len(), 0, "nothing is left to re-send");
+    Ok(())
+}
