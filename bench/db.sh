@@ -1,0 +1,262 @@
+#!/usr/bin/env bash
+# bench/db.sh: dbproxy side by side with direct connections, PgBouncer 1.18 (session mode) and
+# pgpool-II 4.3 (load_balance_mode on), all in front of the same primary + streaming standby on
+# loopback. Runs `pgbench -S` (simple and -M prepared) and a mix with writes, every setup taking
+# turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
+# numbers go to bench/results/db.json.
+#
+# Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
+# Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy"
+#        WORKLOADS="select-simple select-prepared mix"
+#
+# Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
+# dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
+# to the primary for direct and PgBouncer, and is routed by pgpool-II and dbproxy themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CLIENTS=${CLIENTS:-16}
+THREADS=${THREADS:-2}
+SCALE=${SCALE:-10}
+SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy"}
+WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix"}
+
+PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
+need_pkgs=()
+[ -x "$PGBIN/initdb" ] || need_pkgs+=(postgresql-15)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_pkgs+=(pgbouncer)
+command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || need_pkgs+=(pgpool2)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "installing ${need_pkgs[*]}" >&2
+  # Keep the packages from starting services of their own.
+  printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+  apt-get update -q >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need_pkgs[@]}" >/dev/null
+  rm -f /usr/sbin/policy-rc.d
+  trap - EXIT
+fi
+PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
+PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
+
+DBPROXY=$root/target/release/dbproxy
+if [[ " $SETUPS " == *" dbproxy "* ]]; then
+  echo "building dbproxy (release)" >&2
+  cargo build --release -q -p dbproxy
+fi
+
+work=$(mktemp -d /tmp/bench-db.XXXXXX)
+chmod 755 "$work"
+as_pg=()
+if [ "$(id -u)" -eq 0 ]; then
+  chown postgres: "$work"
+  as_pg=(runuser -u postgres --)
+fi
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+} 2>/dev/null
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_pg() { # port [dbname]
+  for _ in $(seq 1 400); do
+    "$PGBIN/psql" -X -qAt -h 127.0.0.1 -p "$1" -U postgres -d "${2:-postgres}" -c 'select 1' >/dev/null 2>&1 && return 0
+    sleep 0.05
+  done
+  echo "server on port $1 did not come up" >&2; return 1
+}
+
+P_PRIMARY=$(free_port); P_STANDBY=$(free_port); P_BOUNCER=$(free_port); P_POOL=$(free_port)
+P_PCP=$(free_port); P_PROXY=$(free_port); P_PROXY_ADMIN=$(free_port)
+
+echo "starting primary :$P_PRIMARY and standby :$P_STANDBY in $work" >&2
+"${as_pg[@]}" "$PGBIN/initdb" -D "$work/primary" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
+cat >> "$work/primary/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+port = $P_PRIMARY
+max_connections = 200
+shared_buffers = '256MB'
+wal_level = replica
+hot_standby = on
+fsync = off
+synchronous_commit = off
+EOF
+"${as_pg[@]}" "$PGBIN/postgres" -D "$work/primary" > "$work/primary.log" 2>&1 &
+pids+=($!)
+wait_pg "$P_PRIMARY"
+"${as_pg[@]}" "$PGBIN/pg_basebackup" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -D "$work/standby" -R -X stream -c fast --no-sync
+echo "port = $P_STANDBY" >> "$work/standby/postgresql.conf"
+"${as_pg[@]}" "$PGBIN/postgres" -D "$work/standby" > "$work/standby.log" 2>&1 &
+pids+=($!)
+wait_pg "$P_STANDBY"
+
+"$PGBIN/createdb" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench
+"$PGBIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench 2>/dev/null
+lsn=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -c 'select pg_current_wal_lsn()')
+for _ in $(seq 1 600); do
+  ok=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_STANDBY" -U postgres -c "select pg_last_wal_replay_lsn() >= '$lsn'")
+  [ "$ok" = t ] && break
+  sleep 0.1
+done
+
+# PgBouncer, session pooling, in front of the standby (reads) and the primary (mix).
+cat > "$work/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$P_STANDBY dbname=bench
+bench_rw = host=127.0.0.1 port=$P_PRIMARY dbname=bench
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $P_BOUNCER
+unix_socket_dir =
+auth_type = trust
+auth_file = $work/userlist.txt
+pool_mode = session
+max_client_conn = 200
+default_pool_size = 40
+logfile = $work/pgbouncer.log
+pidfile = $work/pgbouncer.pid
+EOF
+echo '"postgres" ""' > "$work/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work/pgbouncer.ini" "$work/userlist.txt"
+
+# pgpool-II, streaming replication mode, reads balanced to the standby only.
+mkdir -p "$work/pgpool"
+cat > "$work/pgpool/pgpool.conf" <<EOF
+backend_clustering_mode = 'streaming_replication'
+listen_addresses = '127.0.0.1'
+port = $P_POOL
+unix_socket_directories = '$work/pgpool'
+pcp_listen_addresses = '127.0.0.1'
+pcp_port = $P_PCP
+pcp_socket_dir = '$work/pgpool'
+pid_file_name = '$work/pgpool/pgpool.pid'
+logdir = '$work/pgpool'
+backend_hostname0 = '127.0.0.1'
+backend_port0 = $P_PRIMARY
+backend_weight0 = 0
+backend_flag0 = 'ALLOW_TO_FAILOVER'
+backend_hostname1 = '127.0.0.1'
+backend_port1 = $P_STANDBY
+backend_weight1 = 1
+backend_flag1 = 'ALLOW_TO_FAILOVER'
+num_init_children = $((CLIENTS + 8))
+max_pool = 2
+enable_pool_hba = off
+pool_passwd = ''
+load_balance_mode = on
+disable_load_balance_on_write = 'transaction'
+sr_check_period = 0
+health_check_period = 0
+log_min_messages = warning
+EOF
+
+# dbproxy, same shape: reads to the standby only, trust for clients.
+cat > "$work/dbproxy.toml" <<EOF
+listen = "127.0.0.1:$P_PROXY"
+admin_listen = "127.0.0.1:$P_PROXY_ADMIN"
+[[nodes]]
+name = "primary"
+host = "127.0.0.1"
+port = $P_PRIMARY
+weight = 0
+[[nodes]]
+name = "standby"
+host = "127.0.0.1"
+port = $P_STANDBY
+weight = 1
+[[hba]]
+method = "trust"
+EOF
+
+start_setup() {
+  case $1 in
+    pgbouncer)
+      "${as_pg[@]}" "$PGBOUNCER" "$work/pgbouncer.ini" > /dev/null 2>&1 &
+      pids+=($!); wait_pg "$P_BOUNCER" bench ;;
+    pgpool)
+      "$PGPOOL" -n -f "$work/pgpool/pgpool.conf" -F /dev/null > "$work/pgpool/out.log" 2>&1 &
+      pids+=($!); wait_pg "$P_POOL" bench ;;
+    dbproxy)
+      RUST_LOG=warn "$DBPROXY" --config "$work/dbproxy.toml" > "$work/dbproxy.log" 2>&1 &
+      pids+=($!); wait_pg "$P_PROXY" bench ;;
+  esac
+}
+stop_setup() {
+  local pid
+  case $1 in
+    direct) return 0 ;;
+  esac
+  pid=${pids[-1]}
+  kill "$pid" 2>/dev/null || true
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+  kill -9 "$pid" 2>/dev/null || true
+  unset 'pids[-1]'
+  [ "$1" = pgpool ] && rm -f "$work"/pgpool/.s.* "$work/pgpool/pgpool.pid" || true
+}
+target() { # setup workload -> "port dbname"
+  case $1:$2 in
+    direct:mix) echo "$P_PRIMARY bench" ;;
+    direct:*) echo "$P_STANDBY bench" ;;
+    pgbouncer:mix) echo "$P_BOUNCER bench_rw" ;;
+    pgbouncer:*) echo "$P_BOUNCER bench" ;;
+    pgpool:*) echo "$P_POOL bench" ;;
+    dbproxy:*) echo "$P_PROXY bench" ;;
+  esac
+}
+
+results="$work/results.tsv"
+: > "$results"
+for round in $(seq 1 "$ROUNDS"); do
+  for setup in $SETUPS; do
+    start_setup "$setup"
+    for wl in $WORKLOADS; do
+      read -r port db < <(target "$setup" "$wl")
+      case $wl in
+        select-simple) args=(-S -M simple) ;;
+        select-prepared) args=(-S -M prepared) ;;
+        mix) args=(-b select-only@9 -b simple-update@1 -M prepared) ;;
+      esac
+      out=$("$PGBIN/pgbench" -n "${args[@]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
+        -h 127.0.0.1 -p "$port" -U postgres "$db" 2>&1) || { echo "$out" >&2; tps=0; lat=0; }
+      tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
+      lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
+      failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
+      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" >> "$results"
+      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" >&2
+    done
+    stop_setup "$setup"
+  done
+done
+
+mkdir -p "$root/bench/results"
+python3 - "$results" "$root/bench/results/db.json" "$CLIENTS" "$THREADS" "$DURATION" "$ROUNDS" <<'PY'
+import json, statistics, sys
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+clients, threads, duration, rounds = sys.argv[3:7]
+data = {}
+for rnd, setup, wl, tps, lat, failed in rows:
+    d = data.setdefault(wl, {}).setdefault(setup, {"tps": [], "lat": [], "failed": 0})
+    d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"] += int(failed)
+print(f"\npgbench, {clients} clients, {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
+print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | failed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|")
+summary = {}
+for wl, setups in data.items():
+    med = {s: statistics.median(v["tps"]) for s, v in setups.items()}
+    for s, v in setups.items():
+        m = med[s]
+        def ratio(o):
+            return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
+        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {v['failed']} |")
+        summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
+json.dump({"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary}, open(sys.argv[2], "w"), indent=2)
+PY
