@@ -1,31 +1,219 @@
-//! HTTP load balancer in front of the web replicas (replaces nginx upstream).
+//! HTTP load balancer in front of the web replicas (replaces nginx's `upstream`): HTTP/1.1 and h2c
+//! from clients, websockets passed through, nginx-compatible balancing (smooth weighted round
+//! robin, ip_hash, least_conn, consistent hash), passive and active health checks, retries on the
+//! next server, limits, `/metrics` and `/status`, SIGHUP reload and graceful shutdown.
+//!
+//! `main.rs` only parses flags; [`run`] and [`Lb`] are what tests drive on port 0.
 
-use serde::{Deserialize, Serialize};
+pub mod access;
+pub mod body;
+pub mod config;
+pub mod health;
+pub mod metrics;
+pub mod nginx_conf;
+mod proxy;
+pub mod select;
+mod server;
+pub mod upstream;
 
-/// The `lb` configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// Address the main listener binds.
-    pub listen: String,
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+
+use body::UpBody;
+use metrics::Metrics;
+use upstream::{Upstream, UpstreamError};
+
+/// What can stop the load balancer from starting or reloading.
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    /// The upstream could not be built (e.g. a host name did not resolve).
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "0.0.0.0:8080".to_string(),
+/// The upstream HTTP client.
+pub(crate) type UpClient = Client<HttpConnector, UpBody>;
+
+/// Everything a request needs that a reload may replace, swapped as one.
+pub struct Runtime {
+    /// The config in force.
+    pub config: Config,
+    /// The resolved servers and selector.
+    pub upstream: Upstream,
+    client: UpClient,
+}
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub runtime: Arc<ArcSwap<Runtime>>,
+    pub metrics: Metrics,
+}
+
+fn build_client(config: &Config) -> UpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(config.timeouts.upstream_connect.get()));
+    connector.set_nodelay(true);
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(config.timeouts.upstream_idle.get())
+        .pool_max_idle_per_host(config.limits.upstream_keepalive)
+        .build(connector)
+}
+
+/// Whether two configs can share one upstream client (same connect timeout and pool settings).
+fn same_client_settings(a: &Config, b: &Config) -> bool {
+    a.timeouts.upstream_connect == b.timeouts.upstream_connect
+        && a.timeouts.upstream_idle == b.timeouts.upstream_idle
+        && a.limits.upstream_keepalive == b.limits.upstream_keepalive
+}
+
+/// A load balancer; clones share everything.
+#[derive(Clone)]
+pub struct Lb {
+    shared: Arc<Shared>,
+}
+
+impl Lb {
+    /// Resolves the servers and prepares metrics; serves nothing yet.
+    pub fn new(config: Config) -> Result<Lb, LbError> {
+        let upstream = Upstream::build(&config, None)?;
+        let client = build_client(&config);
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime {
+            config,
+            upstream,
+            client,
+        }));
+        let metrics = Metrics::new(runtime.clone());
+        Ok(Lb {
+            shared: Arc::new(Shared { runtime, metrics }),
+        })
+    }
+
+    /// Applies a new config to new requests; connections, websockets and requests in flight keep
+    /// what they started with. Servers whose address and parameters did not change keep their
+    /// health and counters. Listener addresses and `limits.max_connections` need a restart.
+    pub fn reload(&self, config: Config) -> Result<(), LbError> {
+        let old = self.shared.runtime.load_full();
+        let upstream = Upstream::build(&config, Some(&old.upstream))?;
+        if !config.health.enabled {
+            for s in &upstream.servers {
+                s.force_healthy();
+            }
         }
+        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
+            tracing::warn!("listen addresses change only on restart");
+        }
+        let client = if same_client_settings(&config, &old.config) {
+            old.client.clone()
+        } else {
+            build_client(&config)
+        };
+        let servers = upstream.servers.len();
+        self.shared.runtime.store(Arc::new(Runtime {
+            config,
+            upstream,
+            client,
+        }));
+        tracing::info!(servers, "configuration reloaded");
+        Ok(())
+    }
+
+    /// The Prometheus registry (served by [`Lb::serve_admin`]).
+    pub fn registry(&self) -> prometheus::Registry {
+        self.shared.metrics.registry.clone()
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Config {
+        self.shared.runtime.load().config.clone()
+    }
+
+    /// Serves clients on `listener` (and runs health checks) until `shutdown`, then drains.
+    pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), LbError> {
+        let local = listener.local_addr()?;
+        tracing::info!(%local, "lb listening");
+        let health = tokio::spawn(health::run(self.shared.clone(), shutdown.clone()));
+        server::serve(self.shared.clone(), listener, shutdown).await;
+        health.abort();
+        Ok(())
+    }
+
+    /// Serves `/metrics`, `/healthz` and `/status` on `listener` until `shutdown`.
+    pub async fn serve_admin(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let routes = Arc::new(StatusRoute { lb: self.clone() });
+        common::admin::serve(listener, self.registry(), routes, shutdown).await
+    }
+
+    /// The servers, their health, weights and counters, as `/status` shows them.
+    pub fn status(&self) -> serde_json::Value {
+        let rt = self.shared.runtime.load();
+        let now = Instant::now();
+        let servers: Vec<_> = rt
+            .upstream
+            .servers
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "addr": &*s.label,
+                    "name": s.name,
+                    "weight": s.config.weight,
+                    "effective_weight": s.effective_weight(now),
+                    "backup": s.config.backup,
+                    "down": s.config.down,
+                    "healthy": s.is_healthy(),
+                    "resting": s.passively_failed(now),
+                    "available": s.available(now),
+                    "active": s.active.load(Ordering::Relaxed),
+                    "requests": s.requests.load(Ordering::Relaxed),
+                    "failures": s.failures.load(Ordering::Relaxed),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "upstream": rt.upstream.name,
+            "algorithm": rt.upstream.algorithm,
+            "active_connections": self.shared.metrics.active_connections.get(),
+            "servers": servers,
+        })
     }
 }
 
-impl common::Validate for Config {
-    fn validate(self) -> Result<Self, common::ConfigError> {
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(common::ConfigError::invalid(
-                "listen",
-                format!("`{}` is not an address:port", self.listen),
-            ));
+struct StatusRoute {
+    lb: Lb,
+}
+
+impl common::admin::AdminRoutes for StatusRoute {
+    fn route(&self, method: &Method, path: &str, _body: Bytes) -> Option<common::admin::ResponseFuture> {
+        if method == Method::GET && path == "/status" {
+            let v = self.lb.status();
+            return Some(Box::pin(async move { common::admin::json(StatusCode::OK, &v) }));
         }
-        Ok(self)
+        None
     }
+}
+
+/// Serves `config` on `listener` until `shutdown` (no admin listener; see [`Lb`] for that).
+pub async fn run(listener: TcpListener, config: Config, shutdown: CancellationToken) -> Result<(), LbError> {
+    Lb::new(config)?.serve(listener, shutdown).await
 }

@@ -1,5 +1,9 @@
-//! The `lb` binary: parses flags and hands over to the library.
+//! The `lb` binary: parses flags, loads the config (optionally from an nginx config), and hands
+//! over to the library; SIGHUP reloads, SIGINT/SIGTERM drain and exit.
 
+use std::path::PathBuf;
+
+use anyhow::Context;
 use clap::Parser;
 
 /// HTTP load balancer in front of the web replicas (replaces nginx upstream).
@@ -8,27 +12,79 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     common: common::CommonArgs,
+
+    /// Read an nginx config (its upstream and `location / { proxy_pass ... }`) as the base layer;
+    /// the TOML file, `LB_*` variables and `--set` still override it.
+    #[arg(long, value_name = "PATH")]
+    nginx_conf: Option<PathBuf>,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<lb::Config> {
+    let mut source = cli.common.source("LB")?;
+    if let Some(path) = &cli.nginx_conf {
+        let t = lb::nginx_conf::load(path)?;
+        for w in &t.warnings {
+            eprintln!("lb: {}: {w}", path.display());
+        }
+        source = source.base(t.table);
+    }
+    Ok(source.load::<lb::Config>()?)
 }
 
 fn main() {
     let cli = Cli::parse();
-    let loaded = cli
-        .common
-        .source("LB")
-        .and_then(|s| s.load::<lb::Config>())
-        .map_err(anyhow::Error::from);
+    let loaded = load(&cli);
     if cli.common.check_config {
         std::process::exit(common::cli::report_check("lb", &loaded));
     }
     common::telemetry::init(cli.common.log_format, "info");
-    match loaded {
-        Ok(_) => {
-            eprintln!("lb: not built yet (see issue 5)");
-            std::process::exit(1);
-        }
+    let config = match loaded {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("lb: {e:#}");
             std::process::exit(2);
         }
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("lb: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(serve(cli, config)) {
+        eprintln!("lb: {e:#}");
+        std::process::exit(1);
     }
+}
+
+async fn serve(cli: Cli, config: lb::Config) -> anyhow::Result<()> {
+    let mut signals = common::shutdown::install().context("installing signal handlers")?;
+    let listener = tokio::net::TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
+    let admin = tokio::net::TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
+    let balancer = lb::Lb::new(config)?;
+    let shutdown = signals.shutdown.clone();
+    tokio::spawn(balancer.clone().serve_admin(admin, shutdown.clone()));
+    let reloader = balancer.clone();
+    tokio::spawn(async move {
+        let cli = std::sync::Arc::new(cli);
+        while signals.reload.recv().await.is_some() {
+            let (cli, lb) = (cli.clone(), reloader.clone());
+            // Loading resolves host names, which blocks.
+            let r = tokio::task::spawn_blocking(move || load(&cli).and_then(|c| Ok(lb.reload(c)?))).await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the old config")
+                }
+                Err(e) => tracing::error!(error = %e, "reload task failed"),
+            }
+        }
+    });
+    balancer.serve(listener, shutdown).await?;
+    Ok(())
 }

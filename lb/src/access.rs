@@ -1,0 +1,126 @@
+//! The access log: one event per request on tracing target `lb::access`, in nginx's `combined`
+//! format or as structured fields.
+
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::{header, HeaderValue, Method, Request, Response, Uri, Version};
+
+use crate::config::AccessLogFormat;
+
+/// What the log needs from a request, captured before the request is consumed.
+#[derive(Debug)]
+pub struct RequestLine {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
+}
+
+impl RequestLine {
+    /// Captures the loggable parts of `req`.
+    pub fn of<B>(req: &Request<B>) -> RequestLine {
+        RequestLine {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            referer: req.headers().get(header::REFERER).cloned(),
+            user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        }
+    }
+}
+
+fn text(v: &Option<HeaderValue>) -> &str {
+    v.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-")
+}
+
+/// Logs one request.
+pub fn log<B>(
+    format: AccessLogFormat,
+    peer: SocketAddr,
+    line: &RequestLine,
+    resp: &Response<B>,
+    upstream: Option<&str>,
+    elapsed: Duration,
+) {
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let ip = peer.ip().to_canonical();
+    match format {
+        AccessLogFormat::Combined => tracing::info!(
+            target: "lb::access",
+            "{ip} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" upstream={} rt={:.3}",
+            clf_time(SystemTime::now()),
+            line.method,
+            line.uri,
+            line.version,
+            text(&line.referer),
+            text(&line.user_agent),
+            upstream.unwrap_or("-"),
+            elapsed.as_secs_f64(),
+        ),
+        AccessLogFormat::Json => tracing::info!(
+            target: "lb::access",
+            remote_addr = %ip,
+            method = %line.method,
+            uri = %line.uri,
+            protocol = ?line.version,
+            status,
+            body_bytes = bytes,
+            referer = text(&line.referer),
+            user_agent = text(&line.user_agent),
+            upstream = upstream.unwrap_or("-"),
+            request_time = elapsed.as_secs_f64(),
+            "request"
+        ),
+    }
+}
+
+/// `10/Oct/2000:13:55:36 +0000`, the time format of nginx's `$time_local` (in UTC).
+pub fn clf_time(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Howard Hinnant's days-to-civil: no date crate is needed for one format.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{day:02}/{}/{year}:{:02}:{:02}:{:02} +0000",
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn common_log_time() {
+        assert_eq!(clf_time(UNIX_EPOCH), "01/Jan/1970:00:00:00 +0000");
+        assert_eq!(
+            clf_time(UNIX_EPOCH + Duration::from_secs(971_185_336)),
+            "10/Oct/2000:13:42:16 +0000"
+        );
+        assert_eq!(
+            clf_time(UNIX_EPOCH + Duration::from_secs(1_709_210_096)),
+            "29/Feb/2024:12:34:56 +0000"
+        );
+    }
+}

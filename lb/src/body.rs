@@ -1,0 +1,215 @@
+//! Body types of the proxy. The request body sent upstream stays in a shared slot until hyper
+//! first polls it, so a try that failed before sending a byte (connect error) can hand the same
+//! body to the next server. The response body keeps the server's in-flight count until it ends.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+use crate::upstream::Server;
+
+/// A boxed error for body streams.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The request body exceeded `limits.max_body_bytes`.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct TooLarge(pub u64);
+
+/// The client's body, waiting to be sent by whichever try polls it first.
+#[derive(Debug)]
+pub struct BodySlot {
+    body: Mutex<Option<Incoming>>,
+    too_large: AtomicBool,
+    limit: u64,
+}
+
+impl BodySlot {
+    /// Wraps `body`; `limit` 0 means unlimited.
+    pub fn new(body: Incoming, limit: u64) -> Arc<BodySlot> {
+        Arc::new(BodySlot {
+            body: Mutex::new(Some(body)),
+            too_large: AtomicBool::new(false),
+            limit,
+        })
+    }
+
+    /// Whether no try has started sending the body yet.
+    pub fn unsent(&self) -> bool {
+        self.body.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Whether sending stopped because the body was too large.
+    pub fn too_large(&self) -> bool {
+        self.too_large.load(Ordering::Relaxed)
+    }
+}
+
+/// The body of one upstream try.
+#[derive(Debug)]
+pub enum UpBody {
+    /// No body (most GETs): nothing to keep for retries.
+    Empty,
+    /// A body shared by every try; taken on first poll.
+    Lazy {
+        /// Where the body waits.
+        slot: Arc<BodySlot>,
+        /// The body once this try took it.
+        taken: Option<Incoming>,
+        /// Bytes passed so far.
+        seen: u64,
+    },
+}
+
+impl UpBody {
+    /// Whether the body could still be sent by another try.
+    pub fn retryable(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Lazy { slot, .. } => slot.unsent(),
+        }
+    }
+}
+
+impl Body for UpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpBody::Empty => Poll::Ready(None),
+            UpBody::Lazy { slot, taken, seen } => {
+                if taken.is_none() {
+                    *taken = slot.body.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if taken.is_none() {
+                        // Another try already consumed it; this one cannot send it again.
+                        return Poll::Ready(Some(Err(
+                            "request body already consumed by an earlier try".into()
+                        )));
+                    }
+                }
+                let Some(inner) = taken.as_mut() else {
+                    return Poll::Ready(None);
+                };
+                match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let Some(data) = frame.data_ref() {
+                            *seen += data.len() as u64;
+                            if slot.limit > 0 && *seen > slot.limit {
+                                slot.too_large.store(true, Ordering::Relaxed);
+                                return Poll::Ready(Some(Err(Box::new(TooLarge(slot.limit)))));
+                            }
+                        }
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpBody::Empty => true,
+            UpBody::Lazy { taken: Some(b), .. } => b.is_end_stream(),
+            UpBody::Lazy { .. } => false,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpBody::Empty => SizeHint::with_exact(0),
+            UpBody::Lazy { taken: Some(b), .. } => b.size_hint(),
+            UpBody::Lazy { slot, .. } => slot
+                .body
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map_or_else(SizeHint::default, Body::size_hint),
+        }
+    }
+}
+
+/// Decrements a server's in-flight count when dropped.
+#[derive(Debug)]
+pub struct ActiveGuard(pub Arc<Server>);
+
+impl ActiveGuard {
+    /// Counts one more request in flight on `server`.
+    pub fn new(server: Arc<Server>) -> ActiveGuard {
+        server.active.fetch_add(1, Ordering::Relaxed);
+        ActiveGuard(server)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What the client receives.
+#[derive(Debug)]
+pub enum RespBody {
+    /// A short body lb wrote itself (errors).
+    Full(Option<Bytes>),
+    /// The upstream's body, streamed.
+    Upstream {
+        /// The stream.
+        inner: Incoming,
+        /// Keeps the server's in-flight count until the body ends or is dropped.
+        guard: Option<ActiveGuard>,
+    },
+}
+
+impl RespBody {
+    /// A fixed body.
+    pub fn text(s: &'static str) -> RespBody {
+        RespBody::Full(Some(Bytes::from_static(s.as_bytes())))
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::Upstream { inner, guard } => {
+                let r = Pin::new(inner).poll_frame(cx);
+                if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+                    guard.take();
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full(b) => b.is_none(),
+            RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespBody::Full(None) => SizeHint::with_exact(0),
+            RespBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! The `lb` configuration: TOML structs with defaults, durations in nginx notation, and validation
+//! that names the offending key.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use common::ConfigError;
+
+/// The most servers one upstream may hold; a request remembers the servers it tried in a `u64` bitset.
+pub const MAX_SERVERS: usize = 64;
+
+/// The `lb` configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the proxy listener binds.
+    pub listen: String,
+    /// Address the admin listener (`/metrics`, `/status`, `/healthz`) binds; loopback by default.
+    pub admin_listen: String,
+    /// The servers requests are balanced over.
+    pub upstream: UpstreamConfig,
+    /// Client- and upstream-side timeouts.
+    pub timeouts: Timeouts,
+    /// Size and count limits.
+    pub limits: Limits,
+    /// Active health checking.
+    pub health: HealthConfig,
+    /// Retrying on the next server, like nginx's `proxy_next_upstream`.
+    pub retry: RetryConfig,
+    /// Request headers sent upstream.
+    pub headers: HeadersConfig,
+    /// The access log (tracing target `lb::access`).
+    pub access_log: AccessLogConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8080".to_string(),
+            admin_listen: "127.0.0.1:9100".to_string(),
+            upstream: UpstreamConfig::default(),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            health: HealthConfig::default(),
+            retry: RetryConfig::default(),
+            headers: HeadersConfig::default(),
+            access_log: AccessLogConfig::default(),
+        }
+    }
+}
+
+/// One upstream group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Name shown in metrics and `/status` (the nginx `upstream NAME`).
+    pub name: String,
+    /// How a server is picked.
+    pub algorithm: Algorithm,
+    /// The key of the `hash` algorithm in nginx notation: `$request_uri`, `$uri`, `$remote_addr`,
+    /// `$http_NAME` (a header) or `$cookie_NAME`; several may be concatenated with literal text.
+    pub hash_key: String,
+    /// The servers, in order (order matters to `ip_hash`, as in nginx).
+    pub servers: Vec<ServerConfig>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            name: "backend".to_string(),
+            algorithm: Algorithm::RoundRobin,
+            hash_key: "$request_uri".to_string(),
+            servers: Vec::new(),
+        }
+    }
+}
+
+/// A balancing algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// nginx's smooth weighted round robin.
+    RoundRobin,
+    /// nginx's `ip_hash`: the first three octets of an IPv4 client, the whole IPv6 address.
+    IpHash,
+    /// Fewest active requests relative to weight; ties broken by weighted round robin.
+    LeastConn,
+    /// nginx's `hash KEY consistent` (ketama points on CRC32, 160 per unit of weight).
+    Hash,
+}
+
+/// One upstream server, with nginx's `server` parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `host:port` (port 80 when omitted); a host name is resolved at start and on reload.
+    pub addr: String,
+    /// Relative weight (nginx `weight=`).
+    pub weight: u32,
+    /// Failures within `fail_timeout` that disable the server for `fail_timeout`; 0 disables the
+    /// passive check (nginx `max_fails=`).
+    pub max_fails: u32,
+    /// Window for counting failures and time a disabled server rests (nginx `fail_timeout=`).
+    pub fail_timeout: Dur,
+    /// Used only while every primary server is unavailable (nginx `backup`).
+    pub backup: bool,
+    /// Never used (nginx `down`).
+    pub down: bool,
+    /// After a recovery the weight ramps from 1 to `weight` over this time; 0 turns it off.
+    pub slow_start: Dur,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: String::new(),
+            weight: 1,
+            max_fails: 1,
+            fail_timeout: Dur(Duration::from_secs(10)),
+            backup: false,
+            down: false,
+            slow_start: Dur(Duration::ZERO),
+        }
+    }
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Time a client has to send a complete request head (against slowloris).
+    pub header_read: Dur,
+    /// A client connection with no request in flight for this long is closed.
+    pub client_idle: Dur,
+    /// Connecting to an upstream server.
+    pub upstream_connect: Dur,
+    /// From sending a request upstream to receiving the response head (504 past it).
+    pub upstream_response: Dur,
+    /// How long shutdown waits for in-flight requests and websockets before closing them.
+    pub shutdown_grace: Dur,
+    /// Idle upstream keep-alive connections are closed after this.
+    pub upstream_idle: Dur,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read: Dur(Duration::from_secs(10)),
+            client_idle: Dur(Duration::from_secs(65)),
+            upstream_connect: Dur(Duration::from_secs(5)),
+            upstream_response: Dur(Duration::from_secs(60)),
+            shutdown_grace: Dur(Duration::from_secs(10)),
+            upstream_idle: Dur(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// Limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest request head in bytes (431 past it); at least 8192 (hyper's smallest buffer).
+    pub max_header_bytes: usize,
+    /// Largest request body in bytes (413 past it); 0 means unlimited.
+    pub max_body_bytes: u64,
+    /// Most client connections open at once; further connections wait in the accept queue.
+    pub max_connections: usize,
+    /// Idle keep-alive connections kept per upstream server.
+    pub upstream_keepalive: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 16 * 1024,
+            max_body_bytes: 0,
+            max_connections: 10_000,
+            upstream_keepalive: 64,
+        }
+    }
+}
+
+/// Active HTTP health checks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Whether probes run at all (nginx's open-source build has none, so off for `--nginx-conf`).
+    pub enabled: bool,
+    /// Path requested with GET.
+    pub path: String,
+    /// Time between probes of one server.
+    pub interval: Dur,
+    /// Time one probe may take.
+    pub timeout: Dur,
+    /// Status a healthy server answers with.
+    pub expected_status: u16,
+    /// Consecutive passes that bring a server up.
+    pub rise: u32,
+    /// Consecutive failures that take a server down.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            enabled: false,
+            path: "/".to_string(),
+            interval: Dur(Duration::from_secs(2)),
+            timeout: Dur(Duration::from_secs(1)),
+            expected_status: 200,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// Retrying on the next server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Most servers one request is sent to (nginx `proxy_next_upstream_tries`); 0 means every server.
+    pub tries: u32,
+    /// Total time for all tries (nginx `proxy_next_upstream_timeout`); 0 means unbounded.
+    pub timeout: Dur,
+    /// Also retry idempotent requests answered with 502, 503 or 504.
+    pub on_status: bool,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            tries: 0,
+            timeout: Dur(Duration::ZERO),
+            on_status: false,
+        }
+    }
+}
+
+/// Headers sent upstream.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeadersConfig {
+    /// Replaces the client's Host header when set; empty keeps Host as sent.
+    pub host: String,
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Whether every request is logged.
+    pub enabled: bool,
+    /// Line format.
+    pub format: AccessLogFormat,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            format: AccessLogFormat::Combined,
+        }
+    }
+}
+
+/// Access log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessLogFormat {
+    /// nginx's `combined` format as the message.
+    Combined,
+    /// Structured fields (rendered as JSON with `--log-format json`).
+    Json,
+}
+
+/// A duration written as in nginx: `30s`, `500ms`, `1m`, `2h`, `1d`, or a bare number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dur(pub Duration);
+
+impl Dur {
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+/// A duration that could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a duration (use e.g. 30s, 500ms, 1m or a number of seconds)")]
+pub struct BadDuration(pub String);
+
+/// Parses nginx time notation; several units may be combined (`1m30s`).
+pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
+    let bad = || BadDuration(text.to_string());
+    let t = text.trim();
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let secs = |mult: u64| n.checked_mul(mult).map(Duration::from_secs).ok_or_else(bad);
+        let part = match unit {
+            "" | "s" => secs(1)?,
+            "ms" => Duration::from_millis(n),
+            "m" => secs(60)?,
+            "h" => secs(3600)?,
+            "d" => secs(86_400)?,
+            "w" => secs(7 * 86_400)?,
+            _ => return Err(bad()),
+        };
+        total = total.checked_add(part).ok_or_else(bad)?;
+    }
+    Ok(total)
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ms = self.0.as_millis();
+        if ms.is_multiple_of(1000) {
+            write!(f, "{}s", ms / 1000)
+        } else {
+            write!(f, "{ms}ms")
+        }
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Float(f64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Dur(Duration::from_secs(n))),
+            Raw::Float(f) if (0.0..1e12).contains(&f) => Ok(Dur(Duration::from_secs_f64(f))),
+            Raw::Float(f) => Err(serde::de::Error::custom(BadDuration(f.to_string()))),
+            Raw::Text(t) => parse_duration(&t).map(Dur).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`, or a bare host meaning port 80) into its parts.
+pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    if let Ok(sa) = addr.parse::<SocketAddr>() {
+        let _ = sa;
+        let (h, p) = addr.rsplit_once(':')?;
+        return Some((h.trim_start_matches('[').trim_end_matches(']'), p.parse().ok()?));
+    }
+    if addr.is_empty() || addr.contains(char::is_whitespace) || addr.contains('/') {
+        return None;
+    }
+    match addr.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.contains(':') => Some((h, p.parse().ok()?)),
+        Some(_) => {
+            // A bare IPv6 literal without a port.
+            let ip: std::net::Ipv6Addr = addr.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+            let _ = ip;
+            Some((addr.trim_start_matches('[').trim_end_matches(']'), 80))
+        }
+        None => Some((addr, 80)),
+    }
+}
+
+impl common::Validate for Config {
+    fn validate(self) -> Result<Self, ConfigError> {
+        for (key, value) in [("listen", &self.listen), ("admin_listen", &self.admin_listen)] {
+            if value.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`{value}` is not an address:port"),
+                ));
+            }
+        }
+        let up = &self.upstream;
+        if up.servers.is_empty() {
+            return Err(ConfigError::invalid(
+                "upstream.servers",
+                "at least one server is needed",
+            ));
+        }
+        if up.servers.len() > MAX_SERVERS {
+            return Err(ConfigError::invalid(
+                "upstream.servers",
+                format!(
+                    "at most {MAX_SERVERS} servers are supported, got {}",
+                    up.servers.len()
+                ),
+            ));
+        }
+        for (i, s) in up.servers.iter().enumerate() {
+            let key = |k: &str| format!("upstream.servers[{i}].{k}");
+            if split_host_port(&s.addr).is_none() {
+                return Err(ConfigError::invalid(
+                    key("addr"),
+                    format!("`{}` is not host:port", s.addr),
+                ));
+            }
+            if s.weight == 0 || s.weight > 1000 {
+                return Err(ConfigError::invalid(key("weight"), "must be between 1 and 1000"));
+            }
+            if s.backup && matches!(up.algorithm, Algorithm::IpHash | Algorithm::Hash) {
+                return Err(ConfigError::invalid(
+                    key("backup"),
+                    "backup servers cannot be used with ip_hash or hash (as in nginx)",
+                ));
+            }
+        }
+        if up.servers.iter().all(|s| s.backup) {
+            return Err(ConfigError::invalid(
+                "upstream.servers",
+                "every server is a backup",
+            ));
+        }
+        if up.algorithm == Algorithm::Hash {
+            crate::upstream::HashKey::parse(&up.hash_key)
+                .map_err(|e| ConfigError::invalid("upstream.hash_key", e.to_string()))?;
+        }
+        let t = &self.timeouts;
+        for (key, d) in [
+            ("timeouts.header_read", t.header_read),
+            ("timeouts.client_idle", t.client_idle),
+            ("timeouts.upstream_connect", t.upstream_connect),
+            ("timeouts.upstream_response", t.upstream_response),
+            ("health.interval", self.health.interval),
+            ("health.timeout", self.health.timeout),
+        ] {
+            if d.0.is_zero() {
+                return Err(ConfigError::invalid(key, "must be greater than zero"));
+            }
+        }
+        if self.limits.max_header_bytes < 8192 {
+            return Err(ConfigError::invalid(
+                "limits.max_header_bytes",
+                "must be at least 8192",
+            ));
+        }
+        if self.limits.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if !self.health.path.starts_with('/') {
+            return Err(ConfigError::invalid("health.path", "must start with /"));
+        }
+        if http::StatusCode::from_u16(self.health.expected_status).is_err() {
+            return Err(ConfigError::invalid(
+                "health.expected_status",
+                "is not an HTTP status",
+            ));
+        }
+        if !self.headers.host.is_empty() && http::HeaderValue::from_str(&self.headers.host).is_err() {
+            return Err(ConfigError::invalid(
+                "headers.host",
+                "is not a valid header value",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::{ConfigSource, Validate};
+
+    #[test]
+    fn durations_in_nginx_notation() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("86400").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn host_port_splitting() {
+        assert_eq!(split_host_port("web1:5000"), Some(("web1", 5000)));
+        assert_eq!(split_host_port("web1"), Some(("web1", 80)));
+        assert_eq!(split_host_port("[::1]:81"), Some(("::1", 81)));
+        assert_eq!(split_host_port("web1:notaport"), None);
+        assert_eq!(split_host_port(""), None);
+    }
+
+    #[test]
+    fn loads_toml_and_names_bad_keys() {
+        let t: toml::Table = toml::from_str(
+            r#"
+            [upstream]
+            algorithm = "least_conn"
+            servers = [{ addr = "127.0.0.1:1", weight = 3, fail_timeout = "30s" }, { addr = "127.0.0.1:2" }]
+            [timeouts]
+            header_read = "2s"
+            "#,
+        )
+        .unwrap();
+        let c: Config = ConfigSource::new().base(t).load().unwrap();
+        assert_eq!(c.upstream.algorithm, Algorithm::LeastConn);
+        assert_eq!(c.upstream.servers[0].weight, 3);
+        assert_eq!(c.upstream.servers[0].fail_timeout.get(), Duration::from_secs(30));
+        assert_eq!(c.timeouts.header_read.get(), Duration::from_secs(2));
+
+        let bad: toml::Table =
+            toml::from_str("[upstream]\nservers = [{ addr = \"x:1\", weight = 0 }]").unwrap();
+        let e = ConfigSource::new()
+            .base(bad)
+            .load::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstream.servers[0].weight"), "{e}");
+        let bad: toml::Table = toml::from_str("[timeouts]\nheader_read = \"soon\"").unwrap();
+        let e = ConfigSource::new()
+            .base(bad)
+            .load::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timeouts.header_read"), "{e}");
+        let e = Config::default().validate().unwrap_err().to_string();
+        assert!(e.contains("upstream.servers"), "{e}");
+    }
+
+    #[test]
+    fn backup_with_ip_hash_is_refused() {
+        let mut c = Config::default();
+        c.upstream.algorithm = Algorithm::IpHash;
+        c.upstream.servers = vec![
+            ServerConfig {
+                addr: "127.0.0.1:1".into(),
+                ..Default::default()
+            },
+            ServerConfig {
+                addr: "127.0.0.1:2".into(),
+                backup: true,
+                ..Default::default()
+            },
+        ];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("upstream.servers[1].backup"), "{e}");
+    }
+}

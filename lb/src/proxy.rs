@@ -1,0 +1,457 @@
+//! One proxied request: pick a server, rewrite headers, send, retry on the next server like nginx's
+//! `proxy_next_upstream`, relay upgrades (websockets), and account for it in metrics and the log.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+
+use crate::access;
+use crate::body::{ActiveGuard, BodySlot, RespBody, UpBody};
+use crate::server::ConnCtx;
+use crate::upstream::RequestPick;
+use crate::Shared;
+
+/// Headers that describe one hop and are never forwarded (RFC 9110 section 7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// Why a request got no upstream response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GiveUp {
+    /// Every try failed, or no server was usable.
+    BadGateway,
+    /// The upstream did not answer in time.
+    Timeout,
+    /// The request body exceeded the limit.
+    TooLarge,
+}
+
+fn error_response(status: StatusCode, body: &'static str) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::text(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// Whether the request asks for a protocol upgrade (websocket and friends).
+fn wants_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+}
+
+/// Removes hop-by-hop headers, including those the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Names listed in Connection are hop-by-hop too; collect them before Connection goes.
+    let mut listed: [Option<HeaderName>; 8] = Default::default();
+    let mut n = 0;
+    for v in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+    {
+        for t in v.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(t.trim().as_bytes()) {
+                if n < listed.len() && name != header::UPGRADE {
+                    listed[n] = Some(name);
+                    n += 1;
+                }
+            }
+        }
+    }
+    for name in listed.into_iter().flatten() {
+        headers.remove(name);
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Adds X-Forwarded-For, X-Real-IP, X-Forwarded-Proto and Forwarded, and settles Host.
+fn forwarding_headers(
+    headers: &mut HeaderMap,
+    uri: &Uri,
+    client: SocketAddr,
+    host_override: Option<&HeaderValue>,
+) {
+    use std::fmt::Write;
+    let ip = client.ip().to_canonical();
+    let mut buf = String::with_capacity(64);
+    let _ = write!(buf, "{ip}");
+    let ip_value = HeaderValue::from_str(&buf).expect("an IP address is a valid header value");
+    // Append to any X-Forwarded-For the client sent, as nginx's $proxy_add_x_forwarded_for does.
+    let xff = {
+        let prior: Vec<&str> = headers
+            .get_all(&X_FORWARDED_FOR)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if prior.is_empty() {
+            ip_value.clone()
+        } else {
+            let mut joined = prior.join(", ");
+            joined.push_str(", ");
+            joined.push_str(&buf);
+            HeaderValue::from_str(&joined).unwrap_or_else(|_| ip_value.clone())
+        }
+    };
+    headers.insert(X_FORWARDED_FOR, xff);
+    headers.insert(X_REAL_IP, ip_value);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    // HTTP/2 clients send :authority instead of Host.
+    if !headers.contains_key(header::HOST) {
+        if let Some(v) = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, v);
+        }
+    }
+    let mut fwd = String::with_capacity(64);
+    if ip.is_ipv6() {
+        let _ = write!(fwd, "for=\"[{ip}]\";proto=http");
+    } else {
+        let _ = write!(fwd, "for={ip};proto=http");
+    }
+    if let Some(h) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+        if h.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
+            let _ = write!(fwd, ";host=\"{h}\"");
+        }
+    }
+    let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+        Some(prior) => format!("{prior}, {fwd}"),
+        None => fwd,
+    };
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Some(h) = host_override {
+        headers.insert(header::HOST, h.clone());
+    }
+}
+
+/// Handles one request from a client connection.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let start = Instant::now();
+    let _inflight = ctx.begin();
+    let logging = shared.runtime.load().config.access_log.enabled;
+    let line = logging.then(|| access::RequestLine::of(&req));
+    let (resp, label) = proxy(&shared, &ctx, req, start).await;
+    let elapsed = start.elapsed();
+    let m = &shared.metrics;
+    m.requests
+        .with_label_values(&[label.as_deref().unwrap_or("none"), resp.status().as_str()])
+        .inc();
+    m.duration.observe(elapsed.as_secs_f64());
+    if let Some(line) = line {
+        let format = shared.runtime.load().config.access_log.format;
+        access::log(format, ctx.peer, &line, &resp, label.as_deref(), elapsed);
+    }
+    Ok(resp)
+}
+
+/// Sends the request to a server, retrying as configured; returns the response and the label of
+/// the server that produced it.
+async fn proxy(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    mut req: Request<Incoming>,
+    start: Instant,
+) -> (Response<RespBody>, Option<Arc<str>>) {
+    let rt = shared.runtime.load_full();
+    let cfg = &rt.config;
+    let limit = cfg.limits.max_body_bytes;
+    if limit > 0 {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return (
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+                None,
+            );
+        }
+    }
+    let upgrade = wants_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let slot = (!body.is_end_stream()).then(|| BodySlot::new(body, limit));
+    let idempotent = parts.method.is_idempotent();
+
+    let mut headers = std::mem::take(&mut parts.headers);
+    strip_hop_by_hop(&mut headers, upgrade);
+    let host_override = (!cfg.headers.host.is_empty())
+        .then(|| HeaderValue::from_str(&cfg.headers.host).ok())
+        .flatten();
+    forwarding_headers(&mut headers, &parts.uri, ctx.peer, host_override.as_ref());
+    // Headers stay in `parts` for hashing; hop-by-hop-free copies go upstream.
+    parts.headers = headers;
+
+    let up = &rt.upstream;
+    let max_tries = match cfg.retry.tries {
+        0 => up.servers.len(),
+        n => (n as usize).min(up.servers.len()),
+    }
+    .max(1);
+    let deadline = (!cfg.retry.timeout.get().is_zero()).then(|| start + cfg.retry.timeout.get());
+    let response_timeout = cfg.timeouts.upstream_response.get();
+    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let mut pick = RequestPick::default();
+    let mut give_up = GiveUp::BadGateway;
+    let mut last_label = None;
+
+    for attempt in 0..max_tries {
+        if attempt > 0 {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            shared.metrics.retries.inc();
+        }
+        let Some(i) = up.pick(&parts, ctx.peer.ip(), &mut pick, Instant::now()) else {
+            break;
+        };
+        let server = up.servers[i].clone();
+        last_label = Some(server.label.clone());
+        server.requests.fetch_add(1, Ordering::Relaxed);
+        let uri = match Uri::builder()
+            .scheme("http")
+            .authority(&*server.label)
+            .path_and_query(path)
+            .build()
+        {
+            Ok(u) => u,
+            Err(_) => {
+                return (
+                    error_response(StatusCode::BAD_REQUEST, "bad request target\n"),
+                    None,
+                )
+            }
+        };
+        let body = match &slot {
+            None => UpBody::Empty,
+            Some(s) => UpBody::Lazy {
+                slot: s.clone(),
+                taken: None,
+                seen: 0,
+            },
+        };
+        let mut ureq = Request::new(body);
+        *ureq.method_mut() = parts.method.clone();
+        *ureq.uri_mut() = uri;
+        *ureq.version_mut() = Version::HTTP_11;
+        *ureq.headers_mut() = parts.headers.clone();
+        let guard = ActiveGuard::new(server.clone());
+        let sent = tokio::time::timeout(response_timeout, rt.client.request(ureq)).await;
+        let retryable_body = slot.as_ref().is_none_or(|s| s.unsent());
+        match sent {
+            Err(_) => {
+                server.record_failure(Instant::now());
+                shared.metrics.failures.with_label_values(&[&*server.label]).inc();
+                tracing::warn!(server = %server.label, "upstream timed out");
+                give_up = GiveUp::Timeout;
+                break;
+            }
+            Ok(Err(e)) => {
+                if slot.as_ref().is_some_and(|s| s.too_large()) {
+                    give_up = GiveUp::TooLarge;
+                    break;
+                }
+                server.record_failure(Instant::now());
+                shared.metrics.failures.with_label_values(&[&*server.label]).inc();
+                tracing::warn!(server = %server.label, error = %e, connect = e.is_connect(), "upstream try failed");
+                give_up = GiveUp::BadGateway;
+                // A connect error means nothing was sent; other errors only retry an idempotent
+                // request whose body never left.
+                if retryable_body && (e.is_connect() || idempotent) {
+                    continue;
+                }
+                break;
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                let can_retry_status = cfg.retry.on_status
+                    && idempotent
+                    && retryable_body
+                    && matches!(status.as_u16(), 502..=504)
+                    && attempt + 1 < max_tries;
+                if can_retry_status {
+                    server.record_failure(Instant::now());
+                    shared.metrics.failures.with_label_values(&[&*server.label]).inc();
+                    continue;
+                }
+                server.record_success(Instant::now());
+                let label = Some(server.label.clone());
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return (relay_upgrade(shared, ctx, resp, client_upgrade, guard), label);
+                }
+                let (mut rparts, rbody) = resp.into_parts();
+                strip_hop_by_hop(&mut rparts.headers, false);
+                let body = RespBody::Upstream {
+                    inner: rbody,
+                    guard: Some(guard),
+                };
+                return (Response::from_parts(rparts, body), label);
+            }
+        }
+    }
+    let resp = match give_up {
+        GiveUp::BadGateway => error_response(
+            StatusCode::BAD_GATEWAY,
+            "bad gateway: no upstream server answered\n",
+        ),
+        GiveUp::Timeout => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "gateway timeout: upstream did not answer in time\n",
+        ),
+        GiveUp::TooLarge => error_response(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n"),
+    };
+    (resp, last_label)
+}
+
+/// Answers the client's upgrade with the upstream's 101 and relays bytes both ways until either
+/// side closes or shutdown's deadline passes.
+fn relay_upgrade(
+    shared: &Shared,
+    ctx: &ConnCtx,
+    mut resp: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    guard: ActiveGuard,
+) -> Response<RespBody> {
+    let Some(client_upgrade) = client_upgrade else {
+        // The upstream switched protocols although the client did not ask: refuse to relay.
+        return error_response(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n");
+    };
+    let upstream_upgrade = hyper::upgrade::on(&mut resp);
+    let hard = ctx.hard.clone();
+    let gauge = shared.metrics.upgraded.clone();
+    ctx.tracker.spawn(async move {
+        let _guard = guard;
+        let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        gauge.inc();
+        let mut client = TokioIo::new(client);
+        let mut upstream = TokioIo::new(upstream);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            _ = hard.cancelled() => tracing::info!("closing upgraded connection at the shutdown deadline"),
+        }
+        gauge.dec();
+    });
+    let (mut parts, _) = resp.into_parts();
+    // Keep Upgrade and Connection: they are the point of a 101.
+    for name in &HOP_BY_HOP[1..] {
+        parts.headers.remove(name);
+    }
+    Response::from_parts(parts, RespBody::Full(None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::Method;
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        let mut plain = h.clone();
+        strip_hop_by_hop(&mut plain, false);
+        assert_eq!(plain.len(), 1, "{plain:?}");
+        assert!(plain.contains_key("x-kept"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn forwarding_headers_append_and_set() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        let uri: Uri = "/x".parse().unwrap();
+        forwarding_headers(&mut h, &uri, "10.0.0.9:1234".parse().unwrap(), None);
+        assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.1.1.1, 10.0.0.9");
+        assert_eq!(h.get(&X_REAL_IP).unwrap(), "10.0.0.9");
+        assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
+        assert_eq!(
+            h.get(header::FORWARDED).unwrap(),
+            "for=10.0.0.9;proto=http;host=\"example.com\""
+        );
+        assert_eq!(h.get(header::HOST).unwrap(), "example.com");
+
+        let mut h = HeaderMap::new();
+        let uri: Uri = "http://svc:81/x".parse().unwrap();
+        let over = HeaderValue::from_static("internal");
+        forwarding_headers(&mut h, &uri, "[::1]:5".parse().unwrap(), Some(&over));
+        assert_eq!(
+            h.get(header::FORWARDED).unwrap(),
+            "for=\"[::1]\";proto=http;host=\"svc:81\""
+        );
+        assert_eq!(h.get(header::HOST).unwrap(), "internal");
+    }
+
+    #[test]
+    fn methods_that_may_be_retried() {
+        assert!(Method::GET.is_idempotent());
+        assert!(Method::PUT.is_idempotent());
+        assert!(!Method::POST.is_idempotent());
+        assert!(!Method::PATCH.is_idempotent());
+    }
+}

@@ -1,0 +1,198 @@
+//! The client side: accept loop with a connection cap, HTTP/1.1 + h2c per connection (hyper-util's
+//! auto builder), header/idle timeouts, and graceful shutdown that drains with a deadline.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Shared;
+
+/// Per-connection state the request handler and the idle watchdog share.
+#[derive(Debug)]
+pub(crate) struct ConnCtx {
+    /// The client.
+    pub peer: SocketAddr,
+    /// Tasks that must finish before shutdown completes (upgraded connections).
+    pub tracker: TaskTracker,
+    /// Cancelled when the shutdown deadline passes: upgraded connections close then.
+    pub hard: CancellationToken,
+    inflight: AtomicU32,
+    seen_request: AtomicBool,
+    /// Milliseconds since `opened` of the last request start or end.
+    last_activity_ms: AtomicU64,
+    opened: Instant,
+}
+
+/// Marks a request in flight on a connection.
+pub(crate) struct Inflight<'a>(&'a ConnCtx);
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ConnCtx {
+    fn touch(&self) {
+        self.last_activity_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Records the start of a request; the returned guard records its end.
+    pub fn begin(&self) -> Inflight<'_> {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.seen_request.store(true, Ordering::Relaxed);
+        self.touch();
+        Inflight(self)
+    }
+
+    /// When the connection may be closed for idleness, if no request is in flight.
+    fn idle_deadline(&self, header_read: Duration, client_idle: Duration) -> Option<Instant> {
+        if self.inflight.load(Ordering::Relaxed) > 0 {
+            return None;
+        }
+        let last = self.opened + Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
+        // Before the first request the header timeout applies (hyper only starts its own once it
+        // knows the protocol); between requests the idle timeout does.
+        if self.seen_request.load(Ordering::Relaxed) {
+            Some(last + client_idle)
+        } else {
+            Some(last + header_read)
+        }
+    }
+}
+
+/// Serves clients on `listener` until `shutdown`, then drains for `timeouts.shutdown_grace`.
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+    let tracker = TaskTracker::new();
+    let hard = CancellationToken::new();
+    let max = shared.runtime.load().config.limits.max_connections;
+    let permits = Arc::new(Semaphore::new(max));
+    loop {
+        // Waiting for a permit before accepting leaves excess clients in the kernel's backlog.
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let ctx = Arc::new(ConnCtx {
+            peer,
+            tracker: tracker.clone(),
+            hard: hard.clone(),
+            inflight: AtomicU32::new(0),
+            seen_request: AtomicBool::new(false),
+            last_activity_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        });
+        tracker.spawn(connection(shared.clone(), stream, ctx, permit, shutdown.clone()));
+    }
+    drop(listener);
+    tracker.close();
+    let grace = shared.runtime.load().config.timeouts.shutdown_grace.get();
+    tracing::info!(
+        connections = shared.metrics.active_connections.get(),
+        ?grace,
+        "draining"
+    );
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!("shutdown deadline passed: closing the remaining connections");
+        hard.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
+    }
+}
+
+async fn connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    _permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let gauge = shared.metrics.active_connections.clone();
+    gauge.inc();
+    let (header_read, client_idle, max_header) = {
+        let rt = shared.runtime.load();
+        let c = &rt.config;
+        (
+            c.timeouts.header_read.get(),
+            c.timeouts.client_idle.get(),
+            c.limits.max_header_bytes,
+        )
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read)
+        .max_buf_size(max_header)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
+        .max_concurrent_streams(256);
+    let svc_shared = shared.clone();
+    let svc_ctx = ctx.clone();
+    let service =
+        hyper::service::service_fn(move |req| crate::proxy::handle(svc_shared.clone(), svc_ctx.clone(), req));
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    tokio::pin!(conn);
+    let mut draining = false;
+    loop {
+        let idle_at = ctx.idle_deadline(header_read, client_idle);
+        // With a request in flight, look again after a while: it may finish.
+        let wake = idle_at.unwrap_or_else(|| Instant::now() + client_idle.min(header_read));
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %ctx.peer, error = %e, "client connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = ctx.hard.cancelled() => break,
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if ctx.idle_deadline(header_read, client_idle).is_some_and(|d| d <= Instant::now()) {
+                    if !ctx.seen_request.load(Ordering::Relaxed) {
+                        tracing::debug!(peer = %ctx.peer, "no request head in time: closing");
+                        break;
+                    }
+                    if !draining {
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                    } else {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    gauge.dec();
+}
