@@ -163,9 +163,12 @@ async fn connection(
     tokio::pin!(conn);
     let mut draining = false;
     loop {
-        let idle_at = ctx.idle_deadline(header_read, client_idle);
-        // With a request in flight, look again after a while: it may finish.
-        let wake = idle_at.unwrap_or_else(|| Instant::now() + client_idle.min(header_read));
+        // Requests move the deadline without waking this loop, so look again at least every
+        // `tick`: a connection closes at most one tick after its deadline.
+        let tick = Instant::now() + client_idle.min(header_read);
+        let wake = ctx
+            .idle_deadline(header_read, client_idle)
+            .map_or(tick, |d| d.min(tick));
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {

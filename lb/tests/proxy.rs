@@ -447,3 +447,55 @@ async fn shutdown_drains_in_flight_requests_then_stops() -> Result<()> {
     tokio::time::timeout(support::DEADLINE, &mut lb.task).await???;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_keep_alive_clients_are_closed_after_the_idle_timeout() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.timeouts.client_idle = Dur(Duration::from_millis(500));
+    let lb = start(cfg).await?;
+    let mut s = TcpStream::connect(lb.addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let idle_from = Instant::now();
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0, "expected the idle connection to be closed");
+    let idle = idle_from.elapsed();
+    assert!(
+        idle >= Duration::from_millis(400) && idle < Duration::from_secs(5),
+        "{idle:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.limits.max_connections = 2;
+    let lb = start(cfg).await?;
+    let mut first = Conn::open(lb.addr, "127.0.0.1").await?;
+    let mut second = Conn::open(lb.addr, "127.0.0.1").await?;
+    assert_eq!(first.get("/").await?.0, 200);
+    assert_eq!(second.get("/").await?.0, 200);
+    // The third connection sits in the kernel backlog: no answer while both slots are taken.
+    let addr = lb.addr;
+    let third = tokio::spawn(async move { Conn::open(addr, "127.0.0.1").await?.get("/").await });
+    let early = tokio::time::timeout(Duration::from_millis(300), async {
+        while !third.is_finished() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(early.is_err(), "the third connection was served beyond the limit");
+    assert_eq!(a.hits(), 2);
+    drop(first);
+    let (status, _) = tokio::time::timeout(support::DEADLINE, third).await???;
+    assert_eq!(status, 200);
+    assert_eq!(second.get("/").await?.0, 200);
+    Ok(())
+}
