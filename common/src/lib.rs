@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod health;
+pub mod postgres;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -26,55 +26,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, Signal};
-use nix::unistd::{Pid, User};
+use nix::unistd::Pid;
 
 /// How long a server may take to start, stop, promote or catch up before a test fails.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 /// How often waits poll.
 const POLL: Duration = Duration::from_millis(25);
 
-/// Finds the PostgreSQL server binaries: `$PG_BINDIR`, then `pg_config --bindir` (when it holds
-/// `initdb`), then the newest `/usr/lib/postgresql/*/bin`.
+/// Finds the PostgreSQL server binaries (see [`common::postgres::bindir`]).
 pub fn pg_bindir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("PG_BINDIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
-        if out.status.success() {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            if dir.join("initdb").exists() && dir.join("postgres").exists() {
-                return Ok(dir);
-            }
-        }
-    }
-    let mut candidates: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version: u32 = e.file_name().to_str()?.parse().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((version, bin))
-        })
-        .collect();
-    candidates.sort();
-    candidates.pop().map(|(_, p)| p).ok_or_else(|| {
-        anyhow!(
-            "no PostgreSQL server binaries found (tried $PG_BINDIR, pg_config --bindir, \
-             /usr/lib/postgresql/*/bin): install them with `apt-get install -y postgresql-15`"
-        )
-    })
+    common::postgres::bindir().ok_or_else(|| anyhow!(common::postgres::INSTALL_HINT))
 }
 
 /// The uid/gid to run servers as: `postgres` when we are root, nobody else otherwise.
 fn run_as() -> Result<Option<(u32, u32)>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let user = User::from_name("postgres")
-        .context("looking up user `postgres`")?
-        .ok_or_else(|| anyhow!("tests run as root but there is no `postgres` user to run PostgreSQL as"))?;
-    Ok(Some((user.uid.as_raw(), user.gid.as_raw())))
+    common::postgres::server_account().map_err(|e| anyhow!(e))
 }
 
 /// Picks a loopback port nobody in this process has been handed yet.
