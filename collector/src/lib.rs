@@ -258,21 +258,25 @@ pub async fn run(
             _ = tokio::time::sleep_until(next) => {}
         }
         next += config.interval;
-        let (s, result) = blocking(sampler, |s| s.sample()).await?;
+        // A filesystem that hangs statvfs (a dead NFS server) must not hold up shutdown.
+        let (s, result) = tokio::select! {
+            r = blocking(sampler, |s| s.sample()) => r?,
+            _ = shutdown.cancelled() => break,
+        };
         sampler = s;
         match result {
             Ok(sample) => {
-                let spool = spool.clone();
+                let (spool, st) = (spool.clone(), stats.clone());
                 let push = tokio::task::spawn_blocking(move || {
                     let mut q = spool.lock().unwrap_or_else(|p| p.into_inner());
                     let r = q.push(sample);
-                    (r, q.len())
+                    bump(&st.produced);
+                    st.pending.store(q.len() as u64, Ordering::Relaxed);
+                    r
                 })
                 .await
                 .map_err(|e| RunError::Task(e.to_string()))?;
-                bump(&stats.produced);
-                stats.pending.store(push.1 as u64, Ordering::Relaxed);
-                if let Err(e) = push.0 {
+                if let Err(e) = push {
                     tracing::error!(error = %e, "cannot append to the spool file; the sample is kept in memory");
                 }
                 wake.notify_one();

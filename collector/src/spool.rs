@@ -51,6 +51,8 @@ struct SpoolFile {
     file: File,
     /// Lines in the file, written samples included: decides when to compact.
     lines: usize,
+    /// The last append failed, so the file may end in a partial line.
+    torn: bool,
 }
 
 impl Spool {
@@ -115,6 +117,7 @@ impl Spool {
             path: path.to_path_buf(),
             file: rewrite(path, &spool.queue)?,
             lines: spool.queue.len(),
+            torn: false,
         });
         Ok((spool, rec))
     }
@@ -134,13 +137,19 @@ impl Spool {
         let Some(f) = self.file.as_mut() else {
             return Ok(());
         };
-        let path = f.path.clone();
-        let io = |source| SpoolError::Io { path, source };
-        f.file.write_all(&line).map_err(io)?;
-        f.file.sync_data().map_err(|source| SpoolError::Io {
-            path: f.path.clone(),
-            source,
-        })?;
+        if f.torn {
+            // A failed append may have left half a line: rewrite the whole file rather than glue
+            // the next sample onto it.
+            return self.compact();
+        }
+        let appended = f.file.write_all(&line).and_then(|_| f.file.sync_data());
+        if let Err(source) = appended {
+            f.torn = true;
+            return Err(SpoolError::Io {
+                path: f.path.clone(),
+                source,
+            });
+        }
         f.lines += 1;
         // Written samples linger in the file until the queue empties; a long outage with a
         // flaky database would grow it without bound, so rewrite it once it is twice the queue.
@@ -180,6 +189,7 @@ impl Spool {
         if let Some(f) = self.file.as_mut() {
             f.file = rewrite(&f.path, &self.queue)?;
             f.lines = self.queue.len();
+            f.torn = false;
         }
         Ok(())
     }

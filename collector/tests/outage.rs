@@ -60,3 +60,63 @@ async fn every_sample_arrives_once_and_in_order_across_an_outage() -> Result<()>
     assert_eq!(std::fs::metadata(&spool)?.len(), 0, "nothing is left to re-send");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn samples_survive_a_primary_crash_and_promotion() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| {
+        testkit::PgCluster::builder()
+            .standbys(1)
+            .synchronous(true)
+            .start()
+    })
+    .await??;
+    let cluster = std::sync::Arc::new(cluster);
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool.jsonl");
+    let host = "failover-host";
+    // Without dbproxy, libpq-style multi-host failover stands in: whichever node accepts writes.
+    let mut cfg = config(cluster.primary(), &spool, host);
+    cfg.database_url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write",
+        cluster.node(0).port(),
+        cluster.node(1).port()
+    );
+    let c = spawn(cfg);
+
+    let cl = cluster.clone();
+    wait_for("samples on the first primary", move || {
+        Ok((count(cl.node(0), host)? >= 2).then_some(()))
+    })
+    .await?;
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.node(0).kill9()).await??;
+    let before = c.stats.produced();
+    let stats = c.stats.clone();
+    wait_for("samples taken with no primary", move || {
+        Ok((stats.produced() >= before + 3).then_some(()))
+    })
+    .await?;
+
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        cl.promote(1)?;
+        // The promoted node inherited `synchronous_standby_names` and has no standby of its own.
+        cl.node(1)
+            .psql("alter system set synchronous_standby_names = ''")?;
+        cl.node(1).psql("select pg_reload_conf()")?;
+        Ok(())
+    })
+    .await??;
+    let (cl, stats) = (cluster.clone(), c.stats.clone());
+    wait_for("every sample on the new primary", move || {
+        let produced = stats.produced();
+        Ok((stats.pending() == 0 && count(cl.node(1), host)? == produced).then_some(()))
+    })
+    .await?;
+    let stats = c.stop().await?;
+    let rows = rows(cluster.node(1), host)?;
+    assert_eq!(rows.len() as u64, stats.produced());
+    assert_in_order_once(&rows);
+    Ok(())
+}
