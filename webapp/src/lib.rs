@@ -1,31 +1,92 @@
 //! The web page: latest host metrics, serving instance and database node, live dashboard.
+//!
+//! `config` is the configuration; `db` the pool, the page's queries and the migrations; `dashboard`
+//! reads lb's and dbproxy's `/status` and feeds the event stream; `routes` is the HTTP surface and
+//! `render` its HTML; `metrics` the Prometheus registry. [`run`] ties them together.
 
-use serde::{Deserialize, Serialize};
+pub mod config;
+pub mod dashboard;
+pub mod db;
+pub mod metrics;
+mod render;
+pub mod routes;
 
-/// The `webapp` configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// Address the main listener binds.
-    pub listen: String,
+use std::future::IntoFuture;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use routes::SWITCHOVER_HEADER;
+
+/// Why the webapp could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum WebappError {
+    /// The configuration was refused.
+    #[error("configuration: {0}")]
+    Config(#[from] common::ConfigError),
+    /// The metrics registry refused a metric (a build mistake).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// The pool could not be built.
+    #[error("database pool: {0}")]
+    Db(#[from] db::DbError),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "0.0.0.0:8000".to_string(),
-        }
-    }
-}
+/// Serves `config` on `listener` until `shutdown`, then drains for at most 10 s.
+///
+/// Migrations run in the background, retried with backoff while the database is unreachable: the
+/// process serves `/healthz` at once and answers 503 elsewhere until the schema is ready.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), WebappError> {
+    let metrics = Arc::new(metrics::Metrics::new()?);
+    let instance = config.instance_name();
+    let db = db::Db::new(
+        config.pg_config()?,
+        config.pool_size,
+        config.query_timeout(),
+        metrics.clone(),
+    )?;
+    let dashboard = Arc::new(dashboard::Dashboard::new(
+        &config,
+        instance.clone(),
+        metrics.clone(),
+    ));
+    let state = Arc::new(routes::AppState {
+        instance,
+        history: config.history,
+        db,
+        dashboard: dashboard.clone(),
+        metrics,
+        shutdown: shutdown.clone(),
+    });
+    tracing::info!(local = %listener.local_addr()?, instance = %state.instance, "webapp listening");
 
-impl common::Validate for Config {
-    fn validate(self) -> Result<Self, common::ConfigError> {
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(common::ConfigError::invalid(
-                "listen",
-                format!("`{}` is not an address:port", self.listen),
-            ));
-        }
-        Ok(self)
-    }
+    let migrator = {
+        let state = state.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { state.db.migrate_until_done(&shutdown).await })
+    };
+    let fetcher = tokio::spawn(dashboard.run(shutdown.clone()));
+
+    let app = routes::router(state);
+    let drain = shutdown.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
+    let served = tokio::select! {
+        r = server.into_future() => r,
+        // Connections still open 10 s after the signal are cut: one shutdown path with a deadline.
+        _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(10)).await } => Ok(()),
+    };
+    migrator.abort();
+    fetcher.abort();
+    served?;
+    Ok(())
 }

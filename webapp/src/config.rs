@@ -1,0 +1,213 @@
+//! The webapp's configuration: listener, instance name, database, timeouts and the status URLs the
+//! dashboard reads.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The `webapp` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the main listener binds.
+    pub listen: String,
+    /// Name shown as "served by" on every page; empty means the machine's hostname.
+    pub instance: String,
+    /// The database, as a URL or libpq `key=value` string; in production it points at dbproxy.
+    pub database_url: String,
+    /// Most pooled database connections.
+    pub pool_size: usize,
+    /// Bound on each database query (and on connecting), in milliseconds.
+    pub query_timeout_ms: u64,
+    /// How many recent samples of each host the page shows.
+    pub history: u32,
+    /// lb's `/status` URL, read by the dashboard; empty hides lb from it.
+    pub lb_status_url: String,
+    /// dbproxy's `/status` URL, read by the dashboard; empty hides dbproxy from it.
+    pub dbproxy_status_url: String,
+    /// dbproxy's admin base URL; when set, the dashboard shows a switchover button that POSTs to
+    /// `{dbproxy_admin_url}/nodes/{id}/promote`.
+    pub dbproxy_admin_url: String,
+    /// How often the dashboard re-reads the status URLs while someone watches, in milliseconds.
+    pub dashboard_interval_ms: u64,
+    /// Bound on each status fetch, in milliseconds.
+    pub status_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:8000".to_string(),
+            instance: String::new(),
+            database_url: "postgresql://app@127.0.0.1:9999/app".to_string(),
+            pool_size: 8,
+            query_timeout_ms: 3000,
+            history: 10,
+            lb_status_url: "http://127.0.0.1:9100/status".to_string(),
+            dbproxy_status_url: "http://127.0.0.1:9930/status".to_string(),
+            dbproxy_admin_url: String::new(),
+            dashboard_interval_ms: 1000,
+            status_timeout_ms: 1000,
+        }
+    }
+}
+
+impl Config {
+    /// The query timeout as a duration.
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
+    }
+
+    /// The instance name: the configured one, or the hostname, or `webapp` when neither is known.
+    pub fn instance_name(&self) -> String {
+        if !self.instance.is_empty() {
+            return self.instance.clone();
+        }
+        // /proc is always there on Linux; HOSTNAME covers shells that export it elsewhere.
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| "webapp".to_string())
+    }
+
+    /// The parsed database settings.
+    pub fn pg_config(&self) -> Result<tokio_postgres::Config, common::ConfigError> {
+        tokio_postgres::Config::from_str(&self.database_url)
+            .map_err(|e| common::ConfigError::invalid("database_url", format!("cannot parse it: {e}")))
+    }
+}
+
+/// Checks that `url` is an `http://host:port/...` URL (the status fetcher speaks plain HTTP only).
+fn check_http_url(key: &str, url: &str) -> Result<(), common::ConfigError> {
+    if url.is_empty() {
+        return Ok(());
+    }
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| common::ConfigError::invalid(key, format!("`{url}` is not a URL: {e}")))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(common::ConfigError::invalid(
+            key,
+            format!("`{url}` must be an http:// URL with a host"),
+        ));
+    }
+    Ok(())
+}
+
+impl common::Validate for Config {
+    fn validate(self) -> Result<Self, common::ConfigError> {
+        use common::ConfigError;
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "listen",
+                format!("`{}` is not an address:port", self.listen),
+            ));
+        }
+        if self.instance.len() > 200 {
+            return Err(ConfigError::invalid("instance", "longer than 200 bytes"));
+        }
+        self.pg_config()?;
+        if self.pool_size == 0 || self.pool_size > 1000 {
+            return Err(ConfigError::invalid("pool_size", "must be between 1 and 1000"));
+        }
+        if self.query_timeout_ms == 0 || self.query_timeout_ms > 600_000 {
+            return Err(ConfigError::invalid(
+                "query_timeout_ms",
+                "must be between 1 and 600000",
+            ));
+        }
+        if self.history == 0 || self.history > 1000 {
+            return Err(ConfigError::invalid("history", "must be between 1 and 1000"));
+        }
+        if self.dashboard_interval_ms < 50 || self.dashboard_interval_ms > 3_600_000 {
+            return Err(ConfigError::invalid(
+                "dashboard_interval_ms",
+                "must be between 50 and 3600000",
+            ));
+        }
+        if self.status_timeout_ms == 0 || self.status_timeout_ms > 600_000 {
+            return Err(ConfigError::invalid(
+                "status_timeout_ms",
+                "must be between 1 and 600000",
+            ));
+        }
+        check_http_url("lb_status_url", &self.lb_status_url)?;
+        check_http_url("dbproxy_status_url", &self.dbproxy_status_url)?;
+        check_http_url("dbproxy_admin_url", &self.dbproxy_admin_url)?;
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::Validate;
+
+    fn invalid(c: Config) -> String {
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::default().validate().unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8000");
+        assert!(!c.instance_name().is_empty());
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = invalid(Config {
+            listen: "nope".into(),
+            ..Config::default()
+        });
+        assert!(e.contains("listen"), "{e}");
+        let e = invalid(Config {
+            database_url: "postgresql://a@b:notaport/x".into(),
+            ..Config::default()
+        });
+        assert!(e.contains("database_url"), "{e}");
+        let e = invalid(Config {
+            pool_size: 0,
+            ..Config::default()
+        });
+        assert!(e.contains("pool_size"), "{e}");
+        let e = invalid(Config {
+            query_timeout_ms: 0,
+            ..Config::default()
+        });
+        assert!(e.contains("query_timeout_ms"), "{e}");
+        let e = invalid(Config {
+            lb_status_url: "https://x/status".into(),
+            ..Config::default()
+        });
+        assert!(e.contains("lb_status_url"), "{e}");
+        let e = invalid(Config {
+            dbproxy_admin_url: "not a url".into(),
+            ..Config::default()
+        });
+        assert!(e.contains("dbproxy_admin_url"), "{e}");
+        let e = invalid(Config {
+            history: 5000,
+            ..Config::default()
+        });
+        assert!(e.contains("history"), "{e}");
+    }
+
+    #[test]
+    fn instance_name_prefers_the_configured_one() {
+        let c = Config {
+            instance: "web-a".into(),
+            ..Config::default()
+        };
+        assert_eq!(c.instance_name(), "web-a");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = serde_json::from_str::<Config>(r#"{"lisen": "x"}"#).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+}

@@ -1,0 +1,281 @@
+//! The live dashboard's data: lb's and dbproxy's `/status` JSON fetched server-side, merged into one
+//! snapshot, and published to every Server-Sent Events subscriber; plus the switchover call to
+//! dbproxy's admin API.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Limited};
+use hyper::{Method, Request, StatusCode, Uri};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// The largest status or admin response read.
+pub const MAX_STATUS_BODY: usize = 1024 * 1024;
+
+/// Why a status fetch or the switchover failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The URL could not be turned into a request.
+    #[error("bad url: {0}")]
+    Url(String),
+    /// Connecting or sending failed.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// No full answer within the bound.
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    /// The body was larger than [`MAX_STATUS_BODY`] or broke off.
+    #[error("bad body: {0}")]
+    Body(String),
+    /// The answer was not a 2xx.
+    #[error("answered http {0}")]
+    Status(u16),
+    /// The answer was not JSON.
+    #[error("not json: {0}")]
+    Json(String),
+}
+
+/// One status source as the page sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+struct Source<'a> {
+    url: &'a str,
+    reachable: bool,
+    error: Option<String>,
+    status: Option<serde_json::Value>,
+}
+
+/// Fetches status and fans snapshots out to subscribers.
+pub struct Dashboard {
+    client: Client<HttpConnector, Empty<Bytes>>,
+    lb_url: String,
+    dbproxy_url: String,
+    admin_url: String,
+    instance: String,
+    interval: Duration,
+    timeout: Duration,
+    tx: watch::Sender<Arc<str>>,
+    wake: Notify,
+    metrics: Arc<Metrics>,
+}
+
+impl Dashboard {
+    /// Creates the fetcher; nothing is fetched until [`Dashboard::run`] runs and someone watches.
+    pub fn new(config: &crate::Config, instance: String, metrics: Arc<Metrics>) -> Dashboard {
+        let timeout = Duration::from_millis(config.status_timeout_ms);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_max_idle_per_host(2)
+            .build(connector);
+        let (tx, _) = watch::channel(Arc::<str>::from(""));
+        Dashboard {
+            client,
+            lb_url: config.lb_status_url.clone(),
+            dbproxy_url: config.dbproxy_status_url.clone(),
+            admin_url: config.dbproxy_admin_url.trim_end_matches('/').to_string(),
+            instance,
+            interval: Duration::from_millis(config.dashboard_interval_ms),
+            timeout,
+            tx,
+            wake: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// Whether the switchover button is offered.
+    pub fn switchover_enabled(&self) -> bool {
+        !self.admin_url.is_empty()
+    }
+
+    /// A receiver of snapshots (JSON text; empty until the first fetch); wakes the fetcher.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<str>> {
+        let rx = self.tx.subscribe();
+        self.wake.notify_one();
+        rx
+    }
+
+    /// The newest snapshot, fetching one first when none is newer than two intervals.
+    pub async fn current(&self) -> Arc<str> {
+        let latest = self.tx.borrow().clone();
+        if let Some(at) = snapshot_time(&latest) {
+            if now_ms().saturating_sub(at) < 2 * self.interval.as_millis() as u64 {
+                return latest;
+            }
+        }
+        let fresh = self.fetch_snapshot().await;
+        self.tx.send_replace(fresh.clone());
+        fresh
+    }
+
+    /// Re-fetches every interval while at least one subscriber is connected, until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            if self.tx.receiver_count() == 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                }
+            }
+            let snapshot = self.fetch_snapshot().await;
+            self.tx.send_replace(snapshot);
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.interval) => {}
+            }
+        }
+    }
+
+    async fn fetch_snapshot(&self) -> Arc<str> {
+        let (lb, db) = tokio::join!(
+            self.source("lb", &self.lb_url),
+            self.source("dbproxy", &self.dbproxy_url)
+        );
+        let v = serde_json::json!({
+            "at": now_ms(),
+            "instance": self.instance,
+            "switchover": self.switchover_enabled(),
+            "lb": lb,
+            "dbproxy": db,
+        });
+        Arc::from(v.to_string())
+    }
+
+    async fn source<'a>(&self, name: &str, url: &'a str) -> Option<Source<'a>> {
+        if url.is_empty() {
+            return None;
+        }
+        Some(match self.get_json(url).await {
+            Ok(status) => Source {
+                url,
+                reachable: true,
+                error: None,
+                status: Some(status),
+            },
+            Err(e) => {
+                self.metrics.status_errors.with_label_values(&[name]).inc();
+                Source {
+                    url,
+                    reachable: false,
+                    error: Some(e.to_string()),
+                    status: None,
+                }
+            }
+        })
+    }
+
+    async fn get_json(&self, url: &str) -> Result<serde_json::Value, FetchError> {
+        let (code, body) = self.call(Method::GET, url, self.timeout).await?;
+        if !code.is_success() {
+            return Err(FetchError::Status(code.as_u16()));
+        }
+        serde_json::from_slice(&body).map_err(|e| FetchError::Json(e.to_string()))
+    }
+
+    /// One bounded HTTP exchange: connect, send, read at most [`MAX_STATUS_BODY`], all within `limit`.
+    async fn call(
+        &self,
+        method: Method,
+        url: &str,
+        limit: Duration,
+    ) -> Result<(StatusCode, Bytes), FetchError> {
+        let uri: Uri = url.parse().map_err(|e| FetchError::Url(format!("{url}: {e}")))?;
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(hyper::header::ACCEPT, "application/json")
+            .body(Empty::new())
+            .map_err(|e| FetchError::Url(e.to_string()))?;
+        let exchange = async {
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| FetchError::Unreachable(error_chain(&e)))?;
+            let code = resp.status();
+            let body = Limited::new(resp.into_body(), MAX_STATUS_BODY)
+                .collect()
+                .await
+                .map_err(|e| FetchError::Body(e.to_string()))?
+                .to_bytes();
+            Ok((code, body))
+        };
+        tokio::time::timeout(limit, exchange)
+            .await
+            .map_err(|_| FetchError::Timeout(limit))?
+    }
+
+    /// Asks dbproxy to promote node `id` (a graceful switchover); returns dbproxy's status and body.
+    pub async fn switchover(&self, id: &str) -> Result<(StatusCode, Bytes), FetchError> {
+        let url = format!("{}/nodes/{id}/promote", self.admin_url);
+        // A promotion waits for the standby to catch up and take over: allow it far longer than a
+        // status read.
+        self.call(Method::POST, &url, self.timeout.max(Duration::from_secs(30)))
+            .await
+    }
+}
+
+/// Whether `id` is an acceptable node id for the admin URL path (no slashes, dots or escapes).
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The `at` field of a snapshot, without parsing the rest (it is written first).
+fn snapshot_time(snapshot: &str) -> Option<u64> {
+    let rest = snapshot.strip_prefix("{\"at\":")?;
+    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+    rest[..end].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_ids_are_restricted() {
+        assert!(valid_node_id("0"));
+        assert!(valid_node_id("node-1_b"));
+        assert!(!valid_node_id(""));
+        assert!(!valid_node_id("../x"));
+        assert!(!valid_node_id("a/b"));
+        assert!(!valid_node_id("a%2f"));
+        assert!(!valid_node_id(&"x".repeat(65)));
+    }
+
+    #[test]
+    fn snapshot_time_reads_the_leading_field() {
+        assert_eq!(snapshot_time("{\"at\":123,\"x\":1}"), Some(123));
+        assert_eq!(snapshot_time(""), None);
+        assert_eq!(snapshot_time("{\"x\":1}"), None);
+    }
+}

@@ -1,0 +1,264 @@
+//! The HTTP routes: the front page, its JSON twin, health and readiness, metrics, the dashboard with
+//! its event stream, and the switchover call.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::dashboard::{valid_node_id, Dashboard};
+use crate::db::Db;
+use crate::metrics::Metrics;
+use crate::render;
+
+/// The header a switchover request must carry: a plain cross-site form cannot set it, so a page on
+/// another site cannot trigger a promotion through a visitor's browser.
+pub const SWITCHOVER_HEADER: &str = "x-hastack-switchover";
+
+/// What every handler shares.
+pub struct AppState {
+    /// The name shown as "served by".
+    pub instance: String,
+    /// How many samples of history per host.
+    pub history: u32,
+    /// The database.
+    pub db: Db,
+    /// The dashboard's fetcher.
+    pub dashboard: Arc<Dashboard>,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// Fires on shutdown; ends the event streams so the server can drain.
+    pub shutdown: CancellationToken,
+}
+
+type St = State<Arc<AppState>>;
+
+/// Builds the router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/api/overview", get(api_overview))
+        .route("/api/info", get(api_info))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard))
+        .route("/dashboard/state", get(dashboard_state))
+        .route("/dashboard/events", get(dashboard_events))
+        .route("/dashboard/switchover/{id}", post(switchover))
+        .route("/static/style.css", get(style))
+        .route("/static/dashboard.js", get(script))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// Counts every request by its route pattern (bounded cardinality) and status, and times it.
+async fn track(State(st): St, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    let route = route.as_deref().unwrap_or("unmatched");
+    st.metrics
+        .latency
+        .with_label_values(&[route])
+        .observe(started.elapsed().as_secs_f64());
+    st.metrics
+        .requests
+        .with_label_values(&[route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+fn unavailable_html(st: &AppState, reason: &str) -> Response {
+    let mut resp = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Html(render::unavailable(&st.instance, reason)),
+    )
+        .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    resp
+}
+
+async fn index(State(st): St) -> Response {
+    match st.db.overview(st.history).await {
+        Ok(o) => Html(render::index(&st.instance, &o)).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "front page without database");
+            unavailable_html(&st, &e.to_string())
+        }
+    }
+}
+
+async fn api_overview(State(st): St) -> Response {
+    match st.db.overview(st.history).await {
+        Ok(o) => Json(serde_json::json!({
+            "instance": st.instance,
+            "node": o.node,
+            "hosts": o.hosts,
+        }))
+        .into_response(),
+        Err(e) => {
+            let mut resp = (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(serde_json::json!({
+                    "instance": st.instance,
+                    "error": "database unavailable",
+                    "detail": e.to_string(),
+                })),
+            )
+                .into_response();
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp
+        }
+    }
+}
+
+async fn api_info(State(st): St) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "instance": st.instance,
+        "version": env!("CARGO_PKG_VERSION"),
+        "migrations": st.db.migrations(),
+        "switchover": st.dashboard.switchover_enabled(),
+    }))
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(st): St) -> Response {
+    match st.db.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(st): St) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        common::admin::render_metrics(&st.metrics.registry),
+    )
+        .into_response()
+}
+
+async fn dashboard(State(st): St) -> Html<String> {
+    let snapshot = st.dashboard.current().await;
+    Html(render::dashboard(&st.instance, &snapshot))
+}
+
+async fn dashboard_state(State(st): St) -> Response {
+    let snapshot = st.dashboard.current().await;
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+        snapshot.to_string(),
+    )
+        .into_response()
+}
+
+async fn dashboard_events(State(st): St) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let rx = st.dashboard.subscribe();
+    let shutdown = st.shutdown.clone();
+    // The first item is the snapshot at hand (if any); later ones follow each fetch. The stream ends
+    // on shutdown so a graceful drain is not held up by open dashboards.
+    let stream = futures_util::stream::unfold((rx, shutdown, true), |(mut rx, shutdown, first)| async move {
+        loop {
+            if !first || rx.borrow().is_empty() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    changed = rx.changed() => if changed.is_err() { return None },
+                }
+            }
+            let snapshot = rx.borrow_and_update().clone();
+            if snapshot.is_empty() {
+                continue;
+            }
+            let event = Event::default().event("snapshot").data(&*snapshot);
+            return Some((Ok(event), (rx, shutdown, false)));
+        }
+    });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+async fn switchover(State(st): St, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let fail =
+        |code: StatusCode, msg: &str| (code, Json(serde_json::json!({ "error": msg }))).into_response();
+    if !st.dashboard.switchover_enabled() {
+        return fail(StatusCode::NOT_FOUND, "switchover is not configured");
+    }
+    if !headers.contains_key(SWITCHOVER_HEADER) {
+        return fail(StatusCode::FORBIDDEN, "missing the x-hastack-switchover header");
+    }
+    if !valid_node_id(&id) {
+        return fail(StatusCode::BAD_REQUEST, "bad node id");
+    }
+    tracing::info!(node = %id, "switchover requested from the dashboard");
+    match st.dashboard.switchover(&id).await {
+        Ok((code, body)) => {
+            let text = String::from_utf8_lossy(&body);
+            let answer: serde_json::Value =
+                serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text.into_owned()));
+            let status = if code.is_success() {
+                StatusCode::OK
+            } else {
+                StatusCode::BAD_GATEWAY
+            };
+            (
+                status,
+                Json(serde_json::json!({ "node": id, "dbproxy_status": code.as_u16(), "answer": answer })),
+            )
+                .into_response()
+        }
+        Err(e) => fail(StatusCode::BAD_GATEWAY, &format!("dbproxy admin: {e}")),
+    }
+}
+
+async fn style() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/css; charset=utf-8"),
+        )],
+        render::STYLE_CSS,
+    )
+        .into_response()
+}
+
+async fn script() -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/javascript; charset=utf-8"),
+        )],
+        render::DASHBOARD_JS,
+    )
+        .into_response()
+}
+
+async fn not_found(State(st): St) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Html(render::message(
+            &st.instance,
+            "not found",
+            "there is no such page",
+        )),
+    )
+        .into_response()
+}

@@ -1,0 +1,274 @@
+//! The dashboard against a small HTTP peer standing in for lb's and dbproxy's admin listeners: the
+//! event stream delivers their status and its changes, broken or missing peers show as unreachable,
+//! and the switchover button's endpoint reaches dbproxy's admin API (or refuses cleanly).
+
+mod common;
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use bytes::Bytes;
+use common::{config, request, App, FakePeer};
+use http_body_util::{BodyExt, Empty};
+use hyper::{Method, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
+
+/// No database behind these tests: a port nothing listens on (the migrator keeps retrying quietly).
+const NO_DB: &str = "host=127.0.0.1 port=1 user=nobody dbname=nothing connect_timeout=1";
+
+const LB_STATUS: &str = r#"{"upstream":"webapps","algorithm":"ip_hash","active_connections":3,
+  "servers":[{"addr":"127.0.0.1:8001","name":"web-1","healthy":true,"available":true,"requests":10},
+             {"addr":"127.0.0.1:8002","name":"web-2","healthy":false,"available":false,"requests":4,
+              "something_new":{"nested":[1,2]}}]}"#;
+
+fn db_status(primary: &str) -> String {
+    let (r0, r1) = if primary == "0" {
+        ("primary", "standby")
+    } else {
+        ("standby", "primary")
+    };
+    format!(
+        r#"{{"primary":"{primary}","nodes":[
+        {{"node_id":"0","hostname":"db-zero","port":"5432","status":"up","role":"{r0}","replication_delay":"0"}},
+        {{"node_id":"1","hostname":"db-one","port":"5433","status":"up","role":"{r1}","replication_delay":"128"}}]}}"#
+    )
+}
+
+/// Reads server-sent events from `path` until `accept` returns true for one's data.
+async fn wait_event(app: &App, accept: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    let stream = tokio::net::TcpStream::connect(app.addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get("/dashboard/events")
+        .header("host", "x")
+        .header("accept", "text/event-stream")
+        .body(Empty::<Bytes>::new())?;
+    let mut resp = sender.send_request(req).await?;
+    ensure!(resp.status() == StatusCode::OK, "{:?}", resp.status());
+    let ct = resp.headers().get("content-type").context("no content-type")?;
+    ensure!(ct.to_str()? == "text/event-stream", "{ct:?}");
+    let mut buf = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let frame = tokio::time::timeout_at(deadline, resp.body_mut().frame())
+            .await
+            .context("no matching event within 20 s")?
+            .context("event stream ended")??;
+        if let Ok(data) = frame.into_data() {
+            buf.push_str(&String::from_utf8_lossy(&data));
+        }
+        while let Some(end) = buf.find("\n\n") {
+            let event: String = buf.drain(..end + 2).collect();
+            let mut name = "";
+            let mut data = String::new();
+            for line in event.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if name == "snapshot" {
+                let v: serde_json::Value = serde_json::from_str(&data)?;
+                if accept(&v) {
+                    return Ok(v);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_delivers_status_and_its_changes() -> Result<()> {
+    let stop = CancellationToken::new();
+    let peer = FakePeer::default();
+    peer.set("/lb/status", 200, LB_STATUS);
+    peer.set("/db/status", 200, &db_status("0"));
+    let addr = peer.serve(stop.clone()).await?;
+    let mut cfg = config("dash-1", NO_DB);
+    cfg.lb_status_url = format!("http://{addr}/lb/status");
+    cfg.dbproxy_status_url = format!("http://{addr}/db/status");
+    let app = App::start(cfg).await?;
+
+    let v = wait_event(&app, |v| v["dbproxy"]["status"]["primary"] == "0").await?;
+    ensure!(v["instance"] == "dash-1", "{v}");
+    ensure!(v["switchover"] == false, "{v}");
+    ensure!(v["lb"]["reachable"] == true, "{v}");
+    ensure!(v["lb"]["status"]["servers"][1]["name"] == "web-2", "{v}");
+    // Unknown fields are passed through untouched for the page to show in its details panel.
+    ensure!(
+        v["lb"]["status"]["servers"][1]["something_new"]["nested"][1] == 2,
+        "{v}"
+    );
+    ensure!(
+        v["dbproxy"]["status"]["nodes"][1]["replication_delay"] == "128",
+        "{v}"
+    );
+
+    // A failover at dbproxy reaches an open stream without reconnecting.
+    peer.set("/db/status", 200, &db_status("1"));
+    let v = wait_event(&app, |v| v["dbproxy"]["status"]["primary"] == "1").await?;
+    ensure!(v["dbproxy"]["status"]["nodes"][1]["role"] == "primary", "{v}");
+
+    // dbproxy going away shows as unreachable, not as an error of the page.
+    stop.cancel();
+    let v = wait_event(&app, |v| v["dbproxy"]["reachable"] == false).await?;
+    ensure!(
+        v["dbproxy"]["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{v}"
+    );
+    ensure!(v["lb"]["reachable"] == false, "{v}");
+    let m = app.get("/metrics").await?;
+    ensure!(
+        m.body
+            .contains("webapp_status_fetch_errors_total{source=\"dbproxy\"}"),
+        "{}",
+        m.body
+    );
+    app.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_peers_render_as_unreachable() -> Result<()> {
+    let stop = CancellationToken::new();
+    let peer = FakePeer::default();
+    peer.set("/lb/status", 200, "this is not json");
+    peer.set("/db/status", 500, "boom");
+    let addr = peer.serve(stop.clone()).await?;
+    let mut cfg = config("dash-2", NO_DB);
+    cfg.lb_status_url = format!("http://{addr}/lb/status");
+    cfg.dbproxy_status_url = format!("http://{addr}/db/status");
+    let app = App::start(cfg).await?;
+
+    let s = app.get("/dashboard/state").await?;
+    ensure!(s.status == StatusCode::OK, "{s:?}");
+    let v = s.json()?;
+    ensure!(v["lb"]["reachable"] == false, "{v}");
+    ensure!(
+        v["lb"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("not json")),
+        "{v}"
+    );
+    ensure!(v["dbproxy"]["reachable"] == false, "{v}");
+    ensure!(v["dbproxy"]["error"] == "answered http 500", "{v}");
+
+    let page = app.get("/dashboard").await?;
+    ensure!(page.status == StatusCode::OK, "{page:?}");
+    ensure!(page.body.contains("<svg id=\"topo\""), "{}", page.body);
+    ensure!(
+        page.body.contains("answered http 500"),
+        "snapshot not embedded: {}",
+        page.body
+    );
+    let js = app.get("/static/dashboard.js").await?;
+    ensure!(
+        js.status == StatusCode::OK && js.body.contains("EventSource"),
+        "{js:?}"
+    );
+
+    // A status body larger than the cap is refused, not buffered.
+    peer.set(
+        "/lb/status",
+        200,
+        &format!("\"{}\"", "x".repeat(webapp::dashboard::MAX_STATUS_BODY + 10)),
+    );
+    let v = common::poll("oversized body refused", Duration::from_secs(10), || async {
+        let v = app.get("/dashboard/state").await?.json()?;
+        Ok(v["lb"]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("bad body"))
+            .then_some(v))
+    })
+    .await?;
+    ensure!(v["lb"]["reachable"] == false, "{v}");
+    stop.cancel();
+    app.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
+    // Without an admin URL there is no switchover.
+    let plain = App::start(config("dash-3", NO_DB)).await?;
+    let r = request(
+        Method::POST,
+        &plain.url("/dashboard/switchover/1"),
+        &[(webapp::SWITCHOVER_HEADER, "1")],
+    )
+    .await?;
+    ensure!(r.status == StatusCode::NOT_FOUND, "{r:?}");
+    ensure!(r.json()?["error"] == "switchover is not configured", "{r:?}");
+    plain.stop().await?;
+
+    let stop = CancellationToken::new();
+    let peer = FakePeer::default();
+    peer.set("/admin/nodes/1/promote", 200, r#"{"promoted":"1"}"#);
+    peer.set("/admin/nodes/2/promote", 409, r#"{"error":"node 2 is down"}"#);
+    let addr = peer.serve(stop.clone()).await?;
+    let mut cfg = config("dash-4", NO_DB);
+    cfg.dbproxy_admin_url = format!("http://{addr}/admin/");
+    let app = App::start(cfg).await?;
+    let info = app.get("/api/info").await?.json()?;
+    ensure!(info["switchover"] == true, "{info}");
+    let post = |path: &str, with_header: bool| {
+        let url = app.url(path);
+        async move {
+            let h: &[(&str, &str)] = if with_header {
+                &[(webapp::SWITCHOVER_HEADER, "1")]
+            } else {
+                &[]
+            };
+            request(Method::POST, &url, h).await
+        }
+    };
+
+    let r = post("/dashboard/switchover/1", false).await?;
+    ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
+    let r = post("/dashboard/switchover/a.b", true).await?;
+    ensure!(r.status == StatusCode::BAD_REQUEST, "{r:?}");
+    let r = app.get("/dashboard/switchover/1").await?;
+    ensure!(r.status == StatusCode::METHOD_NOT_ALLOWED, "{r:?}");
+    ensure!(peer.requests().is_empty(), "{:?}", peer.requests());
+
+    let r = post("/dashboard/switchover/1", true).await?;
+    ensure!(r.status == StatusCode::OK, "{r:?}");
+    let v = r.json()?;
+    ensure!(
+        v["dbproxy_status"] == 200 && v["answer"]["promoted"] == "1",
+        "{v}"
+    );
+    ensure!(
+        peer.requests() == vec![("POST".to_string(), "/admin/nodes/1/promote".to_string())],
+        "{:?}",
+        peer.requests()
+    );
+
+    let r = post("/dashboard/switchover/2", true).await?;
+    ensure!(r.status == StatusCode::BAD_GATEWAY, "{r:?}");
+    let v = r.json()?;
+    ensure!(
+        v["dbproxy_status"] == 409 && v["answer"]["error"] == "node 2 is down",
+        "{v}"
+    );
+
+    stop.cancel();
+    // Once the admin listener is gone the endpoint says so instead of hanging or failing hard.
+    let r = common::poll("admin unreachable", Duration::from_secs(10), || async {
+        let r = post("/dashboard/switchover/1", true).await?;
+        if r.status == StatusCode::OK {
+            return Ok(None);
+        }
+        Ok(Some(r))
+    })
+    .await?;
+    ensure!(r.status == StatusCode::BAD_GATEWAY, "{r:?}");
+    let e = r.json()?["error"].as_str().unwrap_or_default().to_string();
+    if !e.starts_with("dbproxy admin:") {
+        bail!("unexpected error text: {e}");
+    }
+    app.stop().await?;
+    Ok(())
+}
