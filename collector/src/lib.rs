@@ -4,6 +4,7 @@
 //! Two tasks share the [`spool::Spool`]: the sampler appends a sample each interval and never waits
 //! for the database; the writer flushes the spool in order whenever the database answers.
 
+pub mod metrics;
 pub mod sample;
 pub mod spool;
 pub mod store;
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +51,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Where procfs is mounted.
     pub proc_root: PathBuf,
+    /// Address of the admin listener (`/metrics`, `/healthz`), e.g. `127.0.0.1:9940`; none when unset.
+    pub admin_listen: Option<String>,
 }
 
 impl Default for Config {
@@ -64,6 +68,7 @@ impl Default for Config {
             query_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             proc_root: PathBuf::from("/proc"),
+            admin_listen: None,
         }
     }
 }
@@ -80,6 +85,10 @@ impl common::Validate for Config {
             if d < Duration::from_millis(1) {
                 return Err(ConfigError::invalid(key, "must be at least 1ms"));
             }
+            // Far beyond any sensible value, and far below where instant arithmetic overflows.
+            if d > Duration::from_secs(7 * 24 * 3600) {
+                return Err(ConfigError::invalid(key, "must be at most 7 days"));
+            }
         }
         if let Err(e) = self.database_url.parse::<tokio_postgres::Config>() {
             return Err(ConfigError::invalid(
@@ -92,6 +101,14 @@ impl common::Validate for Config {
                 return Err(ConfigError::invalid(
                     "host",
                     format!("`{h}` is not a host name (empty, or has spaces)"),
+                ));
+            }
+        }
+        if let Some(a) = &self.admin_listen {
+            if a.parse::<std::net::SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    "admin_listen",
+                    format!("`{a}` is not an address:port"),
                 ));
             }
         }
@@ -125,6 +142,7 @@ pub struct Stats {
     write_errors: AtomicU64,
     recovered: AtomicU64,
     pending: AtomicU64,
+    dropped: AtomicU64,
 }
 
 macro_rules! getters {
@@ -151,7 +169,9 @@ getters!(
     /// Samples found in the spool file at start.
     recovered,
     /// Samples waiting in the spool.
-    pending
+    pending,
+    /// Samples dropped because the spool was full.
+    dropped
 );
 
 fn bump(c: &AtomicU64) {
@@ -179,13 +199,45 @@ pub enum RunError {
     /// A task died.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// The metrics registry could not be built.
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
-/// Runs the collector until `shutdown` (or after one sample with `mode.once`).
+/// Runs the collector until `shutdown` (or after one sample with `mode.once`), serving `/metrics`
+/// and `/healthz` on `admin` when given.
 ///
 /// On shutdown the sampler stops, the writer finishes its current write and keeps flushing for at
 /// most `drain_timeout`, and whatever is left is synced to the spool file.
 pub async fn run(
+    admin: Option<TcpListener>,
+    config: Config,
+    mode: Mode,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let admin_stop = shutdown.child_token();
+    let mut admin_task = None;
+    if let Some(listener) = admin {
+        let registry = metrics::registry(stats.clone())?;
+        let stop = admin_stop.clone();
+        admin_task = Some(tokio::spawn(async move {
+            let routes = Arc::new(common::admin::NoRoutes);
+            if let Err(e) = common::admin::serve(listener, registry, routes, stop).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        }));
+    }
+    let result = collect(config, mode, stats, shutdown).await;
+    admin_stop.cancel();
+    if let Some(task) = admin_task {
+        // The listener is closed once this returns; a stuck scrape cannot hold up the exit.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    result
+}
+
+async fn collect(
     config: Config,
     mode: Mode,
     stats: Arc<Stats>,
@@ -272,6 +324,7 @@ pub async fn run(
                     let r = q.push(sample);
                     bump(&st.produced);
                     st.pending.store(q.len() as u64, Ordering::Relaxed);
+                    st.dropped.store(q.dropped(), Ordering::Relaxed);
                     r
                 })
                 .await
@@ -580,12 +633,24 @@ mod tests {
             ("interval", "soon", "`interval`"),
             ("interval", "-1", "`interval`"),
             ("interval", "0", "`interval`: must be at least 1ms"),
+            (
+                "interval",
+                "1000000000000000000",
+                "`interval`: must be at most 7 days",
+            ),
+            ("interval", "1e300", "`interval`"),
+            (
+                "drain_timeout",
+                "8 days",
+                "`drain_timeout`: must be at most 7 days",
+            ),
             ("query_timeout", "0ms", "`query_timeout`"),
             ("database_url", "host=x port=notaport", "`database_url`"),
             ("host", "two words", "`host`"),
             ("spool_capacity", "0", "`spool_capacity`"),
             ("spool_file", "\"\"", "`spool_file`"),
             ("listen", "x", "listen"),
+            ("admin_listen", "nowhere", "`admin_listen`"),
         ] {
             let e = load(&[(k, v)]).unwrap_err().to_string();
             assert!(e.contains(want), "{k}={v}: {e}");

@@ -77,7 +77,16 @@ fn main() {
 #[tokio::main]
 async fn serve(config: collector::Config, mode: collector::Mode) -> anyhow::Result<()> {
     let signals = common::shutdown::install().context("installing signal handlers")?;
+    let admin = match &config.admin_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding admin_listen {addr}"))?,
+        ),
+        None => None,
+    };
     collector::run(
+        admin,
         config,
         mode,
         Arc::new(collector::Stats::default()),

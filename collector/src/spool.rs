@@ -85,10 +85,16 @@ impl Spool {
                 let mut line_no = 0;
                 loop {
                     buf.clear();
-                    if reader.read_until(b'\n', &mut buf).map_err(io)? == 0 {
+                    let Some(complete) = read_line_bounded(&mut reader, &mut buf).map_err(io)? else {
                         break;
-                    }
+                    };
                     line_no += 1;
+                    if !complete {
+                        tracing::warn!(path = %path.display(), line = line_no,
+                            "dropping a spool line longer than {MAX_LINE} bytes");
+                        rec.bad_lines += 1;
+                        continue;
+                    }
                     let line = buf.trim_ascii();
                     if line.is_empty() {
                         continue;
@@ -215,6 +221,39 @@ impl Spool {
     }
 }
 
+/// No sample is anywhere near this long (a few hundred bytes per mount and interface); a longer
+/// line is damage, and reading it whole would let a corrupt file exhaust memory.
+const MAX_LINE: usize = 1 << 20;
+
+/// Reads one line into `buf`, at most [`MAX_LINE`] bytes of it. Returns None at end of file,
+/// Some(false) when the line was too long (the rest of it is skipped), Some(true) otherwise.
+fn read_line_bounded(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<bool>> {
+    let n = std::io::Read::take(&mut *r, MAX_LINE as u64).read_until(b'\n', buf)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if n < MAX_LINE || buf.last() == Some(&b'\n') {
+        return Ok(Some(true));
+    }
+    // Skip the rest of the over-long line without holding it.
+    loop {
+        let chunk = r.fill_buf()?;
+        if chunk.is_empty() {
+            return Ok(Some(false));
+        }
+        match chunk.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(Some(false));
+            }
+            None => {
+                let len = chunk.len();
+                r.consume(len);
+            }
+        }
+    }
+}
+
 /// Writes `queue` to a temporary file beside `path`, syncs it, renames it over `path`, and returns
 /// `path` opened for appending.
 fn rewrite(path: &Path, queue: &VecDeque<Sample>) -> Result<File, SpoolError> {
@@ -327,6 +366,26 @@ mod tests {
         let (s, rec) = Spool::open(&path, 10).unwrap();
         assert_eq!(rec.bad_lines, 0);
         assert_eq!(stamps(&s), [0, 1, 2, 4].map(|n| sample(n).sampled_at).to_vec());
+    }
+
+    #[test]
+    fn an_over_long_line_is_skipped_without_reading_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spool.jsonl");
+        let mut text = serde_json::to_string(&sample(1)).unwrap();
+        text.push('\n');
+        text.push_str(&"x".repeat(3 * MAX_LINE + 7));
+        text.push('\n');
+        text.push_str(&serde_json::to_string(&sample(2)).unwrap());
+        text.push('\n');
+        // Exactly MAX_LINE bytes including the newline is still a (bad, but bounded) line.
+        text.push_str(&"y".repeat(MAX_LINE - 1));
+        text.push('\n');
+        text.push_str(&serde_json::to_string(&sample(3)).unwrap());
+        std::fs::write(&path, text).unwrap();
+        let (s, rec) = Spool::open(&path, 10).unwrap();
+        assert_eq!(stamps(&s), [1, 2, 3].map(|n| sample(n).sampled_at).to_vec());
+        assert_eq!(rec.bad_lines, 2);
     }
 
     #[test]

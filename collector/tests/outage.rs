@@ -11,7 +11,9 @@ async fn every_sample_arrives_once_and_in_order_across_an_outage() -> Result<()>
     let dir = tempfile::tempdir()?;
     let spool = dir.path().join("spool.jsonl");
     let host = "outage-host";
-    let c = spawn(config(cluster.primary(), &spool, host));
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admin_addr = admin.local_addr()?;
+    let c = spawn_with_admin(Some(admin), config(cluster.primary(), &spool, host));
 
     let cl = cluster.clone();
     wait_for("two samples in the database", move || {
@@ -47,6 +49,25 @@ async fn every_sample_arrives_once_and_in_order_across_an_outage() -> Result<()>
     })
     .await?;
 
+    // The outage is visible on /metrics.
+    let page = http_get(admin_addr, "/metrics").await?;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(
+        metric(&page, "collector_samples_total").is_some_and(|n| n >= 5),
+        "{page}"
+    );
+    assert!(
+        metric(&page, "collector_write_errors_total").is_some_and(|n| n >= 1),
+        "{page}"
+    );
+    assert!(
+        metric(&page, "collector_samples_written_total").is_some_and(|n| n >= 5),
+        "{page}"
+    );
+    assert!(http_get(admin_addr, "/healthz")
+        .await?
+        .starts_with("HTTP/1.1 200"));
+
     let stats = c.stop().await?;
     let rows = rows(cluster.primary(), host)?;
     assert_eq!(
@@ -54,6 +75,8 @@ async fn every_sample_arrives_once_and_in_order_across_an_outage() -> Result<()>
         stats.produced(),
         "every sample taken is stored"
     );
+    // The admin listener closes with the collector.
+    assert!(tokio::net::TcpStream::connect(admin_addr).await.is_err());
     assert_in_order_once(&rows);
     assert_eq!(stats.written(), stats.produced());
     assert_eq!(stats.already_stored(), 0);

@@ -41,9 +41,14 @@ pub struct Running {
 }
 
 pub fn spawn(config: Config) -> Running {
+    spawn_with_admin(None, config)
+}
+
+pub fn spawn_with_admin(admin: Option<tokio::net::TcpListener>, config: Config) -> Running {
     let stats = Arc::new(Stats::default());
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(collector::run(
+        admin,
         config,
         Mode::default(),
         stats.clone(),
@@ -113,4 +118,26 @@ pub fn assert_in_order_once(rows: &[(i64, i64)]) {
             w[0].1
         );
     }
+}
+
+/// A plain HTTP/1.1 GET over a real socket; returns the whole response (status line, headers, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fetch = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        anyhow::Ok(String::from_utf8(out)?)
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .context("admin request timed out")?
+}
+
+/// The value of an unlabelled metric in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
