@@ -1,0 +1,131 @@
+//! End-to-end drills on the local topology, every piece a real process: `stack::up` brings up
+//! PostgreSQL (primary + standby), dbproxy, two webapps, lb and the collector on free ports; the page
+//! is checked through lb; a webapp is killed and no GET fails; the collector's samples arrive
+//! through dbproxy; `down` stops it all.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use stack::{http_get, Ports, UpOptions};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Two consecutive free ports (webapps, PostgreSQL nodes take a run of ports).
+fn free_pair() -> u16 {
+    loop {
+        let p = free_port();
+        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// Stops the topology even when an assertion fails.
+struct Down(stack::procs::State);
+impl Drop for Down {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for name in self.0.started() {
+                let log = std::fs::read_to_string(self.0.log(&name)).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!(
+                    "----- {name} -----\n{}",
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+        }
+        stack::down(&self.0);
+        let _ = std::fs::remove_dir_all(&self.0.root);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_whole_topology_comes_up_and_survives_a_webapp_kill() {
+    let ports = Ports {
+        lb: free_port(),
+        lb_admin: free_port(),
+        dbproxy: free_port(),
+        dbproxy_admin: free_port(),
+        webapp: free_pair(),
+        postgres: free_pair(),
+    };
+    let state_dir = std::env::temp_dir().join(format!("stack-drill-{}", std::process::id()));
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let opts = UpOptions {
+        state_dir: state_dir.clone(),
+        standbys: 1,
+        ports: ports.clone(),
+        collector_interval: "500ms".into(),
+        bin_dir: Some(bin_dir),
+    };
+    let state = match stack::up(&opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let state = stack::procs::State::new(&state_dir).unwrap();
+            let _down = Down(state);
+            panic!("stack up failed: {e:#}");
+        }
+    };
+    let state = Down(state);
+
+    // The page through lb names the instance and the database node that answered, with its role.
+    let (code, body) = http_get(ports.lb, "/").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("web1") || body.contains("web2"),
+        "no instance name: {body}"
+    );
+    assert!(
+        body.contains("pg0") || body.contains("pg1"),
+        "no database node: {body}"
+    );
+
+    // Kill one webapp: lb's retries and health checks keep every GET working.
+    let killed = if body.contains("web1") { "web1" } else { "web2" };
+    state.0.signal(killed, Signal::SIGKILL).unwrap();
+    let survivor = if killed == "web1" { "web2" } else { "web1" };
+    for i in 0..100 {
+        let (code, body) = http_get(ports.lb, "/").await.unwrap();
+        assert_eq!(code, 200, "GET {i} after killing {killed}: {body}");
+        assert!(body.contains(survivor), "GET {i} not served by {survivor}");
+    }
+
+    // The collector's samples arrive in the database through dbproxy.
+    let url = format!("postgres://app:app-secret@127.0.0.1:{}/app", ports.dbproxy);
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n: i64 = client
+            .query_one("select count(*) from samples", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no collector samples arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Status lists everything; down stops everything.
+    let running: Vec<_> = stack::status(&state.0)
+        .into_iter()
+        .filter(|(_, pid)| pid.is_some())
+        .collect();
+    assert_eq!(running.len(), 6, "{running:?}");
+    assert_eq!(stack::down(&state.0), 6);
+    assert!(stack::status(&state.0).iter().all(|(_, pid)| pid.is_none()));
+}
