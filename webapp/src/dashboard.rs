@@ -2,7 +2,8 @@
 //! snapshot, and published to every Server-Sent Events subscriber; plus the switchover call to
 //! dbproxy's admin API.
 
-use std::sync::Arc;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -63,6 +64,7 @@ pub struct Dashboard {
     tx: watch::Sender<Arc<str>>,
     wake: Notify,
     metrics: Arc<Metrics>,
+    events: Mutex<EventLog>,
 }
 
 impl Dashboard {
@@ -88,6 +90,7 @@ impl Dashboard {
             tx,
             wake: Notify::new(),
             metrics,
+            events: Mutex::new(EventLog::default()),
         }
     }
 
@@ -139,12 +142,21 @@ impl Dashboard {
             self.source("lb", &self.lb_url),
             self.source("dbproxy", &self.dbproxy_url)
         );
+        let at = now_ms();
+        let summary = Summary::of(lb.as_ref(), db.as_ref());
+        let events = {
+            // Held for a diff and a copy, never across an await.
+            let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            log.observe(at, summary);
+            log.recent.iter().cloned().collect::<Vec<_>>()
+        };
         let v = serde_json::json!({
-            "at": now_ms(),
+            "at": at,
             "instance": self.instance,
             "switchover": self.switchover_enabled(),
             "lb": lb,
             "dbproxy": db,
+            "events": events,
         });
         Arc::from(v.to_string())
     }
@@ -223,6 +235,151 @@ impl Dashboard {
     }
 }
 
+/// How many failover events the dashboard remembers.
+pub const MAX_EVENTS: usize = 50;
+
+/// One change seen between two status reads.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TopologyEvent {
+    /// When it was seen, in milliseconds since the epoch.
+    pub at: u64,
+    /// What changed, for people.
+    pub message: String,
+}
+
+/// The parts of the status that make events: reachability, the primary, roles and health.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Summary {
+    lb: Option<bool>,
+    dbproxy: Option<bool>,
+    primary: Option<String>,
+    db_nodes: BTreeMap<String, (String, String)>,
+    servers: BTreeMap<String, bool>,
+}
+
+fn text_of(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+impl Summary {
+    /// Reads what it can; anything missing or of an unexpected type is simply left out.
+    fn of(lb: Option<&Source<'_>>, db: Option<&Source<'_>>) -> Summary {
+        let mut s = Summary {
+            lb: lb.map(|x| x.reachable),
+            dbproxy: db.map(|x| x.reachable),
+            ..Summary::default()
+        };
+        if let Some(status) = db.and_then(|x| x.status.as_ref()) {
+            s.primary = status.get("primary").and_then(text_of);
+            for (i, n) in status
+                .get("nodes")
+                .and_then(|n| n.as_array())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let id = n
+                    .get("node_id")
+                    .and_then(text_of)
+                    .unwrap_or_else(|| i.to_string());
+                let role = n.get("role").and_then(text_of).unwrap_or_default();
+                let state = n.get("status").and_then(text_of).unwrap_or_default();
+                s.db_nodes.insert(id, (role, state));
+            }
+        }
+        if let Some(status) = lb.and_then(|x| x.status.as_ref()) {
+            for (i, srv) in status
+                .get("servers")
+                .and_then(|n| n.as_array())
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let name = srv
+                    .get("name")
+                    .or_else(|| srv.get("addr"))
+                    .and_then(text_of)
+                    .unwrap_or_else(|| format!("server {i}"));
+                let healthy = srv.get("healthy").and_then(|h| h.as_bool()).unwrap_or(true)
+                    && srv.get("available").and_then(|h| h.as_bool()).unwrap_or(true);
+                s.servers.insert(name, healthy);
+            }
+        }
+        s
+    }
+}
+
+/// The recent events and the summary they were derived from.
+#[derive(Debug, Default)]
+struct EventLog {
+    last: Option<Summary>,
+    recent: VecDeque<TopologyEvent>,
+}
+
+impl EventLog {
+    fn push(&mut self, at: u64, message: String) {
+        tracing::info!(event = %message, "topology changed");
+        if self.recent.len() == MAX_EVENTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(TopologyEvent { at, message });
+    }
+
+    /// Records what changed since the previous summary (nothing on the first).
+    fn observe(&mut self, at: u64, now: Summary) {
+        let Some(prev) = self.last.take() else {
+            self.last = Some(now);
+            return;
+        };
+        for (name, a, b) in [("lb", prev.lb, now.lb), ("dbproxy", prev.dbproxy, now.dbproxy)] {
+            match (a, b) {
+                (Some(true), Some(false)) => self.push(at, format!("{name} unreachable")),
+                (Some(false), Some(true)) => self.push(at, format!("{name} reachable again")),
+                _ => {}
+            }
+        }
+        if let (Some(a), Some(b)) = (&prev.primary, &now.primary) {
+            if a != b {
+                self.push(at, format!("primary changed: node {a} → node {b}"));
+            }
+        }
+        for (id, (role, state)) in &now.db_nodes {
+            if let Some((old_role, old_state)) = prev.db_nodes.get(id) {
+                if old_role != role {
+                    self.push(at, format!("node {id}: {old_role} → {role}"));
+                }
+                if old_state != state {
+                    self.push(at, format!("node {id}: {old_state} → {state}"));
+                }
+            }
+        }
+        for (name, healthy) in &now.servers {
+            if let Some(was) = prev.servers.get(name) {
+                if was != healthy {
+                    let what = if *healthy { "healthy again" } else { "unhealthy" };
+                    self.push(at, format!("webapp {name} {what}"));
+                }
+            }
+        }
+        // An unreachable source says nothing about its nodes: keep the last known ones so that
+        // its return does not look like a burst of changes.
+        let mut merged = now;
+        if merged.dbproxy == Some(false) {
+            merged.primary = prev.primary;
+            merged.db_nodes = prev.db_nodes;
+        }
+        if merged.lb == Some(false) {
+            merged.servers = prev.servers;
+        }
+        self.last = Some(merged);
+    }
+}
+
 /// Whether `id` is an acceptable node id for the admin URL path (no slashes, dots or escapes).
 pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
@@ -270,6 +427,66 @@ mod tests {
         assert!(!valid_node_id("a/b"));
         assert!(!valid_node_id("a%2f"));
         assert!(!valid_node_id(&"x".repeat(65)));
+    }
+
+    fn source(status: serde_json::Value) -> Source<'static> {
+        Source {
+            url: "http://x/status",
+            reachable: true,
+            error: None,
+            status: Some(status),
+        }
+    }
+
+    fn down() -> Source<'static> {
+        Source {
+            url: "http://x/status",
+            reachable: false,
+            error: Some("unreachable".into()),
+            status: None,
+        }
+    }
+
+    #[test]
+    fn events_follow_failovers_and_tolerate_odd_status() {
+        let db0 = source(serde_json::json!({"primary": "0", "nodes": [
+            {"node_id": "0", "role": "primary", "status": "up"},
+            {"node_id": "1", "role": "standby", "status": "up"}]}));
+        let db1 = source(serde_json::json!({"primary": 1, "nodes": [
+            {"node_id": "0", "role": "primary", "status": "down"},
+            {"node_id": 1, "role": "primary", "status": "up"}]}));
+        let lb = source(serde_json::json!({"servers": [{"name": "web-1", "healthy": true}]}));
+        let lb_bad = source(serde_json::json!({"servers": [{"name": "web-1", "healthy": false}]}));
+        let odd = source(serde_json::json!({"primary": {"x": 1}, "nodes": "many"}));
+        let mut log = EventLog::default();
+        log.observe(1, Summary::of(Some(&lb), Some(&db0)));
+        assert!(log.recent.is_empty());
+        log.observe(2, Summary::of(Some(&lb_bad), Some(&db1)));
+        let msgs: Vec<_> = log.recent.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(
+            msgs,
+            [
+                "primary changed: node 0 → node 1",
+                "node 0: up → down",
+                "node 1: standby → primary",
+                "webapp web-1 unhealthy"
+            ]
+        );
+        log.observe(3, Summary::of(Some(&lb_bad), Some(&down())));
+        log.observe(4, Summary::of(Some(&lb_bad), Some(&db1)));
+        let msgs: Vec<_> = log.recent.iter().skip(4).map(|e| e.message.as_str()).collect();
+        assert_eq!(msgs, ["dbproxy unreachable", "dbproxy reachable again"]);
+        log.observe(5, Summary::of(None, Some(&odd)));
+        assert_eq!(log.recent.len(), 6);
+        for i in 0..(2 * MAX_EVENTS as u64) {
+            let s = if i % 2 == 0 {
+                down()
+            } else {
+                source(serde_json::json!({}))
+            };
+            log.observe(10 + i, Summary::of(None, Some(&s)));
+        }
+        assert_eq!(log.recent.len(), MAX_EVENTS);
     }
 
     #[test]

@@ -319,13 +319,31 @@ impl Db {
     }
 }
 
+/// Whether a migration failed because the server is read-only (a standby).
+fn is_read_only_refusal(e: &schema::SchemaError) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(db) = err.downcast_ref::<tokio_postgres::Error>() {
+            if db.code() == Some(&tokio_postgres::error::SqlState::READ_ONLY_SQL_TRANSACTION) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
 /// Migrates on a primary; on a standby (read-only: no DDL, no advisory locks) only checks that the
 /// primary's migrations have replicated, so a webapp pointed at a replica waits instead of failing.
+///
+/// The migration is tried first: through dbproxy its advisory lock pins the session to the primary,
+/// whereas a bare `pg_is_in_recovery()` would be balanced to a standby. Only a server that refuses
+/// it as read-only (SQLSTATE 25006, i.e. a standby reached directly) gets the check instead.
 async fn migrate_or_check(client: &tokio_postgres::Client) -> Result<schema::Applied, DbError> {
-    let row = client.query_one("SELECT pg_is_in_recovery()", &[]).await?;
-    let in_recovery: bool = row.try_get(0)?;
-    if !in_recovery {
-        return Ok(schema::migrate(client).await?);
+    match schema::migrate(client).await {
+        Ok(applied) => return Ok(applied),
+        Err(e) if !is_read_only_refusal(&e) => return Err(e.into()),
+        Err(_) => {}
     }
     let exists: bool = client
         .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])

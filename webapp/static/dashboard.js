@@ -10,8 +10,6 @@
   var conn = document.getElementById("conn");
   // Key of the clicked node; a link like /dashboard#db:1 opens with that node selected.
   var selected = location.hash.length > 1 ? decodeURIComponent(location.hash.slice(1)) : null;
-  var previous = null; // last snapshot, to derive events
-  var seenPeerEvents = {};
   var current = null;
 
   function arr(x) { return Array.isArray(x) ? x : []; }
@@ -173,55 +171,47 @@
       .then(function () { button.disabled = false; });
   }
 
-  function addEvent(what, at) {
-    var li = document.createElement("li");
-    var t = document.createElement("time");
-    t.textContent = new Date(at || Date.now()).toISOString().slice(11, 19);
-    li.appendChild(t);
-    li.appendChild(document.createTextNode(what));
-    eventsList.insertBefore(li, eventsList.firstChild);
-    while (eventsList.children.length > 100) eventsList.removeChild(eventsList.lastChild);
+  // Events: the webapp's own record of changes (snap.events, the same for every viewer), events
+  // dbproxy reports itself (if its status carries any), and this page's own actions.
+  var localEvents = [];
+  function addEvent(what) {
+    localEvents.push({ at: Date.now(), message: what });
+    if (localEvents.length > 50) localEvents.shift();
+    renderEvents(current || {});
   }
 
-  // Derives events by comparing two snapshots: reachability, primary, roles and health.
-  function diff(prev, snap) {
-    var at = typeof snap.at === "number" ? snap.at : Date.now();
-    ["lb", "dbproxy"].forEach(function (name) {
-      var a = source(prev, name), b = source(snap, name);
-      if (a && b && a.reachable !== b.reachable) addEvent(name + (b.reachable ? " reachable again" : " unreachable: " + b.error), at);
+  function renderEvents(snap) {
+    var all = [];
+    arr(snap.events).forEach(function (e0) {
+      var e = obj(e0);
+      all.push({ at: typeof e.at === "number" ? e.at : 0, message: str(e.message) });
     });
-    var pa = source(prev, "dbproxy"), pb = source(snap, "dbproxy");
-    if (pa && pb && pa.reachable && pb.reachable && str(pa.status.primary) !== str(pb.status.primary)) {
-      addEvent("primary changed: node " + str(pa.status.primary) + " → node " + str(pb.status.primary), at);
-    }
-    var before = {};
-    model(prev).forEach(function (n) { before[n.key] = n; });
-    model(snap).forEach(function (n) {
-      var o = before[n.key];
-      if (o && o.cls !== n.cls && n.tier !== 0 && n.tier !== 2) addEvent(n.label + ": " + o.cls + " → " + n.cls, at);
-    });
-  }
-
-  // Events dbproxy itself reports (if its status carries any), each shown once.
-  function peerEvents(snap) {
     var dp = source(snap, "dbproxy");
-    if (!dp) return;
-    arr(dp.status.events).forEach(function (e) {
-      var key = str(e);
-      if (seenPeerEvents[key]) return;
-      seenPeerEvents[key] = true;
-      var o = obj(e);
-      addEvent("dbproxy: " + (o.message || o.event || o.kind ? str(o.message || o.event || o.kind) : key));
+    if (dp) {
+      arr(dp.status.events).forEach(function (e0) {
+        var e = obj(e0);
+        var at = typeof e.at === "number" ? e.at : Date.parse(str(e.at || e.time)) || 0;
+        all.push({ at: at, message: "dbproxy: " + str(e.message || e.event || e.kind || e0) });
+      });
+    }
+    all = all.concat(localEvents);
+    all.sort(function (a, b) { return b.at - a.at; });
+    while (eventsList.firstChild) eventsList.removeChild(eventsList.firstChild);
+    all.slice(0, 100).forEach(function (e) {
+      var li = document.createElement("li");
+      var t = document.createElement("time");
+      t.textContent = e.at ? new Date(e.at).toISOString().slice(11, 19) : "--:--:--";
+      li.appendChild(t);
+      li.appendChild(document.createTextNode(e.message));
+      eventsList.appendChild(li);
     });
   }
 
   function apply(snap) {
     snap = obj(snap);
     current = snap;
-    if (previous) diff(previous, snap);
-    peerEvents(snap);
-    previous = snap;
     draw(snap);
+    renderEvents(snap);
   }
 
   try {

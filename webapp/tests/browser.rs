@@ -169,6 +169,33 @@ async fn chromium_renders_the_page_and_the_dashboard() -> Result<()> {
     ensure!(dom.contains("<h2>node 0 primary</h2>"), "{dom}");
     ensure!(!dom.contains("id=\"switchover\""), "{dom}");
 
+    // A failover at dbproxy shows up in the events list, recorded by the webapp.
+    peer.set(
+        "/db/status",
+        200,
+        r#"{"primary":"1","nodes":[
+            {"node_id":"0","hostname":"127.0.0.1","port":"5432","status":"down","role":"primary"},
+            {"node_id":"1","hostname":"127.0.0.1","port":"5433","status":"up","role":"primary","replication_delay":"0"},
+            {"node_id":"2","hostname":"127.0.0.1","port":"5434","status":"down","role":"standby"}]}"#,
+    );
+    common::poll("failover event recorded", Duration::from_secs(20), || async {
+        let v = app.get("/dashboard/state").await?.json()?;
+        Ok(v["events"].to_string().contains("primary changed").then_some(()))
+    })
+    .await?;
+    let dom = browse(vec!["--dump-dom".into(), app.url("/dashboard")]).await?;
+    for needle in [
+        "primary changed: node 0 → node 1",
+        "node 0: up → down",
+        "class=\"node down\" data-key=\"db:0\"",
+        "class=\"node primary\" data-key=\"db:1\"",
+    ] {
+        ensure!(
+            dom.contains(needle),
+            "dashboard after failover lacks {needle}:\n{dom}"
+        );
+    }
+
     let dir = artifacts_dir()?;
     screenshot(app.url("/"), dir.join("webapp-index.png")).await?;
     screenshot(app.url("/dashboard#db:1"), dir.join("webapp-dashboard.png")).await?;

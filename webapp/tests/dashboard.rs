@@ -110,6 +110,23 @@ async fn event_stream_delivers_status_and_its_changes() -> Result<()> {
     peer.set("/db/status", 200, &db_status("1"));
     let v = wait_event(&app, |v| v["dbproxy"]["status"]["primary"] == "1").await?;
     ensure!(v["dbproxy"]["status"]["nodes"][1]["role"] == "primary", "{v}");
+    // ...and the webapp records it as a failover event every viewer sees.
+    let messages = |v: &serde_json::Value| -> Vec<String> {
+        v["events"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["message"].as_str().map(str::to_string))
+            .collect()
+    };
+    let m = messages(&v);
+    for needle in [
+        "primary changed: node 0 → node 1",
+        "node 0: primary → standby",
+        "node 1: standby → primary",
+    ] {
+        ensure!(m.iter().any(|x| x == needle), "no event {needle:?} in {m:?}");
+    }
 
     // dbproxy going away shows as unreachable, not as an error of the page.
     stop.cancel();
@@ -119,6 +136,12 @@ async fn event_stream_delivers_status_and_its_changes() -> Result<()> {
         "{v}"
     );
     ensure!(v["lb"]["reachable"] == false, "{v}");
+    let v = wait_event(&app, |v| {
+        messages(v).iter().any(|m| m == "dbproxy unreachable")
+            && messages(v).iter().any(|m| m == "lb unreachable")
+    })
+    .await?;
+    ensure!(messages(&v).len() == 5, "{v}");
     let m = app.get("/metrics").await?;
     ensure!(
         m.body

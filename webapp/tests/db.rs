@@ -145,7 +145,7 @@ async fn outages_give_friendly_503s_and_readiness_follows_the_database() -> Resu
     let r = app.get("/readyz").await?;
     ensure!(r.status == StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     let page = app.get("/").await?;
-    check_friendly_503(&page)?;
+    check_friendly_503(&page, "web-x")?;
 
     let c2 = c.clone();
     blocking(move || c2.primary().start()).await?;
@@ -167,7 +167,7 @@ async fn outages_give_friendly_503s_and_readiness_follows_the_database() -> Resu
     ensure!(r.status == StatusCode::SERVICE_UNAVAILABLE, "{r:?}");
     ensure!(r.body.starts_with("not ready:"), "{r:?}");
     let page = app.get("/").await?;
-    check_friendly_503(&page)?;
+    check_friendly_503(&page, "web-x")?;
     let api = app.get("/api/overview").await?;
     ensure!(api.status == StatusCode::SERVICE_UNAVAILABLE, "{api:?}");
     let v = api.json()?;
@@ -203,7 +203,7 @@ async fn outages_give_friendly_503s_and_readiness_follows_the_database() -> Resu
     Ok(())
 }
 
-fn check_friendly_503(page: &common::Reply) -> Result<()> {
+fn check_friendly_503(page: &common::Reply, instance: &str) -> Result<()> {
     ensure!(page.status == StatusCode::SERVICE_UNAVAILABLE, "{page:?}");
     ensure!(
         page.headers.get("retry-after").map(|v| v.as_bytes()) == Some(b"5"),
@@ -216,7 +216,7 @@ fn check_friendly_503(page: &common::Reply) -> Result<()> {
         "{}",
         page.body
     );
-    ensure!(page.body.contains("web-x"), "{}", page.body);
+    ensure!(page.body.contains(instance), "{}", page.body);
     ensure!(
         !page.body.contains("panicked") && !page.body.contains("backtrace"),
         "{}",
@@ -267,5 +267,67 @@ async fn four_instances_migrate_an_empty_database_exactly_once() -> Result<()> {
     for app in apps {
         app.stop().await?;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_standby_takes_over_without_failed_requests() -> Result<()> {
+    let c = cluster(1).await?;
+    // Both nodes, writable one wanted: libpq's own multi-host failover, standing in for dbproxy
+    // (which re-points by itself) until the two are tested together.
+    let url = format!(
+        "host=127.0.0.1,127.0.0.1 port={},{} user=postgres dbname=postgres \
+         target_session_attrs=read-write",
+        c.node(0).port(),
+        c.node(1).port()
+    );
+    let app = App::start(config("web-f", &url)).await?;
+    wait_ready(&app).await?;
+    insert_sample(&c.primary().conn_string(), "host-a", 1_795_000_000, 10.0).await?;
+    let (r1, r2, r3, r4) = tokio::join!(
+        app.get("/api/overview"),
+        app.get("/api/overview"),
+        app.get("/api/overview"),
+        app.get("/api/overview")
+    );
+    for r in [r1?, r2?, r3?, r4?] {
+        let v = r.json()?;
+        ensure!(
+            v["node"]["name"] == "node0" && v["node"]["role"] == "primary",
+            "{v}"
+        );
+    }
+    let c2 = c.clone();
+    blocking(move || {
+        c2.wait_replicated()?;
+        c2.node(0).kill9()
+    })
+    .await?;
+
+    // Between the crash and the promotion no node takes writes: a friendly 503, not a 500.
+    let page = app.get("/").await?;
+    check_friendly_503(&page, "web-f")?;
+
+    let c2 = c.clone();
+    blocking(move || c2.promote(1)).await?;
+    // Every pooled connection died with node0; each is verified before use and replaced, so no
+    // request after the promotion fails, and every one is answered by the new primary.
+    for i in 0..8 {
+        let r = app.get("/api/overview").await?;
+        ensure!(r.status == StatusCode::OK, "request {i} after promotion: {r:?}");
+        let v = r.json()?;
+        ensure!(
+            v["node"]["name"] == "node1" && v["node"]["role"] == "primary",
+            "{v}"
+        );
+        ensure!(v["hosts"][0]["host"] == "host-a", "{v}");
+    }
+    let page = app.get("/").await?;
+    ensure!(
+        page.body.contains("<strong id=\"node-name\">node1</strong>"),
+        "{}",
+        page.body
+    );
+    app.stop().await?;
     Ok(())
 }
