@@ -499,3 +499,35 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
     assert_eq!(second.get("/").await?.0, 200);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_websockets_at_the_deadline() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.timeouts.shutdown_grace = Dur(Duration::from_millis(300));
+    let mut lb = start(cfg).await?;
+    let mut s = TcpStream::connect(lb.addr).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    s.write_all(b"ping").await?;
+    let mut four = [0u8; 4];
+    tokio::time::timeout(support::DEADLINE, s.read_exact(&mut four)).await??;
+    assert_eq!(&four, b"ping");
+    let t = Instant::now();
+    lb.shutdown.cancel();
+    // Still relayed during the grace period...
+    s.write_all(b"pong").await?;
+    tokio::time::timeout(support::DEADLINE, s.read_exact(&mut four)).await??;
+    assert_eq!(&four, b"pong");
+    // ...and closed once it is over; lb's serve then returns.
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert!(t.elapsed() >= Duration::from_millis(250), "{:?}", t.elapsed());
+    tokio::time::timeout(support::DEADLINE, &mut lb.task).await???;
+    Ok(())
+}
