@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -216,6 +216,21 @@ pub async fn run(
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let (_keep, updates) = watch::channel(config);
+    run_with_reload(admin, updates, mode, stats, shutdown).await
+}
+
+/// [`run`], taking configuration updates (SIGHUP) from `updates`.
+///
+/// `interval`, `database_url`, the timeouts take effect at once; `host`, `spool_file`,
+/// `spool_capacity`, `proc_root` and `admin_listen` need a restart (a warning says so).
+pub async fn run_with_reload(
+    admin: Option<TcpListener>,
+    updates: watch::Receiver<Config>,
+    mode: Mode,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
     let admin_stop = shutdown.child_token();
     let mut admin_task = None;
     if let Some(listener) = admin {
@@ -228,7 +243,7 @@ pub async fn run(
             }
         }));
     }
-    let result = collect(config, mode, stats, shutdown).await;
+    let result = collect(updates, mode, stats, shutdown).await;
     admin_stop.cancel();
     if let Some(task) = admin_task {
         // The listener is closed once this returns; a stuck scrape cannot hold up the exit.
@@ -238,11 +253,12 @@ pub async fn run(
 }
 
 async fn collect(
-    config: Config,
+    mut updates: watch::Receiver<Config>,
     mode: Mode,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
+    let mut config = updates.borrow_and_update().clone();
     let host = match &config.host {
         Some(h) => h.clone(),
         None => Sampler::hostname(&config.proc_root)?,
@@ -288,19 +304,22 @@ async fn collect(
             query: config.query_timeout,
         },
     );
-    let writer = tokio::spawn(write_loop(WriterCtx {
+    let mut writer_ctx = WriterCtx {
         store,
         spool: spool.clone(),
         wake: wake.clone(),
         stats: stats.clone(),
         stop: stop_writer.clone(),
-        retry: config.interval.min(Duration::from_secs(1)),
-        max_retry: config
-            .interval
-            .max(Duration::from_secs(1))
-            .min(Duration::from_secs(30)),
-        drain: config.drain_timeout,
-    }));
+        retry: Duration::ZERO,
+        max_retry: Duration::ZERO,
+        drain: Duration::ZERO,
+        updates: updates.clone(),
+        reload_open: true,
+        config: config.clone(),
+    };
+    writer_ctx.set_pacing();
+    let writer = tokio::spawn(write_loop(writer_ctx));
+    let mut reload_open = true;
 
     let mut next = Instant::now() + config.interval.min(Duration::from_secs(1));
     let mut first_error = None;
@@ -308,6 +327,20 @@ async fn collect(
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep_until(next) => {}
+            changed = updates.changed(), if reload_open => {
+                if changed.is_err() {
+                    reload_open = false;
+                    continue;
+                }
+                let new = updates.borrow_and_update().clone();
+                warn_restart_only(&config, &new);
+                if new.interval != config.interval {
+                    tracing::info!(interval = ?new.interval, "sampling interval changed");
+                    next = Instant::now() + new.interval;
+                }
+                config.interval = new.interval;
+                continue;
+            }
         }
         next += config.interval;
         // A filesystem that hangs statvfs (a dead NFS server) must not hold up shutdown.
@@ -415,6 +448,22 @@ async fn print_loop(
     }
 }
 
+/// Logs the changed keys a running collector cannot apply.
+fn warn_restart_only(old: &Config, new: &Config) {
+    let keys = [
+        ("host", old.host != new.host),
+        ("spool_file", old.spool_file != new.spool_file),
+        ("spool_capacity", old.spool_capacity != new.spool_capacity),
+        ("proc_root", old.proc_root != new.proc_root),
+        ("admin_listen", old.admin_listen != new.admin_listen),
+    ];
+    for (key, changed) in keys {
+        if changed {
+            tracing::warn!(key, "this setting changed but only takes effect after a restart");
+        }
+    }
+}
+
 struct WriterCtx {
     store: Store,
     spool: Arc<Mutex<Spool>>,
@@ -424,6 +473,53 @@ struct WriterCtx {
     retry: Duration,
     max_retry: Duration,
     drain: Duration,
+    updates: watch::Receiver<Config>,
+    reload_open: bool,
+    /// The configuration in force.
+    config: Config,
+}
+
+impl WriterCtx {
+    /// Derives the retry pacing from the interval: first retry within a second (or an interval),
+    /// then backing off to at most the interval (capped at 30 s).
+    fn set_pacing(&mut self) {
+        let i = self.config.interval;
+        self.retry = i.min(Duration::from_secs(1));
+        self.max_retry = i.max(Duration::from_secs(1)).min(Duration::from_secs(30));
+        self.drain = self.config.drain_timeout;
+    }
+
+    /// Applies a configuration update; a new database address or timeouts mean a new connection.
+    fn reload(&mut self, changed: Result<(), watch::error::RecvError>) {
+        if changed.is_err() {
+            self.reload_open = false;
+            return;
+        }
+        let new = self.updates.borrow_and_update().clone();
+        let db_changed = new.database_url != self.config.database_url
+            || new.connect_timeout != self.config.connect_timeout
+            || new.query_timeout != self.config.query_timeout;
+        if db_changed {
+            match new.database_url.parse::<tokio_postgres::Config>() {
+                Ok(db) => {
+                    self.store = Store::new(
+                        db,
+                        Timeouts {
+                            connect: new.connect_timeout,
+                            query: new.query_timeout,
+                        },
+                    );
+                    tracing::info!("database settings changed; reconnecting");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "ignoring an invalid database_url");
+                    return;
+                }
+            }
+        }
+        self.config = new;
+        self.set_pacing();
+    }
 }
 
 enum Flush {
@@ -445,6 +541,7 @@ async fn write_loop(mut ctx: WriterCtx) {
                 tokio::select! {
                     _ = ctx.wake.notified() => continue,
                     _ = ctx.stop.cancelled() => break,
+                    r = ctx.updates.changed(), if ctx.reload_open => ctx.reload(r),
                 }
             }
             Flush::Failed => {
@@ -454,6 +551,11 @@ async fn write_loop(mut ctx: WriterCtx) {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = ctx.wake.notified() => {}
                     _ = ctx.stop.cancelled() => break,
+                    r = ctx.updates.changed(), if ctx.reload_open => {
+                        ctx.reload(r);
+                        backoff = ctx.retry;
+                        continue;
+                    }
                 }
                 backoff = (backoff * 2).min(ctx.max_retry);
             }

@@ -35,24 +35,7 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
-    let loaded = cli
-        .common
-        .source("COLLECTOR")
-        .map(|mut s| {
-            if let Some(v) = cli.interval.as_ref().or(cli.interval_arg.as_ref()) {
-                s = s.set("interval", v.as_str());
-            }
-            if let Some(url) = &cli.database_url {
-                // Quoted, so that a URL or `key=value` text is always taken as a string.
-                s = s.set(
-                    "database_url",
-                    format!("\"{}\"", url.replace('\\', "\\\\").replace('"', "\\\"")),
-                );
-            }
-            s
-        })
-        .and_then(|s| s.load::<collector::Config>())
-        .map_err(anyhow::Error::from);
+    let loaded = load(&cli);
     if cli.common.check_config {
         std::process::exit(common::cli::report_check("collector", &loaded));
     }
@@ -64,18 +47,30 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mode = collector::Mode {
-        once: cli.once,
-        print: cli.print,
-    };
-    if let Err(e) = serve(config, mode) {
+    if let Err(e) = serve(cli, config) {
         eprintln!("collector: {e:#}");
         std::process::exit(1);
     }
 }
 
+/// The config layers (file, `COLLECTOR_*`, `--set`) with the interval and URL flags on top.
+fn load(cli: &Cli) -> anyhow::Result<collector::Config> {
+    let mut s = cli.common.source("COLLECTOR")?;
+    if let Some(v) = cli.interval.as_ref().or(cli.interval_arg.as_ref()) {
+        s = s.set("interval", v.as_str());
+    }
+    if let Some(url) = &cli.database_url {
+        // Quoted, so that a URL or `key=value` text is always taken as a string.
+        s = s.set(
+            "database_url",
+            format!("\"{}\"", url.replace('\\', "\\\\").replace('"', "\\\"")),
+        );
+    }
+    Ok(s.load::<collector::Config>()?)
+}
+
 #[tokio::main]
-async fn serve(config: collector::Config, mode: collector::Mode) -> anyhow::Result<()> {
+async fn serve(cli: Cli, config: collector::Config) -> anyhow::Result<()> {
     let signals = common::shutdown::install().context("installing signal handlers")?;
     let admin = match &config.admin_listen {
         Some(addr) => Some(
@@ -85,9 +80,28 @@ async fn serve(config: collector::Config, mode: collector::Mode) -> anyhow::Resu
         ),
         None => None,
     };
-    collector::run(
+    let mode = collector::Mode {
+        once: cli.once,
+        print: cli.print,
+    };
+    let (tx, updates) = tokio::sync::watch::channel(config);
+    let mut reload = signals.reload;
+    tokio::spawn(async move {
+        while reload.recv().await.is_some() {
+            match load(&cli) {
+                Ok(c) => {
+                    tracing::info!("configuration reloaded");
+                    let _ = tx.send(c);
+                }
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "reload failed; keeping the running configuration")
+                }
+            }
+        }
+    });
+    collector::run_with_reload(
         admin,
-        config,
+        updates,
         mode,
         Arc::new(collector::Stats::default()),
         signals.shutdown,

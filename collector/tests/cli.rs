@@ -205,3 +205,66 @@ async fn sigterm_flushes_and_exits_zero() -> Result<()> {
     assert_eq!(std::fs::read_to_string(&spool)?.lines().count(), 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_new_interval_and_survives_a_bad_file() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("collector.toml");
+    let log = dir.path().join("collector.log");
+    let base = format!(
+        "database_url = \"{}\"\nhost = \"hup-host\"\nspool_file = \"{}\"\n",
+        cluster.primary().conn_string(),
+        dir.path().join("spool.jsonl").display()
+    );
+    // An hour between samples: only the first (taken after a one-second warm-up) arrives unless
+    // the reload works.
+    std::fs::write(&conf, format!("{base}interval = \"1h\"\n"))?;
+    let mut child = collector()
+        .arg("--config")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
+        .spawn()?;
+    let pid = Pid::from_raw(child.id() as i32);
+    let cl = cluster.clone();
+    wait_for("the first sample", move || {
+        Ok((count(cl.primary(), "hup-host")? >= 1).then_some(()))
+    })
+    .await?;
+
+    // A broken file is refused; the process keeps running with what it had.
+    std::fs::write(&conf, format!("{base}interval = \"soon\"\n"))?;
+    kill(pid, Signal::SIGHUP)?;
+    let l = log.clone();
+    wait_for("the reload error in the log", move || {
+        Ok(std::fs::read_to_string(&l)?
+            .contains("reload failed")
+            .then_some(()))
+    })
+    .await?;
+    assert!(
+        child.try_wait()?.is_none(),
+        "a bad reload must not stop the collector"
+    );
+    assert!(std::fs::read_to_string(&log)?.contains("`interval`"));
+
+    std::fs::write(&conf, format!("{base}interval = \"200ms\"\n"))?;
+    kill(pid, Signal::SIGHUP)?;
+    let cl = cluster.clone();
+    wait_for("samples at the new interval", move || {
+        Ok((count(cl.primary(), "hup-host")? >= 4).then_some(()))
+    })
+    .await?;
+
+    kill(pid, Signal::SIGTERM)?;
+    let status = tokio::task::spawn_blocking(move || {
+        testkit::wait_for("collector to exit", Duration::from_secs(30), || {
+            Ok(child.try_wait()?)
+        })
+    })
+    .await??;
+    assert_eq!(status.code(), Some(0));
+    assert_in_order_once(&rows(cluster.primary(), "hup-host")?);
+    Ok(())
+}
