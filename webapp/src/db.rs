@@ -199,7 +199,18 @@ impl Db {
                     Err(e)
                 }
                 Err(_) => {
+                    // A backend blocked on a lock does not notice its client hanging up, so
+                    // dropping the connection alone would leave the session waiting on the
+                    // server; cancel the query too (in the background: the user has waited
+                    // long enough).
+                    let cancel = conn.cancel_token();
                     drop(Object::take(conn));
+                    let bound = self.timeout;
+                    tokio::spawn(async move {
+                        if let Ok(Err(e)) = tokio::time::timeout(bound, cancel.cancel_query(NoTls)).await {
+                            tracing::warn!(error = %schema::describe(&e), "cannot cancel a timed-out query");
+                        }
+                    });
                     Err(DbError::Timeout(self.timeout))
                 }
             }

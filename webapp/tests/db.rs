@@ -331,3 +331,58 @@ async fn a_promoted_standby_takes_over_without_failed_requests() -> Result<()> {
     app.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_that_hangs_is_cut_off_by_the_timeout() -> Result<()> {
+    let c = cluster(0).await?;
+    let url = c.primary().conn_string();
+    let mut cfg = config("web-h", &url);
+    cfg.query_timeout_ms = 400;
+    let app = App::start(cfg).await?;
+    wait_ready(&app).await?;
+    let r = app.get("/").await?;
+    ensure!(r.status == StatusCode::OK, "{r:?}");
+
+    // Another session holds an exclusive lock on samples: the page's query waits on it forever.
+    let (locker, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+    let conn_task = tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let started = std::time::Instant::now();
+    let page = app.get("/").await?;
+    let api = app.get("/api/overview").await?;
+    let elapsed = started.elapsed();
+    check_friendly_503(&page, "web-h")?;
+    ensure!(page.body.contains("did not answer within"), "{}", page.body);
+    ensure!(api.status == StatusCode::SERVICE_UNAVAILABLE, "{api:?}");
+    // Two requests, each cut off at 400 ms, with room for a loaded machine.
+    ensure!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    // The timed-out connections were dropped, not pooled: their backends go away and nothing of
+    // theirs waits on the lock any more.
+    poll("timed-out sessions gone", Duration::from_secs(20), || async {
+        let waiting: i64 = locker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'webapp' \
+                 AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((waiting == 0).then_some(()))
+    })
+    .await?;
+    locker.batch_execute("COMMIT").await?;
+    let r = app.get("/").await?;
+    ensure!(r.status == StatusCode::OK, "{r:?}");
+    let m = app.get("/metrics").await?;
+    ensure!(
+        m.body.contains("webapp_db_errors_total{kind=\"timeout\"} 2"),
+        "{}",
+        m.body
+    );
+    drop(locker);
+    let _ = conn_task.await;
+    app.stop().await?;
+    Ok(())
+}
