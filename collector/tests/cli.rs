@@ -268,3 +268,51 @@ async fn sighup_applies_a_new_interval_and_survives_a_bad_file() -> Result<()> {
     assert_in_order_once(&rows(cluster.primary(), "hup-host")?);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_collectors_started_at_once_migrate_exactly_once() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let mut children = Vec::new();
+    for i in 0..4 {
+        let log = dir.path().join(format!("c{i}.log"));
+        let child = collector()
+            .args([
+                "--once",
+                "0.05",
+                "--database-url",
+                &cluster.primary().conn_string(),
+            ])
+            .args(["--set", &format!("host=\"starter-{i}\""), "--set"])
+            .arg(format!(
+                "spool_file=\"{}\"",
+                dir.path().join(format!("s{i}.jsonl")).display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        children.push((child, log));
+    }
+    let mut applied = 0;
+    for (mut child, log) in children {
+        let status = tokio::task::spawn_blocking(move || {
+            testkit::wait_for("collector --once to exit", Duration::from_secs(60), || {
+                Ok(child.try_wait()?)
+            })
+        })
+        .await??;
+        let text = std::fs::read_to_string(&log)?;
+        assert_eq!(status.code(), Some(0), "{text}");
+        if text.contains("applied schema migrations") {
+            applied += 1;
+        }
+    }
+    assert_eq!(applied, 1, "exactly one of the four applies the migrations");
+    let p = cluster.primary();
+    assert_eq!(
+        p.psql("select count(*) from schema_migrations")?,
+        schema::MIGRATIONS.len().to_string()
+    );
+    assert_eq!(p.psql("select count(distinct host) from samples")?, "4");
+    Ok(())
+}
