@@ -1,31 +1,23 @@
-//! PostgreSQL wire proxy with read/write splitting and failover (replaces pgpool-II).
+//! dbproxy: a PostgreSQL wire proxy in front of one primary and its streaming standbys. It
+//! authenticates clients itself, sends writes and transactions to the primary and sure reads to
+//! healthy standbys, health-checks every node and answers `SHOW POOL_NODES` (replaces pgpool-II).
+//!
+//! Map: `protocol/` is the codec (no I/O); `session` runs one client; `backend` logs into nodes;
+//! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
+//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts and shuts down.
 
-use serde::{Deserialize, Serialize};
+pub mod admin;
+pub mod auth;
+pub mod backend;
+pub mod classify;
+pub mod cluster;
+pub mod config;
+pub mod failover;
+pub mod health;
+pub mod pgpool_conf;
+pub mod protocol;
+pub mod server;
+pub mod session;
 
-/// The `dbproxy` configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct Config {
-    /// Address the main listener binds.
-    pub listen: String,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            listen: "0.0.0.0:9999".to_string(),
-        }
-    }
-}
-
-impl common::Validate for Config {
-    fn validate(self) -> Result<Self, common::ConfigError> {
-        if self.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(common::ConfigError::invalid(
-                "listen",
-                format!("`{}` is not an address:port", self.listen),
-            ));
-        }
-        Ok(self)
-    }
-}
+pub use config::Config;
+pub use server::{run, run_with_admin, RunError};

@@ -1,0 +1,159 @@
+//! Administration: the `SHOW POOL_NODES` rows (answered on the main port with pgpool-II's
+//! columns) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use common::admin::{json, AdminRoutes, ResponseFuture};
+use hyper::{Method, StatusCode};
+
+use crate::cluster::Cluster;
+use crate::protocol::simple;
+
+/// pgpool-II's SHOW POOL_NODES columns, in its order.
+pub const POOL_NODES_COLUMNS: [&str; 14] = [
+    "node_id",
+    "hostname",
+    "port",
+    "status",
+    "pg_status",
+    "lb_weight",
+    "role",
+    "pg_role",
+    "select_cnt",
+    "load_balance_node",
+    "replication_delay",
+    "replication_state",
+    "replication_sync_state",
+    "last_status_change",
+];
+
+/// Whether `sql` is `SHOW POOL_NODES` (any case, optional semicolon).
+pub fn is_show_pool_nodes(sql: &str) -> bool {
+    let s = sql.trim().trim_end_matches(';').trim_end();
+    let mut words = s.split_ascii_whitespace();
+    matches!(
+        (words.next(), words.next(), words.next()),
+        (Some(a), Some(b), None) if a.eq_ignore_ascii_case("show") && b.eq_ignore_ascii_case("pool_nodes")
+    )
+}
+
+/// One row per node; `lb_node` is the node this session balances reads to.
+pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]> {
+    let total: u64 = cluster.nodes.iter().map(|n| n.config.weight as u64).sum();
+    let primary = cluster.primary();
+    (0..cluster.nodes.len())
+        .map(|i| {
+            let n = &cluster.nodes[i];
+            let s = cluster.status(i);
+            let weight = if total == 0 {
+                0.0
+            } else {
+                n.config.weight as f64 / total as f64
+            };
+            let role = if i == primary { "primary" } else { s.role.as_str() };
+            [
+                i.to_string(),
+                n.config.host.clone(),
+                n.config.port.to_string(),
+                if s.healthy { "up" } else { "down" }.to_string(),
+                if s.reachable { "up" } else { "down" }.to_string(),
+                format!("{weight:.6}"),
+                role.to_string(),
+                s.role.as_str().to_string(),
+                n.select_cnt
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .to_string(),
+                (lb_node == Some(i)).to_string(),
+                cluster.lag_bytes(i).unwrap_or(0).to_string(),
+                s.replication_state.clone(),
+                s.sync_state.clone(),
+                timestamp(s.last_change),
+            ]
+        })
+        .collect()
+}
+
+/// Appends the full SHOW POOL_NODES response (without ReadyForQuery).
+pub fn encode_pool_nodes(cluster: &Cluster, lb_node: Option<usize>, out: &mut BytesMut) {
+    simple::encode_row_description(&POOL_NODES_COLUMNS, out);
+    let rows = pool_nodes(cluster, lb_node);
+    for r in &rows {
+        simple::encode_data_row(r, out);
+    }
+    simple::encode_command_complete(&format!("SELECT {}", rows.len()), out);
+}
+
+/// `YYYY-MM-DD HH:MM:SS` in UTC, as pgpool prints it. Written by hand to avoid a date crate for
+/// one format: days-to-civil is Howard Hinnant's algorithm.
+pub fn timestamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// The admin routes dbproxy adds.
+pub struct Routes {
+    /// The node table.
+    pub cluster: Arc<Cluster>,
+}
+
+impl AdminRoutes for Routes {
+    fn route(&self, method: &Method, path: &str, _body: Bytes) -> Option<ResponseFuture> {
+        if method != Method::GET || path != "/status" {
+            return None;
+        }
+        let nodes: Vec<serde_json::Value> = pool_nodes(&self.cluster, None)
+            .into_iter()
+            .map(|r| {
+                serde_json::Value::Object(
+                    POOL_NODES_COLUMNS
+                        .iter()
+                        .zip(r)
+                        .filter(|(k, _)| **k != "load_balance_node")
+                        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                        .collect(),
+                )
+            })
+            .collect();
+        let body = serde_json::json!({ "primary": self.cluster.primary(), "nodes": nodes });
+        Some(Box::pin(async move { json(StatusCode::OK, &body) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_pool_nodes_spellings() {
+        assert!(is_show_pool_nodes("SHOW POOL_NODES"));
+        assert!(is_show_pool_nodes("  show   pool_nodes ;"));
+        assert!(!is_show_pool_nodes("show pool_nodes x"));
+        assert!(!is_show_pool_nodes("show search_path"));
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(timestamp(UNIX_EPOCH), "1970-01-01 00:00:00");
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        assert_eq!(timestamp(t), "2023-11-14 22:13:20");
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(951_782_400); // leap day
+        assert_eq!(timestamp(t), "2000-02-29 00:00:00");
+    }
+}

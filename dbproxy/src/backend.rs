@@ -1,0 +1,305 @@
+//! Framed sockets ([`Conn`]) and backend connections: connecting to a node, logging in with
+//! whatever method it asks for (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection
+//! bookkeeping a session needs (which prepared statements exist there, which SETs were applied).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::auth::Credentials;
+use crate::protocol::{self, auth as pauth, error as perror, status, Frame, ProtocolError};
+
+/// Why talking to a backend failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Connecting or logging in took too long.
+    #[error("timed out connecting to the server")]
+    Timeout,
+    /// The server broke the protocol.
+    #[error("{0}")]
+    Protocol(#[from] ProtocolError),
+    /// The server refused with this ErrorResponse (relayed to the client as is).
+    #[error("server refused the login")]
+    Refused(Frame),
+    /// The server asked for a password the proxy does not have, or a method it does not speak.
+    #[error("{0}")]
+    Auth(String),
+    /// The server closed the connection.
+    #[error("server closed the connection unexpectedly")]
+    Closed,
+}
+
+/// A socket with a read buffer and a write buffer, decoding whole frames.
+#[derive(Debug)]
+pub struct Conn {
+    /// The socket.
+    pub stream: TcpStream,
+    /// Bytes read but not yet decoded.
+    pub rbuf: BytesMut,
+    /// Bytes to write on the next [`Conn::flush`].
+    pub wbuf: BytesMut,
+    /// The largest frame accepted.
+    pub max: usize,
+}
+
+impl Conn {
+    /// Wraps a connected socket.
+    pub fn new(stream: TcpStream, max: usize) -> Conn {
+        let _ = stream.set_nodelay(true);
+        Conn {
+            stream,
+            rbuf: BytesMut::with_capacity(16 * 1024),
+            wbuf: BytesMut::with_capacity(16 * 1024),
+            max,
+        }
+    }
+
+    /// A frame already buffered, if any.
+    pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        protocol::decode(&mut self.rbuf, self.max)
+    }
+
+    /// Reads more bytes; 0 means end of stream. Cancel-safe.
+    pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+            self.rbuf.reserve(16 * 1024);
+        }
+        self.stream.read_buf(&mut self.rbuf).await
+    }
+
+    /// The next frame; `Ok(None)` at end of stream. Cancel-safe: bytes stay buffered.
+    pub async fn read_frame(&mut self) -> Result<Option<Frame>, BackendError> {
+        loop {
+            if let Some(f) = self.buffered()? {
+                return Ok(Some(f));
+            }
+            if self.fill().await? == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Writes everything in the write buffer.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.stream.write_all(&self.wbuf).await?;
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+}
+
+/// One logged-in connection to a node, owned by one session.
+#[derive(Debug)]
+pub struct Backend {
+    /// The framed socket.
+    pub conn: Conn,
+    /// Index of the node in the cluster.
+    pub node: usize,
+    /// The node's address, for cancel requests.
+    pub addr: SocketAddr,
+    /// The backend's BackendKeyData.
+    pub key: (i32, i32),
+    /// Named statements (and `""` for the unnamed one) that exist on this connection.
+    pub prepared: HashSet<String>,
+    /// Statements to close here before its next use (the client closed them elsewhere).
+    pub to_close: Vec<String>,
+    /// How many of the session's SET statements were applied here.
+    pub sets_applied: usize,
+    /// Responses of injected queries still to swallow, counted by their ReadyForQuery.
+    pub swallow_rfq: usize,
+    /// ParseComplete messages of injected Parses still to swallow.
+    pub swallow_parse: usize,
+    /// CloseComplete messages of injected Closes still to swallow.
+    pub swallow_close: usize,
+}
+
+/// What a successful login produced besides the connection.
+#[derive(Debug, Default)]
+pub struct Greeting {
+    /// ParameterStatus and NoticeResponse frames, to relay to the client.
+    pub frames: Vec<Frame>,
+}
+
+/// Connects to `host:port` and logs in with `params` as `user`; the whole exchange is bounded by
+/// `timeout`. The password (when the server asks for one) comes from `creds`.
+#[allow(clippy::too_many_arguments)] // each is a distinct input of one login; a struct would only rename them
+pub async fn connect(
+    node: usize,
+    host: &str,
+    port: u16,
+    params: &[(String, String)],
+    user: &str,
+    creds: Option<&Credentials>,
+    max: usize,
+    timeout: Duration,
+) -> Result<(Backend, Greeting), BackendError> {
+    tokio::time::timeout(timeout, connect_inner(node, host, port, params, user, creds, max))
+        .await
+        .map_err(|_| BackendError::Timeout)?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn connect_inner(
+    node: usize,
+    host: &str,
+    port: u16,
+    params: &[(String, String)],
+    user: &str,
+    creds: Option<&Credentials>,
+    max: usize,
+) -> Result<(Backend, Greeting), BackendError> {
+    let stream = TcpStream::connect((host, port)).await?;
+    let addr = stream.peer_addr()?;
+    let mut conn = Conn::new(stream, max);
+    protocol::startup::encode_startup(
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut conn.wbuf,
+    );
+    conn.flush().await?;
+    let mut scram: Option<ScramSha256> = None;
+    let mut greeting = Greeting::default();
+    let mut key = (0, 0);
+    loop {
+        let f = conn.read_frame().await?.ok_or(BackendError::Closed)?;
+        match f.tag() {
+            b'R' => {
+                let (code, data) = pauth::request(f.body())?;
+                match code {
+                    pauth::OK => {}
+                    pauth::CLEARTEXT => {
+                        let pw = plain(creds, user)?;
+                        pauth::encode_password(pw, &mut conn.wbuf);
+                    }
+                    pauth::MD5 => {
+                        let salt: [u8; 4] = data
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or(ProtocolError::Malformed("AuthenticationMD5Password"))?;
+                        let answer = match creds {
+                            Some(Credentials { plain: Some(p), .. }) => {
+                                postgres_protocol::authentication::md5_hash(
+                                    user.as_bytes(),
+                                    p.as_bytes(),
+                                    salt,
+                                )
+                            }
+                            Some(Credentials {
+                                md5: Some(secret), ..
+                            }) => md5_from_secret(secret, salt),
+                            _ => return Err(no_password(user)),
+                        };
+                        pauth::encode_password(&answer, &mut conn.wbuf);
+                    }
+                    pauth::SASL => {
+                        let mechs = pauth::sasl_mechanisms(data)?;
+                        if !mechs.contains(&"SCRAM-SHA-256") {
+                            return Err(BackendError::Auth(format!(
+                                "server offers no SASL mechanism dbproxy supports ({})",
+                                mechs.join(", ")
+                            )));
+                        }
+                        let pw = plain(creds, user)?;
+                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                        pauth::encode_sasl_initial("SCRAM-SHA-256", s.message(), &mut conn.wbuf);
+                        scram = Some(s);
+                    }
+                    pauth::SASL_CONTINUE => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("AuthenticationSASLContinue"))?;
+                        s.update(data)
+                            .map_err(|e| BackendError::Auth(format!("SCRAM exchange failed: {e}")))?;
+                        pauth::encode_sasl_response(s.message(), &mut conn.wbuf);
+                    }
+                    pauth::SASL_FINAL => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or(ProtocolError::Malformed("AuthenticationSASLFinal"))?;
+                        s.finish(data)
+                            .map_err(|e| BackendError::Auth(format!("server signature rejected: {e}")))?;
+                    }
+                    other => {
+                        return Err(BackendError::Auth(format!(
+                            "server asks for authentication method {other}, which dbproxy does not support"
+                        )))
+                    }
+                }
+                conn.flush().await?;
+            }
+            b'E' => return Err(BackendError::Refused(f)),
+            b'S' | b'N' => greeting.frames.push(f),
+            b'K' => key = status::backend_key(f.body())?,
+            b'Z' => {
+                return Ok((
+                    Backend {
+                        conn,
+                        node,
+                        addr,
+                        key,
+                        prepared: HashSet::new(),
+                        to_close: Vec::new(),
+                        sets_applied: 0,
+                        swallow_rfq: 0,
+                        swallow_parse: 0,
+                        swallow_close: 0,
+                    },
+                    greeting,
+                ))
+            }
+            _ => return Err(ProtocolError::Malformed("startup response").into()),
+        }
+    }
+}
+
+fn no_password(user: &str) -> BackendError {
+    BackendError::Auth(format!(
+        "the server asks for a password for user \"{user}\" and none is configured"
+    ))
+}
+
+fn plain<'a>(creds: Option<&'a Credentials>, user: &str) -> Result<&'a str, BackendError> {
+    creds
+        .and_then(|c| c.plain.as_deref())
+        .ok_or_else(|| no_password(user))
+}
+
+fn md5_from_secret(secret: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let mut h = Md5::new();
+    h.update(&secret.as_bytes()[3..]);
+    h.update(salt);
+    format!("md5{:x}", h.finalize())
+}
+
+/// Sends a CancelRequest for `(pid, key)` to `addr` (best effort, bounded by `timeout`).
+pub async fn cancel(addr: SocketAddr, pid: i32, key: i32, timeout: Duration) {
+    let attempt = async {
+        let mut s = TcpStream::connect(addr).await?;
+        let mut buf = BytesMut::with_capacity(16);
+        protocol::startup::encode_cancel(pid, key, &mut buf);
+        s.write_all(&buf).await?;
+        // PostgreSQL closes the connection once it has handled the request.
+        let mut sink = [0u8; 16];
+        let _ = s.read(&mut sink).await;
+        Ok::<_, std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(%addr, error = %e, "cannot send cancel request"),
+        Err(_) => tracing::warn!(%addr, "cancel request timed out"),
+    }
+}
+
+/// The SQLSTATE of an ErrorResponse frame.
+pub fn sqlstate(f: &Frame) -> Option<&str> {
+    perror::sqlstate(f.body())
+}

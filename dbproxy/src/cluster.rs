@@ -1,0 +1,431 @@
+//! The node table: each node's configured address and weight, and what the health checker last
+//! learned (role, health, WAL position, lag), plus standby selection. Selection does no I/O and
+//! locks are never held across an await.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use crate::config::{Config, NodeConfig};
+
+/// What a node says it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Accepts writes (`pg_is_in_recovery()` is false).
+    Primary,
+    /// In recovery, replaying the primary's WAL.
+    Standby,
+}
+
+impl Role {
+    /// The name pgpool shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Standby => "standby",
+        }
+    }
+}
+
+/// What the health checker last learned about a node.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// The role the node reported (or was assumed to have before the first check).
+    pub role: Role,
+    /// Whether the rise/fall thresholds consider it up.
+    pub healthy: bool,
+    /// Whether the last probe reached it.
+    pub reachable: bool,
+    /// Its WAL position: current on a primary, replayed on a standby.
+    pub lsn: Option<u64>,
+    /// Milliseconds since the last replayed transaction while WAL is pending (standbys).
+    pub lag_ms: u64,
+    /// pg_stat_replication.state on the primary for this node.
+    pub replication_state: String,
+    /// pg_stat_replication.sync_state on the primary for this node.
+    pub sync_state: String,
+    /// When `healthy` last changed.
+    pub last_change: SystemTime,
+}
+
+/// One configured node and its live status.
+#[derive(Debug)]
+pub struct Node {
+    /// Its config entry.
+    pub config: NodeConfig,
+    /// Live status.
+    pub status: Mutex<NodeStatus>,
+    /// Statements routed to it (pgpool's select_cnt counts reads; this counts reads too).
+    pub select_cnt: AtomicU64,
+    queries: [IntCounter; 2],
+    healthy_gauge: IntGauge,
+    lag_gauge: IntGauge,
+    primary_gauge: IntGauge,
+}
+
+impl Node {
+    /// Counts one statement run here in role `role`.
+    pub fn count_query(&self, role: Role) {
+        self.queries[role as usize].inc();
+    }
+}
+
+/// Routing decisions, counted by reason.
+#[derive(Debug, Clone, Copy)]
+pub enum Decision {
+    /// A sure read sent to a standby.
+    Standby,
+    /// A write or an unsure statement.
+    PrimaryWrite,
+    /// Inside an explicit transaction held by the primary.
+    PrimaryTransaction,
+    /// The session is pinned (temp tables, LISTEN, advisory locks, write stickiness).
+    PrimaryPinned,
+    /// No standby qualified.
+    PrimaryFallback,
+    /// A standby refused with 25006 and the statement was replayed on the primary.
+    Replay,
+}
+
+/// Process-wide metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Open client connections.
+    pub connections: IntGauge,
+    /// Accepted client connections.
+    pub connections_total: IntCounter,
+    decisions: [IntCounter; 6],
+    errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Counts a routing decision.
+    pub fn decision(&self, d: Decision) {
+        self.decisions[d as usize].inc();
+    }
+
+    /// Counts an error of `kind` (protocol, auth, backend, timeout, limit).
+    pub fn error(&self, kind: &str) {
+        self.errors.with_label_values(&[kind]).inc();
+    }
+}
+
+/// Every node plus selection state.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The nodes in config order (their index is pgpool's node_id).
+    pub nodes: Vec<Node>,
+    /// Metrics shared by sessions.
+    pub metrics: Metrics,
+    wrr: Mutex<Vec<i64>>,
+    max_lag_bytes: u64,
+    max_lag_ms: u64,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    if let Err(e) = r.register(Box::new(c.clone())) {
+        tracing::warn!(error = %e, "cannot register metric");
+    }
+    c
+}
+
+impl Cluster {
+    /// Builds the table from `config`: node 0 is assumed primary and the others standbys until
+    /// the first health check says otherwise; every node starts healthy.
+    pub fn new(config: &Config, registry: &Registry) -> Cluster {
+        let queries = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new("dbproxy_queries_total", "Statements routed, by node and role"),
+                &["node", "role"],
+            )
+            .expect("valid metric"),
+        );
+        let healthy = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new("dbproxy_node_healthy", "1 when the node is up"),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
+        let lag = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "dbproxy_node_lag_bytes",
+                    "WAL bytes a standby is behind the primary",
+                ),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
+        let primary = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new("dbproxy_node_primary", "1 when the node is the primary"),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
+        let decisions = register(
+            registry,
+            IntCounterVec::new(
+                Opts::new("dbproxy_routing_decisions_total", "Routing decisions by reason"),
+                &["decision"],
+            )
+            .expect("valid metric"),
+        );
+        let errors = register(
+            registry,
+            IntCounterVec::new(Opts::new("dbproxy_errors_total", "Errors by kind"), &["kind"])
+                .expect("valid metric"),
+        );
+        let connections = register(
+            registry,
+            IntGauge::new("dbproxy_connections", "Open client connections").expect("valid metric"),
+        );
+        let connections_total = register(
+            registry,
+            IntCounter::new("dbproxy_connections_total", "Accepted client connections")
+                .expect("valid metric"),
+        );
+        let nodes = config
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let role = if i == 0 { Role::Primary } else { Role::Standby };
+                let node = Node {
+                    config: n.clone(),
+                    status: Mutex::new(NodeStatus {
+                        role,
+                        healthy: true,
+                        reachable: true,
+                        lsn: None,
+                        lag_ms: 0,
+                        replication_state: String::new(),
+                        sync_state: String::new(),
+                        last_change: SystemTime::now(),
+                    }),
+                    select_cnt: AtomicU64::new(0),
+                    queries: [
+                        queries.with_label_values(&[&n.name, "primary"]),
+                        queries.with_label_values(&[&n.name, "standby"]),
+                    ],
+                    healthy_gauge: healthy.with_label_values(&[&n.name]),
+                    lag_gauge: lag.with_label_values(&[&n.name]),
+                    primary_gauge: primary.with_label_values(&[&n.name]),
+                };
+                node.healthy_gauge.set(1);
+                node.primary_gauge.set((role == Role::Primary) as i64);
+                node
+            })
+            .collect::<Vec<_>>();
+        let d = |name: &str| decisions.with_label_values(&[name]);
+        Cluster {
+            wrr: Mutex::new(vec![0; nodes.len()]),
+            nodes,
+            metrics: Metrics {
+                connections,
+                connections_total,
+                decisions: [
+                    d("standby"),
+                    d("primary_write"),
+                    d("primary_transaction"),
+                    d("primary_pinned"),
+                    d("primary_fallback"),
+                    d("replay_25006"),
+                ],
+                errors,
+            },
+            max_lag_bytes: config.routing.max_replica_lag_bytes,
+            max_lag_ms: config.routing.max_replica_lag_ms,
+        }
+    }
+
+    /// A copy of node `i`'s status.
+    pub fn status(&self, i: usize) -> NodeStatus {
+        self.nodes[i].status.lock().expect("status poisoned").clone()
+    }
+
+    /// Records what a probe of node `i` learned (healthy is the thresholded state).
+    pub fn update(&self, i: usize, f: impl FnOnce(&mut NodeStatus)) {
+        let node = &self.nodes[i];
+        let mut s = node.status.lock().expect("status poisoned");
+        let was = s.healthy;
+        f(&mut s);
+        if s.healthy != was {
+            s.last_change = SystemTime::now();
+        }
+        node.healthy_gauge.set(s.healthy as i64);
+        node.primary_gauge.set((s.role == Role::Primary) as i64);
+    }
+
+    /// The node writes go to: the first healthy primary, else the first primary, else node 0.
+    pub fn primary(&self) -> usize {
+        let mut first = None;
+        for (i, n) in self.nodes.iter().enumerate() {
+            let s = n.status.lock().expect("status poisoned");
+            if s.role == Role::Primary {
+                if s.healthy {
+                    return i;
+                }
+                first.get_or_insert(i);
+            }
+        }
+        first.unwrap_or(0)
+    }
+
+    /// How far standby `i` is behind the primary, in bytes, if both positions are known.
+    pub fn lag_bytes(&self, i: usize) -> Option<u64> {
+        let p = self.primary();
+        let primary_lsn = self.nodes[p].status.lock().expect("status poisoned").lsn?;
+        let s = self.nodes[i].status.lock().expect("status poisoned");
+        if s.role != Role::Standby {
+            return None;
+        }
+        Some(primary_lsn.saturating_sub(s.lsn?))
+    }
+
+    /// Whether standby `i` may take reads now: a healthy standby with weight, within the lag limits.
+    pub fn eligible(&self, i: usize) -> bool {
+        let n = &self.nodes[i];
+        if n.config.weight == 0 {
+            return false;
+        }
+        let (ok, lag_ms) = {
+            let s = n.status.lock().expect("status poisoned");
+            (s.healthy && s.role == Role::Standby, s.lag_ms)
+        };
+        if !ok || (self.max_lag_ms > 0 && lag_ms > self.max_lag_ms) {
+            return false;
+        }
+        if self.max_lag_bytes > 0 {
+            let lag = self.lag_bytes(i).unwrap_or(0);
+            n.lag_gauge.set(lag as i64);
+            if lag > self.max_lag_bytes {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Picks a standby for a new session connection by smooth weighted round robin among the
+    /// eligible ones; `None` when none qualifies.
+    pub fn pick_standby(&self) -> Option<usize> {
+        let candidates: Vec<(usize, u32)> = (0..self.nodes.len())
+            .filter(|&i| self.eligible(i))
+            .map(|i| (i, self.nodes[i].config.weight))
+            .collect();
+        let mut cur = self.wrr.lock().expect("wrr poisoned");
+        smooth_wrr(&mut cur, &candidates)
+    }
+
+    /// Sets the lag gauge of node `i`.
+    pub fn set_lag_gauge(&self, i: usize, lag: u64) {
+        self.nodes[i].lag_gauge.set(lag as i64);
+    }
+
+    /// Counts a statement routed to node `i`.
+    pub fn count(&self, i: usize, role: Role) {
+        let n = &self.nodes[i];
+        n.count_query(role);
+        n.select_cnt.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Smooth weighted round robin (nginx's): every candidate gains its weight, the largest wins and
+/// pays back the total. `current` holds one running value per node index.
+pub fn smooth_wrr(current: &mut [i64], candidates: &[(usize, u32)]) -> Option<usize> {
+    let total: i64 = candidates.iter().map(|&(_, w)| w as i64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut best: Option<usize> = None;
+    for &(i, w) in candidates {
+        current[i] += w as i64;
+        if best.is_none_or(|b| current[i] > current[b]) {
+            best = Some(i);
+        }
+    }
+    let b = best?;
+    current[b] -= total;
+    Some(b)
+}
+
+/// Parses an LSN (`16/B374D848`) into a byte position.
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_wrr_order() {
+        let mut cur = vec![0; 4];
+        let picks: Vec<usize> = (0..7)
+            .map(|_| smooth_wrr(&mut cur, &[(1, 5), (2, 1), (3, 1)]).unwrap())
+            .collect();
+        assert_eq!(picks, vec![1, 1, 2, 1, 3, 1, 1]);
+        assert_eq!(smooth_wrr(&mut cur, &[]), None);
+        assert_eq!(smooth_wrr(&mut cur, &[(1, 0)]), None);
+    }
+
+    #[test]
+    fn lsn() {
+        assert_eq!(parse_lsn("0/3000060"), Some(0x3000060));
+        assert_eq!(parse_lsn("16/B374D848"), Some((0x16 << 32) | 0xB374D848));
+        assert_eq!(parse_lsn("x"), None);
+    }
+
+    fn cluster(weights: &[u32]) -> Cluster {
+        let config = Config {
+            nodes: weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| NodeConfig {
+                    name: format!("n{i}"),
+                    weight: w,
+                    ..NodeConfig::default()
+                })
+                .collect(),
+            ..Config::default()
+        };
+        Cluster::new(&config, &Registry::new())
+    }
+
+    #[test]
+    fn eligibility_follows_health_weight_and_role() {
+        let c = cluster(&[1, 1, 0, 1]);
+        assert_eq!(c.primary(), 0);
+        assert!(!c.eligible(0), "the primary is not a standby");
+        assert!(c.eligible(1));
+        assert!(!c.eligible(2), "weight 0 is never balanced to");
+        c.update(3, |s| s.healthy = false);
+        let picks: Vec<_> = (0..3).map(|_| c.pick_standby()).collect();
+        assert_eq!(picks, vec![Some(1); 3]);
+        c.update(1, |s| s.healthy = false);
+        assert_eq!(c.pick_standby(), None);
+    }
+
+    #[test]
+    fn lag_limit_skips_a_standby() {
+        let mut config = Config {
+            nodes: vec![NodeConfig::default(), NodeConfig::default()],
+            ..Config::default()
+        };
+        config.routing.max_replica_lag_bytes = 100;
+        let c = Cluster::new(&config, &Registry::new());
+        c.update(0, |s| s.lsn = Some(1000));
+        c.update(1, |s| s.lsn = Some(950));
+        assert!(c.eligible(1));
+        c.update(1, |s| s.lsn = Some(800));
+        assert!(!c.eligible(1));
+    }
+}

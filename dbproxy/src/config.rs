@@ -1,0 +1,502 @@
+//! The `dbproxy` configuration: listeners, nodes, users, client authentication rules, health
+//! checks, routing and limits. Loaded through `common`'s layered loader; every rule serde cannot
+//! express is checked in [`Validate`](common::Validate) with the offending key named.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use common::ConfigError;
+use serde::{Deserialize, Serialize};
+
+/// The `dbproxy` configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the PostgreSQL listener binds.
+    pub listen: String,
+    /// Address the admin HTTP listener (`/metrics`, `/status`) binds.
+    pub admin_listen: String,
+    /// The PostgreSQL servers, in pgpool's backend order.
+    pub nodes: Vec<NodeConfig>,
+    /// Users clients may log in as, with their credentials.
+    pub users: Vec<UserConfig>,
+    /// Client authentication rules, first match wins (like pg_hba.conf). Empty means
+    /// SCRAM-SHA-256 for every user from anywhere.
+    pub hba: Vec<HbaRule>,
+    /// Node health checking.
+    pub health: HealthConfig,
+    /// Read/write routing.
+    pub routing: RoutingConfig,
+    /// Size and time limits.
+    pub limits: LimitsConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "0.0.0.0:9999".to_string(),
+            admin_listen: "127.0.0.1:9930".to_string(),
+            nodes: Vec::new(),
+            users: Vec::new(),
+            hba: Vec::new(),
+            health: HealthConfig::default(),
+            routing: RoutingConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+/// One PostgreSQL server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    /// A name for logs and metrics (defaults to `nodeN`).
+    pub name: String,
+    /// Host name or address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Load-balancing weight among standbys; 0 means never balanced to.
+    pub weight: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: String::new(),
+            host: "127.0.0.1".to_string(),
+            port: 5432,
+            weight: 1,
+        }
+    }
+}
+
+/// A user and where its password comes from. At most one source may be set; a user with none
+/// can only log in where an hba rule says `trust`, and only if the backends trust it too.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UserConfig {
+    /// The role name.
+    pub name: String,
+    /// The password in clear text.
+    pub password: Option<String>,
+    /// An environment variable holding the password.
+    pub password_env: Option<String>,
+    /// A file whose first line is the password.
+    pub password_file: Option<String>,
+    /// A stored secret: `SCRAM-SHA-256$...` (as in pg_authid) or `md5...`; lets clients log in
+    /// without the proxy knowing the password (an md5 secret also serves md5 backend logins).
+    pub secret: Option<String>,
+}
+
+/// A client authentication method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256 (the default).
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// MD5 password challenge.
+    #[serde(rename = "md5")]
+    Md5,
+    /// No password.
+    #[serde(rename = "trust")]
+    Trust,
+    /// Refuse the connection.
+    #[serde(rename = "reject")]
+    Reject,
+}
+
+/// One client authentication rule.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HbaRule {
+    /// The user it applies to, or `all`.
+    pub user: String,
+    /// The database it applies to, or `all`.
+    pub database: String,
+    /// The client network in CIDR notation (`10.0.0.0/8`, `::1/128`), or `all`.
+    pub network: String,
+    /// What to do with a matching connection.
+    pub method: AuthMethod,
+}
+
+impl Default for HbaRule {
+    fn default() -> Self {
+        HbaRule {
+            user: "all".to_string(),
+            database: "all".to_string(),
+            network: "all".to_string(),
+            method: AuthMethod::ScramSha256,
+        }
+    }
+}
+
+/// How node health is checked.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Seconds between checks.
+    pub period: f64,
+    /// Seconds one check may take (connect plus query).
+    pub timeout: f64,
+    /// Attempts after a failed one within a check.
+    pub max_retries: u32,
+    /// Seconds between those attempts.
+    pub retry_delay: f64,
+    /// Consecutive passing checks that bring a node up.
+    pub rise: u32,
+    /// Consecutive failing checks that take a node down.
+    pub fall: u32,
+    /// Role the checker logs in as.
+    pub user: String,
+    /// Its password (empty when the nodes trust it).
+    pub password: String,
+    /// Database the checker connects to.
+    pub database: String,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            period: 2.0,
+            timeout: 2.0,
+            max_retries: 1,
+            retry_delay: 0.5,
+            rise: 2,
+            fall: 2,
+            user: "postgres".to_string(),
+            password: String::new(),
+            database: "postgres".to_string(),
+        }
+    }
+}
+
+/// When reads stop being balanced after a write (pgpool's `disable_load_balance_on_write`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WriteStickiness {
+    /// Explicit transactions run wholly on the primary; reads outside them are balanced.
+    Transaction,
+    /// After a session's first write, everything of that session goes to the primary.
+    Always,
+    /// Like `transaction`: an explicit transaction cannot be split over two servers anyway.
+    Off,
+}
+
+/// Read/write routing.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Send sure reads to standbys (pgpool's `load_balance_mode`).
+    pub load_balance: bool,
+    /// What a write does to later reads of the session.
+    pub disable_load_balance_on_write: WriteStickiness,
+    /// A standby further behind the primary than this many bytes of WAL gets no reads (0 = no limit).
+    pub max_replica_lag_bytes: u64,
+    /// A standby whose last replayed transaction is older than this many milliseconds while it
+    /// still has WAL to replay gets no reads (0 = no limit).
+    pub max_replica_lag_ms: u64,
+    /// When no standby qualifies, run reads on the primary instead of failing.
+    pub fallback_to_primary: bool,
+    /// Milliseconds after a session's write during which its reads go to the primary (0 = off).
+    pub read_your_writes: u64,
+    /// Functions known not to write, so statements calling them may go to a standby.
+    pub read_only_functions: Vec<String>,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            load_balance: true,
+            disable_load_balance_on_write: WriteStickiness::Transaction,
+            max_replica_lag_bytes: 0,
+            max_replica_lag_ms: 0,
+            fallback_to_primary: true,
+            read_your_writes: 0,
+            read_only_functions: Vec::new(),
+        }
+    }
+}
+
+/// Size and time limits.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// The largest message accepted from a client or a backend, in bytes.
+    pub max_message_size: usize,
+    /// Seconds a client has to finish startup and authentication.
+    pub startup_timeout: f64,
+    /// Seconds to connect to and log into a backend.
+    pub connect_timeout: f64,
+    /// Client connections served at once; more are refused with 53300.
+    pub max_connections: usize,
+    /// Seconds an idle client (outside a transaction) may stay silent (0 = forever).
+    pub client_idle_timeout: f64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: 64 * 1024 * 1024,
+            startup_timeout: 10.0,
+            connect_timeout: 5.0,
+            max_connections: 1000,
+            client_idle_timeout: 0.0,
+        }
+    }
+}
+
+/// Seconds as a [`Duration`] (the value was validated finite and non-negative).
+pub fn secs(v: f64) -> Duration {
+    Duration::from_secs_f64(v.max(0.0))
+}
+
+/// An IP network parsed from CIDR notation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    /// Parses `all`, an address, or `address/prefix`.
+    pub fn parse(s: &str) -> Option<Network> {
+        if s == "all" {
+            return Some(Network {
+                addr: IpAddr::from([0u8; 16]),
+                prefix: 0,
+            });
+        }
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max)?,
+            None => max,
+        };
+        Some(Network { addr, prefix })
+    }
+
+    /// Whether `ip` lies in this network (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        if self.prefix == 0 {
+            return true;
+        }
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX << (32 - self.prefix as u32);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX << (128 - self.prefix as u32);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn check_secs(key: &str, v: f64, positive: bool) -> Result<(), ConfigError> {
+    if !v.is_finite() || v < 0.0 || (positive && v == 0.0) || v > 86400.0 {
+        return Err(ConfigError::invalid(
+            key,
+            format!(
+                "`{v}` is not a number of seconds between 0 and 86400{}",
+                if positive { " (exclusive)" } else { "" }
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl common::Validate for Config {
+    fn validate(mut self) -> Result<Self, ConfigError> {
+        if self.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "listen",
+                format!("`{}` is not an address:port", self.listen),
+            ));
+        }
+        if self.admin_listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "admin_listen",
+                format!("`{}` is not an address:port", self.admin_listen),
+            ));
+        }
+        if self.nodes.is_empty() {
+            return Err(ConfigError::invalid("nodes", "at least one node is required"));
+        }
+        for (i, n) in self.nodes.iter_mut().enumerate() {
+            if n.name.is_empty() {
+                n.name = format!("node{i}");
+            }
+            if n.host.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("nodes.{i}.host"),
+                    "must not be empty",
+                ));
+            }
+            if n.port == 0 {
+                return Err(ConfigError::invalid(format!("nodes.{i}.port"), "must not be 0"));
+            }
+        }
+        for (i, u) in self.users.iter().enumerate() {
+            if u.name.is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("users.{i}.name"),
+                    "must not be empty",
+                ));
+            }
+            let sources = [&u.password, &u.password_env, &u.password_file, &u.secret]
+                .iter()
+                .filter(|s| s.is_some())
+                .count();
+            if sources > 1 {
+                return Err(ConfigError::invalid(
+                    format!("users.{i}"),
+                    "set only one of password, password_env, password_file, secret",
+                ));
+            }
+            if let Some(s) = &u.secret {
+                if crate::auth::ScramSecret::parse(s).is_none() && !crate::auth::is_md5_secret(s) {
+                    return Err(ConfigError::invalid(
+                        format!("users.{i}.secret"),
+                        "is neither a SCRAM-SHA-256$... nor an md5... secret",
+                    ));
+                }
+            }
+        }
+        for (i, r) in self.hba.iter().enumerate() {
+            if Network::parse(&r.network).is_none() {
+                return Err(ConfigError::invalid(
+                    format!("hba.{i}.network"),
+                    format!("`{}` is not `all` or an address/prefix", r.network),
+                ));
+            }
+        }
+        let h = &self.health;
+        check_secs("health.period", h.period, true)?;
+        check_secs("health.timeout", h.timeout, true)?;
+        check_secs("health.retry_delay", h.retry_delay, false)?;
+        if h.rise == 0 {
+            return Err(ConfigError::invalid("health.rise", "must be at least 1"));
+        }
+        if h.fall == 0 {
+            return Err(ConfigError::invalid("health.fall", "must be at least 1"));
+        }
+        let l = &self.limits;
+        if l.max_message_size < 1024 || l.max_message_size > 1 << 30 {
+            return Err(ConfigError::invalid(
+                "limits.max_message_size",
+                "must be between 1024 and 1073741824 bytes",
+            ));
+        }
+        check_secs("limits.startup_timeout", l.startup_timeout, true)?;
+        check_secs("limits.connect_timeout", l.connect_timeout, true)?;
+        check_secs("limits.client_idle_timeout", l.client_idle_timeout, false)?;
+        if l.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "limits.max_connections",
+                "must be at least 1",
+            ));
+        }
+        Ok(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::Validate;
+
+    fn base() -> Config {
+        Config {
+            nodes: vec![NodeConfig::default()],
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn defaults_validate_and_name_nodes() {
+        let c = base().validate().unwrap();
+        assert_eq!(c.nodes[0].name, "node0");
+        assert_eq!(c.listen, "0.0.0.0:9999");
+        assert_eq!(c.admin_listen, "127.0.0.1:9930");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let mut c = base();
+        c.health.period = 0.0;
+        assert!(c.validate().unwrap_err().to_string().contains("health.period"));
+        let mut c = base();
+        c.hba.push(HbaRule {
+            network: "10.0.0.0/33".into(),
+            ..HbaRule::default()
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("hba.0.network"));
+        let mut c = base();
+        c.users.push(UserConfig {
+            name: "a".into(),
+            password: Some("x".into()),
+            password_env: Some("X".into()),
+            ..UserConfig::default()
+        });
+        assert!(c.validate().unwrap_err().to_string().contains("users.0"));
+        assert!(Config::default()
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("nodes"));
+    }
+
+    #[test]
+    fn toml_with_every_section() {
+        let text = r#"
+            listen = "127.0.0.1:6000"
+            [[nodes]]
+            host = "db1"
+            port = 5433
+            weight = 0
+            [[users]]
+            name = "app"
+            password_env = "APP_PW"
+            [[hba]]
+            user = "app"
+            network = "10.0.0.0/8"
+            method = "md5"
+            [routing]
+            disable_load_balance_on_write = "always"
+            [limits]
+            startup_timeout = 0.5
+        "#;
+        let c: Config = toml::from_str(text).unwrap();
+        let c = c.validate().unwrap();
+        assert_eq!(c.hba[0].method, AuthMethod::Md5);
+        assert_eq!(c.routing.disable_load_balance_on_write, WriteStickiness::Always);
+        assert!(toml::from_str::<Config>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn networks() {
+        let n = Network::parse("10.1.0.0/16").unwrap();
+        assert!(n.contains("10.1.2.3".parse().unwrap()));
+        assert!(!n.contains("10.2.0.1".parse().unwrap()));
+        assert!(n.contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(Network::parse("all").unwrap().contains("::1".parse().unwrap()));
+        assert!(Network::parse("::1/128")
+            .unwrap()
+            .contains("::1".parse().unwrap()));
+        assert!(Network::parse("127.0.0.1")
+            .unwrap()
+            .contains("127.0.0.1".parse().unwrap()));
+        assert!(Network::parse("x/8").is_none());
+    }
+}

@@ -1,0 +1,197 @@
+//! One checker task per node: connect with tokio-postgres, ask the node's role, WAL position and
+//! replay delay, and feed pass/fail to a `common::HealthState`, which alone decides when the node
+//! flips. A node that is down keeps being checked, so it comes back once it answers again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{HealthState, Shutdown, Thresholds, Transition};
+use tokio_postgres::NoTls;
+
+use crate::cluster::{parse_lsn, Cluster, Role};
+use crate::config::{secs, HealthConfig};
+
+/// Why one probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Connecting or querying failed.
+    #[error("{0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    /// The probe took longer than the timeout.
+    #[error("timed out")]
+    Timeout,
+    /// The node answered something unexpected.
+    #[error("unexpected answer: {0}")]
+    Unexpected(String),
+}
+
+/// What one successful probe learned.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The node's role.
+    pub role: Role,
+    /// Current WAL position (primary) or replay position (standby).
+    pub lsn: Option<u64>,
+    /// Replay delay in milliseconds while WAL is pending (0 on a primary or a caught-up standby).
+    pub lag_ms: u64,
+    /// For a primary: (application_name, state, sync_state) of each streaming standby.
+    pub replication: Vec<(String, String, String)>,
+}
+
+const PROBE_SQL: &str = "select pg_is_in_recovery(), \
+    (case when pg_is_in_recovery() then pg_last_wal_replay_lsn() else pg_current_wal_lsn() end)::text, \
+    coalesce((case when not pg_is_in_recovery() \
+        or pg_last_wal_receive_lsn() is not distinct from pg_last_wal_replay_lsn() then 0 \
+        else extract(epoch from now() - pg_last_xact_replay_timestamp()) * 1000 end)::bigint, 0)";
+
+/// A checker's connection, kept between probes so a healthy node costs one query per period.
+struct Checker {
+    conn_string: String,
+    client: Option<tokio_postgres::Client>,
+}
+
+impl Checker {
+    async fn probe(&mut self) -> Result<Probe, ProbeError> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            let (client, conn) = tokio_postgres::connect(&self.conn_string, NoTls).await?;
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            self.client = Some(client);
+        }
+        let client = self.client.as_ref().expect("connected above");
+        let row = client.query_one(PROBE_SQL, &[]).await?;
+        let in_recovery: bool = row.get(0);
+        let lsn: Option<String> = row.get(1);
+        let lag_ms: i64 = row.get(2);
+        let role = if in_recovery { Role::Standby } else { Role::Primary };
+        let mut replication = Vec::new();
+        if role == Role::Primary {
+            for r in client
+                .query(
+                    "select application_name, coalesce(state, ''), coalesce(sync_state, '') from pg_stat_replication",
+                    &[],
+                )
+                .await?
+            {
+                replication.push((r.get(0), r.get(1), r.get(2)));
+            }
+        }
+        Ok(Probe {
+            role,
+            lsn: lsn.as_deref().and_then(parse_lsn),
+            lag_ms: lag_ms.max(0) as u64,
+            replication,
+        })
+    }
+}
+
+/// Runs the checker of node `i` until `shutdown`.
+pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown: Shutdown) {
+    let node = &cluster.nodes[i].config;
+    let mut conn_string = format!(
+        "host={} port={} user={} dbname={} application_name=dbproxy-health connect_timeout={}",
+        node.host,
+        node.port,
+        quote(&config.user),
+        quote(&config.database),
+        config.timeout.ceil().max(1.0) as u64
+    );
+    if !config.password.is_empty() {
+        conn_string.push_str(&format!(" password={}", quote(&config.password)));
+    }
+    let mut checker = Checker {
+        conn_string,
+        client: None,
+    };
+    let mut state = HealthState::new(
+        Thresholds {
+            rise: config.rise,
+            fall: config.fall,
+        },
+        true,
+    );
+    let timeout = secs(config.timeout);
+    let mut ticker = tokio::time::interval(secs(config.period));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let mut result = Err(ProbeError::Timeout);
+        for attempt in 0..=config.max_retries {
+            if attempt > 0 {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(secs(config.retry_delay)) => {}
+                }
+            }
+            result = match tokio::time::timeout(timeout, checker.probe()).await {
+                Ok(r) => r,
+                Err(_) => Err(ProbeError::Timeout),
+            };
+            if result.is_ok() {
+                break;
+            }
+            // A failed or timed-out probe may leave a half-dead connection behind.
+            checker.client = None;
+        }
+        let name = &cluster.nodes[i].config.name;
+        let transition = state.observe(result.is_ok());
+        match &transition {
+            Some(Transition::Up) => tracing::info!(node = %name, "node is up"),
+            Some(Transition::Down) => tracing::warn!(node = %name, "node is down"),
+            None => {}
+        }
+        let healthy = state.is_healthy();
+        match result {
+            Ok(p) => {
+                cluster.update(i, |s| {
+                    s.role = p.role;
+                    s.healthy = healthy;
+                    s.reachable = true;
+                    s.lsn = p.lsn;
+                    s.lag_ms = p.lag_ms;
+                });
+                if p.role == Role::Primary {
+                    for (j, n) in cluster.nodes.iter().enumerate() {
+                        if j == i {
+                            continue;
+                        }
+                        let rep = p.replication.iter().find(|(app, _, _)| *app == n.config.name);
+                        cluster.update(j, |s| match rep {
+                            Some((_, state, sync)) => {
+                                s.replication_state = state.clone();
+                                s.sync_state = sync.clone();
+                            }
+                            None => {
+                                s.replication_state.clear();
+                                s.sync_state.clear();
+                            }
+                        });
+                    }
+                } else if let Some(lag) = cluster.lag_bytes(i) {
+                    cluster.set_lag_gauge(i, lag);
+                }
+            }
+            Err(e) => {
+                tracing::debug!(node = %name, error = %e, "health probe failed");
+                cluster.update(i, |s| {
+                    s.healthy = healthy;
+                    s.reachable = false;
+                });
+            }
+        }
+    }
+}
+
+/// Quotes a libpq key/value connection string value.
+fn quote(v: &str) -> String {
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+/// How long one health probe may take in total.
+pub fn probe_budget(config: &HealthConfig) -> Duration {
+    secs(config.timeout) * (config.max_retries + 1) + secs(config.retry_delay) * config.max_retries
+}

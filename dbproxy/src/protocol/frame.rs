@@ -1,0 +1,98 @@
+//! Framing of regular (tagged) messages in both directions: one type byte, an i32 length that
+//! counts itself, then the body. A frame keeps its raw bytes so relaying it is a plain copy.
+
+use bytes::{Bytes, BytesMut};
+
+use super::ProtocolError;
+
+/// One complete message, header included.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    raw: Bytes,
+}
+
+impl Frame {
+    /// Wraps raw bytes that [`decode`] produced (or a caller encoded).
+    pub fn from_raw(raw: Bytes) -> Frame {
+        Frame { raw }
+    }
+
+    /// The type byte.
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    /// The body after the length.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+
+    /// The whole message as it goes on the wire.
+    pub fn raw(&self) -> &Bytes {
+        &self.raw
+    }
+}
+
+/// Takes one complete message off the front of `buf`; `Ok(None)` means more bytes are needed.
+/// A length over `max` is refused before any of the body is buffered, so a peer cannot make the
+/// proxy allocate what it announces.
+pub fn decode(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, ProtocolError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(ProtocolError::BadLength(len as i64));
+    }
+    let total = len as usize + 1;
+    if total > max {
+        return Err(ProtocolError::TooLarge {
+            len: len as usize,
+            max,
+        });
+    }
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(Frame {
+        raw: buf.split_to(total).freeze(),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whole_partial_and_back_to_back_frames() {
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x08abc\0Z\0\0\0\x05I"[..]);
+        let f = decode(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(f.tag(), b'Q');
+        assert_eq!(f.body(), b"abc\0");
+        let f = decode(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!((f.tag(), f.body()), (b'Z', &b"I"[..]));
+        assert!(buf.is_empty());
+        let mut part = BytesMut::from(&b"Q\0\0"[..]);
+        assert_eq!(decode(&mut part, 1024).unwrap(), None);
+        part.extend_from_slice(b"\0\x08ab");
+        assert_eq!(decode(&mut part, 1024).unwrap(), None);
+        part.extend_from_slice(b"c\0");
+        assert!(decode(&mut part, 1024).unwrap().is_some());
+    }
+
+    #[test]
+    fn bad_and_oversized_lengths_are_refused() {
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x03"[..]);
+        assert_eq!(decode(&mut buf, 1024), Err(ProtocolError::BadLength(3)));
+        let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
+        assert_eq!(decode(&mut buf, 1024), Err(ProtocolError::BadLength(-1)));
+        let mut buf = BytesMut::from(&b"Q\x7f\xff\xff\xff"[..]);
+        assert!(matches!(
+            decode(&mut buf, 1024),
+            Err(ProtocolError::TooLarge { .. })
+        ));
+        // Nothing of the announced size was reserved.
+        assert!(buf.capacity() < 1024);
+    }
+}

@@ -1,0 +1,132 @@
+//! The accept loop: one task per client, a cap on concurrent clients, health checkers and the
+//! admin listener alongside, and the single shutdown path (stop accepting, drain with a deadline).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use common::Shutdown;
+use prometheus::Registry;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, Hba};
+use crate::classify::Classifier;
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::session::{self, Shared};
+
+/// How long sessions get to finish after shutdown is requested.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Why the proxy could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// A configured password source could not be read.
+    #[error("{0}")]
+    Credentials(#[from] auth::AuthError),
+    /// A listener could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// Runs dbproxy on `listener`, binding the admin listener from the config, until `shutdown`.
+pub async fn run(listener: TcpListener, config: Config, shutdown: Shutdown) -> Result<(), RunError> {
+    let admin = TcpListener::bind(&config.admin_listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.admin_listen.clone(),
+            source,
+        })?;
+    run_with_admin(listener, Some(admin), config, shutdown).await
+}
+
+/// Runs dbproxy on `listener` with the admin API on `admin` (none when `None`) until `shutdown`.
+pub async fn run_with_admin(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<(), RunError> {
+    let registry = Registry::new();
+    let cluster = Arc::new(Cluster::new(&config, &registry));
+    let shared = Arc::new(Shared {
+        users: auth::resolve_users(&config.users)?,
+        hba: Hba::new(&config.hba),
+        classifier: Classifier::new(&config.routing.read_only_functions),
+        cluster: cluster.clone(),
+        cancels: Mutex::new(HashMap::new()),
+        config,
+    });
+    let tasks = TaskTracker::new();
+    for i in 0..cluster.nodes.len() {
+        tasks.spawn(crate::health::run(
+            cluster.clone(),
+            i,
+            shared.config.health.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(admin) = admin {
+        let routes = Arc::new(crate::admin::Routes {
+            cluster: cluster.clone(),
+        });
+        tasks.spawn(common::admin::serve(admin, registry, routes, shutdown.clone()));
+    }
+    let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let sessions = TaskTracker::new();
+    tracing::info!(addr = ?listener.local_addr().ok(), "dbproxy listening");
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving the connections we have.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                    }
+                }
+            },
+        };
+        cluster.metrics.connections_total.inc();
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            cluster.metrics.error("limit");
+            sessions.spawn(refuse(stream));
+            continue;
+        };
+        let shared = shared.clone();
+        sessions.spawn(async move {
+            session::serve(stream, peer, shared).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    sessions.close();
+    if tokio::time::timeout(DRAIN_DEADLINE, sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("sessions still open at the drain deadline; closing them");
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}
+
+/// Tells a client over the connection limit so, as PostgreSQL does.
+async fn refuse(mut stream: tokio::net::TcpStream) {
+    let mut buf = BytesMut::new();
+    crate::protocol::error::encode_error("FATAL", "53300", "sorry, too many clients already", &mut buf);
+    let _ = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&buf)).await;
+}

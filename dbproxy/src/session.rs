@@ -1,0 +1,1012 @@
+//! One client session: startup and authentication, then the relay loop that routes each simple
+//! query or extended-protocol batch (everything up to Sync or Flush) to the primary or to a lazily
+//! opened standby connection, and streams the response back.
+//!
+//! The status byte of each ReadyForQuery is the truth about transactions. A new request is routed
+//! only once the previous one has been answered, so responses can never be reordered across
+//! backends; the messages of one extended batch always go to one backend.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BufMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::auth::{self, AuthError, Credentials, Hba, ScramServer};
+use crate::backend::{self, Backend, BackendError, Conn};
+use crate::classify::{Classifier, Target, TxCommand};
+use crate::cluster::{Cluster, Decision, Role};
+use crate::config::{secs, AuthMethod, Config, WriteStickiness};
+use crate::protocol::{self, auth as pauth, error as perror, extended, simple, status, Frame, Startup};
+
+/// Where a session's current request runs.
+type CancelSlot = Mutex<Option<(SocketAddr, i32, i32)>>;
+
+/// State every session shares.
+pub struct Shared {
+    /// The configuration.
+    pub config: Config,
+    /// Resolved credentials by user name.
+    pub users: HashMap<String, Credentials>,
+    /// Client authentication rules.
+    pub hba: Hba,
+    /// The node table.
+    pub cluster: Arc<Cluster>,
+    /// The statement classifier.
+    pub classifier: Classifier,
+    /// Proxy BackendKeyData → the backend currently running that session's request.
+    pub cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+}
+
+/// Why a session ends (already reported to the client where that makes sense).
+#[derive(Debug)]
+struct End;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Which {
+    Primary,
+    Standby,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// A Query, Sync or FunctionCall: the cycle ends with ReadyForQuery.
+    Sync,
+    /// A Flush: the backend answers what it has, the batch goes on.
+    Flush,
+}
+
+/// Where a request stands with COPY FROM STDIN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Copy {
+    /// No COPY FROM STDIN.
+    Off,
+    /// The backend sent CopyInResponse: CopyData flows from the client.
+    In,
+    /// The client sent CopyDone or CopyFail; only a Sync or Flush of the same request may follow.
+    Done,
+}
+
+/// A client's prepared statement, remembered so it can be prepared on any backend.
+#[derive(Debug)]
+struct Stmt {
+    /// The client's Parse message, replayed as is.
+    parse: Frame,
+    /// The statement surely only reads.
+    read_only: bool,
+    /// It changes session settings (its text is applied to the other connection).
+    session_set: bool,
+}
+
+/// Caps the number of remembered SET statements; past it the session stays on the primary.
+const MAX_SETS: usize = 256;
+
+/// Serves one client connection until it ends.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let max = shared.config.limits.max_message_size;
+    let mut client = Conn::new(stream, max);
+    let limit = secs(shared.config.limits.startup_timeout);
+    let started = tokio::time::timeout(limit, startup(&mut client, peer.ip(), &shared)).await;
+    let login = match started {
+        Ok(Ok(Some(l))) => l,
+        Ok(_) => return,
+        Err(_) => {
+            shared.cluster.metrics.error("timeout");
+            fatal(&mut client, "57014", "canceling authentication due to timeout").await;
+            return;
+        }
+    };
+    Session::new(shared, client, login).run().await;
+}
+
+/// Appends a FATAL error and writes everything pending, bounded in time.
+async fn fatal(client: &mut Conn, code: &str, message: &str) {
+    perror::encode_error("FATAL", code, message, &mut client.wbuf);
+    let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+}
+
+/// Reads the client's next message during authentication; it must be a `p` message.
+async fn read_password(client: &mut Conn) -> Result<Option<Frame>, End> {
+    match client.read_frame().await {
+        Ok(Some(f)) if f.tag() == b'p' => Ok(Some(f)),
+        Ok(Some(f)) => {
+            let msg = format!("expected password response, got message type {}", f.tag());
+            fatal(client, "08P01", &msg).await;
+            Err(End)
+        }
+        Ok(None) => Ok(None),
+        Err(BackendError::Protocol(e)) => {
+            fatal(client, e.sqlstate(), &e.to_string()).await;
+            Err(End)
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Startup and authentication; `Ok(None)` when the connection ended without a session (a
+/// cancel request, a client that left, or an error already sent).
+async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
+    let metrics = &shared.cluster.metrics;
+    let params = loop {
+        match protocol::decode_startup(&mut client.rbuf) {
+            Err(e) => {
+                metrics.error("protocol");
+                fatal(client, e.sqlstate(), &e.to_string()).await;
+                return Err(End);
+            }
+            Ok(Some(Startup::Ssl | Startup::GssEnc)) => {
+                // No TLS yet: refuse encryption; a libpq client then carries on in clear text.
+                client.stream.write_all(b"N").await.map_err(|_| End)?;
+            }
+            Ok(Some(Startup::Cancel { pid, key })) => {
+                let slot = shared
+                    .cancels
+                    .lock()
+                    .expect("cancels poisoned")
+                    .get(&(pid, key))
+                    .cloned();
+                let target = slot.and_then(|s| *s.lock().expect("slot poisoned"));
+                if let Some((addr, bpid, bkey)) = target {
+                    backend::cancel(addr, bpid, bkey, secs(shared.config.limits.connect_timeout)).await;
+                }
+                return Ok(None);
+            }
+            Ok(Some(Startup::Params(p))) => break p,
+            Ok(None) => match client.fill().await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            },
+        }
+    };
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(user) = get("user").filter(|u| !u.is_empty()).map(str::to_string) else {
+        fatal(
+            client,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return Err(End);
+    };
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let creds = shared.users.get(&user);
+    let method = match shared.hba.method(&user, &database, ip) {
+        Some(m) => m,
+        None => {
+            metrics.error("auth");
+            let msg = format!(
+                "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+            );
+            fatal(client, "28000", &msg).await;
+            return Err(End);
+        }
+    };
+    let failed = |user: &str| AuthError::Failed(user.to_string());
+    let outcome: Result<(), AuthError> = match method {
+        AuthMethod::Reject => {
+            metrics.error("auth");
+            let msg = format!(
+                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+            );
+            fatal(client, "28000", &msg).await;
+            return Err(End);
+        }
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 if creds.is_some_and(|c| c.md5.is_some()) => {
+            let secret = creds.and_then(|c| c.md5.as_deref()).expect("checked above");
+            let salt: [u8; 4] = rand::random();
+            pauth::encode_request(pauth::MD5, &salt, &mut client.wbuf);
+            client.flush().await.map_err(|_| End)?;
+            let Some(f) = read_password(client).await? else {
+                return Ok(None);
+            };
+            match pauth::password(f.body()) {
+                Ok(answer) if auth::md5_ok(secret, salt, answer) => Ok(()),
+                Ok(_) => Err(failed(&user)),
+                Err(_) => Err(AuthError::MalformedScram),
+            }
+        }
+        // md5 with only a SCRAM verifier upgrades to SCRAM, as PostgreSQL does.
+        AuthMethod::Md5 | AuthMethod::ScramSha256 => match creds.and_then(|c| c.scram.clone()) {
+            None => Err(failed(&user)),
+            Some(secret) => scram(client, secret, &user).await?,
+        },
+    };
+    if let Err(e) = outcome {
+        metrics.error("auth");
+        // Never log the password or the exchange, only that it failed.
+        tracing::info!(%user, %ip, "authentication failed");
+        fatal(client, e.sqlstate(), &e.to_string()).await;
+        return Err(End);
+    }
+    // Open the primary connection now, so that a missing database or role surfaces at login with
+    // PostgreSQL's own error.
+    let cluster = &shared.cluster;
+    let p = cluster.primary();
+    let node = &cluster.nodes[p].config;
+    let limits = &shared.config.limits;
+    let connected = backend::connect(
+        p,
+        &node.host,
+        node.port,
+        &params,
+        &user,
+        creds,
+        limits.max_message_size,
+        secs(limits.connect_timeout),
+    )
+    .await;
+    let (primary, greeting) = match connected {
+        Ok(x) => x,
+        Err(e) => {
+            metrics.error("backend");
+            report_backend_error(client, &user, e).await;
+            return Err(End);
+        }
+    };
+    pauth::encode_request(pauth::OK, &[], &mut client.wbuf);
+    for f in &greeting.frames {
+        client.wbuf.put_slice(f.raw());
+    }
+    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    status::encode_backend_key(key.0, key.1, &mut client.wbuf);
+    status::encode_ready(b'I', &mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let cancel = Arc::new(Mutex::new(None));
+    shared
+        .cancels
+        .lock()
+        .expect("cancels poisoned")
+        .insert(key, cancel.clone());
+    cluster.metrics.connections.inc();
+    Ok(Some(Login {
+        user,
+        params,
+        primary,
+        cancel,
+        key,
+    }))
+}
+
+/// What a successful startup hands to the session.
+struct Login {
+    user: String,
+    params: Vec<(String, String)>,
+    primary: Backend,
+    cancel: Arc<CancelSlot>,
+    key: (i32, i32),
+}
+
+/// Relays a failed backend login to the client the way PostgreSQL would have reported it.
+async fn report_backend_error(client: &mut Conn, user: &str, e: BackendError) {
+    match e {
+        BackendError::Refused(f) => {
+            client.wbuf.put_slice(f.raw());
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        }
+        BackendError::Auth(msg) => {
+            tracing::warn!(%user, reason = %msg, "backend login failed");
+            fatal(
+                client,
+                "28P01",
+                &format!("password authentication failed for user \"{user}\""),
+            )
+            .await;
+        }
+        other => {
+            tracing::warn!(error = %other, "cannot connect to the primary");
+            fatal(
+                client,
+                "08006",
+                &format!("could not connect to the primary server: {other}"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Runs a SCRAM-SHA-256 exchange with the client.
+async fn scram(
+    client: &mut Conn,
+    secret: auth::ScramSecret,
+    user: &str,
+) -> Result<Result<(), AuthError>, End> {
+    pauth::encode_sasl_offer(&mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let Some(f) = read_password(client).await? else {
+        return Err(End);
+    };
+    let Ok((mech, data)) = pauth::sasl_initial(f.body()) else {
+        return Ok(Err(AuthError::MalformedScram));
+    };
+    let (server, first) = match ScramServer::start(secret, mech, data) {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e)),
+    };
+    pauth::encode_request(pauth::SASL_CONTINUE, first.as_bytes(), &mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let Some(f) = read_password(client).await? else {
+        return Err(End);
+    };
+    match server.finish(user, f.body()) {
+        Ok(fin) => {
+            pauth::encode_request(pauth::SASL_FINAL, fin.as_bytes(), &mut client.wbuf);
+            Ok(Ok(()))
+        }
+        Err(e) => Ok(Err(e)),
+    }
+}
+
+/// A logged-in client and its backend connections.
+struct Session {
+    shared: Arc<Shared>,
+    client: Conn,
+    user: String,
+    params: Vec<(String, String)>,
+    primary: Backend,
+    standby: Option<Backend>,
+    /// Transaction status from the last ReadyForQuery.
+    tx: u8,
+    /// The open transaction runs on the standby (BEGIN READ ONLY).
+    tx_on_standby: bool,
+    /// Temporary tables, LISTEN, advisory locks or too many SETs keep the session on the primary.
+    pinned: bool,
+    /// The session has written (for `disable_load_balance_on_write = always`).
+    wrote: bool,
+    /// When it last wrote (for read-your-writes).
+    last_write: Option<Instant>,
+    stmts: HashMap<String, Stmt>,
+    /// Session-level SET statements in order, applied to each backend before its next use.
+    sets: Vec<String>,
+    /// Extended-protocol messages waiting for Sync or Flush.
+    batch: Vec<Frame>,
+    /// Every statement of `batch` surely only reads.
+    batch_ok: bool,
+    /// The backend holding an unfinished cycle (until ReadyForQuery).
+    cur: Option<Which>,
+    /// A Query or Sync was sent and its ReadyForQuery has not arrived yet.
+    awaiting: bool,
+    /// COPY FROM STDIN state of the current request.
+    copy: Copy,
+    /// The request sent to a standby, kept until its response starts, for the 25006 replay.
+    replay: Option<Vec<Frame>>,
+    /// Responses held back while a replay is still possible (ParseComplete and the like).
+    holdback: Vec<Frame>,
+    /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
+    replaying: bool,
+    replay_now: bool,
+    cancel: Arc<CancelSlot>,
+    key: (i32, i32),
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared
+            .cancels
+            .lock()
+            .expect("cancels poisoned")
+            .remove(&self.key);
+        self.shared.cluster.metrics.connections.dec();
+    }
+}
+
+/// What the session needs to know about one statement.
+#[derive(Debug, Clone, Copy)]
+struct Route {
+    /// It may run on a standby (a sure read, or BEGIN READ ONLY).
+    standby_ok: bool,
+    /// It writes or may write (not a read, not transaction control).
+    writes: bool,
+    pins: bool,
+    session_set: bool,
+}
+
+/// Reads the next frame of an optional backend; pending forever when there is none.
+async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError> {
+    match b {
+        Some(b) => b.conn.read_frame().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    fn new(shared: Arc<Shared>, client: Conn, login: Login) -> Session {
+        Session {
+            shared,
+            client,
+            user: login.user,
+            params: login.params,
+            primary: login.primary,
+            standby: None,
+            tx: b'I',
+            tx_on_standby: false,
+            pinned: false,
+            wrote: false,
+            last_write: None,
+            stmts: HashMap::new(),
+            sets: Vec::new(),
+            batch: Vec::new(),
+            batch_ok: true,
+            cur: None,
+            awaiting: false,
+            copy: Copy::Off,
+            replay: None,
+            holdback: Vec::new(),
+            replaying: false,
+            replay_now: false,
+            cancel: login.cancel,
+            key: login.key,
+        }
+    }
+
+    fn route(&self, sql: &str) -> Route {
+        let c = self.shared.classifier.classify(sql);
+        let begin_ro = matches!(c.tx, TxCommand::Begin { read_only: true });
+        let control = !matches!(c.tx, TxCommand::None);
+        Route {
+            standby_ok: c.target == Target::Standby || begin_ro,
+            writes: c.target == Target::Primary && !control && !c.session_set,
+            pins: c.pins_session,
+            session_set: c.session_set,
+        }
+    }
+
+    async fn run(mut self) {
+        let _ = self.relay().await;
+        // A request still running when the client left is cancelled, so it does not run on.
+        if self.awaiting {
+            if let Some(w) = self.cur {
+                let b = self.backend(w);
+                let (addr, (pid, key)) = (b.addr, b.key);
+                backend::cancel(addr, pid, key, secs(self.shared.config.limits.connect_timeout)).await;
+            }
+        }
+    }
+
+    /// Whether the next buffered client message belongs to the COPY in progress.
+    fn copy_accepts_next(&self) -> bool {
+        match self.copy {
+            Copy::Off => false,
+            Copy::In => true,
+            Copy::Done => matches!(self.client.rbuf.first(), Some(b'S' | b'H')),
+        }
+    }
+
+    fn backend(&mut self, w: Which) -> &mut Backend {
+        match w {
+            Which::Standby => self.standby.as_mut().unwrap_or(&mut self.primary),
+            Which::Primary => &mut self.primary,
+        }
+    }
+
+    async fn protocol_violation(&mut self, message: &str) -> End {
+        self.shared.cluster.metrics.error("protocol");
+        fatal(&mut self.client, "08P01", message).await;
+        End
+    }
+
+    async fn relay(&mut self) -> Result<(), End> {
+        let idle_limit = secs(self.shared.config.limits.client_idle_timeout);
+        let max = self.client.max;
+        loop {
+            while !self.awaiting || self.copy_accepts_next() {
+                match self.client.buffered() {
+                    Ok(Some(f)) => self.on_client(f).await?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        return Err(self.protocol_violation(&msg).await);
+                    }
+                }
+            }
+            if self.replay_now {
+                self.replay_now = false;
+                let frames = self.replay.take().unwrap_or_default();
+                self.cur = None;
+                self.shared.cluster.metrics.decision(Decision::Replay);
+                self.dispatch(Which::Primary, frames, Mode::Sync, None).await?;
+                continue;
+            }
+            let idle = !self.awaiting && self.cur.is_none() && self.tx == b'I' && !idle_limit.is_zero();
+            // Backpressure: a client that pipelines more than one maximal message is not read
+            // further until its earlier requests are answered.
+            let can_read = self.client.rbuf.len() <= max;
+            tokio::select! {
+                r = self.client.fill(), if can_read => match r {
+                    Ok(0) | Err(_) => return Err(End),
+                    Ok(_) => {}
+                },
+                r = self.primary.conn.read_frame() => self.on_backend(Which::Primary, r).await?,
+                r = read_opt(&mut self.standby) => self.on_backend(Which::Standby, r).await?,
+                _ = tokio::time::sleep(idle_limit), if idle => {
+                    fatal(&mut self.client, "57P05", "terminating connection due to idle-session timeout").await;
+                    return Err(End);
+                }
+            }
+        }
+    }
+
+    async fn on_client(&mut self, f: Frame) -> Result<(), End> {
+        if self.copy != Copy::Off {
+            return self.on_copy(f).await;
+        }
+        match f.tag() {
+            b'Q' => {
+                if !self.batch.is_empty() {
+                    return Err(self
+                        .protocol_violation(
+                            "simple Query message in the middle of an extended-protocol batch",
+                        )
+                        .await);
+                }
+                let sql = match simple::query_text(f.body()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        return Err(self.protocol_violation(&msg).await);
+                    }
+                };
+                if crate::admin::is_show_pool_nodes(sql) && self.cur.is_none() {
+                    let lb = self.standby.as_ref().map(|b| b.node);
+                    crate::admin::encode_pool_nodes(&self.shared.cluster, lb, &mut self.client.wbuf);
+                    status::encode_ready(self.tx, &mut self.client.wbuf);
+                    return self.client.flush().await.map_err(|_| End);
+                }
+                let r = self.route(sql);
+                let set = r.session_set.then(|| sql.to_string());
+                self.note(r);
+                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, set)
+                    .await
+            }
+            b'P' => {
+                let (name, query) = match extended::parse(f.body()) {
+                    Ok(p) => (p.name.to_string(), p.query.to_string()),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        return Err(self.protocol_violation(&msg).await);
+                    }
+                };
+                // Classified once here; every later execution reuses the verdict.
+                let r = self.route(&query);
+                self.batch_ok &= r.standby_ok;
+                self.note(r);
+                self.stmts.insert(
+                    name,
+                    Stmt {
+                        parse: f.clone(),
+                        read_only: r.standby_ok,
+                        session_set: r.session_set,
+                    },
+                );
+                self.batch.push(f);
+                Ok(())
+            }
+            b'B' | b'D' | b'C' => {
+                let named = match f.tag() {
+                    b'B' => extended::bind_statement(f.body()).map(|n| Some(n.to_string())),
+                    t => extended::target(f.body(), if t == b'D' { "Describe" } else { "Close" })
+                        .map(|(k, n)| (k == b'S').then(|| n.to_string())),
+                };
+                let stmt = match named {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        return Err(self.protocol_violation(&msg).await);
+                    }
+                };
+                if let Some(name) = stmt {
+                    if f.tag() == b'C' {
+                        self.stmts.remove(&name);
+                    } else {
+                        self.batch_ok &= self.stmts.get(&name).is_some_and(|s| s.read_only);
+                    }
+                }
+                self.batch.push(f);
+                Ok(())
+            }
+            b'E' => {
+                self.batch.push(f);
+                Ok(())
+            }
+            b'S' | b'H' => {
+                self.batch.push(f);
+                let frames = std::mem::take(&mut self.batch);
+                let ok = std::mem::replace(&mut self.batch_ok, true);
+                let mode = if frames.last().is_some_and(|f| f.tag() == b'H') {
+                    Mode::Flush
+                } else {
+                    Mode::Sync
+                };
+                self.dispatch_routed(ok, !ok, frames, mode, None).await
+            }
+            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, None).await,
+            // Outside COPY, PostgreSQL ignores these too.
+            b'd' | b'c' | b'f' => Ok(()),
+            b'X' => Err(End),
+            t => {
+                let msg = format!("invalid frontend message type {t}");
+                Err(self.protocol_violation(&msg).await)
+            }
+        }
+    }
+
+    /// A client message while a COPY FROM STDIN is in progress.
+    async fn on_copy(&mut self, f: Frame) -> Result<(), End> {
+        if !matches!(f.tag(), b'd' | b'c' | b'f' | b'S' | b'H') {
+            let msg = format!("unexpected message type 0x{:02X} during COPY from stdin", f.tag());
+            return Err(self.protocol_violation(&msg).await);
+        }
+        // COPY FROM STDIN: data flows straight to the backend running the COPY; the Sync
+        // that follows CopyDone in the extended protocol belongs to the same request.
+        if matches!(f.tag(), b'c' | b'f') {
+            self.copy = Copy::Done;
+        }
+        let w = self.cur.unwrap_or(Which::Primary);
+        let drained = self.client.rbuf.len() < 5;
+        let b = self.backend(w);
+        b.conn.wbuf.put_slice(f.raw());
+        // Let CopyData accumulate; write once the client's buffer is drained.
+        let write = f.tag() != b'd' || b.conn.wbuf.len() > 64 * 1024 || drained;
+        if write && b.conn.flush().await.is_err() {
+            return Err(self.backend_gone().await);
+        }
+        Ok(())
+    }
+
+    /// Session-state effects of a statement the client sent.
+    fn note(&mut self, r: Route) {
+        if r.pins {
+            self.pinned = true;
+        }
+    }
+
+    /// Chooses a backend for a request and sends it.
+    async fn dispatch_routed(
+        &mut self,
+        standby_ok: bool,
+        writes: bool,
+        frames: Vec<Frame>,
+        mode: Mode,
+        set: Option<String>,
+    ) -> Result<(), End> {
+        let routing = &self.shared.config.routing;
+        let metrics = &self.shared.cluster.metrics;
+        let target = if let Some(c) = self.cur {
+            c
+        } else if self.tx != b'I' {
+            metrics.decision(Decision::PrimaryTransaction);
+            if self.tx_on_standby {
+                Which::Standby
+            } else {
+                Which::Primary
+            }
+        } else if !standby_ok {
+            metrics.decision(Decision::PrimaryWrite);
+            Which::Primary
+        } else if !routing.load_balance
+            || self.pinned
+            || (routing.disable_load_balance_on_write == WriteStickiness::Always && self.wrote)
+            || (routing.read_your_writes > 0
+                && self
+                    .last_write
+                    .is_some_and(|t| t.elapsed() < Duration::from_millis(routing.read_your_writes)))
+        {
+            metrics.decision(Decision::PrimaryPinned);
+            Which::Primary
+        } else {
+            Which::Standby
+        };
+        if writes && target == Which::Primary {
+            self.wrote = true;
+            if routing.read_your_writes > 0 {
+                self.last_write = Some(Instant::now());
+            }
+        }
+        self.dispatch(target, frames, mode, set).await
+    }
+
+    /// Makes sure a usable standby connection exists; false when none can be had.
+    async fn ensure_standby(&mut self) -> bool {
+        let cluster = self.shared.cluster.clone();
+        if let Some(b) = &self.standby {
+            if self.tx_on_standby || cluster.eligible(b.node) {
+                return true;
+            }
+            self.standby = None;
+        }
+        let Some(i) = cluster.pick_standby() else {
+            return false;
+        };
+        let node = &cluster.nodes[i].config;
+        let limits = &self.shared.config.limits;
+        let creds = self.shared.users.get(&self.user);
+        match backend::connect(
+            i,
+            &node.host,
+            node.port,
+            &self.params,
+            &self.user,
+            creds,
+            limits.max_message_size,
+            secs(limits.connect_timeout),
+        )
+        .await
+        {
+            Ok((b, _greeting)) => {
+                self.standby = Some(b);
+                true
+            }
+            Err(e) => {
+                cluster.metrics.error("backend");
+                tracing::warn!(node = %node.name, error = %e, "cannot open a standby connection");
+                false
+            }
+        }
+    }
+
+    /// Sends `frames` to backend `target` (the standby when possible), preparing what it lacks.
+    async fn dispatch(
+        &mut self,
+        mut target: Which,
+        frames: Vec<Frame>,
+        mode: Mode,
+        set: Option<String>,
+    ) -> Result<(), End> {
+        let cluster = self.shared.cluster.clone();
+        if target == Which::Standby && self.cur.is_none() && !self.ensure_standby().await {
+            if self.tx_on_standby {
+                // The standby holding a transaction is gone.
+                return Err(self.backend_gone().await);
+            }
+            if !self.shared.config.routing.fallback_to_primary {
+                perror::encode_error(
+                    "ERROR",
+                    "08006",
+                    "no standby is available for this read",
+                    &mut self.client.wbuf,
+                );
+                if mode == Mode::Sync {
+                    status::encode_ready(self.tx, &mut self.client.wbuf);
+                }
+                return self.client.flush().await.map_err(|_| End);
+            }
+            cluster.metrics.decision(Decision::PrimaryFallback);
+            target = Which::Primary;
+        } else if target == Which::Standby && self.cur.is_none() && self.tx == b'I' {
+            cluster.metrics.decision(Decision::Standby);
+        }
+        let idle = self.tx == b'I' && self.cur.is_none();
+        let (b, other) = match target {
+            Which::Primary => (&mut self.primary, self.standby.as_mut()),
+            Which::Standby => (
+                self.standby.as_mut().expect("ensured above"),
+                Some(&mut self.primary),
+            ),
+        };
+        let mut other = other;
+        let wbuf = &mut b.conn.wbuf;
+        if !b.to_close.is_empty() {
+            for name in b.to_close.drain(..) {
+                extended::encode_close_statement(&name, wbuf);
+            }
+            extended::encode_sync(wbuf);
+            b.swallow_rfq += 1;
+        }
+        for s in &self.sets[b.sets_applied..] {
+            simple::encode_query(s, wbuf);
+            b.swallow_rfq += 1;
+        }
+        b.sets_applied = self.sets.len();
+        let mut new_sets: Vec<String> = Vec::new();
+        for f in &frames {
+            match f.tag() {
+                b'P' => {
+                    if let Ok(p) = extended::parse(f.body()) {
+                        if p.name.is_empty() {
+                            if let Some(o) = other.as_mut() {
+                                o.prepared.remove("");
+                            }
+                        }
+                        b.prepared.insert(p.name.to_string());
+                    }
+                }
+                b'B' | b'D' => {
+                    let name = if f.tag() == b'B' {
+                        extended::bind_statement(f.body()).ok()
+                    } else {
+                        extended::target(f.body(), "Describe")
+                            .ok()
+                            .filter(|(k, _)| *k == b'S')
+                            .map(|(_, n)| n)
+                    };
+                    if let Some(name) = name {
+                        if let Some(st) = self.stmts.get(name) {
+                            if !b.prepared.contains(name) {
+                                // Prepared lazily on this backend: close any stale copy, then
+                                // replay the client's Parse; both answers are swallowed.
+                                if !name.is_empty() {
+                                    extended::encode_close_statement(name, wbuf);
+                                    b.swallow_close += 1;
+                                }
+                                wbuf.put_slice(st.parse.raw());
+                                b.swallow_parse += 1;
+                                b.prepared.insert(name.to_string());
+                            }
+                            if f.tag() == b'B' && st.session_set {
+                                if let Ok(p) = extended::parse(st.parse.body()) {
+                                    new_sets.push(p.query.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+                b'C' => {
+                    if let Ok((b'S', name)) = extended::target(f.body(), "Close") {
+                        b.prepared.remove(name);
+                        if let Some(o) = other.as_mut() {
+                            if o.prepared.remove(name) {
+                                o.to_close.push(name.to_string());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            wbuf.put_slice(f.raw());
+        }
+        new_sets.extend(set);
+        if !new_sets.is_empty() {
+            self.sets.extend(new_sets);
+            if self.sets.len() > MAX_SETS {
+                self.pinned = true;
+            }
+            b.sets_applied = self.sets.len();
+        }
+        let node = b.node;
+        *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
+        let written = b.conn.flush().await;
+        cluster.count(
+            node,
+            if target == Which::Standby {
+                Role::Standby
+            } else {
+                Role::Primary
+            },
+        );
+        self.replay = (target == Which::Standby && idle && mode == Mode::Sync).then_some(frames);
+        self.holdback.clear();
+        self.cur = Some(target);
+        self.awaiting = mode == Mode::Sync;
+        if written.is_err() {
+            return Err(self.backend_gone().await);
+        }
+        Ok(())
+    }
+
+    /// Tells the client its server connection is gone (08006) and ends the session.
+    async fn backend_gone(&mut self) -> End {
+        self.shared.cluster.metrics.error("backend");
+        self.awaiting = false;
+        fatal(
+            &mut self.client,
+            "08006",
+            "server closed the connection unexpectedly",
+        )
+        .await;
+        End
+    }
+
+    async fn on_backend(&mut self, w: Which, first: Result<Option<Frame>, BackendError>) -> Result<(), End> {
+        let mut next = first;
+        loop {
+            match next {
+                Ok(Some(f)) => self.on_backend_frame(w, f),
+                Ok(None) | Err(_) => {
+                    if w == Which::Standby && self.cur != Some(Which::Standby) && !self.tx_on_standby {
+                        // An idle standby connection went away: open another when next needed.
+                        self.standby = None;
+                        return Ok(());
+                    }
+                    return Err(self.backend_gone().await);
+                }
+            }
+            next = match self.backend(w).conn.buffered() {
+                Ok(Some(f)) => Ok(Some(f)),
+                Ok(None) => break,
+                Err(e) => Err(BackendError::Protocol(e)),
+            };
+        }
+        self.client.flush().await.map_err(|_| End)
+    }
+
+    fn on_backend_frame(&mut self, w: Which, f: Frame) {
+        let tag = f.tag();
+        let in_cycle = self.cur == Some(w);
+        {
+            let b = self.backend(w);
+            if b.swallow_rfq > 0 {
+                match tag {
+                    b'Z' => b.swallow_rfq -= 1,
+                    b'E' => tracing::warn!(
+                        sqlstate = perror::sqlstate(f.body()).unwrap_or(""),
+                        "a session setting could not be applied to a backend"
+                    ),
+                    _ => {}
+                }
+                return;
+            }
+            if in_cycle {
+                match tag {
+                    b'1' if b.swallow_parse > 0 => {
+                        b.swallow_parse -= 1;
+                        return;
+                    }
+                    b'3' if b.swallow_close > 0 => {
+                        b.swallow_close -= 1;
+                        return;
+                    }
+                    b'E' | b'Z' => {
+                        // After an error the rest of the batch is skipped, injected messages included.
+                        b.swallow_parse = 0;
+                        b.swallow_close = 0;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !in_cycle {
+            // Asynchronous messages outside a request: notifications and notices from the
+            // primary reach the client; a standby's are dropped (its state mirrors the primary).
+            if w == Which::Primary && matches!(tag, b'A' | b'N' | b'S' | b'E') {
+                self.client.wbuf.put_slice(f.raw());
+            }
+            return;
+        }
+        if self.replaying {
+            if tag == b'Z' {
+                self.replaying = false;
+                self.replay_now = true;
+            }
+            return;
+        }
+        if self.replay.is_some() {
+            match tag {
+                b'1' | b'2' | b't' | b'T' | b'n' | b'3' => {
+                    self.holdback.push(f);
+                    return;
+                }
+                b'E' if perror::sqlstate(f.body()) == Some("25006") => {
+                    self.replaying = true;
+                    self.holdback.clear();
+                    return;
+                }
+                _ => {
+                    for h in self.holdback.drain(..) {
+                        self.client.wbuf.put_slice(h.raw());
+                    }
+                    self.replay = None;
+                }
+            }
+        }
+        match tag {
+            b'Z' => {
+                let s = status::ready_status(f.body()).unwrap_or(b'I');
+                self.tx = s;
+                self.tx_on_standby = w == Which::Standby && s != b'I';
+                self.awaiting = false;
+                self.cur = None;
+                self.copy = Copy::Off;
+                *self.cancel.lock().expect("slot poisoned") = None;
+            }
+            b'G' => self.copy = Copy::In,
+            _ => {}
+        }
+        self.client.wbuf.put_slice(f.raw());
+    }
+}

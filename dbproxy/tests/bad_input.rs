@@ -1,0 +1,208 @@
+//! Bad input from clients and misbehaving backends, over real sockets: each gets the SQLSTATE
+//! PostgreSQL would give, and nothing hangs or affects other sessions.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bytes::{BufMut, BytesMut};
+use dbproxy::config::{AuthMethod, HbaRule};
+use dbproxy::protocol::{self, error, startup, Frame};
+use support::{config_for, Proxy};
+use testkit::{wait_for, PgCluster, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A raw protocol client.
+struct Raw {
+    s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(proxy: &Proxy) -> Result<Raw> {
+        Ok(Raw {
+            s: TcpStream::connect(proxy.addr).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Logs in as postgres (the proxy trusts it) and reads up to ReadyForQuery.
+    async fn login(proxy: &Proxy) -> Result<Raw> {
+        let mut r = Raw::connect(proxy).await?;
+        let mut out = BytesMut::new();
+        startup::encode_startup([("user", "postgres"), ("database", "postgres")], &mut out);
+        r.send(&out).await?;
+        loop {
+            let f = r.frame().await?.context("closed during login")?;
+            match f.tag() {
+                b'Z' => return Ok(r),
+                b'E' => bail!("login failed: {:?}", error::field(f.body(), b'M')),
+                _ => {}
+            }
+        }
+    }
+
+    async fn send(&mut self, b: &[u8]) -> Result<()> {
+        self.s.write_all(b).await?;
+        Ok(())
+    }
+
+    /// The next frame, or None at end of stream; bounded by the test deadline.
+    async fn frame(&mut self) -> Result<Option<Frame>> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(f) = protocol::decode(&mut self.buf, 1 << 20)? {
+                    return Ok(Some(f));
+                }
+                if self.s.read_buf(&mut self.buf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+        })
+        .await
+        .context("no answer from dbproxy")?
+    }
+
+    /// Reads until an ErrorResponse and returns its SQLSTATE; then expects the connection closed.
+    async fn fatal_code(&mut self) -> Result<String> {
+        loop {
+            let f = self.frame().await?.context("closed without an error")?;
+            if f.tag() == b'E' {
+                let code = error::sqlstate(f.body()).unwrap_or("").to_string();
+                assert_eq!(error::field(f.body(), b'S'), Some("FATAL"));
+                assert!(self.frame().await?.is_none(), "connection closed after FATAL");
+                return Ok(code);
+            }
+        }
+    }
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+    b.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_postgres_errors() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(0).start()).await??;
+    let mut config = config_for(&cluster, None);
+    config.users.clear();
+    config.hba = vec![HbaRule {
+        method: AuthMethod::Trust,
+        ..HbaRule::default()
+    }];
+    config.limits.max_message_size = 4096;
+    let proxy = Proxy::start(config)?;
+
+    // SSLRequest and GSSENCRequest are refused with N, then startup goes on in clear text.
+    let mut r = Raw::connect(&proxy).await?;
+    let mut out = BytesMut::new();
+    startup::encode_ssl_request(&mut out);
+    r.send(&out).await?;
+    let mut one = [0u8; 1];
+    r.s.read_exact(&mut one).await?;
+    assert_eq!(&one, b"N");
+    r.send(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x30]).await?;
+    r.s.read_exact(&mut one).await?;
+    assert_eq!(&one, b"N");
+
+    // A startup packet with an impossible length.
+    let mut r = Raw::connect(&proxy).await?;
+    r.send(&[0, 0, 0, 4]).await?;
+    assert_eq!(r.fatal_code().await?, "08P01");
+    // An unsupported protocol version.
+    let mut r = Raw::connect(&proxy).await?;
+    r.send(&[0, 0, 0, 8, 0, 2, 0, 0]).await?;
+    assert_eq!(r.fatal_code().await?, "0A000");
+    // No user name.
+    let mut r = Raw::connect(&proxy).await?;
+    let mut out = BytesMut::new();
+    startup::encode_startup([("database", "postgres")], &mut out);
+    r.send(&out).await?;
+    assert_eq!(r.fatal_code().await?, "28000");
+
+    // A client that stays silent during startup is dropped at startup_timeout (1 s here).
+    let started = Instant::now();
+    let mut r = Raw::connect(&proxy).await?;
+    assert_eq!(r.fatal_code().await?, "57014");
+    assert!(started.elapsed() < Duration::from_secs(8), "timed out promptly");
+
+    // Oversized, unknown, malformed, and out-of-order messages after login.
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&[b'Q', 0x7f, 0xff, 0xff, 0xff]).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "oversized");
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&[b'Q', 0, 0, 0, 2]).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "length below 4");
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&msg(b'z', b"")).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "unknown type");
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&msg(b'P', b"s1\0select 1")).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "malformed Parse");
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&msg(b'Q', b"select 1")).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "Query without terminator");
+    let mut r = Raw::login(&proxy).await?;
+    let mut batch = msg(b'P', b"\0select 1\0\0\0");
+    batch.extend(msg(b'Q', b"select 2\0"));
+    r.send(&batch).await?;
+    assert_eq!(r.fatal_code().await?, "08P01", "Query inside an extended batch");
+
+    // The proxy still serves well-behaved clients.
+    let c = proxy.connect("postgres", "").await?;
+    assert_eq!(c.simple_query("select 1").await?.len(), 3);
+
+    // A client that disconnects mid-query: its backend query is cancelled.
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&msg(b'Q', b"select pg_sleep(60) /* abandoned */\0"))
+        .await?;
+    let primary = cluster.primary();
+    let running = "select count(*) from pg_stat_activity where query like '%abandoned%' \
+                   and state = 'active' and pid <> pg_backend_pid()";
+    wait_for("the query to start", DEADLINE, || {
+        Ok((primary.psql(running)? == "1").then_some(()))
+    })?;
+    drop(r);
+    wait_for("the abandoned query to be cancelled", DEADLINE, || {
+        Ok((primary.psql(running)? == "0").then_some(()))
+    })?;
+
+    // A client's CancelRequest reaches the backend running its query.
+    let c2 = proxy.connect("postgres", "").await?;
+    let token = c2.cancel_token();
+    let sleeper = tokio::spawn(async move { c2.simple_query("select pg_sleep(60) /* to cancel */").await });
+    let running = "select count(*) from pg_stat_activity where query like '%to cancel%' \
+                   and state = 'active' and pid <> pg_backend_pid()";
+    wait_for("the query to start", DEADLINE, || {
+        Ok((primary.psql(running)? == "1").then_some(()))
+    })?;
+    token.cancel_query(tokio_postgres::NoTls).await?;
+    let err = sleeper.await?.expect_err("cancelled");
+    assert_eq!(support::code(&err), "57014");
+
+    // A backend that drops its connection: that client gets an error, the others carry on.
+    let victim = proxy.connect("postgres", "").await?;
+    let other = proxy.connect("postgres", "").await?;
+    victim.simple_query("select 1 /* victim */").await?;
+    primary.psql(
+        "select pg_terminate_backend(pid) from pg_stat_activity where query like '%victim%' \
+         and pid <> pg_backend_pid()",
+    )?;
+    let err = victim
+        .simple_query("select 1")
+        .await
+        .expect_err("backend is gone");
+    assert!(err.is_closed() || err.code().is_some(), "error: {err}");
+    assert_eq!(
+        other.simple_query("select 1").await?.len(),
+        3,
+        "other sessions are unaffected"
+    );
+    Ok(())
+}

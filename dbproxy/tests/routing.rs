@@ -1,0 +1,123 @@
+//! Routing through real PostgreSQL: a primary and a standby from testkit, dbproxy in front, and
+//! `inet_server_port()` in the statements to prove which node ran each one.
+
+mod support;
+
+use anyhow::Result;
+use support::{config_for, Proxy};
+use testkit::PgCluster;
+
+async fn port_of(c: &tokio_postgres::Client, sql: &str) -> Result<u16> {
+    let rows = c.simple_query(sql).await?;
+    for m in rows {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return Ok(r.get(0).unwrap_or("0").parse()?);
+        }
+    }
+    anyhow::bail!("no row from {sql}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_standby_and_everything_else_to_the_primary() -> Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
+    let (pp, sp) = (cluster.primary().port(), cluster.standby(0).port());
+    let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+    let c = proxy.connect("postgres", "pw").await?;
+
+    // Simple protocol.
+    assert_eq!(
+        port_of(&c, "select inet_server_port()").await?,
+        sp,
+        "a plain read"
+    );
+    c.batch_execute("create table t(id int primary key, v text); create sequence s")
+        .await?;
+    c.batch_execute("insert into t values (1, 'a')").await?;
+    cluster
+        .standby(0)
+        .wait_replayed(&cluster.primary().current_lsn()?)?;
+    assert_eq!(
+        port_of(&c, "select inet_server_port() from t for update").await?,
+        pp,
+        "FOR UPDATE"
+    );
+    assert_eq!(
+        port_of(&c, "select nextval('s') * 0 + inet_server_port()").await?,
+        pp,
+        "nextval"
+    );
+    assert_eq!(
+        port_of(
+            &c,
+            "with x as (insert into t values (2, 'b') returning id) select inet_server_port() from x"
+        )
+        .await?,
+        pp,
+        "writing CTE"
+    );
+
+    // Explicit transactions run wholly on the primary; BEGIN READ ONLY may use the standby.
+    c.batch_execute("begin").await?;
+    assert_eq!(
+        port_of(&c, "select inet_server_port()").await?,
+        pp,
+        "read inside a transaction"
+    );
+    c.batch_execute("commit").await?;
+    c.batch_execute("begin read only").await?;
+    assert_eq!(
+        port_of(&c, "select inet_server_port()").await?,
+        sp,
+        "read-only transaction"
+    );
+    c.batch_execute("commit").await?;
+
+    // Extended protocol: prepared on the standby, executed on the standby.
+    let stmt = c.prepare("select inet_server_port()::int + $1").await?;
+    let row = c.query_one(&stmt, &[&0i32]).await?;
+    assert_eq!(row.get::<_, i32>(0) as u16, sp, "prepared read");
+    let ins = c.prepare("insert into t values ($1, $2)").await?;
+    c.execute(&ins, &[&3i32, &"c"]).await?;
+
+    // SET reaches every backend connection of the session.
+    c.batch_execute("set work_mem = '7MB'").await?;
+    let wm = c.simple_query("show work_mem").await?;
+    let wm = wm.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(wm.as_deref(), Some("7MB"));
+    let both = c
+        .simple_query("select current_setting('work_mem') || ':' || inet_server_port()")
+        .await?;
+    let text = both.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    });
+    assert_eq!(
+        text,
+        Some(format!("7MB:{sp}")),
+        "the standby has the session's setting"
+    );
+
+    // A temporary table pins the session to the primary; the statement prepared on the standby
+    // is then prepared lazily on the primary.
+    c.batch_execute("create temp table tmp(x int)").await?;
+    assert_eq!(
+        port_of(&c, "select inet_server_port()").await?,
+        pp,
+        "pinned after a temp table"
+    );
+    let row = c.query_one(&stmt, &[&0i32]).await?;
+    assert_eq!(
+        row.get::<_, i32>(0) as u16,
+        pp,
+        "prepared statement moved to the primary"
+    );
+
+    // What ran where, seen from the nodes themselves.
+    let on_primary = cluster.primary().psql("select count(*) from t")?;
+    assert_eq!(on_primary, "3");
+    Ok(())
+}

@@ -1,0 +1,171 @@
+//! Shared pieces of the dbproxy integration tests: a proxy running in its own thread and runtime
+//! in front of a testkit cluster, and small raw-protocol helpers.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use dbproxy::config::{Config, HealthConfig, LimitsConfig, NodeConfig, UserConfig};
+use testkit::PgCluster;
+use tokio_util::sync::CancellationToken;
+
+/// A dbproxy serving on loopback; dropping it shuts it down.
+pub struct Proxy {
+    /// The PostgreSQL listener.
+    pub addr: SocketAddr,
+    /// The admin HTTP listener.
+    pub admin: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts dbproxy with `config` (validated here).
+    pub fn start(config: Config) -> Result<Proxy> {
+        let config = common::Validate::validate(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        std_listener.set_nonblocking(true)?;
+        admin_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let admin = admin_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                let a = tokio::net::TcpListener::from_std(admin_listener).expect("admin listener");
+                if let Err(e) = dbproxy::run_with_admin(l, Some(a), config, token).await {
+                    eprintln!("dbproxy failed: {e}");
+                }
+            });
+        });
+        Ok(Proxy {
+            addr,
+            admin,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// A tokio-postgres connection string for `user`/`password`.
+    pub fn conn_string(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=postgres connect_timeout=10",
+            self.port()
+        )
+    }
+
+    /// Connects with tokio-postgres and drives the connection in the background.
+    pub async fn connect(&self, user: &str, password: &str) -> Result<tokio_postgres::Client> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.conn_string(user, password), tokio_postgres::NoTls)
+                .await
+                .context("connecting through dbproxy")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// GETs `path` from the admin listener and returns the body.
+    pub fn admin_get(&self, path: &str) -> Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin)?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default())
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A config for `cluster`, superuser `postgres` with password `pw`, fast health checks.
+pub fn config_for(cluster: &PgCluster, password: Option<&str>) -> Config {
+    Config {
+        listen: "127.0.0.1:0".into(),
+        admin_listen: "127.0.0.1:0".into(),
+        nodes: cluster
+            .nodes()
+            .iter()
+            .map(|n| NodeConfig {
+                name: n.name().to_string(),
+                host: "127.0.0.1".into(),
+                port: n.port(),
+                weight: 1,
+            })
+            .collect(),
+        users: vec![UserConfig {
+            name: "postgres".into(),
+            password: password.map(str::to_string),
+            ..UserConfig::default()
+        }],
+        health: HealthConfig {
+            period: 0.2,
+            timeout: 2.0,
+            rise: 1,
+            fall: 1,
+            password: password.unwrap_or("").to_string(),
+            ..HealthConfig::default()
+        },
+        limits: LimitsConfig {
+            startup_timeout: 1.0,
+            ..LimitsConfig::default()
+        },
+        ..Config::default()
+    }
+}
+
+/// Runs a PostgreSQL client program (psql, pgbench) from the server's bin directory.
+pub fn pg_program(name: &str) -> Result<Command> {
+    let mut cmd = Command::new(testkit::pg_bindir()?.join(name));
+    cmd.env_remove("PGSERVICE")
+        .env_remove("PGOPTIONS")
+        .env("PGCONNECT_TIMEOUT", "10");
+    Ok(cmd)
+}
+
+/// Runs psql through the proxy and returns its trimmed stdout, or stderr as the error.
+pub fn psql(proxy: &Proxy, user: &str, password: &str, sql: &str) -> Result<String> {
+    let out = pg_program("psql")?
+        .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+        .arg(proxy.port().to_string())
+        .args(["-U", user, "-d", "postgres", "-c", sql])
+        .env("PGPASSWORD", password)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// The SQLSTATE of a tokio-postgres error.
+pub fn code(e: &tokio_postgres::Error) -> String {
+    e.code()
+        .map(|c| c.code().to_string())
+        .unwrap_or_else(|| format!("no sqlstate: {e}"))
+}
