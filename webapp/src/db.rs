@@ -150,7 +150,9 @@ impl Db {
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(timeout))
             .create_timeout(Some(timeout))
-            .recycle_timeout(Some(timeout))
+            // A ping answers in well under a second on any healthy server; a pooled connection
+            // that takes longer is half-dead (a partition, a hung backend) and gets replaced.
+            .recycle_timeout(Some(timeout.min(Duration::from_secs(1))))
             .build()
             .map_err(|e| DbError::Connect(format!("cannot build the pool: {e}")))?;
         Ok(Db {
@@ -169,7 +171,12 @@ impl Db {
 
     async fn conn(&self) -> Result<Object, DbError> {
         use deadpool_postgres::PoolError;
-        self.pool.get().await.map_err(|e| match e {
+        // Bounded as a whole: several half-dead pooled connections must not add up their
+        // recycle timeouts.
+        let got = tokio::time::timeout(self.timeout, self.pool.get())
+            .await
+            .map_err(|_| DbError::Timeout(self.timeout))?;
+        got.map_err(|e| match e {
             PoolError::Timeout(_) => DbError::Timeout(self.timeout),
             PoolError::Backend(e) => DbError::Connect(schema::describe(&e)),
             other => DbError::Connect(other.to_string()),
@@ -309,8 +316,10 @@ impl Db {
     }
 
     async fn migrate_once(&self) -> Result<schema::Applied, DbError> {
-        let (client, connection) = self
-            .pg
+        // Named apart from the pool's sessions so operators (and tests) can tell them apart.
+        let mut pg = self.pg.clone();
+        pg.application_name("webapp-migrate");
+        let (client, connection) = pg
             .connect(NoTls)
             .await
             .map_err(|e| DbError::Connect(schema::describe(&e)))?;

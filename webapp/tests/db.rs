@@ -386,3 +386,41 @@ async fn a_query_that_hangs_is_cut_off_by_the_timeout() -> Result<()> {
     app.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_dead_pooled_connection_is_replaced_before_use() -> Result<()> {
+    let c = cluster(0).await?;
+    let url = c.primary().conn_string();
+    let mut cfg = config("web-p", &url);
+    cfg.pool_size = 1;
+    let app = App::start(cfg).await?;
+    wait_ready(&app).await?;
+    let r = app.get("/").await?;
+    ensure!(r.status == StatusCode::OK, "{r:?}");
+
+    // The one pooled session's backend stops answering while its socket stays open, as over a
+    // partition: only a ping before use can tell.
+    let c2 = c.clone();
+    let pid = blocking(move || {
+        testkit::wait_for("one pooled session", testkit::DEADLINE, || {
+            let pids = c2
+                .primary()
+                .psql("SELECT pid FROM pg_stat_activity WHERE application_name = 'webapp'")?;
+            Ok((pids.lines().count() == 1).then(|| pids.trim().to_string()))
+        })
+    })
+    .await?;
+    let stop = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()?;
+    ensure!(stop.success(), "kill -STOP {pid}");
+    let started = std::time::Instant::now();
+    let r = app.get("/").await;
+    let elapsed = started.elapsed();
+    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+    let r = r?;
+    ensure!(r.status == StatusCode::OK, "request on a half-dead pool: {r:?}");
+    ensure!(elapsed < Duration::from_secs(4), "took {elapsed:?}");
+    app.stop().await?;
+    Ok(())
+}
