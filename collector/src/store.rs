@@ -92,8 +92,11 @@ impl Store {
                 Err(StoreError::Transient(describe(&e)))
             }
             Err(_) => {
-                // The session's state is unknown after an abandoned query: start afresh.
-                self.conn = None;
+                // The session's state is unknown after an abandoned query: cancel it on the
+                // server (where it would otherwise keep waiting, e.g. on a lock) and start afresh.
+                if let Some(conn) = self.conn.take() {
+                    cancel(&conn.client, self.timeouts.connect).await;
+                }
                 Err(StoreError::Timeout("insert", query))
             }
         }
@@ -122,19 +125,38 @@ impl Store {
             }
         });
         if !self.migrated {
-            let applied = tokio::time::timeout(t.query, schema::migrate(&client))
-                .await
-                .map_err(|_| StoreError::Timeout("applying migrations", t.query))??;
+            let applied = match tokio::time::timeout(t.query, schema::migrate(&client)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    cancel(&client, t.connect).await;
+                    return Err(StoreError::Timeout("applying migrations", t.query));
+                }
+            };
             if !applied.applied.is_empty() {
                 tracing::info!(versions = ?applied.applied, "applied schema migrations");
             }
             self.migrated = true;
         }
-        let insert = tokio::time::timeout(t.query, samples::prepare_insert(&client))
-            .await
-            .map_err(|_| StoreError::Timeout("prepare", t.query))?
-            .map_err(|e| StoreError::Transient(describe(&e)))?;
+        let insert = match tokio::time::timeout(t.query, samples::prepare_insert(&client)).await {
+            Ok(r) => r.map_err(|e| StoreError::Transient(describe(&e)))?,
+            Err(_) => {
+                cancel(&client, t.connect).await;
+                return Err(StoreError::Timeout("prepare", t.query));
+            }
+        };
         Ok(Conn { client, insert })
+    }
+}
+
+/// Asks the server to cancel whatever `client`'s session is running. Dropping the connection alone
+/// is not enough: a backend waiting on a lock does not notice its client left, and would linger
+/// (and write the row later) until the lock is released.
+async fn cancel(client: &Client, limit: Duration) {
+    let token = client.cancel_token();
+    match tokio::time::timeout(limit, token.cancel_query(NoTls)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %describe(&e), "cancel request failed"),
+        Err(_) => tracing::debug!("cancel request timed out"),
     }
 }
 

@@ -143,3 +143,59 @@ async fn samples_survive_a_primary_crash_and_promotion() -> Result<()> {
     assert_in_order_once(&rows);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_insert_is_cancelled_not_stranded() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let host = "lock-host";
+    let mut cfg = config(cluster.primary(), &dir.path().join("spool.jsonl"), host);
+    cfg.query_timeout = std::time::Duration::from_millis(300);
+    let c = spawn(cfg);
+    let cl = cluster.clone();
+    wait_for("the first samples", move || {
+        Ok((count(cl.primary(), host)? >= 2).then_some(()))
+    })
+    .await?;
+
+    // Another session locks the table: every insert (and prepare) now waits, and times out.
+    let (locker, conn) =
+        tokio_postgres::connect(&cluster.primary().conn_string(), tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    locker
+        .batch_execute("BEGIN; LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    let (before, stats) = (c.stats.write_errors(), c.stats.clone());
+    wait_for("several timed-out writes", move || {
+        Ok((stats.write_errors() >= before + 6).then_some(()))
+    })
+    .await?;
+    // Each timed-out session was cancelled: at most the attempt in flight (and one on its way
+    // out) waits on the lock, not one per attempt.
+    let cl = cluster.clone();
+    wait_for("no stranded collector sessions", move || {
+        let n: u32 = cl
+            .primary()
+            .psql(
+                "select count(*) from pg_stat_activity \
+                 where application_name = 'ha-stack-collector' and wait_event_type = 'Lock'",
+            )?
+            .parse()?;
+        Ok((n <= 1).then_some(()))
+    })
+    .await?;
+    assert!(c.stats.pending() >= 2, "samples wait while the table is locked");
+
+    locker.batch_execute("COMMIT").await?;
+    let (cl, stats) = (cluster.clone(), c.stats.clone());
+    wait_for("the spool to drain after the lock", move || {
+        let produced = stats.produced();
+        Ok((stats.pending() == 0 && count(cl.primary(), host)? == produced).then_some(()))
+    })
+    .await?;
+    let stats = c.stop().await?;
+    let rows = rows(cluster.primary(), host)?;
+    assert_eq!(rows.len() as u64, stats.produced());
+    assert_in_order_once(&rows);
+    Ok(())
+}
