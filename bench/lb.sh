@@ -1,0 +1,247 @@
+#!/usr/bin/env bash
+# lb benchmark: the same two static backends served four ways (direct, nginx 1.22, HAProxy 2.6, lb),
+# measured with oha at saturation (-c 64, -c 256) and at a fixed rate (half of nginx's maximum, with
+# --latency-correction), each setup taking turns for ROUNDS rounds; plus lb's RSS while holding
+# 1,000 concurrent keep-alive connections. Prints a markdown table and writes it, with the raw
+# numbers as JSON, to $OUT (default bench/results/).
+#
+# Needs: nginx-light and haproxy (Debian packages, installed here when missing and run as root),
+# oha (`cargo install oha` when missing: ~11 minutes on 2 cores), python3.
+# Knobs: ROUNDS (3), DURATION (8s), OUT, PORT_BASE (18100).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-8s}
+OUT=${OUT:-$ROOT/bench/results}
+PORT_BASE=${PORT_BASE:-18100}
+B1=$((PORT_BASE + 1)) B2=$((PORT_BASE + 2))
+P_NGINX=$((PORT_BASE + 10)) P_HAPROXY=$((PORT_BASE + 11)) P_LB=$((PORT_BASE + 12)) P_LB_ADMIN=$((PORT_BASE + 13))
+
+log() { printf '[lb-bench] %s\n' "$*" >&2; }
+
+install_missing() {
+  local missing=()
+  command -v nginx >/dev/null || missing+=(nginx-light)
+  command -v haproxy >/dev/null || missing+=(haproxy)
+  if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+      log "please install: ${missing[*]}"
+      exit 1
+    fi
+    log "installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if ! command -v oha >/dev/null; then
+    log "installing oha with cargo (about 11 minutes on 2 cores)"
+    cargo install oha --locked
+  fi
+  command -v python3 >/dev/null || { log "python3 is needed"; exit 1; }
+}
+
+install_missing
+export PATH="$HOME/.cargo/bin:$PATH"
+log "building lb (release)"
+(cd "$ROOT" && cargo build --release -p lb --quiet)
+LB_BIN="$ROOT/target/release/lb"
+
+WORK=$(mktemp -d /tmp/lb-bench.XXXXXX)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in "$WORK"/*.pid; do [[ -f $f ]] && kill "$(cat "$f")" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
+
+wait_port() {
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  log "nothing listens on port $1"
+  exit 1
+}
+
+# --- the two static backends (one nginx worker each side, a fixed small body) -----------------
+cat >"$WORK/backends.conf" <<EOF
+worker_processes 1;
+pid $WORK/backends.pid;
+error_log $WORK/backends.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1; location / { return 200 "hello from b1\n"; } }
+  server { listen 127.0.0.1:$B2; location / { return 200 "hello from b2\n"; } }
+}
+EOF
+nginx -c "$WORK/backends.conf"
+wait_port "$B1"
+wait_port "$B2"
+
+# --- nginx 1.22 as the proxy, tuned -------------------------------------------------------------
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 128; }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+nginx -c "$WORK/nginx.conf"
+
+# --- HAProxy 2.6 ----------------------------------------------------------------------------------
+cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+backend be
+  balance roundrobin
+  server b1 127.0.0.1:$B1
+  server b2 127.0.0.1:$B2
+EOF
+haproxy -f "$WORK/haproxy.cfg" -D -p "$WORK/haproxy.pid"
+
+# --- lb -----------------------------------------------------------------------------------------
+cat >"$WORK/lb.toml" <<EOF
+listen = "127.0.0.1:$P_LB"
+admin_listen = "127.0.0.1:$P_LB_ADMIN"
+[upstream]
+servers = [{ addr = "127.0.0.1:$B1" }, { addr = "127.0.0.1:$B2" }]
+[limits]
+upstream_keepalive = 128
+[access_log]
+enabled = false
+EOF
+RUST_LOG=warn "$LB_BIN" --config "$WORK/lb.toml" 2>"$WORK/lb.err" &
+LB_PID=$!
+PIDS+=("$LB_PID")
+for p in "$P_NGINX" "$P_HAPROXY" "$P_LB"; do wait_port "$p"; done
+
+declare -A URL=(
+  [direct]="http://127.0.0.1:$B1/"
+  [nginx]="http://127.0.0.1:$P_NGINX/"
+  [haproxy]="http://127.0.0.1:$P_HAPROXY/"
+  [lb]="http://127.0.0.1:$P_LB/"
+)
+SETUPS=(direct nginx haproxy lb)
+
+if oha --help 2>/dev/null | grep -q -- '--output-format'; then
+  OHA_JSON=(--output-format json)
+else
+  OHA_JSON=(-j)
+fi
+
+run_oha() { # setup mode round extra-args...
+  local setup=$1 mode=$2 round=$3
+  shift 3
+  oha --no-tui "${OHA_JSON[@]}" -z "$DURATION" "$@" "${URL[$setup]}" >"$WORK/$setup.$mode.$round.json"
+}
+
+log "saturation: $ROUNDS rounds of ${SETUPS[*]} at -c 64 and -c 256, $DURATION each"
+for round in $(seq 1 "$ROUNDS"); do
+  for setup in "${SETUPS[@]}"; do
+    run_oha "$setup" c64 "$round" -c 64
+    run_oha "$setup" c256 "$round" -c 256
+  done
+done
+
+RATE=$(python3 - "$WORK" <<'EOF'
+import json, sys, glob, statistics
+work = sys.argv[1]
+rps = [json.load(open(f))["summary"]["requestsPerSec"] for f in glob.glob(f"{work}/nginx.c*.json")]
+print(int(max(rps) / 2))
+EOF
+)
+log "fixed rate: $RATE req/s (half of nginx's maximum) with --latency-correction"
+for round in $(seq 1 "$ROUNDS"); do
+  for setup in "${SETUPS[@]}"; do
+    run_oha "$setup" rate "$round" -c 64 -q "$RATE" --latency-correction
+  done
+done
+
+log "lb RSS at 1000 concurrent keep-alive connections"
+RSS_PEAK=0
+CONNS=0
+oha --no-tui "${OHA_JSON[@]}" -z 6s -c 1000 -q 2000 "${URL[lb]}" >"$WORK/lb.rss.json" &
+OHA_PID=$!
+while kill -0 "$OHA_PID" 2>/dev/null; do
+  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$LB_PID/status")
+  ((rss > RSS_PEAK)) && RSS_PEAK=$rss
+  c=$(curl -s "http://127.0.0.1:$P_LB_ADMIN/metrics" | awk '/^lb_active_connections / {print $2}')
+  ((${c:-0} > CONNS)) && CONNS=$c
+  sleep 0.2
+done
+wait "$OHA_PID" || true
+log "lb peak RSS ${RSS_PEAK} KiB"
+
+mkdir -p "$OUT"
+python3 - "$WORK" "$OUT" "$RATE" "$RSS_PEAK" "$ROUNDS" <<'EOF'
+import json, sys, glob, statistics
+work, out, rate, rss_kib, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+setups = ["direct", "nginx", "haproxy", "lb"]
+modes = [("c64", "-c 64"), ("c256", "-c 256"), ("rate", f"{rate}/s")]
+res = {}
+for s in setups:
+    for m, _ in modes:
+        runs = [json.load(open(f)) for f in sorted(glob.glob(f"{work}/{s}.{m}.*.json"))]
+        if not runs:
+            continue
+        med = lambda xs: statistics.median(xs)
+        res[(s, m)] = {
+            "rps": med([r["summary"]["requestsPerSec"] for r in runs]),
+            "p50_ms": med([r["latencyPercentiles"]["p50"] * 1000 for r in runs]),
+            "p99_ms": med([r["latencyPercentiles"]["p99"] * 1000 for r in runs]),
+            "success": min(r["summary"]["successRate"] for r in runs),
+            "runs": len(runs),
+        }
+lines = [f"lb benchmark (median of {rounds} rounds; two static nginx backends; everything on loopback, 2 cores)", "",
+         "| setup | load | req/s | p50 ms | p99 ms | added p99 ms | req/s vs nginx | added p99 vs nginx | success |",
+         "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+for m, label in modes:
+    d, n = res.get(("direct", m)), res.get(("nginx", m))
+    for s in setups:
+        r = res.get((s, m))
+        if not r:
+            continue
+        added = r["p99_ms"] - d["p99_ms"] if d else float("nan")
+        r["added_p99_ms"] = added
+        n_added = n["p99_ms"] - d["p99_ms"] if (n and d) else float("nan")
+        ratio = r["rps"] / n["rps"] if n else float("nan")
+        added_ratio = added / n_added if n_added > 0 else float("nan")
+        lines.append(f"| {s} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{added:.2f} | {ratio:.2f}x | {added_ratio:.2f}x | {r['success']*100:.1f}% |")
+lines += ["", f"lb peak RSS at 1000 concurrent keep-alive connections: {rss_kib/1024:.1f} MB (goal: at most 30 MB)",
+          "Goals: lb >= 1.1x nginx req/s at saturation; lb's added p99 <= nginx's."]
+table = "\n".join(lines)
+print(table)
+open(f"{out}/lb.md", "w").write(table + "\n")
+json.dump({"rate": rate, "rss_kib": rss_kib, "results": {f"{s}.{m}": v for (s, m), v in res.items()}},
+          open(f"{out}/lb.json", "w"), indent=2)
+EOF
+log "peak client connections lb reported during the RSS run: $CONNS"
+log "wrote $OUT/lb.md and $OUT/lb.json"
