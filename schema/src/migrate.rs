@@ -167,13 +167,25 @@ fn check_order(migrations: &[Migration]) -> Result<(), SchemaError> {
 }
 
 async fn apply_locked(client: &Client, migrations: &[Migration]) -> Result<Applied, SchemaError> {
-    client
-        .batch_execute(CREATE_BOOKKEEPING)
+    // Look before creating: when everything is applied already, no DDL runs at all, so a migrated
+    // database can be checked on a hot standby (where even CREATE ... IF NOT EXISTS is refused).
+    let exists: bool = client
+        .query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[])
         .await
+        .and_then(|row| row.try_get(0))
         .map_err(|source| SchemaError::Db {
-            doing: "creating schema_migrations",
+            doing: "looking for schema_migrations",
             source,
         })?;
+    if !exists {
+        client
+            .batch_execute(CREATE_BOOKKEEPING)
+            .await
+            .map_err(|source| SchemaError::Db {
+                doing: "creating schema_migrations",
+                source,
+            })?;
+    }
     let rows = client
         .query(
             "SELECT version, checksum FROM schema_migrations ORDER BY version",

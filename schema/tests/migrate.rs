@@ -184,3 +184,29 @@ async fn samples_insert_idempotently_and_read_back() -> Result<()> {
     assert!(samples::insert(&client, &stmt, &bad).await.is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_is_checked_not_migrated() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| testkit::PgCluster::builder().standbys(1).start())
+        .await?
+        .context("starting postgres")?;
+    // Before the primary migrated, a standby can only refuse, with the server's reason.
+    let standby = connect(cluster.standby(0)).await?;
+    let err = schema::migrate(&standby).await.unwrap_err().to_string();
+    assert!(
+        err.contains("read-only transaction") && err.contains("25006"),
+        "{err}"
+    );
+
+    let primary = connect(cluster.primary()).await?;
+    assert_eq!(schema::migrate(&primary).await?.applied.len(), MIGRATIONS.len());
+    let cluster = std::sync::Arc::new(cluster);
+    let cl = cluster.clone();
+    tokio::task::spawn_blocking(move || cl.wait_replicated()).await??;
+    // Once replicated, the standby has everything and the check passes without any DDL.
+    let applied = schema::migrate(&standby).await?;
+    assert!(applied.applied.is_empty());
+    assert_eq!(applied.already, MIGRATIONS.len());
+    assert_eq!(cluster.standby(0).psql("select pg_is_in_recovery()")?, "t");
+    Ok(())
+}
