@@ -2,10 +2,12 @@
 //! first polls it, so a try that failed before sending a byte (connect error) can hand the same
 //! body to the next server. The response body keeps the server's in-flight count until it ends.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
@@ -168,8 +170,20 @@ pub enum RespBody {
         inner: Incoming,
         /// Keeps the server's in-flight count until the body ends or is dropped.
         guard: Option<ActiveGuard>,
+        /// Longest wait for the next piece of body (nginx's `proxy_read_timeout`).
+        idle: Duration,
+        /// Created only when a read would block, so bodies that arrive at once cost no timer;
+        /// afterwards reset, not reallocated, for each wait.
+        timer: Option<Pin<Box<tokio::time::Sleep>>>,
+        /// Whether `timer` is counting the current wait.
+        armed: bool,
     },
 }
+
+/// The upstream stopped sending its body for longer than the read timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body stalled for {0:?}")]
+pub struct Stalled(pub Duration);
 
 impl RespBody {
     /// A fixed body.
@@ -180,21 +194,42 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RespBody::Upstream { inner, guard } => {
-                let r = Pin::new(inner).poll_frame(cx);
-                if matches!(r, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-                    guard.take();
+            RespBody::Upstream {
+                inner,
+                guard,
+                idle,
+                timer,
+                armed,
+            } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(r) => {
+                    if matches!(r, None | Some(Err(_))) {
+                        guard.take();
+                    }
+                    *armed = false;
+                    Poll::Ready(r.map(|f| f.map_err(|e| Box::new(e) as BoxError)))
                 }
-                r
-            }
+                Poll::Pending => {
+                    let deadline = tokio::time::Instant::now() + *idle;
+                    let t = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if !*armed {
+                        t.as_mut().reset(deadline);
+                        *armed = true;
+                    }
+                    if t.as_mut().poll(cx).is_ready() {
+                        guard.take();
+                        return Poll::Ready(Some(Err(Box::new(Stalled(*idle)))));
+                    }
+                    Poll::Pending
+                }
+            },
         }
     }
 

@@ -73,7 +73,7 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// Removes hop-by-hop headers, including those the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Names listed in Connection are hop-by-hop too; collect them before Connection goes.
-    let mut listed: [Option<HeaderName>; 8] = Default::default();
+    let mut listed: [Option<HeaderName>; 16] = Default::default();
     let mut n = 0;
     for v in headers
         .get_all(header::CONNECTION)
@@ -329,6 +329,9 @@ async fn proxy(
                 let body = RespBody::Upstream {
                     inner: rbody,
                     guard: Some(guard),
+                    idle: response_timeout,
+                    timer: None,
+                    armed: false,
                 };
                 return (Response::from_parts(rparts, body), label);
             }

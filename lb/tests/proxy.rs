@@ -531,3 +531,45 @@ async fn shutdown_closes_websockets_at_the_deadline() -> Result<()> {
     tokio::time::timeout(support::DEADLINE, &mut lb.task).await???;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_stalling_mid_body_is_cut_off_by_the_read_timeout() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.timeouts.upstream_response = Dur(Duration::from_millis(500));
+    let lb = start(cfg).await?;
+    let started = Instant::now();
+    let out = raw(lb.addr, b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n").await?;
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("start"), "{out}");
+    assert!(
+        !out.ends_with("0\r\n\r\n"),
+        "the cut body must not look complete: {out}"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let status: serde_json::Value = serde_json::from_str(&admin_get(lb.admin, "/status").await?)?;
+    assert_eq!(
+        status["servers"][0]["active"], 0,
+        "the stalled request still counts as active"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_is_rewritten_when_configured() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.headers.host = "internal.example".into();
+    let lb = start(cfg).await?;
+    let (_, text) = Conn::open(lb.addr, "127.0.0.1").await?.get("/headers").await?;
+    assert!(text.contains("host: internal.example\n"), "{text}");
+    assert!(
+        text.contains("forwarded: for=127.0.0.1;proto=http;host=\"app.example\"\n"),
+        "{text}"
+    );
+    Ok(())
+}

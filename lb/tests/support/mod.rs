@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -110,7 +111,22 @@ struct State {
 }
 
 impl State {
-    async fn answer(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn answer(&self, req: Request<Incoming>) -> Response<BoxBody<Bytes, Infallible>> {
+        if req.uri().path() == "/stall" {
+            // One chunk, then nothing: a backend that hangs mid-body.
+            self.hits.fetch_add(1, Ordering::SeqCst);
+            let first =
+                futures_util::stream::iter([Ok(hyper::body::Frame::data(Bytes::from_static(b"start")))]);
+            let body = StreamBody::new(futures_util::StreamExt::chain(
+                first,
+                futures_util::stream::pending(),
+            ));
+            return Response::new(BodyExt::boxed(body));
+        }
+        self.answer_full(req).await.map(BodyExt::boxed)
+    }
+
+    async fn answer_full(&self, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         if path == "/health" {
             let ok = self.healthy.load(Ordering::SeqCst);
