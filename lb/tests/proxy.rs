@@ -573,3 +573,47 @@ async fn host_is_rewritten_when_configured() -> Result<()> {
     );
     Ok(())
 }
+
+/// A listener whose accept queue is full: the kernel drops further SYNs, so connecting hangs.
+async fn blackhole() -> Result<(tokio::net::TcpListener, Vec<TcpStream>, std::net::SocketAddr)> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind("127.0.0.1:0".parse()?)?;
+    let listener = sock.listen(0)?;
+    let addr = listener.local_addr()?;
+    let mut fillers = Vec::new();
+    // Fill the queue until a connect no longer completes at once.
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => return Ok((listener, fillers, addr)),
+        }
+    }
+    anyhow::bail!("could not fill the accept queue")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connect_timeout_moves_the_request_to_the_next_server() -> Result<()> {
+    let (_hole, _fillers, hole_addr) = blackhole().await?;
+    let b = Backend::start("b").await;
+    let mut cfg = config(&[&b], Algorithm::RoundRobin);
+    cfg.upstream.servers.insert(
+        0,
+        ServerConfig {
+            addr: hole_addr.to_string(),
+            ..Default::default()
+        },
+    );
+    cfg.timeouts.upstream_connect = Dur(Duration::from_millis(300));
+    let lb = start(cfg).await?;
+    let started = Instant::now();
+    let (status, body) = get_once(lb.addr, "/").await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "b"));
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    let m = admin_get(lb.admin, "/metrics").await?;
+    assert!(m.contains("lb_retries_total 1"), "{m}");
+    Ok(())
+}
