@@ -4,6 +4,19 @@
 //! next server, limits, `/metrics` and `/status`, SIGHUP reload and graceful shutdown.
 //!
 //! `main.rs` only parses flags; [`run`] and [`Lb`] are what tests drive on port 0.
+//!
+//! Map: `config` (TOML, nginx-style durations) and `nginx_conf` (`--nginx-conf` → a config table)
+//! feed `upstream` (resolved servers with live state: passive fails, active health, slow start,
+//! in-flight counts) whose `select/` algorithms are pure and pick an index only. `server` accepts
+//! and runs each connection (limits, idle/header timeouts, drain); `proxy` handles one request
+//! (headers, tries, upgrades); `body` keeps a request body replayable until first sent and times
+//! out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
+//!
+//! State: a reload swaps one `Arc<Runtime>` (config + upstream + client); requests in flight and
+//! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
+//! `limits.max_connections` change only on restart; relayed websockets have no idle timeout; for
+//! HTTP/1.1 an idle keep-alive connection is closed after `min(header_read, client_idle)` because
+//! hyper's header timer also runs while waiting for the next request.
 
 pub mod access;
 pub mod body;
