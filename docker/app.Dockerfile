@@ -1,0 +1,13 @@
+# lb, dbproxy, webapp and collector in one image; compose picks the program per service.
+# The binaries are built on the host first (`cargo build --release`, or debug with
+# --build-arg BIN_DIR=target/debug), so the image needs no Rust toolchain and no registry.
+ARG BASE=ha-stack-base:bookworm
+FROM ${BASE}
+RUN if ! command -v curl >/dev/null; then \
+      apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+        curl ca-certificates && rm -rf /var/lib/apt/lists/*; \
+    fi
+ARG BIN_DIR=target/release
+COPY ${BIN_DIR}/lb ${BIN_DIR}/dbproxy ${BIN_DIR}/webapp ${BIN_DIR}/collector /usr/local/bin/
+COPY docker/config/ /etc/ha-stack/
+ENV RUST_LOG=info
