@@ -143,6 +143,8 @@ pub struct Timeouts {
     pub shutdown_grace: Dur,
     /// Idle upstream keep-alive connections are closed after this.
     pub upstream_idle: Dur,
+    /// An upgraded (websocket) connection with no bytes either way for this long is closed.
+    pub upgraded_idle: Dur,
 }
 
 impl Default for Timeouts {
@@ -154,6 +156,7 @@ impl Default for Timeouts {
             upstream_response: Dur(Duration::from_secs(60)),
             shutdown_grace: Dur(Duration::from_secs(10)),
             upstream_idle: Dur(Duration::from_secs(60)),
+            upgraded_idle: Dur(Duration::from_secs(3600)),
         }
     }
 }
@@ -443,6 +446,7 @@ impl common::Validate for Config {
             ("timeouts.client_idle", t.client_idle),
             ("timeouts.upstream_connect", t.upstream_connect),
             ("timeouts.upstream_response", t.upstream_response),
+            ("timeouts.upgraded_idle", t.upgraded_idle),
             ("health.interval", self.health.interval),
             ("health.timeout", self.health.timeout),
         ] {

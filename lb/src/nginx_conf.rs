@@ -470,7 +470,9 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
         }
         "proxy_read_timeout" => {
             arity(d, 1, 1)?;
+            // nginx applies it between reads of responses and of websocket traffic alike.
             out.set(&["timeouts", "upstream_response"], time_arg(d, &d.args[0])?);
+            out.set(&["timeouts", "upgraded_idle"], time_arg(d, &d.args[0])?);
         }
         "proxy_connect_timeout" => {
             arity(d, 1, 1)?;
@@ -703,6 +705,7 @@ mod tests {
         assert_eq!(c.upstream.servers[1].max_fails, 3);
         assert_eq!(c.upstream.servers[1].fail_timeout.get().as_secs(), 30);
         assert_eq!(c.timeouts.upstream_response.get().as_secs(), 86400);
+        assert_eq!(c.timeouts.upgraded_idle.get().as_secs(), 86400);
         assert_eq!(c.timeouts.client_idle.get().as_secs(), 65);
         let w = t.warnings.join("\n");
         assert!(w.contains("line 3: `user` ignored"), "{w}");

@@ -3,14 +3,17 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access;
 use crate::body::{ActiveGuard, BodySlot, RespBody, UpBody};
@@ -367,6 +370,7 @@ fn relay_upgrade(
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let hard = ctx.hard.clone();
     let gauge = shared.metrics.upgraded.clone();
+    let idle = shared.runtime.load().config.timeouts.upgraded_idle.get();
     ctx.tracker.spawn(async move {
         let _guard = guard;
         let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
@@ -377,14 +381,22 @@ fn relay_upgrade(
             }
         };
         gauge.inc();
-        let mut client = TokioIo::new(client);
-        let mut upstream = TokioIo::new(upstream);
+        let clock = ActivityClock::new();
+        let mut client = Activity {
+            inner: TokioIo::new(client),
+            clock: &clock,
+        };
+        let mut upstream = Activity {
+            inner: TokioIo::new(upstream),
+            clock: &clock,
+        };
         tokio::select! {
             r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "upgraded connection ended");
                 }
             }
+            _ = clock.idle_for(idle) => tracing::debug!(?idle, "closing idle upgraded connection"),
             _ = hard.cancelled() => tracing::info!("closing upgraded connection at the shutdown deadline"),
         }
         gauge.dec();
@@ -395,6 +407,72 @@ fn relay_upgrade(
         parts.headers.remove(name);
     }
     Response::from_parts(parts, RespBody::Full(None))
+}
+
+/// When bytes last moved on an upgraded connection, in milliseconds since `start`.
+struct ActivityClock {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl ActivityClock {
+    fn new() -> Self {
+        ActivityClock {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing moved for `idle`; re-arms on every wake instead of per byte.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = last + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+/// An I/O half that records activity on the shared clock.
+struct Activity<'a, T> {
+    inner: T,
+    clock: &'a ActivityClock,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Activity<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.clock.touch();
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Activity<'_, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]

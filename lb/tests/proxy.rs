@@ -617,3 +617,37 @@ async fn a_connect_timeout_moves_the_request_to_the_next_server() -> Result<()> 
     assert!(m.contains("lb_retries_total 1"), "{m}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websockets_are_closed_after_the_upgraded_idle_timeout() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.timeouts.upgraded_idle = Dur(Duration::from_millis(600));
+    let lb = start(cfg).await?;
+    let mut s = TcpStream::connect(lb.addr).await?;
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    // Traffic keeps it open past the idle timeout...
+    let started = Instant::now();
+    let mut four = [0u8; 4];
+    while started.elapsed() < Duration::from_millis(1200) {
+        s.write_all(b"ping").await?;
+        tokio::time::timeout(support::DEADLINE, s.read_exact(&mut four)).await??;
+        tokio::time::sleep(Duration::from_millis(200)).await; // pacing the traffic, not synchronising
+    }
+    // ...silence closes it.
+    let quiet = Instant::now();
+    let n = tokio::time::timeout(support::DEADLINE, s.read(&mut buf))
+        .await?
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    let waited = quiet.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    Ok(())
+}
