@@ -33,6 +33,8 @@ pub struct Config {
     pub dashboard_interval_ms: u64,
     /// Bound on each status fetch, in milliseconds.
     pub status_timeout_ms: u64,
+    /// Bound on reading a request's head from a client, in milliseconds.
+    pub header_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -49,6 +51,7 @@ impl Default for Config {
             dbproxy_admin_url: String::new(),
             dashboard_interval_ms: 1000,
             status_timeout_ms: 1000,
+            header_timeout_ms: 10_000,
         }
     }
 }
@@ -131,6 +134,12 @@ impl common::Validate for Config {
         if self.status_timeout_ms == 0 || self.status_timeout_ms > 600_000 {
             return Err(ConfigError::invalid(
                 "status_timeout_ms",
+                "must be between 1 and 600000",
+            ));
+        }
+        if self.header_timeout_ms == 0 || self.header_timeout_ms > 600_000 {
+            return Err(ConfigError::invalid(
+                "header_timeout_ms",
                 "must be between 1 and 600000",
             ));
         }

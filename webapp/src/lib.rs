@@ -11,7 +11,6 @@ pub mod metrics;
 mod render;
 pub mod routes;
 
-use std::future::IntoFuture;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -78,15 +77,69 @@ pub async fn run(
     let fetcher = tokio::spawn(dashboard.run(shutdown.clone()));
 
     let app = routes::router(state);
-    let drain = shutdown.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move { drain.cancelled().await });
-    let served = tokio::select! {
-        r = server.into_future() => r,
-        // Connections still open 10 s after the signal are cut: one shutdown path with a deadline.
-        _ = async { shutdown.cancelled().await; tokio::time::sleep(Duration::from_secs(10)).await } => Ok(()),
-    };
+    serve(
+        listener,
+        app,
+        Duration::from_millis(config.header_timeout_ms),
+        shutdown.clone(),
+    )
+    .await;
     migrator.abort();
     fetcher.abort();
-    served?;
     Ok(())
+}
+
+/// The accept loop: HTTP/1.1 with keep-alive and a bound on reading each request head (axum's own
+/// `serve` has no such bound, and a client trickling headers would hold a task forever). On
+/// shutdown it stops accepting, asks every connection to finish its request in flight, and cuts
+/// what is still open after 10 s.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    drop(listener);
+    tracker.close();
+    if tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open 10 s after shutdown were cut");
+    }
 }

@@ -295,3 +295,65 @@ async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
     app.stop().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_trickling_its_request_head_is_cut_off() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut cfg = config("slow", NO_DB);
+    cfg.header_timeout_ms = 300;
+    let app = App::start(cfg).await?;
+    let mut s = tokio::net::TcpStream::connect(app.addr).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").await?;
+    let started = std::time::Instant::now();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+        .await
+        .context("the server kept a half-sent request open")??;
+    ensure!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
+    let text = String::from_utf8_lossy(&out);
+    ensure!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    // Complete requests on other connections are unaffected.
+    let r = app.get("/healthz").await?;
+    ensure!(r.status == StatusCode::OK, "{r:?}");
+    app.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_event_streams_promptly() -> Result<()> {
+    let app = App::start(config("drain", NO_DB)).await?;
+    let stream = tokio::net::TcpStream::connect(app.addr).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn_task = tokio::spawn(conn);
+    let req = hyper::Request::get("/dashboard/events")
+        .header("host", "x")
+        .body(Empty::<Bytes>::new())?;
+    let mut resp = sender.send_request(req).await?;
+    ensure!(resp.status() == StatusCode::OK);
+    let started = std::time::Instant::now();
+    app.shutdown.cancel();
+    // The stream ends (rather than being cut at the 10 s drain deadline)...
+    let end = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(frame) = resp.body_mut().frame().await {
+            frame?;
+        }
+        anyhow::Ok(())
+    })
+    .await;
+    ensure!(end.is_ok(), "event stream still open after shutdown");
+    // ...and the server exits cleanly.
+    tokio::time::timeout(Duration::from_secs(5), app.task)
+        .await
+        .context("webapp did not stop")???;
+    ensure!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    conn_task.abort();
+    Ok(())
+}
