@@ -14,7 +14,7 @@
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
-//! `limits.max_connections` change only on restart; relayed websockets have no idle timeout; for
+//! `limits.max_connections` change only on restart; for
 //! HTTP/1.1 an idle keep-alive connection is closed after `min(header_read, client_idle)` because
 //! hyper's header timer also runs while waiting for the next request.
 

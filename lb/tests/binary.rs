@@ -234,3 +234,39 @@ async fn sighup_reloads_the_server_list_and_sigterm_exits_cleanly() -> Result<()
     assert_eq!(lb.wait_exit(Duration::from_secs(15))?, 0, "{}", lb.stderr());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_has_one_structured_line_per_request() -> Result<()> {
+    let a = Backend::start("a").await;
+    let (listen, admin) = (free_addr()?, free_addr()?);
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("lb.toml");
+    std::fs::write(&path, toml_config(listen, admin, &[&a]))?;
+    let mut lb = Proc::spawn(&[
+        "--config",
+        path.to_str().context("path")?,
+        "--log-format",
+        "json",
+        "--set",
+        "access_log.format=json",
+    ])?;
+    wait_for("lb to serve", || async { get_once(listen, "/").await.ok() }).await?;
+    get_once(listen, "/json-check?x=1").await?;
+    let line = wait_for("the access log line", || async {
+        lb.stderr()
+            .lines()
+            .find(|l| l.contains("/json-check"))
+            .map(str::to_string)
+    })
+    .await?;
+    let v: serde_json::Value = serde_json::from_str(&line).with_context(|| line.clone())?;
+    assert_eq!(v["target"], "lb::access", "{line}");
+    assert_eq!(v["status"], 200, "{line}");
+    assert_eq!(v["method"], "GET", "{line}");
+    assert_eq!(v["uri"], "/json-check?x=1", "{line}");
+    assert_eq!(v["remote_addr"], "127.0.0.1", "{line}");
+    assert_eq!(v["upstream"], a.addr.to_string(), "{line}");
+    lb.signal("-TERM")?;
+    assert_eq!(lb.wait_exit(Duration::from_secs(15))?, 0, "{}", lb.stderr());
+    Ok(())
+}

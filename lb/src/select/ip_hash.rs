@@ -141,6 +141,37 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_clients_hash_all_sixteen_bytes_like_nginx() {
+        let w = [1u32, 2, 1];
+        let p = weights(&w);
+        let s = IpHash::new(3);
+        for i in 0u32..500 {
+            let x = i.wrapping_mul(2_654_435_761).to_be_bytes();
+            let ip = std::net::Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                u16::from(x[0]),
+                7,
+                0,
+                u16::from(x[1]),
+                u16::from(x[2]),
+                1,
+            );
+            let mut hash: u32 = 89;
+            for b in ip.octets() {
+                hash = (hash * 113 + u32::from(b)) % 6271;
+            }
+            let mut ww = hash % 4;
+            let mut want = 0;
+            while ww >= w[want] {
+                ww -= w[want];
+                want += 1;
+            }
+            assert_eq!(pick(&s, &p, &ip.to_string()), want, "{ip}");
+        }
+    }
+
+    #[test]
     fn ipv6_uses_all_sixteen_bytes_and_mapped_v4_counts_as_v4() {
         let mut buf = [0; 16];
         assert_eq!(addr_bytes("::1".parse().unwrap(), &mut buf), 16);
