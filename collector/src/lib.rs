@@ -3,6 +3,16 @@
 //!
 //! Two tasks share the [`spool::Spool`]: the sampler appends a sample each interval and never waits
 //! for the database; the writer flushes the spool in order whenever the database answers.
+//!
+//! - `sample.rs`: pure parsers of /proc text (stat, loadavg, meminfo, mounts, net/dev, uptime,
+//!   hostname) and the [`sample::Sampler`] that reads them (plus statvfs) off the async threads.
+//! - `spool.rs`: the bounded queue and its JSON-lines file; torn or garbage lines are skipped.
+//! - `store.rs`: one tokio-postgres connection, migrations on first connect, a timeout on every
+//!   statement, and a server-side cancel of any statement it abandons.
+//! - `metrics.rs`: `/metrics` on the optional admin listener.
+//!
+//! Writes are `INSERT ... ON CONFLICT (host, sampled_at) DO NOTHING`, so re-sending after a crash
+//! or a lost acknowledgement never stores a sample twice; stamps are strictly increasing per host.
 
 pub mod metrics;
 pub mod sample;
