@@ -63,13 +63,11 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 /// Counts every request by its route pattern (bounded cardinality) and status, and times it.
 async fn track(State(st): St, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+    // MatchedPath is a shared string: cloning it does not allocate.
+    let matched = req.extensions().get::<MatchedPath>().cloned();
     let started = Instant::now();
     let resp = next.run(req).await;
-    let route = route.as_deref().unwrap_or("unmatched");
+    let route = matched.as_ref().map_or("unmatched", MatchedPath::as_str);
     st.metrics
         .latency
         .with_label_values(&[route])
