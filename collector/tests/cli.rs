@@ -110,6 +110,17 @@ fn bad_flags_and_config_are_clear_errors() -> Result<()> {
         assert!(stderr.contains(want), "{args:?}: {stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // A spool file that cannot be created stops the collector at once, saying where.
+    let mut cmd = collector();
+    cmd.args(["--once", "--set", "spool_file=\"/nonexistent-dir/spool.jsonl\""]);
+    let out = output(cmd, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("spool file /nonexistent-dir/spool.jsonl"),
+        "{stderr}"
+    );
+
     // Both an interval flag and a positional interval: refused by the parser.
     let mut cmd = collector();
     cmd.args(["--print", "--interval", "1", "2"]);

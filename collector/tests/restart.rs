@@ -61,3 +61,44 @@ async fn a_restart_with_a_non_empty_spool_file_loses_nothing() -> Result<()> {
     assert_eq!(std::fs::metadata(&spool)?.len(), 0);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_the_database_refuses_does_not_block_the_rest() -> Result<()> {
+    let cluster = start_db().await?;
+    let dir = tempfile::tempdir()?;
+    let spool = dir.path().join("spool.jsonl");
+    let host = "poison-host";
+    // A hand-edited (or foreign) spool file: the first sample breaks a table constraint.
+    let good: schema::Sample = {
+        let mut s = collector::sample::Sampler::new("/proc", host.into());
+        s.prime()?;
+        s.sample()?
+    };
+    let mut bad = good.clone();
+    bad.sampled_at -= std::time::Duration::from_secs(1);
+    bad.cpu_percent = Some(1000.0);
+    std::fs::write(
+        &spool,
+        format!(
+            "{}\n{}\n",
+            serde_json::to_string(&bad)?,
+            serde_json::to_string(&good)?
+        ),
+    )?;
+
+    let c = spawn(config(cluster.primary(), &spool, host));
+    let (cl, stats) = (cluster.clone(), c.stats.clone());
+    wait_for("the good samples past the bad one", move || {
+        let want = 1 + stats.produced();
+        Ok((stats.produced() >= 2 && count(cl.primary(), host)? == want).then_some(()))
+    })
+    .await?;
+    let stats = c.stop().await?;
+    assert_eq!(stats.rejected(), 1);
+    assert_eq!(stats.recovered(), 2);
+    let rows = rows(cluster.primary(), host)?;
+    assert_in_order_once(&rows);
+    let first = good.sampled_at.duration_since(std::time::UNIX_EPOCH)?.as_micros() as i64;
+    assert_eq!(rows[0].1, first, "the valid spooled sample is stored first");
+    Ok(())
+}
