@@ -651,3 +651,32 @@ async fn idle_websockets_are_closed_after_the_upgraded_idle_timeout() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stop_at_the_configured_number_of_tries() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    for _ in 0..2 {
+        cfg.upstream.servers.insert(
+            0,
+            ServerConfig {
+                addr: dead_addr().await.to_string(),
+                ..Default::default()
+            },
+        );
+    }
+    for s in &mut cfg.upstream.servers {
+        s.max_fails = 0; // keep the dead servers in rotation
+    }
+    cfg.retry.tries = 2;
+    let lb = start(cfg.clone()).await?;
+    // Smooth round robin tries dead 0, then dead 1, and two tries are all it may use.
+    let (status, body) = get_once(lb.addr, "/").await?;
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(a.hits(), 0);
+    cfg.retry.tries = 0;
+    lb.lb.reload(cfg)?;
+    let (status, body) = get_once(lb.addr, "/").await?;
+    assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
+    Ok(())
+}
