@@ -130,6 +130,20 @@ fn bad_flags_and_config_are_clear_errors() -> Result<()> {
 }
 
 #[test]
+fn the_example_config_is_valid_and_equals_the_defaults() -> Result<()> {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/collector.example.toml");
+    let mut cmd = collector();
+    cmd.args(["--check-config", "--config", example]);
+    let out = output(cmd, Duration::from_secs(30))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let printed: toml::Table = toml::from_str(std::str::from_utf8(&out.stdout)?)?;
+    let parsed: collector::Config = common::config::from_table(printed)?;
+    assert_eq!(parsed, collector::Config::default());
+    Ok(())
+}
+
+#[test]
 fn unreadable_proc_is_a_clear_error() -> Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::create_dir_all(dir.path().join("sys/kernel"))?;
