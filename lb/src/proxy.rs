@@ -238,7 +238,11 @@ async fn proxy(
     .max(1);
     let deadline = (!cfg.retry.timeout.get().is_zero()).then(|| start + cfg.retry.timeout.get());
     let response_timeout = cfg.timeouts.upstream_response.get();
-    let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let path = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     let mut pick = RequestPick::default();
     let mut give_up = GiveUp::BadGateway;
     let mut last_label = None;
@@ -256,19 +260,16 @@ async fn proxy(
         let server = up.servers[i].clone();
         last_label = Some(server.label.clone());
         server.requests.fetch_add(1, Ordering::Relaxed);
-        let uri = match Uri::builder()
-            .scheme("http")
-            .authority(&*server.label)
-            .path_and_query(path)
-            .build()
-        {
-            Ok(u) => u,
-            Err(_) => {
-                return (
-                    error_response(StatusCode::BAD_REQUEST, "bad request target\n"),
-                    None,
-                )
-            }
+        // Cached authority and the request's own path: no parsing or copying per try.
+        let mut uri_parts = http::uri::Parts::default();
+        uri_parts.scheme = Some(http::uri::Scheme::HTTP);
+        uri_parts.authority = Some(server.authority.clone());
+        uri_parts.path_and_query = Some(path.clone());
+        let Ok(uri) = Uri::from_parts(uri_parts) else {
+            return (
+                error_response(StatusCode::BAD_REQUEST, "bad request target\n"),
+                None,
+            );
         };
         let body = match &slot {
             None => UpBody::Empty,

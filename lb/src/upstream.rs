@@ -185,6 +185,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// `addr` as text, the label in metrics.
     pub label: Arc<str>,
+    /// `addr` as a URI authority, built once for every request sent to it.
+    pub authority: http::uri::Authority,
     /// The name nginx would hash for consistent hashing (the `server` text).
     pub name: String,
     /// Requests in flight.
@@ -207,6 +209,8 @@ impl Server {
     fn new(config: ServerConfig, addr: SocketAddr, name: String, thresholds: Thresholds) -> Server {
         Server {
             label: Arc::from(addr.to_string()),
+            authority: http::uri::Authority::try_from(addr.to_string().as_str())
+                .expect("a socket address is a valid authority"),
             config,
             addr,
             name,
