@@ -41,6 +41,10 @@ async fn login(proxy: &Proxy, user: &str, password: &str, db: &str) -> Result<()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_and_every_refusal() -> Result<()> {
+    support::bounded(every_method_and_every_refusal_body()).await
+}
+
+async fn every_method_and_every_refusal_body() -> Result<()> {
     let cluster =
         tokio::task::spawn_blocking(|| PgCluster::builder().standbys(0).password("pw").start()).await??;
     cluster.primary().psql(

@@ -89,6 +89,10 @@ fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_postgres_errors() -> Result<()> {
+    support::bounded(bad_input_gets_postgres_errors_body()).await
+}
+
+async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(0).start()).await??;
     let mut config = config_for(&cluster, None);
     config.users.clear();

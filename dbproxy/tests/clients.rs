@@ -36,6 +36,10 @@ fn select_cnt(proxy: &Proxy, node: usize) -> Result<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn psql_pgbench_copy_replay_and_admin() -> Result<()> {
+    support::bounded(psql_pgbench_copy_replay_and_admin_body()).await
+}
+
+async fn psql_pgbench_copy_replay_and_admin_body() -> Result<()> {
     let cluster =
         tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
     let (pp, sp) = (cluster.primary().port(), cluster.standby(0).port());

@@ -19,6 +19,10 @@ async fn port_of(c: &tokio_postgres::Client, sql: &str) -> Result<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_go_to_the_standby_and_everything_else_to_the_primary() -> Result<()> {
+    support::bounded(reads_go_to_the_standby_and_everything_else_to_the_primary_body()).await
+}
+
+async fn reads_go_to_the_standby_and_everything_else_to_the_primary_body() -> Result<()> {
     let cluster =
         tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
     let (pp, sp) = (cluster.primary().port(), cluster.standby(0).port());

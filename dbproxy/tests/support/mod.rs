@@ -169,3 +169,10 @@ pub fn code(e: &tokio_postgres::Error) -> String {
         .map(|c| c.code().to_string())
         .unwrap_or_else(|| format!("no sqlstate: {e}"))
 }
+
+/// Runs a test body with an overall time limit, so a hang fails the test instead of stalling CI.
+pub async fn bounded<T>(body: impl std::future::Future<Output = Result<T>>) -> Result<T> {
+    tokio::time::timeout(Duration::from_secs(240), body)
+        .await
+        .context("the test did not finish within 240 s")?
+}
