@@ -370,10 +370,12 @@ fn relay_upgrade(
     };
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let hard = ctx.hard.clone();
+    let permit = ctx.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
     let gauge = shared.metrics.upgraded.clone();
     let idle = shared.runtime.load().config.timeouts.upgraded_idle.get();
     ctx.tracker.spawn(async move {
         let _guard = guard;
+        let _permit = permit;
         let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {

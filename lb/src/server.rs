@@ -24,6 +24,9 @@ pub(crate) struct ConnCtx {
     pub tracker: TaskTracker,
     /// Cancelled when the shutdown deadline passes: upgraded connections close then.
     pub hard: CancellationToken,
+    /// The connection's slot under `limits.max_connections`; an upgrade takes it along, so
+    /// relayed websockets count against the limit for as long as they live.
+    pub permit: std::sync::Mutex<Option<OwnedSemaphorePermit>>,
     inflight: AtomicU32,
     seen_request: AtomicBool,
     /// Milliseconds since `opened` of the last request start or end.
@@ -103,12 +106,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
             peer,
             tracker: tracker.clone(),
             hard: hard.clone(),
+            permit: std::sync::Mutex::new(Some(permit)),
             inflight: AtomicU32::new(0),
             seen_request: AtomicBool::new(false),
             last_activity_ms: AtomicU64::new(0),
             opened: Instant::now(),
         });
-        tracker.spawn(connection(shared.clone(), stream, ctx, permit, shutdown.clone()));
+        tracker.spawn(connection(shared.clone(), stream, ctx, shutdown.clone()));
     }
     drop(listener);
     tracker.close();
@@ -125,13 +129,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
     }
 }
 
-async fn connection(
-    shared: Arc<Shared>,
-    stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    _permit: OwnedSemaphorePermit,
-    shutdown: CancellationToken,
-) {
+async fn connection(shared: Arc<Shared>, stream: TcpStream, ctx: Arc<ConnCtx>, shutdown: CancellationToken) {
     let gauge = shared.metrics.active_connections.clone();
     gauge.inc();
     let (header_read, client_idle, max_header) = {

@@ -485,12 +485,8 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
     // The third connection sits in the kernel backlog: no answer while both slots are taken.
     let addr = lb.addr;
     let third = tokio::spawn(async move { Conn::open(addr, "127.0.0.1").await?.get("/").await });
-    let early = tokio::time::timeout(Duration::from_millis(300), async {
-        while !third.is_finished() {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await;
+    let mut third = third;
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
     assert!(early.is_err(), "the third connection was served beyond the limit");
     assert_eq!(a.hits(), 2);
     drop(first);
@@ -678,5 +674,31 @@ async fn retries_stop_at_the_configured_number_of_tries() -> Result<()> {
     lb.lb.reload(cfg)?;
     let (status, body) = get_once(lb.addr, "/").await?;
     assert_eq!((status.as_u16(), body.as_str()), (200, "a"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relayed_websockets_count_against_the_connection_limit() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.limits.max_connections = 1;
+    let lb = start(cfg).await?;
+    let mut ws = TcpStream::connect(lb.addr).await?;
+    ws.write_all(b"GET /ws HTTP/1.1\r\nHost: app\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n")
+        .await?;
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(support::DEADLINE, ws.read(&mut buf)).await??;
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
+    let addr = lb.addr;
+    let other = tokio::spawn(async move { get_once(addr, "/").await });
+    let mut other = other;
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut other).await;
+    assert!(
+        early.is_err(),
+        "a second connection was served while the websocket held the only slot"
+    );
+    drop(ws);
+    let (status, _) = tokio::time::timeout(support::DEADLINE, other).await???;
+    assert_eq!(status, 200);
     Ok(())
 }
