@@ -484,8 +484,7 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
     assert_eq!(second.get("/").await?.0, 200);
     // The third connection sits in the kernel backlog: no answer while both slots are taken.
     let addr = lb.addr;
-    let third = tokio::spawn(async move { Conn::open(addr, "127.0.0.1").await?.get("/").await });
-    let mut third = third;
+    let mut third = tokio::spawn(async move { Conn::open(addr, "127.0.0.1").await?.get("/").await });
     let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
     assert!(early.is_err(), "the third connection was served beyond the limit");
     assert_eq!(a.hits(), 2);
@@ -690,8 +689,7 @@ async fn relayed_websockets_count_against_the_connection_limit() -> Result<()> {
     let n = tokio::time::timeout(support::DEADLINE, ws.read(&mut buf)).await??;
     assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 101"));
     let addr = lb.addr;
-    let other = tokio::spawn(async move { get_once(addr, "/").await });
-    let mut other = other;
+    let mut other = tokio::spawn(async move { get_once(addr, "/").await });
     let early = tokio::time::timeout(Duration::from_millis(300), &mut other).await;
     assert!(
         early.is_err(),
