@@ -357,3 +357,56 @@ async fn shutdown_ends_open_event_streams_promptly() -> Result<()> {
     conn_task.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_checks_config_serves_and_drains_on_sigterm() -> Result<()> {
+    let bin = env!("CARGO_BIN_EXE_webapp");
+    // A bad value names its key and exits 2.
+    let out = std::process::Command::new(bin)
+        .arg("--check-config")
+        .env("WEBAPP_POOL_SIZE", "0")
+        .output()?;
+    ensure!(out.status.code() == Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(err.contains("pool_size"), "{err}");
+
+    let port = testkit::free_port()?;
+    let mut child = std::process::Command::new(bin)
+        .args([
+            "--set",
+            "instance=from-cli",
+            "--set",
+            "lb_status_url=",
+            "--set",
+            "dbproxy_status_url=",
+        ])
+        .env("WEBAPP_LISTEN", format!("127.0.0.1:{port}"))
+        .env("WEBAPP_DATABASE_URL", NO_DB)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let served = common::poll("binary serving", Duration::from_secs(30), || async {
+        let r = request(Method::GET, &format!("{url}/"), &[]).await?;
+        Ok(Some(r))
+    })
+    .await;
+    let sent = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let page = served?;
+    ensure!(sent?.success());
+    // No database: the friendly page, naming the instance set on the command line.
+    ensure!(page.status == StatusCode::SERVICE_UNAVAILABLE, "{page:?}");
+    ensure!(page.body.contains("from-cli"), "{}", page.body);
+    let status = tokio::task::spawn_blocking(move || {
+        testkit::wait_for(
+            "webapp to exit",
+            Duration::from_secs(15),
+            || Ok(child.try_wait()?),
+        )
+    })
+    .await??;
+    ensure!(status.success(), "exit status {status}");
+    Ok(())
+}
