@@ -1,0 +1,1029 @@
+//! Statement classifier: decides whether a SQL string surely only reads, and what it does to the
+//! session (transactions, session settings, state that pins a session to the primary).
+//!
+//! It is a conservative lexer, not a parser. It skips comments, quoted strings, quoted identifiers
+//! and dollar quotes, then applies rules that settle common reads in well under a microsecond.
+//! Anything it cannot settle goes to the primary (invariant 1); the 25006 replay in the session
+//! makes a residual miss cost a round trip, never an error. Why not PostgreSQL's own grammar
+//! (`pg_query`): a full parse costs 13–78% of a core at the target rates on this machine (see
+//! DESIGN.md), and extended-protocol statements are classified once, at Parse, anyway.
+
+use std::collections::HashSet;
+
+/// Where a statement may run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// It surely only reads: any healthy standby may run it.
+    Standby,
+    /// It writes, may write, or could not be classified.
+    Primary,
+}
+
+/// What a statement does to the transaction state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxCommand {
+    /// Nothing.
+    None,
+    /// BEGIN / START TRANSACTION, possibly READ ONLY.
+    Begin {
+        /// The transaction was declared READ ONLY.
+        read_only: bool,
+    },
+    /// COMMIT / END / ROLLBACK / ABORT / PREPARE TRANSACTION.
+    End,
+}
+
+/// The verdict on one SQL string (which may hold several statements).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Classified {
+    /// Where it may run.
+    pub target: Target,
+    /// Its effect on the transaction (the last such statement in a multi-statement string).
+    pub tx: TxCommand,
+    /// It creates state only the primary connection will have (temporary tables, LISTEN, session
+    /// advisory locks, WITH HOLD cursors, SQL-level PREPARE): the session must stay on the primary.
+    pub pins_session: bool,
+    /// It changes session settings (SET, RESET, DISCARD, set_config) that every backend connection of
+    /// the session must share.
+    pub session_set: bool,
+}
+
+impl Classified {
+    const PRIMARY: Classified = Classified {
+        target: Target::Primary,
+        tx: TxCommand::None,
+        pins_session: false,
+        session_set: false,
+    };
+    const READ: Classified = Classified {
+        target: Target::Standby,
+        ..Classified::PRIMARY
+    };
+}
+
+/// Functions known to have no side effects and to work on a hot standby.
+const READ_ONLY_FUNCTIONS: &[&str] = &[
+    "abs",
+    "age",
+    "array_agg",
+    "array_length",
+    "array_lower",
+    "array_position",
+    "array_to_json",
+    "array_to_string",
+    "array_upper",
+    "ascii",
+    "avg",
+    "bit_length",
+    "bool_and",
+    "bool_or",
+    "btrim",
+    "cardinality",
+    "ceil",
+    "ceiling",
+    "char_length",
+    "character_length",
+    "chr",
+    "clock_timestamp",
+    "col_description",
+    "concat",
+    "concat_ws",
+    "count",
+    "cume_dist",
+    "current_database",
+    "current_schema",
+    "current_schemas",
+    "current_setting",
+    "date_bin",
+    "date_part",
+    "date_trunc",
+    "decode",
+    "degrees",
+    "dense_rank",
+    "div",
+    "encode",
+    "every",
+    "exp",
+    "first_value",
+    "floor",
+    "format",
+    "format_type",
+    "gen_random_uuid",
+    "generate_series",
+    "generate_subscripts",
+    "has_database_privilege",
+    "has_schema_privilege",
+    "has_table_privilege",
+    "host",
+    "inet_client_addr",
+    "inet_client_port",
+    "inet_server_addr",
+    "inet_server_port",
+    "initcap",
+    "isfinite",
+    "json_agg",
+    "json_array_elements",
+    "json_array_elements_text",
+    "json_array_length",
+    "json_build_array",
+    "json_build_object",
+    "json_each",
+    "json_each_text",
+    "json_extract_path",
+    "json_extract_path_text",
+    "json_object_agg",
+    "json_object_keys",
+    "json_typeof",
+    "jsonb_agg",
+    "jsonb_array_elements",
+    "jsonb_array_elements_text",
+    "jsonb_array_length",
+    "jsonb_build_array",
+    "jsonb_build_object",
+    "jsonb_each",
+    "jsonb_each_text",
+    "jsonb_extract_path",
+    "jsonb_extract_path_text",
+    "jsonb_object_agg",
+    "jsonb_object_keys",
+    "jsonb_path_query",
+    "jsonb_pretty",
+    "jsonb_set",
+    "jsonb_strip_nulls",
+    "jsonb_typeof",
+    "justify_days",
+    "justify_hours",
+    "justify_interval",
+    "lag",
+    "last_value",
+    "lead",
+    "left",
+    "length",
+    "ln",
+    "log",
+    "lower",
+    "lpad",
+    "ltrim",
+    "make_date",
+    "make_interval",
+    "make_time",
+    "make_timestamp",
+    "make_timestamptz",
+    "max",
+    "md5",
+    "min",
+    "mod",
+    "mode",
+    "now",
+    "nth_value",
+    "ntile",
+    "num_nulls",
+    "num_nonnulls",
+    "obj_description",
+    "octet_length",
+    "percent_rank",
+    "percentile_cont",
+    "percentile_disc",
+    "pg_backend_pid",
+    "pg_column_size",
+    "pg_database_size",
+    "pg_get_userbyid",
+    "pg_indexes_size",
+    "pg_is_in_recovery",
+    "pg_last_wal_receive_lsn",
+    "pg_last_wal_replay_lsn",
+    "pg_last_xact_replay_timestamp",
+    "pg_postmaster_start_time",
+    "pg_relation_size",
+    "pg_size_pretty",
+    "pg_sleep",
+    "pg_table_size",
+    "pg_total_relation_size",
+    "pg_typeof",
+    "pg_wal_lsn_diff",
+    "pi",
+    "power",
+    "quote_ident",
+    "quote_literal",
+    "quote_nullable",
+    "radians",
+    "random",
+    "rank",
+    "regexp_match",
+    "regexp_matches",
+    "regexp_replace",
+    "regexp_split_to_array",
+    "regexp_split_to_table",
+    "repeat",
+    "replace",
+    "reverse",
+    "right",
+    "round",
+    "row_number",
+    "row_to_json",
+    "rpad",
+    "rtrim",
+    "sha224",
+    "sha256",
+    "sha384",
+    "sha512",
+    "sign",
+    "split_part",
+    "sqrt",
+    "starts_with",
+    "statement_timestamp",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "string_agg",
+    "string_to_array",
+    "strpos",
+    "sum",
+    "timeofday",
+    "to_char",
+    "to_date",
+    "to_hex",
+    "to_json",
+    "to_jsonb",
+    "to_number",
+    "to_timestamp",
+    "transaction_timestamp",
+    "translate",
+    "trunc",
+    "unnest",
+    "upper",
+    "var_pop",
+    "var_samp",
+    "variance",
+    "version",
+    "width_bucket",
+];
+
+/// Keywords and type names that may stand before `(` without being a function call.
+const NOT_CALLS: &[&str] = &[
+    "all",
+    "and",
+    "any",
+    "array",
+    "as",
+    "between",
+    "bigint",
+    "bit",
+    "boolean",
+    "by",
+    "case",
+    "cast",
+    "char",
+    "character",
+    "coalesce",
+    "cube",
+    "date",
+    "decimal",
+    "distinct",
+    "double",
+    "else",
+    "except",
+    "exists",
+    "extract",
+    "fetch",
+    "filter",
+    "float",
+    "from",
+    "greatest",
+    "group",
+    "grouping",
+    "groups",
+    "having",
+    "ilike",
+    "in",
+    "int",
+    "integer",
+    "intersect",
+    "interval",
+    "is",
+    "join",
+    "json",
+    "jsonb",
+    "lateral",
+    "least",
+    "like",
+    "limit",
+    "not",
+    "nullif",
+    "numeric",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "over",
+    "overlay",
+    "partition",
+    "position",
+    "precision",
+    "range",
+    "real",
+    "recursive",
+    "rollup",
+    "row",
+    "rows",
+    "select",
+    "sets",
+    "similar",
+    "smallint",
+    "some",
+    "substring",
+    "table",
+    "tablesample",
+    "text",
+    "then",
+    "time",
+    "timestamp",
+    "timestamptz",
+    "trim",
+    "union",
+    "uuid",
+    "values",
+    "varchar",
+    "varying",
+    "when",
+    "where",
+    "window",
+    "with",
+    "within",
+    "bytea",
+    "numrange",
+    "int4range",
+    "tsrange",
+];
+
+/// Decides where statements run; built once from the configuration.
+#[derive(Debug, Clone)]
+pub struct Classifier {
+    read_only: HashSet<String>,
+}
+
+impl Default for Classifier {
+    fn default() -> Self {
+        Classifier::new(&[])
+    }
+}
+
+impl Classifier {
+    /// A classifier that also trusts the given functions (lower-case, optionally schema-qualified) to
+    /// only read; pgpool-II calls this list `read_only_function_list`.
+    pub fn new(read_only_functions: &[String]) -> Self {
+        let mut read_only: HashSet<String> = READ_ONLY_FUNCTIONS.iter().map(|s| s.to_string()).collect();
+        read_only.extend(read_only_functions.iter().map(|f| f.trim().to_ascii_lowercase()));
+        Classifier { read_only }
+    }
+
+    /// Classifies a SQL string (simple-protocol Query text or an extended-protocol Parse).
+    pub fn classify(&self, sql: &str) -> Classified {
+        let tokens = match lex(sql) {
+            Ok(t) => t,
+            Err(()) => return Classified::PRIMARY,
+        };
+        let mut out = Classified::READ;
+        let mut any = false;
+        for stmt in tokens.split(|t| *t == Tok::Semi).filter(|s| !s.is_empty()) {
+            any = true;
+            let c = self.statement(stmt);
+            if c.target == Target::Primary {
+                out.target = Target::Primary;
+            }
+            if c.tx != TxCommand::None {
+                out.tx = c.tx;
+            }
+            out.pins_session |= c.pins_session;
+            out.session_set |= c.session_set;
+        }
+        if !any {
+            // An empty query: harmless anywhere, but there is nothing to balance either.
+            out.target = Target::Primary;
+        }
+        out
+    }
+
+    fn statement(&self, t: &[Tok<'_>]) -> Classified {
+        let Some(first) = t.first().and_then(Tok::word) else {
+            // Starts with a parenthesis, e.g. `(SELECT 1) UNION (SELECT 2)`: check it like a SELECT.
+            return if matches!(t.first(), Some(Tok::Punct(b'('))) {
+                self.read_like(t)
+            } else {
+                Classified::PRIMARY
+            };
+        };
+        let kw = |i: usize, w: &str| {
+            t.get(i)
+                .and_then(Tok::word)
+                .is_some_and(|x| x.eq_ignore_ascii_case(w))
+        };
+        let has = |w: &str| {
+            t.iter()
+                .any(|x| x.word().is_some_and(|x| x.eq_ignore_ascii_case(w)))
+        };
+        let lower = first.to_ascii_lowercase();
+        match lower.as_str() {
+            "select" | "values" | "table" | "with" | "show" => self.read_like(t),
+            "explain" => {
+                // EXPLAIN ANALYZE runs the statement; either way the explained statement decides.
+                let mut i = 1;
+                if t.get(i) == Some(&Tok::Punct(b'(')) {
+                    i = matching_paren(t, i) + 1;
+                }
+                const OPTIONS: &[&str] = &["analyze", "analyse", "verbose"];
+                while t
+                    .get(i)
+                    .and_then(Tok::word)
+                    .is_some_and(|w| OPTIONS.iter().any(|o| w.eq_ignore_ascii_case(o)))
+                {
+                    i += 1;
+                }
+                let inner = t.get(i..).unwrap_or(&[]);
+                let readable = inner.first().and_then(Tok::word).is_some_and(|w| {
+                    ["select", "values", "table", "with"]
+                        .iter()
+                        .any(|k| w.eq_ignore_ascii_case(k))
+                });
+                if readable {
+                    self.read_like(inner)
+                } else {
+                    Classified::PRIMARY
+                }
+            }
+            "begin" | "start" => {
+                let read_only = t.windows(2).any(|w| {
+                    w[0].word().is_some_and(|a| a.eq_ignore_ascii_case("read"))
+                        && w[1].word().is_some_and(|b| b.eq_ignore_ascii_case("only"))
+                });
+                Classified {
+                    tx: TxCommand::Begin { read_only },
+                    ..Classified::PRIMARY
+                }
+            }
+            "commit" | "end" | "abort" if !kw(1, "prepared") => Classified {
+                tx: TxCommand::End,
+                ..Classified::PRIMARY
+            },
+            "rollback" if !kw(1, "to") && !kw(1, "prepared") => Classified {
+                tx: TxCommand::End,
+                ..Classified::PRIMARY
+            },
+            "prepare" if kw(1, "transaction") => Classified {
+                tx: TxCommand::End,
+                ..Classified::PRIMARY
+            },
+            // SQL-level prepared statements live on one backend connection.
+            "prepare" => Classified {
+                pins_session: true,
+                ..Classified::PRIMARY
+            },
+            "set" if kw(1, "local") || kw(1, "transaction") || kw(1, "constraints") => Classified::PRIMARY,
+            "set" | "reset" | "discard" => Classified {
+                session_set: true,
+                ..Classified::PRIMARY
+            },
+            "listen" => Classified {
+                pins_session: true,
+                ..Classified::PRIMARY
+            },
+            "create"
+                if kw(1, "temp")
+                    || kw(1, "temporary")
+                    || (kw(1, "local") && (kw(2, "temp") || kw(2, "temporary"))) =>
+            {
+                Classified {
+                    pins_session: true,
+                    ..Classified::PRIMARY
+                }
+            }
+            "declare" if has("hold") => Classified {
+                pins_session: true,
+                ..Classified::PRIMARY
+            },
+            "copy" => self.copy(t),
+            _ => Classified::PRIMARY,
+        }
+    }
+
+    /// SELECT / VALUES / TABLE / WITH / SHOW: a read unless something in it writes or might.
+    fn read_like(&self, t: &[Tok<'_>]) -> Classified {
+        let mut out = Classified::READ;
+        for (i, tok) in t.iter().enumerate() {
+            let next = t.get(i + 1);
+            match tok {
+                Tok::Word(w) => {
+                    let is = |k: &str| w.eq_ignore_ascii_case(k);
+                    if is("insert") || is("update") || is("delete") || is("merge") {
+                        // Writing CTEs, and `FOR UPDATE`.
+                        return Classified {
+                            pins_session: out.pins_session,
+                            ..Classified::PRIMARY
+                        };
+                    }
+                    if is("for") {
+                        let lock = next.and_then(Tok::word).is_some_and(|n| {
+                            ["update", "share", "no", "key"]
+                                .iter()
+                                .any(|k| n.eq_ignore_ascii_case(k))
+                        });
+                        if lock {
+                            return Classified::PRIMARY;
+                        }
+                    }
+                    if is("into") {
+                        // SELECT INTO creates a table; INTO TEMP one only this connection sees.
+                        let temp = t[i + 1..].iter().take(3).any(|x| {
+                            x.word().is_some_and(|n| {
+                                n.eq_ignore_ascii_case("temp") || n.eq_ignore_ascii_case("temporary")
+                            })
+                        });
+                        return Classified {
+                            pins_session: temp,
+                            ..Classified::PRIMARY
+                        };
+                    }
+                    if next == Some(&Tok::Punct(b'('))
+                        && !is_name_with_columns(t, i)
+                        && !self.call_is_read_only(t, i)
+                    {
+                        let lower = w.to_ascii_lowercase();
+                        let advisory =
+                            lower.starts_with("pg_advisory_") || lower.starts_with("pg_try_advisory_");
+                        if advisory && !lower.contains("xact") && !lower.contains("unlock") {
+                            out.pins_session = true;
+                        }
+                        if lower == "set_config" {
+                            out.session_set = true;
+                        }
+                        out.target = Target::Primary;
+                    }
+                }
+                // A quoted name called as a function: only an allow-listed one may read.
+                Tok::Quoted(_) if next == Some(&Tok::Punct(b'(')) && !self.call_is_read_only(t, i) => {
+                    out.target = Target::Primary;
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// Whether the word at `i`, followed by `(`, is a keyword, a type, or a read-only function.
+    fn call_is_read_only(&self, t: &[Tok<'_>], i: usize) -> bool {
+        let name = match &t[i] {
+            Tok::Word(w) => w.to_ascii_lowercase(),
+            Tok::Quoted(q) => q.to_string(),
+            _ => return false,
+        };
+        // A schema-qualified call: `schema.name(`.
+        let schema = if i >= 2 && t[i - 1] == Tok::Punct(b'.') {
+            match &t[i - 2] {
+                Tok::Word(s) => Some(s.to_ascii_lowercase()),
+                Tok::Quoted(s) => Some(s.to_string()),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        match schema {
+            None => NOT_CALLS.contains(&name.as_str()) || self.read_only.contains(&name),
+            Some(s) if s == "pg_catalog" => self.read_only.contains(&name),
+            Some(s) => self.read_only.contains(&format!("{s}.{name}")),
+        }
+    }
+
+    /// COPY ... TO reads; COPY ... FROM writes.
+    fn copy(&self, t: &[Tok<'_>]) -> Classified {
+        let i = 1;
+        if t.get(i) == Some(&Tok::Punct(b'(')) {
+            // COPY (query) TO ...: the query decides.
+            let close = matching_paren(t, i);
+            let inner = &t[i + 1..close.min(t.len())];
+            let is_to = t
+                .get(close + 1)
+                .and_then(Tok::word)
+                .is_some_and(|w| w.eq_ignore_ascii_case("to"));
+            return if is_to {
+                self.read_like(inner)
+            } else {
+                Classified::PRIMARY
+            };
+        }
+        let is_to = t
+            .iter()
+            .any(|x| x.word().is_some_and(|w| w.eq_ignore_ascii_case("to")));
+        let is_from = t
+            .iter()
+            .any(|x| x.word().is_some_and(|w| w.eq_ignore_ascii_case("from")));
+        if is_to && !is_from {
+            Classified::READ
+        } else {
+            Classified::PRIMARY
+        }
+    }
+}
+
+/// Index of the `)` matching the `(` at `open` (or the end of the tokens when unbalanced).
+fn matching_paren(t: &[Tok<'_>], open: usize) -> usize {
+    let mut depth = 0usize;
+    for (j, tok) in t.iter().enumerate().skip(open) {
+        match tok {
+            Tok::Punct(b'(') => depth += 1,
+            Tok::Punct(b')') => {
+                depth = depth.saturating_sub(1);
+                if depth == 0 {
+                    return j;
+                }
+            }
+            _ => {}
+        }
+    }
+    t.len()
+}
+
+/// Whether the word at `i`, followed by `(`, names columns rather than calling a function:
+/// a CTE (`name (a, b) AS (...)`) or an alias (`AS t (a, b)`).
+fn is_name_with_columns(t: &[Tok<'_>], i: usize) -> bool {
+    let after_as = i >= 1 && t[i - 1].word().is_some_and(|w| w.eq_ignore_ascii_case("as"));
+    if after_as {
+        return true;
+    }
+    let close = matching_paren(t, i + 1);
+    let is_as = t
+        .get(close + 1)
+        .and_then(Tok::word)
+        .is_some_and(|w| w.eq_ignore_ascii_case("as"));
+    let body = match t.get(close + 2) {
+        Some(Tok::Punct(b'(')) => true,
+        Some(Tok::Word(w)) => w.eq_ignore_ascii_case("materialized") || w.eq_ignore_ascii_case("not"),
+        _ => false,
+    };
+    is_as && body
+}
+
+/// A token. Literals and comments are dropped; only what the rules look at is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tok<'a> {
+    /// An unquoted identifier or keyword (case as written).
+    Word(&'a str),
+    /// A double-quoted identifier (case preserved, quotes removed, `""` left doubled).
+    Quoted(&'a str),
+    /// A literal (string, number, parameter): its value does not matter.
+    Literal,
+    /// `;` outside any quoting.
+    Semi,
+    /// Any other punctuation byte.
+    Punct(u8),
+}
+
+impl<'a> Tok<'a> {
+    fn word(&self) -> Option<&'a str> {
+        match self {
+            Tok::Word(w) => Some(w),
+            _ => None,
+        }
+    }
+}
+
+/// Splits SQL into tokens; `Err` on an unterminated quote or comment (it goes to the primary).
+fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
+    let b = sql.as_bytes();
+    let mut out = Vec::with_capacity(32);
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b' ' | b'\t' | b'\n' | b'\r' | 0x0c => i += 1,
+            b'-' if b.get(i + 1) == Some(&b'-') => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                // Block comments nest in PostgreSQL.
+                let mut depth = 0usize;
+                loop {
+                    if i + 1 >= b.len() {
+                        return Err(());
+                    }
+                    if b[i] == b'/' && b[i + 1] == b'*' {
+                        depth += 1;
+                        i += 2;
+                    } else if b[i] == b'*' && b[i + 1] == b'/' {
+                        depth -= 1;
+                        i += 2;
+                        if depth == 0 {
+                            break;
+                        }
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            b'\'' => {
+                i = skip_string(b, i + 1, false)?;
+                out.push(Tok::Literal);
+            }
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                loop {
+                    match b.get(i) {
+                        None => return Err(()),
+                        Some(b'"') if b.get(i + 1) == Some(&b'"') => i += 2,
+                        Some(b'"') => break,
+                        Some(_) => i += 1,
+                    }
+                }
+                out.push(Tok::Quoted(&sql[start..i]));
+                i += 1;
+            }
+            b'$' => {
+                // `$1` is a parameter; `$tag$...$tag$` a dollar-quoted string.
+                let mut j = i + 1;
+                if b.get(j).is_some_and(u8::is_ascii_digit) {
+                    while b.get(j).is_some_and(u8::is_ascii_digit) {
+                        j += 1;
+                    }
+                    out.push(Tok::Literal);
+                    i = j;
+                    continue;
+                }
+                while b
+                    .get(j)
+                    .is_some_and(|&x| x.is_ascii_alphanumeric() || x == b'_' || x >= 0x80)
+                {
+                    j += 1;
+                }
+                if b.get(j) != Some(&b'$') {
+                    out.push(Tok::Punct(b'$'));
+                    i += 1;
+                    continue;
+                }
+                let tag = &b[i..=j];
+                let body = j + 1;
+                let end = find(&b[body..], tag).ok_or(())?;
+                i = body + end + tag.len();
+                out.push(Tok::Literal);
+            }
+            b';' => {
+                out.push(Tok::Semi);
+                i += 1;
+            }
+            b'0'..=b'9' => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.' || b[i] == b'_') {
+                    i += 1;
+                }
+                out.push(Tok::Literal);
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
+                let start = i;
+                while i < b.len()
+                    && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
+                {
+                    i += 1;
+                }
+                let word = &sql[start..i];
+                // E'...' (backslash escapes), B'...', X'...', N'...', U&'...' are strings, not words.
+                if b.get(i) == Some(&b'\'') && word.len() == 1 {
+                    let escapes = word.eq_ignore_ascii_case("e");
+                    i = skip_string(b, i + 1, escapes)?;
+                    out.push(Tok::Literal);
+                } else if word.eq_ignore_ascii_case("u")
+                    && b.get(i) == Some(&b'&')
+                    && b.get(i + 1) == Some(&b'\'')
+                {
+                    i = skip_string(b, i + 2, false)?;
+                    out.push(Tok::Literal);
+                } else {
+                    out.push(Tok::Word(word));
+                }
+            }
+            _ => {
+                out.push(Tok::Punct(c));
+                i += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Skips a single-quoted string body starting at `i`; returns the index after the closing quote.
+fn skip_string(b: &[u8], mut i: usize, backslash_escapes: bool) -> Result<usize, ()> {
+    loop {
+        match b.get(i) {
+            None => return Err(()),
+            Some(b'\\') if backslash_escapes => i += 2,
+            Some(b'\'') if b.get(i + 1) == Some(&b'\'') => i += 2,
+            Some(b'\'') => return Ok(i + 1),
+            Some(_) => i += 1,
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(sql: &str) -> Target {
+        Classifier::default().classify(sql).target
+    }
+
+    #[track_caller]
+    fn reads(sql: &str) {
+        assert_eq!(target(sql), Target::Standby, "expected a read: {sql}");
+    }
+
+    #[track_caller]
+    fn writes(sql: &str) {
+        assert_eq!(target(sql), Target::Primary, "expected the primary: {sql}");
+    }
+
+    #[test]
+    fn plain_reads_go_to_standbys() {
+        reads("SELECT abalance FROM pgbench_accounts WHERE aid = 1234;");
+        reads("select abalance from pgbench_accounts where aid = $1");
+        reads("select count(*), max(x), now() from t where y in (1, 2) and exists (select 1 from u)");
+        reads("SELECT x::numeric(10,2), cast(y as varchar(20)) FROM t");
+        reads("values (1), (2)");
+        reads("table t");
+        reads("show server_version");
+        reads("with recursive r(n) as (select 1 union all select n + 1 from r where n < 3) select * from r");
+        reads("select 'insert into x' as s, \"update\" from t -- delete\n");
+        reads("select $$ delete from t $$, $tag$ drop table $tag$");
+        reads("select e'it\\'s update', u&'\\0041'");
+        reads("/* update /* nested */ delete */ select 1");
+        reads("(select 1) union (select 2)");
+        reads("select pg_catalog.count(*) from t");
+        reads("explain select * from t");
+        reads("copy t to stdout");
+        reads("copy (select * from t) to stdout");
+        reads("select inet_server_port(), pg_is_in_recovery(), current_setting('cluster_name')");
+        reads("select a from t; select b from u;");
+        reads("with x (a, b) as materialized (select 1, 2) select * from x");
+        reads("select * from generate_series(1, 3) as g(n)");
+        reads("explain (analyze, buffers) select 1");
+    }
+
+    #[test]
+    fn writes_and_locks_go_to_the_primary() {
+        writes("insert into t values (1)");
+        writes("UPDATE t SET x = 1");
+        writes("delete from t");
+        writes("merge into t using u on true when matched then do nothing");
+        writes("create table t (x int)");
+        writes("drop table t");
+        writes("truncate t");
+        writes("vacuum t");
+        writes("select * from t for update");
+        writes("select * from t for no key update");
+        writes("select * from t FOR SHARE");
+        writes("select * from t for key share");
+        writes("with x as (insert into t values (1) returning *) select * from x");
+        writes("with x as (delete from t returning *) select count(*) from x");
+        writes("select * into t2 from t");
+        writes("explain analyze insert into t values (1)");
+        writes("explain (analyze) update t set x = 1");
+        writes("with x (a) as (select 1) select f(a) as y from x");
+        writes("copy t from stdin");
+        writes("copy (select 1) from stdin");
+        writes("notify ch, 'x'");
+        writes("select 1; insert into t values (1)");
+        writes("call p()");
+        writes("do $$ begin perform 1; end $$");
+        writes("lock table t");
+        writes("");
+        writes("   ;  ");
+    }
+
+    #[test]
+    fn functions_not_known_to_read_go_to_the_primary() {
+        for sql in [
+            "select nextval('s')",
+            "select setval('s', 1)",
+            "select set_config('a.b', 'c', false)",
+            "select pg_advisory_lock(1)",
+            "select pg_try_advisory_xact_lock(1)",
+            "select txid_current()",
+            "select my_function(1)",
+            "select public.my_function(1)",
+            "select \"MyFunc\"(1)",
+            "select pg_current_wal_lsn()",
+            "select x from t where f(x) > 0",
+        ] {
+            writes(sql);
+        }
+        let allow = Classifier::new(&["my_function".into(), "public.other".into()]);
+        assert_eq!(allow.classify("select my_function(1)").target, Target::Standby);
+        assert_eq!(allow.classify("select public.other(1)").target, Target::Standby);
+        assert_eq!(allow.classify("select other(1)").target, Target::Primary);
+        assert_eq!(
+            allow.classify("select evil.my_function(1)").target,
+            Target::Primary
+        );
+    }
+
+    #[test]
+    fn unparseable_input_goes_to_the_primary() {
+        writes("select 'unterminated");
+        writes("select \"unterminated");
+        writes("select /* unterminated");
+        writes("select $x$ unterminated");
+        writes("select e'\\'");
+    }
+
+    #[test]
+    fn transactions_are_recognised() {
+        let c = Classifier::default();
+        assert_eq!(c.classify("BEGIN").tx, TxCommand::Begin { read_only: false });
+        assert_eq!(
+            c.classify("begin transaction read only").tx,
+            TxCommand::Begin { read_only: true }
+        );
+        assert_eq!(
+            c.classify("start transaction isolation level serializable, read only")
+                .tx,
+            TxCommand::Begin { read_only: true }
+        );
+        assert_eq!(
+            c.classify("begin read write").tx,
+            TxCommand::Begin { read_only: false }
+        );
+        for end in ["commit", "END", "rollback", "abort", "prepare transaction 'x'"] {
+            assert_eq!(c.classify(end).tx, TxCommand::End, "{end}");
+        }
+        for not_end in [
+            "rollback to savepoint a",
+            "commit prepared 'x'",
+            "rollback prepared 'x'",
+            "savepoint a",
+        ] {
+            assert_eq!(c.classify(not_end).tx, TxCommand::None, "{not_end}");
+        }
+        assert_eq!(
+            c.classify("begin; insert into t values (1); commit").tx,
+            TxCommand::End
+        );
+    }
+
+    #[test]
+    fn session_state_is_flagged() {
+        let c = Classifier::default();
+        let set = c.classify("SET search_path = app");
+        assert!(set.session_set && !set.pins_session);
+        assert!(!c.classify("set local statement_timeout = 1").session_set);
+        assert!(!c.classify("set transaction read only").session_set);
+        assert!(c.classify("reset all").session_set);
+        assert!(c.classify("discard all").session_set);
+        assert!(
+            c.classify("select set_config('search_path', 'x', false)")
+                .session_set
+        );
+        for pin in [
+            "create temp table t (x int)",
+            "create temporary table t (x int)",
+            "CREATE LOCAL TEMP TABLE t (x int)",
+            "listen ch",
+            "select pg_advisory_lock(1)",
+            "select pg_try_advisory_lock(1)",
+            "declare c cursor with hold for select 1",
+            "select * into temp t2 from t",
+            "prepare q as select 1",
+        ] {
+            let r = c.classify(pin);
+            assert!(r.pins_session, "{pin}");
+            assert_eq!(r.target, Target::Primary, "{pin}");
+        }
+        assert!(!c.classify("select pg_advisory_xact_lock(1)").pins_session);
+        assert!(!c.classify("select pg_advisory_unlock(1)").pins_session);
+    }
+
+    #[test]
+    fn lexer_never_panics_on_odd_bytes() {
+        let c = Classifier::default();
+        for sql in [
+            "$",
+            "$$",
+            "$a",
+            "\"",
+            "'",
+            "e'",
+            "u&",
+            "u&'",
+            "/*",
+            "--",
+            "\u{00e9}t\u{00e9}(1)",
+            "1e10",
+            "a$b(",
+            ")",
+        ] {
+            let _ = c.classify(sql);
+        }
+    }
+}

@@ -1,0 +1,998 @@
+//! Failover building blocks: choosing the standby to promote, promoting it (`sql`, `exec` or
+//! `ssh`), and settling the cluster afterwards (waiting for the new primary to accept writes,
+//! clearing an inherited `synchronous_standby_names`, re-pointing the other standbys), plus the
+//! timeline probe used to find the real primary at start-up.
+//!
+//! Ranking and placeholder rendering are pure and unit-tested; the steps that talk to servers take
+//! explicit addresses and credentials and bound every connect, query and command with a timeout.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+/// What can go wrong in a failover step.
+#[derive(Debug, thiserror::Error)]
+pub enum FailoverError {
+    /// A server could not be reached or refused a statement.
+    #[error("{node}: {message}")]
+    Server {
+        /// The node's name.
+        node: String,
+        /// What failed.
+        message: String,
+    },
+    /// A promotion or rejoin command failed or timed out.
+    #[error("{node}: command `{command}` {message}")]
+    Command {
+        /// The node's name.
+        node: String,
+        /// The rendered command (passwords are never part of templates).
+        command: String,
+        /// How it failed.
+        message: String,
+    },
+    /// A wait ran out of time.
+    #[error("{node}: timed out after {after:?} waiting for {what}")]
+    Timeout {
+        /// The node's name.
+        node: String,
+        /// What was awaited.
+        what: String,
+        /// How long was waited.
+        after: Duration,
+    },
+    /// No standby may be promoted.
+    #[error("no standby can be promoted: {0}")]
+    NoCandidate(String),
+}
+
+/// How a node is promoted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PromoteMethod {
+    /// `SELECT pg_promote(wait => true, wait_seconds => timeout)` over a normal connection.
+    #[default]
+    Sql,
+    /// A local command template (e.g. `docker exec {container} pg_ctl promote -D {data_dir}`).
+    Exec,
+    /// A command run on the node's host over SSH.
+    Ssh,
+}
+
+/// Per-node promotion settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromoteConfig {
+    /// `sql` (default), `exec` or `ssh`.
+    pub method: PromoteMethod,
+    /// The command template for `exec` and `ssh`: `{node}`, `{node_id}`, `{host}`, `{port}`,
+    /// `{data_dir}`, `{container}`, `{old_primary}`, `{old_primary_host}`, `{old_primary_port}`, and
+    /// pgpool-II's `%d %h %p %D %m %H %M %P %r %R %N %S %%` with pgpool's meanings.
+    pub command: String,
+    /// `user@host` for `ssh` (default: the node's host).
+    pub ssh_target: String,
+    /// Private key file for `ssh`.
+    pub ssh_key: String,
+    /// The node's data directory, for `{data_dir}` / `%D` / `%R`.
+    pub data_dir: String,
+    /// The node's container name, for `{container}` (default: the node's name).
+    pub container: String,
+}
+
+/// The `[failover]` section.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverConfig {
+    /// Promote a standby automatically when the primary is marked down.
+    pub enabled: bool,
+    /// Seconds a promotion (command or `pg_promote`) may take before the next candidate is tried.
+    pub promote_timeout: f64,
+    /// Seconds to wait for a re-pointed standby to stream from the new primary.
+    pub follow_timeout: f64,
+    /// Re-point the other standbys at the new primary.
+    pub follow: bool,
+    /// Promotion settings used for nodes without their own entry.
+    pub default: PromoteConfig,
+    /// Promotion settings by node name.
+    pub nodes: BTreeMap<String, PromoteConfig>,
+    /// Failover priority by node name; lower wins ties on WAL position (default: config order).
+    pub priority: BTreeMap<String, u32>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        FailoverConfig {
+            enabled: true,
+            promote_timeout: 30.0,
+            follow_timeout: 30.0,
+            follow: true,
+            default: PromoteConfig::default(),
+            nodes: BTreeMap::new(),
+            priority: BTreeMap::new(),
+        }
+    }
+}
+
+impl FailoverConfig {
+    /// The promotion settings for `node`.
+    pub fn promote_for(&self, node: &str) -> &PromoteConfig {
+        self.nodes.get(node).unwrap_or(&self.default)
+    }
+
+    /// Checks the section; errors name the key.
+    pub fn validate(&self) -> Result<(), common::ConfigError> {
+        if !(self.promote_timeout > 0.0 && self.promote_timeout.is_finite()) {
+            return Err(common::ConfigError::invalid(
+                "failover.promote_timeout",
+                "must be a positive number of seconds",
+            ));
+        }
+        if !(self.follow_timeout > 0.0 && self.follow_timeout.is_finite()) {
+            return Err(common::ConfigError::invalid(
+                "failover.follow_timeout",
+                "must be a positive number of seconds",
+            ));
+        }
+        let all = std::iter::once(("failover.default".to_string(), &self.default))
+            .chain(self.nodes.iter().map(|(n, c)| (format!("failover.nodes.{n}"), c)));
+        for (key, c) in all {
+            if c.method != PromoteMethod::Sql && c.command.trim().is_empty() {
+                return Err(common::ConfigError::invalid(
+                    format!("{key}.command"),
+                    "exec and ssh promotion need a command",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A standby's claim to be promoted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Node index (pgpool's node id).
+    pub id: usize,
+    /// The node's name.
+    pub name: String,
+    /// Whether the health checks consider it up.
+    pub healthy: bool,
+    /// Its WAL position (the larger of received and replayed).
+    pub lsn: u64,
+    /// Lower wins ties.
+    pub priority: u32,
+    /// Whether it was a synchronous standby of the lost primary.
+    pub was_sync: bool,
+}
+
+/// Orders the standbys that may be promoted, best first: healthy ones only; in synchronous mode
+/// only those that were synchronous (anything else may miss acknowledged commits); highest WAL
+/// position first, then lowest priority, then lowest id.
+pub fn rank(candidates: &[Candidate], synchronous: bool) -> Result<Vec<usize>, FailoverError> {
+    let mut eligible: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.healthy && (!synchronous || c.was_sync))
+        .collect();
+    if eligible.is_empty() {
+        let why = if candidates.iter().all(|c| !c.healthy) {
+            "no healthy standby".to_string()
+        } else {
+            "synchronous replication is on and no healthy standby was synchronous".to_string()
+        };
+        return Err(FailoverError::NoCandidate(why));
+    }
+    eligible.sort_by(|a, b| {
+        b.lsn
+            .cmp(&a.lsn)
+            .then(a.priority.cmp(&b.priority))
+            .then(a.id.cmp(&b.id))
+    });
+    Ok(eligible.into_iter().map(|c| c.id).collect())
+}
+
+/// A node as failover steps see it.
+#[derive(Debug, Clone, Default)]
+pub struct NodeRef {
+    /// Node index.
+    pub id: usize,
+    /// The node's name.
+    pub name: String,
+    /// Host.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Data directory (for templates), may be empty.
+    pub data_dir: String,
+}
+
+/// Login used for control statements (the health-check user).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// Role.
+    pub user: String,
+    /// Password (empty when trusted).
+    pub password: String,
+    /// Database.
+    pub database: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+}
+
+/// The values a promotion template can use.
+#[derive(Debug, Clone, Default)]
+pub struct Placeholders {
+    /// The failed (detached) node: pgpool's `%d %h %p %D`.
+    pub failed: NodeRef,
+    /// The node being promoted: pgpool's `%m %H %r %R`.
+    pub new_primary: NodeRef,
+    /// The old primary: pgpool's `%P %N %S` (and `%M`, the old main node).
+    pub old_primary: NodeRef,
+    /// `{container}` for the node being promoted.
+    pub container: String,
+}
+
+/// Renders `{name}` and pgpool-style `%x` placeholders; unknown ones are left as they are.
+pub fn render(template: &str, p: &Placeholders) -> String {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut chars = template.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '%' => {
+                let Some(&n) = chars.peek() else {
+                    out.push('%');
+                    break;
+                };
+                let v = match n {
+                    'd' => p.failed.id.to_string(),
+                    'h' => p.failed.host.clone(),
+                    'p' => p.failed.port.to_string(),
+                    'D' => p.failed.data_dir.clone(),
+                    'm' => p.new_primary.id.to_string(),
+                    'H' => p.new_primary.host.clone(),
+                    'r' => p.new_primary.port.to_string(),
+                    'R' => p.new_primary.data_dir.clone(),
+                    'M' | 'P' => p.old_primary.id.to_string(),
+                    'N' => p.old_primary.host.clone(),
+                    'S' => p.old_primary.port.to_string(),
+                    '%' => "%".to_string(),
+                    _ => {
+                        out.push('%');
+                        continue;
+                    }
+                };
+                chars.next();
+                out.push_str(&v);
+            }
+            '{' => {
+                let mut name = String::new();
+                let mut closed = false;
+                for x in chars.by_ref() {
+                    if x == '}' {
+                        closed = true;
+                        break;
+                    }
+                    name.push(x);
+                }
+                let v = match name.as_str() {
+                    "node" => Some(p.new_primary.name.clone()),
+                    "node_id" => Some(p.new_primary.id.to_string()),
+                    "host" => Some(p.new_primary.host.clone()),
+                    "port" => Some(p.new_primary.port.to_string()),
+                    "data_dir" => Some(p.new_primary.data_dir.clone()),
+                    "container" => Some(p.container.clone()),
+                    "old_primary" => Some(p.old_primary.name.clone()),
+                    "old_primary_host" => Some(p.old_primary.host.clone()),
+                    "old_primary_port" => Some(p.old_primary.port.to_string()),
+                    _ => None,
+                };
+                match (v, closed) {
+                    (Some(v), true) => out.push_str(&v),
+                    (_, true) => {
+                        out.push('{');
+                        out.push_str(&name);
+                        out.push('}');
+                    }
+                    (_, false) => {
+                        out.push('{');
+                        out.push_str(&name);
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Connects to `node` with a bounded connect; the connection task runs in the background.
+pub async fn connect(node: &NodeRef, cred: &Credentials) -> Result<tokio_postgres::Client, FailoverError> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(&node.host)
+        .port(node.port)
+        .user(&cred.user)
+        .dbname(&cred.database)
+        .application_name("dbproxy-failover")
+        .connect_timeout(cred.connect_timeout);
+    if !cred.password.is_empty() {
+        cfg.password(&cred.password);
+    }
+    let server = |message: String| FailoverError::Server {
+        node: node.name.clone(),
+        message,
+    };
+    let (client, conn) = tokio::time::timeout(cred.connect_timeout, cfg.connect(tokio_postgres::NoTls))
+        .await
+        .map_err(|_| server(format!("connect timed out after {:?}", cred.connect_timeout)))?
+        .map_err(|e| server(format!("connect failed: {e}")))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Runs one statement that returns one text column, with a timeout.
+async fn query_text(
+    client: &tokio_postgres::Client,
+    node: &NodeRef,
+    sql: &str,
+    limit: Duration,
+) -> Result<Option<String>, FailoverError> {
+    let server = |message: String| FailoverError::Server {
+        node: node.name.clone(),
+        message,
+    };
+    let msgs = tokio::time::timeout(limit, client.simple_query(sql))
+        .await
+        .map_err(|_| server(format!("`{sql}` timed out after {limit:?}")))?
+        .map_err(|e| server(format!("`{sql}` failed: {e}")))?;
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return Ok(r.get(0).map(str::to_string));
+        }
+    }
+    Ok(None)
+}
+
+/// What a promotion did, for the log and the `/status` history.
+#[derive(Debug, Clone)]
+pub struct PromoteOutcome {
+    /// How long the promotion step took.
+    pub elapsed: Duration,
+    /// The command's output (exec/ssh), trimmed; empty for sql.
+    pub output: String,
+}
+
+/// Promotes `target` with its configured method, bounded by `timeout`, then waits until it
+/// accepts writes. On error the caller moves on to the next candidate.
+pub async fn promote(
+    target: &NodeRef,
+    cfg: &PromoteConfig,
+    placeholders: &Placeholders,
+    cred: &Credentials,
+    timeout: Duration,
+) -> Result<PromoteOutcome, FailoverError> {
+    let start = Instant::now();
+    let output = match cfg.method {
+        PromoteMethod::Sql => {
+            let client = connect(target, cred).await?;
+            let secs = timeout.as_secs().max(1);
+            let sql = format!("select pg_promote(wait => true, wait_seconds => {secs})");
+            let r = query_text(&client, target, &sql, timeout + Duration::from_secs(1)).await?;
+            if r.as_deref() != Some("t") {
+                return Err(FailoverError::Server {
+                    node: target.name.clone(),
+                    message: format!("pg_promote returned {}", r.as_deref().unwrap_or("nothing")),
+                });
+            }
+            String::new()
+        }
+        PromoteMethod::Exec => {
+            run_command(&target.name, &render(&cfg.command, placeholders), timeout).await?
+        }
+        PromoteMethod::Ssh => {
+            let remote = render(&cfg.command, placeholders);
+            let dest = if cfg.ssh_target.is_empty() {
+                target.host.clone()
+            } else {
+                cfg.ssh_target.clone()
+            };
+            let mut line = String::from("ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new");
+            line.push_str(&format!(" -o ConnectTimeout={}", timeout.as_secs().clamp(1, 30)));
+            if !cfg.ssh_key.is_empty() {
+                line.push_str(&format!(" -i {}", shell_quote(&cfg.ssh_key)));
+            }
+            line.push_str(&format!(" {} {}", shell_quote(&dest), shell_quote(&remote)));
+            run_command(&target.name, &line, timeout).await?
+        }
+    };
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_secs(1));
+    wait_writable(target, cred, left).await?;
+    Ok(PromoteOutcome {
+        elapsed: start.elapsed(),
+        output,
+    })
+}
+
+/// Runs `sh -c command` with a timeout; returns its output, or an error with it.
+pub async fn run_command(node: &str, command: &str, timeout: Duration) -> Result<String, FailoverError> {
+    let err = |message: String| FailoverError::Command {
+        node: node.to_string(),
+        command: command.to_string(),
+        message,
+    };
+    tracing::info!(node, command, "running failover command");
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(timeout, child)
+        .await
+        .map_err(|_| err(format!("timed out after {timeout:?}")))?
+        .map_err(|e| err(format!("could not start: {e}")))?;
+    let mut text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !stderr.trim().is_empty() {
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text.push_str(stderr.trim());
+    }
+    for line in text.lines() {
+        tracing::info!(node, "command output: {line}");
+    }
+    if !out.status.success() {
+        return Err(err(format!("failed ({}): {}", out.status, text)));
+    }
+    Ok(text)
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Polls until `node` answers `pg_is_in_recovery() = false`.
+pub async fn wait_writable(node: &NodeRef, cred: &Credentials, limit: Duration) -> Result<(), FailoverError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(client) = connect(node, cred).await {
+            if let Ok(Some(v)) =
+                query_text(&client, node, "select pg_is_in_recovery()", cred.connect_timeout).await
+            {
+                if v == "f" {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(FailoverError::Timeout {
+                node: node.name.clone(),
+                what: "the node to leave recovery".into(),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The timeline a primary writes on (from its current WAL file name), or `None` for a standby.
+pub async fn primary_timeline(node: &NodeRef, cred: &Credentials) -> Result<Option<u32>, FailoverError> {
+    let client = connect(node, cred).await?;
+    let sql = "select case when pg_is_in_recovery() then null \
+               else substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) end";
+    let Some(hex) = query_text(&client, node, sql, cred.connect_timeout).await? else {
+        return Ok(None);
+    };
+    u32::from_str_radix(&hex, 16)
+        .map(Some)
+        .map_err(|_| FailoverError::Server {
+            node: node.name.clone(),
+            message: format!("odd WAL file name {hex}"),
+        })
+}
+
+/// Re-points a standby at `primary` by rewriting the host and port of its `primary_conninfo` (the
+/// other keys, such as user, password and application_name, are kept) and reloading.
+pub async fn repoint(standby: &NodeRef, primary: &NodeRef, cred: &Credentials) -> Result<(), FailoverError> {
+    let client = connect(standby, cred).await?;
+    let current = query_text(&client, standby, "show primary_conninfo", cred.connect_timeout)
+        .await?
+        .unwrap_or_default();
+    let mut pairs = parse_conninfo(&current);
+    pairs.retain(|(k, _)| k != "host" && k != "port" && k != "hostaddr");
+    pairs.insert(0, ("port".into(), primary.port.to_string()));
+    pairs.insert(0, ("host".into(), primary.host.clone()));
+    if !pairs.iter().any(|(k, _)| k == "application_name") {
+        pairs.push(("application_name".into(), standby.name.clone()));
+    }
+    let conninfo = pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={}", conninfo_quote(v)))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let sql = format!("alter system set primary_conninfo = {}", sql_literal(&conninfo));
+    query_text(&client, standby, &sql, cred.connect_timeout).await?;
+    query_text(&client, standby, "select pg_reload_conf()", cred.connect_timeout).await?;
+    Ok(())
+}
+
+/// Polls `primary`'s `pg_stat_replication` until `standby_app_name` streams from it.
+pub async fn wait_streaming(
+    primary: &NodeRef,
+    standby_app_name: &str,
+    cred: &Credentials,
+    limit: Duration,
+) -> Result<(), FailoverError> {
+    let deadline = Instant::now() + limit;
+    let sql = format!(
+        "select count(*) from pg_stat_replication where application_name = {} and state = 'streaming'",
+        sql_literal(standby_app_name)
+    );
+    loop {
+        if let Ok(client) = connect(primary, cred).await {
+            if let Ok(Some(n)) = query_text(&client, primary, &sql, cred.connect_timeout).await {
+                if n != "0" {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(FailoverError::Timeout {
+                node: primary.name.clone(),
+                what: format!("{standby_app_name} to stream from it"),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Makes sure writes on a new primary do not hang on a synchronous standby that is gone: when
+/// `synchronous_standby_names` is set and no standby is synchronous within `grace`, it is cleared.
+/// Returns whether it cleared it.
+pub async fn settle_synchronous(
+    primary: &NodeRef,
+    cred: &Credentials,
+    grace: Duration,
+) -> Result<bool, FailoverError> {
+    let client = connect(primary, cred).await?;
+    let names = query_text(
+        &client,
+        primary,
+        "show synchronous_standby_names",
+        cred.connect_timeout,
+    )
+    .await?;
+    if names.as_deref().unwrap_or("").trim().is_empty() {
+        return Ok(false);
+    }
+    let deadline = Instant::now() + grace;
+    loop {
+        let n = query_text(
+            &client,
+            primary,
+            "select count(*) from pg_stat_replication where sync_state in ('sync', 'quorum')",
+            cred.connect_timeout,
+        )
+        .await?;
+        if n.as_deref().is_some_and(|n| n != "0") {
+            return Ok(false);
+        }
+        if Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tracing::warn!(node = %primary.name, "no synchronous standby left: clearing synchronous_standby_names");
+    query_text(
+        &client,
+        primary,
+        "alter system set synchronous_standby_names = ''",
+        cred.connect_timeout,
+    )
+    .await?;
+    query_text(&client, primary, "select pg_reload_conf()", cred.connect_timeout).await?;
+    Ok(true)
+}
+
+/// Splits a libpq key=value connection string (values may be single-quoted with `\` escapes).
+pub fn parse_conninfo(s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut chars = s.chars().peekable();
+    loop {
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut key = String::new();
+        while let Some(&c) = chars.peek() {
+            if c == '=' || c.is_whitespace() {
+                break;
+            }
+            key.push(c);
+            chars.next();
+        }
+        if key.is_empty() {
+            break;
+        }
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        if chars.peek() != Some(&'=') {
+            break;
+        }
+        chars.next();
+        while chars.peek().is_some_and(|c| c.is_whitespace()) {
+            chars.next();
+        }
+        let mut value = String::new();
+        if chars.peek() == Some(&'\'') {
+            chars.next();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            value.push(n);
+                        }
+                    }
+                    '\'' => break,
+                    c => value.push(c),
+                }
+            }
+        } else {
+            while let Some(&c) = chars.peek() {
+                if c.is_whitespace() {
+                    break;
+                }
+                value.push(c);
+                chars.next();
+            }
+        }
+        out.push((key, value));
+    }
+    out
+}
+
+fn conninfo_quote(v: &str) -> String {
+    if !v.is_empty() && !v.contains(|c: char| c.is_whitespace() || c == '\'' || c == '\\') {
+        return v.to_string();
+    }
+    format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
+}
+
+fn sql_literal(v: &str) -> String {
+    format!("'{}'", v.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: usize, healthy: bool, lsn: u64, priority: u32, was_sync: bool) -> Candidate {
+        Candidate {
+            id,
+            name: format!("node{id}"),
+            healthy,
+            lsn,
+            priority,
+            was_sync,
+        }
+    }
+
+    #[test]
+    fn rank_prefers_the_most_advanced_healthy_standby() {
+        let c = [
+            cand(1, true, 100, 0, false),
+            cand(2, true, 200, 5, false),
+            cand(3, false, 900, 0, false),
+        ];
+        assert_eq!(rank(&c, false).unwrap(), vec![2, 1]);
+    }
+
+    #[test]
+    fn rank_breaks_ties_by_priority_then_id() {
+        let c = [
+            cand(1, true, 100, 2, false),
+            cand(2, true, 100, 1, false),
+            cand(3, true, 100, 1, false),
+        ];
+        assert_eq!(rank(&c, false).unwrap(), vec![2, 3, 1]);
+    }
+
+    #[test]
+    fn synchronous_mode_only_promotes_former_sync_standbys() {
+        let c = [cand(1, true, 500, 0, false), cand(2, true, 400, 0, true)];
+        assert_eq!(rank(&c, true).unwrap(), vec![2]);
+        let none = [cand(1, true, 500, 0, false)];
+        let e = rank(&none, true).unwrap_err().to_string();
+        assert!(e.contains("no healthy standby was synchronous"), "{e}");
+        let down = [cand(1, false, 500, 0, true)];
+        assert!(rank(&down, false)
+            .unwrap_err()
+            .to_string()
+            .contains("no healthy standby"));
+        assert!(rank(&[], false).is_err());
+    }
+
+    fn placeholders() -> Placeholders {
+        Placeholders {
+            failed: NodeRef {
+                id: 0,
+                name: "a".into(),
+                host: "ha".into(),
+                port: 5432,
+                data_dir: "/d/a".into(),
+            },
+            new_primary: NodeRef {
+                id: 1,
+                name: "b".into(),
+                host: "hb".into(),
+                port: 5433,
+                data_dir: "/d/b".into(),
+            },
+            old_primary: NodeRef {
+                id: 0,
+                name: "a".into(),
+                host: "ha".into(),
+                port: 5432,
+                data_dir: "/d/a".into(),
+            },
+            container: "pg-b".into(),
+        }
+    }
+
+    #[test]
+    fn render_fills_both_placeholder_styles() {
+        let p = placeholders();
+        assert_eq!(
+            render("failover.sh %d %h %p %D %m %H %M %P %r %R %N %S %%", &p),
+            "failover.sh 0 ha 5432 /d/a 1 hb 0 0 5433 /d/b ha 5432 %"
+        );
+        assert_eq!(
+            render(
+                "docker exec {container} pg_ctl promote -D {data_dir} # {node} {node_id} {host}:{port}",
+                &p
+            ),
+            "docker exec pg-b pg_ctl promote -D /d/b # b 1 hb:5433"
+        );
+        assert_eq!(
+            render("{old_primary}@{old_primary_host}:{old_primary_port}", &p),
+            "a@ha:5432"
+        );
+        // Unknown or unfinished placeholders stay as written.
+        assert_eq!(render("%x {nope} {open %", &p), "%x {nope} {open %");
+    }
+
+    #[test]
+    fn conninfo_round_trips() {
+        let v = parse_conninfo(
+            "user=postgres passfile='/root/.pgpass' host=127.0.0.1 port=5432 password='a b\\'c'",
+        );
+        assert_eq!(v[0], ("user".into(), "postgres".into()));
+        assert_eq!(v[1], ("passfile".into(), "/root/.pgpass".into()));
+        assert_eq!(v[4], ("password".into(), "a b'c".into()));
+        assert_eq!(conninfo_quote("a b'c"), "'a b\\'c'");
+        assert_eq!(conninfo_quote(""), "''");
+        assert!(parse_conninfo("").is_empty());
+        assert_eq!(parse_conninfo("broken"), vec![]);
+    }
+
+    #[test]
+    fn config_validation_names_keys() {
+        let mut c = FailoverConfig::default();
+        c.validate().unwrap();
+        c.nodes.insert(
+            "n1".into(),
+            PromoteConfig {
+                method: PromoteMethod::Exec,
+                ..Default::default()
+            },
+        );
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("failover.nodes.n1.command"));
+        let c = FailoverConfig {
+            promote_timeout: 0.0,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("failover.promote_timeout"));
+    }
+
+    #[tokio::test]
+    async fn commands_time_out_and_report_failures() {
+        let out = run_command("n", "echo hello; echo oops >&2", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(out, "hello\noops");
+        let e = run_command("n", "echo nope; exit 3", Duration::from_secs(5))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("exit status: 3") && e.contains("nope"), "{e}");
+        let e = run_command("n", "sleep 5", Duration::from_millis(100))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("timed out"), "{e}");
+    }
+}
+
+/// What the orchestration needs from the node table, and the one atomic change it makes to it.
+pub trait Topology: Send + Sync {
+    /// Every node, by id.
+    fn nodes(&self) -> Vec<NodeRef>;
+    /// What the health checks last learned about each standby: (id, healthy, last known LSN,
+    /// whether the lost primary reported it synchronous).
+    fn standby_states(&self, failed: usize) -> Vec<(usize, bool, u64, bool)>;
+    /// Routes writes to `new_primary` and fences `old_primary`, in one step.
+    fn switch_primary(&self, new_primary: usize, old_primary: usize);
+}
+
+/// One failover, as the log and the `/status` history report it.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverEvent {
+    /// The primary that was lost.
+    pub failed: String,
+    /// The node promoted in its place.
+    pub promoted: Option<String>,
+    /// When the loss was detected.
+    pub detected_at: std::time::SystemTime,
+    /// When the promotion finished (the node accepted writes).
+    pub promoted_at: Option<std::time::SystemTime>,
+    /// When routing switched to it.
+    pub resumed_at: Option<std::time::SystemTime>,
+    /// Candidates that were tried and failed, with why.
+    pub failed_attempts: Vec<(String, String)>,
+    /// Standbys re-pointed at the new primary, and whether each streams from it.
+    pub followers: Vec<(String, Result<(), String>)>,
+    /// Whether an inherited `synchronous_standby_names` was cleared.
+    pub cleared_synchronous: bool,
+    /// Why the failover did not complete, if it did not.
+    pub error: Option<String>,
+}
+
+/// Replaces the lost primary `failed`: ranks the standbys (live WAL positions where reachable),
+/// promotes the best one, falling back to the next on failure, switches routing atomically, then
+/// re-points the other standbys and makes sure writes cannot hang on a vanished synchronous standby.
+pub async fn fail_over(
+    topo: &dyn Topology,
+    failed: usize,
+    cfg: &FailoverConfig,
+    cred: &Credentials,
+    detected_at: std::time::SystemTime,
+) -> FailoverEvent {
+    let nodes = topo.nodes();
+    let name = |i: usize| nodes.get(i).map(|n| n.name.clone()).unwrap_or_default();
+    let mut event = FailoverEvent {
+        failed: name(failed),
+        promoted: None,
+        detected_at,
+        promoted_at: None,
+        resumed_at: None,
+        failed_attempts: Vec::new(),
+        followers: Vec::new(),
+        cleared_synchronous: false,
+        error: None,
+    };
+    let states = topo.standby_states(failed);
+    let synchronous = states.iter().any(|s| s.3);
+    let mut candidates = Vec::new();
+    for (id, healthy, known_lsn, was_sync) in states {
+        let Some(node) = nodes.get(id) else { continue };
+        // The primary is gone, so standby positions are frozen: ask for the freshest one.
+        let lsn = if healthy {
+            live_lsn(node, cred).await.unwrap_or(known_lsn)
+        } else {
+            known_lsn
+        };
+        let priority = cfg.priority.get(&node.name).copied().unwrap_or(id as u32);
+        candidates.push(Candidate {
+            id,
+            name: node.name.clone(),
+            healthy,
+            lsn,
+            priority,
+            was_sync,
+        });
+    }
+    let order = match rank(&candidates, synchronous) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(failed = %event.failed, error = %e, "failover impossible");
+            event.error = Some(e.to_string());
+            return event;
+        }
+    };
+    let timeout = Duration::from_secs_f64(cfg.promote_timeout);
+    let old = nodes[failed].clone();
+    let mut promoted = None;
+    for id in order {
+        let target = &nodes[id];
+        let pcfg = cfg.promote_for(&target.name);
+        let placeholders = Placeholders {
+            failed: old.clone(),
+            new_primary: target.clone(),
+            old_primary: old.clone(),
+            container: if pcfg.container.is_empty() {
+                target.name.clone()
+            } else {
+                pcfg.container.clone()
+            },
+        };
+        let mut target = target.clone();
+        if !pcfg.data_dir.is_empty() {
+            target.data_dir = pcfg.data_dir.clone();
+        }
+        tracing::warn!(failed = %old.name, candidate = %target.name, method = ?pcfg.method, "promoting");
+        match promote(&target, pcfg, &placeholders, cred, timeout).await {
+            Ok(out) => {
+                tracing::warn!(node = %target.name, elapsed = ?out.elapsed, "promoted");
+                promoted = Some(id);
+                break;
+            }
+            Err(e) => {
+                tracing::error!(node = %target.name, error = %e, "promotion failed: trying the next candidate");
+                event.failed_attempts.push((target.name.clone(), e.to_string()));
+            }
+        }
+    }
+    let Some(new) = promoted else {
+        event.error = Some("every candidate failed to promote".into());
+        return event;
+    };
+    event.promoted = Some(name(new));
+    event.promoted_at = Some(std::time::SystemTime::now());
+    topo.switch_primary(new, failed);
+    event.resumed_at = Some(std::time::SystemTime::now());
+
+    let new_ref = nodes[new].clone();
+    let follow_timeout = Duration::from_secs_f64(cfg.follow_timeout);
+    if cfg.follow {
+        for (id, node) in nodes.iter().enumerate() {
+            if id == new || id == failed {
+                continue;
+            }
+            let r = match repoint(node, &new_ref, cred).await {
+                Ok(()) => wait_streaming(&new_ref, &node.name, cred, follow_timeout)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = &r {
+                tracing::error!(node = %node.name, error = %e, "standby did not follow the new primary");
+            }
+            event.followers.push((node.name.clone(), r));
+        }
+    }
+    // A follower that streams in time may become the new synchronous standby; otherwise clear.
+    let grace = if event.followers.iter().any(|(_, r)| r.is_ok()) {
+        follow_timeout
+    } else {
+        Duration::ZERO
+    };
+    match settle_synchronous(&new_ref, cred, grace).await {
+        Ok(cleared) => event.cleared_synchronous = cleared,
+        Err(e) => tracing::error!(node = %new_ref.name, error = %e, "cannot check synchronous_standby_names"),
+    }
+    event
+}
+
+/// A standby's freshest WAL position: the larger of received and replayed.
+async fn live_lsn(node: &NodeRef, cred: &Credentials) -> Option<u64> {
+    let client = connect(node, cred).await.ok()?;
+    let sql = "select greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0'))::text";
+    let text = query_text(&client, node, sql, cred.connect_timeout)
+        .await
+        .ok()??;
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}

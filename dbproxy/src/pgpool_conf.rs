@@ -1,0 +1,617 @@
+//! `--pgpool-conf`: reads an existing pgpool-II `pgpool.conf` (and the `pool_passwd` it names) and
+//! translates the keys that matter into dbproxy's own configuration tree, so an operator can move
+//! from pgpool-II without rewriting anything. Keys that only matter to pgpool's internals are
+//! accepted and listed, so nothing is silently dropped.
+//!
+//! The file format is PostgreSQL's GUC syntax: `name = value` (the `=` is optional), values bare or
+//! single-quoted (`''` or `\'` for a quote), `#` starting a comment outside quotes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use toml::{Table, Value};
+
+/// What went wrong reading a pgpool configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum PgpoolConfError {
+    /// A line is not `name = value`.
+    #[error("pgpool.conf line {line}: {message}")]
+    Syntax {
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key has a value dbproxy cannot honour.
+    #[error("pgpool.conf line {line}: `{key}` = '{value}': {message}")]
+    Unsupported {
+        /// 1-based line number.
+        line: usize,
+        /// The key.
+        key: String,
+        /// Its value.
+        value: String,
+        /// Why it cannot be honoured.
+        message: String,
+    },
+    /// The pool_passwd file could not be read or parsed.
+    #[error("pool_passwd {path}: {message}")]
+    PoolPasswd {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The translation of a pgpool.conf.
+#[derive(Debug, Clone, Default)]
+pub struct PgpoolImport {
+    /// dbproxy configuration keys, to be layered under the TOML file, environment and flags.
+    pub table: Table,
+    /// Keys that were accepted but have no effect in dbproxy, with their line numbers.
+    pub ignored: Vec<String>,
+    /// How some keys were interpreted (approximations an operator should know about).
+    pub notes: Vec<String>,
+    /// pgpool's `failover_command`, when set (automatic failover uses it as an `exec` step).
+    pub failover_command: Option<String>,
+    /// pgpool's `follow_primary_command`, when set.
+    pub follow_primary_command: Option<String>,
+}
+
+/// Reads `path` and the `pool_passwd` file it names (relative to its directory).
+pub fn load(path: &Path) -> Result<PgpoolImport, PgpoolConfError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PgpoolConfError::Syntax {
+        line: 0,
+        message: format!("cannot read {}: {e}", path.display()),
+    })?;
+    parse(&text, path.parent().unwrap_or(Path::new(".")))
+}
+
+/// Parses pgpool.conf text; `base_dir` resolves a relative `pool_passwd`.
+pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfError> {
+    let entries = parse_lines(text)?;
+    let get = |k: &str| entries.get(k).map(|(_, v)| v.as_str());
+    let mut out = PgpoolImport::default();
+    let mut routing = Table::new();
+    let mut health = Table::new();
+    let mut limits = Table::new();
+    let mut nodes: BTreeMap<u32, Table> = BTreeMap::new();
+
+    for (key, (line, value)) in &entries {
+        let line = *line;
+        let unsupported = |message: &str| PgpoolConfError::Unsupported {
+            line,
+            key: key.clone(),
+            value: value.clone(),
+            message: message.to_string(),
+        };
+        if let Some((field, n)) = backend_key(key) {
+            let node = nodes.entry(n).or_default();
+            match field {
+                "hostname" => {
+                    node.insert("host".into(), Value::String(value.clone()));
+                }
+                "port" => {
+                    node.insert(
+                        "port".into(),
+                        Value::Integer(int(value).ok_or_else(|| unsupported("not a port"))?),
+                    );
+                }
+                "weight" => {
+                    // pgpool accepts fractional weights; dbproxy's are integers, so scale by 1000.
+                    let w: f64 = value.parse().map_err(|_| unsupported("not a number"))?;
+                    if !(0.0..=1e6).contains(&w) {
+                        return Err(unsupported("weight must be between 0 and 1000000"));
+                    }
+                    let scaled = if w.fract() == 0.0 {
+                        w as i64
+                    } else {
+                        (w * 1000.0).round() as i64
+                    };
+                    node.insert("weight".into(), Value::Integer(scaled));
+                    if w.fract() != 0.0 {
+                        out.notes.push(format!(
+                            "line {line}: {key} = {value} scaled to {scaled} (weights are integers)"
+                        ));
+                    }
+                }
+                "application_name" if !value.is_empty() => {
+                    node.insert("name".into(), Value::String(value.clone()));
+                }
+                "flag" => {
+                    let flags: Vec<&str> = value.split('|').map(str::trim).collect();
+                    for f in &flags {
+                        match f.to_ascii_uppercase().as_str() {
+                            "ALLOW_TO_FAILOVER" | "" => {}
+                            "DISALLOW_TO_FAILOVER" | "ALWAYS_PRIMARY" => out.notes.push(format!(
+                                "line {line}: {key} = {f} is recorded but not enforced yet (failover is a later stage)"
+                            )),
+                            _ => return Err(unsupported("unknown backend flag")),
+                        }
+                    }
+                }
+                _ => out.ignored.push(format!("{key} (line {line})")),
+            }
+            continue;
+        }
+        match key.as_str() {
+            "listen_addresses" | "port" => {}
+            "backend_clustering_mode" => {
+                if value != "streaming_replication" {
+                    return Err(unsupported("dbproxy supports only streaming_replication"));
+                }
+            }
+            "master_slave_mode" | "master_slave_sub_mode" => {
+                if key == "master_slave_sub_mode" && value != "stream" {
+                    return Err(unsupported("dbproxy supports only streaming replication ('stream')"));
+                }
+            }
+            "load_balance_mode" => {
+                routing.insert("load_balance".into(), Value::Boolean(boolean(value).ok_or_else(|| unsupported("not a boolean"))?));
+            }
+            "disable_load_balance_on_write" => {
+                let mapped = match value.to_ascii_lowercase().as_str() {
+                    "transaction" => "transaction",
+                    "always" => "always",
+                    "off" => "off",
+                    "trans_transaction" | "dml_adaptive" => {
+                        out.notes.push(format!(
+                            "line {line}: disable_load_balance_on_write = '{value}' treated as 'transaction' \
+                             (explicit transactions run wholly on the primary)"
+                        ));
+                        "transaction"
+                    }
+                    _ => return Err(unsupported("expected transaction, trans_transaction, always, dml_adaptive or off")),
+                };
+                routing.insert("disable_load_balance_on_write".into(), Value::String(mapped.into()));
+            }
+            "delay_threshold" => {
+                routing.insert("max_replica_lag_bytes".into(), Value::Integer(int(value).ok_or_else(|| unsupported("not a number"))?));
+            }
+            "delay_threshold_by_time" => {
+                routing.insert("max_replica_lag_ms".into(), Value::Integer(int(value).ok_or_else(|| unsupported("not a number"))?));
+            }
+            "read_only_function_list" => {
+                let list: Vec<Value> = value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|f| !f.is_empty())
+                    .map(|f| Value::String(f.to_ascii_lowercase()))
+                    .collect();
+                routing.insert("read_only_functions".into(), Value::Array(list));
+            }
+            "write_function_list" => out.notes.push(format!(
+                "line {line}: write_function_list is not needed: functions not known to be read-only always go to the primary"
+            )),
+            "statement_level_load_balance" => out.notes.push(format!(
+                "line {line}: statement_level_load_balance: dbproxy always balances statement by statement"
+            )),
+            "health_check_period" | "health_check_timeout" | "health_check_retry_delay" => {
+                let secs: f64 = value.parse().map_err(|_| unsupported("not a number of seconds"))?;
+                let field = &key["health_check_".len()..];
+                if key == "health_check_period" && secs <= 0.0 {
+                    out.notes.push(format!("line {line}: health_check_period = 0 disables pgpool's checks; dbproxy always checks, every 2 s"));
+                    continue;
+                }
+                if key == "health_check_timeout" && secs <= 0.0 {
+                    // pgpool: 0 means no timeout. dbproxy bounds every check, so use a generous one.
+                    health.insert("timeout".into(), Value::Float(30.0));
+                    continue;
+                }
+                health.insert(field.into(), Value::Float(secs));
+            }
+            "health_check_max_retries" => {
+                health.insert("max_retries".into(), Value::Integer(int(value).ok_or_else(|| unsupported("not a number"))?));
+            }
+            "health_check_user" | "health_check_password" | "health_check_database" => {
+                let field = &key["health_check_".len()..];
+                if !(field == "database" && value.is_empty()) {
+                    health.insert(field.into(), Value::String(value.clone()));
+                }
+            }
+            "sr_check_period" | "sr_check_user" | "sr_check_password" | "sr_check_database" => out.notes.push(format!(
+                "line {line}: {key}: replication lag is measured by the health check itself (health.period)"
+            )),
+            "num_init_children" => {
+                limits.insert("max_connections".into(), Value::Integer(int(value).ok_or_else(|| unsupported("not a number"))?));
+            }
+            "client_idle_limit" => {
+                limits.insert("client_idle_timeout".into(), Value::Float(value.parse().map_err(|_| unsupported("not a number"))?));
+            }
+            "authentication_timeout" => {
+                let secs: f64 = value.parse().map_err(|_| unsupported("not a number"))?;
+                if secs > 0.0 {
+                    limits.insert("startup_timeout".into(), Value::Float(secs));
+                }
+            }
+            "failover_command" if !value.is_empty() => out.failover_command = Some(value.clone()),
+            "follow_primary_command" if !value.is_empty() => out.follow_primary_command = Some(value.clone()),
+            "pool_passwd" | "enable_pool_hba" => {}
+            _ => out.ignored.push(format!("{key} (line {line})")),
+        }
+    }
+
+    // listen_addresses + port → listen.
+    let port = match entries.get("port") {
+        Some((line, v)) => {
+            int(v)
+                .filter(|p| (1..=65535).contains(p))
+                .ok_or_else(|| PgpoolConfError::Unsupported {
+                    line: *line,
+                    key: "port".into(),
+                    value: v.clone(),
+                    message: "not a port".into(),
+                })?
+        }
+        None => 9999,
+    };
+    let addr = match get("listen_addresses").map(str::trim) {
+        None | Some("*") | Some("") => "0.0.0.0".to_string(),
+        Some("localhost") => "127.0.0.1".to_string(),
+        Some(list) => {
+            let first = list.split(',').next().unwrap_or("0.0.0.0").trim().to_string();
+            if list.contains(',') {
+                out.notes.push(format!(
+                    "listen_addresses = '{list}': dbproxy listens on the first, {first}"
+                ));
+            }
+            first
+        }
+    };
+    let listen = if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    };
+    out.table.insert("listen".into(), Value::String(listen));
+
+    // Backends, in pgpool's order; gaps in the numbering are kept as they are (node ids matter).
+    let mut node_list = Vec::new();
+    for (n, mut node) in nodes {
+        if !node.contains_key("host") {
+            return Err(PgpoolConfError::Syntax {
+                line: 0,
+                message: format!("backend {n} has settings but no backend_hostname{n}"),
+            });
+        }
+        node.entry("name")
+            .or_insert_with(|| Value::String(format!("node{n}")));
+        node_list.push(Value::Table(node));
+    }
+    if !node_list.is_empty() {
+        out.table.insert("nodes".into(), Value::Array(node_list));
+    }
+
+    // Users from pool_passwd, plus hba rules: md5-only secrets need md5 client authentication.
+    let passwd = get("pool_passwd").unwrap_or("pool_passwd");
+    if !passwd.is_empty() {
+        let path = base_dir.join(passwd);
+        if path.exists() {
+            let (users, md5_only) = pool_passwd(&path, &mut out.notes)?;
+            if !users.is_empty() {
+                out.table.insert("users".into(), Value::Array(users));
+            }
+            if !md5_only.is_empty() {
+                let mut rules: Vec<Value> = md5_only
+                    .into_iter()
+                    .map(|u| {
+                        let mut r = Table::new();
+                        r.insert("user".into(), Value::String(u));
+                        r.insert("method".into(), Value::String("md5".into()));
+                        Value::Table(r)
+                    })
+                    .collect();
+                let mut rest = Table::new();
+                rest.insert("method".into(), Value::String("scram-sha-256".into()));
+                rules.push(Value::Table(rest));
+                out.table.insert("hba".into(), Value::Array(rules));
+            }
+        } else if entries.contains_key("pool_passwd") {
+            return Err(PgpoolConfError::PoolPasswd {
+                path,
+                message: "file not found".into(),
+            });
+        }
+    }
+    if get("enable_pool_hba").and_then(boolean) == Some(true) {
+        out.notes.push(
+            "enable_pool_hba = on: pool_hba.conf is not read; give dbproxy's [[hba]] rules (default: SCRAM-SHA-256, \
+             or md5 for users whose pool_passwd entry is an md5 hash)"
+                .into(),
+        );
+    }
+
+    for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
+        if !t.is_empty() {
+            out.table.insert(name.into(), Value::Table(t));
+        }
+    }
+    Ok(out)
+}
+
+/// Reads pool_passwd: `user:TEXTpassword`, `user:md5<hash>`, `user:SCRAM-SHA-256$...`.
+/// Returns the users and the names whose only secret is an md5 hash.
+fn pool_passwd(path: &Path, notes: &mut Vec<String>) -> Result<(Vec<Value>, Vec<String>), PgpoolConfError> {
+    let err = |message: String| PgpoolConfError::PoolPasswd {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut users = Vec::new();
+    let mut md5_only = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim_end_matches('\r');
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, secret) = line
+            .split_once(':')
+            .ok_or_else(|| err(format!("line {}: expected user:password", i + 1)))?;
+        if name.is_empty() {
+            return Err(err(format!("line {}: empty user name", i + 1)));
+        }
+        let mut user = Table::new();
+        user.insert("name".into(), Value::String(name.to_string()));
+        if let Some(text) = secret.strip_prefix("TEXT") {
+            user.insert("password".into(), Value::String(text.to_string()));
+        } else if secret.starts_with("md5") && secret.len() == 35 {
+            user.insert("secret".into(), Value::String(secret.to_string()));
+            md5_only.push(name.to_string());
+        } else if secret.starts_with("SCRAM-SHA-256$") {
+            user.insert("secret".into(), Value::String(secret.to_string()));
+        } else if secret.starts_with("AES") {
+            notes.push(format!(
+                "pool_passwd line {}: {name}'s password is AES-encrypted with pgpool's key; set it in dbproxy's \
+                 config (users.password_env) instead",
+                i + 1
+            ));
+            continue;
+        } else {
+            // Unprefixed entries are plain text in pgpool-II.
+            user.insert("password".into(), Value::String(secret.to_string()));
+        }
+        users.push(Value::Table(user));
+    }
+    Ok((users, md5_only))
+}
+
+/// Splits `backend_hostname12` into ("hostname", 12).
+fn backend_key(key: &str) -> Option<(&str, u32)> {
+    let rest = key.strip_prefix("backend_")?;
+    let digits = rest.len() - rest.bytes().rev().take_while(u8::is_ascii_digit).count();
+    if digits == rest.len() {
+        return None;
+    }
+    let n = rest[digits..].parse().ok()?;
+    Some((&rest[..digits], n))
+}
+
+fn int(v: &str) -> Option<i64> {
+    v.trim().parse().ok()
+}
+
+fn boolean(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Parses every `name = value` line; later lines win, as in pgpool.
+fn parse_lines(text: &str) -> Result<BTreeMap<String, (usize, String)>, PgpoolConfError> {
+    let mut out = BTreeMap::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        let s = raw.trim();
+        if s.is_empty() || s.starts_with('#') {
+            continue;
+        }
+        let name_end = s
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+            .unwrap_or(s.len());
+        if name_end == 0 {
+            return Err(PgpoolConfError::Syntax {
+                line,
+                message: format!("expected a setting name: {s}"),
+            });
+        }
+        let name = s[..name_end].to_ascii_lowercase();
+        let mut rest = s[name_end..].trim_start();
+        if let Some(r) = rest.strip_prefix('=') {
+            rest = r.trim_start();
+        }
+        let value = if let Some(body) = rest.strip_prefix('\'') {
+            let mut v = String::new();
+            let mut chars = body.chars();
+            let mut closed = false;
+            while let Some(c) = chars.next() {
+                match c {
+                    '\'' => {
+                        if chars.as_str().starts_with('\'') {
+                            v.push('\'');
+                            chars.next();
+                        } else {
+                            closed = true;
+                            break;
+                        }
+                    }
+                    '\\' => match chars.next() {
+                        Some(n) => v.push(n),
+                        None => break,
+                    },
+                    c => v.push(c),
+                }
+            }
+            if !closed {
+                return Err(PgpoolConfError::Syntax {
+                    line,
+                    message: format!("unterminated quoted value for {name}"),
+                });
+            }
+            let tail = chars.as_str().trim();
+            if !(tail.is_empty() || tail.starts_with('#')) {
+                return Err(PgpoolConfError::Syntax {
+                    line,
+                    message: format!("unexpected text after the value of {name}"),
+                });
+            }
+            v
+        } else {
+            let v = rest.split('#').next().unwrap_or("").trim();
+            if v.is_empty() {
+                return Err(PgpoolConfError::Syntax {
+                    line,
+                    message: format!("{name} has no value"),
+                });
+            }
+            if v.contains(char::is_whitespace) {
+                return Err(PgpoolConfError::Syntax {
+                    line,
+                    message: format!("the value of {name} must be quoted"),
+                });
+            }
+            v.to_string()
+        };
+        out.insert(name, (line, value));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/examples")
+    }
+
+    #[test]
+    fn the_seed_pgpool_conf_translates() {
+        let imp = load(&examples().join("pgpool.conf")).expect("the example pgpool.conf");
+        let t = &imp.table;
+        assert_eq!(t["listen"].as_str(), Some("0.0.0.0:9999"));
+        let nodes = t["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[0]["host"].as_str(), Some("db-primary"));
+        assert_eq!(nodes[0]["name"].as_str(), Some("db-primary"));
+        assert_eq!(nodes[1]["host"].as_str(), Some("db-replica"));
+        assert_eq!(nodes[1]["port"].as_integer(), Some(5432));
+        assert_eq!(nodes[1]["weight"].as_integer(), Some(1));
+        assert_eq!(t["routing"]["load_balance"].as_bool(), Some(true));
+        assert_eq!(
+            t["routing"]["disable_load_balance_on_write"].as_str(),
+            Some("transaction")
+        );
+        assert_eq!(
+            t["routing"]["max_replica_lag_bytes"].as_integer(),
+            Some(10_000_000)
+        );
+        assert_eq!(t["health"]["period"].as_float(), Some(5.0));
+        assert_eq!(t["health"]["timeout"].as_float(), Some(20.0));
+        assert_eq!(t["health"]["max_retries"].as_integer(), Some(3));
+        assert_eq!(t["health"]["user"].as_str(), Some("postgres"));
+        assert_eq!(t["limits"]["max_connections"].as_integer(), Some(32));
+        let users = t["users"].as_array().unwrap();
+        let app = users.iter().find(|u| u["name"].as_str() == Some("app")).unwrap();
+        assert_eq!(app["password"].as_str(), Some("app-secret"));
+        let pg = users
+            .iter()
+            .find(|u| u["name"].as_str() == Some("postgres"))
+            .unwrap();
+        assert_eq!(pg["secret"].as_str(), Some("md5768d94c3a0b6e118442bc70ee41c3b82"));
+        let hba = t["hba"].as_array().unwrap();
+        assert_eq!(hba[0]["user"].as_str(), Some("postgres"));
+        assert_eq!(hba[0]["method"].as_str(), Some("md5"));
+        assert_eq!(hba.last().unwrap()["method"].as_str(), Some("scram-sha-256"));
+        assert!(imp
+            .failover_command
+            .as_deref()
+            .unwrap()
+            .starts_with("/etc/pgpool-II/failover.sh %d"));
+        assert_eq!(imp.follow_primary_command, None);
+        for k in [
+            "pcp_port",
+            "max_pool",
+            "backend_data_directory0",
+            "log_destination",
+        ] {
+            assert!(
+                imp.ignored.iter().any(|i| i.starts_with(k)),
+                "{k} should be reported: {:?}",
+                imp.ignored
+            );
+        }
+    }
+
+    #[test]
+    fn the_translation_loads_as_a_dbproxy_config() {
+        let imp = load(&examples().join("pgpool.conf")).unwrap();
+        let cfg: crate::config::Config = common::ConfigSource::new()
+            .base(imp.table)
+            .load()
+            .expect("valid config");
+        assert_eq!(cfg.nodes.len(), 2);
+        assert_eq!(cfg.listen, "0.0.0.0:9999");
+    }
+
+    #[test]
+    fn quoting_comments_and_later_lines() {
+        let t = "port = 5433 # comment\nlisten_addresses = 'localhost'\nhealth_check_user = 'o''brien'\n\
+                 health_check_password 'a\\'b#c' # x\nport = 6000\nbackend_hostname0 = 'h'\nbackend_weight0 = 0.5\n";
+        let imp = parse(t, Path::new("/nonexistent")).unwrap();
+        assert_eq!(imp.table["listen"].as_str(), Some("127.0.0.1:6000"));
+        assert_eq!(imp.table["health"]["user"].as_str(), Some("o'brien"));
+        assert_eq!(imp.table["health"]["password"].as_str(), Some("a'b#c"));
+        assert_eq!(imp.table["nodes"][0]["weight"].as_integer(), Some(500));
+        assert_eq!(imp.table["nodes"][0]["name"].as_str(), Some("node0"));
+    }
+
+    #[test]
+    fn bad_input_names_the_line() {
+        let bad = [
+            ("port = 'x'\n", "line 1"),
+            ("listen_addresses = 'unterminated\n", "line 1"),
+            ("\n\nbackend_clustering_mode = 'native_replication'\n", "line 3"),
+            ("load_balance_mode = maybe\n", "line 1"),
+            ("disable_load_balance_on_write = 'sometimes'\n", "line 1"),
+            ("= 1\n", "line 1"),
+            ("health_check_period = soon\n", "line 1"),
+            ("backend_flag0 = 'FLY'\nbackend_hostname0 = 'h'\n", "line 1"),
+            ("delay_threshold\n", "line 1"),
+        ];
+        for (text, want) in bad {
+            let e = parse(text, Path::new("/nonexistent")).unwrap_err().to_string();
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
+        let e = parse("backend_port1 = 5432\n", Path::new("/"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("backend_hostname1"), "{e}");
+        let e = parse("pool_passwd = 'missing'\n", Path::new("/nonexistent"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("file not found"), "{e}");
+    }
+
+    #[test]
+    fn pool_passwd_formats() {
+        let dir = std::env::temp_dir().join(format!("pgpool-conf-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("pool_passwd"),
+            "a:TEXTpw\nb:md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\nc:SCRAM-SHA-256$4096:c2FsdA==$a:b\nd:AESxyz\ne:plain\n",
+        )
+        .unwrap();
+        let imp = parse("pool_passwd = 'pool_passwd'\n", &dir).unwrap();
+        let users = imp.table["users"].as_array().unwrap();
+        let names: Vec<_> = users.iter().map(|u| u["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["a", "b", "c", "e"]);
+        assert_eq!(users[3]["password"].as_str(), Some("plain"));
+        assert!(imp.notes.iter().any(|n| n.contains("AES")));
+        std::fs::write(dir.join("pool_passwd"), "nocolon\n").unwrap();
+        assert!(parse("pool_passwd = 'pool_passwd'\n", &dir).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
