@@ -407,6 +407,13 @@ struct Route {
     session_set: bool,
 }
 
+/// Whether `sql` starts with DEALLOCATE or DISCARD.
+fn forgets_prepared(sql: &str) -> bool {
+    let head = sql.trim_start().as_bytes();
+    let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
+    starts(b"deallocate") || starts(b"discard")
+}
+
 /// Reads the next frame of an optional backend; pending forever when there is none.
 async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError> {
     match b {
@@ -559,6 +566,14 @@ impl Session {
                     return self.client.flush().await.map_err(|_| End);
                 }
                 let r = self.route(sql);
+                if forgets_prepared(sql) {
+                    // DEALLOCATE / DISCARD drop protocol-level statements too; forgetting where
+                    // they exist is safe, since a lazy prepare closes any stale copy first.
+                    self.primary.prepared.clear();
+                    if let Some(b) = self.standby.as_mut() {
+                        b.prepared.clear();
+                    }
+                }
                 let set = r.session_set.then(|| sql.to_string());
                 self.note(r);
                 self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, set)
@@ -588,23 +603,23 @@ impl Session {
                 Ok(())
             }
             b'B' | b'D' | b'C' => {
+                // Borrowed from the frame: no allocation per Bind.
                 let named = match f.tag() {
-                    b'B' => extended::bind_statement(f.body()).map(|n| Some(n.to_string())),
+                    b'B' => extended::bind_statement(f.body()).map(Some),
                     t => extended::target(f.body(), if t == b'D' { "Describe" } else { "Close" })
-                        .map(|(k, n)| (k == b'S').then(|| n.to_string())),
+                        .map(|(k, n)| (k == b'S').then_some(n)),
                 };
-                let stmt = match named {
-                    Ok(s) => s,
+                match named {
+                    Ok(Some(name)) if f.tag() == b'C' => {
+                        self.stmts.remove(name);
+                    }
+                    Ok(Some(name)) => {
+                        self.batch_ok &= self.stmts.get(name).is_some_and(|s| s.read_only);
+                    }
+                    Ok(None) => {}
                     Err(e) => {
                         let msg = e.to_string();
                         return Err(self.protocol_violation(&msg).await);
-                    }
-                };
-                if let Some(name) = stmt {
-                    if f.tag() == b'C' {
-                        self.stmts.remove(&name);
-                    } else {
-                        self.batch_ok &= self.stmts.get(&name).is_some_and(|s| s.read_only);
                     }
                 }
                 self.batch.push(f);

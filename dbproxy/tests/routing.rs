@@ -120,6 +120,11 @@ async fn reads_go_to_the_standby_and_everything_else_to_the_primary_body() -> Re
         "prepared statement moved to the primary"
     );
 
+    // DISCARD ALL drops the backend's statements; they are prepared again when next used.
+    c.batch_execute("discard all").await?;
+    let row = c.query_one(&stmt, &[&0i32]).await?;
+    assert_eq!(row.get::<_, i32>(0) as u16, pp, "re-prepared after DISCARD ALL");
+
     // What ran where, seen from the nodes themselves.
     let on_primary = cluster.primary().psql("select count(*) from t")?;
     assert_eq!(on_primary, "3");
