@@ -923,6 +923,16 @@ impl Session {
             match next {
                 Ok(Some(f)) => self.on_backend_frame(w, f),
                 Ok(None) | Err(_) => {
+                    if w == Which::Standby && self.cur == Some(Which::Standby) && self.replay.is_some() {
+                        // The standby went away before any of the answer reached the client:
+                        // run the request on the primary instead.
+                        tracing::info!("standby connection lost mid-read; replaying on the primary");
+                        self.standby = None;
+                        self.replaying = false;
+                        self.replay_now = true;
+                        self.holdback.clear();
+                        return Ok(());
+                    }
                     if w == Which::Standby && self.cur != Some(Which::Standby) && !self.tx_on_standby {
                         // An idle standby connection went away: open another when next needed.
                         self.standby = None;
@@ -999,6 +1009,13 @@ impl Session {
                 b'E' if perror::sqlstate(f.body()) == Some("25006") => {
                     self.replaying = true;
                     self.holdback.clear();
+                    return;
+                }
+                // The standby is shutting down or restarting; its connection ends next, and the
+                // request is replayed on the primary then.
+                b'E' if w == Which::Standby
+                    && matches!(perror::sqlstate(f.body()), Some("57P01" | "57P02" | "57P03")) =>
+                {
                     return;
                 }
                 _ => {

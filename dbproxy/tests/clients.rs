@@ -152,7 +152,21 @@ async fn psql_pgbench_copy_replay_and_admin_body() -> Result<()> {
 
     // The standby goes down: it is marked down and reads fall back to the primary; it comes back
     // once it is healthy again.
+    // A read running on the standby when it shuts down is replayed on the primary: the client
+    // gets its answer, not an error.
+    let reader = proxy.connect("postgres", "pw").await?;
+    let slow = tokio::spawn(async move {
+        reader
+            .query_one("select inet_server_port() from pg_sleep(2) /* slow read */", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
     tokio::task::block_in_place(|| -> Result<()> {
+        let running = "select count(*) from pg_stat_activity where query like '%slow read%' \
+                       and state = 'active' and pid <> pg_backend_pid()";
+        wait_for("the slow read to run on the standby", DEADLINE, || {
+            Ok((cluster.standby(0).psql(running)? == "1").then_some(()))
+        })?;
         cluster.standby(0).stop()?;
         wait_for("the standby to be marked down", DEADLINE, || {
             let rows = psql(&proxy, "postgres", "pw", "show pool_nodes")?;
@@ -166,6 +180,14 @@ async fn psql_pgbench_copy_replay_and_admin_body() -> Result<()> {
             psql(&proxy, "postgres", "pw", "select inet_server_port()")?,
             pp.to_string()
         );
+        Ok(())
+    })?;
+    assert_eq!(
+        slow.await?? as u16,
+        pp,
+        "the interrupted read was answered by the primary"
+    );
+    tokio::task::block_in_place(|| -> Result<()> {
         cluster.standby(0).start()?;
         wait_for("the standby to come back", DEADLINE, || {
             Ok(
