@@ -111,7 +111,7 @@ mod tests {
     fn random_bytes_never_panic_nor_overflow_the_limit() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..20_000 {
-            let len = rng.gen_range(0..64);
+            let len: usize = rng.gen_range(0..64);
             let mut data: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
             // Bias towards plausible headers so the field parsers get exercised.
             if len > 5 && rng.gen_bool(0.5) {
