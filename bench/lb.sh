@@ -55,7 +55,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-ulimit -n 65536 2>/dev/null || ulimit -n 4096 || true
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 wait_port() {
   for _ in $(seq 1 100); do
@@ -109,7 +109,7 @@ nginx -c "$WORK/nginx.conf"
 cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread 2
-  maxconn 20000
+  maxconn 1500
 defaults
   mode http
   timeout connect 5s
