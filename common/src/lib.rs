@@ -8,6 +8,7 @@ pub mod health;
 pub mod postgres;
 pub mod shutdown;
 pub mod telemetry;
+pub mod time;
 
 pub use cli::CommonArgs;
 pub use config::{ConfigError, ConfigSource, Validate};
