@@ -29,7 +29,7 @@ pub enum RunError {
     #[error("{0}")]
     Credentials(#[from] auth::AuthError),
     /// A listener could not be bound.
-    #[error("cannot bind {addr}: {source}")]
+    #[error("cannot bind {addr}")]
     Bind {
         /// The address.
         addr: String,
