@@ -81,13 +81,18 @@ struct Stmt {
     session_set: bool,
 }
 
+/// The largest message accepted before authentication (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
+const MAX_AUTH_MESSAGE: usize = 65535;
+
 /// Caps the number of remembered SET statements; past it the session stays on the primary.
 const MAX_SETS: usize = 256;
 
 /// Serves one client connection until it ends.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let max = shared.config.limits.max_message_size;
-    let mut client = Conn::new(stream, max);
+    // Until the client is authenticated, no message may be larger than PostgreSQL's own limit
+    // for authentication tokens, whatever the configured maximum.
+    let mut client = Conn::new(stream, max.min(MAX_AUTH_MESSAGE));
     let limit = secs(shared.config.limits.startup_timeout);
     let started = tokio::time::timeout(limit, startup(&mut client, peer.ip(), &shared)).await;
     let login = match started {
@@ -99,6 +104,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
             return;
         }
     };
+    client.max = max;
     Session::new(shared, client, login).run().await;
 }
 

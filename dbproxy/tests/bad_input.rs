@@ -130,6 +130,25 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     r.send(&out).await?;
     assert_eq!(r.fatal_code().await?, "28000");
 
+    // An oversized password message during authentication is refused before it is buffered
+    // (64 KiB there, whatever max_message_size says).
+    let mut config = config_for(&cluster, None);
+    config.users = vec![dbproxy::config::UserConfig {
+        name: "postgres".into(),
+        password: Some("pw".into()),
+        ..Default::default()
+    }];
+    let scram_proxy = Proxy::start(config)?;
+    let mut r = Raw::connect(&scram_proxy).await?;
+    let mut out = BytesMut::new();
+    startup::encode_startup([("user", "postgres")], &mut out);
+    r.send(&out).await?;
+    let f = r.frame().await?.context("no authentication request")?;
+    assert_eq!(f.tag(), b'R', "SCRAM is requested");
+    r.send(&[b'p', 0x00, 0x10, 0x00, 0x00]).await?;
+    assert_eq!(r.fatal_code().await?, "08P01");
+    drop(scram_proxy);
+
     // A client that stays silent during startup is dropped at startup_timeout (1 s here).
     let started = Instant::now();
     let mut r = Raw::connect(&proxy).await?;
