@@ -64,6 +64,7 @@ pub async fn run_with_admin(
         classifier: Classifier::new(&config.routing.read_only_functions),
         cluster: cluster.clone(),
         cancels: Mutex::new(HashMap::new()),
+        shutdown: shutdown.clone(),
         config,
     });
     let tasks = TaskTracker::new();

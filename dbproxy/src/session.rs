@@ -39,6 +39,8 @@ pub struct Shared {
     pub classifier: Classifier,
     /// Proxy BackendKeyData → the backend currently running that session's request.
     pub cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// Cancelled at shutdown: idle sessions then end, busy ones once their transaction ends.
+    pub shutdown: common::Shutdown,
 }
 
 /// Why a session ends (already reported to the client where that makes sense).
@@ -526,7 +528,8 @@ impl Session {
                 self.dispatch(Which::Primary, frames, Mode::Sync, None).await?;
                 continue;
             }
-            let idle = !self.awaiting && self.cur.is_none() && self.tx == b'I' && !idle_limit.is_zero();
+            let between = !self.awaiting && self.cur.is_none() && self.tx == b'I';
+            let idle = between && !idle_limit.is_zero();
             // Backpressure: a client that pipelines more than one maximal message is not read
             // further until its earlier requests are answered.
             let can_read = self.client.rbuf.len() <= max;
@@ -537,6 +540,10 @@ impl Session {
                 },
                 r = self.primary.conn.read_frame() => self.on_backend(Which::Primary, r).await?,
                 r = read_opt(&mut self.standby) => self.on_backend(Which::Standby, r).await?,
+                _ = self.shared.shutdown.cancelled(), if between => {
+                    fatal(&mut self.client, "57P01", "terminating connection due to administrator command").await;
+                    return Err(End);
+                }
                 _ = tokio::time::sleep(idle_limit), if idle => {
                     fatal(&mut self.client, "57P05", "terminating connection due to idle-session timeout").await;
                     return Err(End);

@@ -101,9 +101,32 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
         Ok(psql("select inet_server_port()").ok())
     })?;
     assert_eq!(got, cluster.standby(0).port().to_string());
+    // An idle client stays connected; shutdown ends it (57P01) instead of waiting for it.
+    let mut idle = support::pg_program("psql")?
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
+        .env("PGPASSWORD", "pw")
+        .env("PGAPPNAME", "idle-client")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    wait_for("the idle client to connect", DEADLINE, || {
+        let n = cluster
+            .primary()
+            .psql("select count(*) from pg_stat_activity where application_name = 'idle-client'")?;
+        Ok((n == "1").then_some(()))
+    })?;
     let mut child = child.0.take().context("child")?;
+    let stopping = std::time::Instant::now();
     nix_kill(child.id())?;
     let status = child.wait()?;
+    assert!(
+        stopping.elapsed() < dbproxy::server::DRAIN_DEADLINE,
+        "idle sessions do not hold up shutdown ({:?})",
+        stopping.elapsed()
+    );
+    let _ = idle.kill();
+    let _ = idle.wait();
     assert!(status.success(), "exit status {status}");
     let logs = logs.join().expect("log reader").join("\n");
     assert!(!logs.contains("pw\""), "no password in the logs: {logs}");
