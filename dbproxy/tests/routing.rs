@@ -3,8 +3,10 @@
 
 mod support;
 
+use anyhow::Context;
 use anyhow::Result;
-use support::{config_for, Proxy};
+use dbproxy::config::{AuthMethod, HbaRule};
+use support::{config_for, msg, Proxy, Raw};
 use testkit::PgCluster;
 
 async fn port_of(c: &tokio_postgres::Client, sql: &str) -> Result<u16> {
@@ -124,6 +126,37 @@ async fn reads_go_to_the_standby_and_everything_else_to_the_primary_body() -> Re
     c.batch_execute("discard all").await?;
     let row = c.query_one(&stmt, &[&0i32]).await?;
     assert_eq!(row.get::<_, i32>(0) as u16, pp, "re-prepared after DISCARD ALL");
+
+    // Flush: a batch answered before its Sync stays on the backend it started on.
+    let mut config = config_for(&cluster, Some("pw"));
+    config.hba = vec![HbaRule {
+        method: AuthMethod::Trust,
+        ..HbaRule::default()
+    }];
+    let trusting = Proxy::start(config)?;
+    for (sql, expected) in [
+        ("select inet_server_port()", sp),
+        ("select inet_server_port() from t where id = 1 for update", pp),
+    ] {
+        let mut r = Raw::login(&trusting).await?;
+        let mut out = msg(b'P', format!("s1\0{sql}\0\0\0").as_bytes());
+        out.extend(msg(b'D', b"Ss1\0"));
+        out.extend(msg(b'H', b""));
+        r.send(&out).await?;
+        let tags = [r.frame().await?, r.frame().await?, r.frame().await?].map(|f| f.map(|f| f.tag()));
+        assert_eq!(tags, [Some(b'1'), Some(b't'), Some(b'T')], "answered at Flush");
+        let mut out = msg(b'B', b"\0s1\0\0\0\0\0\0\0");
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+        out.extend(msg(b'S', b""));
+        r.send(&out).await?;
+        assert_eq!(r.frame().await?.map(|f| f.tag()), Some(b'2'));
+        let row = r.frame().await?.context("no row")?;
+        assert_eq!(row.tag(), b'D');
+        let port: u16 = std::str::from_utf8(&row.body()[6..])?.parse()?;
+        assert_eq!(port, expected, "{sql}");
+        let rest = [r.frame().await?, r.frame().await?].map(|f| f.map(|f| f.tag()));
+        assert_eq!(rest, [Some(b'C'), Some(b'Z')]);
+    }
 
     // What ran where, seen from the nodes themselves.
     let on_primary = cluster.primary().psql("select count(*) from t")?;

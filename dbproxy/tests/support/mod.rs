@@ -6,9 +6,13 @@ use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use bytes::{BufMut, BytesMut};
 use dbproxy::config::{Config, HealthConfig, LimitsConfig, NodeConfig, UserConfig};
-use testkit::PgCluster;
+use dbproxy::protocol::{self, error, startup, Frame};
+use testkit::{PgCluster, DEADLINE};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 /// A dbproxy serving on loopback; dropping it shuts it down.
@@ -175,4 +179,79 @@ pub async fn bounded<T>(body: impl std::future::Future<Output = Result<T>>) -> R
     tokio::time::timeout(Duration::from_secs(240), body)
         .await
         .context("the test did not finish within 240 s")?
+}
+
+/// A raw protocol client.
+pub struct Raw {
+    /// The socket.
+    pub s: TcpStream,
+    buf: BytesMut,
+}
+
+impl Raw {
+    pub async fn connect(proxy: &Proxy) -> Result<Raw> {
+        Ok(Raw {
+            s: TcpStream::connect(proxy.addr).await?,
+            buf: BytesMut::new(),
+        })
+    }
+
+    /// Logs in as postgres (the proxy trusts it) and reads up to ReadyForQuery.
+    pub async fn login(proxy: &Proxy) -> Result<Raw> {
+        let mut r = Raw::connect(proxy).await?;
+        let mut out = BytesMut::new();
+        startup::encode_startup([("user", "postgres"), ("database", "postgres")], &mut out);
+        r.send(&out).await?;
+        loop {
+            let f = r.frame().await?.context("closed during login")?;
+            match f.tag() {
+                b'Z' => return Ok(r),
+                b'E' => bail!("login failed: {:?}", error::field(f.body(), b'M')),
+                _ => {}
+            }
+        }
+    }
+
+    pub async fn send(&mut self, b: &[u8]) -> Result<()> {
+        self.s.write_all(b).await?;
+        Ok(())
+    }
+
+    /// The next frame, or None at end of stream; bounded by the test deadline.
+    pub async fn frame(&mut self) -> Result<Option<Frame>> {
+        tokio::time::timeout(DEADLINE, async {
+            loop {
+                if let Some(f) = protocol::decode(&mut self.buf, 1 << 20)? {
+                    return Ok(Some(f));
+                }
+                if self.s.read_buf(&mut self.buf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+        })
+        .await
+        .context("no answer from dbproxy")?
+    }
+
+    /// Reads until an ErrorResponse and returns its SQLSTATE; then expects the connection closed.
+    pub async fn fatal_code(&mut self) -> Result<String> {
+        loop {
+            let f = self.frame().await?.context("closed without an error")?;
+            if f.tag() == b'E' {
+                let code = error::sqlstate(f.body()).unwrap_or("").to_string();
+                assert_eq!(error::field(f.body(), b'S'), Some("FATAL"));
+                assert!(self.frame().await?.is_none(), "connection closed after FATAL");
+                return Ok(code);
+            }
+        }
+    }
+}
+
+/// Encodes one tagged message.
+pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut b = BytesMut::new();
+    b.put_u8(tag);
+    b.put_i32(body.len() as i32 + 4);
+    b.put_slice(body);
+    b.to_vec()
 }
