@@ -20,4 +20,4 @@ pub mod server;
 pub mod session;
 
 pub use config::Config;
-pub use server::{run, run_with_admin, RunError};
+pub use server::{run, run_with, run_with_admin, RunError};

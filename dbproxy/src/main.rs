@@ -19,30 +19,24 @@ struct Cli {
     pgpool_conf: Option<PathBuf>,
 }
 
-fn main() {
-    let cli = Cli::parse();
-    let import = match cli
+/// Loads the configuration from every layer: pgpool.conf (when given), TOML file, environment, flags.
+fn load(cli: &Cli) -> anyhow::Result<(dbproxy::Config, Option<dbproxy::pgpool_conf::PgpoolImport>)> {
+    let import = cli
         .pgpool_conf
         .as_deref()
         .map(dbproxy::pgpool_conf::load)
-        .transpose()
-    {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("dbproxy: {e}");
-            std::process::exit(2);
-        }
-    };
-    let loaded = cli
-        .common
-        .source("DBPROXY")
-        .map(|s| match &import {
-            Some(i) => s.base(i.table.clone()),
-            None => s,
-        })
-        .and_then(|s| s.load::<dbproxy::Config>())
-        .map_err(anyhow::Error::from);
+        .transpose()?;
+    let mut source = cli.common.source("DBPROXY")?;
     if let Some(i) = &import {
+        source = source.base(i.table.clone());
+    }
+    Ok((source.load::<dbproxy::Config>()?, import))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let loaded = load(&cli);
+    if let Ok((_, Some(i))) = &loaded {
         // Said on stderr so an operator moving from pgpool sees what was not carried over.
         for key in &i.ignored {
             eprintln!("dbproxy: pgpool.conf: ignored: {key}");
@@ -51,6 +45,7 @@ fn main() {
             eprintln!("dbproxy: pgpool.conf: {note}");
         }
     }
+    let loaded = loaded.map(|(c, _)| c);
     if cli.common.check_config {
         std::process::exit(common::cli::report_check("dbproxy", &loaded));
     }
@@ -62,18 +57,35 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = serve(config) {
+    if let Err(e) = serve(cli, config) {
         eprintln!("dbproxy: {e:#}");
         std::process::exit(1);
     }
 }
 
 #[tokio::main]
-async fn serve(config: dbproxy::Config) -> anyhow::Result<()> {
-    let signals = common::shutdown::install().context("installing signal handlers")?;
+async fn serve(cli: Cli, config: dbproxy::Config) -> anyhow::Result<()> {
+    let mut signals = common::shutdown::install().context("installing signal handlers")?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .with_context(|| format!("binding {}", config.listen))?;
-    dbproxy::run(listener, config, signals.shutdown).await?;
+    let admin = tokio::net::TcpListener::bind(&config.admin_listen)
+        .await
+        .with_context(|| format!("binding {}", config.admin_listen))?;
+    // SIGHUP: load every layer again; a bad configuration is reported and the running one kept.
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(async move {
+        while signals.reload.recv().await.is_some() {
+            match load(&cli) {
+                Ok((c, _)) => {
+                    if tx.send(c).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "reload: configuration rejected"),
+            }
+        }
+    });
+    dbproxy::run_with(listener, Some(admin), config, signals.shutdown, Some(rx)).await?;
     Ok(())
 }

@@ -5,12 +5,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::BytesMut;
 use common::Shutdown;
 use prometheus::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::task::TaskTracker;
 
 use crate::auth::{self, Hba};
@@ -56,23 +57,31 @@ pub async fn run_with_admin(
     config: Config,
     shutdown: Shutdown,
 ) -> Result<(), RunError> {
+    run_with(listener, admin, config, shutdown, None).await
+}
+
+/// Like [`run_with_admin`], also taking new configurations from `reload` (the binary feeds it on
+/// SIGHUP). Users, client authentication, routing and limits apply to connections accepted after
+/// the reload; sessions keep the settings they started with. Nodes, health checks, listeners and
+/// the connection limit need a restart (a reload that changes them says so and keeps the old).
+pub async fn run_with(
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+    config: Config,
+    shutdown: Shutdown,
+    mut reload: Option<mpsc::Receiver<Config>>,
+) -> Result<(), RunError> {
     let registry = Registry::new();
     let cluster = Arc::new(Cluster::new(&config, &registry));
-    let shared = Arc::new(Shared {
-        users: auth::resolve_users(&config.users)?,
-        hba: Hba::new(&config.hba),
-        classifier: Classifier::new(&config.routing.read_only_functions),
-        cluster: cluster.clone(),
-        cancels: Mutex::new(HashMap::new()),
-        shutdown: shutdown.clone(),
-        config,
-    });
+    let cancels = Arc::new(Mutex::new(HashMap::new()));
+    let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &shutdown)?);
     let tasks = TaskTracker::new();
+    let first = shared.load_full();
     for i in 0..cluster.nodes.len() {
         tasks.spawn(crate::health::run(
             cluster.clone(),
             i,
-            shared.config.health.clone(),
+            first.config.health.clone(),
             shutdown.clone(),
         ));
     }
@@ -82,12 +91,27 @@ pub async fn run_with_admin(
         });
         tasks.spawn(common::admin::serve(admin, registry, routes, shutdown.clone()));
     }
-    let slots = Arc::new(Semaphore::new(shared.config.limits.max_connections));
+    let slots = Arc::new(Semaphore::new(first.config.limits.max_connections));
     let sessions = TaskTracker::new();
     tracing::info!(addr = ?listener.local_addr().ok(), "dbproxy listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            Some(new) = recv(&mut reload) => {
+                let current = shared.load_full();
+                if restart_needed(&current.config, &new) {
+                    tracing::warn!("reload: nodes, health checks, listeners or max_connections changed; \
+                                    they apply after a restart");
+                }
+                match generation(new, &cluster, &cancels, &shutdown) {
+                    Ok(g) => {
+                        shared.store(Arc::new(g));
+                        tracing::info!("configuration reloaded");
+                    }
+                    Err(e) => tracing::warn!(error = %e, "reload failed; keeping the running configuration"),
+                }
+                continue;
+            }
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -106,7 +130,7 @@ pub async fn run_with_admin(
             sessions.spawn(refuse(stream));
             continue;
         };
-        let shared = shared.clone();
+        let shared = shared.load_full();
         sessions.spawn(async move {
             session::serve(stream, peer, shared).await;
             drop(permit);
@@ -123,6 +147,48 @@ pub async fn run_with_admin(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// One configuration generation: everything a session needs from the config.
+fn generation(
+    config: Config,
+    cluster: &Arc<Cluster>,
+    cancels: &Arc<session::CancelMap>,
+    shutdown: &Shutdown,
+) -> Result<Shared, RunError> {
+    Ok(Shared {
+        users: auth::resolve_users(&config.users)?,
+        hba: Hba::new(&config.hba),
+        classifier: Classifier::new(&config.routing.read_only_functions),
+        cluster: cluster.clone(),
+        cancels: cancels.clone(),
+        shutdown: shutdown.clone(),
+        config,
+    })
+}
+
+/// Whether `new` changes settings a reload cannot apply.
+fn restart_needed(old: &Config, new: &Config) -> bool {
+    let nodes = |c: &Config| -> Vec<(String, String, u16, u32)> {
+        c.nodes
+            .iter()
+            .map(|n| (n.name.clone(), n.host.clone(), n.port, n.weight))
+            .collect()
+    };
+    let health = |c: &Config| toml::to_string(&c.health).unwrap_or_default();
+    nodes(old) != nodes(new)
+        || health(old) != health(new)
+        || old.listen != new.listen
+        || old.admin_listen != new.admin_listen
+        || old.limits.max_connections != new.limits.max_connections
+}
+
+/// The next reload, or pending forever when there is no reload channel.
+async fn recv(reload: &mut Option<mpsc::Receiver<Config>>) -> Option<Config> {
+    match reload {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Tells a client over the connection limit so, as PostgreSQL does.

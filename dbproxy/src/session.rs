@@ -23,9 +23,12 @@ use crate::config::{secs, AuthMethod, Config, WriteStickiness};
 use crate::protocol::{self, auth as pauth, error as perror, extended, simple, status, Frame, Startup};
 
 /// Where a session's current request runs.
-type CancelSlot = Mutex<Option<(SocketAddr, i32, i32)>>;
+pub type CancelSlot = Mutex<Option<(SocketAddr, i32, i32)>>;
 
-/// State every session shares.
+/// Proxy BackendKeyData → that session's cancel slot.
+pub type CancelMap = Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>;
+
+/// State every session shares. A reload makes a new one; sessions keep the one they started with.
 pub struct Shared {
     /// The configuration.
     pub config: Config,
@@ -37,8 +40,9 @@ pub struct Shared {
     pub cluster: Arc<Cluster>,
     /// The statement classifier.
     pub classifier: Classifier,
-    /// Proxy BackendKeyData → the backend currently running that session's request.
-    pub cancels: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// Proxy BackendKeyData → the backend currently running that session's request (shared by
+    /// every configuration generation, so a cancel reaches sessions started before a reload).
+    pub cancels: Arc<CancelMap>,
     /// Cancelled at shutdown: idle sessions then end, busy ones once their transaction ends.
     pub shutdown: common::Shutdown,
 }

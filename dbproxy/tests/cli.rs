@@ -71,12 +71,16 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
         .spawn()?;
     let stderr = child.stderr.take().context("stderr")?;
     let mut child = KillOnDrop(Some(child));
-    let logs = std::thread::spawn(move || {
-        BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<_>>()
+    let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let reader = std::thread::spawn({
+        let logs = logs.clone();
+        move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                logs.lock().expect("logs").push(line);
+            }
+        }
     });
+    let logged = |what: &str| logs.lock().expect("logs").iter().any(|l| l.contains(what));
     let psql = |sql: &str| -> Result<String> {
         let out = support::pg_program("psql")?
             .args([
@@ -101,6 +105,22 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
         Ok(psql("select inet_server_port()").ok())
     })?;
     assert_eq!(got, cluster.standby(0).port().to_string());
+    // SIGHUP reloads: a broken file is refused and the running configuration kept; a good one
+    // applies to new connections (here: no more load balancing).
+    let text = std::fs::read_to_string(&conf)?;
+    std::fs::write(&conf, format!("{text}[routing]\nbogus = 1\n"))?;
+    signal(child.0.as_ref().context("child")?.id(), "-HUP")?;
+    wait_for("the broken file to be rejected", DEADLINE, || {
+        Ok(logged("configuration rejected").then_some(()))
+    })?;
+    assert_eq!(psql("select 1")?, "1", "still serving with the old configuration");
+    std::fs::write(&conf, format!("{text}[routing]\nload_balance = false\n"))?;
+    signal(child.0.as_ref().context("child")?.id(), "-HUP")?;
+    let primary = cluster.primary().port().to_string();
+    wait_for("the reload to send reads to the primary", DEADLINE, || {
+        Ok((psql("select inet_server_port()")? == primary).then_some(()))
+    })?;
+
     // An idle client stays connected; shutdown ends it (57P01) instead of waiting for it.
     let mut idle = support::pg_program("psql")?
         .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"])
@@ -118,7 +138,7 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
     })?;
     let mut child = child.0.take().context("child")?;
     let stopping = std::time::Instant::now();
-    nix_kill(child.id())?;
+    signal(child.id(), "-TERM")?;
     let status = child.wait()?;
     assert!(
         stopping.elapsed() < dbproxy::server::DRAIN_DEADLINE,
@@ -128,13 +148,15 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
     let _ = idle.kill();
     let _ = idle.wait();
     assert!(status.success(), "exit status {status}");
-    let logs = logs.join().expect("log reader").join("\n");
+    reader.join().expect("log reader");
+    let logs = logs.lock().expect("logs").join("\n");
+    assert!(logs.contains("configuration reloaded"), "{logs}");
     assert!(!logs.contains("pw\""), "no password in the logs: {logs}");
     Ok(())
 }
 
-fn nix_kill(pid: u32) -> Result<()> {
-    let status = Command::new("kill").args(["-TERM", &pid.to_string()]).status()?;
+fn signal(pid: u32, sig: &str) -> Result<()> {
+    let status = Command::new("kill").args([sig, &pid.to_string()]).status()?;
     anyhow::ensure!(status.success(), "kill failed");
     Ok(())
 }

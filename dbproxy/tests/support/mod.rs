@@ -129,10 +129,11 @@ pub fn config_for(cluster: &PgCluster, password: Option<&str>) -> Config {
             ..UserConfig::default()
         }],
         health: HealthConfig {
+            // Quick to notice a stopped node, yet not flapping on one slow probe on a busy machine.
             period: 0.2,
-            timeout: 2.0,
+            timeout: 5.0,
             rise: 1,
-            fall: 1,
+            fall: 3,
             password: password.unwrap_or("").to_string(),
             ..HealthConfig::default()
         },
