@@ -15,7 +15,7 @@ struct Cli {
 
     /// An existing pgpool-II pgpool.conf (and the pool_passwd it names) to take nodes, users,
     /// health checks and routing from; the TOML file, environment and --set override its keys.
-    #[arg(long, value_name = "PATH", env = "DBPROXY_PGPOOL_CONF")]
+    #[arg(long, value_name = "PATH")]
     pgpool_conf: Option<PathBuf>,
 }
 
