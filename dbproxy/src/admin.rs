@@ -2,7 +2,7 @@
 //! columns) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
 
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
 use common::admin::{json, AdminRoutes, ResponseFuture};
@@ -85,26 +85,9 @@ pub fn encode_pool_nodes(cluster: &Cluster, lb_node: Option<usize>, out: &mut By
     simple::encode_command_complete(&format!("SELECT {}", rows.len()), out);
 }
 
-/// `YYYY-MM-DD HH:MM:SS` in UTC, as pgpool prints it. Written by hand to avoid a date crate for
-/// one format: days-to-civil is Howard Hinnant's algorithm.
+/// `YYYY-MM-DD HH:MM:SS` in UTC, as pgpool prints it.
 pub fn timestamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + (m <= 2) as i64;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    common::time::Civil::from(t).iso_seconds()
 }
 
 /// The admin routes dbproxy adds.
@@ -139,6 +122,7 @@ impl AdminRoutes for Routes {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     #[test]
     fn show_pool_nodes_spellings() {
