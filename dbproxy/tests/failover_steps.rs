@@ -2,6 +2,7 @@
 //! (with a failing first candidate), re-pointing a standby, clearing an inherited
 //! `synchronous_standby_names`, and telling a promoted primary from a restarted old one by timeline.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use dbproxy::failover::{self, Credentials, NodeRef, Placeholders, PromoteConfig, PromoteMethod};
@@ -41,9 +42,35 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
     tokio::task::spawn_blocking(f).await.unwrap()
 }
 
+/// Starts a cluster off the async threads.
+async fn start_cluster(standbys: usize, synchronous: bool) -> Arc<PgCluster> {
+    Arc::new(
+        blocking(move || {
+            PgCluster::builder()
+                .standbys(standbys)
+                .synchronous(synchronous)
+                .start()
+                .unwrap()
+        })
+        .await,
+    )
+}
+
+/// A row written on node `from` (now a primary) is replayed by node `to`, which now holds 2 rows of `t`.
+async fn assert_streams(cluster: &Arc<PgCluster>, from: usize, to: usize) {
+    let c = cluster.clone();
+    blocking(move || {
+        c.node(from).psql("insert into t values (2)").unwrap();
+        let lsn = c.node(from).current_lsn().unwrap();
+        c.node(to).wait_replayed(&lsn).unwrap();
+        assert_eq!(c.node(to).psql("select count(*) from t").unwrap(), "2");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sql_promotion_and_timelines_tell_the_new_primary_from_the_old() {
-    let cluster = std::sync::Arc::new(blocking(|| PgCluster::builder().standbys(1).start().unwrap()).await);
+    let cluster = start_cluster(1, false).await;
     let old = node_ref(0, cluster.node(0));
     let new = node_ref(1, cluster.node(1));
     assert_eq!(failover::primary_timeline(&old, &cred()).await.unwrap(), Some(1));
@@ -84,7 +111,7 @@ async fn sql_promotion_and_timelines_tell_the_new_primary_from_the_old() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_candidate_moves_on_and_the_other_standby_follows() {
-    let cluster = std::sync::Arc::new(blocking(|| PgCluster::builder().standbys(2).start().unwrap()).await);
+    let cluster = start_cluster(2, false).await;
     let c = cluster.clone();
     blocking(move || {
         c.primary()
@@ -137,28 +164,12 @@ async fn a_failing_candidate_moves_on_and_the_other_standby_follows() {
     failover::wait_streaming(&new, "node1", &cred(), Duration::from_secs(30))
         .await
         .unwrap();
-    let c = cluster.clone();
-    blocking(move || {
-        c.node(2).psql("insert into t values (2)").unwrap();
-        let lsn = c.node(2).current_lsn().unwrap();
-        c.node(1).wait_replayed(&lsn).unwrap();
-        assert_eq!(c.node(1).psql("select count(*) from t").unwrap(), "2");
-    })
-    .await;
+    assert_streams(&cluster, 2, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_inherited_synchronous_setting_is_cleared_so_writes_do_not_hang() {
-    let cluster = std::sync::Arc::new(
-        blocking(|| {
-            PgCluster::builder()
-                .standbys(1)
-                .synchronous(true)
-                .start()
-                .unwrap()
-        })
-        .await,
-    );
+    let cluster = start_cluster(1, true).await;
     let c = cluster.clone();
     blocking(move || c.node(0).kill9().unwrap()).await;
     let old = node_ref(0, cluster.node(0));
@@ -264,7 +275,7 @@ fn topology(cluster: &PgCluster) -> TestTopology {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn fail_over_falls_back_switches_once_and_re_points_the_rest() {
-    let cluster = std::sync::Arc::new(blocking(|| PgCluster::builder().standbys(2).start().unwrap()).await);
+    let cluster = start_cluster(2, false).await;
     let c = cluster.clone();
     blocking(move || {
         c.primary()
@@ -299,28 +310,12 @@ async fn fail_over_falls_back_switches_once_and_re_points_the_rest() {
     assert!(!event.cleared_synchronous);
     assert!(event.detected_at <= event.promoted_at.unwrap() && event.promoted_at <= event.resumed_at);
 
-    let c = cluster.clone();
-    blocking(move || {
-        c.node(2).psql("insert into t values (2)").unwrap();
-        let lsn = c.node(2).current_lsn().unwrap();
-        c.node(1).wait_replayed(&lsn).unwrap();
-        assert_eq!(c.node(1).psql("select count(*) from t").unwrap(), "2");
-    })
-    .await;
+    assert_streams(&cluster, 2, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn synchronous_fail_over_loses_no_acknowledged_write() {
-    let cluster = std::sync::Arc::new(
-        blocking(|| {
-            PgCluster::builder()
-                .standbys(2)
-                .synchronous(true)
-                .start()
-                .unwrap()
-        })
-        .await,
-    );
+    let cluster = start_cluster(2, true).await;
     let c = cluster.clone();
     blocking(move || {
         c.primary()
