@@ -8,7 +8,7 @@ mod support;
 use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
-use dbproxy::config::{Config, HealthConfig, LimitsConfig, NodeConfig, UserConfig};
+use dbproxy::config::Config;
 use support::*;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -17,37 +17,8 @@ type Proxy = tokio::task::JoinHandle<Result<(), dbproxy::RunError>>;
 
 /// dbproxy in front of `c` (user postgres, password pw) on `addr`, in this runtime.
 async fn start_dbproxy(c: &testkit::PgCluster, addr: SocketAddr) -> Result<(SocketAddr, Proxy)> {
-    let cfg = Config {
-        listen: addr.to_string(),
-        nodes: c
-            .nodes()
-            .iter()
-            .map(|n| NodeConfig {
-                name: n.name().to_string(),
-                host: "127.0.0.1".into(),
-                port: n.port(),
-                weight: 1,
-            })
-            .collect(),
-        users: vec![UserConfig {
-            name: "postgres".into(),
-            password: Some("pw".into()),
-            ..UserConfig::default()
-        }],
-        health: HealthConfig {
-            period: 0.2,
-            timeout: 2.0,
-            rise: 1,
-            fall: 1,
-            password: "pw".into(),
-            ..HealthConfig::default()
-        },
-        limits: LimitsConfig {
-            startup_timeout: 2.0,
-            ..LimitsConfig::default()
-        },
-        ..Config::default()
-    };
+    let mut cfg = Config::loopback(c.nodes().iter().map(|n| (n.name(), n.port())), Some("pw"));
+    cfg.listen = addr.to_string();
     let cfg = common::Validate::validate(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = TcpListener::bind(addr).await.context("binding dbproxy")?;
     let bound = listener.local_addr()?;

@@ -46,6 +46,46 @@ impl Default for Config {
     }
 }
 
+impl Config {
+    /// A config for servers on 127.0.0.1, given as `(name, port)`, with one user `postgres` whose
+    /// password (if any) also serves the health checks, which are fast (every 0.2 s, up after one
+    /// pass, down after three failures): what tests and local set-ups in front of testkit need.
+    pub fn loopback<'a>(nodes: impl IntoIterator<Item = (&'a str, u16)>, password: Option<&str>) -> Config {
+        Config {
+            listen: "127.0.0.1:0".into(),
+            admin_listen: "127.0.0.1:0".into(),
+            nodes: nodes
+                .into_iter()
+                .map(|(name, port)| NodeConfig {
+                    name: name.to_string(),
+                    host: "127.0.0.1".into(),
+                    port,
+                    weight: 1,
+                })
+                .collect(),
+            users: vec![UserConfig {
+                name: "postgres".into(),
+                password: password.map(str::to_string),
+                ..UserConfig::default()
+            }],
+            health: HealthConfig {
+                // Quick to notice a stopped node, yet not flapping on one slow probe on a busy machine.
+                period: 0.2,
+                timeout: 5.0,
+                rise: 1,
+                fall: 3,
+                password: password.unwrap_or("").to_string(),
+                ..HealthConfig::default()
+            },
+            limits: LimitsConfig {
+                startup_timeout: 2.0,
+                ..LimitsConfig::default()
+            },
+            ..Config::default()
+        }
+    }
+}
+
 /// One PostgreSQL server.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use common::{config, wait_ready, App};
-use dbproxy::config::{Config, HealthConfig, LimitsConfig, NodeConfig, UserConfig};
+use dbproxy::config::Config;
 use hyper::StatusCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -25,38 +25,7 @@ async fn start_dbproxy(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), dbproxy::RunError>>,
 )> {
-    let proxy_cfg = Config {
-        listen: "127.0.0.1:0".into(),
-        admin_listen: "127.0.0.1:0".into(),
-        nodes: c
-            .nodes()
-            .iter()
-            .map(|n| NodeConfig {
-                name: n.name().to_string(),
-                host: "127.0.0.1".into(),
-                port: n.port(),
-                weight: 1,
-            })
-            .collect(),
-        users: vec![UserConfig {
-            name: "postgres".into(),
-            password: Some("pw".into()),
-            ..UserConfig::default()
-        }],
-        health: HealthConfig {
-            period: 0.2,
-            timeout: 2.0,
-            rise: 1,
-            fall: 1,
-            password: "pw".into(),
-            ..HealthConfig::default()
-        },
-        limits: LimitsConfig {
-            startup_timeout: 2.0,
-            ..LimitsConfig::default()
-        },
-        ..Config::default()
-    };
+    let proxy_cfg = Config::loopback(c.nodes().iter().map(|n| (n.name(), n.port())), Some("pw"));
     let proxy_cfg = ::common::Validate::validate(proxy_cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;

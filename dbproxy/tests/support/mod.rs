@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::{BufMut, BytesMut};
-use dbproxy::config::{Config, HealthConfig, LimitsConfig, NodeConfig, UserConfig};
+use dbproxy::config::Config;
 use dbproxy::protocol::{self, error, startup, Frame};
 use testkit::{PgCluster, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -108,41 +108,11 @@ impl Drop for Proxy {
     }
 }
 
-/// A config for `cluster`, superuser `postgres` with password `pw`, fast health checks.
+/// A config for `cluster`, superuser `postgres` with `password`, fast health checks.
 pub fn config_for(cluster: &PgCluster, password: Option<&str>) -> Config {
-    Config {
-        listen: "127.0.0.1:0".into(),
-        admin_listen: "127.0.0.1:0".into(),
-        nodes: cluster
-            .nodes()
-            .iter()
-            .map(|n| NodeConfig {
-                name: n.name().to_string(),
-                host: "127.0.0.1".into(),
-                port: n.port(),
-                weight: 1,
-            })
-            .collect(),
-        users: vec![UserConfig {
-            name: "postgres".into(),
-            password: password.map(str::to_string),
-            ..UserConfig::default()
-        }],
-        health: HealthConfig {
-            // Quick to notice a stopped node, yet not flapping on one slow probe on a busy machine.
-            period: 0.2,
-            timeout: 5.0,
-            rise: 1,
-            fall: 3,
-            password: password.unwrap_or("").to_string(),
-            ..HealthConfig::default()
-        },
-        limits: LimitsConfig {
-            startup_timeout: 1.0,
-            ..LimitsConfig::default()
-        },
-        ..Config::default()
-    }
+    let mut cfg = Config::loopback(cluster.nodes().iter().map(|n| (n.name(), n.port())), password);
+    cfg.limits.startup_timeout = 1.0;
+    cfg
 }
 
 /// Runs a PostgreSQL client program (psql, pgbench) from the server's bin directory.
