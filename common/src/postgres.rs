@@ -1,7 +1,7 @@
 //! Locating the PostgreSQL server binaries and the account to run them as; shared by `testkit`
 //! (servers for tests) and `stack` (servers for the local topology).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Finds the PostgreSQL server binaries: `$PG_BINDIR`, then `pg_config --bindir` (when it holds
@@ -30,6 +30,33 @@ pub fn bindir() -> Option<PathBuf> {
         .collect();
     candidates.sort();
     candidates.pop().map(|(_, p)| p)
+}
+
+/// `psql` from `bindir` running `sql` as the superuser `postgres` on 127.0.0.1:`port`: unaligned,
+/// tuples only, stopping at the first error, with a 5 s connect timeout and no ~/.psqlrc; the
+/// caller runs it (with its own time limit) and reads the trimmed stdout.
+pub fn psql_command(bindir: &Path, port: u16, password: Option<&str>, sql: &str) -> Command {
+    let mut cmd = Command::new(bindir.join("psql"));
+    cmd.args([
+        "-X",
+        "-A",
+        "-t",
+        "-q",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+    ])
+    .args(["-p", &port.to_string(), "-d", "postgres", "-c", sql])
+    .env("PGCONNECT_TIMEOUT", "5")
+    .env_remove("PGSERVICE")
+    .env_remove("PGOPTIONS");
+    if let Some(p) = password {
+        cmd.env("PGPASSWORD", p);
+    }
+    cmd
 }
 
 /// What to tell a user who has no server binaries.

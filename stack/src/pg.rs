@@ -207,22 +207,7 @@ impl Pg {
 
     /// Runs SQL as the superuser through psql.
     pub fn psql(&self, node: &PgNode, sql: &str) -> Result<String> {
-        let out = Command::new(self.bindir.join("psql"))
-            .args([
-                "-X",
-                "-A",
-                "-t",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-h",
-                "127.0.0.1",
-                "-U",
-                "postgres",
-            ])
-            .args(["-p", &node.port.to_string(), "-d", "postgres", "-c", sql])
-            .env("PGPASSWORD", SUPERUSER_PASSWORD)
-            .env("PGCONNECT_TIMEOUT", "3")
+        let out = common::postgres::psql_command(&self.bindir, node.port, Some(SUPERUSER_PASSWORD), sql)
             .output()?;
         if !out.status.success() {
             bail!("{}: {}", node.name, String::from_utf8_lossy(&out.stderr).trim());

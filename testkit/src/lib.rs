@@ -639,20 +639,8 @@ impl PgNode {
 
     /// Like [`PgNode::psql`] with an explicit limit; the client is killed when it expires.
     pub fn psql_timeout(&self, sql: &str, limit: Duration) -> Result<String> {
-        let mut cmd = self.ctx.client_cmd("psql");
-        cmd.args([
-            "-X",
-            "-A",
-            "-t",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]);
+        let mut cmd =
+            common::postgres::psql_command(&self.ctx.bin, self.port, self.ctx.password.as_deref(), sql);
         run_limited(&mut cmd, limit).with_context(|| format!("psql on {}: {sql}", self.name))
     }
 
