@@ -5,10 +5,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::{Bytes, BytesMut};
-use common::admin::{json, AdminRoutes, ResponseFuture};
+use common::admin::{json, text, AdminRoutes, ResponseFuture};
 use hyper::{Method, StatusCode};
 
 use crate::cluster::Cluster;
+use crate::manager::{Manager, OpError};
 use crate::protocol::simple;
 
 /// pgpool-II's SHOW POOL_NODES columns, in its order.
@@ -57,7 +58,13 @@ pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]
                 i.to_string(),
                 n.config.host.clone(),
                 n.config.port.to_string(),
-                if s.healthy { "up" } else { "down" }.to_string(),
+                // A fenced node is detached, as pgpool shows a node after failover: down.
+                if s.healthy && !cluster.is_fenced(i) {
+                    "up"
+                } else {
+                    "down"
+                }
+                .to_string(),
                 if s.reachable { "up" } else { "down" }.to_string(),
                 format!("{weight:.6}"),
                 role.to_string(),
@@ -90,32 +97,84 @@ pub fn timestamp(t: SystemTime) -> String {
     common::time::Civil::from(t).iso_seconds()
 }
 
-/// The admin routes dbproxy adds.
+/// The admin routes dbproxy adds: `GET /status`, `POST /nodes/{id}/attach` and
+/// `POST /nodes/{id}/promote`.
 pub struct Routes {
     /// The node table.
     pub cluster: Arc<Cluster>,
+    /// Failover, re-attachment and switchover.
+    pub manager: Arc<Manager>,
+}
+
+/// The `/status` document.
+pub fn status_json(cluster: &Cluster, manager: &Manager) -> serde_json::Value {
+    let nodes: Vec<serde_json::Value> = pool_nodes(cluster, None)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut m: serde_json::Map<String, serde_json::Value> = POOL_NODES_COLUMNS
+                .iter()
+                .zip(r)
+                .filter(|(k, _)| **k != "load_balance_node")
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
+                .collect();
+            m.insert("name".into(), cluster.nodes[i].config.name.clone().into());
+            m.insert("fenced".into(), cluster.is_fenced(i).into());
+            serde_json::Value::Object(m)
+        })
+        .collect();
+    serde_json::json!({
+        "primary": cluster.elected(),
+        "nodes": nodes,
+        "history": manager.history(),
+    })
+}
+
+/// `/nodes/{id}/{action}` → (id, action).
+fn node_action(path: &str) -> Option<(usize, &str)> {
+    let rest = path.strip_prefix("/nodes/")?;
+    let (id, action) = rest.split_once('/')?;
+    Some((id.parse().ok()?, action))
 }
 
 impl AdminRoutes for Routes {
     fn route(&self, method: &Method, path: &str, _body: Bytes) -> Option<ResponseFuture> {
-        if method != Method::GET || path != "/status" {
+        if path == "/status" {
+            if method != Method::GET {
+                return Some(Box::pin(async {
+                    text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n")
+                }));
+            }
+            let body = status_json(&self.cluster, &self.manager);
+            return Some(Box::pin(async move { json(StatusCode::OK, &body) }));
+        }
+        let (id, action) = node_action(path)?;
+        if !matches!(action, "attach" | "promote") {
             return None;
         }
-        let nodes: Vec<serde_json::Value> = pool_nodes(&self.cluster, None)
-            .into_iter()
-            .map(|r| {
-                serde_json::Value::Object(
-                    POOL_NODES_COLUMNS
-                        .iter()
-                        .zip(r)
-                        .filter(|(k, _)| **k != "load_balance_node")
-                        .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
-                        .collect(),
-                )
-            })
-            .collect();
-        let body = serde_json::json!({ "primary": self.cluster.primary(), "nodes": nodes });
-        Some(Box::pin(async move { json(StatusCode::OK, &body) }))
+        if method != Method::POST {
+            return Some(Box::pin(async {
+                text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
+            }));
+        }
+        if id >= self.cluster.nodes.len() {
+            let msg = format!("no node {id}\n");
+            return Some(Box::pin(async move { text(StatusCode::NOT_FOUND, msg) }));
+        }
+        let manager = self.manager.clone();
+        let promote = action == "promote";
+        Some(Box::pin(async move {
+            let r = if promote {
+                manager.switchover(id).await.map(|v| v.to_string())
+            } else {
+                manager.attach(id).await
+            };
+            match r {
+                Ok(msg) => text(StatusCode::OK, format!("{msg}\n")),
+                Err(e @ OpError::Conflict(_)) => text(StatusCode::CONFLICT, format!("{e}\n")),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            }
+        }))
     }
 }
 
@@ -130,6 +189,13 @@ mod tests {
         assert!(is_show_pool_nodes("  show   pool_nodes ;"));
         assert!(!is_show_pool_nodes("show pool_nodes x"));
         assert!(!is_show_pool_nodes("show search_path"));
+    }
+
+    #[test]
+    fn node_actions() {
+        assert_eq!(node_action("/nodes/2/attach"), Some((2, "attach")));
+        assert_eq!(node_action("/nodes/x/attach"), None);
+        assert_eq!(node_action("/status"), None);
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub enum BackendError {
     /// The server closed the connection.
     #[error("server closed the connection unexpectedly")]
     Closed,
+    /// There is no primary to connect to (none elected, or it cannot be reached) and none
+    /// appeared within `failover.session_wait`.
+    #[error("no primary server is available")]
+    NoPrimary,
 }
 
 /// A socket with a read buffer and a write buffer, decoding whole frames.

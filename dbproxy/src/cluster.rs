@@ -1,10 +1,17 @@
 //! The node table: each node's configured address and weight, and what the health checker last
 //! learned (role, health, WAL position, lag), plus standby selection. Selection does no I/O and
 //! locks are never held across an await.
+//!
+//! It also holds the one routing decision failover changes: which node is the *elected* primary.
+//! Writes go only there. A node that was primary and lost the role, or claims to be primary without
+//! having been elected, is *fenced*: never routed to again until it is re-attached. Every change of
+//! the elected primary or of a fence bumps a generation that sessions watch.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
+
+use tokio::sync::{watch, Notify};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
@@ -59,6 +66,10 @@ pub struct Node {
     pub status: Mutex<NodeStatus>,
     /// Statements routed to it (pgpool's select_cnt counts reads; this counts reads too).
     pub select_cnt: AtomicU64,
+    /// Never routed to (a lost or false primary) until re-attached.
+    fenced: AtomicBool,
+    /// Wakes the node's health checker for a check now (a data-path error was seen).
+    pub reprobe: Notify,
     queries: [IntCounter; 2],
     healthy_gauge: IntGauge,
     lag_gauge: IntGauge,
@@ -122,7 +133,19 @@ pub struct Cluster {
     wrr: Mutex<Vec<i64>>,
     max_lag_bytes: u64,
     max_lag_ms: u64,
+    /// The elected primary's index, or [`NONE`].
+    elected: AtomicUsize,
+    /// Bumped on every change of the elected primary or of a fence.
+    generation: watch::Sender<u64>,
+    /// A failover or switchover is running: health checks do not fence the node being promoted.
+    pub busy: AtomicBool,
+    /// Woken when the elected primary is marked down.
+    pub primary_down: Notify,
+    fenced_gauge: IntGaugeVec,
 }
+
+/// No elected primary.
+const NONE: usize = usize::MAX;
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     if let Err(e) = r.register(Box::new(c.clone())) {
@@ -192,6 +215,17 @@ impl Cluster {
             IntCounter::new("dbproxy_connections_total", "Accepted client connections")
                 .expect("valid metric"),
         );
+        let fenced_gauge = register(
+            registry,
+            IntGaugeVec::new(
+                Opts::new(
+                    "dbproxy_node_fenced",
+                    "1 when the node is fenced (never routed to)",
+                ),
+                &["node"],
+            )
+            .expect("valid metric"),
+        );
         let nodes = config
             .nodes
             .iter()
@@ -211,6 +245,8 @@ impl Cluster {
                         last_change: SystemTime::now(),
                     }),
                     select_cnt: AtomicU64::new(0),
+                    fenced: AtomicBool::new(false),
+                    reprobe: Notify::new(),
                     queries: [
                         queries.with_label_values(&[&n.name, "primary"]),
                         queries.with_label_values(&[&n.name, "standby"]),
@@ -243,7 +279,89 @@ impl Cluster {
             },
             max_lag_bytes: config.routing.max_replica_lag_bytes,
             max_lag_ms: config.routing.max_replica_lag_ms,
+            elected: AtomicUsize::new(NONE),
+            generation: watch::Sender::new(0),
+            busy: AtomicBool::new(false),
+            primary_down: Notify::new(),
+            fenced_gauge,
         }
+    }
+
+    /// The elected primary, if there is one (none before discovery, during a switchover, or
+    /// after a failover that found no candidate).
+    pub fn elected(&self) -> Option<usize> {
+        let e = self.elected.load(Ordering::Acquire);
+        (e != NONE).then_some(e)
+    }
+
+    /// Makes `i` the primary writes go to (it is unfenced and its role set to primary).
+    pub fn elect(&self, i: usize) {
+        self.nodes[i].fenced.store(false, Ordering::Release);
+        self.fenced_gauge
+            .with_label_values(&[&self.nodes[i].config.name])
+            .set(0);
+        self.update(i, |s| s.role = Role::Primary);
+        self.elected.store(i, Ordering::Release);
+        self.bump();
+    }
+
+    /// Stops routing writes anywhere until the next [`Cluster::elect`] (sessions wait).
+    pub fn unelect(&self) {
+        self.elected.store(NONE, Ordering::Release);
+        self.bump();
+    }
+
+    /// Fences node `i`: it gets no traffic until re-attached.
+    pub fn fence(&self, i: usize) {
+        self.nodes[i].fenced.store(true, Ordering::Release);
+        self.fenced_gauge
+            .with_label_values(&[&self.nodes[i].config.name])
+            .set(1);
+        let _ = self
+            .elected
+            .compare_exchange(i, NONE, Ordering::AcqRel, Ordering::Acquire);
+        self.bump();
+    }
+
+    /// Lifts node `i`'s fence (it rejoined as a standby).
+    pub fn unfence(&self, i: usize) {
+        self.nodes[i].fenced.store(false, Ordering::Release);
+        self.fenced_gauge
+            .with_label_values(&[&self.nodes[i].config.name])
+            .set(0);
+        self.bump();
+    }
+
+    /// Whether node `i` is fenced.
+    pub fn is_fenced(&self, i: usize) -> bool {
+        self.nodes[i].fenced.load(Ordering::Acquire)
+    }
+
+    /// Routes writes to `new` and fences `old`, as one step: no moment exists in which both or
+    /// neither would take writes from a session that checks the generation.
+    pub fn switch_primary(&self, new: usize, old: usize) {
+        self.nodes[old].fenced.store(true, Ordering::Release);
+        self.fenced_gauge
+            .with_label_values(&[&self.nodes[old].config.name])
+            .set(1);
+        self.nodes[new].fenced.store(false, Ordering::Release);
+        self.update(new, |s| s.role = Role::Primary);
+        self.elected.store(new, Ordering::Release);
+        self.bump();
+    }
+
+    /// A receiver that sees every change of the elected primary or of a fence.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    fn bump(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    /// A data-path error on node `i`: its health checker checks it now rather than next period.
+    pub fn suspect(&self, i: usize) {
+        self.nodes[i].reprobe.notify_one();
     }
 
     /// A copy of node `i`'s status.
@@ -264,10 +382,18 @@ impl Cluster {
         node.primary_gauge.set((s.role == Role::Primary) as i64);
     }
 
-    /// The node writes go to: the first healthy primary, else the first primary, else node 0.
+    /// The node shown as primary: the elected one; while there is none, the first unfenced node
+    /// reporting primary (healthy first), else node 0. Sessions route writes only to
+    /// [`Cluster::elected`].
     pub fn primary(&self) -> usize {
+        if let Some(e) = self.elected() {
+            return e;
+        }
         let mut first = None;
         for (i, n) in self.nodes.iter().enumerate() {
+            if self.is_fenced(i) {
+                continue;
+            }
             let s = n.status.lock().expect("status poisoned");
             if s.role == Role::Primary {
                 if s.healthy {
@@ -293,7 +419,7 @@ impl Cluster {
     /// Whether standby `i` may take reads now: a healthy standby with weight, within the lag limits.
     pub fn eligible(&self, i: usize) -> bool {
         let n = &self.nodes[i];
-        if n.config.weight == 0 {
+        if n.config.weight == 0 || self.is_fenced(i) || self.elected() == Some(i) {
             return false;
         }
         let (ok, lag_ms) = {
@@ -412,6 +538,27 @@ mod tests {
         assert_eq!(picks, vec![Some(1); 3]);
         c.update(1, |s| s.healthy = false);
         assert_eq!(c.pick_standby(), None);
+    }
+
+    #[test]
+    fn switching_fences_the_old_primary_and_bumps_the_generation() {
+        let c = cluster(&[1, 1, 1]);
+        assert_eq!(c.elected(), None);
+        let rx = c.subscribe();
+        c.elect(0);
+        assert_eq!(c.elected(), Some(0));
+        c.switch_primary(1, 0);
+        assert_eq!(c.elected(), Some(1));
+        assert_eq!(c.primary(), 1);
+        assert!(c.is_fenced(0));
+        assert!(!c.eligible(0), "a fenced node takes no reads");
+        assert!(!c.eligible(1), "the primary is not a standby");
+        assert!(c.eligible(2));
+        assert_eq!(*rx.borrow(), 2);
+        c.fence(1);
+        assert_eq!(c.elected(), None, "fencing the primary unelects it");
+        c.unfence(0);
+        assert!(!c.is_fenced(0));
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Config {
     pub routing: RoutingConfig,
     /// Size and time limits.
     pub limits: LimitsConfig,
+    /// Automatic failover, fencing, rejoining and switchover.
+    pub failover: crate::failover::FailoverConfig,
 }
 
 impl Default for Config {
@@ -42,6 +44,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
             limits: LimitsConfig::default(),
+            failover: crate::failover::FailoverConfig::default(),
         }
     }
 }
@@ -49,7 +52,7 @@ impl Default for Config {
 impl Config {
     /// A config for servers on 127.0.0.1, given as `(name, port)`, with one user `postgres` whose
     /// password (if any) also serves the health checks, which are fast (every 0.2 s, up after one
-    /// pass, down after three failures): what tests and local set-ups in front of testkit need.
+    /// pass, down after three failed probes): what tests and local set-ups in front of testkit need.
     pub fn loopback<'a>(nodes: impl IntoIterator<Item = (&'a str, u16)>, password: Option<&str>) -> Config {
         Config {
             listen: "127.0.0.1:0".into(),
@@ -69,11 +72,14 @@ impl Config {
                 ..UserConfig::default()
             }],
             health: HealthConfig {
-                // Quick to notice a stopped node, yet not flapping on one slow probe on a busy machine.
+                // Quick to notice a dead node (three refused probes 0.2 s apart), yet not flapping
+                // on one slow probe on a busy machine (each may take 5 s).
                 period: 0.2,
                 timeout: 5.0,
+                max_retries: 2,
+                retry_delay: 0.2,
                 rise: 1,
-                fall: 3,
+                fall: 1,
                 password: password.unwrap_or("").to_string(),
                 ..HealthConfig::default()
             },
@@ -175,17 +181,20 @@ impl Default for HbaRule {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
-    /// Seconds between checks.
+    /// Seconds between checks. A connection to a node that fails on the data path triggers a
+    /// check at once.
     pub period: f64,
-    /// Seconds one check may take (connect plus query).
+    /// Seconds one probe may take (connect plus query); a node that accepts the connection but
+    /// never answers (a stopped postmaster) fails by this timeout.
     pub timeout: f64,
-    /// Attempts after a failed one within a check.
+    /// Probes retried after a failed one within a check: a check fails only when its first probe
+    /// and all `max_retries` retries fail, so one blip never takes a node down.
     pub max_retries: u32,
-    /// Seconds between those attempts.
+    /// Seconds between those probes.
     pub retry_delay: f64,
     /// Consecutive passing checks that bring a node up.
     pub rise: u32,
-    /// Consecutive failing checks that take a node down.
+    /// Consecutive failing checks that take a node down (and trigger failover for the primary).
     pub fall: u32,
     /// Role the checker logs in as.
     pub user: String,
@@ -198,12 +207,12 @@ pub struct HealthConfig {
 impl Default for HealthConfig {
     fn default() -> Self {
         HealthConfig {
-            period: 2.0,
+            period: 1.0,
             timeout: 2.0,
-            max_retries: 1,
-            retry_delay: 0.5,
+            max_retries: 2,
+            retry_delay: 0.25,
             rise: 2,
-            fall: 2,
+            fall: 1,
             user: "postgres".to_string(),
             password: String::new(),
             database: "postgres".to_string(),
@@ -431,6 +440,7 @@ impl common::Validate for Config {
         if h.fall == 0 {
             return Err(ConfigError::invalid("health.fall", "must be at least 1"));
         }
+        self.failover.validate(&self.nodes)?;
         let l = &self.limits;
         if l.max_message_size < 1024 || l.max_message_size > 1 << 30 {
             return Err(ConfigError::invalid(

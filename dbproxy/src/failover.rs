@@ -81,6 +81,41 @@ pub struct PromoteConfig {
     pub container: String,
 }
 
+/// How a fenced node is brought back as a standby (POST `/nodes/{id}/attach`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RejoinConfig {
+    /// `exec` or `ssh` runs `command` first; `sql` (the default) runs no command and only checks
+    /// that the node is already a standby streaming from the primary (for nodes an operator
+    /// rebuilt by hand, like pgpool's `pcp_attach_node`).
+    pub method: PromoteMethod,
+    /// The command template, e.g. a script running pg_rewind or pg_basebackup then starting the
+    /// node: `{node}`, `{node_id}`, `{host}`, `{port}`, `{data_dir}`, `{container}` name the
+    /// rejoining node, `{primary}`, `{primary_host}`, `{primary_port}` the current primary.
+    pub command: String,
+    /// `user@host` for `ssh` (default: the node's host).
+    pub ssh_target: String,
+    /// Private key file for `ssh`.
+    pub ssh_key: String,
+    /// Seconds the command plus the wait for the node to stream may take.
+    pub timeout: f64,
+    /// Rejoin fenced nodes on their own once they answer again (needs `exec` or `ssh`).
+    pub automatic: bool,
+}
+
+impl Default for RejoinConfig {
+    fn default() -> Self {
+        RejoinConfig {
+            method: PromoteMethod::Sql,
+            command: String::new(),
+            ssh_target: String::new(),
+            ssh_key: String::new(),
+            timeout: 300.0,
+            automatic: false,
+        }
+    }
+}
+
 /// The `[failover]` section.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -93,12 +128,19 @@ pub struct FailoverConfig {
     pub follow_timeout: f64,
     /// Re-point the other standbys at the new primary.
     pub follow: bool,
+    /// Seconds a client request waits for a primary while there is none (during a failover)
+    /// before it gets an error.
+    pub session_wait: f64,
+    /// Seconds a manual switchover waits for the chosen standby to catch up.
+    pub switchover_timeout: f64,
     /// Promotion settings used for nodes without their own entry.
     pub default: PromoteConfig,
     /// Promotion settings by node name.
     pub nodes: BTreeMap<String, PromoteConfig>,
     /// Failover priority by node name; lower wins ties on WAL position (default: config order).
     pub priority: BTreeMap<String, u32>,
+    /// Bringing fenced nodes back.
+    pub rejoin: RejoinConfig,
 }
 
 impl Default for FailoverConfig {
@@ -108,9 +150,12 @@ impl Default for FailoverConfig {
             promote_timeout: 30.0,
             follow_timeout: 30.0,
             follow: true,
+            session_wait: 30.0,
+            switchover_timeout: 30.0,
             default: PromoteConfig::default(),
             nodes: BTreeMap::new(),
             priority: BTreeMap::new(),
+            rejoin: RejoinConfig::default(),
         }
     }
 }
@@ -121,20 +166,23 @@ impl FailoverConfig {
         self.nodes.get(node).unwrap_or(&self.default)
     }
 
-    /// Checks the section; errors name the key.
-    pub fn validate(&self) -> Result<(), common::ConfigError> {
-        if !(self.promote_timeout > 0.0 && self.promote_timeout.is_finite()) {
-            return Err(common::ConfigError::invalid(
-                "failover.promote_timeout",
-                "must be a positive number of seconds",
-            ));
-        }
-        if !(self.follow_timeout > 0.0 && self.follow_timeout.is_finite()) {
-            return Err(common::ConfigError::invalid(
-                "failover.follow_timeout",
-                "must be a positive number of seconds",
-            ));
-        }
+    /// Checks the section against the configured nodes; errors name the key.
+    pub fn validate(&self, nodes: &[crate::config::NodeConfig]) -> Result<(), common::ConfigError> {
+        let positive = |key: &str, v: f64| {
+            if v > 0.0 && v.is_finite() && v <= 86400.0 {
+                Ok(())
+            } else {
+                Err(common::ConfigError::invalid(
+                    key,
+                    "must be a positive number of seconds (at most 86400)",
+                ))
+            }
+        };
+        positive("failover.promote_timeout", self.promote_timeout)?;
+        positive("failover.follow_timeout", self.follow_timeout)?;
+        positive("failover.session_wait", self.session_wait)?;
+        positive("failover.switchover_timeout", self.switchover_timeout)?;
+        positive("failover.rejoin.timeout", self.rejoin.timeout)?;
         let all = std::iter::once(("failover.default".to_string(), &self.default))
             .chain(self.nodes.iter().map(|(n, c)| (format!("failover.nodes.{n}"), c)));
         for (key, c) in all {
@@ -142,6 +190,35 @@ impl FailoverConfig {
                 return Err(common::ConfigError::invalid(
                     format!("{key}.command"),
                     "exec and ssh promotion need a command",
+                ));
+            }
+        }
+        if self.rejoin.method != PromoteMethod::Sql && self.rejoin.command.trim().is_empty() {
+            return Err(common::ConfigError::invalid(
+                "failover.rejoin.command",
+                "exec and ssh rejoining need a command",
+            ));
+        }
+        if self.rejoin.automatic && self.rejoin.method == PromoteMethod::Sql {
+            return Err(common::ConfigError::invalid(
+                "failover.rejoin.automatic",
+                "needs a rejoin command (method exec or ssh)",
+            ));
+        }
+        let known = |n: &String| nodes.is_empty() || nodes.iter().any(|c| &c.name == n);
+        for n in self.nodes.keys() {
+            if !known(n) {
+                return Err(common::ConfigError::invalid(
+                    format!("failover.nodes.{n}"),
+                    "names no configured node",
+                ));
+            }
+        }
+        for n in self.priority.keys() {
+            if !known(n) {
+                return Err(common::ConfigError::invalid(
+                    format!("failover.priority.{n}"),
+                    "names no configured node",
                 ));
             }
         }
@@ -219,12 +296,15 @@ pub struct Credentials {
     pub connect_timeout: Duration,
 }
 
-/// The values a promotion template can use.
+/// The values a promotion or rejoin template can use.
 #[derive(Debug, Clone, Default)]
 pub struct Placeholders {
+    /// The node the command acts on: `{node} {node_id} {host} {port} {data_dir}`.
+    pub subject: NodeRef,
     /// The failed (detached) node: pgpool's `%d %h %p %D`.
     pub failed: NodeRef,
-    /// The node being promoted: pgpool's `%m %H %r %R`.
+    /// The node being promoted (the current primary for rejoins): pgpool's `%m %H %r %R` and
+    /// `{primary} {primary_host} {primary_port}`.
     pub new_primary: NodeRef,
     /// The old primary: pgpool's `%P %N %S` (and `%M`, the old main node).
     pub old_primary: NodeRef,
@@ -275,12 +355,15 @@ pub fn render(template: &str, p: &Placeholders) -> String {
                     name.push(x);
                 }
                 let v = match name.as_str() {
-                    "node" => Some(p.new_primary.name.clone()),
-                    "node_id" => Some(p.new_primary.id.to_string()),
-                    "host" => Some(p.new_primary.host.clone()),
-                    "port" => Some(p.new_primary.port.to_string()),
-                    "data_dir" => Some(p.new_primary.data_dir.clone()),
+                    "node" => Some(p.subject.name.clone()),
+                    "node_id" => Some(p.subject.id.to_string()),
+                    "host" => Some(p.subject.host.clone()),
+                    "port" => Some(p.subject.port.to_string()),
+                    "data_dir" => Some(p.subject.data_dir.clone()),
                     "container" => Some(p.container.clone()),
+                    "primary" => Some(p.new_primary.name.clone()),
+                    "primary_host" => Some(p.new_primary.host.clone()),
+                    "primary_port" => Some(p.new_primary.port.to_string()),
                     "old_primary" => Some(p.old_primary.name.clone()),
                     "old_primary_host" => Some(p.old_primary.host.clone()),
                     "old_primary_port" => Some(p.old_primary.port.to_string()),
@@ -392,17 +475,7 @@ pub async fn promote(
         }
         PromoteMethod::Ssh => {
             let remote = render(&cfg.command, placeholders);
-            let dest = if cfg.ssh_target.is_empty() {
-                target.host.clone()
-            } else {
-                cfg.ssh_target.clone()
-            };
-            let mut line = String::from("ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new");
-            line.push_str(&format!(" -o ConnectTimeout={}", timeout.as_secs().clamp(1, 30)));
-            if !cfg.ssh_key.is_empty() {
-                line.push_str(&format!(" -i {}", shell_quote(&cfg.ssh_key)));
-            }
-            line.push_str(&format!(" {} {}", shell_quote(&dest), shell_quote(&remote)));
+            let line = ssh_line(&cfg.ssh_target, &cfg.ssh_key, &target.host, &remote, timeout);
             run_command(&target.name, &line, timeout).await?
         }
     };
@@ -451,6 +524,204 @@ pub async fn run_command(node: &str, command: &str, timeout: Duration) -> Result
     Ok(text)
 }
 
+/// The `ssh` command line running `remote` on `target` (default: `host`) with key `key`.
+pub fn ssh_line(target: &str, key: &str, host: &str, remote: &str, timeout: Duration) -> String {
+    let dest = if target.is_empty() { host } else { target };
+    let mut line = String::from("ssh -o BatchMode=yes -o StrictHostKeyChecking=accept-new");
+    line.push_str(&format!(" -o ConnectTimeout={}", timeout.as_secs().clamp(1, 30)));
+    if !key.is_empty() {
+        line.push_str(&format!(" -i {}", shell_quote(key)));
+    }
+    line.push_str(&format!(" {} {}", shell_quote(dest), shell_quote(remote)));
+    line
+}
+
+/// Runs one statement and returns the columns of its first row, with a timeout.
+async fn query_row(
+    client: &tokio_postgres::Client,
+    node: &NodeRef,
+    sql: &str,
+    limit: Duration,
+) -> Result<Vec<Option<String>>, FailoverError> {
+    let server = |message: String| FailoverError::Server {
+        node: node.name.clone(),
+        message,
+    };
+    let msgs = tokio::time::timeout(limit, client.simple_query(sql))
+        .await
+        .map_err(|_| server(format!("`{sql}` timed out after {limit:?}")))?
+        .map_err(|e| server(format!("`{sql}` failed: {e}")))?;
+    for m in msgs {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            return Ok((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+        }
+    }
+    Ok(Vec::new())
+}
+
+/// Whether `node` is a primary, and the newest timeline it knows: the one it writes on (a
+/// primary) or the newest it has received or replayed (a standby; `None` when it cannot tell).
+pub async fn node_timeline(node: &NodeRef, cred: &Credentials) -> Result<(bool, Option<u32>), FailoverError> {
+    let client = connect(node, cred).await?;
+    let row = query_row(
+        &client,
+        node,
+        "select pg_is_in_recovery(), case when not pg_is_in_recovery() \
+         then substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) end",
+        cred.connect_timeout,
+    )
+    .await?;
+    let primary = row.first().and_then(|v| v.as_deref()) == Some("f");
+    if primary {
+        let hex = row.get(1).and_then(|v| v.as_deref()).unwrap_or("");
+        return Ok((true, u32::from_str_radix(hex, 16).ok()));
+    }
+    // Reading the control data needs privileges the check user may lack: then the timeline is
+    // unknown, which never outranks a primary.
+    let tl = query_row(
+        &client,
+        node,
+        "select greatest((select received_tli from pg_stat_wal_receiver), \
+         (select timeline_id from pg_control_checkpoint()), \
+         (select min_recovery_end_timeline from pg_control_recovery()))",
+        cred.connect_timeout,
+    )
+    .await
+    .ok()
+    .and_then(|r| r.first().cloned().flatten())
+    .and_then(|v| v.parse().ok());
+    Ok((false, tl))
+}
+
+/// Polls until `node` is a standby streaming from `primary`.
+pub async fn wait_following(
+    node: &NodeRef,
+    primary: &NodeRef,
+    cred: &Credentials,
+    limit: Duration,
+) -> Result<(), FailoverError> {
+    let deadline = Instant::now() + limit;
+    let primary_ips: Vec<std::net::IpAddr> = tokio::net::lookup_host((primary.host.as_str(), primary.port))
+        .await
+        .map(|a| a.map(|a| a.ip()).collect())
+        .unwrap_or_default();
+    let mut last = String::from("not reachable");
+    loop {
+        if let Ok(client) = connect(node, cred).await {
+            let sql = "select pg_is_in_recovery(), w.status, w.sender_host, w.sender_port \
+                       from (select 1) one left join pg_stat_wal_receiver w on true";
+            match query_row(&client, node, sql, cred.connect_timeout).await {
+                Ok(r) => {
+                    let col = |i: usize| r.get(i).cloned().flatten().unwrap_or_default();
+                    let (recovery, status, host, port) = (col(0), col(1), col(2), col(3));
+                    let same_host = host == primary.host
+                        || tokio::net::lookup_host((host.as_str(), primary.port))
+                            .await
+                            .is_ok_and(|mut a| a.any(|a| primary_ips.contains(&a.ip())));
+                    if recovery != "t" {
+                        last = "it is not in recovery (a primary)".into();
+                    } else if status != "streaming" {
+                        last = format!("its WAL receiver is `{status}`");
+                    } else if !(same_host && port == primary.port.to_string()) {
+                        last = format!("it streams from {host}:{port}");
+                    } else {
+                        return Ok(());
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(FailoverError::Timeout {
+                node: node.name.clone(),
+                what: format!("it to stream from {} (last: {last})", primary.name),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Stops writes on a primary that is being switched away from: new transactions default to
+/// read-only, client connections are closed (waiting for each to end), and the WAL position
+/// after that is returned, which a standby must replay before it may take over.
+pub async fn quiesce(node: &NodeRef, cred: &Credentials) -> Result<u64, FailoverError> {
+    let client = connect(node, cred).await?;
+    let t = cred.connect_timeout.max(Duration::from_secs(5));
+    query_text(
+        &client,
+        node,
+        "alter system set default_transaction_read_only = on",
+        t,
+    )
+    .await?;
+    query_text(&client, node, "select pg_reload_conf()", t).await?;
+    query_text(
+        &client,
+        node,
+        "select count(pg_terminate_backend(pid, 5000)) from pg_stat_activity \
+         where backend_type = 'client backend' and pid <> pg_backend_pid()",
+        t + Duration::from_secs(6),
+    )
+    .await?;
+    let lsn = query_text(&client, node, "select pg_current_wal_lsn()::text", t).await?;
+    lsn.as_deref()
+        .and_then(crate::cluster::parse_lsn)
+        .ok_or_else(|| FailoverError::Server {
+            node: node.name.clone(),
+            message: format!("odd WAL position {lsn:?}"),
+        })
+}
+
+/// Undoes [`quiesce`] after a switchover that did not happen.
+pub async fn unquiesce(node: &NodeRef, cred: &Credentials) -> Result<(), FailoverError> {
+    let client = connect(node, cred).await?;
+    let t = cred.connect_timeout.max(Duration::from_secs(5));
+    query_text(
+        &client,
+        node,
+        "alter system reset default_transaction_read_only",
+        t,
+    )
+    .await?;
+    query_text(&client, node, "select pg_reload_conf()", t).await?;
+    Ok(())
+}
+
+/// Polls until standby `node` has replayed WAL up to `lsn`.
+pub async fn wait_replayed(
+    node: &NodeRef,
+    lsn: u64,
+    cred: &Credentials,
+    limit: Duration,
+) -> Result<(), FailoverError> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(client) = connect(node, cred).await {
+            if let Ok(Some(v)) = query_text(
+                &client,
+                node,
+                "select pg_last_wal_replay_lsn()::text",
+                cred.connect_timeout,
+            )
+            .await
+            {
+                if crate::cluster::parse_lsn(&v).is_some_and(|r| r >= lsn) {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(FailoverError::Timeout {
+                node: node.name.clone(),
+                what: "it to replay the old primary's last WAL".into(),
+                after: limit,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
@@ -496,8 +767,13 @@ pub async fn primary_timeline(node: &NodeRef, cred: &Credentials) -> Result<Opti
 }
 
 /// Re-points a standby at `primary` by rewriting the host and port of its `primary_conninfo` (the
-/// other keys, such as user, password and application_name, are kept) and reloading.
-pub async fn repoint(standby: &NodeRef, primary: &NodeRef, cred: &Credentials) -> Result<(), FailoverError> {
+/// other keys, such as user, password and application_name, are kept) and reloading. Returns the
+/// application_name the standby streams under.
+pub async fn repoint(
+    standby: &NodeRef,
+    primary: &NodeRef,
+    cred: &Credentials,
+) -> Result<String, FailoverError> {
     let client = connect(standby, cred).await?;
     let current = query_text(&client, standby, "show primary_conninfo", cred.connect_timeout)
         .await?
@@ -517,7 +793,12 @@ pub async fn repoint(standby: &NodeRef, primary: &NodeRef, cred: &Credentials) -
     let sql = format!("alter system set primary_conninfo = {}", sql_literal(&conninfo));
     query_text(&client, standby, &sql, cred.connect_timeout).await?;
     query_text(&client, standby, "select pg_reload_conf()", cred.connect_timeout).await?;
-    Ok(())
+    let app = pairs
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    Ok(app)
 }
 
 /// Polls `primary`'s `pg_stat_replication` until `standby_app_name` streams from it.
@@ -718,7 +999,15 @@ mod tests {
     }
 
     fn placeholders() -> Placeholders {
+        let b = NodeRef {
+            id: 1,
+            name: "b".into(),
+            host: "hb".into(),
+            port: 5433,
+            data_dir: "/d/b".into(),
+        };
         Placeholders {
+            subject: b.clone(),
             failed: NodeRef {
                 id: 0,
                 name: "a".into(),
@@ -783,7 +1072,7 @@ mod tests {
     #[test]
     fn config_validation_names_keys() {
         let mut c = FailoverConfig::default();
-        c.validate().unwrap();
+        c.validate(&[]).unwrap();
         c.nodes.insert(
             "n1".into(),
             PromoteConfig {
@@ -792,7 +1081,7 @@ mod tests {
             },
         );
         assert!(c
-            .validate()
+            .validate(&[])
             .unwrap_err()
             .to_string()
             .contains("failover.nodes.n1.command"));
@@ -801,10 +1090,23 @@ mod tests {
             ..Default::default()
         };
         assert!(c
-            .validate()
+            .validate(&[])
             .unwrap_err()
             .to_string()
             .contains("failover.promote_timeout"));
+        let c = FailoverConfig {
+            priority: [("ghost".to_string(), 1)].into(),
+            ..Default::default()
+        };
+        let nodes = [crate::config::NodeConfig {
+            name: "n0".into(),
+            ..Default::default()
+        }];
+        assert!(c
+            .validate(&nodes)
+            .unwrap_err()
+            .to_string()
+            .contains("failover.priority.ghost"));
     }
 
     #[tokio::test]
@@ -830,15 +1132,16 @@ mod tests {
 pub trait Topology: Send + Sync {
     /// Every node, by id.
     fn nodes(&self) -> Vec<NodeRef>;
-    /// What the health checks last learned about each standby: (id, healthy, last known LSN,
-    /// whether the lost primary reported it synchronous).
+    /// What the health checks last learned about each standby that may be promoted or re-pointed
+    /// (fenced nodes excluded): (id, healthy, last known LSN, whether the lost primary reported it
+    /// synchronous).
     fn standby_states(&self, failed: usize) -> Vec<(usize, bool, u64, bool)>;
     /// Routes writes to `new_primary` and fences `old_primary`, in one step.
     fn switch_primary(&self, new_primary: usize, old_primary: usize);
 }
 
-/// One failover, as the log and the `/status` history report it.
-#[derive(Debug, Clone, Serialize)]
+/// One failover or switchover, as the log and the `/status` history report it.
+#[derive(Debug, Clone)]
 pub struct FailoverEvent {
     /// The primary that was lost.
     pub failed: String,
@@ -916,9 +1219,13 @@ pub async fn fail_over(
     let old = nodes[failed].clone();
     let mut promoted = None;
     for id in order {
-        let target = &nodes[id];
+        let mut target = nodes[id].clone();
         let pcfg = cfg.promote_for(&target.name);
+        if !pcfg.data_dir.is_empty() {
+            target.data_dir = pcfg.data_dir.clone();
+        }
         let placeholders = Placeholders {
+            subject: target.clone(),
             failed: old.clone(),
             new_primary: target.clone(),
             old_primary: old.clone(),
@@ -928,10 +1235,6 @@ pub async fn fail_over(
                 pcfg.container.clone()
             },
         };
-        let mut target = target.clone();
-        if !pcfg.data_dir.is_empty() {
-            target.data_dir = pcfg.data_dir.clone();
-        }
         tracing::warn!(failed = %old.name, candidate = %target.name, method = ?pcfg.method, "promoting");
         match promote(&target, pcfg, &placeholders, cred, timeout).await {
             Ok(out) => {
@@ -953,16 +1256,28 @@ pub async fn fail_over(
     event.promoted_at = Some(std::time::SystemTime::now());
     topo.switch_primary(new, failed);
     event.resumed_at = Some(std::time::SystemTime::now());
+    let followers: Vec<usize> = candidates.iter().map(|c| c.id).filter(|&i| i != new).collect();
+    settle(&nodes, new, &followers, cfg, cred, &mut event).await;
+    event
+}
 
+/// After `new` was promoted: re-points `followers` at it (when configured) and makes sure writes
+/// cannot hang on a synchronous standby that is gone.
+pub async fn settle(
+    nodes: &[NodeRef],
+    new: usize,
+    followers: &[usize],
+    cfg: &FailoverConfig,
+    cred: &Credentials,
+    event: &mut FailoverEvent,
+) {
     let new_ref = nodes[new].clone();
     let follow_timeout = Duration::from_secs_f64(cfg.follow_timeout);
     if cfg.follow {
-        for (id, node) in nodes.iter().enumerate() {
-            if id == new || id == failed {
-                continue;
-            }
+        for &id in followers {
+            let node = &nodes[id];
             let r = match repoint(node, &new_ref, cred).await {
-                Ok(()) => wait_streaming(&new_ref, &node.name, cred, follow_timeout)
+                Ok(app) => wait_streaming(&new_ref, &app, cred, follow_timeout)
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
@@ -983,7 +1298,6 @@ pub async fn fail_over(
         Ok(cleared) => event.cleared_synchronous = cleared,
         Err(e) => tracing::error!(node = %new_ref.name, error = %e, "cannot check synchronous_standby_names"),
     }
-    event
 }
 
 /// A standby's freshest WAL position: the larger of received and replayed.

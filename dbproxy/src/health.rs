@@ -2,6 +2,7 @@
 //! replay delay, and feed pass/fail to a `common::HealthState`, which alone decides when the node
 //! flips. A node that is down keeps being checked, so it comes back once it answers again.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,10 +115,15 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown
     let timeout = secs(config.timeout);
     let mut ticker = tokio::time::interval(secs(config.period));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut claimed = false;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
+            _ = cluster.nodes[i].reprobe.notified() => {
+                tracing::debug!(node = %cluster.nodes[i].config.name, "data-path error: checking now");
+                ticker.reset();
+            }
         }
         let mut result = Err(ProbeError::Timeout);
         for attempt in 0..=config.max_retries {
@@ -139,12 +145,44 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown
         }
         let name = &cluster.nodes[i].config.name;
         let transition = state.observe(result.is_ok());
+        let healthy = state.is_healthy();
         match &transition {
             Some(Transition::Up) => tracing::info!(node = %name, "node is up"),
-            Some(Transition::Down) => tracing::warn!(node = %name, "node is down"),
+            Some(Transition::Down) => {
+                tracing::warn!(node = %name, "node is down");
+                cluster.update(i, |s| s.healthy = false);
+                if cluster.elected() == Some(i) {
+                    cluster.primary_down.notify_one();
+                }
+            }
             None => {}
         }
-        let healthy = state.is_healthy();
+        if let Ok(p) = &result {
+            // Only the elected node may be primary. One that claims the role otherwise (an old
+            // primary restarted after a failover, a standby promoted behind dbproxy's back) is
+            // fenced and reported; not while a failover promotes a candidate.
+            let busy = cluster.busy.load(Ordering::Acquire);
+            if p.role == Role::Primary && cluster.elected() != Some(i) {
+                if cluster.is_fenced(i) {
+                    if !claimed {
+                        tracing::error!(node = %name, "a fenced node claims to be primary; it gets no \
+                                        traffic (rejoin it as a standby, then POST /nodes/{i}/attach)");
+                        claimed = true;
+                    }
+                } else if busy {
+                    // The candidate a failover is promoting: settled when the failover ends.
+                } else if cluster.elected().is_none() {
+                    tracing::info!(node = %name, "elected primary");
+                    cluster.elect(i);
+                } else {
+                    tracing::error!(node = %name, "node claims to be primary without being elected: fenced");
+                    cluster.fence(i);
+                    claimed = true;
+                }
+            } else {
+                claimed = false;
+            }
+        }
         match result {
             Ok(p) => {
                 cluster.update(i, |s| {

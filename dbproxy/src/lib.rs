@@ -14,6 +14,7 @@ pub mod cluster;
 pub mod config;
 pub mod failover;
 pub mod health;
+pub mod manager;
 pub mod pgpool_conf;
 pub mod protocol;
 pub mod server;

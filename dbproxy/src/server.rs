@@ -77,6 +77,14 @@ pub async fn run_with(
     let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &shutdown)?);
     let tasks = TaskTracker::new();
     let first = shared.load_full();
+    let manager = Arc::new(crate::manager::Manager::new(
+        cluster.clone(),
+        &first.config,
+        &registry,
+    ));
+    // The primary comes from the nodes themselves, before the first client is served.
+    manager.discover().await;
+    tasks.spawn(manager.clone().run(shutdown.clone()));
     for i in 0..cluster.nodes.len() {
         tasks.spawn(crate::health::run(
             cluster.clone(),
@@ -88,6 +96,7 @@ pub async fn run_with(
     if let Some(admin) = admin {
         let routes = Arc::new(crate::admin::Routes {
             cluster: cluster.clone(),
+            manager: manager.clone(),
         });
         tasks.spawn(common::admin::serve(admin, registry, routes, shutdown.clone()));
     }

@@ -238,22 +238,10 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
         return Err(End);
     }
     // Open the primary connection now, so that a missing database or role surfaces at login with
-    // PostgreSQL's own error.
+    // PostgreSQL's own error. During a failover this waits for the new primary.
     let cluster = &shared.cluster;
-    let p = cluster.primary();
-    let node = &cluster.nodes[p].config;
-    let limits = &shared.config.limits;
-    let connected = backend::connect(
-        p,
-        &node.host,
-        node.port,
-        &params,
-        &user,
-        creds,
-        limits.max_message_size,
-        secs(limits.connect_timeout),
-    )
-    .await;
+    let mut watch = cluster.subscribe();
+    let connected = connect_primary(shared, &params, &user, &mut watch).await;
     let (primary, greeting) = match connected {
         Ok(x) => x,
         Err(e) => {
@@ -284,6 +272,65 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
         cancel,
         key,
     }))
+}
+
+/// Connects to the elected primary. While there is none, or it cannot be reached (it just died
+/// and the failover is under way), keeps trying, at once when the elected primary changes,
+/// for up to `failover.session_wait`. A login the server refuses is final, except for the
+/// refusals of a server starting up or shutting down.
+async fn connect_primary(
+    shared: &Shared,
+    params: &[(String, String)],
+    user: &str,
+    watch: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(Backend, backend::Greeting), BackendError> {
+    let cluster = &shared.cluster;
+    let limits = &shared.config.limits;
+    let creds = shared.users.get(user);
+    let deadline = Instant::now() + secs(shared.config.failover.session_wait);
+    let mut last = BackendError::NoPrimary;
+    loop {
+        watch.borrow_and_update();
+        if let Some(p) = cluster.elected() {
+            let node = &cluster.nodes[p].config;
+            let attempt = backend::connect(
+                p,
+                &node.host,
+                node.port,
+                params,
+                user,
+                creds,
+                limits.max_message_size,
+                secs(limits.connect_timeout),
+            );
+            tokio::select! {
+                r = attempt => match r {
+                    Ok(x) => return Ok(x),
+                    Err(BackendError::Refused(f))
+                        if !backend::sqlstate(&f).is_some_and(|c| c.starts_with("57")) =>
+                    {
+                        return Err(BackendError::Refused(f));
+                    }
+                    Err(e @ BackendError::Auth(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(node = %node.name, error = %e, "cannot reach the primary");
+                        cluster.suspect(p);
+                        last = e;
+                    }
+                },
+                // A new primary was elected meanwhile: try it at once.
+                Ok(()) = watch.changed() => continue,
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(last);
+        }
+        tokio::select! {
+            Ok(()) = watch.changed() => {}
+            _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
+        }
+    }
 }
 
 /// What a successful startup hands to the session.
@@ -361,8 +408,12 @@ struct Session {
     client: Conn,
     user: String,
     params: Vec<(String, String)>,
-    primary: Backend,
+    /// The connection to the elected primary; `None` after it was lost while idle (reopened,
+    /// to whichever node is primary then, when next needed).
+    primary: Option<Backend>,
     standby: Option<Backend>,
+    /// Changes of the elected primary and of fences.
+    watch: tokio::sync::watch::Receiver<u64>,
     /// Transaction status from the last ReadyForQuery.
     tx: u8,
     /// The open transaction runs on the standby (BEGIN READ ONLY).
@@ -436,13 +487,15 @@ async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError
 
 impl Session {
     fn new(shared: Arc<Shared>, client: Conn, login: Login) -> Session {
+        let watch = shared.cluster.subscribe();
         Session {
             shared,
             client,
             user: login.user,
             params: login.params,
-            primary: login.primary,
+            primary: Some(login.primary),
             standby: None,
+            watch,
             tx: b'I',
             tx_on_standby: false,
             pinned: false,
@@ -480,8 +533,7 @@ impl Session {
         let _ = self.relay().await;
         // A request still running when the client left is cancelled, so it does not run on.
         if self.awaiting {
-            if let Some(w) = self.cur {
-                let b = self.backend(w);
+            if let Some(b) = self.cur.and_then(|w| self.backend(w)) {
                 let (addr, (pid, key)) = (b.addr, b.key);
                 backend::cancel(addr, pid, key, secs(self.shared.config.limits.connect_timeout)).await;
             }
@@ -497,11 +549,81 @@ impl Session {
         }
     }
 
-    fn backend(&mut self, w: Which) -> &mut Backend {
+    fn backend(&mut self, w: Which) -> Option<&mut Backend> {
         match w {
-            Which::Standby => self.standby.as_mut().unwrap_or(&mut self.primary),
-            Which::Primary => &mut self.primary,
+            Which::Standby => self.standby.as_mut().or(self.primary.as_mut()),
+            Which::Primary => self.primary.as_mut(),
         }
+    }
+
+    /// Whether the primary connection holds the current request or transaction.
+    fn primary_busy(&self) -> bool {
+        self.cur == Some(Which::Primary) || (self.tx != b'I' && !self.tx_on_standby)
+    }
+
+    /// Whether the primary connection goes to a node that is no longer the elected primary.
+    fn primary_stale(&self) -> bool {
+        let cluster = &self.shared.cluster;
+        self.primary
+            .as_ref()
+            .is_some_and(|b| cluster.is_fenced(b.node) || cluster.elected().is_some_and(|e| e != b.node))
+    }
+
+    /// The elected primary changed or a node was fenced: a session whose primary connection is
+    /// now stale drops it when idle (and reconnects when next needed); one whose request or
+    /// transaction runs there loses it.
+    async fn on_topology_change(&mut self) -> Result<(), End> {
+        if !self.primary_stale() {
+            return Ok(());
+        }
+        if self.primary_busy() || self.pinned {
+            return self.lost_primary().await;
+        }
+        tracing::info!("primary changed; the session reconnects on its next request");
+        self.primary = None;
+        Ok(())
+    }
+
+    /// The primary connection failed or was fenced while it held the session's request, its
+    /// transaction, or state that cannot be rebuilt elsewhere (temporary tables, LISTEN,
+    /// advisory locks). An autocommit request gets an error saying its outcome is unknown and the
+    /// session goes on; otherwise the session ends with a class 08 error, never a hang.
+    async fn lost_primary(&mut self) -> Result<(), End> {
+        let metrics = &self.shared.cluster.metrics;
+        metrics.error("backend");
+        if let Some(b) = self.primary.take() {
+            self.shared.cluster.suspect(b.node);
+        }
+        let autocommit = self.tx == b'I'
+            && self.awaiting
+            && self.cur == Some(Which::Primary)
+            && self.copy == Copy::Off
+            && !self.pinned;
+        if autocommit {
+            perror::encode_error(
+                "ERROR",
+                "08007",
+                "the connection to the primary server was lost while the request ran; \
+                 whether it took effect is unknown",
+                &mut self.client.wbuf,
+            );
+            status::encode_ready(b'I', &mut self.client.wbuf);
+            self.awaiting = false;
+            self.cur = None;
+            self.replay = None;
+            self.holdback.clear();
+            *self.cancel.lock().expect("slot poisoned") = None;
+            return self.client.flush().await.map_err(|_| End);
+        }
+        let message = if self.tx != b'I' && !self.tx_on_standby {
+            "terminating connection because the primary server was lost during the transaction"
+        } else {
+            "terminating connection because the primary server was lost and this session's \
+             state (temporary tables, LISTEN, advisory locks) cannot be moved"
+        };
+        self.awaiting = false;
+        fatal(&mut self.client, "08006", message).await;
+        Err(End)
     }
 
     async fn protocol_violation(&mut self, message: &str) -> End {
@@ -542,7 +664,8 @@ impl Session {
                     Ok(0) | Err(_) => return Err(End),
                     Ok(_) => {}
                 },
-                r = self.primary.conn.read_frame() => self.on_backend(Which::Primary, r).await?,
+                r = read_opt(&mut self.primary) => self.on_backend(Which::Primary, r).await?,
+                Ok(()) = self.watch.changed() => self.on_topology_change().await?,
                 r = read_opt(&mut self.standby) => self.on_backend(Which::Standby, r).await?,
                 _ = self.shared.shutdown.cancelled(), if between => {
                     fatal(&mut self.client, "57P01", "terminating connection due to administrator command").await;
@@ -586,7 +709,9 @@ impl Session {
                 if forgets_prepared(sql) {
                     // DEALLOCATE / DISCARD drop protocol-level statements too; forgetting where
                     // they exist is safe, since a lazy prepare closes any stale copy first.
-                    self.primary.prepared.clear();
+                    if let Some(b) = self.primary.as_mut() {
+                        b.prepared.clear();
+                    }
                     if let Some(b) = self.standby.as_mut() {
                         b.prepared.clear();
                     }
@@ -681,7 +806,9 @@ impl Session {
         }
         let w = self.cur.unwrap_or(Which::Primary);
         let drained = self.client.rbuf.len() < 5;
-        let b = self.backend(w);
+        let Some(b) = self.backend(w) else {
+            return Err(self.backend_gone().await);
+        };
         b.conn.wbuf.put_slice(f.raw());
         // Let CopyData accumulate; write once the client's buffer is drained.
         let write = f.tag() != b'd' || b.conn.wbuf.len() > 64 * 1024 || drained;
@@ -814,11 +941,41 @@ impl Session {
             cluster.metrics.decision(Decision::Standby);
         }
         let idle = self.tx == b'I' && self.cur.is_none();
+        if target == Which::Primary && self.cur.is_none() {
+            if self.primary_stale() {
+                if self.primary_busy() || self.pinned {
+                    return self.lost_primary().await;
+                }
+                self.primary = None;
+            }
+            if self.primary.is_none() {
+                match connect_primary(&self.shared, &self.params, &self.user, &mut self.watch).await {
+                    Ok((b, _greeting)) => self.primary = Some(b),
+                    Err(BackendError::Refused(f)) => {
+                        self.client.wbuf.put_slice(f.raw());
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+                        return Err(End);
+                    }
+                    Err(e) => {
+                        cluster.metrics.error("backend");
+                        let msg = format!("could not connect to the primary server: {e}");
+                        perror::encode_error("ERROR", "08006", &msg, &mut self.client.wbuf);
+                        if mode == Mode::Sync {
+                            status::encode_ready(self.tx, &mut self.client.wbuf);
+                        }
+                        return self.client.flush().await.map_err(|_| End);
+                    }
+                }
+            }
+        }
         let (b, other) = match target {
-            Which::Primary => (&mut self.primary, self.standby.as_mut()),
+            Which::Primary => match self.primary.as_mut() {
+                Some(b) => (b, self.standby.as_mut()),
+                None => return Err(self.backend_gone().await),
+            },
             Which::Standby => (
                 self.standby.as_mut().expect("ensured above"),
-                Some(&mut self.primary),
+                self.primary.as_mut(),
             ),
         };
         let mut other = other;
@@ -940,6 +1097,22 @@ impl Session {
             match next {
                 Ok(Some(f)) => self.on_backend_frame(w, f),
                 Ok(None) | Err(_) => {
+                    if w == Which::Primary {
+                        if let Some(b) = &self.primary {
+                            self.shared.cluster.suspect(b.node);
+                        }
+                        if self.primary_busy() || self.pinned {
+                            return self.lost_primary().await;
+                        }
+                        // An idle primary connection went away (the node died or restarted):
+                        // open one to whichever node is primary when next needed.
+                        tracing::info!("idle primary connection lost; reconnecting when next needed");
+                        self.primary = None;
+                        return self.client.flush().await.map_err(|_| End);
+                    }
+                    if let Some(b) = &self.standby {
+                        self.shared.cluster.suspect(b.node);
+                    }
                     if w == Which::Standby && self.cur == Some(Which::Standby) && self.replay.is_some() {
                         // The standby went away before any of the answer reached the client:
                         // run the request on the primary instead.
@@ -958,7 +1131,8 @@ impl Session {
                     return Err(self.backend_gone().await);
                 }
             }
-            next = match self.backend(w).conn.buffered() {
+            let Some(b) = self.backend(w) else { break };
+            next = match b.conn.buffered() {
                 Ok(Some(f)) => Ok(Some(f)),
                 Ok(None) => break,
                 Err(e) => Err(BackendError::Protocol(e)),
@@ -970,8 +1144,7 @@ impl Session {
     fn on_backend_frame(&mut self, w: Which, f: Frame) {
         let tag = f.tag();
         let in_cycle = self.cur == Some(w);
-        {
-            let b = self.backend(w);
+        if let Some(b) = self.backend(w) {
             if b.swallow_rfq > 0 {
                 match tag {
                     b'Z' => b.swallow_rfq -= 1,

@@ -83,6 +83,7 @@ async fn sql_promotion_and_timelines_tell_the_new_primary_from_the_old() {
     let c = cluster.clone();
     blocking(move || c.node(0).kill9().unwrap()).await;
     let p = Placeholders {
+        subject: new.clone(),
         failed: old.clone(),
         new_primary: new.clone(),
         old_primary: old.clone(),
@@ -138,6 +139,7 @@ async fn a_failing_candidate_moves_on_and_the_other_standby_follows() {
     let mut promoted = None;
     for (target, cfg) in [(&first, &broken), (&second, &working)] {
         let p = Placeholders {
+            subject: target.clone(),
             failed: old.clone(),
             new_primary: target.clone(),
             old_primary: old.clone(),
@@ -175,6 +177,7 @@ async fn an_inherited_synchronous_setting_is_cleared_so_writes_do_not_hang() {
     let old = node_ref(0, cluster.node(0));
     let new = node_ref(1, cluster.node(1));
     let p = Placeholders {
+        subject: new.clone(),
         failed: old.clone(),
         new_primary: new.clone(),
         old_primary: old,
