@@ -648,6 +648,12 @@ pub async fn wait_following(
 pub async fn quiesce(node: &NodeRef, cred: &Credentials) -> Result<u64, FailoverError> {
     let client = connect(node, cred).await?;
     let t = cred.connect_timeout.max(Duration::from_secs(5));
+    let terminate = "select count(pg_terminate_backend(pid, 5000)) from pg_stat_activity \
+                     where backend_type = 'client backend' and pid <> pg_backend_pid()";
+    // Sessions end first (dbproxy holds their next write until the new primary is up); then
+    // the server turns read-only for anything else, and whatever slipped in meanwhile ends too.
+    // Writes committed before that are in the WAL position returned.
+    query_text(&client, node, terminate, t + Duration::from_secs(6)).await?;
     query_text(
         &client,
         node,
@@ -656,14 +662,7 @@ pub async fn quiesce(node: &NodeRef, cred: &Credentials) -> Result<u64, Failover
     )
     .await?;
     query_text(&client, node, "select pg_reload_conf()", t).await?;
-    query_text(
-        &client,
-        node,
-        "select count(pg_terminate_backend(pid, 5000)) from pg_stat_activity \
-         where backend_type = 'client backend' and pid <> pg_backend_pid()",
-        t + Duration::from_secs(6),
-    )
-    .await?;
+    query_text(&client, node, terminate, t + Duration::from_secs(6)).await?;
     let lsn = query_text(&client, node, "select pg_current_wal_lsn()::text", t).await?;
     lsn.as_deref()
         .and_then(crate::cluster::parse_lsn)

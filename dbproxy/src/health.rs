@@ -45,7 +45,7 @@ const PROBE_SQL: &str = "select pg_is_in_recovery(), \
         or pg_last_wal_receive_lsn() is not distinct from pg_last_wal_replay_lsn() then 0 \
         else extract(epoch from now() - pg_last_xact_replay_timestamp()) * 1000 end)::bigint, 0)";
 
-/// A checker's connection, kept between probes so a healthy node costs one query per period.
+/// A checker's connection (one per probe).
 struct Checker {
     conn_string: String,
     client: Option<tokio_postgres::Client>,
@@ -137,11 +137,13 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown
                 Ok(r) => r,
                 Err(_) => Err(ProbeError::Timeout),
             };
+            // Every probe opens a fresh connection, as a client would: a postmaster that no
+            // longer accepts sessions (frozen, out of slots) fails the check even though
+            // connections opened before still answer.
+            checker.client = None;
             if result.is_ok() {
                 break;
             }
-            // A failed or timed-out probe may leave a half-dead connection behind.
-            checker.client = None;
         }
         let name = &cluster.nodes[i].config.name;
         let transition = state.observe(result.is_ok());

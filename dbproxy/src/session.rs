@@ -477,6 +477,11 @@ fn forgets_prepared(sql: &str) -> bool {
     starts(b"deallocate") || starts(b"discard")
 }
 
+/// Whether an ErrorResponse ends the connection (FATAL or PANIC).
+fn is_fatal(f: &Frame) -> bool {
+    matches!(perror::field(f.body(), b'S'), Some("FATAL" | "PANIC"))
+}
+
 /// Reads the next frame of an optional backend; pending forever when there is none.
 async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError> {
     match b {
@@ -1174,6 +1179,24 @@ impl Session {
                     _ => {}
                 }
             }
+        }
+        let shutting_down = || perror::sqlstate(f.body()).is_some_and(|c| c.starts_with("57"));
+        if tag == b'E'
+            && w == Which::Primary
+            && is_fatal(&f)
+            && !self.pinned
+            && (!self.primary_busy() || (self.tx == b'I' && shutting_down()))
+        {
+            // The primary is going away (a crash, a shutdown, a terminated backend) while the
+            // session does not depend on it: the client never hears of it, the session moves
+            // to whichever node is primary at its next request. An autocommit request in flight
+            // is answered when the connection ends (see `lost_primary`).
+            tracing::info!(
+                sqlstate = perror::sqlstate(f.body()).unwrap_or(""),
+                "primary connection ended while idle: {}",
+                perror::field(f.body(), b'M').unwrap_or("")
+            );
+            return;
         }
         if !in_cycle {
             // Asynchronous messages outside a request: notifications and notices from the

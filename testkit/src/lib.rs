@@ -617,6 +617,51 @@ impl PgNode {
         )
     }
 
+    /// Throws this node's data away and makes it a fresh standby of `primary` (a new base
+    /// backup with `-R`, as an operator's rejoin script would), then starts it and waits until it
+    /// streams from `primary`. A running server is killed first.
+    pub fn rebuild_as_standby(&self, primary: &PgNode) -> Result<()> {
+        if self.is_running() {
+            self.kill9()?;
+        }
+        self.wait_orphans_gone()?;
+        fs::remove_dir_all(&self.data_dir)
+            .with_context(|| format!("removing {}", self.data_dir.display()))?;
+        let mut bb = self.ctx.client_cmd("pg_basebackup");
+        if let Some((uid, gid)) = self.ctx.owner {
+            bb.uid(uid).gid(gid);
+        }
+        bb.current_dir(&self.ctx.base)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &primary.port.to_string(),
+                "-U",
+                "postgres",
+                "-D",
+            ])
+            .arg(&self.data_dir)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        run(&mut bb, "pg_basebackup")?;
+        append(
+            &self.data_dir.join("postgresql.conf"),
+            &format!("port = {}\ncluster_name = '{}'\n", self.port, self.name),
+        )?;
+        self.start()?;
+        let name = self.name.clone();
+        wait_for(
+            &format!("{name} to stream from {}", primary.name),
+            DEADLINE,
+            || {
+                let n = primary.psql(&format!(
+                "select count(*) from pg_stat_replication where application_name = '{name}' and state = 'streaming'"
+            ))?;
+                Ok((n == "1").then_some(()))
+            },
+        )
+    }
+
     /// The current WAL insert position (on a primary).
     pub fn current_lsn(&self) -> Result<String> {
         self.psql("select pg_current_wal_lsn()")

@@ -84,6 +84,16 @@ impl Proxy {
         Ok(client)
     }
 
+    /// Sends `method path` to the admin listener; returns the status code and the body.
+    pub fn admin(&self, method: &str, path: &str) -> Result<(u16, String)> {
+        admin_request(self.admin, method, path)
+    }
+
+    /// GETs `/status` as JSON.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::from_str(&self.admin_get("/status")?)?)
+    }
+
     /// GETs `path` from the admin listener and returns the body.
     pub fn admin_get(&self, path: &str) -> Result<String> {
         use std::io::{Read, Write};
@@ -106,6 +116,29 @@ impl Drop for Proxy {
             let _ = t.join();
         }
     }
+}
+
+/// Sends `method path` (no body) to an admin listener; returns the status code and the body.
+pub fn admin_request(addr: SocketAddr, method: &str, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let code = out
+        .split_ascii_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .context("no status line from the admin listener")?;
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((code, body))
 }
 
 /// A config for `cluster`, superuser `postgres` with `password`, fast health checks.

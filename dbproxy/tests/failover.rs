@@ -1,0 +1,480 @@
+//! Automatic failover through dbproxy against real PostgreSQL clusters: a primary killed or frozen
+//! under write load, a failing first candidate, fencing of an old primary that comes back, the
+//! other standby following the new primary, no acknowledged write lost in synchronous mode,
+//! sessions that survive, start-up discovery by timeline, and the switchover and attach endpoints.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dbproxy::config::Config;
+use dbproxy::failover::{PromoteConfig, PromoteMethod};
+use serde_json::Value;
+use support::{config_for, Proxy};
+use testkit::{wait_for, PgCluster, DEADLINE};
+
+async fn cluster(standbys: usize, synchronous: bool) -> Result<Arc<PgCluster>> {
+    let c = tokio::task::spawn_blocking(move || {
+        PgCluster::builder()
+            .standbys(standbys)
+            .synchronous(synchronous)
+            .password("pw")
+            .start()
+    })
+    .await??;
+    c.primary()
+        .psql("create table t (id bigint primary key, at timestamptz default now())")?;
+    c.wait_replicated()?;
+    Ok(Arc::new(c))
+}
+
+fn proxy_for(c: &PgCluster, tweak: impl FnOnce(&mut Config)) -> Result<Proxy> {
+    let mut cfg = config_for(c, Some("pw"));
+    tweak(&mut cfg);
+    Proxy::start(cfg)
+}
+
+/// Waits until `/status` holds `n` events of `kind` and returns the last.
+fn wait_event(proxy: &Proxy, kind: &str, n: usize) -> Result<Value> {
+    wait_for(&format!("{n} {kind} event(s) in /status"), DEADLINE, || {
+        let s = proxy.status()?;
+        let events: Vec<Value> = s["history"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect();
+        Ok((events.len() >= n).then(|| events[n - 1].clone()))
+    })
+}
+
+fn node_status(proxy: &Proxy, i: usize) -> Result<Value> {
+    Ok(proxy.status()?["nodes"][i].clone())
+}
+
+/// Clients writing unique ids through dbproxy, each on its own connection, reconnecting after a
+/// lost session. Every acknowledged id is kept, with when it was acknowledged.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(i64, Instant)>>>,
+    errors: Arc<Mutex<BTreeMap<String, usize>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(proxy: &Proxy, n: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(BTreeMap::new()));
+        let next = Arc::new(AtomicI64::new(1_000_000));
+        let conn = proxy.conn_string("postgres", "pw");
+        let tasks = (0..n)
+            .map(|_| {
+                let (stop, acked, errors, next, conn) = (
+                    stop.clone(),
+                    acked.clone(),
+                    errors.clone(),
+                    next.clone(),
+                    conn.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut client: Option<tokio_postgres::Client> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let c = match &client {
+                            Some(c) if !c.is_closed() => c,
+                            _ => match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+                                Ok((c, driver)) => {
+                                    tokio::spawn(driver);
+                                    client = Some(c);
+                                    continue;
+                                }
+                                Err(e) => {
+                                    *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        match c.execute("insert into t (id) values ($1)", &[&id]).await {
+                            Ok(_) => acked.lock().unwrap().push((id, Instant::now())),
+                            Err(e) => {
+                                *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            errors,
+            tasks,
+        }
+    }
+
+    fn acked_after(&self, t: Instant) -> usize {
+        self.acked
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, at)| *at > t)
+            .count()
+    }
+
+    /// Waits until some write was acknowledged after `t`.
+    async fn wait_acked_after(&self, t: Instant) -> Result<()> {
+        let deadline = Instant::now() + DEADLINE;
+        while self.acked_after(t) == 0 {
+            if Instant::now() > deadline {
+                bail!("no write acknowledged; errors: {:?}", self.errors.lock().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    async fn stop(self) -> (Vec<i64>, BTreeMap<String, usize>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+        }
+        let ids = self.acked.lock().unwrap().iter().map(|(id, _)| *id).collect();
+        let errors = self.errors.lock().unwrap().clone();
+        (ids, errors)
+    }
+}
+
+fn kind(e: &tokio_postgres::Error) -> String {
+    match e.code() {
+        Some(c) => c.code().to_string(),
+        None if e.is_closed() => "closed".into(),
+        None => "other".into(),
+    }
+}
+
+/// Every acknowledged id is on node `i`.
+fn assert_none_lost(c: &PgCluster, i: usize, acked: &[i64]) -> Result<()> {
+    let present: HashSet<i64> = c
+        .node(i)
+        .psql("select id from t")?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let lost: Vec<&i64> = acked.iter().filter(|id| !present.contains(id)).collect();
+    if !lost.is_empty() {
+        bail!(
+            "{} acknowledged writes lost: {:?}",
+            lost.len(),
+            &lost[..lost.len().min(10)]
+        );
+    }
+    Ok(())
+}
+
+/// Errors writers may see across a failover: the statement in flight (08007, or a closed session)
+/// and connections refused while there was no primary. Anything else is a bug.
+fn assert_clean_errors(errors: &BTreeMap<String, usize>) {
+    for k in errors.keys() {
+        assert!(
+            k.starts_with("08") || k == "closed" || k == "57P01",
+            "unexpected client error {k}: {errors:?}"
+        );
+    }
+}
+
+fn node_index(status_name: &Value, c: &PgCluster) -> usize {
+    let name = status_name.as_str().unwrap_or_default();
+    (0..c.nodes().len())
+        .find(|&i| c.node(i).name() == name)
+        .expect("a known node")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_primary_is_replaced_the_other_standby_follows_and_the_old_one_stays_fenced() -> Result<()> {
+    support::bounded(killed_primary_body()).await
+}
+
+async fn killed_primary_body() -> Result<()> {
+    let c = cluster(2, false).await?;
+    let proxy = proxy_for(&c, |_| {})?;
+    // An idle session with a setting and a prepared statement, opened before the failover.
+    let idle = proxy.connect("postgres", "pw").await?;
+    idle.batch_execute("set application_name = 'survivor'").await?;
+    let insert = idle
+        .prepare("insert into t (id) values ($1) returning current_setting('application_name'), inet_server_port()")
+        .await?;
+    let before: String = idle.query_one(&insert, &[&1i64]).await?.get(0);
+    assert_eq!(before, "survivor");
+
+    let writers = Writers::start(&proxy, 3);
+    writers.wait_acked_after(Instant::now()).await?;
+    let killed = Instant::now();
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["failed"], "node0", "{ev}");
+    assert!(ev["error"].is_null(), "{ev}");
+    let new = node_index(&ev["promoted"], &c);
+    assert_ne!(new, 0);
+    let other = 3 - new;
+    assert_eq!(ev["followers"][0]["node"], c.node(other).name(), "{ev}");
+    assert_eq!(ev["followers"][0]["ok"], true, "{ev}");
+    assert!(ev["detected"]["ms"].as_u64() <= ev["promoted_at"]["ms"].as_u64());
+    writers.wait_acked_after(killed).await?;
+
+    // The idle session survived: same setting, same prepared statement, now on the new primary.
+    let row = idle.query_one(&insert, &[&2i64]).await?;
+    assert_eq!(row.get::<_, String>(0), "survivor");
+    assert_eq!(row.get::<_, i32>(1) as u16, c.node(new).port());
+
+    // The other standby streams from the new primary.
+    let n = c.node(new).psql(&format!(
+        "select count(*) from pg_stat_replication where application_name = '{}' and state = 'streaming'",
+        c.node(other).name()
+    ))?;
+    assert_eq!(n, "1");
+
+    // The old primary comes back as a primary on the old timeline: fenced, it gets nothing.
+    c.node(0).start()?;
+    wait_for("node0 reachable again but fenced", DEADLINE, || {
+        let s = node_status(&proxy, 0)?;
+        Ok((s["pg_status"] == "up" && s["pg_role"] == "primary").then_some(s))
+    })?;
+    let s = node_status(&proxy, 0)?;
+    assert_eq!(s["fenced"], true, "{s}");
+    assert_eq!(s["status"], "down", "{s}");
+    let resumed = Instant::now();
+    writers.wait_acked_after(resumed).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    let late: Vec<i64> = acked.iter().rev().take(5).copied().collect();
+    let on_old = c.node(0).psql(&format!(
+        "select count(*) from t where id in ({})",
+        late.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",")
+    ))?;
+    assert_eq!(on_old, "0", "no write reaches the fenced old primary");
+    // Writers after the failover went to the new primary; SHOW POOL_NODES agrees.
+    let pool = support::psql(&proxy, "postgres", "pw", "show pool_nodes")?;
+    let line0 = pool.lines().next().context("a row for node0")?;
+    assert!(
+        line0.starts_with("0|127.0.0.1|") && line0.contains("|down|"),
+        "{pool}"
+    );
+    let metrics = proxy.admin_get("/metrics")?;
+    assert!(
+        metrics.contains("dbproxy_failovers_total{kind=\"failover\",outcome=\"ok\"} 1"),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_synchronous_mode_no_acknowledged_write_is_lost() -> Result<()> {
+    support::bounded(sync_body()).await
+}
+
+async fn sync_body() -> Result<()> {
+    let c = cluster(1, true).await?;
+    let proxy = proxy_for(&c, |_| {})?;
+    wait_for("the standby reported synchronous", DEADLINE, || {
+        Ok((node_status(&proxy, 1)?["replication_sync_state"] == "sync").then_some(()))
+    })?;
+    let writers = Writers::start(&proxy, 4);
+    writers.wait_acked_after(Instant::now()).await?;
+    let killed = Instant::now();
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    assert_eq!(ev["cleared_synchronous_standby_names"], true, "{ev}");
+    writers.wait_acked_after(killed).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    assert!(acked.len() > 10);
+    assert_none_lost(&c, 1, &acked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_primary_is_replaced_and_an_open_transaction_gets_a_clean_error() -> Result<()> {
+    support::bounded(frozen_body()).await
+}
+
+async fn frozen_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let proxy = proxy_for(&c, |cfg| cfg.health.timeout = 1.0)?;
+    let tx = proxy.connect("postgres", "pw").await?;
+    tx.batch_execute("begin; insert into t (id) values (1)").await?;
+    let backend: i32 = tx.query_one("select pg_backend_pid()", &[]).await?.get(0);
+    let idle = proxy.connect("postgres", "pw").await?;
+    idle.batch_execute("select 1").await?;
+
+    // Freeze the server: the postmaster takes no new session, and the transaction's own backend
+    // stops answering.
+    let signal = |sig: &str| -> Result<()> {
+        let status = std::process::Command::new("kill")
+            .arg(sig)
+            .arg(backend.to_string())
+            .status()?;
+        anyhow::ensure!(status.success(), "kill {sig} {backend}");
+        Ok(())
+    };
+    c.node(0).sigstop()?;
+    signal("-STOP")?;
+    // The statement in flight must end with an error once the failover is done, not hang.
+    let r = tokio::time::timeout(DEADLINE, tx.batch_execute("insert into t (id) values (2)")).await;
+    let e = r.context("a statement on a frozen primary hung")?.unwrap_err();
+    let code = e.code().map(|c| c.code().to_string());
+    assert!(
+        code.as_deref().is_some_and(|c| c.starts_with("08")) || e.is_closed(),
+        "expected a class 08 error, got {e:?}"
+    );
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    // The idle session carries on against the new primary.
+    idle.batch_execute("insert into t (id) values (3)").await?;
+    assert_eq!(c.node(1).psql("select count(*) from t where id = 3")?, "1");
+    // Thawed, the old primary still claims the role but stays fenced.
+    signal("-CONT")?;
+    c.node(0).sigcont()?;
+    wait_for("the thawed node0 reports itself primary", DEADLINE, || {
+        let s = node_status(&proxy, 0)?;
+        Ok((s["pg_status"] == "up" && s["pg_role"] == "primary").then_some(()))
+    })?;
+    assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+    idle.batch_execute("insert into t (id) values (4)").await?;
+    assert_eq!(c.node(0).psql("select count(*) from t where id = 4")?, "0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_candidate_whose_promotion_fails_is_skipped() -> Result<()> {
+    support::bounded(failing_candidate_body()).await
+}
+
+async fn failing_candidate_body() -> Result<()> {
+    let c = cluster(2, false).await?;
+    let proxy = proxy_for(&c, |cfg| {
+        cfg.failover.nodes.insert(
+            "node1".into(),
+            PromoteConfig {
+                method: PromoteMethod::Exec,
+                command: "echo cannot promote {node} on port {port}; exit 7".into(),
+                ..Default::default()
+            },
+        );
+        // Equal WAL positions: node1 would win on priority, and fails.
+        cfg.failover.priority.insert("node1".into(), 0);
+        cfg.failover.priority.insert("node2".into(), 1);
+    })?;
+    let client = proxy.connect("postgres", "pw").await?;
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node2", "{ev}");
+    let attempt = &ev["failed_attempts"][0];
+    assert_eq!(attempt["node"], "node1", "{ev}");
+    let why = attempt["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("exit status: 7") && why.contains("cannot promote node1"),
+        "{why}"
+    );
+    assert_eq!(ev["followers"][0]["node"], "node1", "{ev}");
+    assert_eq!(ev["followers"][0]["ok"], true, "{ev}");
+    let port: i32 = client
+        .query_one("insert into t (id) values (1) returning inet_server_port()", &[])
+        .await?
+        .get(0);
+    assert_eq!(port as u16, c.node(2).port());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_start_up_the_newest_timeline_wins_and_a_stale_primary_is_fenced() -> Result<()> {
+    support::bounded(restart_body()).await
+}
+
+async fn restart_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    // A failover dbproxy did not see (or a previous dbproxy run), then the old primary restarted.
+    c.node(0).kill9()?;
+    c.promote(1)?;
+    c.node(0).start()?;
+    assert_eq!(c.node(0).psql("select pg_is_in_recovery()")?, "f");
+    let proxy = proxy_for(&c, |_| {})?;
+    let s = proxy.status()?;
+    assert_eq!(s["primary"], 1, "{s}");
+    assert_eq!(s["nodes"][0]["fenced"], true, "{s}");
+    let client = proxy.connect("postgres", "pw").await?;
+    let port: i32 = client
+        .query_one("insert into t (id) values (1) returning inet_server_port()", &[])
+        .await?
+        .get(0);
+    assert_eq!(port as u16, c.node(1).port());
+    assert_eq!(c.node(0).psql("select count(*) from t")?, "0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn switchover_loses_no_write_and_attach_brings_the_old_primary_back() -> Result<()> {
+    support::bounded(switchover_body()).await
+}
+
+async fn switchover_body() -> Result<()> {
+    let c = cluster(2, false).await?;
+    let proxy = proxy_for(&c, |cfg| {
+        cfg.failover.rejoin.method = PromoteMethod::Exec;
+        cfg.failover.rejoin.command = "echo rejoining {node} to {primary} on port {primary_port}".into();
+        cfg.failover.rejoin.timeout = 30.0;
+    })?;
+    // Bad requests first.
+    assert_eq!(proxy.admin("POST", "/nodes/9/promote")?.0, 404);
+    assert_eq!(proxy.admin("GET", "/nodes/1/promote")?.0, 405);
+    let (code, body) = proxy.admin("POST", "/nodes/0/promote")?;
+    assert_eq!(code, 409, "{body}");
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!((code, body.trim()), (409, "node0 is the primary"));
+
+    let writers = Writers::start(&proxy, 3);
+    writers.wait_acked_after(Instant::now()).await?;
+    let (code, body) = tokio::task::spawn_blocking({
+        let addr = proxy.admin;
+        move || support::admin_request(addr, "POST", "/nodes/1/promote")
+    })
+    .await??;
+    assert_eq!(code, 200, "{body}");
+    let ev = wait_event(&proxy, "switchover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    assert_eq!(ev["followers"][0]["node"], "node2", "{ev}");
+    assert_eq!(ev["followers"][0]["ok"], true, "{ev}");
+    let switched = Instant::now();
+    writers.wait_acked_after(switched).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    // A planned switchover loses nothing, even with asynchronous replication.
+    assert_none_lost(&c, 1, &acked)?;
+    assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+
+    // Attaching a node that still is a primary fails and says why.
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 500, "{body}");
+    assert!(body.contains("not in recovery"), "{body}");
+    // Rebuilt as a standby of the new primary, it can be attached and takes reads again.
+    c.node(0).rebuild_as_standby(c.node(1))?;
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("rejoining node0 to node1 on port"), "{body}");
+    let s = node_status(&proxy, 0)?;
+    assert_eq!(s["fenced"], false, "{s}");
+    let ev = wait_event(&proxy, "attach", 2)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    wait_for("node0 up as a standby", DEADLINE, || {
+        let s = node_status(&proxy, 0)?;
+        Ok((s["status"] == "up" && s["role"] == "standby").then_some(()))
+    })?;
+    Ok(())
+}
