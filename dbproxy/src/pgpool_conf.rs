@@ -77,6 +77,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let mut health = Table::new();
     let mut limits = Table::new();
     let mut nodes: BTreeMap<u32, Table> = BTreeMap::new();
+    let mut data_dirs: BTreeMap<u32, String> = BTreeMap::new();
 
     for (key, (line, value)) in &entries {
         let line = *line;
@@ -116,6 +117,9 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
                         ));
                     }
                 }
+                "data_directory" if !value.is_empty() => {
+                    data_dirs.insert(n, value.clone());
+                }
                 "application_name" if !value.is_empty() => {
                     node.insert("name".into(), Value::String(value.clone()));
                 }
@@ -125,7 +129,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
                         match f.to_ascii_uppercase().as_str() {
                             "ALLOW_TO_FAILOVER" | "" => {}
                             "DISALLOW_TO_FAILOVER" | "ALWAYS_PRIMARY" => out.notes.push(format!(
-                                "line {line}: {key} = {f} is recorded but not enforced yet (failover is a later stage)"
+                                "line {line}: {key} = {f} is not enforced: dbproxy may promote any healthy standby (use failover.priority to order them)"
                             )),
                             _ => return Err(unsupported("unknown backend flag")),
                         }
@@ -191,7 +195,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
                 let secs: f64 = value.parse().map_err(|_| unsupported("not a number of seconds"))?;
                 let field = &key["health_check_".len()..];
                 if key == "health_check_period" && secs <= 0.0 {
-                    out.notes.push(format!("line {line}: health_check_period = 0 disables pgpool's checks; dbproxy always checks, every 2 s"));
+                    out.notes.push(format!("line {line}: health_check_period = 0 disables pgpool's checks; dbproxy always checks, every 1 s"));
                     continue;
                 }
                 if key == "health_check_timeout" && secs <= 0.0 {
@@ -268,6 +272,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
 
     // Backends, in pgpool's order; gaps in the numbering are kept as they are (node ids matter).
     let mut node_list = Vec::new();
+    let mut failover_nodes = Table::new();
     for (n, mut node) in nodes {
         if !node.contains_key("host") {
             return Err(PgpoolConfError::Syntax {
@@ -277,7 +282,42 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         }
         node.entry("name")
             .or_insert_with(|| Value::String(format!("node{n}")));
+        if let (Some(dir), Some(Value::String(name))) = (data_dirs.get(&n), node.get("name")) {
+            // Per-node promotion settings carry the data directory for %D / %R / {data_dir}.
+            let mut p = Table::new();
+            if let Some(cmd) = &out.failover_command {
+                p.insert("method".into(), Value::String("exec".into()));
+                p.insert("command".into(), Value::String(cmd.clone()));
+            }
+            p.insert("data_dir".into(), Value::String(dir.clone()));
+            failover_nodes.insert(name.clone(), Value::Table(p));
+        }
         node_list.push(Value::Table(node));
+    }
+    let mut failover = Table::new();
+    if let Some(cmd) = &out.failover_command {
+        let mut p = Table::new();
+        p.insert("method".into(), Value::String("exec".into()));
+        p.insert("command".into(), Value::String(cmd.clone()));
+        failover.insert("default".into(), Value::Table(p));
+        out.notes.push(
+            "failover_command runs as the promotion step when the primary fails, with pgpool's %-placeholders \
+             (not for standby failures, which only stop reads); set failover.default.method = \"sql\" to let \
+             dbproxy promote with pg_promote() instead"
+                .into(),
+        );
+    }
+    if !failover_nodes.is_empty() {
+        failover.insert("nodes".into(), Value::Table(failover_nodes));
+    }
+    if let Some(cmd) = &out.follow_primary_command {
+        out.notes.push(format!(
+            "follow_primary_command ({cmd}) is not run: dbproxy re-points the other standbys itself \
+             (failover.follow); a node it cannot re-point is rejoined with failover.rejoin"
+        ));
+    }
+    if !failover.is_empty() {
+        out.table.insert("failover".into(), Value::Table(failover));
     }
     if !node_list.is_empty() {
         out.table.insert("nodes".into(), Value::Array(node_list));
@@ -531,10 +571,14 @@ mod tests {
             .unwrap()
             .starts_with("/etc/pgpool-II/failover.sh %d"));
         assert_eq!(imp.follow_primary_command, None);
+        let f = &t["failover"];
+        assert_eq!(f["default"]["method"].as_str(), Some("exec"));
+        let n0 = &f["nodes"][t["nodes"][0]["name"].as_str().unwrap()];
+        assert_eq!(n0["data_dir"].as_str(), Some("/var/lib/postgresql/data"));
+        assert_eq!(n0["command"].as_str(), f["default"]["command"].as_str());
         for k in [
             "pcp_port",
             "max_pool",
-            "backend_data_directory0",
             "log_destination",
         ] {
             assert!(
