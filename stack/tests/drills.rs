@@ -1,7 +1,8 @@
 //! End-to-end drills on the local topology, every piece a real process: `stack::up` brings up
 //! PostgreSQL (primary + standby), dbproxy, two webapps, lb and the collector on free ports; the page
 //! is checked through lb; a webapp is killed and no GET fails; the collector's samples arrive
-//! through dbproxy; `down` stops it all.
+//! through dbproxy; the primary is killed and dbproxy fails over while samples keep arriving;
+//! `down` stops it all.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -47,7 +48,7 @@ impl Drop for Down {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_whole_topology_comes_up_and_survives_a_webapp_kill() {
+async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_kill() {
     let ports = Ports {
         lb: free_port(),
         lb_admin: free_port(),
@@ -120,12 +121,45 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Kill the primary: dbproxy promotes pg1, the collector's writes resume, the session opened
+    // above survives, and the page keeps working through lb.
+    let before: i64 = client
+        .query_one("select count(*) from samples", &[])
+        .await
+        .unwrap()
+        .get(0);
+    state.0.signal("pg0", Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, body) = http_get(ports.dbproxy_admin, "/status").await.unwrap_or_default();
+        if body.contains("\"kind\":\"failover\"") && body.contains("\"promoted\":\"pg1\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no failover to pg1: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let n: i64 = client
+            .query_one("select count(*) from samples", &[])
+            .await
+            .map(|r| r.get(0))
+            .unwrap_or(0);
+        if n >= before + 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no samples stored after the failover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (code, body) = http_get(ports.lb, "/").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("pg1"), "the page names the new primary: {body}");
+
     // Status lists everything; down stops everything.
     let running: Vec<_> = stack::status(&state.0)
         .into_iter()
         .filter(|(_, pid)| pid.is_some())
         .collect();
-    assert_eq!(running.len(), 6, "{running:?}");
-    assert_eq!(stack::down(&state.0), 6);
+    assert_eq!(running.len(), 5, "{running:?}");
+    assert_eq!(stack::down(&state.0), 5);
     assert!(stack::status(&state.0).iter().all(|(_, pid)| pid.is_none()));
 }
