@@ -3,14 +3,14 @@
 #   page     the page through lb on :8080 names the serving instance and the database node
 #   webapp   `docker kill` one webapp: zero failed GETs through lb; it comes back
 #   primary  `docker kill` the primary: writes through dbproxy resume and the page shows the standby
-#            as the primary (needs dbproxy's automatic failover)
+#            as the primary; the old primary, started again, stays fenced
 #   samples  the collector lost no sample: every sample it took is in the database exactly once
-# Usage: docker/drills.sh [DRILL...]   (default: page webapp samples; BUILD=0 skips the build,
+# Usage: docker/drills.sh [DRILL...]   (default: page webapp primary samples; BUILD=0 skips the build,
 #        KEEP=1 leaves the stack running). Prints one line per drill and exits non-zero on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drills=("$@")
-[ ${#drills[@]} -gt 0 ] || drills=(page webapp samples)
+[ ${#drills[@]} -gt 0 ] || drills=(page webapp primary samples)
 project=${PROJECT:-hastack-drill}
 if docker compose version >/dev/null 2>&1; then dc=(docker compose -p "$project"); else dc=(docker-compose -p "$project"); fi
 export COLLECTOR_INTERVAL=${COLLECTOR_INTERVAL:-2s} COLLECTOR_HOST=${COLLECTOR_HOST:-drill-host}
@@ -63,7 +63,14 @@ for drill in "${drills[@]}"; do
       resumed=$(( ($(date +%s%N) - killed) / 1000000 ))
       until_ok 30 sh -c "curl -fsS -m 2 http://127.0.0.1:8080/ | grep -q 'pg-standby.*primary'" \
         || fail "primary: the page does not show pg-standby as the primary"
-      say "primary: ok (writes resumed ${resumed} ms after the kill)"
+      # Bring the old primary back: it restarts as a primary on the old timeline, and dbproxy keeps
+      # it fenced (no traffic) while writes go on to pg-standby.
+      "${dc[@]}" start pg-primary >/dev/null 2>&1 || fail "primary: cannot restart pg-primary"
+      dbproxy_status() { docker exec "$("${dc[@]}" ps -q dbproxy)" curl -fsS -m 2 http://127.0.0.1:9930/status; }
+      fenced_up() { dbproxy_status | python3 -c 'import json,sys; n=json.load(sys.stdin)["nodes"][0]; sys.exit(0 if n["fenced"] and n["pg_status"]=="up" and n["pg_role"]=="primary" else 1)'; }
+      until_ok 60 fenced_up || fail "primary: the restarted pg-primary is not reported up and fenced"
+      psql_app -c "insert into drill_writes default values" >/dev/null || fail "primary: writes fail with the old primary back"
+      say "primary: ok (writes resumed ${resumed} ms after the kill; the restarted old primary is fenced)"
       ;;
     samples)
       taken=$(curl -fsS -m 3 "http://127.0.0.1:9101/metrics" 2>/dev/null | sed -n 's/^collector_samples_total \([0-9]*\)$/\1/p') || true

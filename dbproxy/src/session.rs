@@ -591,8 +591,8 @@ impl Session {
 
     /// The primary connection failed or was fenced while it held the session's request, its
     /// transaction, or state that cannot be rebuilt elsewhere (temporary tables, LISTEN,
-    /// advisory locks). An autocommit request gets an error saying its outcome is unknown and the
-    /// session goes on; otherwise the session ends with a class 08 error, never a hang.
+    /// advisory locks). An autocommit request gets an ERROR 08006 saying its outcome is unknown and
+    /// the session goes on; otherwise the session ends with a FATAL 08006, never a hang.
     async fn lost_primary(&mut self) -> Result<(), End> {
         let metrics = &self.shared.cluster.metrics;
         metrics.error("backend");
@@ -607,9 +607,9 @@ impl Session {
         if autocommit {
             perror::encode_error(
                 "ERROR",
-                "08007",
-                "the connection to the primary server was lost while the request ran; \
-                 whether it took effect is unknown",
+                "08006",
+                "server closed the connection unexpectedly while the request ran; whether it \
+                 took effect is unknown (the session goes on, on the primary in place then)",
                 &mut self.client.wbuf,
             );
             status::encode_ready(b'I', &mut self.client.wbuf);

@@ -145,13 +145,52 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
             _ => None,
         })
     };
-    let before = pid_of(victim.simple_query("select pg_backend_pid() /* victim */").await?);
+    let before = pid_of(
+        victim
+            .simple_query("select pg_backend_pid() /* victim */")
+            .await?,
+    );
     primary.psql(
         "select pg_terminate_backend(pid, 5000) from pg_stat_activity where query like '%victim%' \
          and pid <> pg_backend_pid()",
     )?;
-    let after = pid_of(victim.simple_query("select pg_backend_pid() /* victim */").await?);
-    assert!(before.is_some() && after.is_some() && before != after, "{before:?} {after:?}");
+    let after = pid_of(
+        victim
+            .simple_query("select pg_backend_pid() /* victim */")
+            .await?,
+    );
+    assert!(
+        before.is_some() && after.is_some() && before != after,
+        "{before:?} {after:?}"
+    );
+
+    // A backend that drops the connection while it runs the client's statement: 08006 to that
+    // client (the statement's outcome is unknown), and its session goes on.
+    let running = tokio::spawn({
+        let victim_sql = "select pg_sleep(30) /* dropped */";
+        let c = proxy.connect("postgres", "").await?;
+        async move {
+            let r = c.simple_query(victim_sql).await;
+            (c, r)
+        }
+    });
+    let active = "select count(*) from pg_stat_activity where query like '%dropped%' \
+                  and state = 'active' and pid <> pg_backend_pid()";
+    wait_for("the statement to start", DEADLINE, || {
+        Ok((primary.psql(active)? == "1").then_some(()))
+    })?;
+    primary.psql(
+        "select pg_terminate_backend(pid) from pg_stat_activity where query like '%dropped%' \
+         and pid <> pg_backend_pid()",
+    )?;
+    let (dropped, r) = running.await?;
+    let err = r.expect_err("the backend was dropped mid-statement");
+    assert_eq!(support::code(&err), "08006", "{err}");
+    assert_eq!(
+        dropped.simple_query("select 1").await?.len(),
+        3,
+        "the session goes on"
+    );
     assert_eq!(
         other.simple_query("select 1").await?.len(),
         3,

@@ -179,7 +179,7 @@ fn assert_none_lost(c: &PgCluster, i: usize, acked: &[i64]) -> Result<()> {
     Ok(())
 }
 
-/// Errors writers may see across a failover: the statement in flight (08007, or a closed session)
+/// Errors writers may see across a failover: the statement in flight (08006, or a closed session)
 /// and connections refused while there was no primary. Anything else is a bug.
 fn assert_clean_errors(errors: &BTreeMap<String, usize>) {
     for k in errors.keys() {
