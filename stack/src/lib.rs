@@ -33,6 +33,8 @@ pub struct Ports {
     pub webapp: u16,
     /// The first PostgreSQL server's port; the standbys follow.
     pub postgres: u16,
+    /// The collector's admin listener (`/metrics`, with `collector_samples_total`).
+    pub collector_admin: u16,
 }
 
 impl Default for Ports {
@@ -44,6 +46,7 @@ impl Default for Ports {
             dbproxy_admin: 9930,
             webapp: 8001,
             postgres: 15432,
+            collector_admin: 9101,
         }
     }
 }
@@ -157,8 +160,9 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     .await?;
 
     let collector = format!(
-        "database_url = \"{database_url}\"\nspool_file = \"{}\"\n",
-        state.root.join("collector.spool").display()
+        "database_url = \"{database_url}\"\nspool_file = \"{}\"\nadmin_listen = \"127.0.0.1:{}\"\n",
+        state.root.join("collector.spool").display(),
+        p.collector_admin
     );
     start_service(
         &state,

@@ -56,6 +56,7 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         dbproxy_admin: free_port(),
         webapp: free_pair(),
         postgres: free_pair(),
+        collector_admin: free_port(),
     };
     let state_dir = std::env::temp_dir().join(format!("stack-drill-{}", std::process::id()));
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
@@ -153,6 +154,30 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
     let (code, body) = http_get(ports.lb, "/").await.unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("pg1"), "the page names the new primary: {body}");
+
+    // The collector lost no sample across the failover: every sample it took is stored, once.
+    let (_, metrics) = http_get(ports.collector_admin, "/metrics").await.unwrap();
+    let taken: i64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("collector_samples_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no collector_samples_total in {metrics}"));
+    loop {
+        let row = client
+            .query_one("select count(*), count(distinct sampled_at) from samples", &[])
+            .await
+            .unwrap();
+        let (stored, distinct): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!(stored, distinct, "duplicate samples");
+        if stored >= taken {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{taken} samples taken, {stored} stored"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Status lists everything; down stops everything.
     let running: Vec<_> = stack::status(&state.0)
