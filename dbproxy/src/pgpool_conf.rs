@@ -576,11 +576,7 @@ mod tests {
         let n0 = &f["nodes"][t["nodes"][0]["name"].as_str().unwrap()];
         assert_eq!(n0["data_dir"].as_str(), Some("/var/lib/postgresql/data"));
         assert_eq!(n0["command"].as_str(), f["default"]["command"].as_str());
-        for k in [
-            "pcp_port",
-            "max_pool",
-            "log_destination",
-        ] {
+        for k in ["pcp_port", "max_pool", "log_destination"] {
             assert!(
                 imp.ignored.iter().any(|i| i.starts_with(k)),
                 "{k} should be reported: {:?}",
