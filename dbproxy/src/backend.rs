@@ -124,6 +124,12 @@ pub struct Backend {
     pub swallow_parse: usize,
     /// CloseComplete messages of injected Closes still to swallow.
     pub swallow_close: usize,
+    /// Responses of `pg_current_wal_lsn()` queries sent behind a write, still to read (their
+    /// value becomes the session's read-your-writes position).
+    pub capture_lsn: usize,
+    /// The frames arriving now answer such a query (from the end of the client's request until
+    /// their ReadyForQuery).
+    pub capturing: bool,
 }
 
 /// What a successful login produced besides the connection.
@@ -255,6 +261,8 @@ async fn connect_inner(
                         swallow_rfq: 0,
                         swallow_parse: 0,
                         swallow_close: 0,
+                        capture_lsn: 0,
+                        capturing: false,
                     },
                     greeting,
                 ))

@@ -439,11 +439,21 @@ impl Cluster {
         true
     }
 
+    /// Whether standby `i` has replayed WAL up to `lsn`, as its last health check saw.
+    pub fn replayed(&self, i: usize, lsn: u64) -> bool {
+        self.nodes[i]
+            .status
+            .lock()
+            .expect("status poisoned")
+            .lsn
+            .is_some_and(|l| l >= lsn)
+    }
+
     /// Picks a standby for a new session connection by smooth weighted round robin among the
-    /// eligible ones; `None` when none qualifies.
-    pub fn pick_standby(&self) -> Option<usize> {
+    /// eligible ones that have replayed up to `min_lsn` (when given); `None` when none qualifies.
+    pub fn pick_standby(&self, min_lsn: Option<u64>) -> Option<usize> {
         let candidates: Vec<(usize, u32)> = (0..self.nodes.len())
-            .filter(|&i| self.eligible(i))
+            .filter(|&i| self.eligible(i) && min_lsn.is_none_or(|l| self.replayed(i, l)))
             .map(|i| (i, self.nodes[i].config.weight))
             .collect();
         let mut cur = self.wrr.lock().expect("wrr poisoned");
@@ -534,10 +544,10 @@ mod tests {
         assert!(c.eligible(1));
         assert!(!c.eligible(2), "weight 0 is never balanced to");
         c.update(3, |s| s.healthy = false);
-        let picks: Vec<_> = (0..3).map(|_| c.pick_standby()).collect();
+        let picks: Vec<_> = (0..3).map(|_| c.pick_standby(None)).collect();
         assert_eq!(picks, vec![Some(1); 3]);
         c.update(1, |s| s.healthy = false);
-        assert_eq!(c.pick_standby(), None);
+        assert_eq!(c.pick_standby(None), None);
     }
 
     #[test]

@@ -249,6 +249,10 @@ pub struct RoutingConfig {
     pub fallback_to_primary: bool,
     /// Milliseconds after a session's write during which its reads go to the primary (0 = off).
     pub read_your_writes: u64,
+    /// After a session's write, its reads go to the primary until a standby has replayed that
+    /// write's WAL position (as the health checks last saw it). Costs one extra statement,
+    /// pipelined behind each write, to learn the position.
+    pub read_your_writes_by_lsn: bool,
     /// Functions known not to write, so statements calling them may go to a standby.
     pub read_only_functions: Vec<String>,
 }
@@ -262,6 +266,7 @@ impl Default for RoutingConfig {
             max_replica_lag_ms: 0,
             fallback_to_primary: true,
             read_your_writes: 0,
+            read_your_writes_by_lsn: false,
             read_only_functions: Vec::new(),
         }
     }

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use crate::auth::{self, AuthError, Credentials, Hba, ScramServer};
 use crate::backend::{self, Backend, BackendError, Conn};
 use crate::classify::{Classifier, Target, TxCommand};
-use crate::cluster::{Cluster, Decision, Role};
+use crate::cluster::{parse_lsn, Cluster, Decision, Role};
 use crate::config::{secs, AuthMethod, Config, WriteStickiness};
 use crate::protocol::{self, auth as pauth, error as perror, extended, simple, status, Frame, Startup};
 
@@ -424,6 +424,11 @@ struct Session {
     wrote: bool,
     /// When it last wrote (for read-your-writes).
     last_write: Option<Instant>,
+    /// The primary's WAL position after the session's last write (read-your-writes by LSN):
+    /// reads go only to standbys that have replayed it.
+    write_lsn: Option<u64>,
+    /// The request being dispatched wrote: learn the WAL position behind it.
+    capture_next: bool,
     stmts: HashMap<String, Stmt>,
     /// Session-level SET statements in order, applied to each backend before its next use.
     sets: Vec<String>,
@@ -477,6 +482,17 @@ fn forgets_prepared(sql: &str) -> bool {
     starts(b"deallocate") || starts(b"discard")
 }
 
+/// The first column of a DataRow as text (`None` when NULL or malformed).
+fn first_text_column(body: &[u8]) -> Option<&str> {
+    let n = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    if n < 1 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    let len = usize::try_from(len).ok()?;
+    std::str::from_utf8(body.get(6..6 + len)?).ok()
+}
+
 /// Whether an ErrorResponse ends the connection (FATAL or PANIC).
 fn is_fatal(f: &Frame) -> bool {
     matches!(perror::field(f.body(), b'S'), Some("FATAL" | "PANIC"))
@@ -506,6 +522,8 @@ impl Session {
             pinned: false,
             wrote: false,
             last_write: None,
+            write_lsn: None,
+            capture_next: false,
             stmts: HashMap::new(),
             sets: Vec::new(),
             batch: Vec::new(),
@@ -839,6 +857,10 @@ impl Session {
         mode: Mode,
         set: Option<String>,
     ) -> Result<(), End> {
+        let unreplayed = match self.write_lsn {
+            Some(l) if standby_ok && self.cur.is_none() && self.tx == b'I' => !self.some_standby_replayed(l),
+            _ => false,
+        };
         let routing = &self.shared.config.routing;
         let metrics = &self.shared.cluster.metrics;
         let target = if let Some(c) = self.cur {
@@ -855,6 +877,7 @@ impl Session {
             Which::Primary
         } else if !routing.load_balance
             || self.pinned
+            || unreplayed
             || (routing.disable_load_balance_on_write == WriteStickiness::Always && self.wrote)
             || (routing.read_your_writes > 0
                 && self
@@ -872,19 +895,41 @@ impl Session {
                 self.last_write = Some(Instant::now());
             }
         }
+        // A write, or a statement of a transaction that may commit one: learn the WAL position.
+        self.capture_next = routing.read_your_writes_by_lsn
+            && target == Which::Primary
+            && mode == Mode::Sync
+            && (writes || self.tx != b'I');
         self.dispatch(target, frames, mode, set).await
+    }
+
+    /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,
+    /// the session stops checking.
+    fn some_standby_replayed(&mut self, lsn: u64) -> bool {
+        let cluster = &self.shared.cluster;
+        let eligible: Vec<usize> = (0..cluster.nodes.len())
+            .filter(|&i| cluster.eligible(i))
+            .collect();
+        let replayed = eligible.iter().filter(|&&i| cluster.replayed(i, lsn)).count();
+        if replayed > 0 && replayed == eligible.len() {
+            self.write_lsn = None;
+        }
+        replayed > 0
     }
 
     /// Makes sure a usable standby connection exists; false when none can be had.
     async fn ensure_standby(&mut self) -> bool {
         let cluster = self.shared.cluster.clone();
+        let min_lsn = self.write_lsn;
         if let Some(b) = &self.standby {
-            if self.tx_on_standby || cluster.eligible(b.node) {
+            if self.tx_on_standby
+                || (cluster.eligible(b.node) && min_lsn.is_none_or(|l| cluster.replayed(b.node, l)))
+            {
                 return true;
             }
             self.standby = None;
         }
-        let Some(i) = cluster.pick_standby() else {
+        let Some(i) = cluster.pick_standby(min_lsn) else {
             return false;
         };
         let node = &cluster.nodes[i].config;
@@ -1054,6 +1099,10 @@ impl Session {
             }
             wbuf.put_slice(f.raw());
         }
+        if std::mem::take(&mut self.capture_next) && target == Which::Primary && mode == Mode::Sync {
+            simple::encode_query("select pg_current_wal_lsn()::text", wbuf);
+            b.capture_lsn += 1;
+        }
         new_sets.extend(set);
         if !new_sets.is_empty() {
             self.sets.extend(new_sets);
@@ -1149,6 +1198,24 @@ impl Session {
     fn on_backend_frame(&mut self, w: Which, f: Frame) {
         let tag = f.tag();
         let in_cycle = self.cur == Some(w);
+        if self.backend(w).is_some_and(|b| b.capturing) {
+            // The answer to the `pg_current_wal_lsn()` sent behind the client's last write.
+            match tag {
+                b'D' => {
+                    if let Some(lsn) = first_text_column(f.body()).and_then(parse_lsn) {
+                        self.write_lsn = Some(self.write_lsn.map_or(lsn, |l| l.max(lsn)));
+                    }
+                }
+                b'Z' => {
+                    if let Some(b) = self.backend(w) {
+                        b.capturing = false;
+                        b.capture_lsn = b.capture_lsn.saturating_sub(1);
+                    }
+                }
+                _ => {}
+            }
+            return;
+        }
         if let Some(b) = self.backend(w) {
             if b.swallow_rfq > 0 {
                 match tag {
@@ -1248,6 +1315,10 @@ impl Session {
                 self.cur = None;
                 self.copy = Copy::Off;
                 *self.cancel.lock().expect("slot poisoned") = None;
+                if let Some(b) = self.backend(w) {
+                    // A WAL-position query sent behind this request answers next.
+                    b.capturing = b.capture_lsn > 0;
+                }
             }
             b'G' => self.copy = Copy::In,
             _ => {}

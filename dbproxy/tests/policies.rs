@@ -1,5 +1,6 @@
-//! Routing policies on a primary and two standbys: weight 0, write stickiness, read-your-writes,
-//! the replication-lag limit, LISTEN/NOTIFY, the idle timeout and the connection limit.
+//! Routing policies on a primary and two standbys: weight 0, write stickiness, read-your-writes
+//! (by time window and by WAL position), the replication-lag limit, LISTEN/NOTIFY, the idle
+//! timeout and the connection limit.
 
 mod support;
 
@@ -103,6 +104,38 @@ async fn weights_stickiness_lag_notify_and_limits_body() -> Result<()> {
         })?;
         Ok(())
     })?;
+
+    // Read-your-writes by WAL position: while node1 does not replay, a session that wrote reads
+    // from the primary (others still read from node1); once node1 has replayed the write, the
+    // session's reads return to it.
+    let mut config = config_for(&cluster, Some("pw"));
+    config.nodes[2].weight = 0;
+    config.routing.read_your_writes_by_lsn = true;
+    let by_lsn = Proxy::start(config)?;
+    let c = by_lsn.connect("postgres", "pw").await?;
+    assert_eq!(port(&c).await?, s1);
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+    c.batch_execute("insert into w values (2)").await?;
+    let other = by_lsn.connect("postgres", "pw").await?;
+    for _ in 0..5 {
+        assert_eq!(port(&c).await?, pp, "the write is not replayed on node1 yet");
+        assert_eq!(
+            port(&other).await?,
+            s1,
+            "a session that did not write reads from node1"
+        );
+        // Health checks run every 0.2 s meanwhile: node1's position stays behind the write.
+        tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_sleep(0.1)"))?;
+    }
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while port(&c).await? != s1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reads never returned to node1"
+        );
+        tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_sleep(0.05)"))?;
+    }
 
     // The idle-session timeout closes a silent client with 57P05.
     let mut config = config_for(&cluster, Some("pw"));
