@@ -329,6 +329,8 @@ async fn connect_primary(
         tokio::select! {
             Ok(()) = watch.changed() => {}
             _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
+            // Shutting down: no point waiting for a primary any more.
+            _ = shared.shutdown.cancelled() => return Err(last),
         }
     }
 }

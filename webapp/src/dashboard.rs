@@ -372,6 +372,10 @@ impl EventLog {
         if merged.dbproxy == Some(false) {
             merged.primary = prev.primary;
             merged.db_nodes = prev.db_nodes;
+        } else if merged.primary.is_none() {
+            // No primary elected for a moment (a switchover or failover in progress): remember
+            // the last one, so that the change shows as `node 0 → node 1` once it is done.
+            merged.primary = prev.primary;
         }
         if merged.lb == Some(false) {
             merged.servers = prev.servers;
@@ -487,6 +491,20 @@ mod tests {
             log.observe(10 + i, Summary::of(None, Some(&s)));
         }
         assert_eq!(log.recent.len(), MAX_EVENTS);
+    }
+
+    #[test]
+    fn a_moment_without_a_primary_does_not_hide_the_change() {
+        let status = |p: serde_json::Value| {
+            source(serde_json::json!({"primary": p, "nodes": [
+                {"node_id": "0", "role": "primary", "status": "up"}]}))
+        };
+        let mut log = EventLog::default();
+        log.observe(1, Summary::of(None, Some(&status(serde_json::json!(0)))));
+        log.observe(2, Summary::of(None, Some(&status(serde_json::Value::Null))));
+        log.observe(3, Summary::of(None, Some(&status(serde_json::json!(1)))));
+        let msgs: Vec<_> = log.recent.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(msgs, ["primary changed: node 0 → node 1"]);
     }
 
     #[test]

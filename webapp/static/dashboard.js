@@ -171,8 +171,8 @@
       .then(function () { button.disabled = false; });
   }
 
-  // Events: the webapp's own record of changes (snap.events, the same for every viewer), events
-  // dbproxy reports itself (if its status carries any), and this page's own actions.
+  // Events: the webapp's own record of changes (snap.events, the same for every viewer), dbproxy's
+  // own history of failovers, switchovers and re-attachments, and this page's own actions.
   var localEvents = [];
   function addEvent(what) {
     localEvents.push({ at: Date.now(), message: what });
@@ -188,10 +188,19 @@
     });
     var dp = source(snap, "dbproxy");
     if (dp) {
-      arr(dp.status.events).forEach(function (e0) {
+      // dbproxy's /status `history`: failovers, switchovers and re-attachments.
+      arr(dp.status.history).forEach(function (e0) {
         var e = obj(e0);
-        var at = typeof e.at === "number" ? e.at : Date.parse(str(e.at || e.time)) || 0;
-        all.push({ at: at, message: "dbproxy: " + str(e.message || e.event || e.kind || e0) });
+        var when = obj(e.resumed || e.finished || e.detected || e.started);
+        var at = typeof when.ms === "number" ? when.ms : 0;
+        var what = str(e.kind);
+        if (e.kind === "attach") {
+          what += " " + str(e.node);
+        } else {
+          what += " " + str(e.failed) + " → " + (e.promoted ? str(e.promoted) : "nobody");
+        }
+        if (e.error) what += " (failed: " + str(e.error) + ")";
+        all.push({ at: at, message: "dbproxy: " + what });
       });
     }
     all = all.concat(localEvents);
