@@ -434,6 +434,11 @@ struct Session {
     stmts: HashMap<String, Stmt>,
     /// Session-level SET statements in order, applied to each backend before its next use.
     sets: Vec<String>,
+    /// SET statements run inside the open transaction: they join `sets` if it commits and are
+    /// forgotten if it rolls back, as PostgreSQL itself undoes them.
+    tx_sets: Vec<String>,
+    /// The last CommandComplete of the current request was COMMIT.
+    committed: bool,
     /// Extended-protocol messages waiting for Sync or Flush.
     batch: Vec<Frame>,
     /// Every statement of `batch` surely only reads.
@@ -528,6 +533,8 @@ impl Session {
             capture_next: false,
             stmts: HashMap::new(),
             sets: Vec::new(),
+            tx_sets: Vec::new(),
+            committed: false,
             batch: Vec::new(),
             batch_ok: true,
             cur: None,
@@ -1106,7 +1113,9 @@ impl Session {
             b.capture_lsn += 1;
         }
         new_sets.extend(set);
-        if !new_sets.is_empty() {
+        if !new_sets.is_empty() && self.tx != b'I' {
+            self.tx_sets.extend(new_sets);
+        } else if !new_sets.is_empty() {
             self.sets.extend(new_sets);
             if self.sets.len() > MAX_SETS {
                 self.pinned = true;
@@ -1309,8 +1318,28 @@ impl Session {
             }
         }
         match tag {
+            b'C' => self.committed = f.body().starts_with(b"COMMIT"),
             b'Z' => {
                 let s = status::ready_status(f.body()).unwrap_or(b'I');
+                if s == b'I' && !self.tx_sets.is_empty() {
+                    let sets = std::mem::take(&mut self.tx_sets);
+                    if self.committed {
+                        // The backend that ran the transaction has them already.
+                        let before = self.sets.len();
+                        let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
+                        self.sets.extend(sets);
+                        if self.sets.len() > MAX_SETS {
+                            self.pinned = true;
+                        }
+                        if applied {
+                            let n = self.sets.len();
+                            if let Some(b) = self.backend(w) {
+                                b.sets_applied = n;
+                            }
+                        }
+                    }
+                }
+                self.committed = false;
                 self.tx = s;
                 self.tx_on_standby = w == Which::Standby && s != b'I';
                 self.awaiting = false;

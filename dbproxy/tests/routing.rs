@@ -106,6 +106,39 @@ async fn reads_go_to_the_standby_and_everything_else_to_the_primary_body() -> Re
         Some(format!("7MB:{sp}")),
         "the standby has the session's setting"
     );
+    // A SET inside a transaction that rolls back is undone everywhere; one that commits holds.
+    let setting = |sql: &'static str| {
+        let c = &c;
+        async move {
+            let rows = c.simple_query(sql).await?;
+            anyhow::Ok(rows.iter().find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            }))
+        }
+    };
+    c.batch_execute("begin").await?;
+    c.batch_execute("set work_mem = '9MB'").await?;
+    c.batch_execute("rollback").await?;
+    assert_eq!(
+        setting("select current_setting('work_mem') || ':' || inet_server_port()").await?,
+        Some(format!("7MB:{sp}")),
+        "a rolled-back SET does not reach the standby"
+    );
+    c.batch_execute("begin").await?;
+    c.batch_execute("set work_mem = '11MB'").await?;
+    c.batch_execute("commit").await?;
+    assert_eq!(
+        setting("select current_setting('work_mem') || ':' || inet_server_port()").await?,
+        Some(format!("11MB:{sp}")),
+        "a committed SET reaches the standby"
+    );
+    assert_eq!(
+        setting("select current_setting('work_mem') || ':' || inet_server_port() from t for update limit 1")
+            .await?,
+        Some(format!("11MB:{pp}")),
+        "and stays on the primary"
+    );
 
     // A temporary table pins the session to the primary; the statement prepared on the standby
     // is then prepared lazily on the primary.
