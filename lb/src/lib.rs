@@ -21,6 +21,7 @@
 pub mod access;
 pub mod body;
 pub mod config;
+mod fast;
 pub mod health;
 pub mod metrics;
 pub mod nginx_conf;
@@ -69,6 +70,20 @@ pub struct Runtime {
     /// The resolved servers and selector.
     pub upstream: Upstream,
     client: UpClient,
+}
+
+#[cfg(test)]
+impl Runtime {
+    /// A runtime for unit tests (servers resolved, nothing started).
+    pub(crate) fn for_tests(config: Config) -> Runtime {
+        let upstream = Upstream::build(&config, None).expect("test upstream");
+        let client = build_client(&config);
+        Runtime {
+            config,
+            upstream,
+            client,
+        }
+    }
 }
 
 /// State shared by every connection.

@@ -6,13 +6,20 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, BytesMut};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::fast::Outcome;
 use crate::Shared;
 
 /// Per-connection state the request handler and the idle watchdog share.
@@ -48,6 +55,12 @@ impl ConnCtx {
     fn touch(&self) {
         self.last_activity_ms
             .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Records that the fast path served a request (the hyper path's idle rules then apply).
+    pub fn mark_request(&self) {
+        self.seen_request.store(true, Ordering::Relaxed);
+        self.touch();
     }
 
     /// Records the start of a request; the returned guard records its end.
@@ -129,9 +142,79 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream, ctx: Arc<ConnCtx>, shutdown: CancellationToken) {
+async fn connection(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    ctx: Arc<ConnCtx>,
+    shutdown: CancellationToken,
+) {
     let gauge = shared.metrics.active_connections.clone();
     gauge.inc();
+    let outcome = tokio::select! {
+        o = crate::fast::serve(&shared, &ctx, &mut stream, &shutdown) => o,
+        _ = ctx.hard.cancelled() => Outcome::Closed,
+    };
+    if let Outcome::Fallback(prefix) = outcome {
+        let io = Prefixed {
+            prefix,
+            inner: stream,
+        };
+        serve_hyper(&shared, io, &ctx, &shutdown).await;
+    }
+    gauge.dec();
+}
+
+/// A client stream with bytes already read from it in front (the fast path's leftovers).
+struct Prefixed {
+    prefix: BytesMut,
+    inner: TcpStream,
+}
+
+impl AsyncRead for Prefixed {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Prefixed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Serves the rest of a connection with hyper (HTTP/1.1 with bodies and upgrades, and h2c).
+async fn serve_hyper(
+    shared: &Arc<Shared>,
+    stream: Prefixed,
+    ctx: &Arc<ConnCtx>,
+    shutdown: &CancellationToken,
+) {
     let (header_read, client_idle, max_header) = {
         let rt = shared.runtime.load();
         let c = &rt.config;
@@ -195,5 +278,4 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, ctx: Arc<ConnCtx>, s
             }
         }
     }
-    gauge.dec();
 }

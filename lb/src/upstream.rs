@@ -203,6 +203,19 @@ pub struct Server {
     /// When the server last came back, for slow start.
     recovered_at: Mutex<Option<Instant>>,
     epoch: Instant,
+    /// Idle keep-alive connections of the fast path, newest last.
+    idle: Mutex<Vec<Pooled>>,
+}
+
+/// An idle upstream connection and its read buffer.
+#[derive(Debug)]
+pub(crate) struct Pooled {
+    /// The connection.
+    pub stream: tokio::net::TcpStream,
+    /// Its read buffer (kept with the connection, so client connections need none of their own).
+    pub buf: bytes::BytesMut,
+    /// When it went idle.
+    pub idle_since: Instant,
 }
 
 impl Server {
@@ -222,7 +235,43 @@ impl Server {
             passive: Passive::default(),
             recovered_at: Mutex::new(None),
             epoch: Instant::now(),
+            idle: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Takes the newest idle connection that is neither older than `max_idle` nor closed or
+    /// spoken to by the upstream while idle. The lock is held only to pop; the checks and the
+    /// closing of stale connections happen outside it.
+    pub(crate) fn pool_take(&self, max_idle: Duration, now: Instant) -> Option<Pooled> {
+        loop {
+            let mut c = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            if now.saturating_duration_since(c.idle_since) > max_idle {
+                // The rest are older still.
+                let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+                drop(stale);
+                return None;
+            }
+            // Idle, the upstream has nothing to say: anything readable is a close or junk.
+            c.buf.clear();
+            c.buf.reserve(4096);
+            match c.stream.try_read_buf(&mut c.buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(c),
+                _ => continue,
+            }
+        }
+    }
+
+    /// Returns a connection to the idle list, keeping at most `cap` (the oldest goes first).
+    pub(crate) fn pool_put(&self, conn: Pooled, cap: usize) {
+        if cap == 0 {
+            return;
+        }
+        let evicted = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.push(conn);
+            (idle.len() > cap).then(|| idle.remove(0))
+        };
+        drop(evicted);
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
