@@ -41,11 +41,78 @@ pub enum BackendError {
     NoPrimary,
 }
 
+/// A client or backend socket: plain TCP, or TLS once a client asked for it with SSLRequest.
+#[derive(Debug)]
+pub enum Stream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// TLS over TCP (client side only).
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// Between the two, during the handshake (never read or written).
+    Upgrading,
+}
+
+impl Stream {
+    fn gone() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::NotConnected, "connection is being upgraded")
+    }
+}
+
+impl tokio::io::AsyncRead for Stream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Stream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
+        }
+    }
+}
+
 /// A socket with a read buffer and a write buffer, decoding whole frames.
 #[derive(Debug)]
 pub struct Conn {
     /// The socket.
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes read but not yet decoded.
     pub rbuf: BytesMut,
     /// Bytes to write on the next [`Conn::flush`].
@@ -59,7 +126,7 @@ impl Conn {
     pub fn new(stream: TcpStream, max: usize) -> Conn {
         let _ = stream.set_nodelay(true);
         Conn {
-            stream,
+            stream: Stream::Plain(stream),
             rbuf: BytesMut::with_capacity(16 * 1024),
             wbuf: BytesMut::with_capacity(16 * 1024),
             max,
@@ -96,7 +163,21 @@ impl Conn {
         if !self.wbuf.is_empty() {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+            if matches!(self.stream, Stream::Tls(_)) {
+                // TLS buffers records: push them out.
+                self.stream.flush().await?;
+            }
         }
+        Ok(())
+    }
+
+    /// Runs the server side of a TLS handshake on this (plain) connection and continues over TLS.
+    pub async fn accept_tls(&mut self, acceptor: &tokio_rustls::TlsAcceptor) -> std::io::Result<()> {
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Upgrading) else {
+            return Err(Stream::gone());
+        };
+        let tls = acceptor.accept(tcp).await?;
+        self.stream = Stream::Tls(Box::new(tls));
         Ok(())
     }
 }

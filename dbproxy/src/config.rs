@@ -31,6 +31,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Automatic failover, fencing, rejoining and switchover.
     pub failover: crate::failover::FailoverConfig,
+    /// TLS for client connections.
+    pub tls: TlsConfig,
 }
 
 impl Default for Config {
@@ -45,6 +47,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             limits: LimitsConfig::default(),
             failover: crate::failover::FailoverConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -90,6 +93,19 @@ impl Config {
             ..Config::default()
         }
     }
+}
+
+/// TLS for client connections (the answer to a client's SSLRequest). Connections to the
+/// PostgreSQL servers stay in clear text.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate (and its chain); TLS is off while empty.
+    pub cert_file: String,
+    /// PEM file with the certificate's private key.
+    pub key_file: String,
+    /// Refuse clients that do not use TLS (as `hostssl`-only pg_hba.conf rules do).
+    pub require: bool,
 }
 
 /// One PostgreSQL server.
@@ -446,6 +462,19 @@ impl common::Validate for Config {
             return Err(ConfigError::invalid("health.fall", "must be at least 1"));
         }
         self.failover.validate(&self.nodes)?;
+        let t = &self.tls;
+        if t.cert_file.is_empty() != t.key_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "tls",
+                "set both cert_file and key_file, or neither",
+            ));
+        }
+        if t.require && t.cert_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "tls.require",
+                "needs tls.cert_file and tls.key_file",
+            ));
+        }
         let l = &self.limits;
         if l.max_message_size < 1024 || l.max_message_size > 1 << 30 {
             return Err(ConfigError::invalid(

@@ -19,6 +19,7 @@ pub mod pgpool_conf;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{run, run_with, run_with_admin, RunError};

@@ -29,6 +29,9 @@ pub enum RunError {
     /// A configured password source could not be read.
     #[error("{0}")]
     Credentials(#[from] auth::AuthError),
+    /// The TLS certificate or key cannot be used.
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// A listener could not be bound.
     #[error("cannot bind {addr}")]
     Bind {
@@ -166,6 +169,7 @@ fn generation(
     shutdown: &Shutdown,
 ) -> Result<Shared, RunError> {
     Ok(Shared {
+        tls: crate::tls::acceptor(&config.tls)?,
         users: auth::resolve_users(&config.users)?,
         hba: Hba::new(&config.hba),
         classifier: Classifier::new(&config.routing.read_only_functions),

@@ -45,6 +45,8 @@ pub struct Shared {
     pub cancels: Arc<CancelMap>,
     /// Cancelled at shutdown: idle sessions then end, busy ones once their transaction ends.
     pub shutdown: common::Shutdown,
+    /// TLS for clients that ask for it (`None`: answered `N`).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Why a session ends (already reported to the client where that makes sense).
@@ -142,6 +144,7 @@ async fn read_password(client: &mut Conn) -> Result<Option<Frame>, End> {
 /// cancel request, a client that left, or an error already sent).
 async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<Option<Login>, End> {
     let metrics = &shared.cluster.metrics;
+    let mut encrypted = false;
     let params = loop {
         match protocol::decode_startup(&mut client.rbuf) {
             Err(e) => {
@@ -149,8 +152,26 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
                 fatal(client, e.sqlstate(), &e.to_string()).await;
                 return Err(End);
             }
+            Ok(Some(Startup::Ssl)) if shared.tls.is_some() && !encrypted => {
+                if !client.rbuf.is_empty() {
+                    // Bytes sent before the handshake could be injected by a man in the middle
+                    // (CVE-2021-23214): PostgreSQL refuses them too.
+                    metrics.error("protocol");
+                    fatal(client, "08P01", "received unencrypted data after SSL request").await;
+                    return Err(End);
+                }
+                client.stream.write_all(b"S").await.map_err(|_| End)?;
+                let acceptor = shared.tls.as_ref().expect("checked above");
+                if let Err(e) = client.accept_tls(acceptor).await {
+                    metrics.error("protocol");
+                    tracing::info!(%ip, error = %e, "TLS handshake failed");
+                    return Err(End);
+                }
+                encrypted = true;
+            }
             Ok(Some(Startup::Ssl | Startup::GssEnc)) => {
-                // No TLS yet: refuse encryption; a libpq client then carries on in clear text.
+                // No TLS configured (or already encrypted), no GSSAPI: refuse; a libpq client then
+                // carries on in clear text, or gives up if it requires encryption.
                 client.stream.write_all(b"N").await.map_err(|_| End)?;
             }
             Ok(Some(Startup::Cancel { pid, key })) => {
@@ -187,13 +208,23 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
+    if shared.config.tls.require && !encrypted {
+        metrics.error("auth");
+        let msg = format!(
+            "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", {}",
+            encryption(encrypted)
+        );
+        fatal(client, "28000", &msg).await;
+        return Err(End);
+    }
     let creds = shared.users.get(&user);
     let method = match shared.hba.method(&user, &database, ip) {
         Some(m) => m,
         None => {
             metrics.error("auth");
             let msg = format!(
-                "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+                "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", {}",
+                encryption(encrypted)
             );
             fatal(client, "28000", &msg).await;
             return Err(End);
@@ -204,7 +235,7 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
         AuthMethod::Reject => {
             metrics.error("auth");
             let msg = format!(
-                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", no encryption"
+                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {}", encryption(encrypted)
             );
             fatal(client, "28000", &msg).await;
             return Err(End);
@@ -498,6 +529,15 @@ fn first_text_column(body: &[u8]) -> Option<&str> {
     let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
     let len = usize::try_from(len).ok()?;
     std::str::from_utf8(body.get(6..6 + len)?).ok()
+}
+
+/// How pg_hba.conf messages name the connection's encryption.
+fn encryption(encrypted: bool) -> &'static str {
+    if encrypted {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    }
 }
 
 /// Whether an ErrorResponse ends the connection (FATAL or PANIC).
