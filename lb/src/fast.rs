@@ -755,17 +755,25 @@ pub(crate) async fn serve(
             }
             let wait_until = head_deadline
                 .unwrap_or_else(|| Instant::now() + if seen { client_idle } else { header_read });
-            if buf.capacity() - buf.len() < 1024 {
-                buf.reserve(READ_CHUNK);
-            }
             tokio::select! {
                 biased;
-                r = stream.read_buf(&mut buf) => match r {
-                    Ok(0) | Err(_) => return Outcome::Closed,
-                    Ok(_) => {
-                        head_deadline.get_or_insert_with(|| Instant::now() + header_read);
+                // Wait for readiness before taking a buffer: idle keep-alive connections hold none.
+                r = stream.readable() => {
+                    if r.is_err() {
+                        return Outcome::Closed;
                     }
-                },
+                    if buf.capacity() - buf.len() < 1024 {
+                        buf.reserve(READ_CHUNK);
+                    }
+                    match stream.try_read_buf(&mut buf) {
+                        Ok(0) => return Outcome::Closed,
+                        Ok(_) => {
+                            head_deadline.get_or_insert_with(|| Instant::now() + header_read);
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Outcome::Closed,
+                    }
+                }
                 _ = shutdown.cancelled(), if buf.is_empty() => return Outcome::Closed,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     tracing::debug!(peer = %ctx.peer, "no complete request head in time: closing");
@@ -779,8 +787,8 @@ pub(crate) async fn serve(
             return Outcome::Fallback(buf);
         };
         buf.advance(head_len);
-        if buf.is_empty() && buf.capacity() > 4 * READ_CHUNK {
-            // A large head grew the buffer; do not keep it for an idle connection.
+        if buf.is_empty() {
+            // Nothing pipelined: an idle connection keeps no read buffer.
             buf = BytesMut::new();
         }
         seen = true;

@@ -7,16 +7,20 @@
 //!
 //! Map: `config` (TOML, nginx-style durations) and `nginx_conf` (`--nginx-conf` → a config table)
 //! feed `upstream` (resolved servers with live state: passive fails, active health, slow start,
-//! in-flight counts) whose `select/` algorithms are pure and pick an index only. `server` accepts
-//! and runs each connection (limits, idle/header timeouts, drain); `proxy` handles one request
-//! (headers, tries, upgrades); `body` keeps a request body replayable until first sent and times
-//! out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
+//! in-flight counts, and each server's pool of idle upstream connections) whose `select/`
+//! algorithms are pure and pick an index only. `server` accepts and runs each connection (limits,
+//! idle/header timeouts, drain): `fast` serves plain bodiless HTTP/1.1 requests (GET, HEAD,
+//! OPTIONS, DELETE) itself with httparse over the servers' pools, relaying the response framing
+//! byte for byte, and hands the connection to hyper at the first request it does not take (a
+//! body, an upgrade, HTTP/1.0, h2c); on that path `proxy` handles one request (headers, tries,
+//! upgrades) with hyper-util's client; `body` keeps a request body replayable until first sent
+//! and times out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
-//! `limits.max_connections` change only on restart; for
-//! HTTP/1.1 an idle keep-alive connection is closed after `min(header_read, client_idle)` because
-//! hyper's header timer also runs while waiting for the next request.
+//! `limits.max_connections` change only on restart; once a connection is on the hyper path, an
+//! idle keep-alive connection is closed after `min(header_read, client_idle)` because hyper's
+//! header timer also runs while waiting for the next request (the fast path waits `client_idle`).
 
 pub mod access;
 pub mod body;
