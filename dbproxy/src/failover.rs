@@ -160,6 +160,17 @@ impl Default for FailoverConfig {
     }
 }
 
+impl PromoteConfig {
+    /// `{container}` for node `name`: the configured container, else the node's name.
+    pub fn container_of(&self, name: &str) -> String {
+        if self.container.is_empty() {
+            name.to_string()
+        } else {
+            self.container.clone()
+        }
+    }
+}
+
 impl FailoverConfig {
     /// The promotion settings for `node`.
     pub fn promote_for(&self, node: &str) -> &PromoteConfig {
@@ -694,18 +705,34 @@ pub async fn wait_replayed(
     cred: &Credentials,
     limit: Duration,
 ) -> Result<(), FailoverError> {
+    let sql = "select pg_last_wal_replay_lsn()::text";
+    let replayed = |v: &str| crate::cluster::parse_lsn(v).is_some_and(|r| r >= lsn);
+    poll_until(
+        node,
+        cred,
+        sql,
+        replayed,
+        limit,
+        "it to replay the old primary's last WAL",
+    )
+    .await
+}
+
+/// Runs `sql` on `node` (a fresh connection each time) every 50 ms until its one value satisfies
+/// `done`, or fails with a timeout naming `what` after `limit`.
+async fn poll_until(
+    node: &NodeRef,
+    cred: &Credentials,
+    sql: &str,
+    done: impl Fn(&str) -> bool,
+    limit: Duration,
+    what: &str,
+) -> Result<(), FailoverError> {
     let deadline = Instant::now() + limit;
     loop {
         if let Ok(client) = connect(node, cred).await {
-            if let Ok(Some(v)) = query_text(
-                &client,
-                node,
-                "select pg_last_wal_replay_lsn()::text",
-                cred.connect_timeout,
-            )
-            .await
-            {
-                if crate::cluster::parse_lsn(&v).is_some_and(|r| r >= lsn) {
+            if let Ok(Some(v)) = query_text(&client, node, sql, cred.connect_timeout).await {
+                if done(&v) {
                     return Ok(());
                 }
             }
@@ -713,7 +740,7 @@ pub async fn wait_replayed(
         if Instant::now() >= deadline {
             return Err(FailoverError::Timeout {
                 node: node.name.clone(),
-                what: "it to replay the old primary's last WAL".into(),
+                what: what.to_string(),
                 after: limit,
             });
         }
@@ -727,26 +754,8 @@ fn shell_quote(s: &str) -> String {
 
 /// Polls until `node` answers `pg_is_in_recovery() = false`.
 pub async fn wait_writable(node: &NodeRef, cred: &Credentials, limit: Duration) -> Result<(), FailoverError> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Ok(client) = connect(node, cred).await {
-            if let Ok(Some(v)) =
-                query_text(&client, node, "select pg_is_in_recovery()", cred.connect_timeout).await
-            {
-                if v == "f" {
-                    return Ok(());
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(FailoverError::Timeout {
-                node: node.name.clone(),
-                what: "the node to leave recovery".into(),
-                after: limit,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sql = "select pg_is_in_recovery()";
+    poll_until(node, cred, sql, |v| v == "f", limit, "the node to leave recovery").await
 }
 
 /// The timeline a primary writes on (from its current WAL file name), or `None` for a standby.
@@ -807,28 +816,12 @@ pub async fn wait_streaming(
     cred: &Credentials,
     limit: Duration,
 ) -> Result<(), FailoverError> {
-    let deadline = Instant::now() + limit;
     let sql = format!(
         "select count(*) from pg_stat_replication where application_name = {} and state = 'streaming'",
         sql_literal(standby_app_name)
     );
-    loop {
-        if let Ok(client) = connect(primary, cred).await {
-            if let Ok(Some(n)) = query_text(&client, primary, &sql, cred.connect_timeout).await {
-                if n != "0" {
-                    return Ok(());
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(FailoverError::Timeout {
-                node: primary.name.clone(),
-                what: format!("{standby_app_name} to stream from it"),
-                after: limit,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let what = format!("{standby_app_name} to stream from it");
+    poll_until(primary, cred, &sql, |n| n != "0", limit, &what).await
 }
 
 /// Makes sure writes on a new primary do not hang on a synchronous standby that is gone: when
@@ -1228,11 +1221,7 @@ pub async fn fail_over(
             failed: old.clone(),
             new_primary: target.clone(),
             old_primary: old.clone(),
-            container: if pcfg.container.is_empty() {
-                target.name.clone()
-            } else {
-                pcfg.container.clone()
-            },
+            container: pcfg.container_of(&target.name),
         };
         tracing::warn!(failed = %old.name, candidate = %target.name, method = ?pcfg.method, "promoting");
         match promote(&target, pcfg, &placeholders, cred, timeout).await {

@@ -326,14 +326,7 @@ impl Manager {
                 failed: node.clone(),
                 new_primary: primary.clone(),
                 old_primary: primary.clone(),
-                container: {
-                    let c = &self.config.promote_for(&name).container;
-                    if c.is_empty() {
-                        name.clone()
-                    } else {
-                        c.clone()
-                    }
-                },
+                container: self.config.promote_for(&name).container_of(&name),
             };
             let rendered = failover::render(&r.command, &placeholders);
             let line = if r.method == PromoteMethod::Ssh {
@@ -438,11 +431,7 @@ impl Manager {
                 failed: old.clone(),
                 new_primary: target.clone(),
                 old_primary: old.clone(),
-                container: if pcfg.container.is_empty() {
-                    name.clone()
-                } else {
-                    pcfg.container.clone()
-                },
+                container: pcfg.container_of(&name),
             };
             failover::promote(
                 &target,

@@ -184,6 +184,20 @@ impl Ctx {
         cmd
     }
 
+    /// A base backup of the server on `port` into `data_dir`, with `-R` (a standby's settings),
+    /// run as the owner since it writes the files.
+    fn base_backup(&self, port: u16, data_dir: &Path) -> Result<()> {
+        let mut bb = self.client_cmd("pg_basebackup");
+        if let Some((uid, gid)) = self.owner {
+            bb.uid(uid).gid(gid);
+        }
+        bb.current_dir(&self.base)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", "-D"])
+            .arg(data_dir)
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
+        run(&mut bb, "pg_basebackup").map(|_| ())
+    }
+
     /// A command for a client program (psql, pg_basebackup runs as the owner since it writes files).
     fn client_cmd(&self, program: &str) -> Command {
         let mut cmd = Command::new(self.bin.join(program));
@@ -341,24 +355,7 @@ impl PgCluster {
     fn create_standby(&self, i: usize) -> Result<PgNode> {
         let name = format!("node{i}");
         let data_dir = self.ctx.base.join(&name);
-        let primary = self.primary();
-        let mut bb = self.ctx.client_cmd("pg_basebackup");
-        if let Some((uid, gid)) = self.ctx.owner {
-            bb.uid(uid).gid(gid);
-        }
-        bb.current_dir(&self.ctx.base)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-            ])
-            .arg(&data_dir)
-            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-        run(&mut bb, "pg_basebackup")?;
+        self.ctx.base_backup(self.primary().port, &data_dir)?;
         let node = PgNode::new(&self.ctx, name, data_dir)?;
         node.start()?;
         Ok(node)
@@ -627,23 +624,7 @@ impl PgNode {
         self.wait_orphans_gone()?;
         fs::remove_dir_all(&self.data_dir)
             .with_context(|| format!("removing {}", self.data_dir.display()))?;
-        let mut bb = self.ctx.client_cmd("pg_basebackup");
-        if let Some((uid, gid)) = self.ctx.owner {
-            bb.uid(uid).gid(gid);
-        }
-        bb.current_dir(&self.ctx.base)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &primary.port.to_string(),
-                "-U",
-                "postgres",
-                "-D",
-            ])
-            .arg(&self.data_dir)
-            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"]);
-        run(&mut bb, "pg_basebackup")?;
+        self.ctx.base_backup(primary.port, &self.data_dir)?;
         append(
             &self.data_dir.join("postgresql.conf"),
             &format!("port = {}\ncluster_name = '{}'\n", self.port, self.name),
