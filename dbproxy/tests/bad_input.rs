@@ -191,6 +191,12 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
         3,
         "the session goes on"
     );
+    // Those dropped connections were data-path errors on the primary: each made the health
+    // checker look at once, and it found the primary fine: no failover, no node down.
+    let status: serde_json::Value = serde_json::from_str(&proxy.admin_get("/status")?)?;
+    assert_eq!(status["history"], serde_json::json!([]), "{status}");
+    assert_eq!(status["primary"], 0, "{status}");
+    assert_eq!(status["nodes"][0]["status"], "up", "{status}");
     assert_eq!(
         other.simple_query("select 1").await?.len(),
         3,
