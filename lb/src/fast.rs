@@ -588,10 +588,11 @@ async fn exchange(
     head_request: bool,
     close_client: bool,
     resp_out: &mut Vec<u8>,
+    now: Instant,
 ) -> Result<(Pooled, ResponseHead), TryError> {
     let idle_limit = rt.config.timeouts.upstream_idle.get();
     let connect_timeout = rt.config.timeouts.upstream_connect.get();
-    let mut pooled = server.pool_take(idle_limit, Instant::now());
+    let mut pooled = server.pool_take(idle_limit, now);
     loop {
         let reused = pooled.is_some();
         let mut up = match pooled.take() {
@@ -692,6 +693,9 @@ struct Session<'a> {
     client: ClientInfo,
     req_head: Vec<u8>,
     resp_head: Vec<u8>,
+    /// `lb_requests_total` handles this connection used, by server label and status, so a
+    /// request costs no label lookup.
+    counters: Vec<(Arc<str>, u16, prometheus::IntCounter)>,
 }
 
 /// What became of one request.
@@ -724,9 +728,12 @@ pub(crate) async fn serve(
         client: ClientInfo::new(ctx.peer),
         req_head: Vec::new(),
         resp_head: Vec::new(),
+        counters: Vec::new(),
     };
     let mut buf = BytesMut::new();
     let mut seen = false;
+    // One waiter for the whole connection, not one registered and dropped per request.
+    let mut stop = std::pin::pin!(shutdown.cancelled());
     loop {
         // Wait for a complete request head: the idle (or, before the first request, header)
         // timeout until its first byte, then the header timeout for the whole head.
@@ -774,7 +781,7 @@ pub(crate) async fn serve(
                         Err(_) => return Outcome::Closed,
                     }
                 }
-                _ = shutdown.cancelled(), if buf.is_empty() => return Outcome::Closed,
+                _ = &mut stop, if buf.is_empty() => return Outcome::Closed,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     tracing::debug!(peer = %ctx.peer, "no complete request head in time: closing");
                     return Outcome::Closed;
@@ -833,7 +840,8 @@ impl Session<'_> {
                 }
                 m.retries.inc();
             }
-            let Some(i) = up.pick(&prep.parts, self.ctx.peer.ip(), &mut pick, Instant::now()) else {
+            let now = if attempt == 0 { start } else { Instant::now() };
+            let Some(i) = up.pick(&prep.parts, self.ctx.peer.ip(), &mut pick, now) else {
                 break;
             };
             let server = &up.servers[i];
@@ -842,7 +850,15 @@ impl Session<'_> {
             let guard = ActiveGuard::new(server.clone());
             let sent = tokio::time::timeout(
                 response_timeout,
-                exchange(server, rt, &self.req_head, prep.head, close, &mut self.resp_head),
+                exchange(
+                    server,
+                    rt,
+                    &self.req_head,
+                    prep.head,
+                    close,
+                    &mut self.resp_head,
+                    now,
+                ),
             )
             .await;
             let (conn, head) = match sent {
@@ -874,8 +890,9 @@ impl Session<'_> {
                 m.failures.with_label_values(&[&*server.label]).inc();
                 continue;
             }
-            server.record_success(Instant::now());
-            let elapsed = start.elapsed();
+            let at_head = Instant::now();
+            server.record_success(at_head);
+            let elapsed = at_head.saturating_duration_since(start);
             self.observe(
                 rt,
                 &prep,
@@ -884,6 +901,9 @@ impl Session<'_> {
                 Some(&server.label),
                 elapsed,
             );
+            let mut conn = conn;
+            // Idle from when the head arrived: close enough, and errs towards retiring it sooner.
+            conn.idle_since = at_head;
             let keep = self
                 .relay(stream, server, conn, &head, response_timeout, client_idle)
                 .await;
@@ -919,7 +939,7 @@ impl Session<'_> {
     }
 
     fn observe(
-        &self,
+        &mut self,
         rt: &Runtime,
         prep: &Prepared,
         status: u16,
@@ -929,9 +949,23 @@ impl Session<'_> {
     ) {
         let m = &self.shared.metrics;
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-        m.requests
-            .with_label_values(&[label.map_or("none", |l| &**l), code.as_str()])
-            .inc();
+        let cached = label.and_then(|l| {
+            self.counters
+                .iter()
+                .find(|(cl, st, _)| *st == status && Arc::ptr_eq(cl, l))
+                .map(|(_, _, c)| c)
+        });
+        match (cached, label) {
+            (Some(c), _) => c.inc(),
+            (None, Some(l)) => {
+                let c = m.requests.with_label_values(&[l, code.as_str()]);
+                c.inc();
+                if self.counters.len() < 16 {
+                    self.counters.push((l.clone(), status, c));
+                }
+            }
+            (None, None) => m.requests.with_label_values(&["none", code.as_str()]).inc(),
+        }
         m.duration.observe(elapsed.as_secs_f64());
         if let Some(line) = &prep.line {
             let mut r = http::Response::new(());
@@ -1049,7 +1083,6 @@ impl Session<'_> {
         };
         if done && head.reusable && up.buf.is_empty() {
             let cap = self.shared.runtime.load().config.limits.upstream_keepalive;
-            up.idle_since = Instant::now();
             server.pool_put(up, cap);
         }
         done
