@@ -478,3 +478,47 @@ async fn switchover_body() -> Result<()> {
     })?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_fenced_node_rejoins_on_its_own_when_configured() -> Result<()> {
+    support::bounded(automatic_rejoin_body()).await
+}
+
+async fn automatic_rejoin_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let dir = tempfile::tempdir()?;
+    let (asked, done) = (dir.path().join("asked"), dir.path().join("done"));
+    // The rejoin command hands over to the test, which rebuilds the node as testkit owns its
+    // processes, and waits (bounded) until that is done; a real one would run pg_rewind.
+    let command = format!(
+        "echo {{node}} > {asked}; for i in $(seq 1 600); do [ -f {done} ] && exit 0; sleep 0.1; done; exit 1",
+        asked = asked.display(),
+        done = done.display()
+    );
+    let proxy = proxy_for(&c, |cfg| {
+        cfg.failover.rejoin.method = PromoteMethod::Exec;
+        cfg.failover.rejoin.command = command;
+        cfg.failover.rejoin.automatic = true;
+        cfg.failover.rejoin.timeout = 90.0;
+    })?;
+    wait_for("node0 elected", DEADLINE, || {
+        Ok((proxy.status()?["primary"] == 0).then_some(()))
+    })?;
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    // Nothing happens while the old primary is down; once it answers, dbproxy asks for a rejoin.
+    c.node(0).start()?;
+    let who = wait_for("dbproxy to run the rejoin command", DEADLINE, || {
+        Ok(std::fs::read_to_string(&asked).ok())
+    })?;
+    assert_eq!(who.trim(), "node0");
+    c.node(0).rebuild_as_standby(c.node(1))?;
+    std::fs::write(&done, "")?;
+    let ev = wait_event(&proxy, "attach", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["node"], "node0", "{ev}");
+    let s = node_status(&proxy, 0)?;
+    assert_eq!(s["fenced"], false, "{s}");
+    Ok(())
+}
