@@ -162,6 +162,8 @@ run_oha() { # setup mode round extra-args...
   oha --no-tui "${OHA_JSON[@]}" -z "$DURATION" "$@" "${URL[$setup]}" >"$WORK/$setup.$mode.$round.json"
 }
 
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "load average before the runs: $LOAD_START (other work on these 2 cores skews every setup)"
 log "saturation: $ROUNDS rounds of ${SETUPS[*]} at -c 64 and -c 256, $DURATION each"
 for round in $(seq 1 "$ROUNDS"); do
   for setup in "${SETUPS[@]}"; do
@@ -199,10 +201,12 @@ done
 wait "$OHA_PID" || true
 log "lb peak RSS ${RSS_PEAK} KiB"
 
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$OUT"
-python3 - "$WORK" "$OUT" "$RATE" "$RSS_PEAK" "$ROUNDS" <<'EOF'
+python3 - "$WORK" "$OUT" "$RATE" "$RSS_PEAK" "$ROUNDS" "$LOAD_START" "$LOAD_END" <<'EOF'
 import json, sys, glob, statistics
 work, out, rate, rss_kib, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+load_start, load_end = sys.argv[6], sys.argv[7]
 setups = ["direct", "nginx", "haproxy", "lb"]
 modes = [("c64", "-c 64"), ("c256", "-c 256"), ("rate", f"{rate}/s")]
 res = {}
@@ -236,11 +240,12 @@ for m, label in modes:
         lines.append(f"| {s} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
                      f"{added:.2f} | {ratio:.2f}x | {added_ratio:.2f}x | {r['success']*100:.1f}% |")
 lines += ["", f"lb peak RSS at 1000 concurrent keep-alive connections: {rss_kib/1024:.1f} MB (goal: at most 30 MB)",
-          "Goals: lb >= 1.1x nginx req/s at saturation; lb's added p99 <= nginx's."]
+          "Goals: lb >= 1.1x nginx req/s at saturation; lb's added p99 <= nginx's.",
+          f"Load average (1, 5, 15 min) before: {load_start}; after: {load_end}."]
 table = "\n".join(lines)
 print(table)
 open(f"{out}/lb.md", "w").write(table + "\n")
-json.dump({"rate": rate, "rss_kib": rss_kib, "results": {f"{s}.{m}": v for (s, m), v in res.items()}},
+json.dump({"rate": rate, "rss_kib": rss_kib, "loadavg_before": load_start, "loadavg_after": load_end, "results": {f"{s}.{m}": v for (s, m), v in res.items()}},
           open(f"{out}/lb.json", "w"), indent=2)
 EOF
 log "peak client connections lb reported during the RSS run: $CONNS"
