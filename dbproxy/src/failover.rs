@@ -432,20 +432,11 @@ async fn query_text(
     sql: &str,
     limit: Duration,
 ) -> Result<Option<String>, FailoverError> {
-    let server = |message: String| FailoverError::Server {
-        node: node.name.clone(),
-        message,
-    };
-    let msgs = tokio::time::timeout(limit, client.simple_query(sql))
-        .await
-        .map_err(|_| server(format!("`{sql}` timed out after {limit:?}")))?
-        .map_err(|e| server(format!("`{sql}` failed: {e}")))?;
-    for m in msgs {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return Ok(r.get(0).map(str::to_string));
-        }
-    }
-    Ok(None)
+    Ok(query_row(client, node, sql, limit)
+        .await?
+        .into_iter()
+        .next()
+        .flatten())
 }
 
 /// What a promotion did, for the log and the `/status` history.
