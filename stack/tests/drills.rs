@@ -2,7 +2,7 @@
 //! PostgreSQL (primary + standby), dbproxy, two webapps, lb and the collector on free ports; the page
 //! is checked through lb; a webapp is killed and no GET fails; the collector's samples arrive
 //! through dbproxy; the primary is killed and dbproxy fails over while samples keep arriving;
-//! `down` stops it all.
+//! both are brought back (the old primary stays fenced); `down` stops it all.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -68,7 +68,7 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         standbys: 1,
         ports: ports.clone(),
         collector_interval: "500ms".into(),
-        bin_dir: Some(bin_dir),
+        bin_dir: Some(bin_dir.clone()),
     };
     let state = match stack::up(&opts).await {
         Ok(s) => s,
@@ -179,12 +179,53 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // Bring both back: the webapp serves through lb again; the old primary restarts as a primary
+    // on its old timeline, and dbproxy keeps it fenced while writes go on to pg1.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut web = std::process::Command::new(bin_dir.join("webapp"));
+    web.arg("--config").arg(state.0.config(&format!("{killed}.toml")));
+    state.0.spawn(killed, &mut web, None).unwrap();
+    loop {
+        let (code, body) = http_get(ports.lb, "/").await.unwrap_or_default();
+        if code == 200 && body.contains(killed) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{killed} never served again through lb"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The killed postmaster must be reaped before its data directory can be started again.
+    stack::procs::reap();
+    let pg = stack::pg::Pg::new(&state.0, 1, ports.postgres).unwrap();
+    pg.start(&state.0, &pg.nodes[0]).await.unwrap();
+    loop {
+        let (_, body) = http_get(ports.dbproxy_admin, "/status").await.unwrap_or_default();
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let pg0 = &status["nodes"][0];
+        if pg0["pg_status"] == "up" && pg0["pg_role"] == "primary" {
+            assert_eq!(pg0["fenced"], true, "{status}");
+            assert_eq!(status["primary"], 1, "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "pg0 never reported back: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Writes through dbproxy still land on pg1, not on the fenced pg0.
+    let port: i32 = client
+        .query_one("select inet_server_port() from samples for update limit 1", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(port as u16, ports.postgres + 1, "the primary is pg1");
+
     // Status lists everything; down stops everything.
     let running: Vec<_> = stack::status(&state.0)
         .into_iter()
         .filter(|(_, pid)| pid.is_some())
         .collect();
-    assert_eq!(running.len(), 5, "{running:?}");
-    assert_eq!(stack::down(&state.0), 5);
+    assert_eq!(running.len(), 7, "{running:?}");
+    assert_eq!(stack::down(&state.0), 7);
     assert!(stack::status(&state.0).iter().all(|(_, pid)| pid.is_none()));
 }
