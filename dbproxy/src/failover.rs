@@ -1146,6 +1146,23 @@ pub struct FailoverEvent {
     pub error: Option<String>,
 }
 
+impl FailoverEvent {
+    /// An event for losing (or leaving) primary `failed`, noticed at `detected_at`; nothing done yet.
+    pub fn new(failed: String, detected_at: std::time::SystemTime) -> FailoverEvent {
+        FailoverEvent {
+            failed,
+            promoted: None,
+            detected_at,
+            promoted_at: None,
+            resumed_at: None,
+            failed_attempts: Vec::new(),
+            followers: Vec::new(),
+            cleared_synchronous: false,
+            error: None,
+        }
+    }
+}
+
 /// Replaces the lost primary `failed`: ranks the standbys (live WAL positions where reachable),
 /// promotes the best one, falling back to the next on failure, switches routing atomically, then
 /// re-points the other standbys and makes sure writes cannot hang on a vanished synchronous standby.
@@ -1158,17 +1175,7 @@ pub async fn fail_over(
 ) -> FailoverEvent {
     let nodes = topo.nodes();
     let name = |i: usize| nodes.get(i).map(|n| n.name.clone()).unwrap_or_default();
-    let mut event = FailoverEvent {
-        failed: name(failed),
-        promoted: None,
-        detected_at,
-        promoted_at: None,
-        resumed_at: None,
-        failed_attempts: Vec::new(),
-        followers: Vec::new(),
-        cleared_synchronous: false,
-        error: None,
-    };
+    let mut event = FailoverEvent::new(name(failed), detected_at);
     let states = topo.standby_states(failed);
     let synchronous = states.iter().any(|s| s.3);
     let mut candidates = Vec::new();

@@ -407,17 +407,7 @@ impl Manager {
         }
         let old = self.node_ref(p);
         let target = self.node_ref(id);
-        let mut ev = FailoverEvent {
-            failed: old.name.clone(),
-            promoted: None,
-            detected_at: SystemTime::now(),
-            promoted_at: None,
-            resumed_at: None,
-            failed_attempts: Vec::new(),
-            followers: Vec::new(),
-            cleared_synchronous: false,
-            error: None,
-        };
+        let mut ev = FailoverEvent::new(old.name.clone(), SystemTime::now());
         tracing::warn!(from = %old.name, to = %name, "switchover: holding writes");
         cluster.busy.store(true, Ordering::Release);
         cluster.unelect();

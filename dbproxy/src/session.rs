@@ -208,17 +208,14 @@ async fn startup(client: &mut Conn, ip: IpAddr, shared: &Arc<Shared>) -> Result<
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
-    if shared.config.tls.require && !encrypted {
-        metrics.error("auth");
-        let msg = format!(
-            "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", {}",
-            encryption(encrypted)
-        );
-        fatal(client, "28000", &msg).await;
-        return Err(End);
-    }
     let creds = shared.users.get(&user);
-    let method = match shared.hba.method(&user, &database, ip) {
+    // `tls.require` acts like hostssl-only rules: a clear-text client matches none.
+    let rule = if shared.config.tls.require && !encrypted {
+        None
+    } else {
+        shared.hba.method(&user, &database, ip)
+    };
+    let method = match rule {
         Some(m) => m,
         None => {
             metrics.error("auth");
@@ -956,11 +953,12 @@ impl Session {
     /// the session stops checking.
     fn some_standby_replayed(&mut self, lsn: u64) -> bool {
         let cluster = &self.shared.cluster;
-        let eligible: Vec<usize> = (0..cluster.nodes.len())
-            .filter(|&i| cluster.eligible(i))
-            .collect();
-        let replayed = eligible.iter().filter(|&&i| cluster.replayed(i, lsn)).count();
-        if replayed > 0 && replayed == eligible.len() {
+        let (mut eligible, mut replayed) = (0, 0);
+        for i in (0..cluster.nodes.len()).filter(|&i| cluster.eligible(i)) {
+            eligible += 1;
+            replayed += cluster.replayed(i, lsn) as usize;
+        }
+        if replayed > 0 && replayed == eligible {
             self.write_lsn = None;
         }
         replayed > 0

@@ -601,7 +601,12 @@ impl PgNode {
         }
         self.psql(&format!("alter system set primary_conninfo = '{conninfo}'"))?;
         self.psql("select pg_reload_conf()")?;
-        let name = self.name.clone();
+        self.wait_streaming_from(primary)
+    }
+
+    /// Waits until this standby streams from `primary` (its `pg_stat_replication` says so).
+    pub fn wait_streaming_from(&self, primary: &PgNode) -> Result<()> {
+        let name = &self.name;
         wait_for(
             &format!("{name} to stream from {}", primary.name),
             DEADLINE,
@@ -630,17 +635,7 @@ impl PgNode {
             &format!("port = {}\ncluster_name = '{}'\n", self.port, self.name),
         )?;
         self.start()?;
-        let name = self.name.clone();
-        wait_for(
-            &format!("{name} to stream from {}", primary.name),
-            DEADLINE,
-            || {
-                let n = primary.psql(&format!(
-                "select count(*) from pg_stat_replication where application_name = '{name}' and state = 'streaming'"
-            ))?;
-                Ok((n == "1").then_some(()))
-            },
-        )
+        self.wait_streaming_from(primary)
     }
 
     /// The current WAL insert position (on a primary).
