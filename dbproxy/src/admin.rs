@@ -32,6 +32,11 @@ pub const POOL_NODES_COLUMNS: [&str; 14] = [
 
 /// Whether `sql` is `SHOW POOL_NODES` (any case, optional semicolon).
 pub fn is_show_pool_nodes(sql: &str) -> bool {
+    // Asked of every simple Query: most are ruled out by their first word alone.
+    let head = sql.trim_start().as_bytes();
+    if head.len() < 15 || !head[..4].eq_ignore_ascii_case(b"show") {
+        return false;
+    }
     let s = sql.trim().trim_end_matches(';').trim_end();
     let mut words = s.split_ascii_whitespace();
     matches!(

@@ -33,6 +33,8 @@ pub struct Config {
     pub failover: crate::failover::FailoverConfig,
     /// TLS for client connections.
     pub tls: TlsConfig,
+    /// Threads serving client sessions, each with its own event loop; 0 means one per core.
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -48,6 +50,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             failover: crate::failover::FailoverConfig::default(),
             tls: TlsConfig::default(),
+            workers: 0,
         }
     }
 }

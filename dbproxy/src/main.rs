@@ -63,7 +63,9 @@ fn main() {
     }
 }
 
-#[tokio::main]
+// The control runtime: signals, the accept loop, health checks, failover and the admin listener.
+// Sessions run on the serving threads (`workers`).
+#[tokio::main(flavor = "current_thread")]
 async fn serve(cli: Cli, config: dbproxy::Config) -> anyhow::Result<()> {
     let mut signals = common::shutdown::install().context("installing signal handlers")?;
     let listener = tokio::net::TcpListener::bind(&config.listen)

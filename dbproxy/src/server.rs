@@ -1,5 +1,7 @@
-//! The accept loop: one task per client, a cap on concurrent clients, health checkers and the
-//! admin listener alongside, and the single shutdown path (stop accepting, drain with a deadline).
+//! The accept loop: one task per client, served on one of the serving threads
+//! ([`common::workers`]), a cap on concurrent clients, health checkers and the admin listener
+//! alongside on the control runtime, and the single shutdown path (stop accepting, drain with a
+//! deadline).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -40,6 +42,9 @@ pub enum RunError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The serving threads could not be started.
+    #[error("cannot start the serving threads: {0}")]
+    Workers(std::io::Error),
 }
 
 /// Runs dbproxy on `listener`, binding the admin listener from the config, until `shutdown`.
@@ -65,8 +70,8 @@ pub async fn run_with_admin(
 
 /// Like [`run_with_admin`], also taking new configurations from `reload` (the binary feeds it on
 /// SIGHUP). Users, client authentication, routing and limits apply to connections accepted after
-/// the reload; sessions keep the settings they started with. Nodes, health checks, listeners and
-/// the connection limit need a restart (a reload that changes them says so and keeps the old).
+/// the reload; sessions keep the settings they started with. Nodes, health checks, listeners, the
+/// connection limit and the number of serving threads need a restart (a reload that changes them says so and keeps the old).
 pub async fn run_with(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -105,7 +110,9 @@ pub async fn run_with(
     }
     let slots = Arc::new(Semaphore::new(first.config.limits.max_connections));
     let sessions = TaskTracker::new();
-    tracing::info!(addr = ?listener.local_addr().ok(), "dbproxy listening");
+    let workers =
+        common::workers::Workers::start("dbproxy-worker", first.config.workers).map_err(RunError::Workers)?;
+    tracing::info!(addr = ?listener.local_addr().ok(), workers = workers.len(), "dbproxy listening");
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -143,9 +150,12 @@ pub async fn run_with(
             continue;
         };
         let shared = shared.load_full();
-        sessions.spawn(async move {
+        // Counted before the hand-over, so the drain below cannot miss a session in transit.
+        let token = sessions.token();
+        workers.serve(stream, move |stream| async move {
             session::serve(stream, peer, shared).await;
             drop(permit);
+            drop(token);
         });
     }
     drop(listener);
@@ -194,6 +204,7 @@ fn restart_needed(old: &Config, new: &Config) -> bool {
         || old.listen != new.listen
         || old.admin_listen != new.admin_listen
         || old.limits.max_connections != new.limits.max_connections
+        || old.workers != new.workers
 }
 
 /// The next reload, or pending forever when there is no reload channel.

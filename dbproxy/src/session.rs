@@ -485,6 +485,8 @@ struct Session {
     replaying: bool,
     replay_now: bool,
     cancel: Arc<CancelSlot>,
+    /// The backend key now in `cancel`, so the slot's lock is taken only when it changes.
+    cancel_key: Option<(i32, i32)>,
     key: (i32, i32),
 }
 
@@ -542,6 +544,14 @@ fn is_fatal(f: &Frame) -> bool {
     matches!(perror::field(f.body(), b'S'), Some("FATAL" | "PANIC"))
 }
 
+/// Waits for the next change of the elected primary or of fences, handing the receiver back;
+/// `None` when the cluster is gone.
+fn topology_changed(
+    mut rx: tokio::sync::watch::Receiver<u64>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<tokio::sync::watch::Receiver<u64>>> + Send>> {
+    Box::pin(async move { rx.changed().await.ok().map(|()| rx) })
+}
+
 /// Reads the next frame of an optional backend; pending forever when there is none.
 async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError> {
     match b {
@@ -582,6 +592,7 @@ impl Session {
             replaying: false,
             replay_now: false,
             cancel: login.cancel,
+            cancel_key: None,
             key: login.key,
         }
     }
@@ -682,6 +693,7 @@ impl Session {
             self.replay = None;
             self.holdback.clear();
             *self.cancel.lock().expect("slot poisoned") = None;
+            self.cancel_key = None;
             return self.client.flush().await.map_err(|_| End);
         }
         let message = if self.tx != b'I' && !self.tx_on_standby {
@@ -704,6 +716,15 @@ impl Session {
     async fn relay(&mut self) -> Result<(), End> {
         let idle_limit = secs(self.shared.config.limits.client_idle_timeout);
         let max = self.client.max;
+        // The futures that wait for session-wide events live as long as the loop: making and
+        // dropping them at every message would register and unregister a waiter (a lock each)
+        // or a timer every time.
+        let shared = self.shared.clone();
+        let mut stop = std::pin::pin!(shared.shutdown.cancelled());
+        let mut topology = topology_changed(self.watch.clone());
+        // Armed far away while unused; moved to the right deadline when it fires early.
+        let mut idle_timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(86400 * 365)));
+        let mut idle_since: Option<Instant> = None;
         loop {
             while !self.awaiting || self.copy_accepts_next() {
                 match self.client.buffered() {
@@ -725,6 +746,18 @@ impl Session {
             }
             let between = !self.awaiting && self.cur.is_none() && self.tx == b'I';
             let idle = between && !idle_limit.is_zero();
+            if idle {
+                if idle_since.is_none() {
+                    let now = Instant::now();
+                    idle_since = Some(now);
+                    let deadline = idle_timer.deadline().into_std();
+                    if deadline < now || deadline > now + idle_limit {
+                        idle_timer.as_mut().reset((now + idle_limit).into());
+                    }
+                }
+            } else {
+                idle_since = None;
+            }
             // Backpressure: a client that pipelines more than one maximal message is not read
             // further until its earlier requests are answered.
             let can_read = self.client.rbuf.len() <= max;
@@ -734,15 +767,25 @@ impl Session {
                     Ok(_) => {}
                 },
                 r = read_opt(&mut self.primary) => self.on_backend(Which::Primary, r).await?,
-                Ok(()) = self.watch.changed() => self.on_topology_change().await?,
+                rx = &mut topology => {
+                    topology = match rx {
+                        Some(rx) => topology_changed(rx),
+                        None => Box::pin(std::future::pending()),
+                    };
+                    self.on_topology_change().await?;
+                }
                 r = read_opt(&mut self.standby) => self.on_backend(Which::Standby, r).await?,
-                _ = self.shared.shutdown.cancelled(), if between => {
+                _ = &mut stop, if between => {
                     fatal(&mut self.client, "57P01", "terminating connection due to administrator command").await;
                     return Err(End);
                 }
-                _ = tokio::time::sleep(idle_limit), if idle => {
-                    fatal(&mut self.client, "57P05", "terminating connection due to idle-session timeout").await;
-                    return Err(End);
+                _ = &mut idle_timer, if idle => {
+                    let since = idle_since.unwrap_or_else(Instant::now);
+                    if since.elapsed() >= idle_limit {
+                        fatal(&mut self.client, "57P05", "terminating connection due to idle-session timeout").await;
+                        return Err(End);
+                    }
+                    idle_timer.as_mut().reset((since + idle_limit).into());
                 }
             }
         }
@@ -966,9 +1009,9 @@ impl Session {
 
     /// Makes sure a usable standby connection exists; false when none can be had.
     async fn ensure_standby(&mut self) -> bool {
-        let cluster = self.shared.cluster.clone();
         let min_lsn = self.write_lsn;
         if let Some(b) = &self.standby {
+            let cluster = &self.shared.cluster;
             if self.tx_on_standby
                 || (cluster.eligible(b.node) && min_lsn.is_none_or(|l| cluster.replayed(b.node, l)))
             {
@@ -976,6 +1019,7 @@ impl Session {
             }
             self.standby = None;
         }
+        let cluster = self.shared.cluster.clone();
         let Some(i) = cluster.pick_standby(min_lsn) else {
             return false;
         };
@@ -1014,7 +1058,6 @@ impl Session {
         mode: Mode,
         set: Option<String>,
     ) -> Result<(), End> {
-        let cluster = self.shared.cluster.clone();
         if target == Which::Standby && self.cur.is_none() && !self.ensure_standby().await {
             if self.tx_on_standby {
                 // The standby holding a transaction is gone.
@@ -1032,10 +1075,10 @@ impl Session {
                 }
                 return self.client.flush().await.map_err(|_| End);
             }
-            cluster.metrics.decision(Decision::PrimaryFallback);
+            self.shared.cluster.metrics.decision(Decision::PrimaryFallback);
             target = Which::Primary;
         } else if target == Which::Standby && self.cur.is_none() && self.tx == b'I' {
-            cluster.metrics.decision(Decision::Standby);
+            self.shared.cluster.metrics.decision(Decision::Standby);
         }
         let idle = self.tx == b'I' && self.cur.is_none();
         if target == Which::Primary && self.cur.is_none() {
@@ -1054,7 +1097,7 @@ impl Session {
                         return Err(End);
                     }
                     Err(e) => {
-                        cluster.metrics.error("backend");
+                        self.shared.cluster.metrics.error("backend");
                         let msg = format!("could not connect to the primary server: {e}");
                         perror::encode_error("ERROR", "08006", &msg, &mut self.client.wbuf);
                         if mode == Mode::Sync {
@@ -1161,9 +1204,14 @@ impl Session {
             b.sets_applied = self.sets.len();
         }
         let node = b.node;
-        *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
+        if self.cancel_key != Some(b.key) {
+            // Left in place after the request ends: a late CancelRequest then reaches a backend
+            // with nothing to cancel (PostgreSQL ignores it), as it would without dbproxy.
+            *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
+            self.cancel_key = Some(b.key);
+        }
         let written = b.conn.flush().await;
-        cluster.count(
+        self.shared.cluster.count(
             node,
             if target == Which::Standby {
                 Role::Standby
@@ -1383,7 +1431,6 @@ impl Session {
                 self.awaiting = false;
                 self.cur = None;
                 self.copy = Copy::Off;
-                *self.cancel.lock().expect("slot poisoned") = None;
                 if let Some(b) = self.backend(w) {
                     // A WAL-position query sent behind this request answers next.
                     b.capturing = b.capture_lsn > 0;
