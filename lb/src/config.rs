@@ -34,6 +34,9 @@ pub struct Config {
     pub headers: HeadersConfig,
     /// The access log (tracing target `lb::access`).
     pub access_log: AccessLogConfig,
+    /// Threads serving client connections, each with its own event loop and upstream
+    /// keep-alive pool (like nginx's `worker_processes`); 0 means one per core.
+    pub workers: usize,
 }
 
 impl Default for Config {
@@ -48,6 +51,7 @@ impl Default for Config {
             retry: RetryConfig::default(),
             headers: HeadersConfig::default(),
             access_log: AccessLogConfig::default(),
+            workers: 0,
         }
     }
 }

@@ -94,6 +94,9 @@ impl Runtime {
 pub(crate) struct Shared {
     pub runtime: Arc<ArcSwap<Runtime>>,
     pub metrics: Metrics,
+    /// Woken by every reload, so the accept loop applies a new `limits.max_connections` even
+    /// while it waits for a free slot.
+    pub reloaded: tokio::sync::Notify,
 }
 
 fn build_client(config: &Config) -> UpClient {
@@ -134,13 +137,19 @@ impl Lb {
         }));
         let metrics = Metrics::new(runtime.clone());
         Ok(Lb {
-            shared: Arc::new(Shared { runtime, metrics }),
+            shared: Arc::new(Shared {
+                runtime,
+                metrics,
+                reloaded: tokio::sync::Notify::new(),
+            }),
         })
     }
 
     /// Applies a new config to new requests; connections, websockets and requests in flight keep
     /// what they started with. Servers whose address and parameters did not change keep their
-    /// health and counters. Listener addresses and `limits.max_connections` need a restart.
+    /// health and counters. A new `limits.max_connections` applies to the next accepted
+    /// connections (open ones over a lowered limit stay). Listener addresses and `workers` need
+    /// a restart.
     pub fn reload(&self, config: Config) -> Result<(), LbError> {
         let old = self.shared.runtime.load_full();
         let upstream = Upstream::build(&config, Some(&old.upstream))?;
@@ -151,6 +160,9 @@ impl Lb {
         }
         if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
             tracing::warn!("listen addresses change only on restart");
+        }
+        if config.workers != old.config.workers {
+            tracing::warn!("the number of serving threads (workers) changes only on restart");
         }
         let client = if same_client_settings(&config, &old.config) {
             old.client.clone()
@@ -163,6 +175,7 @@ impl Lb {
             upstream,
             client,
         }));
+        self.shared.reloaded.notify_one();
         tracing::info!(servers, "configuration reloaded");
         Ok(())
     }

@@ -45,7 +45,9 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // The control runtime: signals, the accept loop, health checks, reloads and the admin
+    // listener. Client connections run on the serving threads (`workers`).
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("lb: cannot start the runtime: {e}");

@@ -247,7 +247,6 @@ fn parse_block(
 /// Directives that only matter to nginx's own workings; lb accepts and reports them.
 const INTERNAL: &[&str] = &[
     "user",
-    "worker_processes",
     "pid",
     "worker_rlimit_nofile",
     "error_log",
@@ -463,6 +462,19 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
                 &["limits", "max_header_bytes"],
                 Value::Integer((n.saturating_mul(each)).max(8192)),
             );
+        }
+        "worker_processes" => {
+            arity(d, 1, 1)?;
+            // One serving thread stands for one nginx worker process; `auto` is one per core.
+            let n = match d.args[0].as_str() {
+                "auto" => 0,
+                a => a
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|n| (1..=1024).contains(n))
+                    .ok_or_else(|| unsupported(d, format!("worker_processes {a:?}: not `auto` or 1-1024")))?,
+            };
+            out.set(&["workers"], Value::Integer(n));
         }
         "worker_connections" => {
             arity(d, 1, 1)?;
@@ -707,6 +719,8 @@ mod tests {
         assert_eq!(c.timeouts.upstream_response.get().as_secs(), 86400);
         assert_eq!(c.timeouts.upgraded_idle.get().as_secs(), 86400);
         assert_eq!(c.timeouts.client_idle.get().as_secs(), 65);
+        // `worker_processes auto`: one serving thread per core.
+        assert_eq!(c.workers, 0);
         let w = t.warnings.join("\n");
         assert!(w.contains("line 3: `user` ignored"), "{w}");
         assert!(w.contains("line 7: `events` ignored"), "{w}");
@@ -734,6 +748,16 @@ mod tests {
         let c: Config = ConfigSource::new().base(t.table).load().unwrap();
         assert_eq!(c.upstream.algorithm, Algorithm::LeastConn);
         assert!(c.upstream.servers[1].backup);
+        let conf = |w: &str| {
+            format!("worker_processes {w};\nhttp {{ upstream u {{ server a:1; }}\n server {{ listen 80; location / {{ proxy_pass http://u; }} }} }}")
+        };
+        let c: Config = ConfigSource::new()
+            .base(translate(&conf("2")).unwrap().table)
+            .load()
+            .unwrap();
+        assert_eq!(c.workers, 2);
+        let e = translate(&conf("0")).unwrap_err().to_string();
+        assert!(e.contains("line 1") && e.contains("worker_processes"), "{e}");
     }
 
     #[test]

@@ -91,19 +91,57 @@ impl ConnCtx {
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let tracker = TaskTracker::new();
     let hard = CancellationToken::new();
-    let max = shared.runtime.load().config.limits.max_connections;
+    let (max, workers) = {
+        let rt = shared.runtime.load();
+        (rt.config.limits.max_connections, rt.config.workers)
+    };
     let permits = Arc::new(Semaphore::new(max));
+    let workers = match common::workers::Workers::start("lb-worker", workers) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the serving threads");
+            return;
+        }
+    };
+    let mut limit = max;
+    // Permits to take out of circulation after a reload lowered the limit: each is forgotten
+    // as soon as the loop gets it, before any new connection could.
+    let mut debt = 0usize;
     loop {
+        // A reload may have changed the limit.
+        let wanted = shared.runtime.load().config.limits.max_connections;
+        if wanted != limit {
+            tracing::info!(from = limit, to = wanted, "max_connections changed");
+            if wanted > limit {
+                let grow = wanted - limit;
+                let repaid = grow.min(debt);
+                debt -= repaid;
+                permits.add_permits(grow - repaid);
+            } else {
+                debt += limit - wanted;
+            }
+            limit = wanted;
+        }
+        if debt > 0 {
+            debt -= permits.forget_permits(debt);
+        }
         // Waiting for a permit before accepting leaves excess clients in the kernel's backlog.
         let permit = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = shared.reloaded.notified() => continue,
             p = permits.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
         };
+        if debt > 0 {
+            permit.forget();
+            debt -= 1;
+            continue;
+        }
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = shared.reloaded.notified() => continue,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -125,7 +163,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
             last_activity_ms: AtomicU64::new(0),
             opened: Instant::now(),
         });
-        tracker.spawn(connection(shared.clone(), stream, ctx, shutdown.clone()));
+        // Counted before the hand-over, so the drain below cannot miss a connection in transit.
+        let token = tracker.token();
+        let (shared, shutdown) = (shared.clone(), shutdown.clone());
+        workers.serve(stream, move |stream| async move {
+            connection(shared, stream, ctx, shutdown).await;
+            drop(token);
+        });
     }
     drop(listener);
     tracker.close();

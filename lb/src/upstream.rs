@@ -203,8 +203,10 @@ pub struct Server {
     /// When the server last came back, for slow start.
     recovered_at: Mutex<Option<Instant>>,
     epoch: Instant,
-    /// Idle keep-alive connections of the fast path, newest last.
-    idle: Mutex<Vec<Pooled>>,
+    /// Idle keep-alive connections of the fast path, newest last, one list per serving thread
+    /// (a connection belongs to the runtime it was opened on, as in nginx each worker process
+    /// keeps its own `keepalive` connections).
+    idle: Box<[Mutex<Vec<Pooled>>]>,
 }
 
 /// An idle upstream connection and its read buffer.
@@ -219,7 +221,13 @@ pub(crate) struct Pooled {
 }
 
 impl Server {
-    fn new(config: ServerConfig, addr: SocketAddr, name: String, thresholds: Thresholds) -> Server {
+    fn new(
+        config: ServerConfig,
+        addr: SocketAddr,
+        name: String,
+        thresholds: Thresholds,
+        workers: usize,
+    ) -> Server {
         Server {
             label: Arc::from(addr.to_string()),
             authority: http::uri::Authority::try_from(addr.to_string().as_str())
@@ -235,7 +243,7 @@ impl Server {
             passive: Passive::default(),
             recovered_at: Mutex::new(None),
             epoch: Instant::now(),
-            idle: Mutex::new(Vec::new()),
+            idle: (0..workers.max(1)).map(|_| Mutex::new(Vec::new())).collect(),
         }
     }
 
@@ -243,11 +251,12 @@ impl Server {
     /// spoken to by the upstream while idle. The lock is held only to pop; the checks and the
     /// closing of stale connections happen outside it.
     pub(crate) fn pool_take(&self, max_idle: Duration, now: Instant) -> Option<Pooled> {
+        let idle = self.idle_here();
         loop {
-            let mut c = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
+            let mut c = idle.lock().unwrap_or_else(|p| p.into_inner()).pop()?;
             if now.saturating_duration_since(c.idle_since) > max_idle {
                 // The rest are older still.
-                let stale = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|p| p.into_inner()));
+                let stale = std::mem::take(&mut *idle.lock().unwrap_or_else(|p| p.into_inner()));
                 drop(stale);
                 return None;
             }
@@ -267,11 +276,16 @@ impl Server {
             return;
         }
         let evicted = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = self.idle_here().lock().unwrap_or_else(|p| p.into_inner());
             idle.push(conn);
             (idle.len() > cap).then(|| idle.remove(0))
         };
         drop(evicted);
+    }
+
+    /// This serving thread's idle list.
+    fn idle_here(&self) -> &Mutex<Vec<Pooled>> {
+        &self.idle[common::workers::current_index() % self.idle.len()]
     }
 
     fn now_ms(&self, now: Instant) -> u64 {
@@ -471,7 +485,13 @@ impl Upstream {
                             .set_thresholds(thresholds);
                         s
                     }
-                    None => Arc::new(Server::new(sc.clone(), addr, sc.addr.clone(), thresholds)),
+                    None => Arc::new(Server::new(
+                        sc.clone(),
+                        addr,
+                        sc.addr.clone(),
+                        thresholds,
+                        common::workers::resolve(config.workers),
+                    )),
                 };
                 if sc.backup {
                     backups.push(server);

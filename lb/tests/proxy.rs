@@ -496,6 +496,48 @@ async fn connections_beyond_the_limit_wait_for_a_free_slot() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_connection_limit() -> Result<()> {
+    let a = Backend::start("a").await;
+    let mut cfg = config(&[&a], Algorithm::RoundRobin);
+    cfg.limits.max_connections = 1;
+    let lb = start(cfg.clone()).await?;
+    let mut first = Conn::open(lb.addr, "127.0.0.1").await?;
+    assert_eq!(first.get("/").await?.0, 200);
+    // The second connection waits in the backlog under a limit of 1...
+    let addr = lb.addr;
+    let mut second = tokio::spawn(async move {
+        let mut c = Conn::open(addr, "127.0.0.1").await?;
+        let r = c.get("/").await?;
+        Ok::<_, anyhow::Error>((c, r))
+    });
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut second).await;
+    assert!(early.is_err(), "served beyond the limit");
+    // ...and is served once a reload raises the limit, with the first still open.
+    cfg.limits.max_connections = 2;
+    lb.lb.reload(cfg.clone())?;
+    let (mut second, (status, _)) = tokio::time::timeout(support::DEADLINE, second).await???;
+    assert_eq!(status, 200);
+    // Lowered back to 1: both open connections go on, a third waits until both have closed.
+    cfg.limits.max_connections = 1;
+    lb.lb.reload(cfg)?;
+    let mut third = tokio::spawn(async move { Conn::open(addr, "127.0.0.1").await?.get("/").await });
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
+    assert!(early.is_err(), "served beyond the lowered limit");
+    assert_eq!(first.get("/").await?.0, 200);
+    assert_eq!(second.get("/").await?.0, 200);
+    drop(first);
+    let early = tokio::time::timeout(Duration::from_millis(300), &mut third).await;
+    assert!(
+        early.is_err(),
+        "served with two connections open under a limit of 1"
+    );
+    drop(second);
+    let (status, _) = tokio::time::timeout(support::DEADLINE, third).await???;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_closes_websockets_at_the_deadline() -> Result<()> {
     let a = Backend::start("a").await;
     let mut cfg = config(&[&a], Algorithm::RoundRobin);
