@@ -17,10 +17,11 @@ use tokio::net::TcpStream;
 
 use crate::auth::{self, AuthError, Credentials, Hba, ScramServer};
 use crate::backend::{self, Backend, BackendError, Conn};
-use crate::classify::{Classifier, Target, TxCommand};
+use crate::classify::{Classifier, Step, Target, TxCommand};
 use crate::cluster::{parse_lsn, Cluster, Decision, Role};
 use crate::config::{secs, AuthMethod, Config, WriteStickiness};
 use crate::protocol::{self, auth as pauth, error as perror, extended, simple, status, Frame, Startup};
+use crate::settings::{Lost, Tracker};
 
 /// Where a session's current request runs.
 pub type CancelSlot = Mutex<Option<(SocketAddr, i32, i32)>>;
@@ -85,8 +86,8 @@ struct Stmt {
     parse: Frame,
     /// The statement surely only reads.
     read_only: bool,
-    /// It changes session settings (its text is applied to the other connection).
-    session_set: bool,
+    /// What executing it does to session settings and the transaction.
+    step: Step,
 }
 
 /// The largest message accepted before authentication (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
@@ -460,13 +461,13 @@ struct Session {
     /// The request being dispatched wrote: learn the WAL position behind it.
     capture_next: bool,
     stmts: HashMap<String, Stmt>,
-    /// Session-level SET statements in order, applied to each backend before its next use.
+    /// Session-level SET statements that hold, in order, applied to each backend before its
+    /// next use.
     sets: Vec<String>,
-    /// SET statements run inside the open transaction: they join `sets` if it commits and are
-    /// forgotten if it rolls back, as PostgreSQL itself undoes them.
-    tx_sets: Vec<String>,
-    /// The last CommandComplete of the current request was COMMIT.
-    committed: bool,
+    /// Follows the statements of each request to tell which SETs hold: those that ran outside
+    /// a transaction or whose transaction committed, not those rolled back (as PostgreSQL
+    /// itself undoes them), nor SET LOCAL.
+    settings: Tracker,
     /// Extended-protocol messages waiting for Sync or Flush.
     batch: Vec<Frame>,
     /// Every statement of `batch` surely only reads.
@@ -507,7 +508,9 @@ struct Route {
     /// It writes or may write (not a read, not transaction control).
     writes: bool,
     pins: bool,
-    session_set: bool,
+    /// It changes settings or the transaction (SET, BEGIN/COMMIT/ROLLBACK, savepoints): the
+    /// session follows it statement by statement.
+    follow: bool,
 }
 
 /// Whether `sql` starts with DEALLOCATE or DISCARD.
@@ -570,8 +573,7 @@ impl Session {
             capture_next: false,
             stmts: HashMap::new(),
             sets: Vec::new(),
-            tx_sets: Vec::new(),
-            committed: false,
+            settings: Tracker::default(),
             batch: Vec::new(),
             batch_ok: true,
             cur: None,
@@ -594,7 +596,7 @@ impl Session {
             standby_ok: c.target == Target::Standby || begin_ro,
             writes: c.target == Target::Primary && !control && !c.session_set,
             pins: c.pins_session,
-            session_set: c.session_set,
+            follow: c.session_set || control || c.savepoint,
         }
     }
 
@@ -681,6 +683,7 @@ impl Session {
             self.cur = None;
             self.replay = None;
             self.holdback.clear();
+            self.settings.abandon();
             *self.cancel.lock().expect("slot poisoned") = None;
             return self.client.flush().await.map_err(|_| End);
         }
@@ -720,7 +723,7 @@ impl Session {
                 let frames = self.replay.take().unwrap_or_default();
                 self.cur = None;
                 self.shared.cluster.metrics.decision(Decision::Replay);
-                self.dispatch(Which::Primary, frames, Mode::Sync, None).await?;
+                self.dispatch(Which::Primary, frames, Mode::Sync, true).await?;
                 continue;
             }
             let between = !self.awaiting && self.cur.is_none() && self.tx == b'I';
@@ -785,9 +788,8 @@ impl Session {
                         b.prepared.clear();
                     }
                 }
-                let set = r.session_set.then(|| sql.to_string());
                 self.note(r);
-                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, set)
+                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, r.follow)
                     .await
             }
             b'P' => {
@@ -802,12 +804,17 @@ impl Session {
                 let r = self.route(&query);
                 self.batch_ok &= r.standby_ok;
                 self.note(r);
+                // One statement per Parse (PostgreSQL refuses more).
+                let step = match r.follow.then(|| self.shared.classifier.steps(&query)) {
+                    Some(Some(mut steps)) if steps.len() == 1 => steps.pop().unwrap_or(Step::Other),
+                    _ => Step::Other,
+                };
                 self.stmts.insert(
                     name,
                     Stmt {
                         parse: f.clone(),
                         read_only: r.standby_ok,
-                        session_set: r.session_set,
+                        step,
                     },
                 );
                 self.batch.push(f);
@@ -849,9 +856,9 @@ impl Session {
                 } else {
                     Mode::Sync
                 };
-                self.dispatch_routed(ok, !ok, frames, mode, None).await
+                self.dispatch_routed(ok, !ok, frames, mode, true).await
             }
-            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, None).await,
+            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, true).await,
             // Outside COPY, PostgreSQL ignores these too.
             b'd' | b'c' | b'f' => Ok(()),
             b'X' => Err(End),
@@ -901,7 +908,7 @@ impl Session {
         writes: bool,
         frames: Vec<Frame>,
         mode: Mode,
-        set: Option<String>,
+        follow: bool,
     ) -> Result<(), End> {
         let unreplayed = match self.write_lsn {
             Some(l) if standby_ok && self.cur.is_none() && self.tx == b'I' => !self.some_standby_replayed(l),
@@ -946,7 +953,7 @@ impl Session {
             && target == Which::Primary
             && mode == Mode::Sync
             && (writes || self.tx != b'I');
-        self.dispatch(target, frames, mode, set).await
+        self.dispatch(target, frames, mode, follow).await
     }
 
     /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,
@@ -1007,12 +1014,14 @@ impl Session {
     }
 
     /// Sends `frames` to backend `target` (the standby when possible), preparing what it lacks.
+    /// `follow`: the request may change settings or the transaction (extended-protocol
+    /// batches always are followed; a simple Query when it holds such statements).
     async fn dispatch(
         &mut self,
         mut target: Which,
         frames: Vec<Frame>,
         mode: Mode,
-        set: Option<String>,
+        follow: bool,
     ) -> Result<(), End> {
         let cluster = self.shared.cluster.clone();
         if target == Which::Standby && self.cur.is_none() && !self.ensure_standby().await {
@@ -1089,8 +1098,19 @@ impl Session {
             b.swallow_rfq += 1;
         }
         b.sets_applied = self.sets.len();
-        let mut new_sets: Vec<String> = Vec::new();
+        let settings = &mut self.settings;
+        if self.cur.is_none() {
+            settings.start(self.tx, follow || settings.needed());
+        }
         for f in &frames {
+            match f.tag() {
+                b'Q' if settings.active() => {
+                    let sql = simple::query_text(f.body()).unwrap_or("");
+                    settings.query(self.shared.classifier.steps(sql));
+                }
+                b'E' => settings.execute(extended::execute_portal(f.body()).unwrap_or("")),
+                _ => {}
+            }
             match f.tag() {
                 b'P' => {
                     if let Ok(p) = extended::parse(f.body()) {
@@ -1124,11 +1144,12 @@ impl Session {
                                 b.swallow_parse += 1;
                                 b.prepared.insert(name.to_string());
                             }
-                            if f.tag() == b'B' && st.session_set {
-                                if let Ok(p) = extended::parse(st.parse.body()) {
-                                    new_sets.push(p.query.to_string());
-                                }
-                            }
+                        }
+                    }
+                    if f.tag() == b'B' {
+                        if let Ok((portal, stmt)) = extended::bind_names(f.body()) {
+                            let step = self.stmts.get(stmt).map_or(Step::Other, |s| s.step.clone());
+                            settings.bind(portal, step);
                         }
                     }
                 }
@@ -1149,16 +1170,6 @@ impl Session {
         if std::mem::take(&mut self.capture_next) && target == Which::Primary && mode == Mode::Sync {
             simple::encode_query("select pg_current_wal_lsn()::text", wbuf);
             b.capture_lsn += 1;
-        }
-        new_sets.extend(set);
-        if !new_sets.is_empty() && self.tx != b'I' {
-            self.tx_sets.extend(new_sets);
-        } else if !new_sets.is_empty() {
-            self.sets.extend(new_sets);
-            if self.sets.len() > MAX_SETS {
-                self.pinned = true;
-            }
-            b.sets_applied = self.sets.len();
         }
         let node = b.node;
         *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
@@ -1242,6 +1253,33 @@ impl Session {
             };
         }
         self.client.flush().await.map_err(|_| End)
+    }
+
+    /// SET statements that now hold, run by backend `w`: remembered for the other connections
+    /// (`w` has them already). When the tracker lost track of which hold, the session keeps to
+    /// the primary, whose settings are then the session's.
+    fn hold_sets(&mut self, w: Which, held: Result<Vec<String>, Lost>) {
+        match held {
+            Ok(sets) if sets.is_empty() => {}
+            Ok(sets) => {
+                let before = self.sets.len();
+                let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
+                self.sets.extend(sets);
+                if self.sets.len() > MAX_SETS {
+                    self.pinned = true;
+                }
+                let n = self.sets.len();
+                if let Some(b) = self.backend(w).filter(|_| applied) {
+                    b.sets_applied = n;
+                }
+            }
+            Err(Lost) => {
+                tracing::warn!(
+                    "cannot tell which session settings of a request hold; the session stays on the primary"
+                );
+                self.pinned = true;
+            }
+        }
     }
 
     fn on_backend_frame(&mut self, w: Which, f: Frame) {
@@ -1356,28 +1394,17 @@ impl Session {
             }
         }
         match tag {
-            b'C' => self.committed = f.body().starts_with(b"COMMIT"),
+            b'C' => {
+                let tag = f.body().strip_suffix(b"\0").unwrap_or(f.body());
+                let held = self.settings.complete(tag);
+                self.hold_sets(w, held);
+            }
+            b'E' => self.settings.error(),
+            b'I' | b's' => self.settings.ended(),
             b'Z' => {
                 let s = status::ready_status(f.body()).unwrap_or(b'I');
-                if s == b'I' && !self.tx_sets.is_empty() {
-                    let sets = std::mem::take(&mut self.tx_sets);
-                    if self.committed {
-                        // The backend that ran the transaction has them already.
-                        let before = self.sets.len();
-                        let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
-                        self.sets.extend(sets);
-                        if self.sets.len() > MAX_SETS {
-                            self.pinned = true;
-                        }
-                        if applied {
-                            let n = self.sets.len();
-                            if let Some(b) = self.backend(w) {
-                                b.sets_applied = n;
-                            }
-                        }
-                    }
-                }
-                self.committed = false;
+                let held = self.settings.ready(s);
+                self.hold_sets(w, held);
                 self.tx = s;
                 self.tx_on_standby = w == Which::Standby && s != b'I';
                 self.awaiting = false;
