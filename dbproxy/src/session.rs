@@ -60,9 +60,10 @@ enum Which {
     Standby,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Mode {
     /// A Query, Sync or FunctionCall: the cycle ends with ReadyForQuery.
+    #[default]
     Sync,
     /// A Flush: the backend answers what it has, the batch goes on.
     Flush,
@@ -88,6 +89,85 @@ struct Stmt {
     read_only: bool,
     /// What executing it does to session settings and the transaction.
     step: Step,
+}
+
+/// The 25006 replay window: the batches of the current cycle sent to a standby whose answers
+/// have not reached the client, so that a standby's refusal (25006) can still send them to the
+/// primary. Answers are held back until the first one that is not ParseComplete, BindComplete,
+/// ParameterDescription, RowDescription, NoData or CloseComplete; that one (rows, a
+/// CommandComplete, an error) closes the window for the rest of the cycle. A batch ended by
+/// Flush and without Execute is answered by held messages only and the client waits for them:
+/// once all have arrived they are passed on and the batch leaves the window, whose later batches
+/// stay replayable (nothing executed was passed on).
+#[derive(Debug, Default)]
+struct Window {
+    batches: std::collections::VecDeque<Held>,
+}
+
+/// One batch in the replay window.
+#[derive(Debug)]
+struct Held {
+    frames: Vec<Frame>,
+    /// Held answers still to come that end a message's answer (all but ParameterDescription).
+    answers: usize,
+    /// It ends with Flush and holds no Execute (see [`Window`]).
+    released_when_answered: bool,
+}
+
+impl Window {
+    /// A batch was sent to the standby.
+    fn push(&mut self, frames: Vec<Frame>) {
+        let answers = frames
+            .iter()
+            .filter(|f| matches!(f.tag(), b'P' | b'B' | b'C' | b'D'))
+            .count();
+        let flush = frames.last().is_some_and(|f| f.tag() == b'H');
+        let execute = frames.iter().any(|f| matches!(f.tag(), b'E' | b'Q' | b'F'));
+        let released_when_answered = flush && !execute;
+        if !(released_when_answered && answers == 0) {
+            self.batches.push_back(Held {
+                frames,
+                answers,
+                released_when_answered,
+            });
+        }
+    }
+
+    /// A held answer with `tag` arrived; true when it completes the answers of a batch the
+    /// client waits for, which leaves the window (its held answers are to be passed on).
+    fn answered(&mut self, tag: u8) -> bool {
+        let Some(front) = self.batches.front_mut() else {
+            return false;
+        };
+        if tag != b't' {
+            front.answers = front.answers.saturating_sub(1);
+        }
+        if front.released_when_answered && front.answers == 0 {
+            self.batches.pop_front();
+            return true;
+        }
+        false
+    }
+
+    /// The frames to replay on the primary and how their last batch ended; `None` when there
+    /// is nothing to replay or it cannot run on its own: an Execute of a portal bound in a batch
+    /// whose answers were already passed on exists only on the standby.
+    fn replayable(self) -> Option<(Vec<Frame>, Mode)> {
+        let frames: Vec<Frame> = self.batches.into_iter().flat_map(|b| b.frames).collect();
+        let mut bound: Vec<&str> = Vec::new();
+        for f in &frames {
+            match f.tag() {
+                b'B' => bound.push(extended::bind_names(f.body()).ok()?.0),
+                b'E' if !bound.contains(&extended::execute_portal(f.body()).ok()?) => return None,
+                _ => {}
+            }
+        }
+        let mode = match frames.last()?.tag() {
+            b'H' => Mode::Flush,
+            _ => Mode::Sync,
+        };
+        Some((frames, mode))
+    }
 }
 
 /// The largest message accepted before authentication (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
@@ -478,13 +558,17 @@ struct Session {
     awaiting: bool,
     /// COPY FROM STDIN state of the current request.
     copy: Copy,
-    /// The request sent to a standby, kept until its response starts, for the 25006 replay.
-    replay: Option<Vec<Frame>>,
+    /// What was sent to a standby in this cycle and may still be replayed on the primary.
+    replay: Option<Window>,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
     /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
     replaying: bool,
+    /// What to replay on the primary, once `replay_now`.
+    replay_frames: Option<(Vec<Frame>, Mode)>,
     replay_now: bool,
+    /// A Sync was queued for the standby (it ends the batch a 25006 interrupted).
+    sync_standby: bool,
     cancel: Arc<CancelSlot>,
     key: (i32, i32),
 }
@@ -582,7 +666,9 @@ impl Session {
             replay: None,
             holdback: Vec::new(),
             replaying: false,
+            replay_frames: None,
             replay_now: false,
+            sync_standby: false,
             cancel: login.cancel,
             key: login.key,
         }
@@ -720,10 +806,10 @@ impl Session {
             }
             if self.replay_now {
                 self.replay_now = false;
-                let frames = self.replay.take().unwrap_or_default();
+                let (frames, mode) = self.replay_frames.take().unwrap_or_default();
                 self.cur = None;
                 self.shared.cluster.metrics.decision(Decision::Replay);
-                self.dispatch(Which::Primary, frames, Mode::Sync, true).await?;
+                self.dispatch(Which::Primary, frames, mode, true).await?;
                 continue;
             }
             let between = !self.awaiting && self.cur.is_none() && self.tx == b'I';
@@ -1182,8 +1268,17 @@ impl Session {
                 Role::Primary
             },
         );
-        self.replay = (target == Which::Standby && idle && mode == Mode::Sync).then_some(frames);
-        self.holdback.clear();
+        if self.cur.is_none() {
+            self.replay = None;
+            self.holdback.clear();
+        }
+        // Outside a transaction, a standby's 25006 is replayed on the primary while nothing
+        // executed of the cycle reached the client.
+        if target == Which::Standby && (idle || self.replay.is_some()) {
+            self.replay.get_or_insert_default().push(frames);
+        } else {
+            self.replay = None;
+        }
         self.cur = Some(target);
         self.awaiting = mode == Mode::Sync;
         if written.is_err() {
@@ -1227,15 +1322,30 @@ impl Session {
                     if let Some(b) = &self.standby {
                         self.shared.cluster.suspect(b.node);
                     }
-                    if w == Which::Standby && self.cur == Some(Which::Standby) && self.replay.is_some() {
-                        // The standby went away before any of the answer reached the client:
-                        // run the request on the primary instead.
-                        tracing::info!("standby connection lost mid-read; replaying on the primary");
-                        self.standby = None;
-                        self.replaying = false;
-                        self.replay_now = true;
-                        self.holdback.clear();
-                        return Ok(());
+                    if w == Which::Standby && self.cur == Some(Which::Standby) {
+                        if self.replay_frames.is_none() {
+                            let window = self.replay.take();
+                            if window.as_ref().is_some_and(|w| w.batches.is_empty()) {
+                                // Everything the standby answered in this cycle was passed on
+                                // and nothing was executed: the cycle simply goes on elsewhere
+                                // (statements are prepared lazily where the next batch runs).
+                                self.standby = None;
+                                self.cur = None;
+                                return self.client.flush().await.map_err(|_| End);
+                            }
+                            self.replay_frames = window.and_then(Window::replayable);
+                        }
+                        if self.replay_frames.is_some() {
+                            // The standby went away before any executed answer reached the
+                            // client: run the request on the primary instead.
+                            tracing::info!("standby connection lost mid-read; replaying on the primary");
+                            self.standby = None;
+                            self.replaying = false;
+                            self.replay_now = true;
+                            self.awaiting = true;
+                            self.holdback.clear();
+                            return Ok(());
+                        }
                     }
                     if w == Which::Standby && self.cur != Some(Which::Standby) && !self.tx_on_standby {
                         // An idle standby connection went away: open another when next needed.
@@ -1251,6 +1361,12 @@ impl Session {
                 Ok(None) => break,
                 Err(e) => Err(BackendError::Protocol(e)),
             };
+        }
+        if std::mem::take(&mut self.sync_standby) {
+            if let Some(b) = self.standby.as_mut() {
+                // A failed write shows as a failed read next, which replays the request then.
+                let _ = b.conn.flush().await;
+            }
         }
         self.client.flush().await.map_err(|_| End)
     }
@@ -1367,16 +1483,39 @@ impl Session {
             }
             return;
         }
-        if self.replay.is_some() {
+        if let Some(window) = self.replay.as_mut() {
             match tag {
                 b'1' | b'2' | b't' | b'T' | b'n' | b'3' => {
                     self.holdback.push(f);
+                    if window.answered(tag) {
+                        // A Flush batch the client waits on is answered in full.
+                        for h in self.holdback.drain(..) {
+                            self.client.wbuf.put_slice(h.raw());
+                        }
+                    }
                     return;
                 }
                 b'E' if perror::sqlstate(f.body()) == Some("25006") => {
-                    self.replaying = true;
-                    self.holdback.clear();
-                    return;
+                    let window = self.replay.take().unwrap_or_default();
+                    if let Some((frames, mode)) = window.replayable() {
+                        // Swallow the standby's answers up to its ReadyForQuery, then replay; a
+                        // batch ended by Flush gets a Sync to end it. The client's next
+                        // messages wait for the replay.
+                        if mode == Mode::Flush {
+                            if let Some(b) = self.standby.as_mut() {
+                                extended::encode_sync(&mut b.conn.wbuf);
+                                self.sync_standby = true;
+                            }
+                        }
+                        self.replay_frames = Some((frames, mode));
+                        self.replaying = true;
+                        self.awaiting = true;
+                        self.holdback.clear();
+                        return;
+                    }
+                    for h in self.holdback.drain(..) {
+                        self.client.wbuf.put_slice(h.raw());
+                    }
                 }
                 // The standby is shutting down or restarting; its connection ends next, and the
                 // request is replayed on the primary then.
@@ -1420,5 +1559,89 @@ impl Session {
             _ => {}
         }
         self.client.wbuf.put_slice(f.raw());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut b = bytes::BytesMut::new();
+        b.put_u8(tag);
+        b.put_i32(body.len() as i32 + 4);
+        b.put_slice(body);
+        Frame::from_raw(b.freeze())
+    }
+    fn parse() -> Frame {
+        frame(b'P', b"\0select f()\0\0\0")
+    }
+    fn bind(portal: &str) -> Frame {
+        frame(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
+    }
+    fn execute(portal: &str) -> Frame {
+        frame(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
+    }
+    fn describe() -> Frame {
+        frame(b'D', b"S\0")
+    }
+    fn flush() -> Frame {
+        frame(b'H', b"")
+    }
+    fn sync() -> Frame {
+        frame(b'S', b"")
+    }
+    fn tags(r: Option<(Vec<Frame>, Mode)>) -> Option<(Vec<u8>, Mode)> {
+        r.map(|(f, m)| (f.iter().map(Frame::tag).collect(), m))
+    }
+
+    #[test]
+    fn a_sync_batch_is_replayed_whole() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind(""), execute(""), sync()]);
+        assert!(!w.answered(b'1'));
+        assert!(!w.answered(b'2'));
+        assert_eq!(tags(w.replayable()), Some((b"PBES".to_vec(), Mode::Sync)));
+    }
+
+    #[test]
+    fn a_flush_batch_without_execute_is_passed_on_when_answered() {
+        let mut w = Window::default();
+        w.push(vec![parse(), describe(), flush()]);
+        w.push(vec![bind(""), execute(""), sync()]);
+        assert!(!w.answered(b'1'));
+        assert!(
+            !w.answered(b't'),
+            "ParameterDescription is followed by the row description"
+        );
+        assert!(
+            w.answered(b'T'),
+            "Parse and Describe answered: the client waits for them"
+        );
+        assert!(!w.answered(b'2'), "a batch with an Execute waits for its result");
+        assert_eq!(tags(w.replayable()), Some((b"BES".to_vec(), Mode::Sync)));
+    }
+
+    #[test]
+    fn a_flush_batch_with_execute_is_replayed_with_flush() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind(""), execute(""), flush()]);
+        assert_eq!(tags(w.replayable()), Some((b"PBEH".to_vec(), Mode::Flush)));
+        let mut w = Window::default();
+        w.push(vec![flush()]);
+        assert!(w.batches.is_empty(), "nothing to wait for");
+    }
+
+    #[test]
+    fn a_portal_bound_in_a_batch_passed_on_cannot_be_replayed() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind("p"), flush()]);
+        assert!(!w.answered(b'1'));
+        assert!(w.answered(b'2'));
+        w.push(vec![execute("p"), sync()]);
+        assert_eq!(tags(w.replayable()), None);
+        let mut w = Window::default();
+        w.push(vec![bind("p"), execute("q"), sync()]);
+        assert_eq!(tags(w.replayable()), None);
     }
 }
