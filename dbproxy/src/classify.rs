@@ -50,6 +50,9 @@ pub struct Classified {
     pub savepoint: bool,
 }
 
+/// The most statements [`Classifier::steps`] lists for one string.
+pub const MAX_STEPS: usize = 10_000;
+
 /// What one statement does to the session's settings and its transaction: what a session needs
 /// to follow which SET statements stay in force (see `settings.rs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -444,7 +447,8 @@ impl Classifier {
     /// The statements of `sql` in order, as PostgreSQL would split them, each with its effect on
     /// session settings and the transaction; `None` when the split is not sure: an unterminated
     /// quote, a `;` inside parentheses (CREATE RULE action lists), or a SQL-standard function body
-    /// (`BEGIN ATOMIC ... END`), whose semicolons do not end the statement.
+    /// (`BEGIN ATOMIC ... END`), whose semicolons do not end the statement; also past
+    /// [`MAX_STEPS`] statements, so the list stays small whatever the client sends.
     pub fn steps(&self, sql: &str) -> Option<Vec<Step>> {
         let tokens = lex(sql).ok()?;
         let mut out = Vec::new();
@@ -464,6 +468,9 @@ impl Classifier {
             };
             let t = &tokens[from..if matches!(tok, Tok::Semi(_)) { i } else { i + 1 }];
             if !t.is_empty() {
+                if out.len() == MAX_STEPS {
+                    return None;
+                }
                 out.push(self.step(t, sql.get(start..end)?.trim())?);
             }
             from = i + 1;
@@ -1178,6 +1185,9 @@ mod tests {
         assert_eq!(c.steps(" ; -- nothing\n;").unwrap(), vec![]);
         assert_eq!(c.steps("select 1").unwrap(), vec![Step::Other]);
         assert_eq!(c.steps("set x = 1;").unwrap(), vec![set("set x = 1")]);
+        let many = "select 1;".repeat(MAX_STEPS);
+        assert_eq!(c.steps(&many).map(|s| s.len()), Some(MAX_STEPS));
+        assert_eq!(c.steps(&format!("{many} select 2")), None);
         for unsure in [
             "set a = 'unterminated",
             "create rule r as on insert to t do also (insert into u values (1); insert into u values (2))",

@@ -1376,7 +1376,9 @@ impl Session {
     /// the primary, whose settings are then the session's.
     fn hold_sets(&mut self, w: Which, held: Result<Vec<String>, Lost>) {
         match held {
-            Ok(sets) if sets.is_empty() => {}
+            // A pinned session never uses another connection again (and ends with its primary
+            // connection): nothing to remember.
+            Ok(sets) if sets.is_empty() || self.pinned => {}
             Ok(sets) => {
                 let before = self.sets.len();
                 let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);

@@ -18,6 +18,10 @@ use std::collections::{HashMap, VecDeque};
 
 use crate::classify::Step;
 
+/// The most SETs and savepoints one transaction may have pending; past it the tracker gives up
+/// (the session then stays on the primary), so memory stays bounded whatever the client sends.
+pub const MAX_PENDING: usize = 1024;
+
 /// The statements and the answers did not line up: which settings hold is unknown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Lost;
@@ -167,7 +171,9 @@ impl Tracker {
             Step::Release(_) => tag == b"RELEASE",
             Step::Other => !is_control(tag) && tag != b"RESET" && !tag.starts_with(b"DISCARD"),
         };
+        let grows = matches!(step, Step::Set(_) | Step::Savepoint(_));
         if !fits
+            || (grows && self.open.len() >= MAX_PENDING)
             || self.block == Block::Failed
                 && !matches!(
                     step,
@@ -492,6 +498,14 @@ mod tests {
         assert_eq!(run(&mut t, b'I', "set a = 1", &["C:SET", "Z:T"]), Err(Lost));
         // A transaction command where a SET was expected.
         assert_eq!(run(&mut t, b'I', "set a = 1", &["C:COMMIT"]), Err(Lost));
+        // Too many pending SETs in one transaction.
+        t.start(b'T', true);
+        t.query(Some(vec![Step::Set("set a = 1".into()); MAX_PENDING + 1]));
+        for _ in 0..MAX_PENDING {
+            assert_eq!(t.complete(b"SET"), Ok(vec![]));
+        }
+        assert_eq!(t.complete(b"SET"), Err(Lost));
+        assert!(!t.needed());
         // A string that cannot be split.
         let sql = "set a = 1; create function f() returns int begin atomic select 1; end";
         assert_eq!(
