@@ -47,7 +47,7 @@ pub fn is_show_pool_nodes(sql: &str) -> bool {
 
 /// One row per node; `lb_node` is the node this session balances reads to.
 pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]> {
-    let total: u64 = cluster.nodes.iter().map(|n| n.config.weight as u64).sum();
+    let total: u64 = cluster.nodes.iter().map(|n| n.weight() as u64).sum();
     let primary = cluster.primary();
     (0..cluster.nodes.len())
         .map(|i| {
@@ -56,7 +56,7 @@ pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]
             let weight = if total == 0 {
                 0.0
             } else {
-                n.config.weight as f64 / total as f64
+                n.weight() as f64 / total as f64
             };
             let role = if i == primary { "primary" } else { s.role.as_str() };
             [

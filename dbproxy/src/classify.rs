@@ -46,6 +46,40 @@ pub struct Classified {
     /// It changes session settings (SET, RESET, DISCARD, set_config) that every backend connection of
     /// the session must share.
     pub session_set: bool,
+    /// It makes, releases or rolls back to a savepoint (which decides whether earlier SETs hold).
+    pub savepoint: bool,
+}
+
+/// The most statements [`Classifier::steps`] lists for one string.
+pub const MAX_STEPS: usize = 10_000;
+
+/// What one statement does to the session's settings and its transaction: what a session needs
+/// to follow which SET statements stay in force (see `settings.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A session-level SET, RESET, DISCARD, or a SELECT calling `set_config`: its text, which is
+    /// what other connections of the session replay if it holds.
+    Set(String),
+    /// BEGIN / START TRANSACTION.
+    Begin,
+    /// COMMIT / END / PREPARE TRANSACTION (`chain`: AND CHAIN opens the next transaction).
+    Commit {
+        /// AND CHAIN.
+        chain: bool,
+    },
+    /// ROLLBACK / ABORT.
+    Rollback {
+        /// AND CHAIN.
+        chain: bool,
+    },
+    /// SAVEPOINT name (names folded as PostgreSQL folds identifiers).
+    Savepoint(String),
+    /// RELEASE [SAVEPOINT] name.
+    Release(String),
+    /// ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name.
+    RollbackTo(String),
+    /// Anything else (SET LOCAL included: it never outlives its transaction).
+    Other,
 }
 
 impl Classified {
@@ -54,6 +88,7 @@ impl Classified {
         tx: TxCommand::None,
         pins_session: false,
         session_set: false,
+        savepoint: false,
     };
     const READ: Classified = Classified {
         target: Target::Standby,
@@ -386,7 +421,10 @@ impl Classifier {
         };
         let mut out = Classified::READ;
         let mut any = false;
-        for stmt in tokens.split(|t| *t == Tok::Semi).filter(|s| !s.is_empty()) {
+        for stmt in tokens
+            .split(|t| matches!(t, Tok::Semi(_)))
+            .filter(|s| !s.is_empty())
+        {
             any = true;
             let c = self.statement(stmt);
             if c.target == Target::Primary {
@@ -397,12 +435,94 @@ impl Classifier {
             }
             out.pins_session |= c.pins_session;
             out.session_set |= c.session_set;
+            out.savepoint |= c.savepoint;
         }
         if !any {
             // An empty query: harmless anywhere, but there is nothing to balance either.
             out.target = Target::Primary;
         }
         out
+    }
+
+    /// The statements of `sql` in order, as PostgreSQL would split them, each with its effect on
+    /// session settings and the transaction; `None` when the split is not sure: an unterminated
+    /// quote, a `;` inside parentheses (CREATE RULE action lists), or a SQL-standard function body
+    /// (`BEGIN ATOMIC ... END`), whose semicolons do not end the statement; also past
+    /// [`MAX_STEPS`] statements, so the list stays small whatever the client sends.
+    pub fn steps(&self, sql: &str) -> Option<Vec<Step>> {
+        let tokens = lex(sql).ok()?;
+        let mut out = Vec::new();
+        let mut depth = 0usize;
+        let (mut from, mut start) = (0, 0);
+        for (i, tok) in tokens.iter().enumerate() {
+            match tok {
+                Tok::Punct(b'(') => depth += 1,
+                Tok::Punct(b')') => depth = depth.saturating_sub(1),
+                Tok::Semi(_) if depth > 0 => return None,
+                _ => {}
+            }
+            let end = match tok {
+                Tok::Semi(at) => *at,
+                _ if i + 1 == tokens.len() => sql.len(),
+                _ => continue,
+            };
+            let t = &tokens[from..if matches!(tok, Tok::Semi(_)) { i } else { i + 1 }];
+            if !t.is_empty() {
+                if out.len() == MAX_STEPS {
+                    return None;
+                }
+                out.push(self.step(t, sql.get(start..end)?.trim())?);
+            }
+            from = i + 1;
+            start = end + 1;
+        }
+        Some(out)
+    }
+
+    /// The [`Step`] of one statement (`None`: a function body that cannot be split).
+    fn step(&self, t: &[Tok<'_>], text: &str) -> Option<Step> {
+        let kw = |i: usize, w: &str| {
+            t.get(i)
+                .and_then(Tok::word)
+                .is_some_and(|x| x.eq_ignore_ascii_case(w))
+        };
+        let has = |w: &str| {
+            t.iter()
+                .any(|x| x.word().is_some_and(|x| x.eq_ignore_ascii_case(w)))
+        };
+        let chain = t.windows(2).any(|w| {
+            w[0].word().is_some_and(|a| a.eq_ignore_ascii_case("and"))
+                && w[1].word().is_some_and(|b| b.eq_ignore_ascii_case("chain"))
+        });
+        // The savepoint name at `i`, folded like an identifier.
+        let name = |i: usize| match t.get(i) {
+            Some(Tok::Word(w)) => w.to_ascii_lowercase(),
+            Some(Tok::Quoted(q)) => q.replace("\"\"", "\""),
+            _ => String::new(),
+        };
+        let Some(first) = t.first().and_then(Tok::word) else {
+            return Some(Step::Other);
+        };
+        let first = first.to_ascii_lowercase();
+        Some(match first.as_str() {
+            "create" if has("atomic") => return None,
+            "begin" | "start" => Step::Begin,
+            "commit" | "end" if !kw(1, "prepared") => Step::Commit { chain },
+            "prepare" if kw(1, "transaction") => Step::Commit { chain: false },
+            "abort" => Step::Rollback { chain },
+            "rollback" if kw(1, "prepared") => Step::Other,
+            "rollback" => match t
+                .iter()
+                .position(|x| x.word().is_some_and(|w| w.eq_ignore_ascii_case("to")))
+            {
+                Some(to) => Step::RollbackTo(name(to + 1 + kw(to + 1, "savepoint") as usize)),
+                None => Step::Rollback { chain },
+            },
+            "savepoint" => Step::Savepoint(name(1)),
+            "release" => Step::Release(name(1 + kw(1, "savepoint") as usize)),
+            _ if self.statement(t).session_set => Step::Set(text.to_string()),
+            _ => Step::Other,
+        })
     }
 
     fn statement(&self, t: &[Tok<'_>]) -> Classified {
@@ -466,8 +586,12 @@ impl Classifier {
                 tx: TxCommand::End,
                 ..Classified::PRIMARY
             },
-            "rollback" if !kw(1, "to") && !kw(1, "prepared") => Classified {
+            "rollback" if !has("to") && !kw(1, "prepared") => Classified {
                 tx: TxCommand::End,
+                ..Classified::PRIMARY
+            },
+            "rollback" | "savepoint" | "release" if !kw(1, "prepared") => Classified {
+                savepoint: true,
                 ..Classified::PRIMARY
             },
             "prepare" if kw(1, "transaction") => Classified {
@@ -672,8 +796,8 @@ enum Tok<'a> {
     Quoted(&'a str),
     /// A literal (string, number, parameter): its value does not matter.
     Literal,
-    /// `;` outside any quoting.
-    Semi,
+    /// `;` outside any quoting, with its byte offset.
+    Semi(usize),
     /// Any other punctuation byte.
     Punct(u8),
 }
@@ -769,7 +893,7 @@ fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
                 out.push(Tok::Literal);
             }
             b';' => {
-                out.push(Tok::Semi);
+                out.push(Tok::Semi(i));
                 i += 1;
             }
             b'0'..=b'9' => {
@@ -960,12 +1084,22 @@ mod tests {
         }
         for not_end in [
             "rollback to savepoint a",
+            "rollback work to a",
             "commit prepared 'x'",
             "rollback prepared 'x'",
             "savepoint a",
         ] {
             assert_eq!(c.classify(not_end).tx, TxCommand::None, "{not_end}");
         }
+        for sp in [
+            "rollback work to a",
+            "savepoint a",
+            "release a",
+            "RELEASE SAVEPOINT a",
+        ] {
+            assert!(c.classify(sp).savepoint, "{sp}");
+        }
+        assert!(!c.classify("rollback prepared 'x'").savepoint);
         assert_eq!(
             c.classify("begin; insert into t values (1); commit").tx,
             TxCommand::End
@@ -1002,6 +1136,65 @@ mod tests {
         }
         assert!(!c.classify("select pg_advisory_xact_lock(1)").pins_session);
         assert!(!c.classify("select pg_advisory_unlock(1)").pins_session);
+    }
+
+    #[test]
+    fn statements_are_split_with_their_steps() {
+        let c = Classifier::default();
+        let set = |s: &str| Step::Set(s.to_string());
+        assert_eq!(
+            c.steps("BEGIN; SET work_mem = '1MB'; rollback").unwrap(),
+            vec![
+                Step::Begin,
+                set("SET work_mem = '1MB'"),
+                Step::Rollback { chain: false }
+            ]
+        );
+        assert_eq!(
+            c.steps("set local a = 1; reset b ;select set_config('c', ';', false) -- ;\n")
+                .unwrap(),
+            vec![
+                Step::Other,
+                set("reset b"),
+                set("select set_config('c', ';', false) -- ;"),
+            ]
+        );
+        assert_eq!(
+            c.steps("savepoint A; release savepoint a; rollback work to \"A\"; rollback to savepoint b")
+                .unwrap(),
+            vec![
+                Step::Savepoint("a".into()),
+                Step::Release("a".into()),
+                Step::RollbackTo("A".into()),
+                Step::RollbackTo("b".into()),
+            ]
+        );
+        assert_eq!(
+            c.steps(
+                "commit and chain; end; abort and no chain; prepare transaction 'x'; commit prepared 'x'"
+            )
+            .unwrap(),
+            vec![
+                Step::Commit { chain: true },
+                Step::Commit { chain: false },
+                Step::Rollback { chain: false },
+                Step::Commit { chain: false },
+                Step::Other,
+            ]
+        );
+        assert_eq!(c.steps(" ; -- nothing\n;").unwrap(), vec![]);
+        assert_eq!(c.steps("select 1").unwrap(), vec![Step::Other]);
+        assert_eq!(c.steps("set x = 1;").unwrap(), vec![set("set x = 1")]);
+        let many = "select 1;".repeat(MAX_STEPS);
+        assert_eq!(c.steps(&many).map(|s| s.len()), Some(MAX_STEPS));
+        assert_eq!(c.steps(&format!("{many} select 2")), None);
+        for unsure in [
+            "set a = 'unterminated",
+            "create rule r as on insert to t do also (insert into u values (1); insert into u values (2))",
+            "create function f() returns int begin atomic select 1; select 2; end",
+        ] {
+            assert_eq!(c.steps(unsure), None, "{unsure}");
+        }
     }
 
     #[test]

@@ -1,21 +1,22 @@
 //! The node table: each node's configured address and weight, and what the health checker last
 //! learned (role, health, WAL position, lag), plus standby selection. Selection does no I/O and
-//! locks are never held across an await.
+//! locks are never held across an await. A reload may change weights, lag limits and health
+//! settings live, and append nodes; a node never moves or leaves the table, so an index stays valid.
 //!
 //! It also holds the one routing decision failover changes: which node is the *elected* primary.
 //! Writes go only there. A node that was primary and lost the role, or claims to be primary without
 //! having been elected, is *fenced*: never routed to again until it is re-attached. Every change of
 //! the elected primary or of a fence bumps a generation that sessions watch.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::SystemTime;
 
 use tokio::sync::{watch, Notify};
 
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::config::{Config, NodeConfig};
+use crate::config::{Config, HealthConfig, NodeConfig};
 
 /// What a node says it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +61,11 @@ pub struct NodeStatus {
 /// One configured node and its live status.
 #[derive(Debug)]
 pub struct Node {
-    /// Its config entry.
+    /// Its config entry as it was when the node was added (its weight may have changed since:
+    /// see [`Node::weight`]).
     pub config: NodeConfig,
+    /// Load-balancing weight among standbys (0: never balanced to); changed by reloads.
+    weight: AtomicU32,
     /// Live status.
     pub status: Mutex<NodeStatus>,
     /// Statements routed to it (pgpool's select_cnt counts reads; this counts reads too).
@@ -80,6 +84,70 @@ impl Node {
     /// Counts one statement run here in role `role`.
     pub fn count_query(&self, role: Role) {
         self.queries[role as usize].inc();
+    }
+
+    /// The load-balancing weight in force.
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+}
+
+/// How many nodes the table holds at most (pgpool-II's limit, MAX_NUM_BACKENDS), unless the
+/// configuration at start-up has more.
+pub const MAX_NODES: usize = 128;
+
+/// The nodes in config order. Slots are filled in order and never moved or emptied, so a `&Node`
+/// stays valid while a reload appends nodes behind it; indexing works as on a `Vec`.
+#[derive(Debug)]
+pub struct Nodes {
+    slots: Box<[OnceLock<Node>]>,
+    len: AtomicUsize,
+}
+
+impl Nodes {
+    /// How many nodes there are.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Whether there is none (only before a configuration was loaded).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many nodes the table can hold.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Node `i`, if it exists.
+    pub fn get(&self, i: usize) -> Option<&Node> {
+        if i < self.len() {
+            self.slots[i].get()
+        } else {
+            None
+        }
+    }
+
+    /// The nodes in order.
+    pub fn iter(&self) -> impl Iterator<Item = &Node> {
+        self.slots[..self.len()].iter().filter_map(OnceLock::get)
+    }
+
+    /// Appends a node (the caller serialises appends); `None` when the table is full.
+    fn push(&self, node: Node) -> Option<usize> {
+        let i = self.len();
+        self.slots.get(i)?.set(node).ok()?;
+        self.len.store(i + 1, Ordering::Release);
+        Some(i)
+    }
+}
+
+impl std::ops::Index<usize> for Nodes {
+    type Output = Node;
+
+    fn index(&self, i: usize) -> &Node {
+        self.get(i).expect("node index out of range")
     }
 }
 
@@ -127,12 +195,16 @@ impl Metrics {
 #[derive(Debug)]
 pub struct Cluster {
     /// The nodes in config order (their index is pgpool's node_id).
-    pub nodes: Vec<Node>,
+    pub nodes: Nodes,
     /// Metrics shared by sessions.
     pub metrics: Metrics,
+    /// Smooth weighted round robin state, one value per node; its lock also serialises appends.
     wrr: Mutex<Vec<i64>>,
-    max_lag_bytes: u64,
-    max_lag_ms: u64,
+    max_lag_bytes: AtomicU64,
+    max_lag_ms: AtomicU64,
+    /// The health-check settings in force (health checkers and the failover manager watch them).
+    health: watch::Sender<HealthConfig>,
+    node_metrics: NodeMetrics,
     /// The elected primary's index, or [`NONE`].
     elected: AtomicUsize,
     /// Bumped on every change of the elected primary or of a fence.
@@ -146,6 +218,49 @@ pub struct Cluster {
 
 /// No elected primary.
 const NONE: usize = usize::MAX;
+
+/// The per-node metric families, kept to label nodes added by a reload.
+#[derive(Debug)]
+struct NodeMetrics {
+    queries: IntCounterVec,
+    healthy: IntGaugeVec,
+    lag: IntGaugeVec,
+    primary: IntGaugeVec,
+}
+
+impl NodeMetrics {
+    /// Node `config`'s entry, with `healthy` assumed until its first check and `role` assumed.
+    fn node(&self, config: &NodeConfig, role: Role, healthy: bool) -> Node {
+        let n = config;
+        let node = Node {
+            config: n.clone(),
+            weight: AtomicU32::new(n.weight),
+            status: Mutex::new(NodeStatus {
+                role,
+                healthy,
+                reachable: healthy,
+                lsn: None,
+                lag_ms: 0,
+                replication_state: String::new(),
+                sync_state: String::new(),
+                last_change: SystemTime::now(),
+            }),
+            select_cnt: AtomicU64::new(0),
+            fenced: AtomicBool::new(false),
+            reprobe: Notify::new(),
+            queries: [
+                self.queries.with_label_values(&[&n.name, "primary"]),
+                self.queries.with_label_values(&[&n.name, "standby"]),
+            ],
+            healthy_gauge: self.healthy.with_label_values(&[&n.name]),
+            lag_gauge: self.lag.with_label_values(&[&n.name]),
+            primary_gauge: self.primary.with_label_values(&[&n.name]),
+        };
+        node.healthy_gauge.set(healthy as i64);
+        node.primary_gauge.set((role == Role::Primary) as i64);
+        node
+    }
+}
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
     if let Err(e) = r.register(Box::new(c.clone())) {
@@ -226,44 +341,28 @@ impl Cluster {
             )
             .expect("valid metric"),
         );
-        let nodes = config
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, n)| {
-                let role = if i == 0 { Role::Primary } else { Role::Standby };
-                let node = Node {
-                    config: n.clone(),
-                    status: Mutex::new(NodeStatus {
-                        role,
-                        healthy: true,
-                        reachable: true,
-                        lsn: None,
-                        lag_ms: 0,
-                        replication_state: String::new(),
-                        sync_state: String::new(),
-                        last_change: SystemTime::now(),
-                    }),
-                    select_cnt: AtomicU64::new(0),
-                    fenced: AtomicBool::new(false),
-                    reprobe: Notify::new(),
-                    queries: [
-                        queries.with_label_values(&[&n.name, "primary"]),
-                        queries.with_label_values(&[&n.name, "standby"]),
-                    ],
-                    healthy_gauge: healthy.with_label_values(&[&n.name]),
-                    lag_gauge: lag.with_label_values(&[&n.name]),
-                    primary_gauge: primary.with_label_values(&[&n.name]),
-                };
-                node.healthy_gauge.set(1);
-                node.primary_gauge.set((role == Role::Primary) as i64);
-                node
-            })
-            .collect::<Vec<_>>();
+        let node_metrics = NodeMetrics {
+            queries,
+            healthy,
+            lag,
+            primary,
+        };
+        let nodes = Nodes {
+            slots: (0..MAX_NODES.max(config.nodes.len()))
+                .map(|_| OnceLock::new())
+                .collect(),
+            len: AtomicUsize::new(0),
+        };
+        for (i, n) in config.nodes.iter().enumerate() {
+            let role = if i == 0 { Role::Primary } else { Role::Standby };
+            nodes.push(node_metrics.node(n, role, true));
+        }
         let d = |name: &str| decisions.with_label_values(&[name]);
         Cluster {
             wrr: Mutex::new(vec![0; nodes.len()]),
             nodes,
+            health: watch::Sender::new(config.health.clone()),
+            node_metrics,
             metrics: Metrics {
                 connections,
                 connections_total,
@@ -277,14 +376,59 @@ impl Cluster {
                 ],
                 errors,
             },
-            max_lag_bytes: config.routing.max_replica_lag_bytes,
-            max_lag_ms: config.routing.max_replica_lag_ms,
+            max_lag_bytes: AtomicU64::new(config.routing.max_replica_lag_bytes),
+            max_lag_ms: AtomicU64::new(config.routing.max_replica_lag_ms),
             elected: AtomicUsize::new(NONE),
             generation: watch::Sender::new(0),
             busy: AtomicBool::new(false),
             primary_down: Notify::new(),
             fenced_gauge,
         }
+    }
+
+    /// Appends a node (a reload added it): a standby, down until its first passing health
+    /// checks; `None` when the table is full.
+    pub fn add_node(&self, config: &NodeConfig) -> Option<usize> {
+        let mut wrr = self.wrr.lock().expect("wrr poisoned");
+        let node = self.node_metrics.node(config, Role::Standby, false);
+        wrr.push(0);
+        let i = self.nodes.push(node);
+        if i.is_none() {
+            wrr.pop();
+        }
+        i
+    }
+
+    /// Sets node `i`'s load-balancing weight.
+    pub fn set_weight(&self, i: usize, weight: u32) {
+        self.nodes[i].weight.store(weight, Ordering::Relaxed);
+    }
+
+    /// The health-check settings in force.
+    pub fn health(&self) -> HealthConfig {
+        self.health.borrow().clone()
+    }
+
+    /// A receiver that sees every change of the health-check settings.
+    pub fn watch_health(&self) -> watch::Receiver<HealthConfig> {
+        self.health.subscribe()
+    }
+
+    /// Puts new health-check settings in force (the checkers pick them up at once).
+    pub fn set_health(&self, health: &HealthConfig) {
+        self.health.send_if_modified(|h| {
+            let changed = h != health;
+            if changed {
+                *h = health.clone();
+            }
+            changed
+        });
+    }
+
+    /// Sets the replication-lag limits beyond which a standby gets no reads (0: none).
+    pub fn set_lag_limits(&self, bytes: u64, ms: u64) {
+        self.max_lag_bytes.store(bytes, Ordering::Relaxed);
+        self.max_lag_ms.store(ms, Ordering::Relaxed);
     }
 
     /// The elected primary, if there is one (none before discovery, during a switchover, or
@@ -419,20 +563,22 @@ impl Cluster {
     /// Whether standby `i` may take reads now: a healthy standby with weight, within the lag limits.
     pub fn eligible(&self, i: usize) -> bool {
         let n = &self.nodes[i];
-        if n.config.weight == 0 || self.is_fenced(i) || self.elected() == Some(i) {
+        if n.weight() == 0 || self.is_fenced(i) || self.elected() == Some(i) {
             return false;
         }
+        let max_lag_ms = self.max_lag_ms.load(Ordering::Relaxed);
+        let max_lag_bytes = self.max_lag_bytes.load(Ordering::Relaxed);
         let (ok, lag_ms) = {
             let s = n.status.lock().expect("status poisoned");
             (s.healthy && s.role == Role::Standby, s.lag_ms)
         };
-        if !ok || (self.max_lag_ms > 0 && lag_ms > self.max_lag_ms) {
+        if !ok || (max_lag_ms > 0 && lag_ms > max_lag_ms) {
             return false;
         }
-        if self.max_lag_bytes > 0 {
+        if max_lag_bytes > 0 {
             let lag = self.lag_bytes(i).unwrap_or(0);
             n.lag_gauge.set(lag as i64);
-            if lag > self.max_lag_bytes {
+            if lag > max_lag_bytes {
                 return false;
             }
         }
@@ -454,7 +600,7 @@ impl Cluster {
     pub fn pick_standby(&self, min_lsn: Option<u64>) -> Option<usize> {
         let candidates: Vec<(usize, u32)> = (0..self.nodes.len())
             .filter(|&i| self.eligible(i) && min_lsn.is_none_or(|l| self.replayed(i, l)))
-            .map(|i| (i, self.nodes[i].config.weight))
+            .map(|i| (i, self.nodes[i].weight()))
             .collect();
         let mut cur = self.wrr.lock().expect("wrr poisoned");
         smooth_wrr(&mut cur, &candidates)
@@ -569,6 +715,32 @@ mod tests {
         assert_eq!(c.elected(), None, "fencing the primary unelects it");
         c.unfence(0);
         assert!(!c.is_fenced(0));
+    }
+
+    #[test]
+    fn weights_change_and_nodes_are_added_live() {
+        let c = cluster(&[1, 1]);
+        let held = &c.nodes[1];
+        assert_eq!(c.pick_standby(None), Some(1));
+        c.set_weight(1, 0);
+        assert_eq!(c.pick_standby(None), None, "weight 0 is never balanced to");
+        let added = NodeConfig {
+            name: "n2".into(),
+            ..NodeConfig::default()
+        };
+        assert_eq!(c.add_node(&added), Some(2));
+        assert_eq!(c.nodes.len(), 3);
+        assert_eq!(held.config.name, "n1", "references stay valid");
+        assert!(!c.eligible(2), "an added node is down until checked");
+        c.update(2, |s| s.healthy = true);
+        assert_eq!(c.pick_standby(None), Some(2));
+        let names: Vec<&str> = c.nodes.iter().map(|n| n.config.name.as_str()).collect();
+        assert_eq!(names, ["n0", "n1", "n2"]);
+        assert!(c.nodes.get(3).is_none());
+        while c.nodes.len() < c.nodes.capacity() {
+            assert!(c.add_node(&added).is_some());
+        }
+        assert_eq!(c.add_node(&added), None, "a full table refuses more");
     }
 
     #[test]

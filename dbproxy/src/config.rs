@@ -16,14 +16,16 @@ pub struct Config {
     pub listen: String,
     /// Address the admin HTTP listener (`/metrics`, `/status`) binds.
     pub admin_listen: String,
-    /// The PostgreSQL servers, in pgpool's backend order.
+    /// The PostgreSQL servers, in pgpool's backend order. A reload (SIGHUP) may append nodes and
+    /// change weights at once; changing an existing node's name, host or port, or removing one,
+    /// needs a restart.
     pub nodes: Vec<NodeConfig>,
     /// Users clients may log in as, with their credentials.
     pub users: Vec<UserConfig>,
     /// Client authentication rules, first match wins (like pg_hba.conf). Empty means
     /// SCRAM-SHA-256 for every user from anywhere.
     pub hba: Vec<HbaRule>,
-    /// Node health checking.
+    /// Node health checking (a reload applies it at once).
     pub health: HealthConfig,
     /// Read/write routing.
     pub routing: RoutingConfig,
@@ -112,7 +114,7 @@ pub struct TlsConfig {
 }
 
 /// One PostgreSQL server.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodeConfig {
     /// A name for logs and metrics (defaults to `nodeN`).
@@ -197,7 +199,7 @@ impl Default for HbaRule {
 }
 
 /// How node health is checked.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthConfig {
     /// Seconds between checks. A connection to a node that fails on the data path triggers a

@@ -87,10 +87,9 @@ impl Checker {
     }
 }
 
-/// Runs the checker of node `i` until `shutdown`.
-pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown: Shutdown) {
-    let node = &cluster.nodes[i].config;
-    let mut conn_string = format!(
+/// The connection string a checker of `node` uses with `config`.
+fn conn_string(node: &crate::config::NodeConfig, config: &HealthConfig) -> String {
+    let mut s = format!(
         "host={} port={} user={} dbname={} application_name=dbproxy-health connect_timeout={}",
         node.host,
         node.port,
@@ -99,22 +98,38 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown
         config.timeout.ceil().max(1.0) as u64
     );
     if !config.password.is_empty() {
-        conn_string.push_str(&format!(" password={}", quote(&config.password)));
+        s.push_str(&format!(" password={}", quote(&config.password)));
     }
-    let mut checker = Checker {
-        conn_string,
-        client: None,
-    };
-    let mut state = HealthState::new(
-        Thresholds {
-            rise: config.rise,
-            fall: config.fall,
-        },
-        true,
-    );
-    let timeout = secs(config.timeout);
+    s
+}
+
+fn thresholds(config: &HealthConfig) -> Thresholds {
+    Thresholds {
+        rise: config.rise,
+        fall: config.fall,
+    }
+}
+
+fn interval_for(config: &HealthConfig) -> tokio::time::Interval {
     let mut ticker = tokio::time::interval(secs(config.period));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker
+}
+
+/// Runs the checker of node `i` until `shutdown`, with the cluster's health settings; new
+/// settings (a reload) apply from the next check, which then runs at once.
+pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
+    let node = &cluster.nodes[i].config;
+    let mut settings = cluster.watch_health();
+    let mut config = settings.borrow_and_update().clone();
+    let mut checker = Checker {
+        conn_string: conn_string(node, &config),
+        client: None,
+    };
+    // Nodes configured at start are assumed up until checked; one added by a reload is down
+    // until its first passing checks.
+    let mut state = HealthState::new(thresholds(&config), cluster.status(i).healthy);
+    let mut ticker = interval_for(&config);
     let mut claimed = false;
     loop {
         tokio::select! {
@@ -124,7 +139,15 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, config: HealthConfig, shutdown
                 tracing::debug!(node = %cluster.nodes[i].config.name, "data-path error: checking now");
                 ticker.reset();
             }
+            Ok(()) = settings.changed() => {
+                config = settings.borrow_and_update().clone();
+                checker.conn_string = conn_string(node, &config);
+                state.set_thresholds(thresholds(&config));
+                ticker = interval_for(&config);
+                continue;
+            }
         }
+        let timeout = secs(config.timeout);
         let mut result = Err(ProbeError::Timeout);
         for attempt in 0..=config.max_retries {
             if attempt > 0 {

@@ -2,9 +2,11 @@
 //! authenticates clients itself, sends writes and transactions to the primary and sure reads to
 //! healthy standbys, health-checks every node and answers `SHOW POOL_NODES` (replaces pgpool-II).
 //!
-//! Map: `protocol/` is the codec (no I/O); `session` runs one client; `backend` logs into nodes;
+//! Map: `protocol/` is the codec (no I/O); `session` runs one client (`settings` follows which of
+//! its SET statements hold); `backend` logs into nodes;
 //! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
-//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts and shuts down.
+//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts and shuts down;
+//! `reload` decides what a new configuration changes.
 
 pub mod admin;
 pub mod auth;
@@ -17,8 +19,10 @@ pub mod health;
 pub mod manager;
 pub mod pgpool_conf;
 pub mod protocol;
+pub mod reload;
 pub mod server;
 pub mod session;
+pub mod settings;
 pub mod tls;
 
 pub use config::Config;

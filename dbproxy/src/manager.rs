@@ -13,7 +13,7 @@ use prometheus::{IntCounterVec, Opts, Registry};
 use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, Role};
-use crate::config::{secs, Config, HealthConfig};
+use crate::config::{secs, Config};
 use crate::failover::{
     self, Credentials, FailoverConfig, FailoverEvent, NodeRef, Placeholders, PromoteMethod, Topology,
 };
@@ -25,8 +25,6 @@ const HISTORY: usize = 50;
 pub struct Manager {
     cluster: Arc<Cluster>,
     config: FailoverConfig,
-    health: HealthConfig,
-    cred: Credentials,
     /// One operation at a time.
     op: tokio::sync::Mutex<()>,
     history: Mutex<VecDeque<Value>>,
@@ -136,16 +134,21 @@ impl Manager {
         Manager {
             cluster,
             config: config.failover.clone(),
-            health: config.health.clone(),
-            cred: Credentials {
-                user: config.health.user.clone(),
-                password: config.health.password.clone(),
-                database: config.health.database.clone(),
-                connect_timeout: secs(config.health.timeout),
-            },
             op: tokio::sync::Mutex::new(()),
             history: Mutex::new(VecDeque::new()),
             events,
+        }
+    }
+
+    /// How failover steps log into nodes: as the health checks do, with their settings in
+    /// force (a reload changes them).
+    fn cred(&self) -> Credentials {
+        let h = self.cluster.health();
+        Credentials {
+            user: h.user,
+            password: h.password,
+            database: h.database,
+            connect_timeout: secs(h.timeout),
         }
     }
 
@@ -188,7 +191,7 @@ impl Manager {
     pub async fn discover(&self) -> Option<usize> {
         let probes = (0..self.cluster.nodes.len()).map(|i| {
             let node = self.node_ref(i);
-            let cred = self.cred.clone();
+            let cred = self.cred();
             async move {
                 let limit = cred.connect_timeout * 2;
                 let r = tokio::time::timeout(limit, failover::node_timeline(&node, &cred)).await;
@@ -238,10 +241,12 @@ impl Manager {
     /// Watches for the elected primary going down and fails over; also re-attaches fenced nodes
     /// when `rejoin.automatic` is set. Runs until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
-        let period = secs(self.health.period);
         let mut retry_after: Option<Instant> = None;
-        let mut rejoin_tried: Vec<Option<Instant>> = vec![None; self.cluster.nodes.len()];
+        let mut rejoin_tried: Vec<Option<Instant>> = Vec::new();
         loop {
+            let period = secs(self.cluster.health().period);
+            // A reload may have added nodes.
+            rejoin_tried.resize(self.cluster.nodes.len(), None);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.cluster.primary_down.notified() => {}
@@ -282,7 +287,8 @@ impl Manager {
         let detected_at = self.cluster.status(failed).last_change;
         tracing::warn!(node = %name, "primary is down: failing over");
         self.cluster.busy.store(true, Ordering::Release);
-        let ev = failover::fail_over(&*self.cluster, failed, &self.config, &self.cred, detected_at).await;
+        let cred = self.cred();
+        let ev = failover::fail_over(&*self.cluster, failed, &self.config, &cred, detected_at).await;
         self.cluster.busy.store(false, Ordering::Release);
         let outcome = if ev.error.is_some() { "failed" } else { "ok" };
         match &ev.promoted {
@@ -345,7 +351,7 @@ impl Manager {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
-        if let Err(e) = failover::wait_following(&node, &primary, &self.cred, left).await {
+        if let Err(e) = failover::wait_following(&node, &primary, &self.cred(), left).await {
             self.record_attach(&name, started, Some(e.to_string()));
             return Err(OpError::Failed(e.to_string()));
         }
@@ -412,9 +418,10 @@ impl Manager {
         cluster.busy.store(true, Ordering::Release);
         cluster.unelect();
         let timeout = secs(self.config.switchover_timeout);
+        let cred = self.cred();
         let result = async {
-            let lsn = failover::quiesce(&old, &self.cred).await?;
-            failover::wait_replayed(&target, lsn, &self.cred, timeout).await?;
+            let lsn = failover::quiesce(&old, &cred).await?;
+            failover::wait_replayed(&target, lsn, &cred, timeout).await?;
             let pcfg = self.config.promote_for(&name);
             let placeholders = Placeholders {
                 subject: target.clone(),
@@ -427,7 +434,7 @@ impl Manager {
                 &target,
                 pcfg,
                 &placeholders,
-                &self.cred,
+                &cred,
                 secs(self.config.promote_timeout),
             )
             .await
@@ -435,7 +442,7 @@ impl Manager {
         .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "switchover failed: writes resume on the old primary");
-            let undo = failover::unquiesce(&old, &self.cred).await;
+            let undo = failover::unquiesce(&old, &cred).await;
             cluster.elect(p);
             cluster.busy.store(false, Ordering::Release);
             ev.error = Some(match undo {
@@ -456,7 +463,7 @@ impl Manager {
             .map(|s| s.0)
             .filter(|&i| i != id)
             .collect();
-        failover::settle(&nodes, id, &followers, &self.config, &self.cred, &mut ev).await;
+        failover::settle(&nodes, id, &followers, &self.config, &cred, &mut ev).await;
         cluster.busy.store(false, Ordering::Release);
         tracing::warn!(from = %old.name, to = %name, "switchover complete; the old primary is fenced until re-attached");
         let v = event_json("switchover", &ev);

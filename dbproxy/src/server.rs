@@ -69,9 +69,11 @@ pub async fn run_with_admin(
 }
 
 /// Like [`run_with_admin`], also taking new configurations from `reload` (the binary feeds it on
-/// SIGHUP). Users, client authentication, routing and limits apply to connections accepted after
-/// the reload; sessions keep the settings they started with. Nodes, health checks, listeners, the
-/// connection limit and the number of serving threads need a restart (a reload that changes them says so and keeps the old).
+/// SIGHUP). Node weights, health checks and replication-lag limits change at once and nodes may
+/// be appended; users, client authentication, routing and limits apply to connections accepted
+/// after the reload (sessions keep the settings they started with). An existing node's address,
+/// the listeners, the connection limit, the number of serving threads and failover settings need
+/// a restart (a reload that changes them says so and keeps the old); see [`crate::reload`].
 pub async fn run_with(
     listener: TcpListener,
     admin: Option<TcpListener>,
@@ -94,12 +96,7 @@ pub async fn run_with(
     manager.discover().await;
     tasks.spawn(manager.clone().run(shutdown.clone()));
     for i in 0..cluster.nodes.len() {
-        tasks.spawn(crate::health::run(
-            cluster.clone(),
-            i,
-            first.config.health.clone(),
-            shutdown.clone(),
-        ));
+        tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
     }
     if let Some(admin) = admin {
         let routes = Arc::new(crate::admin::Routes {
@@ -118,12 +115,15 @@ pub async fn run_with(
             _ = shutdown.cancelled() => break,
             Some(new) = recv(&mut reload) => {
                 let current = shared.load_full();
-                if restart_needed(&current.config, &new) {
-                    tracing::warn!("reload: nodes, health checks, listeners or max_connections changed; \
-                                    they apply after a restart");
-                }
-                match generation(new, &cluster, &cancels, &shutdown) {
+                let next = match crate::reload::merge(&current.config, new) {
+                    Ok(c) => generation(c, &cluster, &cancels, &shutdown).map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match next {
                     Ok(g) => {
+                        for i in crate::reload::apply(&cluster, &g.config) {
+                            tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
+                        }
                         shared.store(Arc::new(g));
                         tracing::info!("configuration reloaded");
                     }
@@ -188,23 +188,6 @@ fn generation(
         shutdown: shutdown.clone(),
         config,
     })
-}
-
-/// Whether `new` changes settings a reload cannot apply.
-fn restart_needed(old: &Config, new: &Config) -> bool {
-    let nodes = |c: &Config| -> Vec<(String, String, u16, u32)> {
-        c.nodes
-            .iter()
-            .map(|n| (n.name.clone(), n.host.clone(), n.port, n.weight))
-            .collect()
-    };
-    let health = |c: &Config| toml::to_string(&c.health).unwrap_or_default();
-    nodes(old) != nodes(new)
-        || health(old) != health(new)
-        || old.listen != new.listen
-        || old.admin_listen != new.admin_listen
-        || old.limits.max_connections != new.limits.max_connections
-        || old.workers != new.workers
 }
 
 /// The next reload, or pending forever when there is no reload channel.

@@ -17,10 +17,11 @@ use tokio::net::TcpStream;
 
 use crate::auth::{self, AuthError, Credentials, Hba, ScramServer};
 use crate::backend::{self, Backend, BackendError, Conn};
-use crate::classify::{Classifier, Target, TxCommand};
+use crate::classify::{Classifier, Step, Target, TxCommand};
 use crate::cluster::{parse_lsn, Cluster, Decision, Role};
 use crate::config::{secs, AuthMethod, Config, WriteStickiness};
 use crate::protocol::{self, auth as pauth, error as perror, extended, simple, status, Frame, Startup};
+use crate::settings::{Lost, Tracker};
 
 /// Where a session's current request runs.
 pub type CancelSlot = Mutex<Option<(SocketAddr, i32, i32)>>;
@@ -59,9 +60,10 @@ enum Which {
     Standby,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum Mode {
     /// A Query, Sync or FunctionCall: the cycle ends with ReadyForQuery.
+    #[default]
     Sync,
     /// A Flush: the backend answers what it has, the batch goes on.
     Flush,
@@ -85,8 +87,87 @@ struct Stmt {
     parse: Frame,
     /// The statement surely only reads.
     read_only: bool,
-    /// It changes session settings (its text is applied to the other connection).
-    session_set: bool,
+    /// What executing it does to session settings and the transaction.
+    step: Step,
+}
+
+/// The 25006 replay window: the batches of the current cycle sent to a standby whose answers
+/// have not reached the client, so that a standby's refusal (25006) can still send them to the
+/// primary. Answers are held back until the first one that is not ParseComplete, BindComplete,
+/// ParameterDescription, RowDescription, NoData or CloseComplete; that one (rows, a
+/// CommandComplete, an error) closes the window for the rest of the cycle. A batch ended by
+/// Flush and without Execute is answered by held messages only and the client waits for them:
+/// once all have arrived they are passed on and the batch leaves the window, whose later batches
+/// stay replayable (nothing executed was passed on).
+#[derive(Debug, Default)]
+struct Window {
+    batches: std::collections::VecDeque<Held>,
+}
+
+/// One batch in the replay window.
+#[derive(Debug)]
+struct Held {
+    frames: Vec<Frame>,
+    /// Held answers still to come that end a message's answer (all but ParameterDescription).
+    answers: usize,
+    /// It ends with Flush and holds no Execute (see [`Window`]).
+    released_when_answered: bool,
+}
+
+impl Window {
+    /// A batch was sent to the standby.
+    fn push(&mut self, frames: Vec<Frame>) {
+        let answers = frames
+            .iter()
+            .filter(|f| matches!(f.tag(), b'P' | b'B' | b'C' | b'D'))
+            .count();
+        let flush = frames.last().is_some_and(|f| f.tag() == b'H');
+        let execute = frames.iter().any(|f| matches!(f.tag(), b'E' | b'Q' | b'F'));
+        let released_when_answered = flush && !execute;
+        if !(released_when_answered && answers == 0) {
+            self.batches.push_back(Held {
+                frames,
+                answers,
+                released_when_answered,
+            });
+        }
+    }
+
+    /// A held answer with `tag` arrived; true when it completes the answers of a batch the
+    /// client waits for, which leaves the window (its held answers are to be passed on).
+    fn answered(&mut self, tag: u8) -> bool {
+        let Some(front) = self.batches.front_mut() else {
+            return false;
+        };
+        if tag != b't' {
+            front.answers = front.answers.saturating_sub(1);
+        }
+        if front.released_when_answered && front.answers == 0 {
+            self.batches.pop_front();
+            return true;
+        }
+        false
+    }
+
+    /// The frames to replay on the primary and how their last batch ended; `None` when there
+    /// is nothing to replay or it cannot run on its own: an Execute of a portal bound in a batch
+    /// whose answers were already passed on exists only on the standby.
+    fn replayable(self) -> Option<(Vec<Frame>, Mode)> {
+        let frames: Vec<Frame> = self.batches.into_iter().flat_map(|b| b.frames).collect();
+        let mut bound: Vec<&str> = Vec::new();
+        for f in &frames {
+            match f.tag() {
+                b'B' => bound.push(extended::bind_names(f.body()).ok()?.0),
+                b'E' if !bound.contains(&extended::execute_portal(f.body()).ok()?) => return None,
+                _ => {}
+            }
+        }
+        let mode = match frames.last()?.tag() {
+            b'H' => Mode::Flush,
+            _ => Mode::Sync,
+        };
+        Some((frames, mode))
+    }
 }
 
 /// The largest message accepted before authentication (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
@@ -460,13 +541,13 @@ struct Session {
     /// The request being dispatched wrote: learn the WAL position behind it.
     capture_next: bool,
     stmts: HashMap<String, Stmt>,
-    /// Session-level SET statements in order, applied to each backend before its next use.
+    /// Session-level SET statements that hold, in order, applied to each backend before its
+    /// next use.
     sets: Vec<String>,
-    /// SET statements run inside the open transaction: they join `sets` if it commits and are
-    /// forgotten if it rolls back, as PostgreSQL itself undoes them.
-    tx_sets: Vec<String>,
-    /// The last CommandComplete of the current request was COMMIT.
-    committed: bool,
+    /// Follows the statements of each request to tell which SETs hold: those that ran outside
+    /// a transaction or whose transaction committed, not those rolled back (as PostgreSQL
+    /// itself undoes them), nor SET LOCAL.
+    settings: Tracker,
     /// Extended-protocol messages waiting for Sync or Flush.
     batch: Vec<Frame>,
     /// Every statement of `batch` surely only reads.
@@ -477,13 +558,17 @@ struct Session {
     awaiting: bool,
     /// COPY FROM STDIN state of the current request.
     copy: Copy,
-    /// The request sent to a standby, kept until its response starts, for the 25006 replay.
-    replay: Option<Vec<Frame>>,
+    /// What was sent to a standby in this cycle and may still be replayed on the primary.
+    replay: Option<Window>,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
     /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
     replaying: bool,
+    /// What to replay on the primary, once `replay_now`.
+    replay_frames: Option<(Vec<Frame>, Mode)>,
     replay_now: bool,
+    /// A Sync was queued for the standby (it ends the batch a 25006 interrupted).
+    sync_standby: bool,
     cancel: Arc<CancelSlot>,
     /// The backend key now in `cancel`, so the slot's lock is taken only when it changes.
     cancel_key: Option<(i32, i32)>,
@@ -509,7 +594,9 @@ struct Route {
     /// It writes or may write (not a read, not transaction control).
     writes: bool,
     pins: bool,
-    session_set: bool,
+    /// It changes settings or the transaction (SET, BEGIN/COMMIT/ROLLBACK, savepoints): the
+    /// session follows it statement by statement.
+    follow: bool,
 }
 
 /// Whether `sql` starts with DEALLOCATE or DISCARD.
@@ -580,8 +667,7 @@ impl Session {
             capture_next: false,
             stmts: HashMap::new(),
             sets: Vec::new(),
-            tx_sets: Vec::new(),
-            committed: false,
+            settings: Tracker::default(),
             batch: Vec::new(),
             batch_ok: true,
             cur: None,
@@ -590,7 +676,9 @@ impl Session {
             replay: None,
             holdback: Vec::new(),
             replaying: false,
+            replay_frames: None,
             replay_now: false,
+            sync_standby: false,
             cancel: login.cancel,
             cancel_key: None,
             key: login.key,
@@ -605,7 +693,7 @@ impl Session {
             standby_ok: c.target == Target::Standby || begin_ro,
             writes: c.target == Target::Primary && !control && !c.session_set,
             pins: c.pins_session,
-            session_set: c.session_set,
+            follow: c.session_set || control || c.savepoint,
         }
     }
 
@@ -692,6 +780,7 @@ impl Session {
             self.cur = None;
             self.replay = None;
             self.holdback.clear();
+            self.settings.abandon();
             *self.cancel.lock().expect("slot poisoned") = None;
             self.cancel_key = None;
             return self.client.flush().await.map_err(|_| End);
@@ -738,10 +827,10 @@ impl Session {
             }
             if self.replay_now {
                 self.replay_now = false;
-                let frames = self.replay.take().unwrap_or_default();
+                let (frames, mode) = self.replay_frames.take().unwrap_or_default();
                 self.cur = None;
                 self.shared.cluster.metrics.decision(Decision::Replay);
-                self.dispatch(Which::Primary, frames, Mode::Sync, None).await?;
+                self.dispatch(Which::Primary, frames, mode, true).await?;
                 continue;
             }
             let between = !self.awaiting && self.cur.is_none() && self.tx == b'I';
@@ -828,9 +917,8 @@ impl Session {
                         b.prepared.clear();
                     }
                 }
-                let set = r.session_set.then(|| sql.to_string());
                 self.note(r);
-                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, set)
+                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, r.follow)
                     .await
             }
             b'P' => {
@@ -845,12 +933,17 @@ impl Session {
                 let r = self.route(&query);
                 self.batch_ok &= r.standby_ok;
                 self.note(r);
+                // One statement per Parse (PostgreSQL refuses more).
+                let step = match r.follow.then(|| self.shared.classifier.steps(&query)) {
+                    Some(Some(mut steps)) if steps.len() == 1 => steps.pop().unwrap_or(Step::Other),
+                    _ => Step::Other,
+                };
                 self.stmts.insert(
                     name,
                     Stmt {
                         parse: f.clone(),
                         read_only: r.standby_ok,
-                        session_set: r.session_set,
+                        step,
                     },
                 );
                 self.batch.push(f);
@@ -892,9 +985,9 @@ impl Session {
                 } else {
                     Mode::Sync
                 };
-                self.dispatch_routed(ok, !ok, frames, mode, None).await
+                self.dispatch_routed(ok, !ok, frames, mode, true).await
             }
-            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, None).await,
+            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, true).await,
             // Outside COPY, PostgreSQL ignores these too.
             b'd' | b'c' | b'f' => Ok(()),
             b'X' => Err(End),
@@ -944,7 +1037,7 @@ impl Session {
         writes: bool,
         frames: Vec<Frame>,
         mode: Mode,
-        set: Option<String>,
+        follow: bool,
     ) -> Result<(), End> {
         let unreplayed = match self.write_lsn {
             Some(l) if standby_ok && self.cur.is_none() && self.tx == b'I' => !self.some_standby_replayed(l),
@@ -989,7 +1082,7 @@ impl Session {
             && target == Which::Primary
             && mode == Mode::Sync
             && (writes || self.tx != b'I');
-        self.dispatch(target, frames, mode, set).await
+        self.dispatch(target, frames, mode, follow).await
     }
 
     /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,
@@ -1051,12 +1144,14 @@ impl Session {
     }
 
     /// Sends `frames` to backend `target` (the standby when possible), preparing what it lacks.
+    /// `follow`: the request may change settings or the transaction (extended-protocol
+    /// batches always are followed; a simple Query when it holds such statements).
     async fn dispatch(
         &mut self,
         mut target: Which,
         frames: Vec<Frame>,
         mode: Mode,
-        set: Option<String>,
+        follow: bool,
     ) -> Result<(), End> {
         if target == Which::Standby && self.cur.is_none() && !self.ensure_standby().await {
             if self.tx_on_standby {
@@ -1132,8 +1227,19 @@ impl Session {
             b.swallow_rfq += 1;
         }
         b.sets_applied = self.sets.len();
-        let mut new_sets: Vec<String> = Vec::new();
+        let settings = &mut self.settings;
+        if self.cur.is_none() {
+            settings.start(self.tx, follow || settings.needed());
+        }
         for f in &frames {
+            match f.tag() {
+                b'Q' if settings.active() => {
+                    let sql = simple::query_text(f.body()).unwrap_or("");
+                    settings.query(self.shared.classifier.steps(sql));
+                }
+                b'E' => settings.execute(extended::execute_portal(f.body()).unwrap_or("")),
+                _ => {}
+            }
             match f.tag() {
                 b'P' => {
                     if let Ok(p) = extended::parse(f.body()) {
@@ -1167,11 +1273,12 @@ impl Session {
                                 b.swallow_parse += 1;
                                 b.prepared.insert(name.to_string());
                             }
-                            if f.tag() == b'B' && st.session_set {
-                                if let Ok(p) = extended::parse(st.parse.body()) {
-                                    new_sets.push(p.query.to_string());
-                                }
-                            }
+                        }
+                    }
+                    if f.tag() == b'B' {
+                        if let Ok((portal, stmt)) = extended::bind_names(f.body()) {
+                            let step = self.stmts.get(stmt).map_or(Step::Other, |s| s.step.clone());
+                            settings.bind(portal, step);
                         }
                     }
                 }
@@ -1193,16 +1300,6 @@ impl Session {
             simple::encode_query("select pg_current_wal_lsn()::text", wbuf);
             b.capture_lsn += 1;
         }
-        new_sets.extend(set);
-        if !new_sets.is_empty() && self.tx != b'I' {
-            self.tx_sets.extend(new_sets);
-        } else if !new_sets.is_empty() {
-            self.sets.extend(new_sets);
-            if self.sets.len() > MAX_SETS {
-                self.pinned = true;
-            }
-            b.sets_applied = self.sets.len();
-        }
         let node = b.node;
         if self.cancel_key != Some(b.key) {
             // Left in place after the request ends: a late CancelRequest then reaches a backend
@@ -1219,8 +1316,17 @@ impl Session {
                 Role::Primary
             },
         );
-        self.replay = (target == Which::Standby && idle && mode == Mode::Sync).then_some(frames);
-        self.holdback.clear();
+        if self.cur.is_none() {
+            self.replay = None;
+            self.holdback.clear();
+        }
+        // Outside a transaction, a standby's 25006 is replayed on the primary while nothing
+        // executed of the cycle reached the client.
+        if target == Which::Standby && (idle || self.replay.is_some()) {
+            self.replay.get_or_insert_default().push(frames);
+        } else {
+            self.replay = None;
+        }
         self.cur = Some(target);
         self.awaiting = mode == Mode::Sync;
         if written.is_err() {
@@ -1264,15 +1370,30 @@ impl Session {
                     if let Some(b) = &self.standby {
                         self.shared.cluster.suspect(b.node);
                     }
-                    if w == Which::Standby && self.cur == Some(Which::Standby) && self.replay.is_some() {
-                        // The standby went away before any of the answer reached the client:
-                        // run the request on the primary instead.
-                        tracing::info!("standby connection lost mid-read; replaying on the primary");
-                        self.standby = None;
-                        self.replaying = false;
-                        self.replay_now = true;
-                        self.holdback.clear();
-                        return Ok(());
+                    if w == Which::Standby && self.cur == Some(Which::Standby) {
+                        if self.replay_frames.is_none() {
+                            let window = self.replay.take();
+                            if window.as_ref().is_some_and(|w| w.batches.is_empty()) {
+                                // Everything the standby answered in this cycle was passed on
+                                // and nothing was executed: the cycle simply goes on elsewhere
+                                // (statements are prepared lazily where the next batch runs).
+                                self.standby = None;
+                                self.cur = None;
+                                return self.client.flush().await.map_err(|_| End);
+                            }
+                            self.replay_frames = window.and_then(Window::replayable);
+                        }
+                        if self.replay_frames.is_some() {
+                            // The standby went away before any executed answer reached the
+                            // client: run the request on the primary instead.
+                            tracing::info!("standby connection lost mid-read; replaying on the primary");
+                            self.standby = None;
+                            self.replaying = false;
+                            self.replay_now = true;
+                            self.awaiting = true;
+                            self.holdback.clear();
+                            return Ok(());
+                        }
                     }
                     if w == Which::Standby && self.cur != Some(Which::Standby) && !self.tx_on_standby {
                         // An idle standby connection went away: open another when next needed.
@@ -1289,7 +1410,42 @@ impl Session {
                 Err(e) => Err(BackendError::Protocol(e)),
             };
         }
+        if std::mem::take(&mut self.sync_standby) {
+            if let Some(b) = self.standby.as_mut() {
+                // A failed write shows as a failed read next, which replays the request then.
+                let _ = b.conn.flush().await;
+            }
+        }
         self.client.flush().await.map_err(|_| End)
+    }
+
+    /// SET statements that now hold, run by backend `w`: remembered for the other connections
+    /// (`w` has them already). When the tracker lost track of which hold, the session keeps to
+    /// the primary, whose settings are then the session's.
+    fn hold_sets(&mut self, w: Which, held: Result<Vec<String>, Lost>) {
+        match held {
+            // A pinned session never uses another connection again (and ends with its primary
+            // connection): nothing to remember.
+            Ok(sets) if sets.is_empty() || self.pinned => {}
+            Ok(sets) => {
+                let before = self.sets.len();
+                let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
+                self.sets.extend(sets);
+                if self.sets.len() > MAX_SETS {
+                    self.pinned = true;
+                }
+                let n = self.sets.len();
+                if let Some(b) = self.backend(w).filter(|_| applied) {
+                    b.sets_applied = n;
+                }
+            }
+            Err(Lost) => {
+                tracing::warn!(
+                    "cannot tell which session settings of a request hold; the session stays on the primary"
+                );
+                self.pinned = true;
+            }
+        }
     }
 
     fn on_backend_frame(&mut self, w: Which, f: Frame) {
@@ -1377,16 +1533,39 @@ impl Session {
             }
             return;
         }
-        if self.replay.is_some() {
+        if let Some(window) = self.replay.as_mut() {
             match tag {
                 b'1' | b'2' | b't' | b'T' | b'n' | b'3' => {
                     self.holdback.push(f);
+                    if window.answered(tag) {
+                        // A Flush batch the client waits on is answered in full.
+                        for h in self.holdback.drain(..) {
+                            self.client.wbuf.put_slice(h.raw());
+                        }
+                    }
                     return;
                 }
                 b'E' if perror::sqlstate(f.body()) == Some("25006") => {
-                    self.replaying = true;
-                    self.holdback.clear();
-                    return;
+                    let window = self.replay.take().unwrap_or_default();
+                    if let Some((frames, mode)) = window.replayable() {
+                        // Swallow the standby's answers up to its ReadyForQuery, then replay; a
+                        // batch ended by Flush gets a Sync to end it. The client's next
+                        // messages wait for the replay.
+                        if mode == Mode::Flush {
+                            if let Some(b) = self.standby.as_mut() {
+                                extended::encode_sync(&mut b.conn.wbuf);
+                                self.sync_standby = true;
+                            }
+                        }
+                        self.replay_frames = Some((frames, mode));
+                        self.replaying = true;
+                        self.awaiting = true;
+                        self.holdback.clear();
+                        return;
+                    }
+                    for h in self.holdback.drain(..) {
+                        self.client.wbuf.put_slice(h.raw());
+                    }
                 }
                 // The standby is shutting down or restarting; its connection ends next, and the
                 // request is replayed on the primary then.
@@ -1404,28 +1583,17 @@ impl Session {
             }
         }
         match tag {
-            b'C' => self.committed = f.body().starts_with(b"COMMIT"),
+            b'C' => {
+                let tag = f.body().strip_suffix(b"\0").unwrap_or(f.body());
+                let held = self.settings.complete(tag);
+                self.hold_sets(w, held);
+            }
+            b'E' => self.settings.error(),
+            b'I' | b's' => self.settings.ended(),
             b'Z' => {
                 let s = status::ready_status(f.body()).unwrap_or(b'I');
-                if s == b'I' && !self.tx_sets.is_empty() {
-                    let sets = std::mem::take(&mut self.tx_sets);
-                    if self.committed {
-                        // The backend that ran the transaction has them already.
-                        let before = self.sets.len();
-                        let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
-                        self.sets.extend(sets);
-                        if self.sets.len() > MAX_SETS {
-                            self.pinned = true;
-                        }
-                        if applied {
-                            let n = self.sets.len();
-                            if let Some(b) = self.backend(w) {
-                                b.sets_applied = n;
-                            }
-                        }
-                    }
-                }
-                self.committed = false;
+                let held = self.settings.ready(s);
+                self.hold_sets(w, held);
                 self.tx = s;
                 self.tx_on_standby = w == Which::Standby && s != b'I';
                 self.awaiting = false;
@@ -1440,5 +1608,89 @@ impl Session {
             _ => {}
         }
         self.client.wbuf.put_slice(f.raw());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut b = bytes::BytesMut::new();
+        b.put_u8(tag);
+        b.put_i32(body.len() as i32 + 4);
+        b.put_slice(body);
+        Frame::from_raw(b.freeze())
+    }
+    fn parse() -> Frame {
+        frame(b'P', b"\0select f()\0\0\0")
+    }
+    fn bind(portal: &str) -> Frame {
+        frame(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
+    }
+    fn execute(portal: &str) -> Frame {
+        frame(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
+    }
+    fn describe() -> Frame {
+        frame(b'D', b"S\0")
+    }
+    fn flush() -> Frame {
+        frame(b'H', b"")
+    }
+    fn sync() -> Frame {
+        frame(b'S', b"")
+    }
+    fn tags(r: Option<(Vec<Frame>, Mode)>) -> Option<(Vec<u8>, Mode)> {
+        r.map(|(f, m)| (f.iter().map(Frame::tag).collect(), m))
+    }
+
+    #[test]
+    fn a_sync_batch_is_replayed_whole() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind(""), execute(""), sync()]);
+        assert!(!w.answered(b'1'));
+        assert!(!w.answered(b'2'));
+        assert_eq!(tags(w.replayable()), Some((b"PBES".to_vec(), Mode::Sync)));
+    }
+
+    #[test]
+    fn a_flush_batch_without_execute_is_passed_on_when_answered() {
+        let mut w = Window::default();
+        w.push(vec![parse(), describe(), flush()]);
+        w.push(vec![bind(""), execute(""), sync()]);
+        assert!(!w.answered(b'1'));
+        assert!(
+            !w.answered(b't'),
+            "ParameterDescription is followed by the row description"
+        );
+        assert!(
+            w.answered(b'T'),
+            "Parse and Describe answered: the client waits for them"
+        );
+        assert!(!w.answered(b'2'), "a batch with an Execute waits for its result");
+        assert_eq!(tags(w.replayable()), Some((b"BES".to_vec(), Mode::Sync)));
+    }
+
+    #[test]
+    fn a_flush_batch_with_execute_is_replayed_with_flush() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind(""), execute(""), flush()]);
+        assert_eq!(tags(w.replayable()), Some((b"PBEH".to_vec(), Mode::Flush)));
+        let mut w = Window::default();
+        w.push(vec![flush()]);
+        assert!(w.batches.is_empty(), "nothing to wait for");
+    }
+
+    #[test]
+    fn a_portal_bound_in_a_batch_passed_on_cannot_be_replayed() {
+        let mut w = Window::default();
+        w.push(vec![parse(), bind("p"), flush()]);
+        assert!(!w.answered(b'1'));
+        assert!(w.answered(b'2'));
+        w.push(vec![execute("p"), sync()]);
+        assert_eq!(tags(w.replayable()), None);
+        let mut w = Window::default();
+        w.push(vec![bind("p"), execute("q"), sync()]);
+        assert_eq!(tags(w.replayable()), None);
     }
 }

@@ -509,8 +509,9 @@ async fn automatic_rejoin_body() -> Result<()> {
     assert_eq!(ev["promoted"], "node1", "{ev}");
     // Nothing happens while the old primary is down; once it answers, dbproxy asks for a rejoin.
     c.node(0).start()?;
+    // The shell creates the file before it writes the name: wait for the name.
     let who = wait_for("dbproxy to run the rejoin command", DEADLINE, || {
-        Ok(std::fs::read_to_string(&asked).ok())
+        Ok(std::fs::read_to_string(&asked).ok().filter(|s| s.ends_with('\n')))
     })?;
     assert_eq!(who.trim(), "node0");
     c.node(0).rebuild_as_standby(c.node(1))?;

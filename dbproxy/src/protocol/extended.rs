@@ -33,6 +33,23 @@ pub fn bind_statement(body: &[u8]) -> Result<&str, ProtocolError> {
     cstr(&mut b, "Bind")
 }
 
+/// The portal and statement names of a Bind.
+pub fn bind_names(body: &[u8]) -> Result<(&str, &str), ProtocolError> {
+    let mut b = body;
+    let portal = cstr(&mut b, "Bind")?;
+    Ok((portal, cstr(&mut b, "Bind")?))
+}
+
+/// The portal an Execute runs.
+pub fn execute_portal(body: &[u8]) -> Result<&str, ProtocolError> {
+    let mut b = body;
+    let portal = cstr(&mut b, "Execute")?;
+    if b.len() != 4 {
+        return Err(ProtocolError::Malformed("Execute"));
+    }
+    Ok(portal)
+}
+
 /// The kind (`S` statement or `P` portal) and name of a Describe or Close.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a str), ProtocolError> {
     let (&kind, mut rest) = body.split_first().ok_or(ProtocolError::Malformed(what))?;
@@ -62,6 +79,15 @@ pub fn encode_sync(out: &mut BytesMut) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_and_execute_names() {
+        assert_eq!(bind_names(b"p\0s\0\0\0\0\0\0\0"), Ok(("p", "s")));
+        assert!(bind_names(b"p").is_err());
+        assert_eq!(execute_portal(b"p\0\0\0\0\0"), Ok("p"));
+        assert_eq!(execute_portal(b"\0\0\0\0\x05"), Ok(""));
+        assert!(execute_portal(b"p\0\0").is_err());
+    }
 
     #[test]
     fn parse_fields() {

@@ -22,6 +22,7 @@ pub struct Proxy {
     /// The admin HTTP listener.
     pub admin: SocketAddr,
     shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::Sender<Config>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -37,6 +38,7 @@ impl Proxy {
         let admin = admin_listener.local_addr()?;
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let (reload, reloads) = tokio::sync::mpsc::channel(1);
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
@@ -46,7 +48,7 @@ impl Proxy {
             rt.block_on(async move {
                 let l = tokio::net::TcpListener::from_std(std_listener).expect("listener");
                 let a = tokio::net::TcpListener::from_std(admin_listener).expect("admin listener");
-                if let Err(e) = dbproxy::run_with_admin(l, Some(a), config, token).await {
+                if let Err(e) = dbproxy::run_with(l, Some(a), config, token, Some(reloads)).await {
                     eprintln!("dbproxy failed: {e}");
                 }
             });
@@ -55,8 +57,15 @@ impl Proxy {
             addr,
             admin,
             shutdown,
+            reload,
             thread: Some(thread),
         })
+    }
+
+    /// Hands dbproxy a new configuration (validated here), as the binary does on SIGHUP.
+    pub async fn reload(&self, config: Config) -> Result<()> {
+        let config = common::Validate::validate(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.reload.send(config).await.context("dbproxy is gone")
     }
 
     /// The port clients connect to.
