@@ -23,7 +23,6 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::access;
-use crate::body::ActiveGuard;
 use crate::config::Algorithm;
 use crate::server::ConnCtx;
 use crate::upstream::{Pooled, RequestPick, Server};
@@ -686,6 +685,22 @@ async fn write_timed(stream: &mut TcpStream, data: &[u8], timeout: Duration) -> 
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client write timed out"))?
 }
 
+/// Counts a request in flight on a server until dropped.
+struct Active<'a>(&'a Server);
+
+impl<'a> Active<'a> {
+    fn new(server: &'a Server) -> Active<'a> {
+        server.active.fetch_add(1, Ordering::Relaxed);
+        Active(server)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Per-connection buffers and values.
 struct Session<'a> {
     shared: &'a Shared,
@@ -764,23 +779,22 @@ pub(crate) async fn serve(
                 .unwrap_or_else(|| Instant::now() + if seen { client_idle } else { header_read });
             tokio::select! {
                 biased;
-                // Wait for readiness before taking a buffer: idle keep-alive connections hold none.
-                r = stream.readable() => {
-                    if r.is_err() {
-                        return Outcome::Closed;
-                    }
+                // Wait for readiness before taking a buffer: idle keep-alive connections hold
+                // none. The read itself goes through `read_buf`, which (unlike `try_read_buf`)
+                // forgets the readiness after a short read, so the next wait costs no `recv`
+                // that would only say EAGAIN.
+                r = async {
+                    stream.readable().await?;
                     if buf.capacity() - buf.len() < 1024 {
                         buf.reserve(READ_CHUNK);
                     }
-                    match stream.try_read_buf(&mut buf) {
-                        Ok(0) => return Outcome::Closed,
-                        Ok(_) => {
-                            head_deadline.get_or_insert_with(|| Instant::now() + header_read);
-                        }
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Outcome::Closed,
+                    stream.read_buf(&mut buf).await
+                } => match r {
+                    Ok(0) | Err(_) => return Outcome::Closed,
+                    Ok(_) => {
+                        head_deadline.get_or_insert_with(|| Instant::now() + header_read);
                     }
-                }
+                },
                 _ = &mut stop, if buf.is_empty() => return Outcome::Closed,
                 _ = tokio::time::sleep_until(wait_until.into()) => {
                     tracing::debug!(peer = %ctx.peer, "no complete request head in time: closing");
@@ -830,7 +844,7 @@ impl Session<'_> {
         let response_timeout = cfg.timeouts.upstream_response.get();
         let mut pick = RequestPick::default();
         let mut timed_out = false;
-        let mut last_label: Option<Arc<str>> = None;
+        let mut last_label: Option<&Arc<str>> = None;
         let m = &self.shared.metrics;
 
         for attempt in 0..max_tries {
@@ -845,9 +859,10 @@ impl Session<'_> {
                 break;
             };
             let server = &up.servers[i];
-            last_label = Some(server.label.clone());
+            last_label = Some(&server.label);
             server.requests.fetch_add(1, Ordering::Relaxed);
-            let guard = ActiveGuard::new(server.clone());
+            // Borrowed, not an `Arc` clone: no shared reference count touched per request.
+            let guard = Active::new(server);
             let sent = tokio::time::timeout(
                 response_timeout,
                 exchange(
@@ -929,7 +944,7 @@ impl Session<'_> {
             &prep,
             status.as_u16(),
             Some(body.len() as u64),
-            last_label.as_ref(),
+            last_label,
             start.elapsed(),
         );
         match write_error(stream, status, body, close, client_idle).await {

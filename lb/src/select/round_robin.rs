@@ -1,28 +1,46 @@
 //! nginx's smooth weighted round robin: every pick adds each usable server's weight to its current
 //! weight, takes the largest, and subtracts the total from it, so 5/1/1 interleaves `a a b a c a a`.
+//! As in nginx, where each worker process keeps its own current weights, each serving thread has
+//! its own sequence: no lock or cache line is shared between threads per request.
 
 use std::sync::Mutex;
 
 use super::{Attempt, Key, Peers, Select};
 
-/// Smooth weighted round robin.
+/// Per-thread sequences kept; threads beyond this share them (by index modulo).
+const SEQUENCES: usize = 16;
+
+/// One thread's current weights, alone on its cache line.
 #[derive(Debug, Default)]
+#[repr(align(64))]
+struct Sequence(Mutex<Vec<i64>>);
+
+/// Smooth weighted round robin.
+#[derive(Debug)]
 pub struct RoundRobin {
-    /// Current weights, one per server; resized when the server count changes.
-    current: Mutex<Vec<i64>>,
+    /// Current weights, one per server, per serving thread; resized when the server count
+    /// changes.
+    current: Box<[Sequence]>,
+}
+
+impl Default for RoundRobin {
+    fn default() -> Self {
+        RoundRobin::new(0)
+    }
 }
 
 impl RoundRobin {
     /// A selector for `n` servers.
     pub fn new(n: usize) -> Self {
         RoundRobin {
-            current: Mutex::new(vec![0; n]),
+            current: (0..SEQUENCES).map(|_| Sequence(Mutex::new(vec![0; n]))).collect(),
         }
     }
 
     /// Picks among the servers for which `eligible` holds (least_conn breaks ties with it).
     pub fn pick_among(&self, peers: &dyn Peers, eligible: impl Fn(usize) -> bool) -> Option<usize> {
-        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &self.current[common::workers::current_index() % SEQUENCES];
+        let mut current = slot.0.lock().unwrap_or_else(|p| p.into_inner());
         if current.len() != peers.len() {
             current.clear();
             current.resize(peers.len(), 0);
