@@ -236,9 +236,10 @@ for m, label in modes:
         r["added_p99_ms"] = added
         n_added = n["p99_ms"] - d["p99_ms"] if (n and d) else float("nan")
         ratio = r["rps"] / n["rps"] if n else float("nan")
-        added_ratio = added / n_added if n_added > 0 else float("nan")
+        # nginx adding nothing measurable (its p99 at or below direct's) leaves no ratio to take.
+        added_ratio = f"{added / n_added:.2f}x" if n_added > 0 else "n/a"
         lines.append(f"| {s} | {label} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{added:.2f} | {ratio:.2f}x | {added_ratio:.2f}x | {r['success']*100:.1f}% |")
+                     f"{added:.2f} | {ratio:.2f}x | {added_ratio} | {r['success']*100:.1f}% |")
 lines += ["", f"lb peak RSS at 1000 concurrent keep-alive connections: {rss_kib/1024:.1f} MB (goal: at most 30 MB)",
           "Goals: lb >= 1.1x nginx req/s at saturation; lb's added p99 <= nginx's.",
           f"Load average (1, 5, 15 min) before: {load_start}; after: {load_end}."]
