@@ -404,6 +404,19 @@ impl Default for Classifier {
     }
 }
 
+/// Whether token `i` is the keyword `w` (any case).
+fn word_at(t: &[Tok<'_>], i: usize, w: &str) -> bool {
+    t.get(i)
+        .and_then(Tok::word)
+        .is_some_and(|x| x.eq_ignore_ascii_case(w))
+}
+
+/// Whether any token is the keyword `w` (any case).
+fn has_word(t: &[Tok<'_>], w: &str) -> bool {
+    t.iter()
+        .any(|x| x.word().is_some_and(|x| x.eq_ignore_ascii_case(w)))
+}
+
 impl Classifier {
     /// A classifier that also trusts the given functions (lower-case, optionally schema-qualified) to
     /// only read; pgpool-II calls this list `read_only_function_list`.
@@ -481,15 +494,8 @@ impl Classifier {
 
     /// The [`Step`] of one statement (`None`: a function body that cannot be split).
     fn step(&self, t: &[Tok<'_>], text: &str) -> Option<Step> {
-        let kw = |i: usize, w: &str| {
-            t.get(i)
-                .and_then(Tok::word)
-                .is_some_and(|x| x.eq_ignore_ascii_case(w))
-        };
-        let has = |w: &str| {
-            t.iter()
-                .any(|x| x.word().is_some_and(|x| x.eq_ignore_ascii_case(w)))
-        };
+        let kw = |i: usize, w: &str| word_at(t, i, w);
+        let has = |w: &str| has_word(t, w);
         let chain = t.windows(2).any(|w| {
             w[0].word().is_some_and(|a| a.eq_ignore_ascii_case("and"))
                 && w[1].word().is_some_and(|b| b.eq_ignore_ascii_case("chain"))
@@ -534,15 +540,8 @@ impl Classifier {
                 Classified::PRIMARY
             };
         };
-        let kw = |i: usize, w: &str| {
-            t.get(i)
-                .and_then(Tok::word)
-                .is_some_and(|x| x.eq_ignore_ascii_case(w))
-        };
-        let has = |w: &str| {
-            t.iter()
-                .any(|x| x.word().is_some_and(|x| x.eq_ignore_ascii_case(w)))
-        };
+        let kw = |i: usize, w: &str| word_at(t, i, w);
+        let has = |w: &str| has_word(t, w);
         let lower = first.to_ascii_lowercase();
         match lower.as_str() {
             "select" | "values" | "table" | "with" | "show" => self.read_like(t),
