@@ -5,7 +5,8 @@
 //! Map: `protocol/` is the codec (no I/O); `session` runs one client (`settings` follows which of
 //! its SET statements hold); `backend` logs into nodes;
 //! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
-//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts and shuts down;
+//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts (each session then runs
+//! on a serving thread, `common::workers`) and shuts down;
 //! `reload` decides what a new configuration changes.
 
 pub mod admin;

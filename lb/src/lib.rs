@@ -7,8 +7,9 @@
 //!
 //! Map: `config` (TOML, nginx-style durations) and `nginx_conf` (`--nginx-conf` → a config table)
 //! feed `upstream` (resolved servers with live state: passive fails, active health, slow start,
-//! in-flight counts, and each server's pool of idle upstream connections) whose `select/`
-//! algorithms are pure and pick an index only. `server` accepts and runs each connection (limits,
+//! in-flight counts, and each server's per-thread pools of idle upstream connections) whose
+//! `select/` algorithms are pure and pick an index only. `server` accepts on the control runtime
+//! and runs each connection on a serving thread (`common::workers`; limits,
 //! idle/header timeouts, drain): `fast` serves plain bodiless HTTP/1.1 requests (GET, HEAD,
 //! OPTIONS, DELETE) itself with httparse over the servers' pools, relaying the response framing
 //! byte for byte, and hands the connection to hyper at the first request it does not take (a
