@@ -170,6 +170,12 @@ impl Window {
     }
 }
 
+/// The most messages an extended-protocol batch holds before it is sent on without its Sync.
+const MAX_BATCH_MESSAGES: usize = 4096;
+
+/// The most bytes an extended-protocol batch holds before it is sent on without its Sync.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+
 /// The largest message accepted before authentication (PostgreSQL's PG_MAX_AUTH_TOKEN_LENGTH).
 const MAX_AUTH_MESSAGE: usize = 65535;
 
@@ -552,6 +558,8 @@ struct Session {
     batch: Vec<Frame>,
     /// Every statement of `batch` surely only reads.
     batch_ok: bool,
+    /// The bytes held in `batch`.
+    batch_bytes: usize,
     /// The backend holding an unfinished cycle (until ReadyForQuery).
     cur: Option<Which>,
     /// A Query or Sync was sent and its ReadyForQuery has not arrived yet.
@@ -670,6 +678,7 @@ impl Session {
             settings: Tracker::default(),
             batch: Vec::new(),
             batch_ok: true,
+            batch_bytes: 0,
             cur: None,
             awaiting: false,
             copy: Copy::Off,
@@ -946,8 +955,7 @@ impl Session {
                         step,
                     },
                 );
-                self.batch.push(f);
-                Ok(())
+                self.push_batch(f).await
             }
             b'B' | b'D' | b'C' => {
                 // Borrowed from the frame: no allocation per Bind.
@@ -969,14 +977,11 @@ impl Session {
                         return Err(self.protocol_violation(&msg).await);
                     }
                 }
-                self.batch.push(f);
-                Ok(())
+                self.push_batch(f).await
             }
-            b'E' => {
-                self.batch.push(f);
-                Ok(())
-            }
+            b'E' => self.push_batch(f).await,
             b'S' | b'H' => {
+                self.batch_bytes = 0;
                 self.batch.push(f);
                 let frames = std::mem::take(&mut self.batch);
                 let ok = std::mem::replace(&mut self.batch_ok, true);
@@ -1021,6 +1026,23 @@ impl Session {
             return Err(self.backend_gone().await);
         }
         Ok(())
+    }
+
+    /// Adds an extended-protocol message to the batch waiting for its Sync or Flush. A batch
+    /// that outgrows `MAX_BATCH_MESSAGES` or `MAX_BATCH_BYTES` is not held any longer: what it
+    /// has goes to the primary now (or to the backend already running this cycle), as if the
+    /// client had sent a Flush, and the rest of the batch follows it there. So a client cannot
+    /// make dbproxy hold an unbounded batch, and a long JDBC-style batch still runs, unbalanced.
+    async fn push_batch(&mut self, f: Frame) -> Result<(), End> {
+        self.batch_bytes += f.raw().len();
+        self.batch.push(f);
+        if self.batch.len() < MAX_BATCH_MESSAGES && self.batch_bytes <= MAX_BATCH_BYTES {
+            return Ok(());
+        }
+        let frames = std::mem::take(&mut self.batch);
+        self.batch_ok = true;
+        self.batch_bytes = 0;
+        self.dispatch_routed(false, true, frames, Mode::Flush, true).await
     }
 
     /// Session-state effects of a statement the client sent.

@@ -204,3 +204,72 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     );
     Ok(())
 }
+
+/// A client that sends Bind/Execute pairs for ever without a Sync does not make dbproxy hold them
+/// all: past its bound the batch goes on to the primary (a held batch of reads would have gone to
+/// the standby at its Sync), and every row still comes back, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_without_sync_is_not_held_without_bound() -> Result<()> {
+    support::bounded(a_batch_without_sync_body()).await
+}
+
+async fn a_batch_without_sync_body() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).start()).await??;
+    let mut config = config_for(&cluster, None);
+    config.users.clear();
+    config.hba = vec![HbaRule {
+        method: AuthMethod::Trust,
+        ..HbaRule::default()
+    }];
+    let proxy = Proxy::start(config)?;
+    let mut r = Raw::login(&proxy).await?;
+    const N: usize = 5000;
+    let mut out = msg(b'P', b"\0select $1::int, pg_is_in_recovery()\0\0\0");
+    for i in 0..N {
+        let v = i.to_string();
+        let mut bind = b"\0\0\0\0\0\x01".to_vec();
+        bind.extend_from_slice(&(v.len() as i32).to_be_bytes());
+        bind.extend_from_slice(v.as_bytes());
+        bind.extend_from_slice(b"\0\0");
+        out.extend(msg(b'B', &bind));
+        out.extend(msg(b'E', b"\0\0\0\0\0"));
+    }
+    out.extend(msg(b'S', b""));
+    r.send(&out).await?;
+    let mut rows = 0usize;
+    loop {
+        let f = r.frame().await?.context("closed mid-batch")?;
+        match f.tag() {
+            b'D' => {
+                // The parameter sent, then whether a standby ran it.
+                let body = f.body();
+                let len = i32::from_be_bytes(body[2..6].try_into()?) as usize;
+                assert_eq!(std::str::from_utf8(&body[6..6 + len])?, rows.to_string());
+                let rest = &body[6 + len..];
+                assert_eq!(
+                    &rest[4..],
+                    b"f",
+                    "row {rows} ran on a standby: the batch was held to its Sync"
+                );
+                rows += 1;
+            }
+            b'Z' => break,
+            b'E' => anyhow::bail!("error: {:?}", dbproxy::protocol::error::field(f.body(), b'M')),
+            _ => {}
+        }
+    }
+    assert_eq!(rows, N);
+    // The session goes on.
+    r.send(&msg(b'Q', b"select 42\0")).await?;
+    let mut got = None;
+    loop {
+        let f = r.frame().await?.context("closed")?;
+        match f.tag() {
+            b'D' => got = Some(f.body()[6..].to_vec()),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    assert_eq!(got.as_deref(), Some(&b"42"[..]));
+    Ok(())
+}
