@@ -13,6 +13,17 @@ use support::{config_for, msg, Proxy, Raw};
 use testkit::{wait_for, PgCluster, DEADLINE};
 use tokio::io::AsyncReadExt;
 
+/// A proxy configuration that trusts every client.
+fn trusting(cluster: &PgCluster) -> dbproxy::Config {
+    let mut config = config_for(cluster, None);
+    config.users.clear();
+    config.hba = vec![HbaRule {
+        method: AuthMethod::Trust,
+        ..HbaRule::default()
+    }];
+    config
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_postgres_errors() -> Result<()> {
     support::bounded(bad_input_gets_postgres_errors_body()).await
@@ -20,12 +31,7 @@ async fn bad_input_gets_postgres_errors() -> Result<()> {
 
 async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(0).start()).await??;
-    let mut config = config_for(&cluster, None);
-    config.users.clear();
-    config.hba = vec![HbaRule {
-        method: AuthMethod::Trust,
-        ..HbaRule::default()
-    }];
+    let mut config = trusting(&cluster);
     config.limits.max_message_size = 4096;
     let proxy = Proxy::start(config)?;
 
@@ -215,12 +221,7 @@ async fn a_batch_without_sync_is_not_held_without_bound() -> Result<()> {
 
 async fn a_batch_without_sync_body() -> Result<()> {
     let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).start()).await??;
-    let mut config = config_for(&cluster, None);
-    config.users.clear();
-    config.hba = vec![HbaRule {
-        method: AuthMethod::Trust,
-        ..HbaRule::default()
-    }];
+    let config = trusting(&cluster);
     let proxy = Proxy::start(config)?;
     let mut r = Raw::login(&proxy).await?;
     const N: usize = 5000;
