@@ -131,8 +131,13 @@ impl Writers {
 
     /// Waits until some write was acknowledged after `t`.
     async fn wait_acked_after(&self, t: Instant) -> Result<()> {
+        self.wait_acked(t, 1).await
+    }
+
+    /// Waits until `n` writes were acknowledged after `t`.
+    async fn wait_acked(&self, t: Instant, n: usize) -> Result<()> {
         let deadline = Instant::now() + DEADLINE;
-        while self.acked_after(t) == 0 {
+        while self.acked_after(t) < n {
             if Instant::now() > deadline {
                 bail!("no write acknowledged; errors: {:?}", self.errors.lock().unwrap());
             }
@@ -287,13 +292,14 @@ async fn sync_body() -> Result<()> {
         Ok((node_status(&proxy, 1)?["replication_sync_state"] == "sync").then_some(()))
     })?;
     let writers = Writers::start(&proxy, 4);
-    writers.wait_acked_after(Instant::now()).await?;
+    // Enough acknowledged writes on both sides of the kill for the check below to mean something.
+    writers.wait_acked(Instant::now(), 20).await?;
     let killed = Instant::now();
     c.node(0).kill9()?;
     let ev = wait_event(&proxy, "failover", 1)?;
     assert_eq!(ev["promoted"], "node1", "{ev}");
     assert_eq!(ev["cleared_synchronous_standby_names"], true, "{ev}");
-    writers.wait_acked_after(killed).await?;
+    writers.wait_acked(killed, 10).await?;
     let (acked, errors) = writers.stop().await;
     assert_clean_errors(&errors);
     assert!(acked.len() > 10);
