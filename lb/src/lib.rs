@@ -196,9 +196,9 @@ impl Lb {
         let local = listener.local_addr()?;
         tracing::info!(%local, "lb listening");
         let health = tokio::spawn(health::run(self.shared.clone(), shutdown.clone()));
-        server::serve(self.shared.clone(), listener, shutdown).await;
+        let served = server::serve(self.shared.clone(), listener, shutdown).await;
         health.abort();
-        Ok(())
+        Ok(served?)
     }
 
     /// Serves `/metrics`, `/healthz` and `/status` on `listener` until `shutdown`.

@@ -88,7 +88,12 @@ impl ConnCtx {
 }
 
 /// Serves clients on `listener` until `shutdown`, then drains for `timeouts.shutdown_grace`.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
+/// Fails only when the serving threads cannot be started.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
     let hard = CancellationToken::new();
     let (max, workers) = {
@@ -96,13 +101,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
         (rt.config.limits.max_connections, rt.config.workers)
     };
     let permits = Arc::new(Semaphore::new(max));
-    let workers = match common::workers::Workers::start("lb-worker", workers) {
-        Ok(w) => w,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the serving threads");
-            return;
-        }
-    };
+    let workers = common::workers::Workers::start("lb-worker", workers)?;
     let mut limit = max;
     // Permits to take out of circulation after a reload lowered the limit: each is forgotten
     // as soon as the loop gets it, before any new connection could.
@@ -184,6 +183,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
         hard.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), tracker.wait()).await;
     }
+    Ok(())
 }
 
 async fn connection(
