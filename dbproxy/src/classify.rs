@@ -80,6 +80,9 @@ pub enum Step {
     RollbackTo(String),
     /// Anything else (SET LOCAL included: it never outlives its transaction).
     Other,
+    /// A `set_config` call whose parameters cannot be written out as literals (binary values of
+    /// a type not known): what it sets cannot be replayed elsewhere.
+    Unknown,
 }
 
 impl Classified {
@@ -793,8 +796,17 @@ enum Tok<'a> {
     Word(&'a str),
     /// A double-quoted identifier (case preserved, quotes removed, `""` left doubled).
     Quoted(&'a str),
-    /// A literal (string, number, parameter): its value does not matter.
+    /// A literal (string, number): its value does not matter.
     Literal,
+    /// A parameter `$n`, with the byte range it takes in the text.
+    Param {
+        /// Its number (1 for `$1`); 0 when too large to be one.
+        n: usize,
+        /// Where it starts.
+        at: usize,
+        /// Where it ends.
+        end: usize,
+    },
     /// `;` outside any quoting, with its byte offset.
     Semi(usize),
     /// Any other punctuation byte.
@@ -870,7 +882,8 @@ fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
                     while b.get(j).is_some_and(u8::is_ascii_digit) {
                         j += 1;
                     }
-                    out.push(Tok::Literal);
+                    let n = sql[i + 1..j].parse().unwrap_or(0);
+                    out.push(Tok::Param { n, at: i, end: j });
                     i = j;
                     continue;
                 }
@@ -948,6 +961,39 @@ fn skip_string(b: &[u8], mut i: usize, backslash_escapes: bool) -> Result<usize,
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// `sql` with each parameter `$n` replaced by `values[n - 1]` written as a literal (`NULL` for
+/// `None`): the text a simple Query runs to the same effect. `None` when `sql` does not lex or
+/// names a parameter it was not given.
+pub fn inline_params(sql: &str, values: &[Option<&str>]) -> Option<String> {
+    let tokens = lex(sql).ok()?;
+    let mut out = String::with_capacity(sql.len() + 16);
+    let mut from = 0;
+    for t in &tokens {
+        if let Tok::Param { n, at, end } = *t {
+            let value = values.get(n.checked_sub(1)?)?;
+            out.push_str(&sql[from..at]);
+            match value {
+                None => out.push_str("NULL"),
+                Some(v) => {
+                    // An escape string: correct whatever standard_conforming_strings says.
+                    out.push_str("E'");
+                    for c in v.chars() {
+                        match c {
+                            '\\' => out.push_str("\\\\"),
+                            '\'' => out.push_str("''"),
+                            c => out.push(c),
+                        }
+                    }
+                    out.push('\'');
+                }
+            }
+            from = end;
+        }
+    }
+    out.push_str(&sql[from..]);
+    Some(out)
 }
 
 #[cfg(test)]
@@ -1194,6 +1240,33 @@ mod tests {
         ] {
             assert_eq!(c.steps(unsure), None, "{unsure}");
         }
+    }
+
+    #[test]
+    fn parameters_are_written_in_as_literals() {
+        let v = |s| Some(s);
+        assert_eq!(
+            inline_params("select set_config('a.b', $1, $2::bool)", &[v("x"), v("false")]).as_deref(),
+            Some("select set_config('a.b', E'x', E'false'::bool)")
+        );
+        assert_eq!(
+            inline_params("select set_config($1, $1, false)", &[v("it's \\ a")]).as_deref(),
+            Some("select set_config(E'it''s \\\\ a', E'it''s \\\\ a', false)")
+        );
+        assert_eq!(
+            inline_params("select set_config('a.b', $1, false)", &[None]).as_deref(),
+            Some("select set_config('a.b', NULL, false)")
+        );
+        // Inside strings, quoted names, comments and dollar quotes `$1` is text.
+        let sql = "select '$1', \"$1\", $q$ $1 $q$ /* $1 */, $1 -- $1";
+        assert_eq!(
+            inline_params(sql, &[v("v")]).as_deref(),
+            Some("select '$1', \"$1\", $q$ $1 $q$ /* $1 */, E'v' -- $1")
+        );
+        assert_eq!(inline_params("select $2", &[v("a")]), None, "no second value");
+        assert_eq!(inline_params("select $0", &[v("a")]), None);
+        assert_eq!(inline_params("select $99999999999999999999999", &[v("a")]), None);
+        assert_eq!(inline_params("select 'open", &[v("a")]), None);
     }
 
     #[test]

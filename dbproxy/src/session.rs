@@ -89,6 +89,70 @@ struct Stmt {
     read_only: bool,
     /// What executing it does to session settings and the transaction.
     step: Step,
+    /// Its parameter types, as declared or as a Describe learned them; kept only for a
+    /// `set_config` call, whose bound values are written into the text replayed elsewhere.
+    param_types: Vec<u32>,
+}
+
+/// The most Describe-statement answers a session waits for at once (see `Session::describing`).
+const MAX_DESCRIBING: usize = 4096;
+
+impl Stmt {
+    /// What executing this statement with the parameters of `bind` (a Bind body) does: for a
+    /// `set_config` call with parameters, the text with the values written in as literals, so
+    /// that another connection replays exactly what ran; [`Step::Unknown`] when they cannot be
+    /// written out.
+    fn bound(&self, bind: &[u8]) -> Step {
+        let Step::Set(text) = &self.step else {
+            return self.step.clone();
+        };
+        let Ok(params) = extended::bind_params(bind) else {
+            return Step::Unknown;
+        };
+        if params.is_empty() {
+            return self.step.clone();
+        }
+        let mut values = Vec::with_capacity(params.len());
+        for (i, (format, value)) in params.into_iter().enumerate() {
+            let oid = self.param_types.get(i).copied().unwrap_or(0);
+            match value.map(|v| param_text(format, oid, v)) {
+                None => values.push(None),
+                Some(Some(v)) => values.push(Some(v)),
+                Some(None) => return Step::Unknown,
+            }
+        }
+        let values: Vec<Option<&str>> = values.iter().map(|v| v.as_deref()).collect();
+        crate::classify::inline_params(text, &values).map_or(Step::Unknown, Step::Set)
+    }
+}
+
+/// A parameter value as SQL text: text format as is; binary format for the types whose binary
+/// form is known here (text-like, boolean, integers); `None` otherwise.
+fn param_text(format: i16, oid: u32, v: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    use std::borrow::Cow;
+    const BOOL: u32 = 16;
+    const NAME: u32 = 19;
+    const INT8: u32 = 20;
+    const INT2: u32 = 21;
+    const INT4: u32 = 23;
+    const TEXT: u32 = 25;
+    const UNKNOWN: u32 = 705;
+    const BPCHAR: u32 = 1042;
+    const VARCHAR: u32 = 1043;
+    match (format, oid) {
+        (0, _) | (1, TEXT | VARCHAR | BPCHAR | NAME | UNKNOWN) => {
+            std::str::from_utf8(v).ok().map(Cow::Borrowed)
+        }
+        (1, BOOL) => match v {
+            [0] => Some(Cow::Borrowed("false")),
+            [1] => Some(Cow::Borrowed("true")),
+            _ => None,
+        },
+        (1, INT2) => Some(Cow::Owned(i16::from_be_bytes(v.try_into().ok()?).to_string())),
+        (1, INT4) => Some(Cow::Owned(i32::from_be_bytes(v.try_into().ok()?).to_string())),
+        (1, INT8) => Some(Cow::Owned(i64::from_be_bytes(v.try_into().ok()?).to_string())),
+        _ => None,
+    }
 }
 
 /// The 25006 replay window: the batches of the current cycle sent to a standby whose answers
@@ -570,6 +634,12 @@ struct Session {
     replay: Option<Window>,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
+    /// The statements of the Describes sent and not answered yet, in order: each
+    /// ParameterDescription answers the first. Only a `set_config` statement's name and Parse are
+    /// kept, to learn its parameter types; `None` for the others.
+    describing: std::collections::VecDeque<Option<(String, Frame)>>,
+    /// More Describes than [`MAX_DESCRIBING`] are in flight: none is queued until the cycle ends.
+    describing_full: bool,
     /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
     replaying: bool,
     /// What to replay on the primary, once `replay_now`.
@@ -684,6 +754,8 @@ impl Session {
             copy: Copy::Off,
             replay: None,
             holdback: Vec::new(),
+            describing: std::collections::VecDeque::new(),
+            describing_full: false,
             replaying: false,
             replay_frames: None,
             replay_now: false,
@@ -947,12 +1019,17 @@ impl Session {
                     Some(Some(mut steps)) if steps.len() == 1 => steps.pop().unwrap_or(Step::Other),
                     _ => Step::Other,
                 };
+                let param_types = match step {
+                    Step::Set(_) => extended::parse_param_types(f.body()).unwrap_or_default(),
+                    _ => Vec::new(),
+                };
                 self.stmts.insert(
                     name,
                     Stmt {
                         parse: f.clone(),
                         read_only: r.standby_ok,
                         step,
+                        param_types,
                     },
                 );
                 self.push_batch(f).await
@@ -1299,8 +1376,21 @@ impl Session {
                     }
                     if f.tag() == b'B' {
                         if let Ok((portal, stmt)) = extended::bind_names(f.body()) {
-                            let step = self.stmts.get(stmt).map_or(Step::Other, |s| s.step.clone());
+                            let step = self.stmts.get(stmt).map_or(Step::Other, |s| s.bound(f.body()));
                             settings.bind(portal, step);
+                        }
+                    } else if let Some(name) = name {
+                        // A Describe of a statement: its ParameterDescription comes back in turn.
+                        if self.describing.len() >= MAX_DESCRIBING {
+                            self.describing_full = true;
+                        }
+                        if !self.describing_full {
+                            let set = self
+                                .stmts
+                                .get(name)
+                                .filter(|s| matches!(s.step, Step::Set(_)))
+                                .map(|s| (name.to_string(), s.parse.clone()));
+                            self.describing.push_back(set);
                         }
                     }
                 }
@@ -1470,6 +1560,19 @@ impl Session {
         }
     }
 
+    /// A ParameterDescription answers the first Describe of a statement still unanswered; for
+    /// a `set_config` statement (still the one described) its types are kept.
+    fn learn_param_types(&mut self, f: &Frame) {
+        let Some(Some((name, parse))) = self.describing.pop_front() else {
+            return;
+        };
+        if let Some(st) = self.stmts.get_mut(&name).filter(|s| s.parse == parse) {
+            if let Ok(types) = extended::parameter_description(f.body()) {
+                st.param_types = types;
+            }
+        }
+    }
+
     fn on_backend_frame(&mut self, w: Which, f: Frame) {
         let tag = f.tag();
         let in_cycle = self.cur == Some(w);
@@ -1521,6 +1624,17 @@ impl Session {
                     _ => {}
                 }
             }
+        }
+        match tag {
+            _ if !in_cycle => {}
+            b't' => self.learn_param_types(&f),
+            // An error skips the rest of the batch (its Describes included); a cycle's end
+            // leaves none unanswered.
+            b'E' | b'Z' => {
+                self.describing.clear();
+                self.describing_full = false;
+            }
+            _ => {}
         }
         let shutting_down = || perror::sqlstate(f.body()).is_some_and(|c| c.starts_with("57"));
         if tag == b'E'
@@ -1664,6 +1778,31 @@ mod tests {
     }
     fn tags(r: Option<(Vec<Frame>, Mode)>) -> Option<(Vec<u8>, Mode)> {
         r.map(|(f, m)| (f.iter().map(Frame::tag).collect(), m))
+    }
+
+    #[test]
+    fn parameter_values_as_sql_text() {
+        let text = |f, oid, v: &[u8]| param_text(f, oid, v).map(|c| c.into_owned());
+        assert_eq!(text(0, 0, b"abc").as_deref(), Some("abc"));
+        assert_eq!(
+            text(0, 23, b"12").as_deref(),
+            Some("12"),
+            "text format whatever the type"
+        );
+        assert_eq!(text(0, 0, b"\xff"), None, "not UTF-8");
+        assert_eq!(text(1, 25, b"abc").as_deref(), Some("abc"));
+        assert_eq!(text(1, 16, &[1]).as_deref(), Some("true"));
+        assert_eq!(text(1, 16, &[0]).as_deref(), Some("false"));
+        assert_eq!(text(1, 16, &[2]), None);
+        assert_eq!(text(1, 21, &(-7i16).to_be_bytes()).as_deref(), Some("-7"));
+        assert_eq!(text(1, 23, &70000i32.to_be_bytes()).as_deref(), Some("70000"));
+        assert_eq!(
+            text(1, 20, &(1i64 << 40).to_be_bytes()).as_deref(),
+            Some("1099511627776")
+        );
+        assert_eq!(text(1, 23, &[0, 1]), None, "wrong length");
+        assert_eq!(text(1, 0, b"abc"), None, "binary of an unknown type");
+        assert_eq!(text(1, 1700, b"abc"), None, "binary numeric");
     }
 
     #[test]

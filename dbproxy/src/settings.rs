@@ -170,6 +170,7 @@ impl Tracker {
             Step::Savepoint(_) => tag == b"SAVEPOINT",
             Step::Release(_) => tag == b"RELEASE",
             Step::Other => !is_control(tag) && tag != b"RESET" && !tag.starts_with(b"DISCARD"),
+            Step::Unknown => false,
         };
         let grows = matches!(step, Step::Set(_) | Step::Savepoint(_));
         if !fits
@@ -216,7 +217,7 @@ impl Tracker {
                 self.open.truncate(keep);
                 self.block = Block::Explicit;
             }
-            Step::Other => {}
+            Step::Other | Step::Unknown => {}
         }
         Ok(committed)
     }

@@ -265,3 +265,78 @@ async fn flush_batches_refused_by_a_standby_are_replayed_body() -> Result<()> {
     );
     Ok(())
 }
+
+/// Bind of the unnamed statement to the unnamed portal with one parameter in `format` (0 text,
+/// 1 binary).
+fn bind_one(format: i16, value: &[u8]) -> Vec<u8> {
+    let mut body = b"\0\0\0\x01".to_vec();
+    body.extend_from_slice(&format.to_be_bytes());
+    body.extend_from_slice(&1i16.to_be_bytes());
+    body.extend_from_slice(&(value.len() as i32).to_be_bytes());
+    body.extend_from_slice(value);
+    body.extend_from_slice(&0i16.to_be_bytes());
+    msg(b'B', &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_config_with_parameters_holds_on_every_connection() -> Result<()> {
+    support::bounded(set_config_with_parameters_body()).await
+}
+
+/// `set_config(..., $1, false)` through the extended protocol: the value bound to it is what the
+/// session's other connection replays, whether the client sends it as text (as JDBC and
+/// psycopg do) or in binary (as tokio-postgres does, once a Describe told it the type). A value
+/// whose binary form cannot be read keeps the session on the primary, which has it.
+async fn set_config_with_parameters_body() -> Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
+    let mut config = config_for(&cluster, Some("pw"));
+    config.hba = vec![HbaRule {
+        method: AuthMethod::Trust,
+        ..HbaRule::default()
+    }];
+    let proxy = Proxy::start(config)?;
+    const SET: &str = "select set_config('app.tenant', $1, false)";
+    const TENANT: &str = "select current_setting('app.tenant'), pg_is_in_recovery()";
+    const TENANT_ON_PRIMARY: &str =
+        "begin; select current_setting('app.tenant'), pg_is_in_recovery(); commit";
+
+    // tokio-postgres: prepared and described, then bound in binary.
+    let c = proxy.connect("postgres", "pw").await?;
+    let value = "it's a \\ test; 'quoted' $1";
+    let row = c.query_one(SET, &[&value]).await?;
+    assert_eq!(row.get::<_, String>(0), value);
+    assert_eq!(
+        row2(&c, TENANT).await?,
+        (value.into(), "t".into()),
+        "standby connection"
+    );
+    assert_eq!(
+        row2(&c, TENANT_ON_PRIMARY).await?,
+        (value.into(), "f".into()),
+        "primary connection"
+    );
+    // A NULL value resets it to the empty string, on both connections.
+    c.query_one(SET, &[&None::<&str>]).await?;
+    assert_eq!(row2(&c, TENANT).await?, ("".into(), "t".into()));
+
+    // A client that binds the value as text, without describing the statement.
+    let one = |sql: &str| msg(b'Q', format!("{sql}\0").as_bytes());
+    let tenant = "select current_setting('app.tenant') || ':' || pg_is_in_recovery()";
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&[parse(SET), bind_one(0, b"O'Brien\\"), execute(""), sync()].concat())
+        .await?;
+    assert_eq!(answers(&mut r, 5).await?, ["1", "2", "D:O'Brien\\", "C", "Z:I"]);
+    r.send(&one(tenant)).await?;
+    assert_eq!(answers(&mut r, 4).await?, ["T", "D:O'Brien\\:true", "C", "Z:I"]);
+
+    // Bound in binary with no type declared or described: dbproxy cannot read the value, so the
+    // session stays on the primary.
+    let mut r = Raw::login(&proxy).await?;
+    r.send(&[parse(SET), bind_one(1, b"bin"), execute(""), sync()].concat())
+        .await?;
+    assert_eq!(answers(&mut r, 5).await?, ["1", "2", "D:bin", "C", "Z:I"]);
+    r.send(&one(tenant)).await?;
+    assert_eq!(answers(&mut r, 4).await?, ["T", "D:bin:false", "C", "Z:I"]);
+    Ok(())
+}

@@ -18,6 +18,9 @@ fuzz_target!(|data: &[u8]| {
         let _ = simple::query_text(b);
         let _ = extended::parse(b);
         let _ = extended::bind_statement(b);
+        let _ = extended::bind_params(b);
+        let _ = extended::parse_param_types(b);
+        let _ = extended::parameter_description(b);
         let _ = extended::target(b, "Close");
         let _ = status::ready_status(b);
         let _ = status::backend_key(b);

@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{cstr, i16_, put_cstr, write_msg, ProtocolError};
+use super::{cstr, i16_, i32_, put_cstr, write_msg, ProtocolError};
 
 /// The fields of a Parse message.
 #[derive(Debug, PartialEq, Eq)]
@@ -24,6 +24,71 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
         return Err(ProtocolError::Malformed("Parse"));
     }
     Ok(Parse { name, query })
+}
+
+/// The parameter type OIDs a Parse declares (0 where it leaves one to the server).
+pub fn parse_param_types(body: &[u8]) -> Result<Vec<u32>, ProtocolError> {
+    let mut b = body;
+    cstr(&mut b, "Parse")?;
+    cstr(&mut b, "Parse")?;
+    oids(b, "Parse")
+}
+
+/// The parameter type OIDs of a ParameterDescription.
+pub fn parameter_description(body: &[u8]) -> Result<Vec<u32>, ProtocolError> {
+    oids(body, "ParameterDescription")
+}
+
+/// A count, then as many OIDs, ending the message.
+fn oids(mut b: &[u8], what: &'static str) -> Result<Vec<u32>, ProtocolError> {
+    let n = i16_(&mut b, what)?;
+    if n < 0 || b.len() != n as usize * 4 {
+        return Err(ProtocolError::Malformed(what));
+    }
+    Ok(b.chunks_exact(4)
+        .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+        .collect())
+}
+
+/// A Bind parameter: its format code (0 text, 1 binary) and its value (`None` for NULL).
+pub type Param<'a> = (i16, Option<&'a [u8]>);
+
+/// The parameter values of a Bind.
+pub fn bind_params(body: &[u8]) -> Result<Vec<Param<'_>>, ProtocolError> {
+    const WHAT: &str = "Bind";
+    let mut b = body;
+    cstr(&mut b, WHAT)?;
+    cstr(&mut b, WHAT)?;
+    let nf = i16_(&mut b, WHAT)?;
+    if nf < 0 || b.len() < nf as usize * 2 {
+        return Err(ProtocolError::Malformed(WHAT));
+    }
+    let (formats, rest) = b.split_at(nf as usize * 2);
+    b = rest;
+    let format = |i: usize| match formats.len() {
+        0 => 0,
+        2 => i16::from_be_bytes([formats[0], formats[1]]),
+        _ => i16::from_be_bytes([formats[2 * i], formats[2 * i + 1]]),
+    };
+    let np = i16_(&mut b, WHAT)?;
+    if np < 0 || (nf > 1 && nf != np) {
+        return Err(ProtocolError::Malformed(WHAT));
+    }
+    let mut out = Vec::with_capacity(np as usize);
+    for i in 0..np as usize {
+        let len = i32_(&mut b, WHAT)?;
+        let value = match len {
+            -1 => None,
+            n if n < 0 || b.len() < n as usize => return Err(ProtocolError::Malformed(WHAT)),
+            n => {
+                let (v, rest) = b.split_at(n as usize);
+                b = rest;
+                Some(v)
+            }
+        };
+        out.push((format(i), value));
+    }
+    Ok(out)
 }
 
 /// The statement a Bind refers to (its portal name is skipped).
@@ -113,5 +178,67 @@ mod tests {
         assert!(target(b"Xs\0", "Close").is_err());
         assert!(target(b"", "Close").is_err());
         assert!(target(b"Ss\0junk", "Close").is_err());
+    }
+
+    #[test]
+    fn bind_parameters_with_their_formats() {
+        let bind = |formats: &[i16], values: &[Option<&[u8]>]| {
+            let mut b = b"p\0s\0".to_vec();
+            b.extend_from_slice(&(formats.len() as i16).to_be_bytes());
+            for f in formats {
+                b.extend_from_slice(&f.to_be_bytes());
+            }
+            b.extend_from_slice(&(values.len() as i16).to_be_bytes());
+            for v in values {
+                match v {
+                    None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some(v) => {
+                        b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        b.extend_from_slice(v);
+                    }
+                }
+            }
+            b.extend_from_slice(&0i16.to_be_bytes());
+            b
+        };
+        let two: [Option<&[u8]>; 2] = [Some(b"a"), None];
+        assert_eq!(
+            bind_params(&bind(&[], &two)).unwrap(),
+            [(0, Some(&b"a"[..])), (0, None)]
+        );
+        assert_eq!(
+            bind_params(&bind(&[1], &two)).unwrap(),
+            [(1, Some(&b"a"[..])), (1, None)]
+        );
+        assert_eq!(
+            bind_params(&bind(&[0, 1], &two)).unwrap(),
+            [(0, Some(&b"a"[..])), (1, None)]
+        );
+        assert!(
+            bind_params(&bind(&[0, 1, 0], &two)).is_err(),
+            "three formats, two values"
+        );
+        let mut short = bind(&[], &[Some(b"abc")]);
+        short.truncate(short.len() - 4);
+        assert!(bind_params(&short).is_err(), "a value longer than the message");
+        let mut negative = bind(&[], &[]);
+        negative.splice(4..6, (-3i16).to_be_bytes());
+        assert!(bind_params(&negative).is_err());
+        assert!(bind_params(b"p\0").is_err());
+    }
+
+    #[test]
+    fn parameter_types_of_parse_and_parameter_description() {
+        assert_eq!(
+            parse_param_types(b"s\0select $1\0\0\x01\0\0\0\x19").unwrap(),
+            [25]
+        );
+        assert_eq!(parse_param_types(b"\0select 1\0\0\0").unwrap(), Vec::<u32>::new());
+        assert!(parse_param_types(b"\0select 1\0\0\x01\0").is_err());
+        assert_eq!(
+            parameter_description(b"\0\x02\0\0\0\x19\0\0\0\x10").unwrap(),
+            [25, 16]
+        );
+        assert!(parameter_description(b"\0\x02\0\0\0\x19").is_err());
     }
 }
