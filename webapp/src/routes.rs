@@ -212,8 +212,12 @@ async fn switchover(State(st): St, Path(id): Path<String>, headers: HeaderMap) -
             let text = String::from_utf8_lossy(&body);
             let answer: serde_json::Value =
                 serde_json::from_str(&text).unwrap_or_else(|_| serde_json::Value::String(text.into_owned()));
+            // dbproxy's refusal of the request itself (no such node, not a healthy standby,
+            // already the primary) is passed on as it is; its own failure is a bad gateway.
             let status = if code.is_success() {
                 StatusCode::OK
+            } else if code.is_client_error() {
+                code
             } else {
                 StatusCode::BAD_GATEWAY
             };

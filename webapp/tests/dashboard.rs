@@ -230,6 +230,7 @@ async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
     let peer = FakePeer::default();
     peer.set("/admin/nodes/1/promote", 200, r#"{"promoted":"1"}"#);
     peer.set("/admin/nodes/2/promote", 409, r#"{"error":"node 2 is down"}"#);
+    peer.set("/admin/nodes/3/promote", 500, r#"{"error":"promotion failed"}"#);
     let addr = peer.serve(stop.clone()).await?;
     let mut cfg = config("dash-4", NO_DB);
     cfg.dbproxy_admin_url = format!("http://{addr}/admin/");
@@ -270,10 +271,18 @@ async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
     );
 
     let r = post("/dashboard/switchover/2", true).await?;
-    ensure!(r.status == StatusCode::BAD_GATEWAY, "{r:?}");
+    ensure!(r.status == StatusCode::CONFLICT, "{r:?}");
     let v = r.json()?;
     ensure!(
         v["dbproxy_status"] == 409 && v["answer"]["error"] == "node 2 is down",
+        "{v}"
+    );
+    // dbproxy failing (not refusing) is a bad gateway, with its answer.
+    let r = post("/dashboard/switchover/3", true).await?;
+    ensure!(r.status == StatusCode::BAD_GATEWAY, "{r:?}");
+    let v = r.json()?;
+    ensure!(
+        v["dbproxy_status"] == 500 && v["answer"]["error"] == "promotion failed",
         "{v}"
     );
 
