@@ -31,6 +31,29 @@ pub type ResponseFuture = Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + S
 pub trait AdminRoutes: Send + Sync + 'static {
     /// Answers `method path` with `body`, or returns `None` when the route is not this binary's.
     fn route(&self, method: &Method, path: &str, body: Bytes) -> Option<ResponseFuture>;
+
+    /// The bearer token requests other than GET and HEAD (those that change something) must
+    /// carry in `Authorization: Bearer ...`; `None` lets them through unchecked.
+    fn token(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>` (compared in constant time).
+pub fn bearer_matches(headers: &hyper::HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(a.len() ^ b.len(), |d, (x, y)| d | usize::from(x ^ y));
+    diff == 0
 }
 
 /// No extra routes.
@@ -127,6 +150,21 @@ async fn handle(
 ) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    if !matches!(method, Method::GET | Method::HEAD) {
+        if let Some(token) = routes.token() {
+            if !bearer_matches(req.headers(), token) {
+                let mut r = text(
+                    StatusCode::UNAUTHORIZED,
+                    "this admin endpoint needs the admin token: Authorization: Bearer <admin_token>\n",
+                );
+                r.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"admin\""),
+                );
+                return r;
+            }
+        }
+    }
     match (method.clone(), path.as_str()) {
         (Method::GET, "/metrics") => {
             let mut r = text(StatusCode::OK, render_metrics(registry));
@@ -172,6 +210,60 @@ mod tests {
                 None
             }
         }
+    }
+
+    struct Guarded;
+    impl AdminRoutes for Guarded {
+        fn route(&self, method: &Method, path: &str, body: Bytes) -> Option<ResponseFuture> {
+            Echo.route(method, path, body).or_else(|| {
+                (path == "/state")
+                    .then(|| -> ResponseFuture { Box::pin(async { text(StatusCode::OK, "open") }) })
+            })
+        }
+        fn token(&self) -> Option<&str> {
+            Some("s3cret")
+        }
+    }
+
+    #[tokio::test]
+    async fn a_token_guards_every_request_but_reads() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve(
+            listener,
+            Registry::new(),
+            Arc::new(Guarded),
+            shutdown.clone(),
+        ));
+        let post = |auth: &str| {
+            format!(
+                "POST /echo HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: 2\r\nConnection: close\r\n\r\nhi"
+            )
+        };
+        for auth in [
+            "",
+            "Authorization: Bearer wrong\r\n",
+            "Authorization: Bearer s3cre\r\n",
+            "Authorization: Bearer s3cret!\r\n",
+            "Authorization: Basic s3cret\r\n",
+        ] {
+            let r = request(addr, &post(auth)).await;
+            assert!(r.starts_with("HTTP/1.1 401"), "{auth:?}: {r}");
+            assert!(r.to_ascii_lowercase().contains("www-authenticate: bearer"), "{r}");
+        }
+        let r = request(addr, &post("Authorization: Bearer s3cret\r\n")).await;
+        assert!(r.starts_with("HTTP/1.1 200") && r.ends_with("hi"), "{r}");
+        for path in ["/state", "/metrics", "/healthz"] {
+            let r = request(
+                addr,
+                &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+            )
+            .await;
+            assert!(r.starts_with("HTTP/1.1 200"), "{path}: {r}");
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
     }
 
     async fn request(addr: SocketAddr, raw: &str) -> String {

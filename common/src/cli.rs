@@ -43,7 +43,7 @@ impl CommonArgs {
 }
 
 /// Prints the outcome of `--check-config` and returns the exit status to use.
-/// Secrets are masked: values of keys naming a password or secret, and passwords inside URLs.
+/// Secrets are masked: values of keys naming a password, secret or token, and passwords inside URLs.
 pub fn report_check<T: serde::Serialize>(name: &str, result: &Result<T, anyhow::Error>) -> i32 {
     match result {
         Ok(cfg) => {
@@ -71,7 +71,7 @@ pub fn redact(v: &mut toml::Value, secret_key: bool) {
         toml::Value::Table(t) => {
             for (k, child) in t.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                let secret = (k.contains("password") || k.contains("secret"))
+                let secret = (k.contains("password") || k.contains("secret") || k.contains("token"))
                     && !k.ends_with("_env")
                     && !k.ends_with("_file");
                 redact(child, secret);
@@ -113,13 +113,17 @@ mod tests {
     fn secrets_are_masked() {
         let mut v: toml::Value = toml::from_str(
             "database_url = 'postgres://app:s3cret@db:9999/app'\nplain = 'http://host/x'\n\
+             admin_token = 'tok3n'\n\
              [health]\npassword = 'pw'\n[[users]]\nname = 'a'\npassword_env = 'PW'\nsecret = 'md5abc'\n",
         )
         .unwrap();
         redact(&mut v, false);
         let text = toml::to_string(&v).unwrap();
         assert!(
-            !text.contains("s3cret") && !text.contains("\"pw\"") && !text.contains("md5abc"),
+            !text.contains("s3cret")
+                && !text.contains("\"pw\"")
+                && !text.contains("md5abc")
+                && !text.contains("tok3n"),
             "{text}"
         );
         assert!(text.contains("postgres://app:********@db:9999/app"), "{text}");

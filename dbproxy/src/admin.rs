@@ -109,6 +109,8 @@ pub struct Routes {
     pub cluster: Arc<Cluster>,
     /// Failover, re-attachment and switchover.
     pub manager: Arc<Manager>,
+    /// The token POST endpoints require (`admin_token`); `None` leaves them open.
+    pub token: Option<String>,
 }
 
 /// The `/status` document.
@@ -143,6 +145,10 @@ fn node_action(path: &str) -> Option<(usize, &str)> {
 }
 
 impl AdminRoutes for Routes {
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     fn route(&self, method: &Method, path: &str, _body: Bytes) -> Option<ResponseFuture> {
         if path == "/status" {
             if method != Method::GET {

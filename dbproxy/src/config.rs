@@ -16,6 +16,11 @@ pub struct Config {
     pub listen: String,
     /// Address the admin HTTP listener (`/metrics`, `/status`) binds.
     pub admin_listen: String,
+    /// Token the admin listener's POST endpoints (`/nodes/{id}/attach`, `/nodes/{id}/promote`)
+    /// require as `Authorization: Bearer <token>`; empty leaves them open (then keep
+    /// `admin_listen` on loopback). Reads (`/metrics`, `/status`, `/healthz`) never need it.
+    /// Changing it needs a restart.
+    pub admin_token: String,
     /// The PostgreSQL servers, in pgpool's backend order. A reload (SIGHUP) may append nodes and
     /// change weights at once; changing an existing node's name, host or port, or removing one,
     /// needs a restart.
@@ -44,6 +49,7 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:9999".to_string(),
             admin_listen: "127.0.0.1:9930".to_string(),
+            admin_token: String::new(),
             nodes: Vec::new(),
             users: Vec::new(),
             hba: Vec::new(),
@@ -65,6 +71,7 @@ impl Config {
         Config {
             listen: "127.0.0.1:0".into(),
             admin_listen: "127.0.0.1:0".into(),
+            admin_token: String::new(),
             nodes: nodes
                 .into_iter()
                 .map(|(name, port)| NodeConfig {

@@ -65,6 +65,10 @@ pub fn merge(old: &Config, mut new: Config) -> Result<Config, ConfigError> {
         kept.push(format!("admin_listen stays {}", old.admin_listen));
         new.admin_listen.clone_from(&old.admin_listen);
     }
+    if new.admin_token != old.admin_token {
+        kept.push("admin_token stays as it was".to_string());
+        new.admin_token.clone_from(&old.admin_token);
+    }
     if new.limits.max_connections != old.limits.max_connections {
         kept.push(format!(
             "limits.max_connections stays {}",

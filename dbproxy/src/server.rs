@@ -99,9 +99,23 @@ pub async fn run_with(
         tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
     }
     if let Some(admin) = admin {
+        let token = &first.config.admin_token;
+        let loopback = first
+            .config
+            .admin_listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback());
+        if token.is_empty() && !loopback {
+            tracing::warn!(
+                admin_listen = %first.config.admin_listen,
+                "the admin listener is reachable from other hosts and admin_token is empty: \
+                 anyone who reaches it can promote or attach nodes"
+            );
+        }
         let routes = Arc::new(crate::admin::Routes {
             cluster: cluster.clone(),
             manager: manager.clone(),
+            token: (!token.is_empty()).then(|| token.clone()),
         });
         tasks.spawn(common::admin::serve(admin, registry, routes, shutdown.clone()));
     }

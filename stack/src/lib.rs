@@ -81,9 +81,11 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
         pg.nodes[0].name, pg.nodes[0].port, opts.standbys
     );
 
-    // dbproxy in front of every node; it finds the primary itself.
+    // dbproxy in front of every node; it finds the primary itself. Its promote and attach
+    // endpoints take a token made for this run, which the webapps' switchover button sends.
+    let admin_token = random_token()?;
     let mut dbproxy = format!(
-        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
+        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
         p.dbproxy, p.dbproxy_admin
     );
     for n in &pg.nodes {
@@ -119,7 +121,7 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
         let cfg = format!(
             "listen = \"127.0.0.1:{port}\"\ninstance = \"{name}\"\ndatabase_url = \"{database_url}\"\n\
              lb_status_url = \"http://127.0.0.1:{}/status\"\ndbproxy_status_url = \"http://127.0.0.1:{}/status\"\n\
-             dbproxy_admin_url = \"http://127.0.0.1:{}\"\n",
+             dbproxy_admin_url = \"http://127.0.0.1:{}\"\ndbproxy_admin_token = \"{admin_token}\"\n",
             p.lb_admin, p.dbproxy_admin, p.dbproxy_admin
         );
         start_service(
@@ -345,4 +347,12 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// 128 random bits from the kernel, in hex.
+fn random_token() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }

@@ -29,6 +29,9 @@ pub struct Config {
     /// dbproxy's admin base URL; when set, the dashboard shows a switchover button that POSTs to
     /// `{dbproxy_admin_url}/nodes/{id}/promote`.
     pub dbproxy_admin_url: String,
+    /// The token dbproxy's admin listener requires for the switchover (its `admin_token`), sent
+    /// as `Authorization: Bearer <token>`; empty sends none.
+    pub dbproxy_admin_token: String,
     /// How often the dashboard re-reads the status URLs while someone watches, in milliseconds.
     pub dashboard_interval_ms: u64,
     /// Bound on each status fetch, in milliseconds.
@@ -49,6 +52,7 @@ impl Default for Config {
             lb_status_url: "http://127.0.0.1:9100/status".to_string(),
             dbproxy_status_url: "http://127.0.0.1:9930/status".to_string(),
             dbproxy_admin_url: String::new(),
+            dbproxy_admin_token: String::new(),
             dashboard_interval_ms: 1000,
             status_timeout_ms: 1000,
             header_timeout_ms: 10_000,

@@ -58,6 +58,7 @@ pub struct Dashboard {
     lb_url: String,
     dbproxy_url: String,
     admin_url: String,
+    admin_token: String,
     instance: String,
     interval: Duration,
     timeout: Duration,
@@ -84,6 +85,7 @@ impl Dashboard {
             lb_url: config.lb_status_url.clone(),
             dbproxy_url: config.dbproxy_status_url.clone(),
             admin_url: config.dbproxy_admin_url.trim_end_matches('/').to_string(),
+            admin_token: config.dbproxy_admin_token.clone(),
             instance,
             interval: Duration::from_millis(config.dashboard_interval_ms),
             timeout,
@@ -200,10 +202,17 @@ impl Dashboard {
         limit: Duration,
     ) -> Result<(StatusCode, Bytes), FetchError> {
         let uri: Uri = url.parse().map_err(|e| FetchError::Url(format!("{url}: {e}")))?;
-        let req = Request::builder()
-            .method(method)
+        let mut req = Request::builder()
+            .method(method.clone())
             .uri(uri)
-            .header(hyper::header::ACCEPT, "application/json")
+            .header(hyper::header::ACCEPT, "application/json");
+        if method == Method::POST && !self.admin_token.is_empty() {
+            req = req.header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.admin_token),
+            );
+        }
+        let req = req
             .body(Empty::new())
             .map_err(|e| FetchError::Url(e.to_string()))?;
         let exchange = async {

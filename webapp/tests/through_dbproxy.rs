@@ -22,6 +22,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 /// dbproxy in front of `c` (user postgres, password pw) on loopback ports, in this runtime.
+/// The token dbproxy's admin listener requires for its POST endpoints in these tests.
+const ADMIN_TOKEN: &str = "t0ken-for-the-switchover";
+
 async fn start_dbproxy(
     c: &testkit::PgCluster,
 ) -> Result<(
@@ -30,7 +33,8 @@ async fn start_dbproxy(
     CancellationToken,
     tokio::task::JoinHandle<Result<(), dbproxy::RunError>>,
 )> {
-    let proxy_cfg = Config::loopback(c.nodes().iter().map(|n| (n.name(), n.port())), Some("pw"));
+    let mut proxy_cfg = Config::loopback(c.nodes().iter().map(|n| (n.name(), n.port())), Some("pw"));
+    proxy_cfg.admin_token = ADMIN_TOKEN.into();
     let proxy_cfg = ::common::Validate::validate(proxy_cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
@@ -249,6 +253,7 @@ impl Stack {
         let mut cfg = config(instance, &url);
         cfg.dbproxy_status_url = format!("http://{admin}/status");
         cfg.dbproxy_admin_url = format!("http://{admin}");
+        cfg.dbproxy_admin_token = ADMIN_TOKEN.into();
         let app = App::start(cfg).await?;
         wait_ready(&app).await?;
         common::insert_sample(&url, host, 1_795_000_000, cpu).await?;
@@ -314,10 +319,10 @@ fn page_node(body: &str) -> Option<(String, String)> {
     ))
 }
 
-/// Checks that a refused switchover came back as the webapp documents it: 502 with dbproxy's own
-/// status and reason in JSON, never a 500 or a trace.
+/// Checks that a refused switchover came back as the webapp documents it: with dbproxy's own
+/// status (a 4xx refusal) and reason in JSON, never a 500 or a trace.
 fn check_refused(r: &common::Reply, dbproxy_code: u16, reason: &str) -> Result<()> {
-    ensure!(r.status == StatusCode::BAD_GATEWAY, "{r:?}");
+    ensure!(r.status.as_u16() == dbproxy_code, "{r:?}");
     ensure!(
         !r.body.contains("panicked") && !r.body.contains("backtrace"),
         "{r:?}"
@@ -385,7 +390,13 @@ async fn switchover_body() -> Result<()> {
         }
     };
 
-    // Refusals first; none of them changes anything.
+    // Refusals first; none of them changes anything. dbproxy's admin listener itself refuses a
+    // promotion without its token (the webapp sends it).
+    let promote = format!("http://{admin}/nodes/1/promote");
+    for h in [&[][..], &[("authorization", "Bearer wrong")][..]] {
+        let r = common::request(Method::POST, &promote, h).await?;
+        ensure!(r.status == StatusCode::UNAUTHORIZED, "{r:?}");
+    }
     let r = post("1", false).await?;
     ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
     ensure!(
