@@ -160,6 +160,7 @@ mod tests {
         let mut new = config(&[("x", 9, 1)]);
         new.listen = "127.0.0.1:1".into();
         new.admin_listen = "127.0.0.1:2".into();
+        new.admin_token = "changed".into();
         new.limits.max_connections = 3;
         new.workers = 7;
         new.failover.enabled = !old.failover.enabled;
@@ -168,6 +169,7 @@ mod tests {
         assert_eq!(names, [("a", 1), ("b", 2)]);
         assert_eq!(merged.listen, old.listen);
         assert_eq!(merged.admin_listen, old.admin_listen);
+        assert_eq!(merged.admin_token, old.admin_token);
         assert_eq!(merged.limits.max_connections, old.limits.max_connections);
         assert_eq!(merged.workers, old.workers);
         assert_eq!(merged.failover.enabled, old.failover.enabled);
