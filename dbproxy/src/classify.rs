@@ -431,10 +431,10 @@ impl Classifier {
 
     /// Classifies a SQL string (simple-protocol Query text or an extended-protocol Parse).
     pub fn classify(&self, sql: &str) -> Classified {
-        let tokens = match lex(sql) {
-            Ok(t) => t,
-            Err(()) => return Classified::PRIMARY,
-        };
+        let mut tokens = Tokens::new();
+        if lex(sql, &mut tokens).is_err() {
+            return Classified::PRIMARY;
+        }
         let mut out = Classified::READ;
         let mut any = false;
         for stmt in tokens
@@ -466,7 +466,8 @@ impl Classifier {
     /// (`BEGIN ATOMIC ... END`), whose semicolons do not end the statement; also past
     /// [`MAX_STEPS`] statements, so the list stays small whatever the client sends.
     pub fn steps(&self, sql: &str) -> Option<Vec<Step>> {
-        let tokens = lex(sql).ok()?;
+        let mut tokens = Tokens::new();
+        lex(sql, &mut tokens).ok()?;
         let mut out = Vec::new();
         let mut depth = 0usize;
         let (mut from, mut start) = (0, 0);
@@ -512,8 +513,8 @@ impl Classifier {
         let Some(first) = t.first().and_then(Tok::word) else {
             return Some(Step::Other);
         };
-        let first = first.to_ascii_lowercase();
-        Some(match first.as_str() {
+        let mut buf = [0; 32];
+        Some(match lowered(first, &mut buf) {
             "create" if has("atomic") => return None,
             "begin" | "start" => Step::Begin,
             "commit" | "end" if !kw(1, "prepared") => Step::Commit { chain },
@@ -545,8 +546,8 @@ impl Classifier {
         };
         let kw = |i: usize, w: &str| word_at(t, i, w);
         let has = |w: &str| has_word(t, w);
-        let lower = first.to_ascii_lowercase();
-        match lower.as_str() {
+        let mut buf = [0; 32];
+        match lowered(first, &mut buf) {
             "select" | "values" | "table" | "with" | "show" => self.read_like(t),
             "explain" => {
                 // EXPLAIN ANALYZE runs the statement; either way the explained statement decides.
@@ -801,11 +802,11 @@ enum Tok<'a> {
     /// A parameter `$n`, with the byte range it takes in the text.
     Param {
         /// Its number (1 for `$1`); 0 when too large to be one.
-        n: usize,
-        /// Where it starts.
-        at: usize,
+        n: u32,
+        /// Where it starts (a message is far below 4 GiB).
+        at: u32,
         /// Where it ends.
-        end: usize,
+        end: u32,
     },
     /// `;` outside any quoting, with its byte offset.
     Semi(usize),
@@ -823,9 +824,35 @@ impl<'a> Tok<'a> {
 }
 
 /// Splits SQL into tokens; `Err` on an unterminated quote or comment (it goes to the primary).
-fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
+/// The bytes that continue an unquoted identifier: letters, digits, `_`, `$`, and every byte of
+/// a multi-byte character.
+static IDENT: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 256 {
+        let b = c as u8;
+        t[c] = b.is_ascii_alphanumeric() || b == b'_' || b == b'$' || b >= 0x80;
+        c += 1;
+    }
+    t
+};
+
+/// A statement string's tokens; most statements fit inline, so lexing one allocates nothing.
+type Tokens<'a> = smallvec::SmallVec<[Tok<'a>; 32]>;
+
+/// `w` in ASCII lower case, written in `buf` when it fits (every keyword does); "" otherwise.
+fn lowered<'b>(w: &str, buf: &'b mut [u8; 32]) -> &'b str {
+    let Some(dst) = buf.get_mut(..w.len()) else {
+        return "";
+    };
+    dst.copy_from_slice(w.as_bytes());
+    dst.make_ascii_lowercase();
+    std::str::from_utf8(dst).unwrap_or("")
+}
+
+fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
     let b = sql.as_bytes();
-    let mut out = Vec::with_capacity(32);
+    out.clear();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -883,7 +910,8 @@ fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
                         j += 1;
                     }
                     let n = sql[i + 1..j].parse().unwrap_or(0);
-                    out.push(Tok::Param { n, at: i, end: j });
+                    let (at, end) = (u32::try_from(i).map_err(drop)?, u32::try_from(j).map_err(drop)?);
+                    out.push(Tok::Param { n, at, end });
                     i = j;
                     continue;
                 }
@@ -916,9 +944,7 @@ fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
             }
             c if c.is_ascii_alphabetic() || c == b'_' || c >= 0x80 => {
                 let start = i;
-                while i < b.len()
-                    && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'$' || b[i] >= 0x80)
-                {
+                while b.get(i).is_some_and(|&c| IDENT[c as usize]) {
                     i += 1;
                 }
                 let word = &sql[start..i];
@@ -943,7 +969,7 @@ fn lex(sql: &str) -> Result<Vec<Tok<'_>>, ()> {
             }
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Skips a single-quoted string body starting at `i`; returns the index after the closing quote.
@@ -967,11 +993,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// `None`): the text a simple Query runs to the same effect. `None` when `sql` does not lex or
 /// names a parameter it was not given.
 pub fn inline_params(sql: &str, values: &[Option<&str>]) -> Option<String> {
-    let tokens = lex(sql).ok()?;
+    let mut tokens = Tokens::new();
+    lex(sql, &mut tokens).ok()?;
     let mut out = String::with_capacity(sql.len() + 16);
     let mut from = 0;
     for t in &tokens {
         if let Tok::Param { n, at, end } = *t {
+            let (n, at, end) = (n as usize, at as usize, end as usize);
             let value = values.get(n.checked_sub(1)?)?;
             out.push_str(&sql[from..at]);
             match value {

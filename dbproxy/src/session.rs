@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::BufMut;
+
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -171,7 +172,7 @@ struct Window {
 /// One batch in the replay window.
 #[derive(Debug)]
 struct Held {
-    frames: Vec<Frame>,
+    frames: Frames,
     /// Held answers still to come that end a message's answer (all but ParameterDescription).
     answers: usize,
     /// It ends with Flush and holds no Execute (see [`Window`]).
@@ -180,7 +181,7 @@ struct Held {
 
 impl Window {
     /// A batch was sent to the standby.
-    fn push(&mut self, frames: Vec<Frame>) {
+    fn push(&mut self, frames: Frames) {
         let answers = frames
             .iter()
             .filter(|f| matches!(f.tag(), b'P' | b'B' | b'C' | b'D'))
@@ -216,8 +217,8 @@ impl Window {
     /// The frames to replay on the primary and how their last batch ended; `None` when there
     /// is nothing to replay or it cannot run on its own: an Execute of a portal bound in a batch
     /// whose answers were already passed on exists only on the standby.
-    fn replayable(self) -> Option<(Vec<Frame>, Mode)> {
-        let frames: Vec<Frame> = self.batches.into_iter().flat_map(|b| b.frames).collect();
+    fn replayable(self) -> Option<(Frames, Mode)> {
+        let frames: Frames = self.batches.into_iter().flat_map(|b| b.frames).collect();
         let mut bound: Vec<&str> = Vec::new();
         for f in &frames {
             match f.tag() {
@@ -233,6 +234,11 @@ impl Window {
         Some((frames, mode))
     }
 }
+
+/// The messages of one request: a Query, or an extended-protocol batch up to its Sync or Flush.
+/// (A `SmallVec` was tried: moving it through the dispatch futures cost more than the allocation
+/// it saved.)
+type Frames = Vec<Frame>;
 
 /// The most messages an extended-protocol batch holds before it is sent on without its Sync.
 const MAX_BATCH_MESSAGES: usize = 4096;
@@ -619,7 +625,7 @@ struct Session {
     /// itself undoes them), nor SET LOCAL.
     settings: Tracker,
     /// Extended-protocol messages waiting for Sync or Flush.
-    batch: Vec<Frame>,
+    batch: Frames,
     /// Every statement of `batch` surely only reads.
     batch_ok: bool,
     /// The bytes held in `batch`.
@@ -643,7 +649,7 @@ struct Session {
     /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
     replaying: bool,
     /// What to replay on the primary, once `replay_now`.
-    replay_frames: Option<(Vec<Frame>, Mode)>,
+    replay_frames: Option<(Frames, Mode)>,
     replay_now: bool,
     /// A Sync was queued for the standby (it ends the batch a 25006 interrupted).
     sync_standby: bool,
@@ -746,7 +752,7 @@ impl Session {
             stmts: HashMap::new(),
             sets: Vec::new(),
             settings: Tracker::default(),
-            batch: Vec::new(),
+            batch: Frames::new(),
             batch_ok: true,
             batch_bytes: 0,
             cur: None,
@@ -931,12 +937,18 @@ impl Session {
             // Backpressure: a client that pipelines more than one maximal message is not read
             // further until its earlier requests are answered.
             let can_read = self.client.rbuf.len() <= max;
+            let has_standby = self.standby.is_some();
+            // In a fixed order, sockets first: a wake-up comes from one source, and the ones
+            // after it are not polled. None starves another: a backend's answers end, and a
+            // client is not read past one maximal message until they do.
             tokio::select! {
+                biased;
+                r = read_opt(&mut self.standby), if has_standby => self.on_backend(Which::Standby, r).await?,
+                r = read_opt(&mut self.primary) => self.on_backend(Which::Primary, r).await?,
                 r = self.client.fill(), if can_read => match r {
                     Ok(0) | Err(_) => return Err(End),
                     Ok(_) => {}
                 },
-                r = read_opt(&mut self.primary) => self.on_backend(Which::Primary, r).await?,
                 rx = &mut topology => {
                     topology = match rx {
                         Some(rx) => topology_changed(rx),
@@ -944,7 +956,6 @@ impl Session {
                     };
                     self.on_topology_change().await?;
                 }
-                r = read_opt(&mut self.standby) => self.on_backend(Which::Standby, r).await?,
                 _ = &mut stop, if between => {
                     fatal(&mut self.client, "57P01", "terminating connection due to administrator command").await;
                     return Err(End);
@@ -1134,7 +1145,7 @@ impl Session {
         &mut self,
         standby_ok: bool,
         writes: bool,
-        frames: Vec<Frame>,
+        frames: Frames,
         mode: Mode,
         follow: bool,
     ) -> Result<(), End> {
@@ -1248,7 +1259,7 @@ impl Session {
     async fn dispatch(
         &mut self,
         mut target: Which,
-        frames: Vec<Frame>,
+        frames: Frames,
         mode: Mode,
         follow: bool,
     ) -> Result<(), End> {
@@ -1776,7 +1787,7 @@ mod tests {
     fn sync() -> Frame {
         frame(b'S', b"")
     }
-    fn tags(r: Option<(Vec<Frame>, Mode)>) -> Option<(Vec<u8>, Mode)> {
+    fn tags(r: Option<(Frames, Mode)>) -> Option<(Vec<u8>, Mode)> {
         r.map(|(f, m)| (f.iter().map(Frame::tag).collect(), m))
     }
 

@@ -52,10 +52,11 @@ impl ProtocolError {
 
 /// Splits a NUL-terminated string off the front of `buf`.
 pub(crate) fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
-    let end = buf
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or(ProtocolError::Malformed(what))?;
+    // `CStr` finds the NUL a word at a time.
+    let end = std::ffi::CStr::from_bytes_until_nul(buf)
+        .map_err(|_| ProtocolError::Malformed(what))?
+        .to_bytes()
+        .len();
     let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed(what))?;
     *buf = &buf[end + 1..];
     Ok(s)
