@@ -163,12 +163,9 @@ fn sync() -> Vec<u8> {
     msg(b'S', b"")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flush_batches_refused_by_a_standby_are_replayed() -> Result<()> {
-    support::bounded(flush_batches_refused_by_a_standby_are_replayed_body()).await
-}
-
-async fn flush_batches_refused_by_a_standby_are_replayed_body() -> Result<()> {
+/// A primary and a standby, and a dbproxy config for them that trusts every client (so raw
+/// protocol clients can log in).
+async fn trusting_cluster() -> Result<(PgCluster, dbproxy::config::Config)> {
     let cluster =
         tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
     let mut config = config_for(&cluster, Some("pw"));
@@ -176,6 +173,16 @@ async fn flush_batches_refused_by_a_standby_are_replayed_body() -> Result<()> {
         method: AuthMethod::Trust,
         ..HbaRule::default()
     }];
+    Ok((cluster, config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flush_batches_refused_by_a_standby_are_replayed() -> Result<()> {
+    support::bounded(flush_batches_refused_by_a_standby_are_replayed_body()).await
+}
+
+async fn flush_batches_refused_by_a_standby_are_replayed_body() -> Result<()> {
+    let (cluster, mut config) = trusting_cluster().await?;
     // A function that writes, allow-listed as read-only: its calls go to the standby, which
     // refuses them with 25006.
     config.routing.read_only_functions = vec!["bump".into()];
@@ -288,13 +295,7 @@ async fn set_config_with_parameters_holds_on_every_connection() -> Result<()> {
 /// psycopg do) or in binary (as tokio-postgres does, once a Describe told it the type). A value
 /// whose binary form cannot be read keeps the session on the primary, which has it.
 async fn set_config_with_parameters_body() -> Result<()> {
-    let cluster =
-        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
-    let mut config = config_for(&cluster, Some("pw"));
-    config.hba = vec![HbaRule {
-        method: AuthMethod::Trust,
-        ..HbaRule::default()
-    }];
+    let (_cluster, config) = trusting_cluster().await?;
     let proxy = Proxy::start(config)?;
     const SET: &str = "select set_config('app.tenant', $1, false)";
     const TENANT: &str = "select current_setting('app.tenant'), pg_is_in_recovery()";
