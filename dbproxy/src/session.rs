@@ -172,7 +172,7 @@ struct Window {
 /// One batch in the replay window.
 #[derive(Debug)]
 struct Held {
-    frames: Frames,
+    frames: Vec<Frame>,
     /// Held answers still to come that end a message's answer (all but ParameterDescription).
     answers: usize,
     /// It ends with Flush and holds no Execute (see [`Window`]).
@@ -181,7 +181,7 @@ struct Held {
 
 impl Window {
     /// A batch was sent to the standby.
-    fn push(&mut self, frames: Frames) {
+    fn push(&mut self, frames: Vec<Frame>) {
         let answers = frames
             .iter()
             .filter(|f| matches!(f.tag(), b'P' | b'B' | b'C' | b'D'))
@@ -217,8 +217,8 @@ impl Window {
     /// The frames to replay on the primary and how their last batch ended; `None` when there
     /// is nothing to replay or it cannot run on its own: an Execute of a portal bound in a batch
     /// whose answers were already passed on exists only on the standby.
-    fn replayable(self) -> Option<(Frames, Mode)> {
-        let frames: Frames = self.batches.into_iter().flat_map(|b| b.frames).collect();
+    fn replayable(self) -> Option<(Vec<Frame>, Mode)> {
+        let frames: Vec<Frame> = self.batches.into_iter().flat_map(|b| b.frames).collect();
         let mut bound: Vec<&str> = Vec::new();
         for f in &frames {
             match f.tag() {
@@ -234,11 +234,6 @@ impl Window {
         Some((frames, mode))
     }
 }
-
-/// The messages of one request: a Query, or an extended-protocol batch up to its Sync or Flush.
-/// (A `SmallVec` was tried: moving it through the dispatch futures cost more than the allocation
-/// it saved.)
-type Frames = Vec<Frame>;
 
 /// The most messages an extended-protocol batch holds before it is sent on without its Sync.
 const MAX_BATCH_MESSAGES: usize = 4096;
@@ -625,7 +620,7 @@ struct Session {
     /// itself undoes them), nor SET LOCAL.
     settings: Tracker,
     /// Extended-protocol messages waiting for Sync or Flush.
-    batch: Frames,
+    batch: Vec<Frame>,
     /// Every statement of `batch` surely only reads.
     batch_ok: bool,
     /// The bytes held in `batch`.
@@ -649,7 +644,7 @@ struct Session {
     /// A 25006 arrived: swallowing the standby's response until its ReadyForQuery.
     replaying: bool,
     /// What to replay on the primary, once `replay_now`.
-    replay_frames: Option<(Frames, Mode)>,
+    replay_frames: Option<(Vec<Frame>, Mode)>,
     replay_now: bool,
     /// A Sync was queued for the standby (it ends the batch a 25006 interrupted).
     sync_standby: bool,
@@ -752,7 +747,7 @@ impl Session {
             stmts: HashMap::new(),
             sets: Vec::new(),
             settings: Tracker::default(),
-            batch: Frames::new(),
+            batch: Vec::new(),
             batch_ok: true,
             batch_bytes: 0,
             cur: None,
@@ -1145,7 +1140,7 @@ impl Session {
         &mut self,
         standby_ok: bool,
         writes: bool,
-        frames: Frames,
+        frames: Vec<Frame>,
         mode: Mode,
         follow: bool,
     ) -> Result<(), End> {
@@ -1259,7 +1254,7 @@ impl Session {
     async fn dispatch(
         &mut self,
         mut target: Which,
-        frames: Frames,
+        frames: Vec<Frame>,
         mode: Mode,
         follow: bool,
     ) -> Result<(), End> {
@@ -1787,7 +1782,7 @@ mod tests {
     fn sync() -> Frame {
         frame(b'S', b"")
     }
-    fn tags(r: Option<(Frames, Mode)>) -> Option<(Vec<u8>, Mode)> {
+    fn tags(r: Option<(Vec<Frame>, Mode)>) -> Option<(Vec<u8>, Mode)> {
         r.map(|(f, m)| (f.iter().map(Frame::tag).collect(), m))
     }
 

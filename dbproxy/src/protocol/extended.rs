@@ -19,10 +19,7 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let mut b = body;
     let name = cstr(&mut b, "Parse")?;
     let query = cstr(&mut b, "Parse")?;
-    let n = i16_(&mut b, "Parse")?;
-    if n < 0 || b.len() != n as usize * 4 {
-        return Err(ProtocolError::Malformed("Parse"));
-    }
+    check_oids(b, "Parse")?;
     Ok(Parse { name, query })
 }
 
@@ -39,13 +36,19 @@ pub fn parameter_description(body: &[u8]) -> Result<Vec<u32>, ProtocolError> {
     oids(body, "ParameterDescription")
 }
 
-/// A count, then as many OIDs, ending the message.
-fn oids(mut b: &[u8], what: &'static str) -> Result<Vec<u32>, ProtocolError> {
+/// Checks that `b` is a count, then as many OIDs, ending the message; returns the OIDs' bytes.
+fn check_oids<'a>(mut b: &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
     let n = i16_(&mut b, what)?;
     if n < 0 || b.len() != n as usize * 4 {
         return Err(ProtocolError::Malformed(what));
     }
-    Ok(b.chunks_exact(4)
+    Ok(b)
+}
+
+/// A count, then as many OIDs, ending the message.
+fn oids(b: &[u8], what: &'static str) -> Result<Vec<u32>, ProtocolError> {
+    Ok(check_oids(b, what)?
+        .chunks_exact(4)
         .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
         .collect())
 }
