@@ -167,8 +167,7 @@ pub async fn run_with(
         // Counted before the hand-over, so the drain below cannot miss a session in transit.
         let token = sessions.token();
         workers.serve(stream, move |stream| async move {
-            session::serve(stream, peer, shared).await;
-            drop(permit);
+            session::serve(stream, peer, shared, Some(permit)).await;
             drop(token);
         });
     }

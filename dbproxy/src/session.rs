@@ -248,7 +248,9 @@ const MAX_AUTH_MESSAGE: usize = 65535;
 const MAX_SETS: usize = 256;
 
 /// Serves one client connection until it ends.
-pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// `slot` is the session's place under `max_connections`: it is given back before the client is
+/// told its session is over, so a client that saw the end can connect again at once.
+pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Slot) {
     let max = shared.config.limits.max_message_size;
     // Until the client is authenticated, no message may be larger than PostgreSQL's own limit
     // for authentication tokens, whatever the configured maximum.
@@ -260,13 +262,17 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Ok(_) => return,
         Err(_) => {
             shared.cluster.metrics.error("timeout");
+            drop(slot);
             fatal(&mut client, "57014", "canceling authentication due to timeout").await;
             return;
         }
     };
     client.max = max;
-    Session::new(shared, client, login).run().await;
+    Session::new(shared, client, login, slot).run().await;
 }
+
+/// A place under the connection limit, held for as long as the session is served.
+pub type Slot = Option<tokio::sync::OwnedSemaphorePermit>;
 
 /// Appends a FATAL error and writes everything pending, bounded in time.
 async fn fatal(client: &mut Conn, code: &str, message: &str) {
@@ -588,6 +594,8 @@ async fn scram(
 struct Session {
     shared: Arc<Shared>,
     client: Conn,
+    /// Given back (set to `None`) before a FATAL that ends the session is sent.
+    slot: Slot,
     user: String,
     params: Vec<(String, String)>,
     /// The connection to the elected primary; `None` after it was lost while idle (reopened,
@@ -727,11 +735,12 @@ async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError
 }
 
 impl Session {
-    fn new(shared: Arc<Shared>, client: Conn, login: Login) -> Session {
+    fn new(shared: Arc<Shared>, client: Conn, login: Login, slot: Slot) -> Session {
         let watch = shared.cluster.subscribe();
         Session {
             shared,
             client,
+            slot,
             user: login.user,
             params: login.params,
             primary: Some(login.primary),
@@ -874,13 +883,19 @@ impl Session {
              state (temporary tables, LISTEN, advisory locks) cannot be moved"
         };
         self.awaiting = false;
-        fatal(&mut self.client, "08006", message).await;
+        self.end("08006", message).await;
         Err(End)
+    }
+
+    /// Ends the session with a FATAL error, its connection slot given back first.
+    async fn end(&mut self, code: &str, message: &str) {
+        self.slot = None;
+        fatal(&mut self.client, code, message).await;
     }
 
     async fn protocol_violation(&mut self, message: &str) -> End {
         self.shared.cluster.metrics.error("protocol");
-        fatal(&mut self.client, "08P01", message).await;
+        self.end("08P01", message).await;
         End
     }
 
@@ -952,13 +967,13 @@ impl Session {
                     self.on_topology_change().await?;
                 }
                 _ = &mut stop, if between => {
-                    fatal(&mut self.client, "57P01", "terminating connection due to administrator command").await;
+                    self.end("57P01", "terminating connection due to administrator command").await;
                     return Err(End);
                 }
                 _ = &mut idle_timer, if idle => {
                     let since = idle_since.unwrap_or_else(Instant::now);
                     if since.elapsed() >= idle_limit {
-                        fatal(&mut self.client, "57P05", "terminating connection due to idle-session timeout").await;
+                        self.end("57P05", "terminating connection due to idle-session timeout").await;
                         return Err(End);
                     }
                     idle_timer.as_mut().reset((since + idle_limit).into());
