@@ -251,6 +251,9 @@ const MAX_SETS: usize = 256;
 /// `slot` is the session's place under `max_connections`: it is given back before the client is
 /// told its session is over, so a client that saw the end can connect again at once.
 pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slot: Slot) {
+    // As PostgreSQL and PgBouncer do: a reply is sent when written, not held back by Nagle's
+    // algorithm until the client acknowledges the previous one.
+    let _ = stream.set_nodelay(true);
     let max = shared.config.limits.max_message_size;
     // Until the client is authenticated, no message may be larger than PostgreSQL's own limit
     // for authentication tokens, whatever the configured maximum.
