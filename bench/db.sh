@@ -3,7 +3,8 @@
 # pgpool-II 4.3 (load_balance_mode on), all in front of the same primary + streaming standby on
 # loopback. Runs `pgbench -S` (simple and -M prepared) and a mix with writes, every setup taking
 # turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
-# numbers go to bench/results/db.json.
+# numbers go to bench/results/db.json. Each round starts with the next setup in the list, and a setup
+# starts only once the previous one's server connections are gone.
 #
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy"
@@ -201,6 +202,21 @@ stop_setup() {
   kill -9 "$pid" 2>/dev/null || true
   unset 'pids[-1]'
   [ "$1" = pgpool ] && rm -f "$work"/pgpool/.s.* "$work/pgpool/pgpool.pid" || true
+  settle
+}
+# Waits until no client backend but this check's own is left on either node, so the next setup
+# does not share the CPUs with the previous one's connections still being torn down.
+settle() {
+  local port n
+  for port in "$P_PRIMARY" "$P_STANDBY"; do
+    for _ in $(seq 1 200); do
+      n=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$port" -U postgres -d postgres -c \
+        "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()")
+      [ "$n" = 0 ] && break
+      sleep 0.05
+    done
+    [ "$n" = 0 ] || echo "note: $n connections still open on port $port after the previous setup" >&2
+  done
 }
 target() { # setup workload -> "port dbname"
   case $1:$2 in
@@ -215,8 +231,11 @@ target() { # setup workload -> "port dbname"
 
 results="$work/results.tsv"
 : > "$results"
+read -r -a setups <<<"$SETUPS"
 for round in $(seq 1 "$ROUNDS"); do
-  for setup in $SETUPS; do
+  # Each round starts one setup further along, so none always runs first or after the same one.
+  for k in "${!setups[@]}"; do
+    setup=${setups[$(( (k + round - 1) % ${#setups[@]} ))]}
     start_setup "$setup"
     for wl in $WORKLOADS; do
       read -r port db < <(target "$setup" "$wl")
