@@ -194,7 +194,7 @@ start_setup() {
 stop_setup() {
   local pid
   case $1 in
-    direct) return 0 ;;
+    direct) settle; return 0 ;;
   esac
   pid=${pids[-1]}
   kill "$pid" 2>/dev/null || true
