@@ -74,6 +74,15 @@ wait_pg() { # port [dbname]
   done
   echo "server on port $1 did not come up" >&2; return 1
 }
+poll_until() { # port want seconds sql: polls until the query prints `want`; fails at the deadline
+  local got
+  for _ in $(seq 1 $(($3 * 20))); do
+    got=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$4" 2>/dev/null) || true
+    [ "$got" = "$2" ] && return 0
+    sleep 0.05
+  done
+  return 1
+}
 
 P_PRIMARY=$(free_port); P_STANDBY=$(free_port); P_BOUNCER=$(free_port); P_POOL=$(free_port)
 P_PCP=$(free_port); P_PROXY=$(free_port); P_PROXY_ADMIN=$(free_port)
@@ -103,11 +112,8 @@ wait_pg "$P_STANDBY"
 "$PGBIN/createdb" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench
 "$PGBIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench 2>/dev/null
 lsn=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -c 'select pg_current_wal_lsn()')
-for _ in $(seq 1 600); do
-  ok=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_STANDBY" -U postgres -c "select pg_last_wal_replay_lsn() >= '$lsn'")
-  [ "$ok" = t ] && break
-  sleep 0.1
-done
+poll_until "$P_STANDBY" t 60 "select pg_last_wal_replay_lsn() >= '$lsn'" ||
+  { echo "the standby did not replay $lsn within 60 s" >&2; exit 1; }
 
 # PgBouncer, session pooling, in front of the standby (reads) and the primary (mix).
 cat > "$work/pgbouncer.ini" <<EOF
@@ -207,15 +213,11 @@ stop_setup() {
 # Waits until no client backend but this check's own is left on either node, so the next setup
 # does not share the CPUs with the previous one's connections still being torn down.
 settle() {
-  local port n
+  local port
   for port in "$P_PRIMARY" "$P_STANDBY"; do
-    for _ in $(seq 1 200); do
-      n=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$port" -U postgres -d postgres -c \
-        "select count(*) from pg_stat_activity where backend_type = 'client backend' and pid <> pg_backend_pid()")
-      [ "$n" = 0 ] && break
-      sleep 0.05
-    done
-    [ "$n" = 0 ] || echo "note: $n connections still open on port $port after the previous setup" >&2
+    poll_until "$port" 0 10 "select count(*) from pg_stat_activity
+      where backend_type = 'client backend' and pid <> pg_backend_pid()" ||
+      echo "note: connections still open on port $port 10 s after the previous setup" >&2
   done
 }
 target() { # setup workload -> "port dbname"
