@@ -4,7 +4,8 @@
 # loopback. Runs `pgbench -S` (simple and -M prepared) and a mix with writes, every setup taking
 # turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
 # numbers go to bench/results/db.json. Each round starts with the next setup in the list, and a setup
-# starts only once the previous one's server connections are gone.
+# starts only once the previous one's server connections are gone. Below the table, dbproxy's TPS
+# over PgBouncer's taken within each round (which cancels the machine's drift between rounds).
 #
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy"
@@ -279,5 +280,18 @@ for wl, setups in data.items():
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
         print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {v['failed']} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
-json.dump({"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary}, open(sys.argv[2], "w"), indent=2)
+# The machine's speed drifts between rounds; a ratio taken within one round cancels most of it.
+by_round = {}
+for rnd, setup, wl, tps, lat, failed in rows:
+    by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
+paired = {}
+for wl, rnds in by_round.items():
+    ratios = [r["dbproxy"] / r["pgbouncer"] for r in rnds.values()
+              if r.get("dbproxy", 0) > 0 and r.get("pgbouncer", 0) > 0]
+    if ratios:
+        paired[wl] = ratios
+        above = sum(x >= 1.0 for x in ratios)
+        print(f"{'' if len(paired) > 1 else chr(10)}dbproxy ÷ PgBouncer within a round, {wl}: median {statistics.median(ratios):.2f}, "
+              f"range {min(ratios):.2f}–{max(ratios):.2f}, at or above 1.00 in {above} of {len(ratios)} rounds")
+json.dump({"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary, "dbproxy_over_pgbouncer_by_round": paired}, open(sys.argv[2], "w"), indent=2)
 PY
