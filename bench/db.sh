@@ -290,8 +290,11 @@ for wl, rnds in by_round.items():
               if r.get("dbproxy", 0) > 0 and r.get("pgbouncer", 0) > 0]
     if ratios:
         paired[wl] = ratios
-        above = sum(x >= 1.0 for x in ratios)
-        print(f"{'' if len(paired) > 1 else chr(10)}dbproxy ÷ PgBouncer within a round, {wl}: median {statistics.median(ratios):.2f}, "
-              f"range {min(ratios):.2f}–{max(ratios):.2f}, at or above 1.00 in {above} of {len(ratios)} rounds")
+if paired:
+    print()
+for wl, ratios in paired.items():
+    above = sum(x >= 1.0 for x in ratios)
+    print(f"dbproxy ÷ PgBouncer within a round, {wl}: median {statistics.median(ratios):.2f}, "
+          f"range {min(ratios):.2f}–{max(ratios):.2f}, at or above 1.00 in {above} of {len(ratios)} rounds")
 json.dump({"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary, "dbproxy_over_pgbouncer_by_round": paired}, open(sys.argv[2], "w"), indent=2)
 PY
