@@ -247,6 +247,9 @@ const MAX_AUTH_MESSAGE: usize = 65535;
 /// Caps the number of remembered SET statements; past it the session stays on the primary.
 const MAX_SETS: usize = 256;
 
+/// The largest emptied list (in entries) a session keeps for reuse.
+const MAX_SPARE: usize = 64;
+
 /// Serves one client connection until it ends.
 /// `slot` is the session's place under `max_connections`: it is given back before the client is
 /// told its session is over, so a client that saw the end can connect again at once.
@@ -644,6 +647,9 @@ struct Session {
     copy: Copy,
     /// What was sent to a standby in this cycle and may still be replayed on the primary.
     replay: Option<Window>,
+    /// An emptied window kept for the next cycle, so that the common cycle allocates nothing
+    /// (with `batch`, which takes back the emptied message list of the last request).
+    spare_window: Window,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
     /// The statements of the Describes sent and not answered yet, in order: each
@@ -766,6 +772,7 @@ impl Session {
             awaiting: false,
             copy: Copy::Off,
             replay: None,
+            spare_window: Window::default(),
             holdback: Vec::new(),
             describing: std::collections::VecDeque::new(),
             describing_full: false,
@@ -872,7 +879,7 @@ impl Session {
             status::encode_ready(b'I', &mut self.client.wbuf);
             self.awaiting = false;
             self.cur = None;
-            self.replay = None;
+            self.close_window();
             self.holdback.clear();
             self.settings.abandon();
             *self.cancel.lock().expect("slot poisoned") = None;
@@ -1023,7 +1030,10 @@ impl Session {
                     }
                 }
                 self.note(r);
-                self.dispatch_routed(r.standby_ok, r.writes, vec![f], Mode::Sync, r.follow)
+                // The batch is empty here (checked above): its list carries the message.
+                let mut frames = std::mem::take(&mut self.batch);
+                frames.push(f);
+                self.dispatch_routed(r.standby_ok, r.writes, frames, Mode::Sync, r.follow)
                     .await
             }
             b'P' => {
@@ -1453,15 +1463,18 @@ impl Session {
             },
         );
         if self.cur.is_none() {
-            self.replay = None;
+            self.close_window();
             self.holdback.clear();
         }
         // Outside a transaction, a standby's 25006 is replayed on the primary while nothing
         // executed of the cycle reached the client.
         if target == Which::Standby && (idle || self.replay.is_some()) {
-            self.replay.get_or_insert_default().push(frames);
+            self.replay
+                .get_or_insert_with(|| std::mem::take(&mut self.spare_window))
+                .push(frames);
         } else {
-            self.replay = None;
+            self.close_window();
+            self.recycle(frames);
         }
         self.cur = Some(target);
         self.awaiting = mode == Mode::Sync;
@@ -1469,6 +1482,27 @@ impl Session {
             return Err(self.backend_gone().await);
         }
         Ok(())
+    }
+
+    /// Ends the replay window; its emptied buffers are kept for the next cycle.
+    fn close_window(&mut self) {
+        if let Some(mut w) = self.replay.take() {
+            while let Some(h) = w.batches.pop_front() {
+                self.recycle(h.frames);
+            }
+            if w.batches.capacity() <= MAX_SPARE {
+                self.spare_window = w;
+            }
+        }
+    }
+
+    /// Keeps an emptied message list as the next batch's, when the batch has none and the list
+    /// is small (a long batch's list is freed instead of being held by an idle session).
+    fn recycle(&mut self, mut frames: Vec<Frame>) {
+        if self.batch.is_empty() && self.batch.capacity() == 0 && frames.capacity() <= MAX_SPARE {
+            frames.clear();
+            self.batch = frames;
+        }
     }
 
     /// Tells the client its server connection is gone (08006) and ends the session.
@@ -1738,7 +1772,7 @@ impl Session {
                     for h in self.holdback.drain(..) {
                         self.client.wbuf.put_slice(h.raw());
                     }
-                    self.replay = None;
+                    self.close_window();
                 }
             }
         }
