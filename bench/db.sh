@@ -265,9 +265,12 @@ import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 clients, threads, duration, rounds = sys.argv[3:7]
 data = {}
+# The machine's speed drifts between rounds; a ratio taken within one round cancels most of it.
+by_round = {}
 for rnd, setup, wl, tps, lat, failed in rows:
     d = data.setdefault(wl, {}).setdefault(setup, {"tps": [], "lat": [], "failed": 0})
     d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"] += int(failed)
+    by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
 print(f"\npgbench, {clients} clients, {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
 print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | failed |")
 print("|---|---|---:|---:|---:|---:|---:|---:|")
@@ -280,10 +283,6 @@ for wl, setups in data.items():
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
         print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {v['failed']} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
-# The machine's speed drifts between rounds; a ratio taken within one round cancels most of it.
-by_round = {}
-for rnd, setup, wl, tps, lat, failed in rows:
-    by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
 paired = {}
 for wl, rnds in by_round.items():
     ratios = [r["dbproxy"] / r["pgbouncer"] for r in rnds.values()
