@@ -4,16 +4,22 @@
 # loopback. Runs `pgbench -S` (simple and -M prepared) and a mix with writes, every setup taking
 # turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
 # numbers go to bench/results/db.json. Each round starts with the next setup in the list, and a setup
-# starts only once the previous one's server connections are gone. Below the table, dbproxy's TPS
-# over PgBouncer's taken within each round (which cancels the machine's drift between rounds).
+# starts only once the previous one's server connections are gone. Below the table, TPS ratios
+# taken within each round (which cancels the machine's drift between rounds): dbproxy over
+# PgBouncer, and both over `relay`.
+#
+# `relay` (dbproxy/examples/bare_relay.rs) copies bytes between each client and its own backend
+# connection and does nothing else: no parsing, no routing, one thread, no async runtime. It is
+# the ceiling for any proxy on this machine, and shows how much of a gap to PgBouncer a proxy
+# could close at all.
 #
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
-# Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy"
+# Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy relay"
 #        WORKLOADS="select-simple select-prepared mix"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
 # dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
-# to the primary for direct and PgBouncer, and is routed by pgpool-II and dbproxy themselves.
+# to the primary for direct, PgBouncer and relay, and is routed by pgpool-II and dbproxy themselves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -23,7 +29,7 @@ ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
-SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy"}
+SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy relay"}
 WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix"}
 
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
@@ -45,9 +51,14 @@ PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
 
 DBPROXY=$root/target/release/dbproxy
+RELAY=$root/target/release/examples/bare_relay
 if [[ " $SETUPS " == *" dbproxy "* ]]; then
   echo "building dbproxy (release)" >&2
   cargo build --release -q -p dbproxy
+fi
+if [[ " $SETUPS " == *" relay "* ]]; then
+  echo "building the bare relay (release)" >&2
+  cargo build --release -q -p dbproxy --example bare_relay
 fi
 
 work=$(mktemp -d /tmp/bench-db.XXXXXX)
@@ -87,6 +98,7 @@ poll_until() { # port want seconds sql: polls until the query prints `want`; fai
 
 P_PRIMARY=$(free_port); P_STANDBY=$(free_port); P_BOUNCER=$(free_port); P_POOL=$(free_port)
 P_PCP=$(free_port); P_PROXY=$(free_port); P_PROXY_ADMIN=$(free_port)
+P_RELAY=$(free_port); P_RELAY_RW=$(free_port)
 
 echo "starting primary :$P_PRIMARY and standby :$P_STANDBY in $work" >&2
 "${as_pg[@]}" "$PGBIN/initdb" -D "$work/primary" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
@@ -196,6 +208,10 @@ start_setup() {
     dbproxy)
       RUST_LOG=warn "$DBPROXY" --config "$work/dbproxy.toml" > "$work/dbproxy.log" 2>&1 &
       pids+=($!); wait_pg "$P_PROXY" bench ;;
+    relay)
+      "$RELAY" "127.0.0.1:$P_RELAY=127.0.0.1:$P_STANDBY" "127.0.0.1:$P_RELAY_RW=127.0.0.1:$P_PRIMARY" \
+        > "$work/relay.log" 2>&1 &
+      pids+=($!); wait_pg "$P_RELAY" bench ;;
   esac
 }
 stop_setup() {
@@ -229,6 +245,8 @@ target() { # setup workload -> "port dbname"
     pgbouncer:*) echo "$P_BOUNCER bench" ;;
     pgpool:*) echo "$P_POOL bench" ;;
     dbproxy:*) echo "$P_PROXY bench" ;;
+    relay:mix) echo "$P_RELAY_RW bench" ;;
+    relay:*) echo "$P_RELAY bench" ;;
   esac
 }
 
@@ -272,8 +290,8 @@ for rnd, setup, wl, tps, lat, failed in rows:
     d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"] += int(failed)
     by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
 print(f"\npgbench, {clients} clients, {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
-print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | failed |")
-print("|---|---|---:|---:|---:|---:|---:|---:|")
+print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | × relay | failed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
 summary = {}
 for wl, setups in data.items():
     med = {s: statistics.median(v["tps"]) for s, v in setups.items()}
@@ -281,19 +299,23 @@ for wl, setups in data.items():
         m = med[s]
         def ratio(o):
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
-        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {v['failed']} |")
+        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {v['failed']} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
+names = {"dbproxy": "dbproxy", "pgbouncer": "PgBouncer", "relay": "relay"}
 paired = {}
-for wl, rnds in by_round.items():
-    ratios = [r["dbproxy"] / r["pgbouncer"] for r in rnds.values()
-              if r.get("dbproxy", 0) > 0 and r.get("pgbouncer", 0) > 0]
-    if ratios:
-        paired[wl] = ratios
-if paired:
+for a, b in (("dbproxy", "pgbouncer"), ("pgbouncer", "relay"), ("dbproxy", "relay")):
+    for wl, rnds in by_round.items():
+        ratios = [r[a] / r[b] for r in rnds.values() if r.get(a, 0) > 0 and r.get(b, 0) > 0]
+        if ratios:
+            paired.setdefault((a, b), {})[wl] = ratios
+for (a, b), per_wl in paired.items():
     print()
-for wl, ratios in paired.items():
-    above = sum(x >= 1.0 for x in ratios)
-    print(f"dbproxy ÷ PgBouncer within a round, {wl}: median {statistics.median(ratios):.2f}, "
-          f"range {min(ratios):.2f}–{max(ratios):.2f}, at or above 1.00 in {above} of {len(ratios)} rounds")
-json.dump({"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary, "dbproxy_over_pgbouncer_by_round": paired}, open(sys.argv[2], "w"), indent=2)
+    for wl, ratios in per_wl.items():
+        above = sum(x >= 1.0 for x in ratios)
+        print(f"{names[a]} ÷ {names[b]} within a round, {wl}: median {statistics.median(ratios):.2f}, "
+              f"range {min(ratios):.2f}–{max(ratios):.2f}, at or above 1.00 in {above} of {len(ratios)} rounds")
+out = {"clients": int(clients), "threads": int(threads), "duration_s": int(duration), "rounds": int(rounds), "results": summary}
+for (a, b), per_wl in paired.items():
+    out[f"{a}_over_{b}_by_round"] = per_wl
+json.dump(out, open(sys.argv[2], "w"), indent=2)
 PY
