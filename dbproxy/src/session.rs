@@ -1103,7 +1103,17 @@ impl Session {
                 };
                 self.dispatch_routed(ok, !ok, frames, mode, true).await
             }
-            b'F' => self.dispatch_routed(false, true, vec![f], Mode::Sync, true).await,
+            b'F' => {
+                // With no batch pending, the batch's emptied list carries the message, as for Q.
+                let frames = if self.batch.is_empty() {
+                    let mut frames = std::mem::take(&mut self.batch);
+                    frames.push(f);
+                    frames
+                } else {
+                    vec![f]
+                };
+                self.dispatch_routed(false, true, frames, Mode::Sync, true).await
+            }
             // Outside COPY, PostgreSQL ignores these too.
             b'd' | b'c' | b'f' => Ok(()),
             b'X' => Err(End),

@@ -272,5 +272,33 @@ async fn a_batch_without_sync_body() -> Result<()> {
         }
     }
     assert_eq!(got.as_deref(), Some(&b"42"[..]));
+
+    // A FunctionCall (the fast-path interface) is answered, by the primary.
+    r.send(&msg(b'Q', b"select 'pg_is_in_recovery'::regproc::oid\0")).await?;
+    let mut oid = None;
+    loop {
+        let f = r.frame().await?.context("closed")?;
+        match f.tag() {
+            b'D' => oid = Some(std::str::from_utf8(&f.body()[6..])?.parse::<u32>()?),
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    let mut call = oid.context("no oid")?.to_be_bytes().to_vec();
+    call.extend_from_slice(b"\0\0\0\0\0\0"); // no argument formats, no arguments, text result
+    for _ in 0..2 {
+        r.send(&msg(b'F', &call)).await?;
+        let mut value = None;
+        loop {
+            let f = r.frame().await?.context("closed")?;
+            match f.tag() {
+                b'V' => value = Some(f.body()[4..].to_vec()),
+                b'Z' => break,
+                b'E' => anyhow::bail!("error: {:?}", dbproxy::protocol::error::field(f.body(), b'M')),
+                _ => {}
+            }
+        }
+        assert_eq!(value.as_deref(), Some(&b"f"[..]), "pg_is_in_recovery() ran on the primary");
+    }
     Ok(())
 }
