@@ -274,7 +274,8 @@ async fn a_batch_without_sync_body() -> Result<()> {
     assert_eq!(got.as_deref(), Some(&b"42"[..]));
 
     // A FunctionCall (the fast-path interface) is answered, by the primary.
-    r.send(&msg(b'Q', b"select 'pg_is_in_recovery'::regproc::oid\0")).await?;
+    r.send(&msg(b'Q', b"select 'pg_is_in_recovery'::regproc::oid\0"))
+        .await?;
     let mut oid = None;
     loop {
         let f = r.frame().await?.context("closed")?;
@@ -298,7 +299,11 @@ async fn a_batch_without_sync_body() -> Result<()> {
                 _ => {}
             }
         }
-        assert_eq!(value.as_deref(), Some(&b"f"[..]), "pg_is_in_recovery() ran on the primary");
+        assert_eq!(
+            value.as_deref(),
+            Some(&b"f"[..]),
+            "pg_is_in_recovery() ran on the primary"
+        );
     }
     Ok(())
 }
