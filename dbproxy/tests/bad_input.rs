@@ -261,44 +261,17 @@ async fn a_batch_without_sync_body() -> Result<()> {
     }
     assert_eq!(rows, N);
     // The session goes on.
-    r.send(&msg(b'Q', b"select 42\0")).await?;
-    let mut got = None;
-    loop {
-        let f = r.frame().await?.context("closed")?;
-        match f.tag() {
-            b'D' => got = Some(f.body()[6..].to_vec()),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    assert_eq!(got.as_deref(), Some(&b"42"[..]));
+    assert_eq!(r.value("select 42").await?.as_deref(), Some(&b"42"[..]));
 
     // A FunctionCall (the fast-path interface) is answered, by the primary.
-    r.send(&msg(b'Q', b"select 'pg_is_in_recovery'::regproc::oid\0"))
-        .await?;
-    let mut oid = None;
-    loop {
-        let f = r.frame().await?.context("closed")?;
-        match f.tag() {
-            b'D' => oid = Some(std::str::from_utf8(&f.body()[6..])?.parse::<u32>()?),
-            b'Z' => break,
-            _ => {}
-        }
-    }
-    let mut call = oid.context("no oid")?.to_be_bytes().to_vec();
+    let oid = r.value("select 'pg_is_in_recovery'::regproc::oid").await?;
+    let oid: u32 = std::str::from_utf8(&oid.context("no oid")?)?.parse()?;
+    let mut call = oid.to_be_bytes().to_vec();
     call.extend_from_slice(b"\0\0\0\0\0\0"); // no argument formats, no arguments, text result
     for _ in 0..2 {
         r.send(&msg(b'F', &call)).await?;
-        let mut value = None;
-        loop {
-            let f = r.frame().await?.context("closed")?;
-            match f.tag() {
-                b'V' => value = Some(f.body()[4..].to_vec()),
-                b'Z' => break,
-                b'E' => anyhow::bail!("error: {:?}", dbproxy::protocol::error::field(f.body(), b'M')),
-                _ => {}
-            }
-        }
+        // FunctionCallResponse: the value's length (4 bytes), then the value.
+        let value = r.last_until_ready(b'V', 4).await?;
         assert_eq!(
             value.as_deref(),
             Some(&b"f"[..]),

@@ -246,6 +246,31 @@ impl Raw {
         .context("no answer from dbproxy")?
     }
 
+    /// Runs `sql` as a simple Query and returns the first column of its last row (None when it
+    /// returns no row); an ErrorResponse fails.
+    pub async fn value(&mut self, sql: &str) -> Result<Option<Vec<u8>>> {
+        let mut body = sql.as_bytes().to_vec();
+        body.push(0);
+        self.send(&msg(b'Q', &body)).await?;
+        // DataRow: column count (2 bytes), then the first column's length (4).
+        self.last_until_ready(b'D', 6).await
+    }
+
+    /// Reads up to ReadyForQuery and returns the body of the last `tag` message from byte `skip`
+    /// on (None when none came); an ErrorResponse fails.
+    pub async fn last_until_ready(&mut self, tag: u8, skip: usize) -> Result<Option<Vec<u8>>> {
+        let mut got = None;
+        loop {
+            let f = self.frame().await?.context("closed before ReadyForQuery")?;
+            match f.tag() {
+                b'Z' => return Ok(got),
+                b'E' => bail!("error: {:?}", error::field(f.body(), b'M')),
+                t if t == tag => got = Some(f.body().get(skip..).context("short message")?.to_vec()),
+                _ => {}
+            }
+        }
+    }
+
     /// Reads until an ErrorResponse and returns its SQLSTATE; then expects the connection closed.
     pub async fn fatal_code(&mut self) -> Result<String> {
         loop {
