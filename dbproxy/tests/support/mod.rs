@@ -246,8 +246,8 @@ impl Raw {
         .context("no answer from dbproxy")?
     }
 
-    /// Runs `sql` as a simple Query and returns the first column of its last row (None when it
-    /// returns no row); an ErrorResponse fails.
+    /// Runs `sql`, whose result has one column, as a simple Query and returns the value in its
+    /// last row (None when it returns no row; a NULL reads as empty); an ErrorResponse fails.
     pub async fn value(&mut self, sql: &str) -> Result<Option<Vec<u8>>> {
         let mut body = sql.as_bytes().to_vec();
         body.push(0);
