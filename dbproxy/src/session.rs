@@ -996,15 +996,18 @@ impl Session {
         if self.copy != Copy::Off {
             return self.on_copy(f).await;
         }
+        if matches!(f.tag(), b'Q' | b'F') && !self.batch.is_empty() {
+            // Sent on ahead of the held batch, it would run before it.
+            let what = if f.tag() == b'Q' {
+                "simple Query"
+            } else {
+                "FunctionCall"
+            };
+            let msg = format!("{what} message in the middle of an extended-protocol batch");
+            return Err(self.protocol_violation(&msg).await);
+        }
         match f.tag() {
             b'Q' => {
-                if !self.batch.is_empty() {
-                    return Err(self
-                        .protocol_violation(
-                            "simple Query message in the middle of an extended-protocol batch",
-                        )
-                        .await);
-                }
                 let sql = match simple::query_text(f.body()) {
                     Ok(s) => s,
                     Err(e) => {
@@ -1030,9 +1033,7 @@ impl Session {
                     }
                 }
                 self.note(r);
-                // The batch is empty here (checked above): its list carries the message.
-                let mut frames = std::mem::take(&mut self.batch);
-                frames.push(f);
+                let frames = self.alone(f);
                 self.dispatch_routed(r.standby_ok, r.writes, frames, Mode::Sync, r.follow)
                     .await
             }
@@ -1104,14 +1105,7 @@ impl Session {
                 self.dispatch_routed(ok, !ok, frames, mode, true).await
             }
             b'F' => {
-                // With no batch pending, the batch's emptied list carries the message, as for Q.
-                let frames = if self.batch.is_empty() {
-                    let mut frames = std::mem::take(&mut self.batch);
-                    frames.push(f);
-                    frames
-                } else {
-                    vec![f]
-                };
+                let frames = self.alone(f);
                 self.dispatch_routed(false, true, frames, Mode::Sync, true).await
             }
             // Outside COPY, PostgreSQL ignores these too.
@@ -1504,6 +1498,15 @@ impl Session {
                 self.spare_window = w;
             }
         }
+    }
+
+    /// A message list holding just `f`, made of the batch's emptied list so that a Query or
+    /// FunctionCall allocates nothing. Only called with no batch pending.
+    fn alone(&mut self, f: Frame) -> Vec<Frame> {
+        debug_assert!(self.batch.is_empty());
+        let mut frames = std::mem::take(&mut self.batch);
+        frames.push(f);
+        frames
     }
 
     /// Keeps an emptied message list as the next batch's, when the batch has none and the list

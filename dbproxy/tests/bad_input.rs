@@ -108,6 +108,16 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     batch.extend(msg(b'Q', b"select 2\0"));
     r.send(&batch).await?;
     assert_eq!(r.fatal_code().await?, "08P01", "Query inside an extended batch");
+    // A FunctionCall there too: sent on ahead of the held batch, it would run out of order.
+    let mut r = Raw::login(&proxy).await?;
+    let mut batch = msg(b'P', b"\0select 1\0\0\0");
+    batch.extend(msg(b'F', b"\0\0\x0c\xe2\0\0\0\0\0\0"));
+    r.send(&batch).await?;
+    assert_eq!(
+        r.fatal_code().await?,
+        "08P01",
+        "FunctionCall inside an extended batch"
+    );
 
     // The proxy still serves well-behaved clients.
     let c = proxy.connect("postgres", "").await?;
