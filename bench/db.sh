@@ -183,6 +183,7 @@ EOF
 cat > "$work/dbproxy.toml" <<EOF
 listen = "127.0.0.1:$P_PROXY"
 admin_listen = "127.0.0.1:$P_PROXY_ADMIN"
+state_dir = "$work/dbproxy-state"
 [[nodes]]
 name = "primary"
 host = "127.0.0.1"

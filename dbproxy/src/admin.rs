@@ -132,6 +132,7 @@ pub fn status_json(cluster: &Cluster, manager: &Manager) -> serde_json::Value {
         .collect();
     serde_json::json!({
         "primary": cluster.elected(),
+        "record": manager.record_json(),
         "nodes": nodes,
         "history": manager.history(),
     })

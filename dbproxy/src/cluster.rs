@@ -211,7 +211,8 @@ pub struct Cluster {
     generation: watch::Sender<u64>,
     /// A failover or switchover is running: health checks do not fence the node being promoted.
     pub busy: AtomicBool,
-    /// Woken when the elected primary is marked down.
+    /// Wakes the failover manager: the elected primary was marked down, or a node reports
+    /// primary while none is elected.
     pub primary_down: Notify,
     fenced_gauge: IntGaugeVec,
 }

@@ -38,6 +38,11 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Automatic failover, fencing, rejoining and switchover.
     pub failover: crate::failover::FailoverConfig,
+    /// Directory of the durable cluster record (`cluster.json`: the elected primary, its
+    /// timeline, the term and the fenced nodes), written before routing changes and read at
+    /// start-up; created if missing. One directory per cluster and dbproxy instance. Changing it
+    /// needs a restart.
+    pub state_dir: String,
     /// TLS for client connections.
     pub tls: TlsConfig,
     /// Threads serving client sessions, each with its own event loop; 0 means one per core.
@@ -57,6 +62,7 @@ impl Default for Config {
             routing: RoutingConfig::default(),
             limits: LimitsConfig::default(),
             failover: crate::failover::FailoverConfig::default(),
+            state_dir: "/var/lib/dbproxy".to_string(),
             tls: TlsConfig::default(),
             workers: 0,
         }
@@ -102,9 +108,25 @@ impl Config {
                 startup_timeout: 2.0,
                 ..LimitsConfig::default()
             },
+            state_dir: fresh_state_dir(),
             ..Config::default()
         }
     }
+}
+
+/// A directory under the system's temporary directory no other [`Config::loopback`] of any
+/// process uses, so proxies started side by side never share a cluster record.
+fn fresh_state_dir() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    std::env::temp_dir()
+        .join(format!("dbproxy-state-{}-{n}-{nanos}", std::process::id()))
+        .display()
+        .to_string()
 }
 
 /// TLS for client connections (the answer to a client's SSLRequest). Connections to the
@@ -474,6 +496,9 @@ impl common::Validate for Config {
             return Err(ConfigError::invalid("health.fall", "must be at least 1"));
         }
         self.failover.validate(&self.nodes)?;
+        if self.state_dir.trim().is_empty() {
+            return Err(ConfigError::invalid("state_dir", "must name a directory"));
+        }
         let t = &self.tls;
         if t.cert_file.is_empty() != t.key_file.is_empty() {
             return Err(ConfigError::invalid(

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
@@ -1119,8 +1120,9 @@ pub trait Topology: Send + Sync {
     /// (fenced nodes excluded): (id, healthy, last known LSN, whether the lost primary reported it
     /// synchronous).
     fn standby_states(&self, failed: usize) -> Vec<(usize, bool, u64, bool)>;
-    /// Routes writes to `new_primary` and fences `old_primary`, in one step.
-    fn switch_primary(&self, new_primary: usize, old_primary: usize);
+    /// Records that `new_primary` replaces `old_primary` (fenced), then routes writes to it in one
+    /// step; on error routing is left as it was.
+    fn switch_primary(&self, new_primary: usize, old_primary: usize) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// One failover or switchover, as the log and the `/status` history report it.
@@ -1240,7 +1242,13 @@ pub async fn fail_over(
     };
     event.promoted = Some(name(new));
     event.promoted_at = Some(std::time::SystemTime::now());
-    topo.switch_primary(new, failed);
+    if let Err(e) = topo.switch_primary(new, failed).await {
+        event.error = Some(format!(
+            "{} was promoted but routing did not switch: {e}",
+            name(new)
+        ));
+        return event;
+    }
     event.resumed_at = Some(std::time::SystemTime::now());
     let followers: Vec<usize> = candidates.iter().map(|c| c.id).filter(|&i| i != new).collect();
     settle(&nodes, new, &followers, cfg, cred, &mut event).await;

@@ -197,8 +197,8 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
                 } else if busy {
                     // The candidate a failover is promoting: settled when the failover ends.
                 } else if cluster.elected().is_none() {
-                    tracing::info!(node = %name, "elected primary");
-                    cluster.elect(i);
+                    // The failover manager decides, by the cluster record, and records it first.
+                    cluster.primary_down.notify_one();
                 } else {
                     tracing::error!(node = %name, "node claims to be primary without being elected: fenced");
                     cluster.fence(i);

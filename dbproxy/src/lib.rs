@@ -7,7 +7,8 @@
 //! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
 //! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;
-//! `reload` decides what a new configuration changes.
+//! `reload` decides what a new configuration changes; `record` keeps who is primary durably
+//! (`manager` writes it before routing changes).
 
 pub mod admin;
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod health;
 pub mod manager;
 pub mod pgpool_conf;
 pub mod protocol;
+pub mod record;
 pub mod reload;
 pub mod server;
 pub mod session;

@@ -42,6 +42,9 @@ pub enum RunError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The cluster record cannot be read or written.
+    #[error("{0}")]
+    Record(#[from] crate::record::RecordError),
     /// The serving threads could not be started.
     #[error("cannot start the serving threads: {0}")]
     Workers(std::io::Error),
@@ -87,14 +90,19 @@ pub async fn run_with(
     let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &shutdown)?);
     let tasks = TaskTracker::new();
     let first = shared.load_full();
+    // The durable record of who is primary; unreadable, dbproxy does not guess.
+    let store = Arc::new(crate::record::FileStore::open(&first.config.state_dir)?);
+    let record = crate::record::RecordStore::load(&*store).await?;
     let manager = Arc::new(crate::manager::Manager::new(
         cluster.clone(),
         &first.config,
         &registry,
+        store,
+        record,
     ));
-    // The primary comes from the nodes themselves, before the first client is served.
-    manager.discover().await;
-    tasks.spawn(manager.clone().run(shutdown.clone()));
+    // The primary comes from the record and the nodes, before the first client is served.
+    let lost = manager.discover().await?;
+    tasks.spawn(manager.clone().run(shutdown.clone(), lost));
     for i in 0..cluster.nodes.len() {
         tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
     }

@@ -53,12 +53,13 @@ fn the_binary_serves_and_stops_on_sigterm() -> Result<()> {
     std::fs::write(
         &conf,
         format!(
-            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nstate_dir = \"{state}\"\n\
              [[nodes]]\nport = {}\n[[nodes]]\nport = {}\n\
              [[users]]\nname = \"postgres\"\npassword_env = \"SECRET_FOR_DBPROXY\"\n\
              [health]\npassword = \"pw\"\nperiod = 0.2\n",
             cluster.primary().port(),
-            cluster.standby(0).port()
+            cluster.standby(0).port(),
+            state = dir.path().join("state").display()
         ),
     )?;
     // The variable must not start with DBPROXY_: those are config keys.

@@ -529,3 +529,167 @@ async fn automatic_rejoin_body() -> Result<()> {
     assert_eq!(s["fenced"], false, "{s}");
     Ok(())
 }
+
+/// A config for `c` keeping the cluster record in `state`.
+fn proxy_in(c: &PgCluster, state: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> Result<Proxy> {
+    proxy_for(c, |cfg| {
+        cfg.state_dir = state.display().to_string();
+        tweak(cfg)
+    })
+}
+
+/// The cluster record as dbproxy keeps it in `state`.
+fn record_in(state: &std::path::Path) -> Result<Value> {
+    let text = std::fs::read_to_string(state.join(dbproxy::record::FILE_NAME))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Inserts `id` through the proxy and returns the port of the server that took it.
+async fn write_through(proxy: &Proxy, id: i64) -> Result<u16> {
+    let client = proxy.connect("postgres", "pw").await?;
+    let port: i32 = client
+        .query_one(
+            "insert into t (id) values ($1) returning inet_server_port()",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    Ok(port as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarted_while_the_promoted_node_is_down_the_stale_primary_gets_nothing() -> Result<()> {
+    support::bounded(restart_during_failover_body()).await
+}
+
+async fn restart_during_failover_body() -> Result<()> {
+    let c = cluster(2, false).await?;
+    let state = tempfile::tempdir()?;
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    // Served once start-up has recorded its decision.
+    assert_eq!(proxy.status()?["primary"], 0);
+    let r = record_in(state.path())?;
+    assert_eq!(
+        (r["primary"].as_str(), r["term"].as_u64()),
+        (Some("node0"), Some(1)),
+        "{r}"
+    );
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    let promoted = node_index(&ev["promoted"], &c);
+    let other = 3 - promoted;
+    assert_eq!(ev["followers"][0]["ok"], true, "{ev}");
+    assert_eq!(write_through(&proxy, 1).await?, c.node(promoted).port());
+    drop(proxy);
+    let r = record_in(state.path())?;
+    assert_eq!(r["primary"], c.node(promoted).name(), "{r}");
+    assert_eq!(r["fenced"]["node0"], r["term"], "{r}");
+    assert!(r["timeline"].as_u64() >= Some(2), "{r}");
+
+    // While dbproxy is down, the promoted node dies and the old primary comes back as a primary
+    // on its old timeline: the very node discovery alone would elect.
+    c.node(promoted).kill9()?;
+    c.node(0).start()?;
+    assert_eq!(c.node(0).psql("select pg_is_in_recovery()")?, "f");
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    let s = proxy.status()?;
+    assert_eq!(s["nodes"][0]["fenced"], true, "{s}");
+    assert_ne!(s["primary"], 0, "{s}");
+    // The recorded primary is lost: the remaining standby takes over.
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["failed"], c.node(promoted).name(), "{ev}");
+    assert_eq!(ev["promoted"], c.node(other).name(), "{ev}");
+    for id in 2..12 {
+        assert_eq!(write_through(&proxy, id).await?, c.node(other).port());
+    }
+    assert_eq!(
+        c.node(0).psql("select count(*) from t")?,
+        "0",
+        "no write reached the old primary"
+    );
+    let r = record_in(state.path())?;
+    assert_eq!(r["primary"], c.node(other).name(), "{r}");
+    assert!(
+        r["fenced"]["node0"].is_u64() && r["fenced"][c.node(promoted).name()].is_u64(),
+        "{r}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn started_while_the_recorded_primary_is_down_a_standby_is_promoted() -> Result<()> {
+    support::bounded(start_with_primary_down_body()).await
+}
+
+async fn start_with_primary_down_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let state = tempfile::tempdir()?;
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    assert_eq!(write_through(&proxy, 1).await?, c.node(0).port());
+    drop(proxy);
+    c.node(0).kill9()?;
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(
+        (ev["failed"].as_str(), ev["promoted"].as_str()),
+        (Some("node0"), Some("node1")),
+        "{ev}"
+    );
+    assert_eq!(write_through(&proxy, 2).await?, c.node(1).port());
+    let s = proxy.status()?;
+    assert_eq!(s["record"]["primary"], "node1", "{s}");
+    assert_eq!(s["record"]["term"], 2, "{s}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_unreadable_cluster_record_stops_start_up_with_a_clear_error() -> Result<()> {
+    let state = tempfile::tempdir()?;
+    let file = state.path().join(dbproxy::record::FILE_NAME);
+    std::fs::write(&file, "{\"format\": 1, \"term\": 4, \"primary\": \"node1\"")?;
+    let port = testkit::free_port()?;
+    let conf = state.path().join("dbproxy.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}\"\n\
+             [[nodes]]\nport = {port}\n",
+            state.path().display()
+        ),
+    )?;
+    let run = |conf: &std::path::Path| -> Result<(Option<i32>, String)> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbproxy"))
+            .arg("--config")
+            .arg(conf)
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stderr) = run(&conf)?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("the cluster record {} is unreadable", file.display()))
+            && stderr.contains("move it away"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&file)?,
+        "{\"format\": 1, \"term\": 4, \"primary\": \"node1\"",
+        "left as it was"
+    );
+    // A state directory that cannot be created fails at start-up too, naming it.
+    std::fs::write(
+        &conf,
+        format!(
+            "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_dir = \"{}/sub\"\n\
+             [[nodes]]\nport = {port}\n",
+            file.display()
+        ),
+    )?;
+    let (code, stderr) = run(&conf)?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("cannot write the cluster record"), "{stderr}");
+    Ok(())
+}

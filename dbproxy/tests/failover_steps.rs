@@ -250,8 +250,13 @@ impl failover::Topology for TestTopology {
             .map(|i| (i, true, 0, self.sync[i]))
             .collect()
     }
-    fn switch_primary(&self, new_primary: usize, old_primary: usize) {
+    fn switch_primary(
+        &self,
+        new_primary: usize,
+        old_primary: usize,
+    ) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
         *self.switched.lock().unwrap() = Some((new_primary, old_primary));
+        Box::pin(async { Ok(()) })
     }
 }
 

@@ -85,8 +85,10 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     // endpoints take a token made for this run, which the webapps' switchover button sends.
     let admin_token = random_token()?;
     let mut dbproxy = format!(
-        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
-        p.dbproxy, p.dbproxy_admin
+        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\nstate_dir = \"{}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
+        p.dbproxy,
+        p.dbproxy_admin,
+        state.root.join("dbproxy-state").display()
     );
     for n in &pg.nodes {
         dbproxy.push_str(&format!(
