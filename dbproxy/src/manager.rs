@@ -41,7 +41,7 @@ impl Topology for Cluster {
                 name: n.config.name.clone(),
                 host: n.config.host.clone(),
                 port: n.config.port,
-                data_dir: String::new(),
+                data_dir: n.config.data_dir.clone(),
             })
             .collect()
     }
@@ -173,14 +173,13 @@ impl Manager {
 
     fn node_ref(&self, i: usize) -> NodeRef {
         let n = &self.cluster.nodes[i].config;
-        let data_dir = self.config.promote_for(&n.name).data_dir.clone();
-        NodeRef {
+        self.config.with_data_dir(NodeRef {
             id: i,
             name: n.name.clone(),
             host: n.host.clone(),
             port: n.port,
-            data_dir,
-        }
+            data_dir: n.data_dir.clone(),
+        })
     }
 
     /// Finds the primary from the nodes themselves: among the nodes not in recovery, the one on
