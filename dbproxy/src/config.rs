@@ -85,6 +85,7 @@ impl Config {
                     host: "127.0.0.1".into(),
                     port,
                     weight: 1,
+                    data_dir: String::new(),
                 })
                 .collect(),
             users: vec![UserConfig {
@@ -154,6 +155,9 @@ pub struct NodeConfig {
     pub port: u16,
     /// Load-balancing weight among standbys; 0 means never balanced to.
     pub weight: u32,
+    /// The server's data directory on its host (pgpool's `backend_data_directoryN`), for the
+    /// `%D`/`%R`/`{data_dir}` placeholders of failover, follow and rejoin commands.
+    pub data_dir: String,
 }
 
 impl Default for NodeConfig {
@@ -163,6 +167,7 @@ impl Default for NodeConfig {
             host: "127.0.0.1".to_string(),
             port: 5432,
             weight: 1,
+            data_dir: String::new(),
         }
     }
 }

@@ -76,7 +76,8 @@ pub struct PromoteConfig {
     pub ssh_target: String,
     /// Private key file for `ssh`.
     pub ssh_key: String,
-    /// The node's data directory, for `{data_dir}` / `%D` / `%R`.
+    /// The node's data directory, for `{data_dir}` / `%D` / `%R`, when it differs from the
+    /// node's own `nodes.data_dir`.
     pub data_dir: String,
     /// The node's container name, for `{container}` (default: the node's name).
     pub container: String,
@@ -129,6 +130,11 @@ pub struct FailoverConfig {
     pub follow_timeout: f64,
     /// Re-point the other standbys at the new primary.
     pub follow: bool,
+    /// pgpool's `follow_primary_command`: when set, it runs once for every other standby after a
+    /// failover or switchover instead of dbproxy's own re-pointing, with pgpool's placeholders
+    /// (`%d %h %p %D` the standby, `%m %H %r %R` the new primary, `%M %P %N %S` the old one);
+    /// dbproxy then waits `follow_timeout` for the standby to stream from the new primary.
+    pub follow_command: String,
     /// Seconds a client request waits for a primary while there is none (during a failover)
     /// before it gets an error.
     pub session_wait: f64,
@@ -151,6 +157,7 @@ impl Default for FailoverConfig {
             promote_timeout: 30.0,
             follow_timeout: 30.0,
             follow: true,
+            follow_command: String::new(),
             session_wait: 30.0,
             switchover_timeout: 30.0,
             default: PromoteConfig::default(),
@@ -176,6 +183,16 @@ impl FailoverConfig {
     /// The promotion settings for `node`.
     pub fn promote_for(&self, node: &str) -> &PromoteConfig {
         self.nodes.get(node).unwrap_or(&self.default)
+    }
+
+    /// `node` with the data directory its promotion settings give, if they give one (else the
+    /// node's own `nodes.data_dir` stays).
+    pub fn with_data_dir(&self, mut node: NodeRef) -> NodeRef {
+        let dir = &self.promote_for(&node.name).data_dir;
+        if !dir.is_empty() {
+            node.data_dir.clone_from(dir);
+        }
+        node
     }
 
     /// Checks the section against the configured nodes; errors name the key.
@@ -324,9 +341,13 @@ pub struct Placeholders {
     pub container: String,
 }
 
-/// Renders `{name}` and pgpool-style `%x` placeholders; unknown ones are left as they are.
+/// Renders `{name}` and pgpool-style `%x` placeholders for `sh -c`; unknown ones are left as they
+/// are. Every substituted value is quoted for the shell where it stands (bare, inside '...' or
+/// inside "..."), so an empty value stays one empty argument and later positional arguments
+/// (`$4`, `${10}`) do not shift, and a value cannot inject shell syntax.
 pub fn render(template: &str, p: &Placeholders) -> String {
     let mut out = String::with_capacity(template.len() + 32);
+    let mut quote = Quote::None;
     let mut chars = template.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
@@ -347,14 +368,18 @@ pub fn render(template: &str, p: &Placeholders) -> String {
                     'M' | 'P' => p.old_primary.id.to_string(),
                     'N' => p.old_primary.host.clone(),
                     'S' => p.old_primary.port.to_string(),
-                    '%' => "%".to_string(),
+                    '%' => {
+                        chars.next();
+                        out.push('%');
+                        continue;
+                    }
                     _ => {
                         out.push('%');
                         continue;
                     }
                 };
                 chars.next();
-                out.push_str(&v);
+                quote.push_value(&v, &mut out);
             }
             '{' => {
                 let mut name = String::new();
@@ -382,7 +407,7 @@ pub fn render(template: &str, p: &Placeholders) -> String {
                     _ => None,
                 };
                 match (v, closed) {
-                    (Some(v), true) => out.push_str(&v),
+                    (Some(v), true) => quote.push_value(&v, &mut out),
                     (_, true) => {
                         out.push('{');
                         out.push_str(&name);
@@ -394,10 +419,59 @@ pub fn render(template: &str, p: &Placeholders) -> String {
                     }
                 }
             }
+            '\\' if quote != Quote::Single => {
+                // An escaped character never opens or closes a quote.
+                out.push(c);
+                if let Some(n) = chars.next() {
+                    out.push(n);
+                }
+            }
+            '\'' => {
+                quote = match quote {
+                    Quote::None => Quote::Single,
+                    Quote::Single => Quote::None,
+                    Quote::Double => Quote::Double,
+                };
+                out.push(c);
+            }
+            '"' => {
+                quote = match quote {
+                    Quote::None => Quote::Double,
+                    Quote::Double => Quote::None,
+                    Quote::Single => Quote::Single,
+                };
+                out.push(c);
+            }
             c => out.push(c),
         }
     }
     out
+}
+
+/// Where in a shell word a placeholder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quote {
+    None,
+    Single,
+    Double,
+}
+
+impl Quote {
+    /// Appends `v` so that the shell reads it back unchanged at this position.
+    fn push_value(self, v: &str, out: &mut String) {
+        match self {
+            Quote::None => out.push_str(&shell_quote(v)),
+            Quote::Single => out.push_str(&v.replace('\'', r"'\''")),
+            Quote::Double => {
+                for c in v.chars() {
+                    if matches!(c, '"' | '\\' | '$' | '`') {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+            }
+        }
+    }
 }
 
 /// Connects to `node` with a bounded connect; the connection task runs in the background.
@@ -1022,19 +1096,28 @@ mod tests {
         let p = placeholders();
         assert_eq!(
             render("failover.sh %d %h %p %D %m %H %M %P %r %R %N %S %%", &p),
-            "failover.sh 0 ha 5432 /d/a 1 hb 0 0 5433 /d/b ha 5432 %"
+            "failover.sh '0' 'ha' '5432' '/d/a' '1' 'hb' '0' '0' '5433' '/d/b' 'ha' '5432' %"
         );
         assert_eq!(
             render(
                 "docker exec {container} pg_ctl promote -D {data_dir} # {node} {node_id} {host}:{port}",
                 &p
             ),
-            "docker exec pg-b pg_ctl promote -D /d/b # b 1 hb:5433"
+            "docker exec 'pg-b' pg_ctl promote -D '/d/b' # 'b' '1' 'hb':'5433'"
         );
         assert_eq!(
             render("{old_primary}@{old_primary_host}:{old_primary_port}", &p),
-            "a@ha:5432"
+            "'a'@'ha':'5432'"
         );
+        // Inside quotes a value is escaped for that quote; an escaped quote opens nothing.
+        let mut q = placeholders();
+        q.failed.data_dir = "it's \"$x\"".into();
+        assert_eq!(
+            render(r#"a '%D' "%D" \' %D"#, &q),
+            r#"a 'it'\''s "$x"' "it's \"\$x\"" \' 'it'\''s "$x"'"#
+        );
+        q.failed.data_dir.clear();
+        assert_eq!(render("s %d %D %m", &q), "s '0' '' '1'");
         // Unknown or unfinished placeholders stay as written.
         assert_eq!(render("%x {nope} {open %", &p), "%x {nope} {open %");
     }
@@ -1175,7 +1258,7 @@ pub async fn fail_over(
     cred: &Credentials,
     detected_at: std::time::SystemTime,
 ) -> FailoverEvent {
-    let nodes = topo.nodes();
+    let nodes: Vec<NodeRef> = topo.nodes().into_iter().map(|n| cfg.with_data_dir(n)).collect();
     let name = |i: usize| nodes.get(i).map(|n| n.name.clone()).unwrap_or_default();
     let mut event = FailoverEvent::new(name(failed), detected_at);
     let states = topo.standby_states(failed);
@@ -1211,11 +1294,8 @@ pub async fn fail_over(
     let old = nodes[failed].clone();
     let mut promoted = None;
     for id in order {
-        let mut target = nodes[id].clone();
+        let target = nodes[id].clone();
         let pcfg = cfg.promote_for(&target.name);
-        if !pcfg.data_dir.is_empty() {
-            target.data_dir = pcfg.data_dir.clone();
-        }
         let placeholders = Placeholders {
             subject: target.clone(),
             failed: old.clone(),
@@ -1265,16 +1345,27 @@ pub async fn settle(
     cred: &Credentials,
     event: &mut FailoverEvent,
 ) {
+    let nodes: Vec<NodeRef> = nodes.iter().map(|n| cfg.with_data_dir(n.clone())).collect();
     let new_ref = nodes[new].clone();
+    // The event names the primary that was left; pgpool's %M %P %N %S describe it.
+    let old_ref = nodes
+        .iter()
+        .find(|n| n.name == event.failed)
+        .cloned()
+        .unwrap_or_default();
     let follow_timeout = Duration::from_secs_f64(cfg.follow_timeout);
-    if cfg.follow {
+    if cfg.follow || !cfg.follow_command.is_empty() {
         for &id in followers {
             let node = &nodes[id];
-            let r = match repoint(node, &new_ref, cred).await {
-                Ok(app) => wait_streaming(&new_ref, &app, cred, follow_timeout)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let r = if cfg.follow_command.is_empty() {
+                match repoint(node, &new_ref, cred).await {
+                    Ok(app) => wait_streaming(&new_ref, &app, cred, follow_timeout)
+                        .await
+                        .map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                follow_by_command(node, &new_ref, &old_ref, cfg, cred, follow_timeout).await
             };
             if let Err(e) = &r {
                 tracing::error!(node = %node.name, error = %e, "standby did not follow the new primary");
@@ -1292,6 +1383,34 @@ pub async fn settle(
         Ok(cleared) => event.cleared_synchronous = cleared,
         Err(e) => tracing::error!(node = %new_ref.name, error = %e, "cannot check synchronous_standby_names"),
     }
+}
+
+/// Runs pgpool's `follow_primary_command` for standby `node` (pgpool's placeholders: `%d %h %p %D`
+/// the standby, `%m %H %r %R` the new primary, `%M %P %N %S` the old one), then waits for the
+/// standby to stream from `new`.
+async fn follow_by_command(
+    node: &NodeRef,
+    new: &NodeRef,
+    old: &NodeRef,
+    cfg: &FailoverConfig,
+    cred: &Credentials,
+    limit: Duration,
+) -> Result<(), String> {
+    let placeholders = Placeholders {
+        subject: node.clone(),
+        failed: node.clone(),
+        new_primary: new.clone(),
+        old_primary: old.clone(),
+        container: cfg.promote_for(&node.name).container_of(&node.name),
+    };
+    let start = Instant::now();
+    run_command(&node.name, &render(&cfg.follow_command, &placeholders), limit)
+        .await
+        .map_err(|e| e.to_string())?;
+    let left = limit.saturating_sub(start.elapsed()).max(Duration::from_secs(1));
+    wait_following(node, new, cred, left)
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// A standby's freshest WAL position: the larger of received and replayed.

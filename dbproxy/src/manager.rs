@@ -56,7 +56,7 @@ impl Topology for Manager {
                 name: n.config.name.clone(),
                 host: n.config.host.clone(),
                 port: n.config.port,
-                data_dir: String::new(),
+                data_dir: n.config.data_dir.clone(),
             })
             .collect()
     }
@@ -380,14 +380,13 @@ impl Manager {
 
     fn node_ref(&self, i: usize) -> NodeRef {
         let n = &self.cluster.nodes[i].config;
-        let data_dir = self.config.promote_for(&n.name).data_dir.clone();
-        NodeRef {
+        self.config.with_data_dir(NodeRef {
             id: i,
             name: n.name.clone(),
             host: n.host.clone(),
             port: n.port,
-            data_dir,
-        }
+            data_dir: n.data_dir.clone(),
+        })
     }
 
     /// Decides who is primary at start-up, before the first client is served. The record's

@@ -77,7 +77,6 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let mut health = Table::new();
     let mut limits = Table::new();
     let mut nodes: BTreeMap<u32, Table> = BTreeMap::new();
-    let mut data_dirs: BTreeMap<u32, String> = BTreeMap::new();
 
     for (key, (line, value)) in &entries {
         let line = *line;
@@ -117,8 +116,8 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
                         ));
                     }
                 }
-                "data_directory" if !value.is_empty() => {
-                    data_dirs.insert(n, value.clone());
+                "data_directory" => {
+                    node.insert("data_dir".into(), Value::String(value.clone()));
                 }
                 "application_name" if !value.is_empty() => {
                     node.insert("name".into(), Value::String(value.clone()));
@@ -250,29 +249,16 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         }
         None => 9999,
     };
-    let addr = match get("listen_addresses").map(str::trim) {
-        None | Some("*") | Some("") => "0.0.0.0".to_string(),
-        Some("localhost") => "127.0.0.1".to_string(),
-        Some(list) => {
-            let first = list.split(',').next().unwrap_or("0.0.0.0").trim().to_string();
-            if list.contains(',') {
-                out.notes.push(format!(
-                    "listen_addresses = '{list}': dbproxy listens on the first, {first}"
-                ));
-            }
-            first
-        }
-    };
-    let listen = if addr.contains(':') {
-        format!("[{addr}]:{port}")
-    } else {
-        format!("{addr}:{port}")
-    };
+    let listen = socket_addr(
+        "listen_addresses",
+        get("listen_addresses").unwrap_or("*"),
+        port,
+        &mut out.notes,
+    );
     out.table.insert("listen".into(), Value::String(listen));
 
     // Backends, in pgpool's order; gaps in the numbering are kept as they are (node ids matter).
     let mut node_list = Vec::new();
-    let mut failover_nodes = Table::new();
     for (n, mut node) in nodes {
         if !node.contains_key("host") {
             return Err(PgpoolConfError::Syntax {
@@ -282,16 +268,6 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         }
         node.entry("name")
             .or_insert_with(|| Value::String(format!("node{n}")));
-        if let (Some(dir), Some(Value::String(name))) = (data_dirs.get(&n), node.get("name")) {
-            // Per-node promotion settings carry the data directory for %D / %R / {data_dir}.
-            let mut p = Table::new();
-            if let Some(cmd) = &out.failover_command {
-                p.insert("method".into(), Value::String("exec".into()));
-                p.insert("command".into(), Value::String(cmd.clone()));
-            }
-            p.insert("data_dir".into(), Value::String(dir.clone()));
-            failover_nodes.insert(name.clone(), Value::Table(p));
-        }
         node_list.push(Value::Table(node));
     }
     let mut failover = Table::new();
@@ -302,19 +278,18 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         failover.insert("default".into(), Value::Table(p));
         out.notes.push(
             "failover_command runs as the promotion step when the primary fails, with pgpool's %-placeholders \
-             (not for standby failures, which only stop reads); set failover.default.method = \"sql\" to let \
-             dbproxy promote with pg_promote() instead"
+             (not for standby failures, which only stop reads); to let dbproxy promote with pg_promote() \
+             instead, add --set 'failover.default.method=\"sql\"' (or the same key in the TOML file)"
                 .into(),
         );
     }
-    if !failover_nodes.is_empty() {
-        failover.insert("nodes".into(), Value::Table(failover_nodes));
-    }
     if let Some(cmd) = &out.follow_primary_command {
-        out.notes.push(format!(
-            "follow_primary_command ({cmd}) is not run: dbproxy re-points the other standbys itself \
-             (failover.follow); a node it cannot re-point is rejoined with failover.rejoin"
-        ));
+        failover.insert("follow_command".into(), Value::String(cmd.clone()));
+        out.notes.push(
+            "follow_primary_command runs for every other standby after a failover or switchover, in place of \
+             dbproxy's own re-pointing; add --set 'failover.follow_command=\"\"' to let dbproxy re-point them"
+                .into(),
+        );
     }
     if !failover.is_empty() {
         out.table.insert("failover".into(), Value::Table(failover));
@@ -368,6 +343,26 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         }
     }
     Ok(out)
+}
+
+/// `address:port` for pgpool's address list `list` (`*`, `localhost`, names or addresses; dbproxy
+/// binds the first).
+fn socket_addr(key: &str, list: &str, port: i64, notes: &mut Vec<String>) -> String {
+    let list = list.trim();
+    let first = list.split(',').next().unwrap_or("").trim();
+    if list.contains(',') {
+        notes.push(format!("{key} = '{list}': dbproxy listens on the first, {first}"));
+    }
+    let addr = match first {
+        "*" | "" => "0.0.0.0",
+        "localhost" => "127.0.0.1",
+        a => a,
+    };
+    if addr.contains(':') {
+        format!("[{addr}]:{port}")
+    } else {
+        format!("{addr}:{port}")
+    }
 }
 
 /// Reads pool_passwd: `user:TEXTpassword`, `user:md5<hash>`, `user:SCRAM-SHA-256$...`.
@@ -573,9 +568,12 @@ mod tests {
         assert_eq!(imp.follow_primary_command, None);
         let f = &t["failover"];
         assert_eq!(f["default"]["method"].as_str(), Some("exec"));
-        let n0 = &f["nodes"][t["nodes"][0]["name"].as_str().unwrap()];
-        assert_eq!(n0["data_dir"].as_str(), Some("/var/lib/postgresql/data"));
-        assert_eq!(n0["command"].as_str(), f["default"]["command"].as_str());
+        assert!(
+            f.get("nodes").is_none(),
+            "one promotion setting, so one key overrides it"
+        );
+        assert!(f.get("follow_command").is_none());
+        assert_eq!(nodes[0]["data_dir"].as_str(), Some("/var/lib/postgresql/data"));
         for k in ["pcp_port", "max_pool", "log_destination"] {
             assert!(
                 imp.ignored.iter().any(|i| i.starts_with(k)),
@@ -594,6 +592,48 @@ mod tests {
             .expect("valid config");
         assert_eq!(cfg.nodes.len(), 2);
         assert_eq!(cfg.listen, "0.0.0.0:9999");
+    }
+
+    #[test]
+    fn later_layers_override_the_imported_failover() {
+        let t = "backend_hostname0 = 'a'\nbackend_data_directory0 = '/d/0'\nbackend_hostname1 = 'b'\n\
+                 failover_command = 'f.sh %d %D'\nfollow_primary_command = 'follow.sh %d'\n";
+        let imp = parse(t, Path::new("/nonexistent")).unwrap();
+        let load = |sets: &[(&str, &str)]| {
+            let mut src = common::ConfigSource::new().base(imp.table.clone());
+            for (k, v) in sets {
+                src = src.set(k, *v);
+            }
+            src.load::<crate::config::Config>().unwrap()
+        };
+        let cfg = load(&[]);
+        assert_eq!(
+            cfg.failover.promote_for("node1").method,
+            crate::failover::PromoteMethod::Exec
+        );
+        assert_eq!(cfg.failover.follow_command, "follow.sh %d");
+        assert_eq!(cfg.nodes[0].data_dir, "/d/0");
+        assert_eq!(cfg.nodes[1].data_dir, "");
+        let cfg = load(&[
+            ("failover.default.method", "\"sql\""),
+            ("failover.follow_command", "\"\""),
+        ]);
+        for n in ["node0", "node1"] {
+            assert_eq!(
+                cfg.failover.promote_for(n).method,
+                crate::failover::PromoteMethod::Sql,
+                "{n}"
+            );
+        }
+        assert_eq!(cfg.failover.follow_command, "");
+        // The advice printed names the key that works.
+        assert!(
+            imp.notes
+                .iter()
+                .any(|n| n.contains("failover.default.method=\"sql\"")),
+            "{:?}",
+            imp.notes
+        );
     }
 
     #[test]
