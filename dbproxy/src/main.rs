@@ -37,17 +37,41 @@ fn main() {
     let cli = Cli::parse();
     let loaded = load(&cli);
     if let Ok((_, Some(i))) = &loaded {
-        // Said on stderr so an operator moving from pgpool sees what was not carried over.
-        for key in &i.ignored {
-            eprintln!("dbproxy: pgpool.conf: ignored: {key}");
-        }
+        // Said on stderr so an operator moving from pgpool sees what was not carried over
+        // (`--check-config` prints every key's verdict).
         for note in &i.notes {
             eprintln!("dbproxy: pgpool.conf: {note}");
         }
+        for r in i
+            .review
+            .iter()
+            .filter(|r| r.verdict == dbproxy::pgpool_check::Verdict::Different)
+        {
+            eprintln!(
+                "dbproxy: pgpool.conf line {}: {}: differs from pgpool-II: {}",
+                r.line, r.key, r.why
+            );
+        }
     }
+    let review = match &loaded {
+        Ok((_, Some(i))) if cli.common.check_config => Some(dbproxy::pgpool_check::report(&i.review)),
+        _ => None,
+    };
     let loaded = loaded.map(|(c, _)| c);
     if cli.common.check_config {
-        std::process::exit(common::cli::report_check("dbproxy", &loaded));
+        let mut code = common::cli::report_check("dbproxy", &loaded);
+        // The migration check: a valid configuration that behaves differently from pgpool-II
+        // without notice exits 1.
+        if let Some((text, ok)) = review {
+            print!("{text}");
+            if code == 0 && !ok {
+                eprintln!(
+                    "dbproxy: pgpool.conf: some keys make dbproxy behave differently (DIFFERENT above)"
+                );
+                code = 1;
+            }
+        }
+        std::process::exit(code);
     }
     common::telemetry::init(cli.common.log_format, "info");
     let config = match loaded {

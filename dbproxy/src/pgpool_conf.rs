@@ -57,6 +57,8 @@ pub struct PgpoolImport {
     pub failover_command: Option<String>,
     /// pgpool's `follow_primary_command`, when set.
     pub follow_primary_command: Option<String>,
+    /// Key by key, what dbproxy does with what pgpool.conf set (the migration check).
+    pub review: Vec<crate::pgpool_check::Review>,
 }
 
 /// Reads `path` and the `pool_passwd` file it names (relative to its directory).
@@ -73,6 +75,11 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let entries = parse_lines(text)?;
     let get = |k: &str| entries.get(k).map(|(_, v)| v.as_str());
     let mut out = PgpoolImport::default();
+    let beside = crate::pgpool_check::Beside {
+        pcp_conf: false,
+        pool_hba: false,
+    };
+    out.review = crate::pgpool_check::review(&entries, beside);
     let mut routing = Table::new();
     let mut health = Table::new();
     let mut limits = Table::new();

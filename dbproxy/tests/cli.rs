@@ -21,15 +21,29 @@ fn pgpool_conf_is_taken_unchanged() -> Result<()> {
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    // The configuration is valid (dbproxy runs with it), but the migration check fails: with
+    // enable_pool_hba = on and no pool_hba.conf, pgpool-II would refuse every client.
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("configuration is valid"), "{stderr}");
     assert!(
         stdout.contains("db-primary") && stdout.contains("db-replica"),
         "{stdout}"
     );
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(key))
+            .unwrap_or_else(|| panic!("no report line for {key}: {stdout}"))
+            .to_string()
+    };
+    assert!(line("enable_pool_hba").contains("DIFFERENT"), "{stdout}");
+    assert!(line("max_pool").contains("ignored"), "{stdout}");
+    assert!(line("backend_hostname0").contains("same"), "{stdout}");
+    assert!(line("failover_command").contains("approximated"), "{stdout}");
     assert!(stdout.contains("9999"), "{stdout}");
     assert!(
-        stderr.contains("ignored"),
-        "the ignored keys are listed: {stderr}"
+        stdout.contains("ignored"),
+        "the ignored keys are listed: {stdout}"
     );
     assert!(
         !stdout.contains("app-secret"),
@@ -40,6 +54,72 @@ fn pgpool_conf_is_taken_unchanged() -> Result<()> {
         .args(["--pgpool-conf", "/nonexistent/pgpool.conf"])
         .output()?;
     assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
+
+/// `--pgpool-conf FILE --check-config` reviews every key: 0 when dbproxy does the same or says
+/// how it differs, 1 when a key would change behaviour silently, 2 when the file is invalid.
+#[test]
+fn the_migration_check_reviews_every_key() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let conf = dir.path().join("pgpool.conf");
+    let base = "backend_clustering_mode = 'streaming_replication'\nport = 9999\n\
+                backend_hostname0 = 'a'\nbackend_port0 = 5432\nbackend_flag0 = 'ALLOW_TO_FAILOVER'\n\
+                backend_hostname1 = 'b'\nbackend_weight1 = 0.5\nload_balance_mode = on\n\
+                num_init_children = 10\nlog_statement = on\nenable_pool_hba = off\n";
+    let check = |text: &str| -> Result<(Option<i32>, String, String)> {
+        std::fs::write(&conf, text)?;
+        let out = Command::new(BIN)
+            .arg("--pgpool-conf")
+            .arg(&conf)
+            .arg("--check-config")
+            .output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let (code, stdout, stderr) = check(base)?;
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let report: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("# ") && l.len() > 8)
+        .collect();
+    for (key, verdict) in [
+        ("backend_clustering_mode", "same"),
+        ("backend_weight1", "approximated"),
+        ("num_init_children", "approximated"),
+        ("log_statement", "ignored"),
+        ("enable_pool_hba", "approximated"),
+    ] {
+        let l = report
+            .iter()
+            .find(|l| l.split_whitespace().nth(2) == Some(key))
+            .unwrap_or_else(|| panic!("{key} is not in the report: {stdout}"));
+        assert_eq!(l.split_whitespace().nth(3), Some(verdict), "{l}");
+    }
+    // A key that would change behaviour silently fails the check, naming it and its line.
+    for (extra, key) in [
+        ("backend_flag1 = 'DISALLOW_TO_FAILOVER'\n", "backend_flag1"),
+        ("auto_failback = on\n", "auto_failback"),
+        ("use_watchdog = on\n", "use_watchdog"),
+        ("no_such_setting = 1\n", "no_such_setting"),
+    ] {
+        let (code, stdout, stderr) = check(&format!("{base}{extra}"))?;
+        assert_eq!(code, Some(1), "{extra}: {stdout}\n{stderr}");
+        let l = stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(2) == Some(key))
+            .unwrap_or_else(|| panic!("{key} is not in the report: {stdout}"));
+        assert!(l.contains("DIFFERENT"), "{l}");
+        assert_eq!(l.split_whitespace().nth(1), Some("12"), "the line number: {l}");
+        assert!(stderr.contains("DIFFERENT"), "{stderr}");
+    }
+    // An invalid value is a configuration error (2), as before.
+    let (code, _, stderr) = check(&format!("{base}load_balance_mode = maybe\n"))?;
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("load_balance_mode"), "{stderr}");
     Ok(())
 }
 
