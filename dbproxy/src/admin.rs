@@ -1,5 +1,5 @@
-//! Administration: the `SHOW POOL_NODES` rows (answered on the main port with pgpool-II's
-//! columns) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
+//! Administration: pgpool-II's `SHOW POOL_NODES`, `POOL_VERSION`, `POOL_HEALTH_CHECK_STATS` and
+//! `POOL_BACKEND_STATS` (answered on the main port with pgpool-II's columns) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -30,19 +30,192 @@ pub const POOL_NODES_COLUMNS: [&str; 14] = [
     "last_status_change",
 ];
 
-/// Whether `sql` is `SHOW POOL_NODES` (any case, optional semicolon).
-pub fn is_show_pool_nodes(sql: &str) -> bool {
+/// pgpool-II's SHOW POOL_HEALTH_CHECK_STATS columns, in its order.
+pub const HEALTH_CHECK_STATS_COLUMNS: [&str; 20] = [
+    "node_id",
+    "hostname",
+    "port",
+    "status",
+    "role",
+    "last_status_change",
+    "total_count",
+    "success_count",
+    "fail_count",
+    "skip_count",
+    "retry_count",
+    "average_retry_count",
+    "max_retry_count",
+    "max_duration",
+    "min_duration",
+    "average_duration",
+    "last_health_check",
+    "last_successful_health_check",
+    "last_skip_health_check",
+    "last_failed_health_check",
+];
+
+/// pgpool-II's SHOW POOL_BACKEND_STATS columns, in its order.
+pub const BACKEND_STATS_COLUMNS: [&str; 14] = [
+    "node_id",
+    "hostname",
+    "port",
+    "status",
+    "role",
+    "select_cnt",
+    "insert_cnt",
+    "update_cnt",
+    "delete_cnt",
+    "ddl_cnt",
+    "other_cnt",
+    "panic_cnt",
+    "fatal_cnt",
+    "error_cnt",
+];
+
+/// The pgpool SHOW commands dbproxy answers itself on the main port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Show {
+    /// `SHOW POOL_NODES`.
+    PoolNodes,
+    /// `SHOW POOL_VERSION`.
+    PoolVersion,
+    /// `SHOW POOL_HEALTH_CHECK_STATS`.
+    PoolHealthCheckStats,
+    /// `SHOW POOL_BACKEND_STATS`.
+    PoolBackendStats,
+}
+
+/// Which pgpool SHOW command `sql` is (any case, optional semicolon), if any.
+pub fn show(sql: &str) -> Option<Show> {
     // Asked of every simple Query: most are ruled out by their first word alone.
     let head = sql.trim_start().as_bytes();
-    if head.len() < 15 || !head[..4].eq_ignore_ascii_case(b"show") {
-        return false;
+    if head.len() < 14 || !head[..4].eq_ignore_ascii_case(b"show") || !head[4].is_ascii_whitespace() {
+        return None;
     }
     let s = sql.trim().trim_end_matches(';').trim_end();
-    let mut words = s.split_ascii_whitespace();
-    matches!(
-        (words.next(), words.next(), words.next()),
-        (Some(a), Some(b), None) if a.eq_ignore_ascii_case("show") && b.eq_ignore_ascii_case("pool_nodes")
-    )
+    let mut words = s.split_ascii_whitespace().skip(1);
+    let (Some(name), None) = (words.next(), words.next()) else {
+        return None;
+    };
+    [
+        ("pool_nodes", Show::PoolNodes),
+        ("pool_version", Show::PoolVersion),
+        ("pool_health_check_stats", Show::PoolHealthCheckStats),
+        ("pool_backend_stats", Show::PoolBackendStats),
+    ]
+    .into_iter()
+    .find(|(n, _)| name.eq_ignore_ascii_case(n))
+    .map(|(_, k)| k)
+}
+
+/// Appends the full answer to `kind` (without ReadyForQuery); `lb_node` is the node this
+/// session balances reads to.
+pub fn encode_show(kind: Show, cluster: &Cluster, lb_node: Option<usize>, out: &mut BytesMut) {
+    let n = match kind {
+        Show::PoolNodes => encode_rows(&POOL_NODES_COLUMNS, &pool_nodes(cluster, lb_node), out),
+        Show::PoolVersion => encode_rows(&["pool_version"], &[[pool_version()]], out),
+        Show::PoolHealthCheckStats => {
+            encode_rows(&HEALTH_CHECK_STATS_COLUMNS, &health_check_stats(cluster), out)
+        }
+        Show::PoolBackendStats => encode_rows(&BACKEND_STATS_COLUMNS, &backend_stats(cluster), out),
+    };
+    simple::encode_command_complete(&format!("SELECT {n}"), out);
+}
+
+fn encode_rows<const N: usize>(columns: &[&str; N], rows: &[[String; N]], out: &mut BytesMut) -> usize {
+    simple::encode_row_description(columns, out);
+    for r in rows {
+        simple::encode_data_row(r, out);
+    }
+    rows.len()
+}
+
+/// What SHOW POOL_VERSION answers: dbproxy's version, and the pgpool-II release whose
+/// interface it follows.
+pub fn pool_version() -> String {
+    format!("dbproxy {} (pgpool-II 4.3 interface)", env!("CARGO_PKG_VERSION"))
+}
+
+/// A node's status as pgpool names it: `up`, or `down` for an unhealthy or detached (fenced) node
+/// (pgpool shows a node it detached after a failover as down).
+fn status_name(cluster: &Cluster, i: usize) -> &'static str {
+    if cluster.status(i).healthy && !cluster.is_fenced(i) {
+        "up"
+    } else {
+        "down"
+    }
+}
+
+/// The role pgpool shows: the elected primary is `primary`, every other node `standby`.
+fn role_name(cluster: &Cluster, i: usize) -> &'static str {
+    if i == cluster.primary() {
+        "primary"
+    } else {
+        "standby"
+    }
+}
+
+/// One SHOW POOL_HEALTH_CHECK_STATS row per node (also what `pcp_health_check_stats` sends).
+pub fn health_check_stats(cluster: &Cluster) -> Vec<[String; 20]> {
+    let when = |t: Option<SystemTime>| t.map(timestamp).unwrap_or_default();
+    (0..cluster.nodes.len())
+        .map(|i| {
+            let n = &cluster.nodes[i];
+            let c = n.checks.snapshot();
+            [
+                i.to_string(),
+                n.config.host.clone(),
+                n.config.port.to_string(),
+                status_name(cluster, i).to_string(),
+                role_name(cluster, i).to_string(),
+                timestamp(cluster.status(i).last_change),
+                c.total.to_string(),
+                c.success.to_string(),
+                c.fail.to_string(),
+                c.skip.to_string(),
+                c.retry.to_string(),
+                format!("{:.6}", c.average_retry()),
+                c.max_retry.to_string(),
+                c.max_ms.to_string(),
+                c.min_ms.to_string(),
+                format!("{:.6}", c.average_ms()),
+                when(c.last),
+                when(c.last_success),
+                when(c.last_skip),
+                when(c.last_fail),
+            ]
+        })
+        .collect()
+}
+
+/// One SHOW POOL_BACKEND_STATS row per node. dbproxy counts statements per node, not per kind:
+/// they are all reported as `select_cnt` (as in SHOW POOL_NODES); the per-kind and per-error
+/// columns stay 0.
+pub fn backend_stats(cluster: &Cluster) -> Vec<[String; 14]> {
+    (0..cluster.nodes.len())
+        .map(|i| {
+            let n = &cluster.nodes[i];
+            let zero = || "0".to_string();
+            [
+                i.to_string(),
+                n.config.host.clone(),
+                n.config.port.to_string(),
+                status_name(cluster, i).to_string(),
+                role_name(cluster, i).to_string(),
+                n.select_cnt
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .to_string(),
+                zero(),
+                zero(),
+                zero(),
+                zero(),
+                zero(),
+                zero(),
+                zero(),
+                zero(),
+            ]
+        })
+        .collect()
 }
 
 /// One row per node; `lb_node` is the node this session balances reads to.
@@ -63,13 +236,7 @@ pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]
                 i.to_string(),
                 n.config.host.clone(),
                 n.config.port.to_string(),
-                // A fenced node is detached, as pgpool shows a node after failover: down.
-                if s.healthy && !cluster.is_fenced(i) {
-                    "up"
-                } else {
-                    "down"
-                }
-                .to_string(),
+                status_name(cluster, i).to_string(),
                 if s.reachable { "up" } else { "down" }.to_string(),
                 format!("{weight:.6}"),
                 role.to_string(),
@@ -85,16 +252,6 @@ pub fn pool_nodes(cluster: &Cluster, lb_node: Option<usize>) -> Vec<[String; 14]
             ]
         })
         .collect()
-}
-
-/// Appends the full SHOW POOL_NODES response (without ReadyForQuery).
-pub fn encode_pool_nodes(cluster: &Cluster, lb_node: Option<usize>, out: &mut BytesMut) {
-    simple::encode_row_description(&POOL_NODES_COLUMNS, out);
-    let rows = pool_nodes(cluster, lb_node);
-    for r in &rows {
-        simple::encode_data_row(r, out);
-    }
-    simple::encode_command_complete(&format!("SELECT {}", rows.len()), out);
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, as pgpool prints it.
@@ -196,11 +353,20 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     #[test]
-    fn show_pool_nodes_spellings() {
-        assert!(is_show_pool_nodes("SHOW POOL_NODES"));
-        assert!(is_show_pool_nodes("  show   pool_nodes ;"));
-        assert!(!is_show_pool_nodes("show pool_nodes x"));
-        assert!(!is_show_pool_nodes("show search_path"));
+    fn show_spellings() {
+        assert_eq!(show("SHOW POOL_NODES"), Some(Show::PoolNodes));
+        assert_eq!(show("  show   pool_nodes ;"), Some(Show::PoolNodes));
+        assert_eq!(show("show pool_version"), Some(Show::PoolVersion));
+        assert_eq!(
+            show("Show Pool_Health_Check_Stats;"),
+            Some(Show::PoolHealthCheckStats)
+        );
+        assert_eq!(show("SHOW\tPOOL_BACKEND_STATS"), Some(Show::PoolBackendStats));
+        assert_eq!(show("show pool_nodes x"), None);
+        assert_eq!(show("show search_path"), None);
+        assert_eq!(show("showpool_nodes"), None);
+        assert_eq!(show("select 'show pool_nodes'"), None);
+        assert_eq!(show("show pool_processes"), None);
     }
 
     #[test]

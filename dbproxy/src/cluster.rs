@@ -74,6 +74,8 @@ pub struct Node {
     fenced: AtomicBool,
     /// Wakes the node's health checker for a check now (a data-path error was seen).
     pub reprobe: Notify,
+    /// Its health-check statistics (pgpool's SHOW POOL_HEALTH_CHECK_STATS).
+    pub checks: crate::health_stats::HealthStats,
     queries: [IntCounter; 2],
     healthy_gauge: IntGauge,
     lag_gauge: IntGauge,
@@ -249,6 +251,7 @@ impl NodeMetrics {
             select_cnt: AtomicU64::new(0),
             fenced: AtomicBool::new(false),
             reprobe: Notify::new(),
+            checks: Default::default(),
             queries: [
                 self.queries.with_label_values(&[&n.name, "primary"]),
                 self.queries.with_label_values(&[&n.name, "standby"]),

@@ -149,7 +149,10 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
         }
         let timeout = secs(config.timeout);
         let mut result = Err(ProbeError::Timeout);
+        let started = std::time::Instant::now();
+        let mut retries = 0;
         for attempt in 0..=config.max_retries {
+            retries = attempt;
             if attempt > 0 {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -169,6 +172,13 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
             }
         }
         let name = &cluster.nodes[i].config.name;
+        let checks = &cluster.nodes[i].checks;
+        checks.record(
+            result.is_ok(),
+            retries,
+            started.elapsed(),
+            std::time::SystemTime::now(),
+        );
         let transition = state.observe(result.is_ok());
         let healthy = state.is_healthy();
         match &transition {

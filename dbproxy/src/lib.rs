@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod config;
 pub mod failover;
 pub mod health;
+pub mod health_stats;
 pub mod manager;
 pub mod pgpool_check;
 pub mod pgpool_conf;

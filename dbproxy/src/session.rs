@@ -1015,9 +1015,9 @@ impl Session {
                         return Err(self.protocol_violation(&msg).await);
                     }
                 };
-                if crate::admin::is_show_pool_nodes(sql) && self.cur.is_none() {
+                if let Some(show) = crate::admin::show(sql).filter(|_| self.cur.is_none()) {
                     let lb = self.standby.as_ref().map(|b| b.node);
-                    crate::admin::encode_pool_nodes(&self.shared.cluster, lb, &mut self.client.wbuf);
+                    crate::admin::encode_show(show, &self.shared.cluster, lb, &mut self.client.wbuf);
                     status::encode_ready(self.tx, &mut self.client.wbuf);
                     return self.client.flush().await.map_err(|_| End);
                 }

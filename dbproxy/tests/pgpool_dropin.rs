@@ -316,3 +316,147 @@ fn a_set_flag_overrides_the_imported_failover_command() -> Result<()> {
     assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "f");
     Ok(())
 }
+
+/// pgpool-II itself, started on the same pgpool.conf and pcp.conf; stopped (fast) on drop.
+struct Pgpool {
+    child: Child,
+}
+
+impl Pgpool {
+    fn start(conf: &Path, pcp_conf: &Path, port: u16) -> Result<Pgpool> {
+        let log = std::fs::File::create(conf.with_file_name("pgpool.log"))?;
+        let child = Command::new("/usr/sbin/pgpool")
+            .arg("-n")
+            .arg("-f")
+            .arg(conf)
+            .arg("-F")
+            .arg(pcp_conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting pgpool")?;
+        let p = Pgpool { child };
+        wait_for("pgpool to serve", DEADLINE, || Ok(psql(port, "select 1").ok())).with_context(|| {
+            std::fs::read_to_string(conf.with_file_name("pgpool.log")).unwrap_or_default()
+        })?;
+        Ok(p)
+    }
+}
+
+impl Drop for Pgpool {
+    fn drop(&mut self) {
+        // SIGINT is pgpool's fast shutdown: the children go too.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// psql's unaligned output (`|`-separated) of `sql` on `port`, with the header line when `header`.
+fn psql_args(port: u16, sql: &str, header: bool) -> Result<String> {
+    let mut cmd = support::pg_program("psql")?;
+    cmd.args(["-X", "-A", "-F", "|", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", "postgres", "-d", "postgres", "-c", sql])
+        .env("PGPASSWORD", "pw");
+    if !header {
+        cmd.arg("-t");
+    } else {
+        cmd.arg("-P").arg("footer=off");
+    }
+    let out = cmd.output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn psql(port: u16, sql: &str) -> Result<String> {
+    psql_args(port, sql, false)
+}
+
+/// A pgpool.conf, pool_passwd and pcp.conf for `c` in `dir`, shared by pgpool-II (on `pg_port`
+/// and `pg_pcp`) and dbproxy (whose ports come from `--set`).
+fn shared_files(c: &PgCluster, dir: &Path, pg_port: u16, pg_pcp: u16) -> Result<(PathBuf, PathBuf)> {
+    let d = dir.display();
+    let conf = dir.join("pgpool.conf");
+    std::fs::write(
+        &conf,
+        pgpool_conf(
+            c,
+            &[true, true],
+            &format!(
+                "port = {pg_port}\npcp_listen_addresses = '127.0.0.1'\npcp_port = {pg_pcp}\n\
+                 unix_socket_directories = '{d}'\npcp_socket_dir = '{d}'\nlogdir = '{d}'\n\
+                 pid_file_name = '{d}/pgpool.pid'\nnum_init_children = 4\nmax_pool = 1\n\
+                 pool_passwd = 'pool_passwd'\nsr_check_period = 1\nsr_check_user = 'postgres'\n\
+                 failover_on_backend_error = off\n"
+            ),
+        ),
+    )?;
+    std::fs::write(dir.join("pool_passwd"), "postgres:TEXTpw\n")?;
+    let pcp_conf = dir.join("pcp.conf");
+    std::fs::write(
+        &pcp_conf,
+        "# PCP logins: user:md5(password)\npcpadmin:5ebe2294ecd0e0f08eab7690d2a6ee69\n",
+    )?;
+    Ok((conf, pcp_conf))
+}
+
+#[test]
+fn show_commands_answer_as_pgpool_does() -> Result<()> {
+    let c = PgCluster::builder().standbys(1).start()?;
+    let dir = tempdir()?;
+    let (pg_port, pg_pcp, db_port) = (
+        testkit::free_port()?,
+        testkit::free_port()?,
+        testkit::free_port()?,
+    );
+    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp)?;
+    let _pgpool = Pgpool::start(&conf, &pcp_conf, pg_port)?;
+    let _proxy = Dbproxy::start(&conf, &[format!("listen=\"127.0.0.1:{db_port}\"")])?;
+    // The same columns and rows, through psql.
+    for sql in [
+        "show pool_nodes",
+        "show pool_version",
+        "SHOW POOL_HEALTH_CHECK_STATS;",
+        "show pool_backend_stats",
+    ] {
+        let a = psql_args(pg_port, sql, true)?;
+        let b = psql_args(db_port, sql, true)?;
+        let header = |s: &str| s.lines().next().unwrap_or("").to_string();
+        assert_eq!(header(&a), header(&b), "{sql}");
+        // pgpool-II 4.3 answers SHOW POOL_VERSION with an empty result before the real one.
+        let rows = |s: &str| s.lines().filter(|l| *l != header(s)).count();
+        assert_eq!(rows(&a), rows(&b), "{sql}:\n{a}\n{b}");
+    }
+    assert!(psql(db_port, "show pool_version")?.starts_with("dbproxy "));
+    let rows = |sql: &str| -> Result<Vec<Vec<String>>> {
+        Ok(psql(db_port, sql)?
+            .lines()
+            .map(|l| l.split('|').map(str::to_string).collect())
+            .collect())
+    };
+    let p0 = c.node(0).port().to_string();
+    let hc = rows("show pool_health_check_stats")?;
+    assert_eq!(hc[0][..5], ["0", "127.0.0.1", p0.as_str(), "up", "primary"]);
+    assert_eq!(hc[1][4], "standby");
+    let total: u64 = hc[0][6].parse()?;
+    assert!(total >= 1, "checks are counted: {hc:?}");
+    assert_eq!(hc[0][6], hc[0][7], "all passed: {hc:?}");
+    assert!(!hc[0][16].is_empty() && hc[0][19].is_empty(), "{hc:?}");
+    // A stopped standby's failed checks show up.
+    c.node(1).stop()?;
+    wait_for("node 1's checks to fail", DEADLINE, || {
+        let hc = rows("show pool_health_check_stats")?;
+        Ok((hc[1][8] != "0" && hc[1][3] == "down" && !hc[1][19].is_empty()).then_some(()))
+    })?;
+    // Statements routed to each node count as select_cnt, as in SHOW POOL_NODES.
+    let before: u64 = rows("show pool_backend_stats")?[0][5].parse()?;
+    psql(db_port, "select 1")?;
+    let after: u64 = rows("show pool_backend_stats")?[0][5].parse()?;
+    assert!(after > before, "{before} -> {after}");
+    Ok(())
+}
