@@ -37,6 +37,12 @@ pub struct Config {
     /// Threads serving client connections, each with its own event loop and upstream
     /// keep-alive pool (like nginx's `worker_processes`); 0 means one per core.
     pub workers: usize,
+    /// More upstream groups, named by `vhosts.locations.proxy_pass` (the main `upstream` is one
+    /// too, by its `name`).
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Virtual servers (nginx `server` blocks) chosen by listen address and Host; empty sends
+    /// every request to `upstream`.
+    pub vhosts: Vec<VhostConfig>,
 }
 
 impl Default for Config {
@@ -52,7 +58,24 @@ impl Default for Config {
             headers: HeadersConfig::default(),
             access_log: AccessLogConfig::default(),
             workers: 0,
+            upstreams: Vec::new(),
+            vhosts: Vec::new(),
         }
+    }
+}
+
+impl Config {
+    /// Every address to listen on: `listen`, then the virtual servers' own, without repeats.
+    pub fn listen_addrs(&self) -> Vec<String> {
+        let mut out = vec![self.listen.clone()];
+        for a in self.vhosts.iter().flat_map(|v| &v.listen) {
+            let same =
+                |b: &String| b == a || (b.parse::<SocketAddr>().ok()).is_some_and(|b| a.parse() == Ok(b));
+            if !out.iter().any(same) {
+                out.push(a.clone());
+            }
+        }
+        out
     }
 }
 
@@ -283,6 +306,104 @@ pub enum AccessLogFormat {
     Json,
 }
 
+/// A virtual server (nginx `server { ... }`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VhostConfig {
+    /// Addresses it answers on (nginx `listen`); empty means the main `listen`. Every address
+    /// named here is listened on.
+    pub listen: Vec<String>,
+    /// Host names (nginx `server_name`): exact, `*.example.com`, `.example.com`, `mail.*`, or a
+    /// regular expression after `~`.
+    pub names: Vec<String>,
+    /// Chosen for a Host no server names on its address (nginx `default_server`); otherwise the
+    /// first server on the address is.
+    pub default_server: bool,
+    /// Rewrites run before a location is chosen (nginx `rewrite` in `server`).
+    pub rewrites: Vec<RewriteConfig>,
+    /// Answer every request with this instead (nginx `return` in `server`).
+    #[serde(rename = "return")]
+    pub return_: Option<ReturnConfig>,
+    /// Locations, matched in nginx's order.
+    pub locations: Vec<LocationConfig>,
+}
+
+/// How a location's `path` matches (nginx's location modifiers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocationMatch {
+    /// The longest matching prefix wins, unless a regular expression matches (no modifier).
+    #[default]
+    Prefix,
+    /// The URI equals `path` (`=`); wins at once.
+    Exact,
+    /// A prefix that, when longest, stops the regular-expression search (`^~`).
+    PrefixNoRegex,
+    /// A regular expression, case-sensitive (`~`); the first that matches in order wins.
+    Regex,
+    /// A regular expression, case-insensitive (`~*`).
+    RegexCaseless,
+}
+
+/// A location (nginx `location [modifier] path { ... }`).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LocationConfig {
+    /// How `path` matches.
+    #[serde(rename = "match")]
+    pub match_: LocationMatch,
+    /// The prefix, exact URI or regular expression.
+    pub path: String,
+    /// `http://UPSTREAM[/uri]`: the upstream by name (or a `host:port` given in `upstreams`)
+    /// and, when present, the URI part that replaces the matched prefix, as nginx does.
+    pub proxy_pass: String,
+    /// Rewrites run in this location (nginx `rewrite`).
+    pub rewrites: Vec<RewriteConfig>,
+    /// Answer with this instead of proxying (nginx `return`).
+    #[serde(rename = "return")]
+    pub return_: Option<ReturnConfig>,
+}
+
+/// nginx `rewrite REGEX REPLACEMENT [FLAG]`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RewriteConfig {
+    /// Regular expression matched against the URI (without arguments).
+    pub regex: String,
+    /// The new URI; `$1`..`$9` and variables such as `$host` are expanded; starting with
+    /// `http://`, `https://` or `$scheme` makes it a redirect.
+    pub replacement: String,
+    /// What happens after a match.
+    pub flag: RewriteFlag,
+}
+
+/// What a matching rewrite does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RewriteFlag {
+    /// Go on with the next rewrite; a changed URI then chooses the location again.
+    #[default]
+    None,
+    /// Stop rewriting and choose the location again with the new URI.
+    Last,
+    /// Stop rewriting and stay in this location.
+    Break,
+    /// Answer 302 with the new URI as `Location`.
+    Redirect,
+    /// Answer 301 with the new URI as `Location`.
+    Permanent,
+}
+
+/// nginx `return CODE [TEXT|URL]` or `return URL`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReturnConfig {
+    /// The status (301, 302, 303, 307 and 308 take `text` as the `Location`).
+    pub status: u16,
+    /// The body, or for redirects the URL; variables such as `$host` and `$request_uri` are expanded.
+    pub text: String,
+}
+
 /// A duration written as in nginx: `30s`, `500ms`, `1m`, `2h`, `1d`, or a bare number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Dur(pub Duration);
@@ -390,6 +511,54 @@ pub fn split_host_port(addr: &str) -> Option<(&str, u16)> {
     }
 }
 
+/// Checks one upstream group; `prefix` is its key (`upstream` or `upstreams[N]`).
+fn validate_upstream(prefix: &str, up: &UpstreamConfig) -> Result<(), ConfigError> {
+    if up.servers.is_empty() {
+        return Err(ConfigError::invalid(
+            format!("{prefix}.servers"),
+            "at least one server is needed",
+        ));
+    }
+    if up.servers.len() > MAX_SERVERS {
+        return Err(ConfigError::invalid(
+            format!("{prefix}.servers"),
+            format!(
+                "at most {MAX_SERVERS} servers are supported, got {}",
+                up.servers.len()
+            ),
+        ));
+    }
+    for (i, s) in up.servers.iter().enumerate() {
+        let key = |k: &str| format!("{prefix}.servers[{i}].{k}");
+        if split_host_port(&s.addr).is_none() {
+            return Err(ConfigError::invalid(
+                key("addr"),
+                format!("`{}` is not host:port", s.addr),
+            ));
+        }
+        if s.weight == 0 || s.weight > 1000 {
+            return Err(ConfigError::invalid(key("weight"), "must be between 1 and 1000"));
+        }
+        if s.backup && matches!(up.algorithm, Algorithm::IpHash | Algorithm::Hash) {
+            return Err(ConfigError::invalid(
+                key("backup"),
+                "backup servers cannot be used with ip_hash or hash (as in nginx)",
+            ));
+        }
+    }
+    if up.servers.iter().all(|s| s.backup) {
+        return Err(ConfigError::invalid(
+            format!("{prefix}.servers"),
+            "every server is a backup",
+        ));
+    }
+    if up.algorithm == Algorithm::Hash {
+        crate::upstream::HashKey::parse(&up.hash_key)
+            .map_err(|e| ConfigError::invalid(format!("{prefix}.hash_key"), e.to_string()))?;
+    }
+    Ok(())
+}
+
 impl common::Validate for Config {
     fn validate(self) -> Result<Self, ConfigError> {
         for (key, value) in [("listen", &self.listen), ("admin_listen", &self.admin_listen)] {
@@ -400,50 +569,18 @@ impl common::Validate for Config {
                 ));
             }
         }
-        let up = &self.upstream;
-        if up.servers.is_empty() {
-            return Err(ConfigError::invalid(
-                "upstream.servers",
-                "at least one server is needed",
-            ));
-        }
-        if up.servers.len() > MAX_SERVERS {
-            return Err(ConfigError::invalid(
-                "upstream.servers",
-                format!(
-                    "at most {MAX_SERVERS} servers are supported, got {}",
-                    up.servers.len()
-                ),
-            ));
-        }
-        for (i, s) in up.servers.iter().enumerate() {
-            let key = |k: &str| format!("upstream.servers[{i}].{k}");
-            if split_host_port(&s.addr).is_none() {
+        validate_upstream("upstream", &self.upstream)?;
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let key = format!("upstreams[{i}]");
+            validate_upstream(&key, up)?;
+            if up.name == self.upstream.name || self.upstreams[..i].iter().any(|u| u.name == up.name) {
                 return Err(ConfigError::invalid(
-                    key("addr"),
-                    format!("`{}` is not host:port", s.addr),
-                ));
-            }
-            if s.weight == 0 || s.weight > 1000 {
-                return Err(ConfigError::invalid(key("weight"), "must be between 1 and 1000"));
-            }
-            if s.backup && matches!(up.algorithm, Algorithm::IpHash | Algorithm::Hash) {
-                return Err(ConfigError::invalid(
-                    key("backup"),
-                    "backup servers cannot be used with ip_hash or hash (as in nginx)",
+                    format!("{key}.name"),
+                    format!("`{}` is used twice", up.name),
                 ));
             }
         }
-        if up.servers.iter().all(|s| s.backup) {
-            return Err(ConfigError::invalid(
-                "upstream.servers",
-                "every server is a backup",
-            ));
-        }
-        if up.algorithm == Algorithm::Hash {
-            crate::upstream::HashKey::parse(&up.hash_key)
-                .map_err(|e| ConfigError::invalid("upstream.hash_key", e.to_string()))?;
-        }
+        crate::route::Router::build(&self).map_err(|e| ConfigError::invalid(e.key, e.message))?;
         let t = &self.timeouts;
         for (key, d) in [
             ("timeouts.header_read", t.header_read),
@@ -550,6 +687,62 @@ mod tests {
         assert!(e.contains("timeouts.header_read"), "{e}");
         let e = Config::default().validate().unwrap_err().to_string();
         assert!(e.contains("upstream.servers"), "{e}");
+    }
+
+    #[test]
+    fn routing_in_toml() {
+        let t: toml::Table = toml::from_str(
+            r#"
+            listen = "127.0.0.1:8080"
+            [upstream]
+            name = "app"
+            servers = [{ addr = "127.0.0.1:1" }]
+            [[upstreams]]
+            name = "api"
+            servers = [{ addr = "127.0.0.1:2" }]
+            [[vhosts]]
+            names = ["example.com"]
+            rewrites = [{ regex = "^/old/(.*)$", replacement = "/$1", flag = "last" }]
+            locations = [
+                { path = "/", proxy_pass = "http://app" },
+                { match = "prefix_no_regex", path = "/api/", proxy_pass = "http://api/v1/" },
+                { match = "exact", path = "/ping", return = { status = 200, text = "pong" } },
+            ]
+            [[vhosts]]
+            listen = ["127.0.0.1:8081"]
+            return = { status = 301, text = "https://$host$request_uri" }
+            "#,
+        )
+        .unwrap();
+        let c: Config = ConfigSource::new().base(t).load().unwrap();
+        assert_eq!(c.listen_addrs(), ["127.0.0.1:8080", "127.0.0.1:8081"]);
+        assert_eq!(c.vhosts[0].locations[1].match_, LocationMatch::PrefixNoRegex);
+        assert_eq!(c.vhosts[0].rewrites[0].flag, RewriteFlag::Last);
+        assert_eq!(c.vhosts[1].return_.as_ref().unwrap().status, 301);
+
+        let bad: toml::Table = toml::from_str(
+            "[upstream]\nservers = [{ addr = \"x:1\" }]\n[[vhosts]]\nlocations = [{ path = \"/\", proxy_pass = \"http://nope\" }]",
+        )
+        .unwrap();
+        let e = ConfigSource::new()
+            .base(bad)
+            .load::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vhosts[0].locations[0].proxy_pass") && e.contains("nope"),
+            "{e}"
+        );
+        let bad: toml::Table = toml::from_str(
+            "[upstream]\nservers = [{ addr = \"x:1\" }]\n[[upstreams]]\nname = \"backend\"\nservers = [{ addr = \"x:2\" }]",
+        )
+        .unwrap();
+        let e = ConfigSource::new()
+            .base(bad)
+            .load::<Config>()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("upstreams[0].name"), "{e}");
     }
 
     #[test]

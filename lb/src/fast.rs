@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access;
 use crate::config::Algorithm;
+use crate::route::{Route, RouteRequest};
 use crate::server::ConnCtx;
 use crate::upstream::{Pooled, RequestPick, Server};
 use crate::{Runtime, Shared};
@@ -78,12 +79,15 @@ pub(crate) enum Outcome {
 struct ClientInfo {
     /// The client's address as text (X-Real-IP, the X-Forwarded-For hop).
     ip: String,
+    /// The listener's configured address and the local port, for routing.
+    listen: SocketAddr,
+    port: u16,
     /// `for=...;proto=http`, the start of this hop's Forwarded element.
     forwarded: String,
 }
 
 impl ClientInfo {
-    fn new(peer: SocketAddr) -> ClientInfo {
+    fn new(peer: SocketAddr, listen: SocketAddr, port: u16) -> ClientInfo {
         let ip = peer.ip().to_canonical();
         let forwarded = if ip.is_ipv6() {
             format!("for=\"[{ip}]\";proto=http")
@@ -92,6 +96,8 @@ impl ClientInfo {
         };
         ClientInfo {
             ip: ip.to_string(),
+            listen,
+            port,
             forwarded,
         }
     }
@@ -103,6 +109,10 @@ struct Prepared {
     head: bool,
     /// The client asked to close after this response.
     close: bool,
+    /// The upstream group the route chose.
+    upstream: usize,
+    /// The route's own answer (`return`, a redirect), instead of proxying.
+    respond: Option<Route>,
     /// What the selector needs for `hash` (built only for that algorithm).
     parts: http::request::Parts,
     /// What the access log needs (only when it is on).
@@ -191,11 +201,24 @@ fn prepare(
     }
     let host = host?;
     let cfg = &rt.config;
+    let (route_path, query) = path.split_once('?').map_or((path, None), |(p, q)| (p, Some(q)));
+    let route = rt.router.route(&RouteRequest {
+        listen: client.listen,
+        port: client.port,
+        tls: false,
+        host: std::str::from_utf8(host).unwrap_or(""),
+        path: route_path,
+        query,
+    });
+    let (upstream, target, respond) = match route {
+        Route::Proxy { upstream, uri } => (upstream, uri, None),
+        r @ Route::Respond { .. } => (0, None, Some(r)),
+    };
 
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(target.as_deref().unwrap_or(path).as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let override_host = !cfg.headers.host.is_empty();
     let mut xff_prior = false;
@@ -260,7 +283,7 @@ fn prepare(
     out.extend_from_slice(b"\r\n\r\n");
 
     // The selector only looks at the request for `hash`; the log only when it is on.
-    let needs_parts = rt.upstream.algorithm == Algorithm::Hash || logging;
+    let needs_parts = rt.group(upstream).algorithm == Algorithm::Hash || logging;
     let parts = if needs_parts {
         let mut r = http::Request::new(());
         *r.method_mut() = http::Method::from_bytes(method.as_bytes()).ok()?;
@@ -287,6 +310,8 @@ fn prepare(
     Some(Prepared {
         head,
         close,
+        upstream,
+        respond,
         parts,
         line,
     })
@@ -647,6 +672,39 @@ async fn exchange(
     }
 }
 
+/// Writes a response a route makes itself (`return`, redirects).
+async fn write_response(
+    stream: &mut TcpStream,
+    status: u16,
+    location: Option<&str>,
+    body: &str,
+    head_only: bool,
+    close: bool,
+    timeout: Duration,
+) -> io::Result<()> {
+    use std::fmt::Write;
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut head = String::with_capacity(160 + body.len());
+    let _ = write!(head, "HTTP/1.1 {status}\r\n");
+    let kind = if location.is_some() {
+        "text/html"
+    } else {
+        "text/plain"
+    };
+    let _ = write!(head, "content-type: {kind}\r\ncontent-length: {}\r\n", body.len());
+    if let Some(l) = location {
+        let _ = write!(head, "location: {l}\r\n");
+    }
+    if close {
+        head.push_str("connection: close\r\n");
+    }
+    head.push_str("\r\n");
+    if !head_only {
+        head.push_str(body);
+    }
+    write_timed(stream, head.as_bytes(), timeout).await
+}
+
 /// Writes a short response lb makes itself.
 async fn write_error(
     stream: &mut TcpStream,
@@ -740,7 +798,7 @@ pub(crate) async fn serve(
     let mut s = Session {
         shared,
         ctx,
-        client: ClientInfo::new(ctx.peer),
+        client: ClientInfo::new(ctx.peer, ctx.listen, ctx.port),
         req_head: Vec::new(),
         resp_head: Vec::new(),
         counters: Vec::new(),
@@ -833,8 +891,30 @@ impl Session<'_> {
     ) -> Served {
         let start = Instant::now();
         let cfg = &rt.config;
-        let up = &rt.upstream;
+        let up = rt.group(prep.upstream);
         let client_idle = cfg.timeouts.client_idle.get();
+        if let Some(Route::Respond {
+            status,
+            location,
+            body,
+        }) = &prep.respond
+        {
+            self.observe(rt, &prep, *status, Some(body.len() as u64), None, start.elapsed());
+            let r = write_response(
+                stream,
+                *status,
+                location.as_deref(),
+                body,
+                prep.head,
+                close,
+                client_idle,
+            )
+            .await;
+            return match r {
+                Ok(()) => Served::KeepAlive,
+                Err(_) => Served::Close,
+            };
+        }
         let max_tries = match cfg.retry.tries {
             0 => up.servers.len(),
             n => (n as usize).min(up.servers.len()),
@@ -1137,7 +1217,7 @@ mod tests {
 
     fn prep(raw: &str, rt: &Runtime, peer: &str) -> Option<(String, Prepared)> {
         let mut out = Vec::new();
-        let info = ClientInfo::new(peer.parse().unwrap());
+        let info = ClientInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), 80);
         let p = prepare(raw.as_bytes(), rt, &info, false, &mut out)?;
         Some((String::from_utf8(out).unwrap(), p))
     }

@@ -99,7 +99,11 @@ pub(crate) async fn run(shared: Arc<Shared>, shutdown: CancellationToken) {
                 }
             };
             let mut set = JoinSet::new();
-            for server in rt.upstream.servers.iter().filter(|s| !s.config.down) {
+            for server in rt
+                .groups()
+                .flat_map(|g| g.servers.iter())
+                .filter(|s| !s.config.down)
+            {
                 let (server, c, path) = (server.clone(), c.clone(), h.path.clone());
                 let (expected, timeout) = (h.expected_status, h.timeout.get());
                 set.spawn(async move {

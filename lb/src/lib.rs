@@ -6,7 +6,9 @@
 //! `main.rs` only parses flags; [`run`] and [`Lb`] are what tests drive on port 0.
 //!
 //! Map: `config` (TOML, nginx-style durations) and `nginx_conf` (`--nginx-conf` → a config table)
-//! feed `upstream` (resolved servers with live state: passive fails, active health, slow start,
+//! feed `route/` (virtual servers by listen address and Host, locations in nginx's order,
+//! `rewrite`, `return`, the URI sent upstream: pure, asked by both paths below) and `upstream`
+//! (one per group: `upstream` and `upstreams`; resolved servers with live state: passive fails, active health, slow start,
 //! in-flight counts, and each server's per-thread pools of idle upstream connections) whose
 //! `select/` algorithms are pure and pick an index only. `server` accepts on the control runtime
 //! and runs each connection on a serving thread (`common::workers`; limits,
@@ -17,7 +19,7 @@
 //! upgrades) with hyper-util's client; `body` keeps a request body replayable until first sent
 //! and times out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
 //!
-//! State: a reload swaps one `Arc<Runtime>` (config + upstream + client); requests in flight and
+//! State: a reload swaps one `Arc<Runtime>` (config + upstream groups + routes + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
 //! `limits.max_connections` change only on restart; once a connection is on the hyper path, an
 //! idle keep-alive connection is closed after `min(header_read, client_idle)` because hyper's
@@ -31,6 +33,7 @@ pub mod health;
 pub mod metrics;
 pub mod nginx_conf;
 mod proxy;
+pub mod route;
 pub mod select;
 mod server;
 pub mod upstream;
@@ -63,6 +66,9 @@ pub enum LbError {
     /// A listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The routing table does not build.
+    #[error(transparent)]
+    Route(#[from] route::RouteError),
 }
 
 /// The upstream HTTP client.
@@ -74,20 +80,52 @@ pub struct Runtime {
     pub config: Config,
     /// The resolved servers and selector.
     pub upstream: Upstream,
+    /// The other groups (`upstreams`), in order: group `i + 1` of a [`route::Route`].
+    pub upstreams: Vec<Upstream>,
+    /// Virtual servers and locations.
+    pub router: route::Router,
     client: UpClient,
+}
+
+impl Runtime {
+    /// Resolves every group and compiles the routing table, reusing servers' state from `old`.
+    fn build(config: Config, client: UpClient, old: Option<&Runtime>) -> Result<Runtime, LbError> {
+        let upstream = Upstream::build(&config, old.map(|o| &o.upstream))?;
+        let mut upstreams = Vec::with_capacity(config.upstreams.len());
+        for up in &config.upstreams {
+            let previous = old.and_then(|o| o.upstreams.iter().find(|u| u.name == up.name));
+            upstreams.push(Upstream::build_group(&config, up, previous)?);
+        }
+        let router = route::Router::build(&config)?;
+        Ok(Runtime {
+            config,
+            upstream,
+            upstreams,
+            router,
+            client,
+        })
+    }
+
+    /// Group `i` of a route: 0 is `upstream`, then `upstreams`.
+    pub fn group(&self, i: usize) -> &Upstream {
+        match i {
+            0 => &self.upstream,
+            i => self.upstreams.get(i - 1).unwrap_or(&self.upstream),
+        }
+    }
+
+    /// Every group, the main one first.
+    pub fn groups(&self) -> impl Iterator<Item = &Upstream> {
+        std::iter::once(&self.upstream).chain(&self.upstreams)
+    }
 }
 
 #[cfg(test)]
 impl Runtime {
     /// A runtime for unit tests (servers resolved, nothing started).
     pub(crate) fn for_tests(config: Config) -> Runtime {
-        let upstream = Upstream::build(&config, None).expect("test upstream");
         let client = build_client(&config);
-        Runtime {
-            config,
-            upstream,
-            client,
-        }
+        Runtime::build(config, client, None).expect("test runtime")
     }
 }
 
@@ -129,13 +167,8 @@ pub struct Lb {
 impl Lb {
     /// Resolves the servers and prepares metrics; serves nothing yet.
     pub fn new(config: Config) -> Result<Lb, LbError> {
-        let upstream = Upstream::build(&config, None)?;
         let client = build_client(&config);
-        let runtime = Arc::new(ArcSwap::from_pointee(Runtime {
-            config,
-            upstream,
-            client,
-        }));
+        let runtime = Arc::new(ArcSwap::from_pointee(Runtime::build(config, client, None)?));
         let metrics = Metrics::new(runtime.clone());
         Ok(Lb {
             shared: Arc::new(Shared {
@@ -153,29 +186,28 @@ impl Lb {
     /// a restart.
     pub fn reload(&self, config: Config) -> Result<(), LbError> {
         let old = self.shared.runtime.load_full();
-        let upstream = Upstream::build(&config, Some(&old.upstream))?;
-        if !config.health.enabled {
-            for s in &upstream.servers {
-                s.force_healthy();
-            }
-        }
-        if config.listen != old.config.listen || config.admin_listen != old.config.admin_listen {
-            tracing::warn!("listen addresses change only on restart");
-        }
-        if config.workers != old.config.workers {
-            tracing::warn!("the number of serving threads (workers) changes only on restart");
-        }
         let client = if same_client_settings(&config, &old.config) {
             old.client.clone()
         } else {
             build_client(&config)
         };
-        let servers = upstream.servers.len();
-        self.shared.runtime.store(Arc::new(Runtime {
-            config,
-            upstream,
-            client,
-        }));
+        let runtime = Runtime::build(config, client, Some(&old))?;
+        if !runtime.config.health.enabled {
+            for s in runtime.groups().flat_map(|g| &g.servers) {
+                s.force_healthy();
+            }
+        }
+        let config = &runtime.config;
+        if config.listen_addrs() != old.config.listen_addrs()
+            || config.admin_listen != old.config.admin_listen
+        {
+            tracing::warn!("listen addresses change only on restart");
+        }
+        if config.workers != old.config.workers {
+            tracing::warn!("the number of serving threads (workers) changes only on restart");
+        }
+        let servers: usize = runtime.groups().map(|g| g.servers.len()).sum();
+        self.shared.runtime.store(Arc::new(runtime));
         self.shared.reloaded.notify_one();
         tracing::info!(servers, "configuration reloaded");
         Ok(())
@@ -193,10 +225,26 @@ impl Lb {
 
     /// Serves clients on `listener` (and runs health checks) until `shutdown`, then drains.
     pub async fn serve(self, listener: TcpListener, shutdown: CancellationToken) -> Result<(), LbError> {
-        let local = listener.local_addr()?;
-        tracing::info!(%local, "lb listening");
+        self.serve_all(vec![listener], shutdown).await
+    }
+
+    /// Serves clients on `listeners`, which stand for [`Config::listen_addrs`] in order (the
+    /// virtual servers of the address a connection came in on answer it), until `shutdown`.
+    pub async fn serve_all(
+        self,
+        listeners: Vec<TcpListener>,
+        shutdown: CancellationToken,
+    ) -> Result<(), LbError> {
+        let addrs = self.shared.runtime.load().config.listen_addrs();
+        let mut bound = Vec::with_capacity(listeners.len());
+        for (listener, addr) in listeners.into_iter().zip(addrs) {
+            let local = listener.local_addr()?;
+            tracing::info!(%local, configured = %addr, "lb listening");
+            let configured = addr.parse().unwrap_or(local);
+            bound.push((configured, listener));
+        }
         let health = tokio::spawn(health::run(self.shared.clone(), shutdown.clone()));
-        let served = server::serve(self.shared.clone(), listener, shutdown).await;
+        let served = server::serve(self.shared.clone(), bound, shutdown).await;
         health.abort();
         Ok(served?)
     }
@@ -216,11 +264,11 @@ impl Lb {
         let rt = self.shared.runtime.load();
         let now = Instant::now();
         let servers: Vec<_> = rt
-            .upstream
-            .servers
-            .iter()
-            .map(|s| {
+            .groups()
+            .flat_map(|g| g.servers.iter().map(move |s| (g, s)))
+            .map(|(g, s)| {
                 serde_json::json!({
+                    "group": g.name,
                     "addr": &*s.label,
                     "name": s.name,
                     "weight": s.config.weight,

@@ -13,7 +13,7 @@ struct Cli {
     #[command(flatten)]
     common: common::CommonArgs,
 
-    /// Read an nginx config (its upstream and `location / { proxy_pass ... }`) as the base layer;
+    /// Read an nginx config (its `upstream`, `server` and `location` blocks) as the base layer;
     /// the TOML file, `LB_*` variables and `--set` still override it.
     #[arg(long, value_name = "PATH")]
     nginx_conf: Option<PathBuf>,
@@ -62,9 +62,14 @@ fn main() {
 
 async fn serve(cli: Cli, config: lb::Config) -> anyhow::Result<()> {
     let mut signals = common::shutdown::install().context("installing signal handlers")?;
-    let listener = tokio::net::TcpListener::bind(&config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
+    let mut listeners = Vec::new();
+    for addr in config.listen_addrs() {
+        listeners.push(
+            tokio::net::TcpListener::bind(&addr)
+                .await
+                .with_context(|| format!("binding {addr}"))?,
+        );
+    }
     let admin = tokio::net::TcpListener::bind(&config.admin_listen)
         .await
         .with_context(|| format!("binding admin listener {}", config.admin_listen))?;
@@ -87,6 +92,6 @@ async fn serve(cli: Cli, config: lb::Config) -> anyhow::Result<()> {
             }
         }
     });
-    balancer.serve(listener, shutdown).await?;
+    balancer.serve_all(listeners, shutdown).await?;
     Ok(())
 }

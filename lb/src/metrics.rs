@@ -133,7 +133,7 @@ impl Collector for UpstreamCollector {
         self.weight.reset();
         let rt = self.runtime.load();
         let now = std::time::Instant::now();
-        for s in &rt.upstream.servers {
+        for s in rt.groups().flat_map(|g| g.servers.iter()) {
             let labels = [&*s.label];
             self.up
                 .with_label_values(&labels)

@@ -1,7 +1,8 @@
-//! `--nginx-conf`: reads an nginx config (its `upstream` block and the `server { location / {
-//! proxy_pass ... } }` that uses it) and turns it into an `lb` config table. Directives that only
-//! matter to nginx internals become warnings with their line numbers; directives that would change
-//! what is served and that lb does not implement are errors with their line numbers.
+//! `--nginx-conf`: reads an nginx config (its `upstream` blocks and every `server` with its
+//! `listen`, `server_name`, `location`, `proxy_pass`, `rewrite` and `return`) and turns it into an
+//! `lb` config table (`upstream`, `upstreams`, `vhosts`). Directives that only matter to nginx
+//! internals become warnings with their line numbers; directives that would change what is served
+//! and that lb does not implement are errors with their line numbers.
 
 use std::path::Path;
 
@@ -115,11 +116,18 @@ fn tokenize(text: &str) -> Result<Vec<(Tok, usize)>, NginxConfError> {
                                 message: "unclosed quote".into(),
                             })
                         }
-                        Some('\\') => {
-                            if let Some(n) = chars.next() {
+                        Some('\\') => match chars.next() {
+                            // nginx knows these escapes in quoted strings.
+                            Some('n') => word.push('\n'),
+                            Some('t') => word.push('\t'),
+                            Some('r') => word.push('\r'),
+                            Some(n @ ('"' | '\'' | '\\')) => word.push(n),
+                            Some(n) => {
+                                word.push('\\');
                                 word.push(n);
                             }
-                        }
+                            None => {}
+                        },
                         Some(ch) if ch == quote => break,
                         Some(ch) => {
                             if ch == '\n' {
@@ -285,7 +293,6 @@ const INTERNAL: &[&str] = &[
     "gzip_disable",
     "gzip_http_version",
     "gzip_buffers",
-    "server_name",
     "proxy_http_version",
     "proxy_buffering",
     "proxy_buffer_size",
@@ -315,6 +322,8 @@ const INTERNAL: &[&str] = &[
 struct Out {
     table: Table,
     warnings: Vec<String>,
+    /// Upstream blocks some `proxy_pass` names.
+    used: Vec<String>,
 }
 
 impl Out {
@@ -402,32 +411,40 @@ pub fn translate(text: &str) -> Result<Translated, NginxConfError> {
             _ => common_directive(d, &mut out)?,
         }
     }
-    let server = match servers.as_slice() {
-        [] => {
-            return Err(NginxConfError::Syntax {
-                line: 1,
-                message: "no `server` block in `http`".into(),
-            })
-        }
-        [one] => *one,
-        [_, second, ..] => return Err(unsupported(second, "lb serves one `server` block")),
-    };
-    let target = server_block(server, &mut out)?;
-    let target = target.ok_or_else(|| unsupported(server, "no `location / { proxy_pass ...; }` found"))?;
-    let upstream = upstreams.iter().find(|u| u.args.first() == Some(&target.0));
-    match upstream {
-        Some(u) => upstream_block(u, &mut out)?,
+    if servers.is_empty() {
+        return Err(NginxConfError::Syntax {
+            line: 1,
+            message: "no `server` block in `http`".into(),
+        });
+    }
+    let mut groups = Groups::default();
+    let mut vhosts = Vec::new();
+    for server in &servers {
+        vhosts.push(Value::Table(server_block(
+            server,
+            &upstreams,
+            &mut groups,
+            &mut out,
+        )?));
+    }
+    let mut groups = groups.tables.into_iter();
+    match groups.next() {
+        Some(main) => out.set(&["upstream"], Value::Table(main)),
         None => {
-            // `proxy_pass http://host:port` without an upstream block: one server.
-            let mut s = Table::new();
-            s.insert("addr".into(), Value::String(target.0.clone()));
-            out.set(&["upstream", "name"], Value::String(target.0.clone()));
-            out.set(&["upstream", "servers"], Value::Array(vec![Value::Table(s)]));
+            return Err(unsupported(
+                servers[0],
+                "no `proxy_pass` found: lb needs at least one upstream",
+            ))
         }
     }
+    let rest: Vec<Value> = groups.map(Value::Table).collect();
+    if !rest.is_empty() {
+        out.set(&["upstreams"], Value::Array(rest));
+    }
+    out.set(&["vhosts"], Value::Array(vhosts));
     for u in &upstreams {
-        if u.args.first() != Some(&target.0) {
-            out.ignore(u, "this upstream is not used by `location /`");
+        if !out.used.iter().any(|n| Some(n) == u.args.first()) {
+            out.ignore(u, "no `proxy_pass` uses this upstream");
         }
     }
     Ok(Translated {
@@ -536,80 +553,282 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
     Ok(())
 }
 
-/// Handles `server { ... }`; returns the `proxy_pass` target of `location /`.
-fn server_block(server: &Directive, out: &mut Out) -> Result<Option<(String, usize)>, NginxConfError> {
-    let mut target = None;
-    for d in server.block.as_deref().unwrap_or_default() {
-        match d.name.as_str() {
-            "listen" => {
-                arity(d, 1, 8)?;
-                for extra in &d.args[1..] {
-                    match extra.as_str() {
-                        "ssl" | "quic" => return Err(unsupported(d, "lb does not terminate TLS")),
-                        "http2" => {} // lb speaks h2c on the same port anyway.
-                        _ => out
-                            .warnings
-                            .push(format!("line {}: listen parameter `{extra}` ignored", d.line)),
-                    }
-                }
-                let a = &d.args[0];
-                let addr = if a.bytes().all(|b| b.is_ascii_digit()) {
-                    format!("0.0.0.0:{a}")
-                } else if let Some(port) = a.strip_prefix("*:") {
-                    format!("0.0.0.0:{port}")
-                } else {
-                    a.clone()
-                };
-                if addr.parse::<std::net::SocketAddr>().is_err() {
-                    return Err(NginxConfError::Syntax {
-                        line: d.line,
-                        message: format!("`listen {a}`"),
-                    });
-                }
-                out.set(&["listen"], Value::String(addr));
+/// The upstream groups `proxy_pass` names, in order of first use (the first is `upstream`).
+#[derive(Default)]
+struct Groups {
+    names: Vec<String>,
+    tables: Vec<Table>,
+}
+
+impl Groups {
+    /// Makes sure the group `name` exists: its `upstream` block, or one server `name`.
+    fn ensure(&mut self, name: &str, upstreams: &[&Directive], out: &mut Out) -> Result<(), NginxConfError> {
+        if self.names.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        let table = match upstreams
+            .iter()
+            .find(|u| u.args.first().map(String::as_str) == Some(name))
+        {
+            Some(u) => upstream_block(u, out)?,
+            None => {
+                // `proxy_pass http://host:port` without an upstream block: one server.
+                let mut s = Table::new();
+                s.insert("addr".into(), Value::String(name.to_string()));
+                let mut t = Table::new();
+                t.insert("name".into(), Value::String(name.to_string()));
+                t.insert("servers".into(), Value::Array(vec![Value::Table(s)]));
+                t
             }
-            "location" => {
-                let block = d.block.as_deref().unwrap_or_default();
-                if d.args != ["/"] {
+        };
+        out.used.push(name.to_string());
+        self.names.push(name.to_string());
+        self.tables.push(table);
+        Ok(())
+    }
+}
+
+/// `listen ADDR [params]` as an address lb can bind.
+fn listen_addr(d: &Directive, out: &mut Out) -> Result<(String, bool), NginxConfError> {
+    arity(d, 1, 8)?;
+    let mut default_server = false;
+    for extra in &d.args[1..] {
+        match extra.as_str() {
+            "ssl" | "quic" => return Err(unsupported(d, "lb does not terminate TLS")),
+            "http2" => {} // lb speaks h2c on the same port anyway.
+            "default_server" | "default" => default_server = true,
+            _ => out
+                .warnings
+                .push(format!("line {}: listen parameter `{extra}` ignored", d.line)),
+        }
+    }
+    let a = &d.args[0];
+    let addr = if a.bytes().all(|b| b.is_ascii_digit()) {
+        format!("0.0.0.0:{a}")
+    } else if let Some(port) = a.strip_prefix("*:") {
+        format!("0.0.0.0:{port}")
+    } else {
+        a.clone()
+    };
+    if addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(NginxConfError::Syntax {
+            line: d.line,
+            message: format!("`listen {a}`"),
+        });
+    }
+    Ok((addr, default_server))
+}
+
+/// `return CODE [TEXT]` or `return URL`.
+fn return_directive(d: &Directive) -> Result<Value, NginxConfError> {
+    arity(d, 1, 2)?;
+    let mut t = Table::new();
+    let (status, text) = match d.args[0].parse::<u16>() {
+        Ok(444) => return Err(unsupported(d, "`return 444` (close without answering)")),
+        Ok(code) => (code, d.args.get(1).cloned().unwrap_or_default()),
+        Err(_) if d.args.len() == 1 => (302, d.args[0].clone()),
+        Err(_) => {
+            return Err(NginxConfError::Syntax {
+                line: d.line,
+                message: format!("`return {}`: not a status code", d.args[0]),
+            })
+        }
+    };
+    t.insert("status".into(), Value::Integer(i64::from(status)));
+    t.insert("text".into(), Value::String(text));
+    Ok(Value::Table(t))
+}
+
+/// `rewrite REGEX REPLACEMENT [last|break|redirect|permanent]`.
+fn rewrite_directive(d: &Directive) -> Result<Value, NginxConfError> {
+    arity(d, 2, 3)?;
+    let flag = match d.args.get(2).map(String::as_str) {
+        None => "none",
+        Some(f @ ("last" | "break" | "redirect" | "permanent")) => f,
+        Some(f) => {
+            return Err(NginxConfError::Syntax {
+                line: d.line,
+                message: format!("`rewrite`: unknown flag `{f}`"),
+            })
+        }
+    };
+    let mut t = Table::new();
+    t.insert("regex".into(), Value::String(d.args[0].clone()));
+    t.insert("replacement".into(), Value::String(d.args[1].clone()));
+    t.insert("flag".into(), Value::String(flag.into()));
+    Ok(Value::Table(t))
+}
+
+/// The rewrite-phase directives of one block, in order: rewrites before the first `return`
+/// (those after it never run).
+#[derive(Default)]
+struct Steps {
+    rewrites: Vec<Value>,
+    ret: Option<Value>,
+}
+
+impl Steps {
+    fn take(&mut self, d: &Directive, out: &mut Out) -> Result<bool, NginxConfError> {
+        match d.name.as_str() {
+            "rewrite" => {
+                let r = rewrite_directive(d)?;
+                if self.ret.is_some() {
+                    out.ignore(d, "it follows a `return`, so it never runs");
+                } else {
+                    self.rewrites.push(r);
+                }
+            }
+            "return" => {
+                let r = return_directive(d)?;
+                if self.ret.is_some() {
+                    out.ignore(d, "it follows a `return`, so it never runs");
+                } else {
+                    self.ret = Some(r);
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+
+    fn into_table(self, t: &mut Table) {
+        if !self.rewrites.is_empty() {
+            t.insert("rewrites".into(), Value::Array(self.rewrites));
+        }
+        if let Some(r) = self.ret {
+            t.insert("return".into(), r);
+        }
+    }
+}
+
+/// `location [=|^~|~|~*] PATH { ... }`.
+fn location_block(
+    d: &Directive,
+    upstreams: &[&Directive],
+    groups: &mut Groups,
+    out: &mut Out,
+) -> Result<Table, NginxConfError> {
+    let (kind, path) = match d.args.as_slice() {
+        [m, p] => match m.as_str() {
+            "=" => ("exact", p),
+            "^~" => ("prefix_no_regex", p),
+            "~" => ("regex", p),
+            "~*" => ("regex_caseless", p),
+            _ => return Err(unsupported(d, format!("location modifier `{m}`"))),
+        },
+        [p] if p.starts_with('@') => return Err(unsupported(d, "named locations")),
+        [p] => ("prefix", p),
+        _ => {
+            return Err(NginxConfError::Syntax {
+                line: d.line,
+                message: "`location [modifier] path`".into(),
+            })
+        }
+    };
+    let Some(block) = d.block.as_deref() else {
+        return Err(NginxConfError::Syntax {
+            line: d.line,
+            message: "`location` needs a block".into(),
+        });
+    };
+    let mut t = Table::new();
+    t.insert("match".into(), Value::String(kind.into()));
+    t.insert("path".into(), Value::String(path.clone()));
+    let mut steps = Steps::default();
+    for l in block {
+        if steps.take(l, out)? {
+            continue;
+        }
+        match l.name.as_str() {
+            "proxy_pass" => {
+                arity(l, 1, 1)?;
+                let url = &l.args[0];
+                let rest = url
+                    .strip_prefix("http://")
+                    .ok_or_else(|| unsupported(l, "only http:// upstreams are supported"))?;
+                let (name, uri) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+                if url.contains('$') {
+                    return Err(unsupported(l, "variables in proxy_pass"));
+                }
+                if !uri.is_empty() && kind.starts_with("regex") {
                     return Err(unsupported(
-                        d,
-                        format!("only `location /` is supported, not {:?}", d.args),
+                        l,
+                        "a URI part in a regular-expression location (nginx refuses it too)",
                     ));
                 }
-                for l in block {
-                    if l.name == "proxy_pass" {
-                        arity(l, 1, 1)?;
-                        let url = &l.args[0];
-                        let rest = url
-                            .strip_prefix("http://")
-                            .ok_or_else(|| unsupported(l, "only http:// upstreams are supported"))?;
-                        let name = rest.strip_suffix('/').unwrap_or(rest);
-                        if name.contains('/') || name.contains('$') {
-                            return Err(unsupported(l, "a URI part or variables in proxy_pass"));
-                        }
-                        target = Some((name.to_string(), l.line));
-                    } else {
-                        common_directive(l, out)?;
-                    }
-                }
+                groups.ensure(name, upstreams, out)?;
+                t.insert("proxy_pass".into(), Value::String(url.clone()));
             }
+            "location" => return Err(unsupported(l, "nested locations")),
+            _ => common_directive(l, out)?,
+        }
+    }
+    steps.into_table(&mut t);
+    Ok(t)
+}
+
+/// Handles `server { ... }` as one virtual server.
+fn server_block(
+    server: &Directive,
+    upstreams: &[&Directive],
+    groups: &mut Groups,
+    out: &mut Out,
+) -> Result<Table, NginxConfError> {
+    let mut t = Table::new();
+    let mut listen = Vec::new();
+    let mut names = Vec::new();
+    let mut default_server = false;
+    let mut locations = Vec::new();
+    let mut steps = Steps::default();
+    for d in server.block.as_deref().unwrap_or_default() {
+        if steps.take(d, out)? {
+            continue;
+        }
+        match d.name.as_str() {
+            "listen" => {
+                let (addr, default) = listen_addr(d, out)?;
+                if !out.table.contains_key("listen") {
+                    out.set(&["listen"], Value::String(addr.clone()));
+                }
+                default_server |= default;
+                listen.push(Value::String(addr));
+            }
+            "server_name" => names.extend(d.args.iter().map(|n| Value::String(n.clone()))),
+            "location" => locations.push(Value::Table(location_block(d, upstreams, groups, out)?)),
             _ => common_directive(d, out)?,
         }
     }
-    Ok(target)
+    if listen.is_empty() {
+        // nginx's default is *:80 (as root).
+        if !out.table.contains_key("listen") {
+            out.set(&["listen"], Value::String("0.0.0.0:80".into()));
+        }
+        listen.push(Value::String("0.0.0.0:80".into()));
+    }
+    t.insert("listen".into(), Value::Array(listen));
+    t.insert("names".into(), Value::Array(names));
+    t.insert("default_server".into(), Value::Boolean(default_server));
+    t.insert("locations".into(), Value::Array(locations));
+    steps.into_table(&mut t);
+    Ok(t)
 }
 
 /// Handles `upstream NAME { ... }`.
-fn upstream_block(u: &Directive, out: &mut Out) -> Result<(), NginxConfError> {
-    out.set(
-        &["upstream", "name"],
+fn upstream_block(u: &Directive, out: &mut Out) -> Result<Table, NginxConfError> {
+    let mut t = Table::new();
+    t.insert(
+        "name".into(),
         Value::String(u.args.first().cloned().unwrap_or_default()),
     );
     let mut servers = Vec::new();
     for d in u.block.as_deref().unwrap_or_default() {
         match d.name.as_str() {
-            "ip_hash" => out.set(&["upstream", "algorithm"], Value::String("ip_hash".into())),
-            "least_conn" => out.set(&["upstream", "algorithm"], Value::String("least_conn".into())),
+            "ip_hash" => {
+                t.insert("algorithm".into(), Value::String("ip_hash".into()));
+            }
+            "least_conn" => {
+                t.insert("algorithm".into(), Value::String("least_conn".into()));
+            }
             "hash" => {
                 arity(d, 1, 2)?;
                 if d.args.get(1).is_some_and(|a| a != "consistent") {
@@ -624,8 +843,8 @@ fn upstream_block(u: &Directive, out: &mut Out) -> Result<(), NginxConfError> {
                         d.line
                     ));
                 }
-                out.set(&["upstream", "algorithm"], Value::String("hash".into()));
-                out.set(&["upstream", "hash_key"], Value::String(d.args[0].clone()));
+                t.insert("algorithm".into(), Value::String("hash".into()));
+                t.insert("hash_key".into(), Value::String(d.args[0].clone()));
             }
             "random" => return Err(unsupported(d, "use round robin or least_conn")),
             "keepalive" => {
@@ -644,8 +863,8 @@ fn upstream_block(u: &Directive, out: &mut Out) -> Result<(), NginxConfError> {
             _ => return Err(unsupported(d, "not understood in `upstream`")),
         }
     }
-    out.set(&["upstream", "servers"], Value::Array(servers));
-    Ok(())
+    t.insert("servers".into(), Value::Array(servers));
+    Ok(t)
 }
 
 /// `server ADDR [weight=N] [max_fails=N] [fail_timeout=T] [backup] [down] [slow_start=T]`.
@@ -762,18 +981,34 @@ mod tests {
 
     #[test]
     fn unsupported_directives_name_their_line() {
-        let e = translate("http {\n server {\n listen 80;\n location / {\n proxy_pass http://u;\n return 301 /x;\n }\n }\n}")
+        let e = translate("http {\n server {\n listen 80;\n location / {\n proxy_pass http://u;\n try_files $uri =404;\n }\n }\n}")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 6") && e.contains("return"), "{e}");
+        assert!(e.contains("line 6") && e.contains("try_files"), "{e}");
         let e = translate("http {\n upstream u { server a:1 wieght=2; }\n server { listen 80; location / { proxy_pass http://u; } } }")
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 2") && e.contains("wieght=2"), "{e}");
-        let e = translate("http {\n server { listen 80;\n location /api { proxy_pass http://u; } } }")
+        let e = translate("http {\n server { listen 80;\n location @api { proxy_pass http://u; } } }")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("line 3") && e.contains("location"), "{e}");
+        assert!(e.contains("line 3") && e.contains("named locations"), "{e}");
+        let e = translate("http {\n server { listen 80;\n location / {\n location /a { } } } }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 4") && e.contains("nested"), "{e}");
+        let e = translate("http {\n server { listen 80;\n location ~ ^/a { proxy_pass http://u/x/; } } }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("URI part"), "{e}");
+        let e = translate("http {\n server { listen 80;\n return 444; } }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("444"), "{e}");
+        let e = translate("http {\n server { listen 80;\n rewrite ^ /x sideways; } }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 3") && e.contains("sideways"), "{e}");
         let e = translate("http { server { listen 443 ssl; } }")
             .unwrap_err()
             .to_string();
@@ -803,5 +1038,37 @@ mod tests {
         let c: Config = ConfigSource::new().base(t.table).load().unwrap();
         assert_eq!(c.upstream.servers.len(), 1);
         assert_eq!(c.upstream.servers[0].addr, "127.0.0.1:5000");
+    }
+
+    #[test]
+    fn servers_locations_rewrites_and_returns() {
+        let t = translate(
+            "http {\n upstream app { server 127.0.0.1:1; }\n upstream api { least_conn; server 127.0.0.1:2; }\n\
+             server { listen 80 default_server; server_name example.com *.example.com;\n\
+               rewrite ^/old/(.*)$ /new/$1 last;\n\
+               location / { proxy_pass http://app; }\n\
+               location ^~ /api/ { proxy_pass http://api/v1/; }\n\
+               location ~* \\.png$ { proxy_pass http://127.0.0.1:3; }\n\
+               location = /ping { return 200 pong; }\n }\n\
+             server { listen 81; return 301 https://$host$request_uri; }\n}",
+        )
+        .unwrap();
+        let c: Config = ConfigSource::new().base(t.table).load().unwrap();
+        assert_eq!(c.listen, "0.0.0.0:80");
+        assert_eq!(c.listen_addrs(), ["0.0.0.0:80", "0.0.0.0:81"]);
+        assert_eq!(c.upstream.name, "app");
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["api", "127.0.0.1:3"]);
+        assert_eq!(c.upstreams[0].algorithm, Algorithm::LeastConn);
+        let v = &c.vhosts[0];
+        assert!(v.default_server);
+        assert_eq!(v.names, ["example.com", "*.example.com"]);
+        assert_eq!(v.rewrites[0].flag, crate::config::RewriteFlag::Last);
+        assert_eq!(v.locations.len(), 4);
+        assert_eq!(v.locations[1].match_, crate::config::LocationMatch::PrefixNoRegex);
+        assert_eq!(v.locations[1].proxy_pass, "http://api/v1/");
+        assert_eq!(v.locations[3].return_.as_ref().unwrap().text, "pong");
+        assert_eq!(c.vhosts[1].return_.as_ref().unwrap().status, 301);
+        assert_eq!(c.vhosts[1].listen, ["0.0.0.0:81"]);
     }
 }

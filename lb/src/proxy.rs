@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access;
 use crate::body::{ActiveGuard, BodySlot, RespBody, UpBody};
+use crate::route::{Route, RouteRequest};
 use crate::server::ConnCtx;
 use crate::upstream::RequestPick;
 use crate::Shared;
@@ -55,6 +56,23 @@ fn error_response(status: StatusCode, body: &'static str) -> Response<RespBody> 
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    r
+}
+
+/// A response a route makes itself (`return`, redirects).
+fn route_response(status: u16, location: Option<String>, body: String) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::Full(Some(bytes::Bytes::from(body))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let kind = if location.is_some() {
+        "text/html"
+    } else {
+        "text/plain"
+    };
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+    if let Some(v) = location.and_then(|l| HeaderValue::from_str(&l).ok()) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
     r
 }
 
@@ -202,6 +220,28 @@ async fn proxy(
 ) -> (Response<RespBody>, Option<Arc<str>>) {
     let rt = shared.runtime.load_full();
     let cfg = &rt.config;
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()))
+        .unwrap_or("");
+    let route = rt.router.route(&RouteRequest {
+        listen: ctx.listen,
+        port: ctx.port,
+        tls: false,
+        host,
+        path: req.uri().path(),
+        query: req.uri().query(),
+    });
+    let (group, target) = match route {
+        Route::Proxy { upstream, uri } => (upstream, uri),
+        Route::Respond {
+            status,
+            location,
+            body,
+        } => return (route_response(status, location, body), None),
+    };
     let limit = cfg.limits.max_body_bytes;
     if limit > 0 {
         let declared = req
@@ -230,7 +270,7 @@ async fn proxy(
     // Headers stay in `parts` for hashing; hop-by-hop-free copies go upstream.
     parts.headers = headers;
 
-    let up = &rt.upstream;
+    let up = rt.group(group);
     let max_tries = match cfg.retry.tries {
         0 => up.servers.len(),
         n => (n as usize).min(up.servers.len()),
@@ -238,11 +278,20 @@ async fn proxy(
     .max(1);
     let deadline = (!cfg.retry.timeout.get().is_zero()).then(|| start + cfg.retry.timeout.get());
     let response_timeout = cfg.timeouts.upstream_response.get();
-    let path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+    let path = match target.map(http::uri::PathAndQuery::try_from) {
+        Some(Ok(p)) => p,
+        Some(Err(_)) => {
+            return (
+                error_response(StatusCode::BAD_REQUEST, "bad rewritten request target\n"),
+                None,
+            )
+        }
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    };
     let mut pick = RequestPick::default();
     let mut give_up = GiveUp::BadGateway;
     let mut last_label = None;

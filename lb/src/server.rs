@@ -27,6 +27,10 @@ use crate::Shared;
 pub(crate) struct ConnCtx {
     /// The client.
     pub peer: SocketAddr,
+    /// The configured address of the listener it came in on (what `vhosts.listen` names).
+    pub listen: SocketAddr,
+    /// The local port it came in on (for absolute redirects).
+    pub port: u16,
     /// Tasks that must finish before shutdown completes (upgraded connections).
     pub tracker: TaskTracker,
     /// Cancelled when the shutdown deadline passes: upgraded connections close then.
@@ -91,7 +95,7 @@ impl ConnCtx {
 /// Fails only when the serving threads cannot be started.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Vec<(SocketAddr, TcpListener)>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let tracker = TaskTracker::new();
@@ -138,10 +142,18 @@ pub(crate) async fn serve(
             debt -= 1;
             continue;
         }
-        let (stream, peer) = tokio::select! {
+        let accept = std::future::poll_fn(|cx| {
+            for (i, (_, l)) in listeners.iter().enumerate() {
+                if let Poll::Ready(r) = l.poll_accept(cx) {
+                    return Poll::Ready(r.map(|(s, p)| (s, p, i)));
+                }
+            }
+            Poll::Pending
+        });
+        let (stream, peer, which) = tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = shared.reloaded.notified() => continue,
-            r = listener.accept() => match r {
+            r = accept => match r {
                 Ok(x) => x,
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -152,8 +164,12 @@ pub(crate) async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        let listen = listeners[which].0;
+        let port = stream.local_addr().map_or(listen.port(), |a| a.port());
         let ctx = Arc::new(ConnCtx {
             peer,
+            listen,
+            port,
             tracker: tracker.clone(),
             hard: hard.clone(),
             permit: std::sync::Mutex::new(Some(permit)),
@@ -170,7 +186,7 @@ pub(crate) async fn serve(
             drop(token);
         });
     }
-    drop(listener);
+    drop(listeners);
     tracker.close();
     let grace = shared.runtime.load().config.timeouts.shutdown_grace.get();
     tracing::info!(

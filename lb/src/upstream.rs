@@ -457,7 +457,16 @@ pub struct RequestPick {
 impl Upstream {
     /// Resolves the configured servers, reusing the state of unchanged servers from `previous`.
     pub fn build(config: &Config, previous: Option<&Upstream>) -> Result<Upstream, UpstreamError> {
-        let up = &config.upstream;
+        Upstream::build_group(config, &config.upstream, previous)
+    }
+
+    /// Resolves one group (`upstream` or one of `upstreams`), reusing the state of unchanged
+    /// servers from `previous`.
+    pub fn build_group(
+        config: &Config,
+        up: &crate::config::UpstreamConfig,
+        previous: Option<&Upstream>,
+    ) -> Result<Upstream, UpstreamError> {
         let thresholds = Thresholds {
             rise: config.health.rise,
             fall: config.health.fall,

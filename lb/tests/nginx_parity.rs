@@ -4,31 +4,10 @@
 
 mod support;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lb::config::Algorithm;
+use support::nginx::Nginx;
 use support::{config, start, Backend, Conn};
-
-/// nginx, found where Debian puts it.
-fn nginx_binary() -> Result<&'static str> {
-    ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .context("nginx is not installed: apt-get install -y nginx-light (the test compares lb with it)")
-}
-
-/// A foreground nginx with `conf`, stopped on drop.
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -36,47 +15,21 @@ fn free_port() -> Result<u16> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ip_hash_sends_every_client_where_nginx_does() -> Result<()> {
-    let nginx = nginx_binary()?;
     let (a, b, c) = (
         Backend::start("a").await,
         Backend::start("b").await,
         Backend::start("c").await,
     );
-    let dir = tempfile::tempdir()?;
     let port = free_port()?;
     let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
-         error_log {dir}/error.log;\nevents {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {dir};\n  proxy_temp_path {dir};\n\
-         fastcgi_temp_path {dir};\n  uwsgi_temp_path {dir};\n  scgi_temp_path {dir};\n\
-         upstream app {{\n    ip_hash;\n    server {a};\n    server {b} weight=2;\n    server {c};\n  }}\n\
-         server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://app; }}\n  }}\n}}\n",
-        dir = dir.path().display(),
+        "upstream app {{\n    ip_hash;\n    server {a};\n    server {b} weight=2;\n    server {c};\n  }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{ proxy_pass http://app; }}\n  }}\n",
         a = a.addr,
         b = b.addr,
         c = c.addr,
     );
-    let conf_path = dir.path().join("nginx.conf");
-    std::fs::write(&conf_path, conf)?;
-    let child = Command::new(nginx)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&conf_path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting nginx")?;
-    let _nginx = Nginx(child);
     let nginx_addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while tokio::net::TcpStream::connect(nginx_addr).await.is_err() {
-        if Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
-            bail!("nginx did not start: {log}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let _nginx = Nginx::start(&conf, nginx_addr).await?;
 
     let mut cfg = config(&[&a, &b, &c], Algorithm::IpHash);
     cfg.upstream.servers[1].weight = 2;
@@ -100,5 +53,175 @@ async fn ip_hash_sends_every_client_where_nginx_does() -> Result<()> {
         seen.iter().all(|&n| n > 0),
         "every backend should get clients: {seen:?}"
     );
+    Ok(())
+}
+
+/// A backend that answers `NAME METHOD TARGET`, so a test sees where a request went and as what.
+async fn echo(name: &'static str) -> Result<std::net::SocketAddr> {
+    use http_body_util::Full;
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| async move {
+                        let text = format!("{name} {} {}", req.method(), req.uri());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// One answer, reduced to what the comparison looks at.
+#[derive(Debug, PartialEq)]
+struct Answer {
+    status: u16,
+    location: Option<String>,
+    /// The body of a proxied or `return`ed answer; redirects' pages differ by design (nginx's
+    /// carries its name), so they are left out.
+    body: Option<String>,
+}
+
+/// Sends one request on a new connection and reads the answer to the end.
+async fn ask(
+    to: std::net::SocketAddr,
+    method: &str,
+    host: &str,
+    target: &str,
+    port_alias: u16,
+) -> Result<Answer> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(support::DEADLINE, tokio::net::TcpStream::connect(to)).await??;
+    let body = if method == "POST" { "x=1" } else { "" };
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(support::DEADLINE, s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("a response head")?;
+    let status = head.get(9..12).context("a status")?.parse()?;
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(n, _)| n.eq_ignore_ascii_case("location"))
+        })
+        .map(|(_, v)| {
+            v.trim()
+                .replace(&format!(":{}", to.port()), &format!(":{port_alias}"))
+        });
+    let body = (!matches!(status, 301 | 302 | 404)).then(|| body.to_string());
+    Ok(Answer {
+        status,
+        location,
+        body,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_locations_rewrites_and_returns_answer_as_nginx_does() -> Result<()> {
+    let (app, api, img) = (echo("app").await?, echo("api").await?, echo("img").await?);
+    // One nginx.conf for both, but for the ports each listens on.
+    let conf = |main: u16, redirect: u16| {
+        format!(
+            "upstream app {{ server {app}; }}\n\
+             upstream api {{ server {api}; }}\n\
+             server {{\n  listen 127.0.0.1:{main};\n  server_name example.com *.example.com;\n\
+               rewrite ^/old/(.*)$ /new/$1 last;\n\
+               location / {{ proxy_pass http://app; }}\n\
+               location /api/ {{ proxy_pass http://api/v1/; }}\n\
+               location ^~ /static/ {{ proxy_pass http://{img}; }}\n\
+               location ~* \\.(png|jpg)$ {{ proxy_pass http://{img}; }}\n\
+               location = /ping {{ return 200 \"pong $host\"; }}\n\
+               location /r/ {{\n    rewrite ^/r/moved/(.*)$ /elsewhere/$1 permanent;\n\
+                 rewrite ^/r/temp/(.*)$ https://other.example.org/$1?from=r redirect;\n\
+                 rewrite ^/r/b/(.*)$ /api2/$1 break;\n    rewrite ^/r/l/(.*)$ /api/$1 last;\n\
+                 proxy_pass http://api;\n  }}\n\
+               location /gone {{ return 410 \"gone $uri$is_args$args\\n\"; }}\n\
+               location /nowhere/ {{ }}\n\
+             }}\n\
+             server {{\n  listen 127.0.0.1:{main} default_server;\n  server_name ~^www\\d+\\.other\\.org$;\n\
+               location / {{ proxy_pass http://{img}; }}\n  location = /who {{ return 200 \"B $host\"; }}\n}}\n\
+             server {{\n  listen 127.0.0.1:{redirect};\n  return 301 https://$host$request_uri;\n}}\n"
+        )
+    };
+    let (n_main, n_redirect) = (free_port()?, free_port()?);
+    let nginx_main: std::net::SocketAddr = format!("127.0.0.1:{n_main}").parse()?;
+    let _nginx = Nginx::start(&conf(n_main, n_redirect), nginx_main).await?;
+
+    let (l_main, l_redirect) = (free_port()?, free_port()?);
+    let translated = lb::nginx_conf::translate(&format!(
+        "events {{ }}\nhttp {{\n{}\n}}\n",
+        conf(l_main, l_redirect)
+    ))?;
+    let mut config: lb::Config = common::ConfigSource::new().base(translated.table).load()?;
+    config.admin_listen = "127.0.0.1:0".into();
+    config.access_log.enabled = false;
+    let mut listeners = Vec::new();
+    for a in config.listen_addrs() {
+        listeners.push(tokio::net::TcpListener::bind(&a).await?);
+    }
+    let balancer = lb::Lb::new(config)?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(balancer.serve_all(listeners, shutdown));
+
+    let requests: &[(bool, &str, &str)] = &[
+        (true, "example.com", "/"),
+        (true, "example.com", "/anything?x=1"),
+        (true, "EXAMPLE.COM:1", "/api/users?x=1"),
+        (true, "example.com", "/api"),
+        (true, "example.com", "/api?q=1"),
+        (true, "example.com", "/static/a.png"),
+        (true, "example.com", "/img/b.PNG"),
+        (true, "example.com", "/api/logo.png"),
+        (true, "example.com", "/ping"),
+        (true, "example.com", "/ping/more"),
+        (true, "www.example.com", "/old/x?k=1"),
+        (true, "example.com", "/r/moved/x?k=1"),
+        (true, "example.com", "/r/temp/x?k=1"),
+        (true, "example.com", "/r/b/c?d=1"),
+        (true, "example.com", "/r/l/c?d=1"),
+        (true, "example.com", "/r/other"),
+        (true, "example.com", "/static/../api/q"),
+        (true, "example.com", "/%61pi/x%20y"),
+        (true, "example.com", "/a//b/./c"),
+        (true, "example.com", "/gone/x?y=2"),
+        (true, "example.com", "/nowhere/x"),
+        (true, "www7.other.org", "/who"),
+        (true, "unknown.test", "/who"),
+        (true, "unknown.test", "/x"),
+        (false, "example.com", "/x?y=1"),
+        (false, "a.b", "/"),
+    ];
+    for method in ["GET", "POST"] {
+        for &(main, host, target) in requests {
+            let (n, l) = if main {
+                (nginx_main, format!("127.0.0.1:{l_main}").parse()?)
+            } else {
+                (
+                    format!("127.0.0.1:{n_redirect}").parse()?,
+                    format!("127.0.0.1:{l_redirect}").parse()?,
+                )
+            };
+            let want = ask(n, method, host, target, 1).await?;
+            let got = ask(l, method, host, target, 1).await?;
+            ensure!(
+                want == got,
+                "{method} {host} {target}: nginx {want:?}, lb {got:?}"
+            );
+        }
+    }
     Ok(())
 }
