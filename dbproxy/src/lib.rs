@@ -19,6 +19,7 @@ pub mod config;
 pub mod failover;
 pub mod health;
 pub mod manager;
+pub mod operations;
 pub mod pgpool_conf;
 pub mod protocol;
 pub mod record;
