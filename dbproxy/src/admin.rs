@@ -10,6 +10,7 @@ use hyper::{Method, StatusCode};
 
 use crate::cluster::Cluster;
 use crate::manager::{Manager, OpError};
+use crate::operations::OpKind;
 use crate::protocol::simple;
 
 /// pgpool-II's SHOW POOL_NODES columns, in its order.
@@ -290,6 +291,7 @@ pub fn status_json(cluster: &Cluster, manager: &Manager) -> serde_json::Value {
     serde_json::json!({
         "primary": cluster.elected(),
         "record": manager.record_json(),
+        "operations": manager.operations.json(),
         "nodes": nodes,
         "history": manager.history(),
     })
@@ -330,16 +332,19 @@ impl AdminRoutes for Routes {
             let msg = format!("no node {id}\n");
             return Some(Box::pin(async move { text(StatusCode::NOT_FOUND, msg) }));
         }
-        let manager = self.manager.clone();
-        let promote = action == "promote";
+        // The manager owns the operation: the answer is its id, at once; `/status` follows it.
+        let kind = if action == "promote" {
+            OpKind::Switchover
+        } else {
+            OpKind::Attach
+        };
+        let r = self.manager.start(kind, id);
         Some(Box::pin(async move {
-            let r = if promote {
-                manager.switchover(id).await.map(|v| v.to_string())
-            } else {
-                manager.attach(id).await
-            };
             match r {
-                Ok(msg) => text(StatusCode::OK, format!("{msg}\n")),
+                Ok(op) => json(
+                    StatusCode::ACCEPTED,
+                    &serde_json::json!({"operation": op, "kind": kind.as_str(), "node": id, "status": "/status"}),
+                ),
                 Err(e @ OpError::Conflict(_)) => text(StatusCode::CONFLICT, format!("{e}\n")),
                 Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
             }

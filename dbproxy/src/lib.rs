@@ -20,6 +20,7 @@ pub mod failover;
 pub mod health;
 pub mod health_stats;
 pub mod manager;
+pub mod operations;
 pub mod pgpool_check;
 pub mod pgpool_conf;
 pub mod protocol;

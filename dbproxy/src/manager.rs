@@ -21,8 +21,10 @@ use crate::config::{secs, Config};
 use crate::failover::{
     self, Credentials, FailoverConfig, FailoverEvent, NodeRef, Placeholders, PromoteMethod, Topology,
 };
+use crate::operations::{OpKind, Operations};
 use crate::record::{ClusterRecord, RecordError, RecordStore};
 use futures_util::future::BoxFuture;
+use tokio_util::task::TaskTracker;
 
 /// What a start-up probe saw of a node: whether it is a primary, and its newest timeline;
 /// `None` when it did not answer.
@@ -43,6 +45,12 @@ pub struct Manager {
     store: Arc<dyn RecordStore>,
     /// The record as last stored (term 0: none yet).
     record: Mutex<ClusterRecord>,
+    /// Operator requests accepted, with their progress and outcome.
+    pub operations: Operations,
+    /// The tasks running them.
+    op_tasks: TaskTracker,
+    /// Cancelled when dbproxy shuts down: an attach stops; a switchover runs to its end.
+    closing: Shutdown,
 }
 
 impl Topology for Manager {
@@ -166,6 +174,65 @@ impl Manager {
             events,
             store,
             record: Mutex::new(record.unwrap_or_default()),
+            operations: Operations::default(),
+            op_tasks: TaskTracker::new(),
+            closing: Shutdown::new(),
+        }
+    }
+
+    /// Accepts a switchover to, or an attach of, node `id` as an operation this manager owns and
+    /// returns its id at once; [`OpError::Conflict`] when it cannot start now. The operation runs in
+    /// its own task: nobody waiting for it, or going away, cancels it. A switchover runs to its end
+    /// even at shutdown (it ends with a primary elected, the new one or the old); an attach stops
+    /// then (the node stays fenced).
+    pub fn start(self: &Arc<Self>, kind: OpKind, id: usize) -> Result<u64, OpError> {
+        if self.closing.is_cancelled() {
+            return Err(OpError::Conflict("dbproxy is shutting down".into()));
+        }
+        let (_, name) = match kind {
+            OpKind::Switchover => self.check_switchover(id)?,
+            OpKind::Attach => self.check_attach(id)?,
+        };
+        let op = self.operations.accept(kind, &name);
+        tracing::info!(operation = op, kind = kind.as_str(), node = %name, "operation accepted");
+        let me = self.clone();
+        self.op_tasks.spawn(async move {
+            let outcome = match kind {
+                OpKind::Switchover => me.switchover_steps(id, Some(op)).await.map(|v| v.to_string()),
+                OpKind::Attach => tokio::select! {
+                    r = me.attach_steps(id, Some(op)) => r,
+                    _ = me.closing.cancelled() => Err(OpError::Failed("dbproxy shut down".into())),
+                },
+            };
+            if let Err(e) = &outcome {
+                tracing::warn!(operation = op, error = %e, "operation failed");
+            }
+            me.operations.finish(op, outcome.map_err(|e| e.to_string()));
+        });
+        Ok(op)
+    }
+
+    /// [`Manager::start`], then waits for the outcome; dropping the wait cancels nothing.
+    pub async fn run_op(self: &Arc<Self>, kind: OpKind, id: usize) -> Result<String, OpError> {
+        let op = self.start(kind, id)?;
+        match self.operations.outcome(op).await {
+            Some(r) => r.map_err(OpError::Failed),
+            None => Err(OpError::Failed(format!("operation {op} is no longer kept"))),
+        }
+    }
+
+    /// At shutdown: stops accepting operations, stops attaches, and waits until every running
+    /// switchover has ended.
+    pub async fn close(&self) {
+        self.closing.cancel();
+        self.op_tasks.close();
+        self.op_tasks.wait().await;
+    }
+
+    /// Operation `op` (if any) is at `step`.
+    fn step(&self, op: Option<u64>, step: &str) {
+        if let Some(op) = op {
+            self.operations.step(op, step);
         }
     }
 
@@ -585,10 +652,8 @@ impl Manager {
         ev
     }
 
-    /// Brings fenced node `id` back as a standby: runs the rejoin command (if configured), waits
-    /// until the node streams from the elected primary, then routes reads to it again.
-    pub async fn attach(&self, id: usize) -> Result<String, OpError> {
-        let _op = self.op.lock().await;
+    /// Whether node `id` may be re-attached now: (the elected primary, its name).
+    fn check_attach(&self, id: usize) -> Result<(usize, String), OpError> {
         let n = self
             .cluster
             .nodes
@@ -601,6 +666,19 @@ impl Manager {
         if p == id {
             return Err(OpError::Conflict(format!("{name} is the primary")));
         }
+        Ok((p, name))
+    }
+
+    /// Brings fenced node `id` back as a standby: runs the rejoin command (if configured), waits
+    /// until the node streams from the elected primary, then routes reads to it again.
+    pub async fn attach(&self, id: usize) -> Result<String, OpError> {
+        self.attach_steps(id, None).await
+    }
+
+    /// [`Manager::attach`], reporting its steps to operation `op`.
+    async fn attach_steps(&self, id: usize, op: Option<u64>) -> Result<String, OpError> {
+        let _op = self.op.lock().await;
+        let (p, name) = self.check_attach(id)?;
         let started = SystemTime::now();
         let node = self.node_ref(id);
         let primary = self.node_ref(p);
@@ -622,6 +700,7 @@ impl Manager {
             } else {
                 rendered
             };
+            self.step(op, &format!("running the rejoin command for {name}"));
             match failover::run_command(&name, &line, timeout).await {
                 Ok(out) => output = out,
                 Err(e) => {
@@ -633,6 +712,7 @@ impl Manager {
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_secs(1));
+        self.step(op, &format!("waiting for {name} to stream from {}", primary.name));
         if let Err(e) = failover::wait_following(&node, &primary, &self.cred(), left).await {
             self.record_attach(&name, started, Some(e.to_string()));
             return Err(OpError::Failed(e.to_string()));
@@ -678,7 +758,11 @@ impl Manager {
     /// last WAL position, is promoted, and writes resume there. The old primary stays fenced
     /// (read-only) until re-attached as a standby.
     pub async fn switchover(&self, id: usize) -> Result<Value, OpError> {
-        let _op = self.op.lock().await;
+        self.switchover_steps(id, None).await
+    }
+
+    /// Whether a switchover to node `id` may start now: (the elected primary, `id`'s name).
+    fn check_switchover(&self, id: usize) -> Result<(usize, String), OpError> {
         let cluster = &self.cluster;
         let n = cluster
             .nodes
@@ -702,6 +786,14 @@ impl Manager {
                 "the primary is down: automatic failover handles that".into(),
             ));
         }
+        Ok((p, name))
+    }
+
+    /// [`Manager::switchover`], reporting its steps to operation `op`.
+    async fn switchover_steps(&self, id: usize, op: Option<u64>) -> Result<Value, OpError> {
+        let _op = self.op.lock().await;
+        let cluster = &self.cluster;
+        let (p, name) = self.check_switchover(id)?;
         let old = self.node_ref(p);
         let target = self.node_ref(id);
         let mut ev = FailoverEvent::new(old.name.clone(), SystemTime::now());
@@ -711,11 +803,23 @@ impl Manager {
         let timeout = secs(self.config.switchover_timeout);
         let cred = self.cred();
         let result = async {
+            self.step(
+                op,
+                &format!(
+                    "holding writes; ending {}'s sessions and making it read-only",
+                    old.name
+                ),
+            );
             let lsn = failover::quiesce(&old, &cred).await.map_err(|e| e.to_string())?;
+            self.step(
+                op,
+                &format!("waiting for {name} to replay the old primary's last WAL"),
+            );
             failover::wait_replayed(&target, lsn, &cred, timeout)
                 .await
                 .map_err(|e| e.to_string())?;
             let pcfg = self.config.promote_for(&name);
+            self.step(op, &format!("promoting {name}"));
             let placeholders = Placeholders {
                 subject: target.clone(),
                 failed: old.clone(),
@@ -755,6 +859,7 @@ impl Manager {
         ev.promoted = Some(name.clone());
         ev.promoted_at = Some(SystemTime::now());
         ev.resumed_at = ev.promoted_at;
+        self.step(op, "re-pointing the other standbys");
         let nodes = self.nodes();
         let followers: Vec<usize> = self
             .standby_states(p)

@@ -187,6 +187,8 @@ pub async fn run_with(
     {
         tracing::warn!("sessions still open at the drain deadline; closing them");
     }
+    // A switchover under way ends with a primary elected before dbproxy exits.
+    manager.close().await;
     tasks.close();
     tasks.wait().await;
     Ok(())

@@ -447,12 +447,14 @@ async fn switchover_body() -> Result<()> {
 
     let writers = Writers::start(&proxy, 3);
     writers.wait_acked_after(Instant::now()).await?;
-    let (code, body) = tokio::task::spawn_blocking({
-        let addr = proxy.admin;
-        move || support::admin_request(addr, "POST", "/nodes/1/promote")
-    })
-    .await??;
-    assert_eq!(code, 200, "{body}");
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(
+        (op["state"].as_str(), op["kind"].as_str()),
+        (Some("succeeded"), Some("switchover")),
+        "{op}"
+    );
     let ev = wait_event(&proxy, "switchover", 1)?;
     assert_eq!(ev["promoted"], "node1", "{ev}");
     assert_eq!(ev["followers"][0]["node"], "node2", "{ev}");
@@ -467,13 +469,24 @@ async fn switchover_body() -> Result<()> {
 
     // Attaching a node that still is a primary fails and says why.
     let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
-    assert_eq!(code, 500, "{body}");
-    assert!(body.contains("not in recovery"), "{body}");
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "failed", "{op}");
+    assert!(
+        op["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not in recovery"),
+        "{op}"
+    );
     // Rebuilt as a standby of the new primary, it can be attached and takes reads again.
     c.node(0).rebuild_as_standby(c.node(1))?;
     let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
-    assert_eq!(code, 200, "{body}");
-    assert!(body.contains("rejoining node0 to node1 on port"), "{body}");
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let result = op["result"].as_str().unwrap_or_default();
+    assert!(result.contains("rejoining node0 to node1 on port"), "{op}");
     let s = node_status(&proxy, 0)?;
     assert_eq!(s["fenced"], false, "{s}");
     let ev = wait_event(&proxy, "attach", 2)?;
@@ -691,5 +704,127 @@ async fn an_unreadable_cluster_record_stops_start_up_with_a_clear_error() -> Res
     let (code, stderr) = run(&conf)?;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("cannot write the cluster record"), "{stderr}");
+    Ok(())
+}
+
+/// Waits until the operation an admin POST answered with (`body`) has ended; returns it as
+/// `/status` shows it.
+fn operation(proxy: &Proxy, body: &str) -> Result<Value> {
+    let accepted: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    let id = accepted["operation"]
+        .as_u64()
+        .with_context(|| format!("no operation id: {body}"))?;
+    wait_for(&format!("operation {id} to end"), DEADLINE, || {
+        let s = proxy.status()?;
+        let op = s["operations"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["id"] == id).cloned())
+            .with_context(|| format!("operation {id} in {s}"))?;
+        Ok(matches!(op["state"].as_str(), Some("succeeded" | "failed")).then_some(op))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_whose_client_goes_away_at_once_still_completes() -> Result<()> {
+    support::bounded(abandoned_switchover_body()).await
+}
+
+async fn abandoned_switchover_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let proxy = proxy_for(&c, |_| {})?;
+    let writers = Writers::start(&proxy, 2);
+    writers.wait_acked_after(Instant::now()).await?;
+    // The request is sent and the connection closed before any answer.
+    {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(proxy.admin)?;
+        write!(
+            s,
+            "POST /nodes/1/promote HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )?;
+        s.shutdown(std::net::Shutdown::Both)?;
+    }
+    let ev = wait_event(&proxy, "switchover", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    let s = proxy.status()?;
+    assert_eq!(s["primary"], 1, "{s}");
+    assert_eq!(s["operations"][0]["state"], "succeeded", "{s}");
+    assert_eq!(s["record"]["primary"], "node1", "{s}");
+    let switched = Instant::now();
+    writers.wait_acked_after(switched).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    assert_none_lost(&c, 1, &acked)?;
+    assert_eq!(write_through(&proxy, 1).await?, c.node(1).port());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_switchover_leaves_the_old_primary_writable_and_elected() -> Result<()> {
+    support::bounded(failed_switchover_body()).await
+}
+
+async fn failed_switchover_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let proxy = proxy_for(&c, |cfg| {
+        cfg.failover.nodes.insert(
+            "node1".into(),
+            PromoteConfig {
+                method: PromoteMethod::Exec,
+                command: "echo refusing to promote {node}; exit 4".into(),
+                ..Default::default()
+            },
+        );
+    })?;
+    let writers = Writers::start(&proxy, 2);
+    writers.wait_acked_after(Instant::now()).await?;
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "failed", "{op}");
+    assert!(
+        op["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("refusing to promote node1"),
+        "{op}"
+    );
+    let s = proxy.status()?;
+    assert_eq!(s["primary"], 0, "{s}");
+    assert_eq!(s["nodes"][0]["fenced"], false, "{s}");
+    assert_eq!(s["record"]["primary"], "node0", "{s}");
+    // Writable again, directly and through dbproxy; writers carry on there.
+    assert_eq!(c.node(0).psql("show default_transaction_read_only")?, "off");
+    c.node(0).psql("insert into t (id) values (-1)")?;
+    let failed = Instant::now();
+    writers.wait_acked(failed, 5).await?;
+    assert_eq!(write_through(&proxy, 1).await?, c.node(0).port());
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    assert_none_lost(&c, 0, &acked)?;
+    assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "t");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shutdown_during_a_switchover_waits_for_it_to_end() -> Result<()> {
+    support::bounded(shutdown_during_switchover_body()).await
+}
+
+async fn shutdown_during_switchover_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let state = tempfile::tempdir()?;
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    // Shut down at once: dbproxy exits only after the switchover ended, with it recorded.
+    drop(proxy);
+    let r = record_in(state.path())?;
+    assert_eq!(r["primary"], "node1", "{r}");
+    assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "f");
+    // The next start routes writes by the record.
+    let proxy = proxy_in(&c, state.path(), |_| {})?;
+    assert_eq!(write_through(&proxy, 1).await?, c.node(1).port());
     Ok(())
 }
