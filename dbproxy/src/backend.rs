@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::Credentials;
-use crate::protocol::{self, auth as pauth, error as perror, status, Frame, ProtocolError};
+use crate::protocol::{self, auth as pauth, error as perror, BackendMessage, Frame, ProtocolError};
 
 /// Why talking to a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -261,9 +261,8 @@ async fn connect_inner(
     let mut key = (0, 0);
     loop {
         let f = conn.read_frame().await?.ok_or(BackendError::Closed)?;
-        match f.tag() {
-            b'R' => {
-                let (code, data) = pauth::request(f.body())?;
+        match BackendMessage::parse(&f)? {
+            BackendMessage::Authentication { code, data } => {
                 match code {
                     pauth::OK => {}
                     pauth::CLEARTEXT => {
@@ -326,10 +325,10 @@ async fn connect_inner(
                 }
                 conn.flush().await?;
             }
-            b'E' => return Err(BackendError::Refused(f)),
-            b'S' | b'N' => greeting.frames.push(f),
-            b'K' => key = status::backend_key(f.body())?,
-            b'Z' => {
+            BackendMessage::ErrorResponse(_) => return Err(BackendError::Refused(f)),
+            BackendMessage::ParameterStatus | BackendMessage::NoticeResponse(_) => greeting.frames.push(f),
+            BackendMessage::BackendKeyData { pid, key: k } => key = (pid, k),
+            BackendMessage::ReadyForQuery { .. } => {
                 return Ok((
                     Backend {
                         conn,

@@ -154,7 +154,7 @@ impl std::ops::Index<usize> for Nodes {
 }
 
 /// Routing decisions, counted by reason.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// A sure read sent to a standby.
     Standby,

@@ -2,8 +2,9 @@
 //! authenticates clients itself, sends writes and transactions to the primary and sure reads to
 //! healthy standbys, health-checks every node and answers `SHOW POOL_NODES` (replaces pgpool-II).
 //!
-//! Map: `protocol/` is the codec (no I/O); `session` runs one client (`settings` follows which of
-//! its SET statements hold); `backend` logs into nodes;
+//! Map: `protocol/` is the codec and typed message views (no I/O); `session/` runs one client
+//! (login, request cycle, routing, replay window, prepared statements, backend side; `settings`
+//! follows which of its SET statements hold); `backend` logs into nodes;
 //! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
 //! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;

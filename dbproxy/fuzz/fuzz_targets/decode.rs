@@ -15,6 +15,8 @@ fuzz_target!(|data: &[u8]| {
     while let Ok(Some(f)) = protocol::decode(&mut buf, MAX) {
         assert!(f.raw().len() <= MAX);
         let b = f.body();
+        let _ = protocol::FrontendMessage::parse(&f);
+        let _ = protocol::BackendMessage::parse(&f);
         let _ = simple::query_text(b);
         let _ = extended::parse(b);
         let _ = extended::bind_statement(b);

@@ -1,18 +1,24 @@
 //! The PostgreSQL v3 wire codec. It only turns bytes into frames and frames into bytes: no I/O,
 //! so every rule here is unit-tested (and fuzzed) without sockets.
 //!
-//! Most messages are relayed untouched as raw [`Frame`]s; the per-family files parse only the
-//! fields the proxy needs to look at, borrowing from the frame instead of copying.
+//! Most messages are relayed untouched as raw [`Frame`]s. `frontend` and `backend` parse a frame
+//! into a typed view ([`FrontendMessage`], [`BackendMessage`]) that borrows from it, so code
+//! above this module matches on variants, never on type bytes; the per-family files read the
+//! fields of one message family and encode the messages the proxy writes itself.
 
 pub mod auth;
+pub mod backend;
 pub mod error;
 pub mod extended;
 pub mod frame;
+pub mod frontend;
 pub mod simple;
 pub mod startup;
 pub mod status;
 
+pub use backend::{BackendMessage, TxStatus};
 pub use frame::{decode, Frame};
+pub use frontend::FrontendMessage;
 pub use startup::{decode_startup, Startup};
 
 /// Why a byte stream is not valid protocol.
@@ -123,6 +129,8 @@ mod tests {
             while let Ok(Some(f)) = decode(&mut buf, 48) {
                 assert!(f.raw().len() <= 48);
                 let b = f.body();
+                let _ = FrontendMessage::parse(&f);
+                let _ = BackendMessage::parse(&f);
                 let _ = simple::query_text(b);
                 let _ = extended::parse(b);
                 let _ = extended::bind_statement(b);

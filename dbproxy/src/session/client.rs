@@ -1,0 +1,350 @@
+//! The client side of a session: the relay loop (client, backends, topology changes, shutdown
+//! and the idle timeout in one `select!`), and what each client message does: a Query or
+//! FunctionCall is routed at once, extended-protocol messages gather into a batch routed at its
+//! Sync or Flush, COPY data flows to the backend running the COPY.
+
+use std::time::{Duration, Instant};
+
+use crate::backend::{Backend, BackendError};
+use crate::classify::Step;
+use crate::cluster::Decision;
+use crate::config::secs;
+use crate::protocol::frontend::{self, FrontendMessage, Target};
+use crate::protocol::{status, Frame};
+
+use super::cycle::{Copy, Mode, Which};
+use super::route::{self, Request, Route};
+use super::stmt::{forgets_prepared, Stmt};
+use super::{End, Session};
+
+/// Waits for the next change of the elected primary or of fences, handing the receiver back;
+/// `None` when the cluster is gone.
+fn topology_changed(
+    mut rx: tokio::sync::watch::Receiver<u64>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<tokio::sync::watch::Receiver<u64>>> + Send>> {
+    Box::pin(async move { rx.changed().await.ok().map(|()| rx) })
+}
+
+/// Reads the next frame of an optional backend; pending forever when there is none.
+async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError> {
+    match b {
+        Some(b) => b.conn.read_frame().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Session {
+    pub(super) async fn relay(&mut self) -> Result<(), End> {
+        let idle_limit = secs(self.shared.config.limits.client_idle_timeout);
+        let max = self.client.max;
+        // The futures that wait for session-wide events live as long as the loop: making and
+        // dropping them at every message would register and unregister a waiter (a lock each)
+        // or a timer every time.
+        let shared = self.shared.clone();
+        let mut stop = std::pin::pin!(shared.shutdown.cancelled());
+        let mut topology = topology_changed(self.watch.clone());
+        // Armed far away while unused; moved to the right deadline when it fires early.
+        let mut idle_timer = std::pin::pin!(tokio::time::sleep(Duration::from_secs(86400 * 365)));
+        let mut idle_since: Option<Instant> = None;
+        loop {
+            while !self.cycle.awaiting() || self.copy_accepts_next() {
+                match self.client.buffered() {
+                    Ok(Some(f)) => self.on_client(f).await?,
+                    Ok(None) => break,
+                    Err(e) => {
+                        let msg = e.to_string();
+                        return Err(self.protocol_violation(&msg).await);
+                    }
+                }
+            }
+            if let Some(replay) = self.cycle.take_due_replay() {
+                self.shared.cluster.metrics.decision(Decision::Replay);
+                self.dispatch(Which::Primary, replay.frames, replay.mode, true, false)
+                    .await?;
+                continue;
+            }
+            let between = self.cycle.on().is_none() && self.tx.idle();
+            let idle = between && !idle_limit.is_zero();
+            if idle {
+                if idle_since.is_none() {
+                    let now = Instant::now();
+                    idle_since = Some(now);
+                    let deadline = idle_timer.deadline().into_std();
+                    if deadline < now || deadline > now + idle_limit {
+                        idle_timer.as_mut().reset((now + idle_limit).into());
+                    }
+                }
+            } else {
+                idle_since = None;
+            }
+            // Backpressure: a client that pipelines more than one maximal message is not read
+            // further until its earlier requests are answered.
+            let can_read = self.client.rbuf.len() <= max;
+            let has_standby = self.standby.is_some();
+            // In a fixed order, sockets first: a wake-up comes from one source, and the ones
+            // after it are not polled. None starves another: a backend's answers end, and a
+            // client is not read past one maximal message until they do.
+            tokio::select! {
+                biased;
+                r = read_opt(&mut self.standby), if has_standby => self.on_backend(Which::Standby, r).await?,
+                r = read_opt(&mut self.primary) => self.on_backend(Which::Primary, r).await?,
+                r = self.client.fill(), if can_read => match r {
+                    Ok(0) | Err(_) => return Err(End),
+                    Ok(_) => {}
+                },
+                rx = &mut topology => {
+                    topology = match rx {
+                        Some(rx) => topology_changed(rx),
+                        None => Box::pin(std::future::pending()),
+                    };
+                    self.on_topology_change().await?;
+                }
+                _ = &mut stop, if between => {
+                    self.end("57P01", "terminating connection due to administrator command").await;
+                    return Err(End);
+                }
+                _ = &mut idle_timer, if idle => {
+                    let since = idle_since.unwrap_or_else(Instant::now);
+                    if since.elapsed() >= idle_limit {
+                        self.end("57P05", "terminating connection due to idle-session timeout").await;
+                        return Err(End);
+                    }
+                    idle_timer.as_mut().reset((since + idle_limit).into());
+                }
+            }
+        }
+    }
+
+    /// Whether the next buffered client message belongs to the COPY in progress.
+    fn copy_accepts_next(&self) -> bool {
+        match self.cycle.copy() {
+            Copy::Off => false,
+            Copy::In => true,
+            Copy::Done => frontend::next_ends_batch(&self.client.rbuf),
+        }
+    }
+
+    async fn on_client(&mut self, f: Frame) -> Result<(), End> {
+        if self.cycle.copy() != Copy::Off {
+            return self.on_copy(f).await;
+        }
+        let msg = match FrontendMessage::parse(&f) {
+            Ok(m) => m,
+            Err(e) => {
+                let msg = e.to_string();
+                return Err(self.protocol_violation(&msg).await);
+            }
+        };
+        match msg {
+            FrontendMessage::Query { .. } | FrontendMessage::FunctionCall if !self.batch.is_empty() => {
+                // Sent on ahead of the held batch, it would run before it.
+                let what = if matches!(msg, FrontendMessage::Query { .. }) {
+                    "simple Query"
+                } else {
+                    "FunctionCall"
+                };
+                let msg = format!("{what} message in the middle of an extended-protocol batch");
+                Err(self.protocol_violation(&msg).await)
+            }
+            FrontendMessage::Query { sql } => {
+                if let Some(show) = crate::admin::show(sql).filter(|_| self.cycle.on().is_none()) {
+                    let lb = self.standby.as_ref().map(|b| b.node);
+                    crate::admin::encode_show(show, &self.shared.cluster, lb, &mut self.client.wbuf);
+                    status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
+                    return self.client.flush().await.map_err(|_| End);
+                }
+                let r = Route::of(&self.shared.classifier, sql);
+                if forgets_prepared(sql) {
+                    // DEALLOCATE / DISCARD drop protocol-level statements too; forgetting where
+                    // they exist is safe, since a lazy prepare closes any stale copy first.
+                    if let Some(b) = self.primary.as_mut() {
+                        b.prepared.clear();
+                    }
+                    if let Some(b) = self.standby.as_mut() {
+                        b.prepared.clear();
+                    }
+                }
+                self.note(r);
+                let follow = r.follow;
+                let (standby_ok, writes) = (r.standby_ok, r.writes);
+                let frames = self.batch.alone(f);
+                self.dispatch_routed(standby_ok, writes, frames, Mode::Sync, follow)
+                    .await
+            }
+            FrontendMessage::Parse {
+                name,
+                sql,
+                param_types,
+            } => {
+                // Classified once here; every later execution reuses the verdict.
+                let r = Route::of(&self.shared.classifier, sql);
+                if !r.standby_ok {
+                    self.batch.not_read_only();
+                }
+                self.note(r);
+                // One statement per Parse (PostgreSQL refuses more).
+                let step = match r.follow.then(|| self.shared.classifier.steps(sql)) {
+                    Some(Some(mut steps)) if steps.len() == 1 => steps.pop().unwrap_or(Step::Other),
+                    _ => Step::Other,
+                };
+                let param_types = match step {
+                    Step::Set(_) => param_types.to_vec(),
+                    _ => Vec::new(),
+                };
+                let stmt = Stmt {
+                    parse: f.clone(),
+                    read_only: r.standby_ok,
+                    step,
+                    param_types,
+                };
+                self.stmts.insert(name, stmt);
+                self.push_batch(f).await
+            }
+            FrontendMessage::Bind(b) => {
+                self.statement_used(b.stmt);
+                self.push_batch(f).await
+            }
+            FrontendMessage::Describe(t) => {
+                if let Target::Statement(name) = t {
+                    self.statement_used(name);
+                }
+                self.push_batch(f).await
+            }
+            FrontendMessage::Close(t) => {
+                if let Target::Statement(name) = t {
+                    self.stmts.remove(name);
+                }
+                self.push_batch(f).await
+            }
+            FrontendMessage::Execute { .. } => self.push_batch(f).await,
+            FrontendMessage::Sync | FrontendMessage::Flush => {
+                let mode = if msg == FrontendMessage::Flush {
+                    Mode::Flush
+                } else {
+                    Mode::Sync
+                };
+                self.batch.push(f);
+                let (frames, ok) = self.batch.take();
+                self.dispatch_routed(ok, !ok, frames, mode, true).await
+            }
+            FrontendMessage::FunctionCall => {
+                let frames = self.batch.alone(f);
+                self.dispatch_routed(false, true, frames, Mode::Sync, true).await
+            }
+            // Outside COPY, PostgreSQL ignores these too.
+            FrontendMessage::CopyData | FrontendMessage::CopyDone | FrontendMessage::CopyFail => Ok(()),
+            FrontendMessage::Terminate => Err(End),
+            FrontendMessage::Password { .. } | FrontendMessage::Unknown { .. } => {
+                let msg = format!("invalid frontend message type {}", f.tag());
+                Err(self.protocol_violation(&msg).await)
+            }
+        }
+    }
+
+    /// A Bind or Describe of statement `name`: the batch stays off the standbys unless the
+    /// statement surely only reads.
+    fn statement_used(&mut self, name: &str) {
+        if !self.stmts.get(name).is_some_and(|s| s.read_only) {
+            self.batch.not_read_only();
+        }
+    }
+
+    /// A client message while a COPY FROM STDIN is in progress.
+    async fn on_copy(&mut self, f: Frame) -> Result<(), End> {
+        let msg = FrontendMessage::parse(&f);
+        let data = msg == Ok(FrontendMessage::CopyData);
+        match msg {
+            Ok(FrontendMessage::CopyData | FrontendMessage::Sync | FrontendMessage::Flush) => {}
+            // COPY FROM STDIN: data flows straight to the backend running the COPY; the Sync
+            // that follows CopyDone in the extended protocol belongs to the same request.
+            Ok(FrontendMessage::CopyDone | FrontendMessage::CopyFail) => self.cycle.set_copy(Copy::Done),
+            _ => {
+                let msg = format!("unexpected message type 0x{:02X} during COPY from stdin", f.tag());
+                return Err(self.protocol_violation(&msg).await);
+            }
+        }
+        let w = self.cycle.on().unwrap_or(Which::Primary);
+        let drained = self.client.rbuf.len() < 5;
+        let Some(b) = self.backend(w) else {
+            return Err(self.backend_gone().await);
+        };
+        b.conn.wbuf.extend_from_slice(f.raw());
+        // Let CopyData accumulate; write once the client's buffer is drained.
+        let write = !data || b.conn.wbuf.len() > 64 * 1024 || drained;
+        if write && b.conn.flush().await.is_err() {
+            return Err(self.backend_gone().await);
+        }
+        Ok(())
+    }
+
+    /// Adds an extended-protocol message to the batch waiting for its Sync or Flush. A batch
+    /// that outgrows `MAX_BATCH_MESSAGES` or `MAX_BATCH_BYTES` is not held any longer: what it
+    /// has goes to the primary now (or to the backend already running this cycle), as if the
+    /// client had sent a Flush, and the rest of the batch follows it there. So a client cannot
+    /// make dbproxy hold an unbounded batch, and a long JDBC-style batch still runs, unbalanced.
+    async fn push_batch(&mut self, f: Frame) -> Result<(), End> {
+        if !self.batch.push(f) {
+            return Ok(());
+        }
+        let (frames, _) = self.batch.take();
+        self.dispatch_routed(false, true, frames, Mode::Flush, true).await
+    }
+
+    /// Session-state effects of a statement the client sent.
+    fn note(&mut self, r: Route) {
+        if r.pins {
+            self.sticky.pinned = true;
+        }
+    }
+
+    /// Chooses a backend for a request ([`route::choose`]) and sends it.
+    async fn dispatch_routed(
+        &mut self,
+        standby_ok: bool,
+        writes: bool,
+        frames: Vec<Frame>,
+        mode: Mode,
+        follow: bool,
+    ) -> Result<(), End> {
+        let cur = self.cycle.on();
+        let unreplayed = match self.sticky.write_lsn {
+            Some(l) if standby_ok && cur.is_none() && self.tx.idle() => !self.some_standby_replayed(l),
+            _ => false,
+        };
+        let routing = &self.shared.config.routing;
+        let now = Instant::now();
+        let req = Request {
+            standby_ok,
+            writes,
+            mode,
+        };
+        let state = route::State {
+            cur,
+            tx: self.tx,
+            sticky: &self.sticky,
+            unreplayed,
+        };
+        let choice = route::choose(req, state, routing, now);
+        if let Some(d) = choice.decision {
+            self.shared.cluster.metrics.decision(d);
+        }
+        self.sticky.sent(writes, choice.target, routing, now);
+        self.dispatch(choice.target, frames, mode, follow, choice.capture_lsn)
+            .await
+    }
+
+    /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,
+    /// the session stops checking.
+    fn some_standby_replayed(&mut self, lsn: u64) -> bool {
+        let cluster = &self.shared.cluster;
+        let (mut eligible, mut replayed) = (0, 0);
+        for i in (0..cluster.nodes.len()).filter(|&i| cluster.eligible(i)) {
+            eligible += 1;
+            replayed += cluster.replayed(i, lsn) as usize;
+        }
+        if replayed > 0 && replayed == eligible {
+            self.sticky.write_lsn = None;
+        }
+        replayed > 0
+    }
+}

@@ -1,0 +1,343 @@
+//! Login: the startup packet (or an SSLRequest, GSSENCRequest or CancelRequest), TLS, client
+//! authentication (trust, md5, SCRAM-SHA-256 by pg_hba-style rules), and the connection to the
+//! primary that a login opens at once, so a missing database or role surfaces with PostgreSQL's
+//! own error.
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BufMut;
+use tokio::io::AsyncWriteExt;
+
+use crate::auth::{self, AuthError, ScramServer};
+use crate::backend::{self, Backend, BackendError, Conn};
+use crate::config::{secs, AuthMethod};
+use crate::protocol::{self, auth as pauth, status, Frame, FrontendMessage, Startup, TxStatus};
+
+use super::{fatal, CancelSlot, End, Shared};
+
+/// What a successful startup hands to the session.
+pub(super) struct Login {
+    pub user: String,
+    pub params: Vec<(String, String)>,
+    pub primary: Backend,
+    pub cancel: Arc<CancelSlot>,
+    pub key: (i32, i32),
+}
+
+/// Reads the client's next message during authentication; it must be a `p` message.
+async fn read_password(client: &mut Conn) -> Result<Option<Frame>, End> {
+    match client.read_frame().await {
+        Ok(Some(f)) => match FrontendMessage::parse(&f) {
+            Ok(FrontendMessage::Password { .. }) => Ok(Some(f)),
+            _ => {
+                let msg = format!("expected password response, got message type {}", f.tag());
+                fatal(client, "08P01", &msg).await;
+                Err(End)
+            }
+        },
+        Ok(None) => Ok(None),
+        Err(BackendError::Protocol(e)) => {
+            fatal(client, e.sqlstate(), &e.to_string()).await;
+            Err(End)
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// How pg_hba.conf messages name the connection's encryption.
+fn encryption(encrypted: bool) -> &'static str {
+    if encrypted {
+        "SSL encryption"
+    } else {
+        "no encryption"
+    }
+}
+
+/// Startup and authentication; `Ok(None)` when the connection ended without a session (a
+/// cancel request, a client that left, or an error already sent).
+pub(super) async fn startup(
+    client: &mut Conn,
+    ip: IpAddr,
+    shared: &Arc<Shared>,
+) -> Result<Option<Login>, End> {
+    let metrics = &shared.cluster.metrics;
+    let mut encrypted = false;
+    let params = loop {
+        match protocol::decode_startup(&mut client.rbuf) {
+            Err(e) => {
+                metrics.error("protocol");
+                fatal(client, e.sqlstate(), &e.to_string()).await;
+                return Err(End);
+            }
+            Ok(Some(Startup::Ssl)) if shared.tls.is_some() && !encrypted => {
+                if !client.rbuf.is_empty() {
+                    // Bytes sent before the handshake could be injected by a man in the middle
+                    // (CVE-2021-23214): PostgreSQL refuses them too.
+                    metrics.error("protocol");
+                    fatal(client, "08P01", "received unencrypted data after SSL request").await;
+                    return Err(End);
+                }
+                client.stream.write_all(b"S").await.map_err(|_| End)?;
+                let acceptor = shared.tls.as_ref().expect("checked above");
+                if let Err(e) = client.accept_tls(acceptor).await {
+                    metrics.error("protocol");
+                    tracing::info!(%ip, error = %e, "TLS handshake failed");
+                    return Err(End);
+                }
+                encrypted = true;
+            }
+            Ok(Some(Startup::Ssl | Startup::GssEnc)) => {
+                // No TLS configured (or already encrypted), no GSSAPI: refuse; a libpq client then
+                // carries on in clear text, or gives up if it requires encryption.
+                client.stream.write_all(b"N").await.map_err(|_| End)?;
+            }
+            Ok(Some(Startup::Cancel { pid, key })) => {
+                let slot = shared
+                    .cancels
+                    .lock()
+                    .expect("cancels poisoned")
+                    .get(&(pid, key))
+                    .cloned();
+                let target = slot.and_then(|s| *s.lock().expect("slot poisoned"));
+                if let Some((addr, bpid, bkey)) = target {
+                    backend::cancel(addr, bpid, bkey, secs(shared.config.limits.connect_timeout)).await;
+                }
+                return Ok(None);
+            }
+            Ok(Some(Startup::Params(p))) => break p,
+            Ok(None) => match client.fill().await {
+                Ok(0) | Err(_) => return Ok(None),
+                Ok(_) => {}
+            },
+        }
+    };
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let Some(user) = get("user").filter(|u| !u.is_empty()).map(str::to_string) else {
+        fatal(
+            client,
+            "28000",
+            "no PostgreSQL user name specified in startup packet",
+        )
+        .await;
+        return Err(End);
+    };
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_string();
+    let creds = shared.users.get(&user);
+    // `tls.require` acts like hostssl-only rules: a clear-text client matches none.
+    let rule = if shared.config.tls.require && !encrypted {
+        None
+    } else {
+        shared.hba.method(&user, &database, ip)
+    };
+    let method = match rule {
+        Some(m) => m,
+        None => {
+            metrics.error("auth");
+            let msg = format!(
+                "no pg_hba.conf entry for host \"{ip}\", user \"{user}\", database \"{database}\", {}",
+                encryption(encrypted)
+            );
+            fatal(client, "28000", &msg).await;
+            return Err(End);
+        }
+    };
+    let failed = |user: &str| AuthError::Failed(user.to_string());
+    let outcome: Result<(), AuthError> = match method {
+        AuthMethod::Reject => {
+            metrics.error("auth");
+            let msg = format!(
+                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {}", encryption(encrypted)
+            );
+            fatal(client, "28000", &msg).await;
+            return Err(End);
+        }
+        AuthMethod::Trust => Ok(()),
+        AuthMethod::Md5 if creds.is_some_and(|c| c.md5.is_some()) => {
+            let secret = creds.and_then(|c| c.md5.as_deref()).expect("checked above");
+            let salt: [u8; 4] = rand::random();
+            pauth::encode_request(pauth::MD5, &salt, &mut client.wbuf);
+            client.flush().await.map_err(|_| End)?;
+            let Some(f) = read_password(client).await? else {
+                return Ok(None);
+            };
+            match pauth::password(f.body()) {
+                Ok(answer) if auth::md5_ok(secret, salt, answer) => Ok(()),
+                Ok(_) => Err(failed(&user)),
+                Err(_) => Err(AuthError::MalformedScram),
+            }
+        }
+        // md5 with only a SCRAM verifier upgrades to SCRAM, as PostgreSQL does.
+        AuthMethod::Md5 | AuthMethod::ScramSha256 => match creds.and_then(|c| c.scram.clone()) {
+            None => Err(failed(&user)),
+            Some(secret) => scram(client, secret, &user).await?,
+        },
+    };
+    if let Err(e) = outcome {
+        metrics.error("auth");
+        // Never log the password or the exchange, only that it failed.
+        tracing::info!(%user, %ip, "authentication failed");
+        fatal(client, e.sqlstate(), &e.to_string()).await;
+        return Err(End);
+    }
+    // Open the primary connection now, so that a missing database or role surfaces at login with
+    // PostgreSQL's own error. During a failover this waits for the new primary.
+    let cluster = &shared.cluster;
+    let mut watch = cluster.subscribe();
+    let connected = connect_primary(shared, &params, &user, &mut watch).await;
+    let (primary, greeting) = match connected {
+        Ok(x) => x,
+        Err(e) => {
+            metrics.error("backend");
+            report_backend_error(client, &user, e).await;
+            return Err(End);
+        }
+    };
+    pauth::encode_request(pauth::OK, &[], &mut client.wbuf);
+    for f in &greeting.frames {
+        client.wbuf.put_slice(f.raw());
+    }
+    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    status::encode_backend_key(key.0, key.1, &mut client.wbuf);
+    status::encode_ready(TxStatus::Idle.byte(), &mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let cancel = Arc::new(Mutex::new(None));
+    shared
+        .cancels
+        .lock()
+        .expect("cancels poisoned")
+        .insert(key, cancel.clone());
+    cluster.metrics.connections.inc();
+    Ok(Some(Login {
+        user,
+        params,
+        primary,
+        cancel,
+        key,
+    }))
+}
+
+/// Connects to the elected primary. While there is none, or it cannot be reached (it just died
+/// and the failover is under way), keeps trying, at once when the elected primary changes,
+/// for up to `failover.session_wait`. A login the server refuses is final, except for the
+/// refusals of a server starting up or shutting down.
+pub(super) async fn connect_primary(
+    shared: &Shared,
+    params: &[(String, String)],
+    user: &str,
+    watch: &mut tokio::sync::watch::Receiver<u64>,
+) -> Result<(Backend, backend::Greeting), BackendError> {
+    let cluster = &shared.cluster;
+    let limits = &shared.config.limits;
+    let creds = shared.users.get(user);
+    let deadline = Instant::now() + secs(shared.config.failover.session_wait);
+    let mut last = BackendError::NoPrimary;
+    loop {
+        watch.borrow_and_update();
+        if let Some(p) = cluster.elected() {
+            let node = &cluster.nodes[p].config;
+            let attempt = backend::connect(
+                p,
+                &node.host,
+                node.port,
+                params,
+                user,
+                creds,
+                limits.max_message_size,
+                secs(limits.connect_timeout),
+            );
+            tokio::select! {
+                r = attempt => match r {
+                    Ok(x) => return Ok(x),
+                    Err(BackendError::Refused(f))
+                        if !backend::sqlstate(&f).is_some_and(|c| c.starts_with("57")) =>
+                    {
+                        return Err(BackendError::Refused(f));
+                    }
+                    Err(e @ BackendError::Auth(_)) => return Err(e),
+                    Err(e) => {
+                        tracing::debug!(node = %node.name, error = %e, "cannot reach the primary");
+                        cluster.suspect(p);
+                        last = e;
+                    }
+                },
+                // A new primary was elected meanwhile: try it at once.
+                Ok(()) = watch.changed() => continue,
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(last);
+        }
+        tokio::select! {
+            Ok(()) = watch.changed() => {}
+            _ = tokio::time::sleep(left.min(Duration::from_millis(100))) => {}
+            // Shutting down: no point waiting for a primary any more.
+            _ = shared.shutdown.cancelled() => return Err(last),
+        }
+    }
+}
+
+/// Relays a failed backend login to the client the way PostgreSQL would have reported it.
+async fn report_backend_error(client: &mut Conn, user: &str, e: BackendError) {
+    match e {
+        BackendError::Refused(f) => {
+            client.wbuf.put_slice(f.raw());
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        }
+        BackendError::Auth(msg) => {
+            tracing::warn!(%user, reason = %msg, "backend login failed");
+            fatal(
+                client,
+                "28P01",
+                &format!("password authentication failed for user \"{user}\""),
+            )
+            .await;
+        }
+        other => {
+            tracing::warn!(error = %other, "cannot connect to the primary");
+            fatal(
+                client,
+                "08006",
+                &format!("could not connect to the primary server: {other}"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Runs a SCRAM-SHA-256 exchange with the client.
+async fn scram(
+    client: &mut Conn,
+    secret: auth::ScramSecret,
+    user: &str,
+) -> Result<Result<(), AuthError>, End> {
+    pauth::encode_sasl_offer(&mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let Some(f) = read_password(client).await? else {
+        return Err(End);
+    };
+    let Ok((mech, data)) = pauth::sasl_initial(f.body()) else {
+        return Ok(Err(AuthError::MalformedScram));
+    };
+    let (server, first) = match ScramServer::start(secret, mech, data) {
+        Ok(x) => x,
+        Err(e) => return Ok(Err(e)),
+    };
+    pauth::encode_request(pauth::SASL_CONTINUE, first.as_bytes(), &mut client.wbuf);
+    client.flush().await.map_err(|_| End)?;
+    let Some(f) = read_password(client).await? else {
+        return Err(End);
+    };
+    match server.finish(user, f.body()) {
+        Ok(fin) => {
+            pauth::encode_request(pauth::SASL_FINAL, fin.as_bytes(), &mut client.wbuf);
+            Ok(Ok(()))
+        }
+        Err(e) => Ok(Err(e)),
+    }
+}

@@ -1,0 +1,422 @@
+//! The backend side of a session: its primary and standby connections (opened lazily,
+//! replaced after a failover, lost mid-request), and sending a request to one of them with
+//! what that connection lacks first: statements closed elsewhere, session settings not yet
+//! applied, and (lazily) the Parse of each prepared statement it uses.
+
+use std::time::Duration;
+
+use bytes::BufMut;
+
+use crate::backend::{self, Backend, BackendError};
+use crate::cluster::{Decision, Role};
+use crate::config::secs;
+use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
+
+use super::cycle::{Copy, Cycle, Mode, Which};
+use super::login::connect_primary;
+use super::stmt::Statements;
+use super::window::Window;
+use super::{batch, End, Session};
+
+/// Before `f` goes to backend `b`: a statement it uses that `b` lacks is prepared there (any
+/// stale copy closed first), both answers to be swallowed.
+fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
+    let Some(st) = stmts.get(name) else {
+        return;
+    };
+    if b.prepared.contains(name) {
+        return;
+    }
+    let wbuf = &mut b.conn.wbuf;
+    if !name.is_empty() {
+        extended::encode_close_statement(name, wbuf);
+        b.swallow_close += 1;
+    }
+    wbuf.put_slice(st.parse.raw());
+    b.swallow_parse += 1;
+    b.prepared.insert(name.to_string());
+}
+
+impl Session {
+    /// Whether the primary connection goes to a node that is no longer the elected primary.
+    fn primary_stale(&self) -> bool {
+        let cluster = &self.shared.cluster;
+        self.primary
+            .as_ref()
+            .is_some_and(|b| cluster.is_fenced(b.node) || cluster.elected().is_some_and(|e| e != b.node))
+    }
+
+    /// The elected primary changed or a node was fenced: a session whose primary connection is
+    /// now stale drops it when idle (and reconnects when next needed); one whose request or
+    /// transaction runs there loses it.
+    pub(super) async fn on_topology_change(&mut self) -> Result<(), End> {
+        if !self.primary_stale() {
+            return Ok(());
+        }
+        if self.primary_busy() || self.sticky.pinned {
+            return self.lost_primary().await;
+        }
+        tracing::info!("primary changed; the session reconnects on its next request");
+        self.primary = None;
+        Ok(())
+    }
+
+    /// The primary connection failed or was fenced while it held the session's request, its
+    /// transaction, or state that cannot be rebuilt elsewhere (temporary tables, LISTEN,
+    /// advisory locks). An autocommit request gets an ERROR 08006 saying its outcome is unknown and
+    /// the session goes on; otherwise the session ends with a FATAL 08006, never a hang.
+    async fn lost_primary(&mut self) -> Result<(), End> {
+        let metrics = &self.shared.cluster.metrics;
+        metrics.error("backend");
+        if let Some(b) = self.primary.take() {
+            self.shared.cluster.suspect(b.node);
+        }
+        let autocommit = self.tx.idle()
+            && matches!(
+                self.cycle,
+                Cycle::Running {
+                    on: Which::Primary,
+                    awaiting: true,
+                    copy: Copy::Off
+                }
+            )
+            && !self.sticky.pinned;
+        if autocommit {
+            perror::encode_error(
+                "ERROR",
+                "08006",
+                "server closed the connection unexpectedly while the request ran; whether it \
+                 took effect is unknown (the session goes on, on the primary in place then)",
+                &mut self.client.wbuf,
+            );
+            status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
+            self.cycle = Cycle::Idle;
+            self.close_window();
+            self.holdback.clear();
+            self.settings.abandon();
+            *self.cancel.lock().expect("slot poisoned") = None;
+            self.cancel_key = None;
+            return self.client.flush().await.map_err(|_| End);
+        }
+        let message = if self.tx.on_primary() {
+            "terminating connection because the primary server was lost during the transaction"
+        } else {
+            "terminating connection because the primary server was lost and this session's \
+             state (temporary tables, LISTEN, advisory locks) cannot be moved"
+        };
+        self.cycle = Cycle::Idle;
+        self.end("08006", message).await;
+        Err(End)
+    }
+
+    /// Makes sure a usable standby connection exists; false when none can be had.
+    async fn ensure_standby(&mut self) -> bool {
+        let min_lsn = self.sticky.write_lsn;
+        if let Some(b) = &self.standby {
+            let cluster = &self.shared.cluster;
+            if self.tx.on_standby()
+                || (cluster.eligible(b.node) && min_lsn.is_none_or(|l| cluster.replayed(b.node, l)))
+            {
+                return true;
+            }
+            self.standby = None;
+        }
+        let cluster = self.shared.cluster.clone();
+        let Some(i) = cluster.pick_standby(min_lsn) else {
+            return false;
+        };
+        let node = &cluster.nodes[i].config;
+        let limits = &self.shared.config.limits;
+        let creds = self.shared.users.get(&self.user);
+        match backend::connect(
+            i,
+            &node.host,
+            node.port,
+            &self.params,
+            &self.user,
+            creds,
+            limits.max_message_size,
+            secs(limits.connect_timeout),
+        )
+        .await
+        {
+            Ok((b, _greeting)) => {
+                self.standby = Some(b);
+                true
+            }
+            Err(e) => {
+                cluster.metrics.error("backend");
+                tracing::warn!(node = %node.name, error = %e, "cannot open a standby connection");
+                false
+            }
+        }
+    }
+
+    /// Answers a request that cannot be sent with an ERROR (and ReadyForQuery when it ended
+    /// with Sync); the session goes on.
+    async fn refuse(&mut self, message: &str, mode: Mode) -> Result<(), End> {
+        perror::encode_error("ERROR", "08006", message, &mut self.client.wbuf);
+        if mode == Mode::Sync {
+            status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
+        }
+        self.client.flush().await.map_err(|_| End)
+    }
+
+    /// Sends `frames` to backend `target` (the standby when possible), preparing what it lacks.
+    /// `follow`: the request may change settings or the transaction (extended-protocol
+    /// batches always are followed; a simple Query when it holds such statements).
+    /// `capture_lsn`: the primary's WAL position is asked for behind it (read-your-writes).
+    pub(super) async fn dispatch(
+        &mut self,
+        mut target: Which,
+        frames: Vec<Frame>,
+        mode: Mode,
+        follow: bool,
+        capture_lsn: bool,
+    ) -> Result<(), End> {
+        let fresh = self.cycle.on().is_none();
+        if target == Which::Standby && fresh && !self.ensure_standby().await {
+            if self.tx.on_standby() {
+                // The standby holding a transaction is gone.
+                return Err(self.backend_gone().await);
+            }
+            if !self.shared.config.routing.fallback_to_primary {
+                return self.refuse("no standby is available for this read", mode).await;
+            }
+            self.shared.cluster.metrics.decision(Decision::PrimaryFallback);
+            target = Which::Primary;
+        } else if target == Which::Standby && fresh && self.tx.idle() {
+            self.shared.cluster.metrics.decision(Decision::Standby);
+        }
+        let idle = self.tx.idle() && fresh;
+        if target == Which::Primary && fresh {
+            if self.primary_stale() {
+                if self.primary_busy() || self.sticky.pinned {
+                    return self.lost_primary().await;
+                }
+                self.primary = None;
+            }
+            if self.primary.is_none() {
+                match connect_primary(&self.shared, &self.params, &self.user, &mut self.watch).await {
+                    Ok((b, _greeting)) => self.primary = Some(b),
+                    Err(BackendError::Refused(f)) => {
+                        self.client.wbuf.put_slice(f.raw());
+                        let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
+                        return Err(End);
+                    }
+                    Err(e) => {
+                        self.shared.cluster.metrics.error("backend");
+                        let msg = format!("could not connect to the primary server: {e}");
+                        return self.refuse(&msg, mode).await;
+                    }
+                }
+            }
+        }
+        let (b, other) = match target {
+            Which::Primary => match self.primary.as_mut() {
+                Some(b) => (b, self.standby.as_mut()),
+                None => return Err(self.backend_gone().await),
+            },
+            Which::Standby => (
+                self.standby.as_mut().expect("ensured above"),
+                self.primary.as_mut(),
+            ),
+        };
+        let mut other = other;
+        // Statements the client closed elsewhere, and settings not applied here yet.
+        if !b.to_close.is_empty() {
+            for name in b.to_close.drain(..) {
+                extended::encode_close_statement(&name, &mut b.conn.wbuf);
+            }
+            extended::encode_sync(&mut b.conn.wbuf);
+            b.swallow_rfq += 1;
+        }
+        for s in &self.sets[b.sets_applied..] {
+            simple::encode_query(s, &mut b.conn.wbuf);
+            b.swallow_rfq += 1;
+        }
+        b.sets_applied = self.sets.len();
+        let settings = &mut self.settings;
+        if fresh {
+            settings.start(self.tx.status.byte(), follow || settings.needed());
+        }
+        for f in &frames {
+            // Every frame here was read (and checked) as it arrived from the client.
+            match FrontendMessage::parse(f) {
+                Ok(FrontendMessage::Query { sql }) if settings.active() => {
+                    settings.query(self.shared.classifier.steps(sql));
+                }
+                Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
+                Ok(FrontendMessage::Parse { name, .. }) => {
+                    if name.is_empty() {
+                        if let Some(o) = other.as_mut() {
+                            o.prepared.remove("");
+                        }
+                    }
+                    b.prepared.insert(name.to_string());
+                }
+                Ok(FrontendMessage::Bind(bind)) => {
+                    prepare_lazily(b, &self.stmts, bind.stmt);
+                    let step = self
+                        .stmts
+                        .get(bind.stmt)
+                        .map_or(crate::classify::Step::Other, |s| s.bound(&bind));
+                    settings.bind(bind.portal, step);
+                }
+                Ok(FrontendMessage::Describe(t)) => {
+                    if let Some(name) = t.statement() {
+                        prepare_lazily(b, &self.stmts, name);
+                        // A Describe of a statement: its ParameterDescription comes back in turn.
+                        self.stmts.describe_sent(name);
+                    }
+                }
+                Ok(FrontendMessage::Close(t)) => {
+                    if let Some(name) = t.statement() {
+                        b.prepared.remove(name);
+                        if let Some(o) = other.as_mut() {
+                            if o.prepared.remove(name) {
+                                o.to_close.push(name.to_string());
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+            b.conn.wbuf.put_slice(f.raw());
+        }
+        if capture_lsn && target == Which::Primary && mode == Mode::Sync {
+            simple::encode_query("select pg_current_wal_lsn()::text", &mut b.conn.wbuf);
+            b.capture_lsn += 1;
+        }
+        let node = b.node;
+        if self.cancel_key != Some(b.key) {
+            // Left in place after the request ends: a late CancelRequest then reaches a backend
+            // with nothing to cancel (PostgreSQL ignores it), as it would without dbproxy.
+            *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
+            self.cancel_key = Some(b.key);
+        }
+        let written = b.conn.flush().await;
+        let role = match target {
+            Which::Standby => Role::Standby,
+            Which::Primary => Role::Primary,
+        };
+        self.shared.cluster.count(node, role);
+        if fresh {
+            self.close_window();
+            self.holdback.clear();
+        }
+        // Outside a transaction, a standby's 25006 is replayed on the primary while nothing
+        // executed of the cycle reached the client.
+        if target == Which::Standby && (idle || self.replay.is_some()) {
+            self.replay
+                .get_or_insert_with(|| std::mem::take(&mut self.spare_window))
+                .push(frames);
+        } else {
+            self.close_window();
+            self.batch.recycle(frames);
+        }
+        self.cycle.sent(target, mode);
+        if written.is_err() {
+            return Err(self.backend_gone().await);
+        }
+        Ok(())
+    }
+
+    /// Ends the replay window; its emptied buffers are kept for the next cycle.
+    pub(super) fn close_window(&mut self) {
+        if let Some(mut w) = self.replay.take() {
+            while let Some(h) = w.batches.pop_front() {
+                self.batch.recycle(h.frames);
+            }
+            if w.batches.capacity() <= batch::MAX_SPARE {
+                self.spare_window = w;
+            }
+        }
+    }
+
+    /// Frames arrived from backend `w` (the first one read, then those already buffered), or
+    /// its connection ended.
+    pub(super) async fn on_backend(
+        &mut self,
+        w: Which,
+        first: Result<Option<Frame>, BackendError>,
+    ) -> Result<(), End> {
+        let mut next = first;
+        loop {
+            match next {
+                Ok(Some(f)) => match self.on_backend_frame(w, f) {
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "backend broke the protocol");
+                        return self.backend_lost(w).await;
+                    }
+                },
+                Ok(None) | Err(_) => return self.backend_lost(w).await,
+            }
+            let Some(b) = self.backend(w) else { break };
+            next = match b.conn.buffered() {
+                Ok(Some(f)) => Ok(Some(f)),
+                Ok(None) => break,
+                Err(e) => Err(BackendError::Protocol(e)),
+            };
+        }
+        if let Some(b) = self.standby.as_mut().filter(|b| !b.conn.wbuf.is_empty()) {
+            // The Sync that ends a batch a 25006 interrupted (see `answer`). A failed write
+            // shows as a failed read next, which replays the request then.
+            let _ = b.conn.flush().await;
+        }
+        self.client.flush().await.map_err(|_| End)
+    }
+
+    /// Backend `w`'s connection ended or broke the protocol.
+    async fn backend_lost(&mut self, w: Which) -> Result<(), End> {
+        if w == Which::Primary {
+            if let Some(b) = &self.primary {
+                self.shared.cluster.suspect(b.node);
+            }
+            if self.primary_busy() || self.sticky.pinned {
+                return self.lost_primary().await;
+            }
+            // An idle primary connection went away (the node died or restarted): open one to
+            // whichever node is primary when next needed.
+            tracing::info!("idle primary connection lost; reconnecting when next needed");
+            self.primary = None;
+            return self.client.flush().await.map_err(|_| End);
+        }
+        if let Some(b) = &self.standby {
+            self.shared.cluster.suspect(b.node);
+        }
+        if self.cycle.on() == Some(Which::Standby) {
+            let replay = match self.cycle.take_pending_replay() {
+                Some(r) => Some(r),
+                None => {
+                    let window = self.replay.take();
+                    if window.as_ref().is_some_and(|w| w.batches.is_empty()) {
+                        // Everything the standby answered in this cycle was passed on and
+                        // nothing was executed: the cycle simply goes on elsewhere (statements
+                        // are prepared lazily where the next batch runs).
+                        self.standby = None;
+                        self.cycle = Cycle::Idle;
+                        return self.client.flush().await.map_err(|_| End);
+                    }
+                    window.and_then(Window::replayable)
+                }
+            };
+            if let Some(replay) = replay {
+                // The standby went away before any executed answer reached the client: run the
+                // request on the primary instead.
+                tracing::info!("standby connection lost mid-read; replaying on the primary");
+                self.standby = None;
+                self.cycle = Cycle::Replaying { replay };
+                self.holdback.clear();
+                return Ok(());
+            }
+        }
+        if !self.tx.on_standby() && self.cycle.on() != Some(Which::Standby) {
+            // An idle standby connection went away: open another when next needed.
+            self.standby = None;
+            return Ok(());
+        }
+        Err(self.backend_gone().await)
+    }
+}
