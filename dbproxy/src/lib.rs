@@ -24,6 +24,7 @@ pub mod operations;
 pub mod pcp;
 pub mod pgpool_check;
 pub mod pgpool_conf;
+pub mod pool_hba;
 pub mod protocol;
 pub mod record;
 pub mod reload;

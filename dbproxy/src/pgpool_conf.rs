@@ -34,6 +34,14 @@ pub enum PgpoolConfError {
         /// Why it cannot be honoured.
         message: String,
     },
+    /// pool_hba.conf could not be read, or has a line dbproxy cannot honour.
+    #[error("{path}: {message}")]
+    PoolHba {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The pool_passwd file could not be read or parsed.
     #[error("pool_passwd {path}: {message}")]
     PoolPasswd {
@@ -75,9 +83,12 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let entries = parse_lines(text)?;
     let get = |k: &str| entries.get(k).map(|(_, v)| v.as_str());
     let mut out = PgpoolImport::default();
+    // pgpool reads pool_hba.conf from beside pgpool.conf (Debian: /etc/pgpool2).
+    let hba_on = get("enable_pool_hba").and_then(boolean) == Some(true);
+    let pool_hba = base_dir.join("pool_hba.conf");
     let beside = crate::pgpool_check::Beside {
         pcp_conf: base_dir.join("pcp.conf").exists(),
-        pool_hba: false,
+        pool_hba: hba_on && pool_hba.exists(),
     };
     out.review = crate::pgpool_check::review(&entries, beside);
     let mut routing = Table::new();
@@ -376,12 +387,26 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
             });
         }
     }
-    if get("enable_pool_hba").and_then(boolean) == Some(true) {
-        out.notes.push(
-            "enable_pool_hba = on: pool_hba.conf is not read; give dbproxy's [[hba]] rules (default: SCRAM-SHA-256, \
-             or md5 for users whose pool_passwd entry is an md5 hash)"
-                .into(),
-        );
+    if hba_on {
+        if pool_hba.exists() {
+            // pool_hba.conf decides, first match wins; nothing matching is refused, as in pgpool.
+            let text = std::fs::read_to_string(&pool_hba).map_err(|e| PgpoolConfError::PoolHba {
+                path: pool_hba.clone(),
+                message: e.to_string(),
+            })?;
+            let t = crate::pool_hba::translate(&text).map_err(|e| PgpoolConfError::PoolHba {
+                path: pool_hba.clone(),
+                message: e.to_string(),
+            })?;
+            out.notes.extend(t.notes);
+            out.table.insert("hba".into(), Value::Array(t.rules));
+        } else {
+            out.notes.push(format!(
+                "enable_pool_hba = on but there is no {}: give dbproxy's [[hba]] rules (default: \
+                 SCRAM-SHA-256, or md5 for users whose pool_passwd entry is an md5 hash)",
+                pool_hba.display()
+            ));
+        }
     }
 
     for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
@@ -752,6 +777,41 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("line 1"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pool_hba_conf_is_read_when_enabled() {
+        let dir = std::env::temp_dir().join(format!("pgpool-hba-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pool_passwd"), "u:md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        let base = "backend_hostname0 = 'h'\npool_passwd = 'pool_passwd'\n";
+        // Without the file: the md5-for-md5-users rules, and a note.
+        let imp = parse(&format!("{base}enable_pool_hba = on\n"), &dir).unwrap();
+        assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        assert!(imp.notes.iter().any(|n| n.contains("no ")), "{:?}", imp.notes);
+        std::fs::write(dir.join("pool_hba.conf"), "host all u 127.0.0.1/32 trust\n").unwrap();
+        let imp = parse(&format!("{base}enable_pool_hba = on\n"), &dir).unwrap();
+        let hba = imp.table["hba"].as_array().unwrap();
+        assert_eq!(hba[0]["method"].as_str(), Some("trust"));
+        assert_eq!(hba[1]["method"].as_str(), Some("reject"));
+        let review = |imp: &PgpoolImport| {
+            imp.review
+                .iter()
+                .find(|r| r.key == "enable_pool_hba")
+                .unwrap()
+                .verdict
+        };
+        assert_eq!(review(&imp), crate::pgpool_check::Verdict::Same);
+        // Off: the file is not read.
+        let imp = parse(&format!("{base}enable_pool_hba = off\n"), &dir).unwrap();
+        assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        // A line dbproxy cannot honour stops the import.
+        std::fs::write(dir.join("pool_hba.conf"), "hostssl all all 0.0.0.0/0 md5\n").unwrap();
+        let e = parse(&format!("{base}enable_pool_hba = on\n"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool_hba.conf") && e.contains("line 1"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

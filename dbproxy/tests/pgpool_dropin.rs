@@ -345,6 +345,9 @@ impl Pgpool {
             .arg(conf)
             .arg("-F")
             .arg(pcp_conf)
+            // pgpool's default is /etc/pgpool2/pool_hba.conf, beside Debian's pgpool.conf.
+            .arg("-a")
+            .arg(conf.with_file_name("pool_hba.conf"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -393,7 +396,13 @@ fn psql(port: u16, sql: &str) -> Result<String> {
 
 /// A pgpool.conf, pool_passwd and pcp.conf for `c` in `dir`, shared by pgpool-II (on `pg_port`
 /// and `pg_pcp`) and dbproxy (whose ports come from `--set`).
-fn shared_files(c: &PgCluster, dir: &Path, pg_port: u16, pg_pcp: u16) -> Result<(PathBuf, PathBuf)> {
+fn shared_files(
+    c: &PgCluster,
+    dir: &Path,
+    pg_port: u16,
+    pg_pcp: u16,
+    extra: &str,
+) -> Result<(PathBuf, PathBuf)> {
     let d = dir.display();
     let conf = dir.join("pgpool.conf");
     std::fs::write(
@@ -406,7 +415,7 @@ fn shared_files(c: &PgCluster, dir: &Path, pg_port: u16, pg_pcp: u16) -> Result<
                  unix_socket_directories = '{d}'\npcp_socket_dir = '{d}'\nlogdir = '{d}'\n\
                  pid_file_name = '{d}/pgpool.pid'\nnum_init_children = 4\nmax_pool = 1\n\
                  pool_passwd = 'pool_passwd'\nsr_check_period = 1\nsr_check_user = 'postgres'\n\
-                 failover_on_backend_error = off\n"
+                 failover_on_backend_error = off\n{extra}"
             ),
         ),
     )?;
@@ -419,6 +428,20 @@ fn shared_files(c: &PgCluster, dir: &Path, pg_port: u16, pg_pcp: u16) -> Result<
     Ok((conf, pcp_conf))
 }
 
+/// pgpool-II on `pg_port` and dbproxy on `db_port`, started on the same files; dbproxy's PCP
+/// listener stays off (pgpool holds the PCP port the file names).
+fn side_by_side(conf: &Path, pcp_conf: &Path, pg_port: u16, db_port: u16) -> Result<(Pgpool, Dbproxy)> {
+    let pgpool = Pgpool::start(conf, pcp_conf, pg_port)?;
+    let proxy = Dbproxy::start(
+        conf,
+        &[
+            format!("listen=\"127.0.0.1:{db_port}\""),
+            "pcp.listen=\"\"".into(),
+        ],
+    )?;
+    Ok((pgpool, proxy))
+}
+
 #[test]
 fn show_commands_answer_as_pgpool_does() -> Result<()> {
     let c = PgCluster::builder().standbys(1).start()?;
@@ -428,16 +451,8 @@ fn show_commands_answer_as_pgpool_does() -> Result<()> {
         testkit::free_port()?,
         testkit::free_port()?,
     );
-    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp)?;
-    let _pgpool = Pgpool::start(&conf, &pcp_conf, pg_port)?;
-    // pgpool holds the PCP port the file names.
-    let _proxy = Dbproxy::start(
-        &conf,
-        &[
-            format!("listen=\"127.0.0.1:{db_port}\""),
-            "pcp.listen=\"\"".into(),
-        ],
-    )?;
+    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
+    let _both = side_by_side(&conf, &pcp_conf, pg_port, db_port)?;
     // The same columns and rows, through psql.
     for sql in [
         "show pool_nodes",
@@ -482,6 +497,75 @@ fn show_commands_answer_as_pgpool_does() -> Result<()> {
     Ok(())
 }
 
+/// Whether psql logs in as `user` with `password` on `port` and runs a statement.
+fn logs_in(port: u16, user: &str, password: &str) -> Result<bool> {
+    let out = support::pg_program("psql")?
+        .args(["-X", "-A", "-t", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-U", user, "-d", "postgres", "-c", "select 1"])
+        .env("PGPASSWORD", password)
+        .output()?;
+    Ok(out.status.success())
+}
+
+#[test]
+fn pool_hba_conf_decides_as_in_pgpool() -> Result<()> {
+    // The servers ask for passwords too: pgpool-II skips its md5 check when they trust the user.
+    let c = PgCluster::builder().standbys(1).password("pw").start()?;
+    let dir = tempdir()?;
+    let (pg_port, pg_pcp, db_port) = (
+        testkit::free_port()?,
+        testkit::free_port()?,
+        testkit::free_port()?,
+    );
+    let (conf, pcp_conf) = shared_files(
+        &c,
+        dir.path(),
+        pg_port,
+        pg_pcp,
+        "enable_pool_hba = on\nhealth_check_password = 'pw'\nsr_check_password = 'pw'\n",
+    )?;
+    std::fs::write(
+        dir.path().join("pool_passwd"),
+        "postgres:TEXTpw\nalice:TEXTalice\n",
+    )?;
+    std::fs::write(
+        dir.path().join("pool_hba.conf"),
+        "# TYPE DATABASE USER ADDRESS METHOD\nlocal all all trust\n\
+         host all postgres 127.0.0.1/32 md5\nhost all all 127.0.0.1 255.255.255.255 reject\n",
+    )?;
+    let _both = side_by_side(&conf, &pcp_conf, pg_port, db_port)?;
+    for (user, password, allowed) in [
+        ("postgres", "pw", true),
+        ("postgres", "wrong", false),
+        ("alice", "alice", false),
+        ("nobody", "x", false),
+    ] {
+        assert_eq!(
+            logs_in(pg_port, user, password)?,
+            allowed,
+            "pgpool-II, {user}/{password}"
+        );
+        assert_eq!(
+            logs_in(db_port, user, password)?,
+            allowed,
+            "dbproxy, {user}/{password}"
+        );
+    }
+    // The migration check takes enable_pool_hba = on as the same now.
+    let out = Command::new(BIN)
+        .arg("--pgpool-conf")
+        .arg(&conf)
+        .arg("--check-config")
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some("enable_pool_hba"))
+        .unwrap_or_default();
+    assert_eq!(line.split_whitespace().nth(3), Some("same"), "{stdout}");
+    Ok(())
+}
+
 /// Runs `/usr/sbin/<cmd> <args> -h 127.0.0.1 -p <port> -U pcpadmin -w` with `passfile`;
 /// returns (exit code, stdout, stderr).
 fn pcp(cmd: &str, args: &[&str], port: u16, passfile: &Path) -> Result<(i32, String, String)> {
@@ -513,7 +597,7 @@ fn pcp_commands_answer_as_pgpool_does() -> Result<()> {
         testkit::free_port()?,
         testkit::free_port()?,
     );
-    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp)?;
+    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
     let passfile = dir.path().join("pcppass");
     std::fs::write(
         &passfile,
