@@ -772,8 +772,23 @@ fn pcp_bad_input_gets_a_clean_error() -> Result<()> {
     let out = exchange(&salted)?;
     assert_eq!(out[0], b'm', "the salt comes first");
     fatal(&out[9..], "no password hash");
-    // A client that says nothing is not a problem for the next one.
-    let _idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    // A client that says nothing, or trickles a login, is not a problem for the next one, and
+    // is closed once the login time is up.
+    let mut idle = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    slow.write_all(b"M\0")?;
     fatal(&exchange(b"L\0\0\0\x04")?, "authentication failed");
+    let started = std::time::Instant::now();
+    for s in [&mut idle, &mut slow] {
+        s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest)?;
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(25),
+        "closed after {waited:?}"
+    );
     Ok(())
 }

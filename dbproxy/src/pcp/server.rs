@@ -1,11 +1,12 @@
 //! The PCP listener: one task per operator connection, at most [`MAX_CONNECTIONS`] at once. A
-//! connection must log in (md5 with a salt, against pcp.conf) before anything else; every read
-//! and write is bounded by a timeout and a frame by [`protocol::MAX_FRAME`]; a malformed or
+//! connection must log in (md5 with a salt, against pcp.conf) before anything else, within
+//! [`LOGIN_TIMEOUT`]; every read and write is bounded by a timeout and a frame by
+//! [`protocol::MAX_FRAME`]; a malformed or
 //! unauthorised request gets pgpool's FATAL error and the connection is closed, a request that
 //! cannot be carried out gets an ERROR and the connection stays.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use common::Shutdown;
@@ -25,6 +26,9 @@ pub const MAX_CONNECTIONS: usize = 16;
 
 /// How long a connection may stay silent, and a write may take.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a connection has to log in, however it trickles its bytes.
+pub const LOGIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the PCP commands act on.
 pub struct Pcp {
@@ -91,6 +95,7 @@ async fn connection(mut stream: TcpStream, pcp: &Pcp, shutdown: &Shutdown) {
     let mut buf = BytesMut::with_capacity(protocol::MAX_FRAME);
     let mut out = BytesMut::new();
     let mut login = Login::Start;
+    let login_by = Instant::now() + LOGIN_TIMEOUT;
     loop {
         // The frame is parsed where it lies; it leaves the buffer once answered.
         let (flow, used) = match protocol::frame(&buf) {
@@ -106,9 +111,14 @@ async fn connection(mut stream: TcpStream, pcp: &Pcp, shutdown: &Shutdown) {
                 }
             },
             Ok(None) => {
+                let limit = if login == Login::Done {
+                    IO_TIMEOUT
+                } else {
+                    login_by.saturating_duration_since(Instant::now())
+                };
                 let read = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    r = tokio::time::timeout(IO_TIMEOUT, stream.read_buf(&mut buf)) => r,
+                    r = tokio::time::timeout(limit, stream.read_buf(&mut buf)) => r,
                 };
                 match read {
                     Ok(Ok(n)) if n > 0 => continue,
