@@ -47,6 +47,19 @@ pub struct Config {
     pub tls: TlsConfig,
     /// Threads serving client sessions, each with its own event loop; 0 means one per core.
     pub workers: usize,
+    /// pgpool-II's PCP operator interface (`pcp_node_info`, `pcp_attach_node`, ...).
+    pub pcp: PcpConfig,
+}
+
+/// pgpool-II's PCP listener, so operators' `pcp_*` commands and scripts keep working.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PcpConfig {
+    /// Address the PCP listener binds (pgpool's `pcp_listen_addresses` and `pcp_port`); empty
+    /// turns it off. Changing it needs a restart.
+    pub listen: String,
+    /// pgpool's `pcp.conf`: `user:md5(password)` lines, the logins PCP accepts (read at start-up).
+    pub users_file: String,
 }
 
 impl Default for Config {
@@ -65,6 +78,7 @@ impl Default for Config {
             state_dir: "/var/lib/dbproxy".to_string(),
             tls: TlsConfig::default(),
             workers: 0,
+            pcp: PcpConfig::default(),
         }
     }
 }
@@ -441,6 +455,20 @@ impl common::Validate for Config {
         }
         if self.nodes.is_empty() {
             return Err(ConfigError::invalid("nodes", "at least one node is required"));
+        }
+        if !self.pcp.listen.is_empty() {
+            if self.pcp.listen.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::invalid(
+                    "pcp.listen",
+                    format!("`{}` is not an address:port", self.pcp.listen),
+                ));
+            }
+            if self.pcp.users_file.is_empty() {
+                return Err(ConfigError::invalid(
+                    "pcp.users_file",
+                    "the PCP listener needs a pcp.conf with its logins",
+                ));
+            }
         }
         for (i, n) in self.nodes.iter_mut().enumerate() {
             if n.name.is_empty() {

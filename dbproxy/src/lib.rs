@@ -6,7 +6,7 @@
 //! (login, request cycle, routing, replay window, prepared statements, backend side; `settings`
 //! follows which of its SET statements hold); `backend` logs into nodes;
 //! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
-//! nodes; `admin` serves SHOW POOL_NODES and `/status`; `server` accepts (each session then runs
+//! nodes; `admin` serves pgpool's SHOW commands and `/status`; `pcp` speaks pgpool's PCP; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;
 //! `reload` decides what a new configuration changes; `record` keeps who is primary durably
 //! (`manager` writes it before routing changes).
@@ -22,8 +22,10 @@ pub mod health;
 pub mod health_stats;
 pub mod manager;
 pub mod operations;
+pub mod pcp;
 pub mod pgpool_check;
 pub mod pgpool_conf;
+pub mod pool_hba;
 pub mod protocol;
 pub mod record;
 pub mod reload;

@@ -365,15 +365,15 @@ fn judge(key: &str, value: &str, beside: Beside) -> (Verdict, String) {
         "enable_pool_hba" if on(value) && beside.pool_hba => s(Same, "hba (from pool_hba.conf)"),
         "enable_pool_hba" if on(value) => s(
             Different,
-            "pool_hba.conf is not read: dbproxy asks every pool_passwd user for SCRAM-SHA-256 (md5 \
-             for md5 entries) from anywhere; give [[hba]] rules",
+            "there is no pool_hba.conf beside pgpool.conf: pgpool-II would refuse every client, \
+             dbproxy asks every pool_passwd user for SCRAM-SHA-256 (md5 for md5 entries) from \
+             anywhere; add the file or give [[hba]] rules",
         ),
         "enable_pool_hba" => s(
             Approximated,
             "off: clients authenticate against dbproxy's users (from pool_passwd); pass-through \
              authentication to the backends is not implemented yet",
         ),
-        "pool_hba_file" => s(Same, "read when enable_pool_hba is on"),
         "pcp_listen_addresses" | "pcp_port" if beside.pcp_conf => {
             s(Same, "pcp.listen, with pcp.conf beside pgpool.conf")
         }

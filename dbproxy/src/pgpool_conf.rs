@@ -34,6 +34,14 @@ pub enum PgpoolConfError {
         /// Why it cannot be honoured.
         message: String,
     },
+    /// pool_hba.conf could not be read, or has a line dbproxy cannot honour.
+    #[error("{path}: {message}")]
+    PoolHba {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// The pool_passwd file could not be read or parsed.
     #[error("pool_passwd {path}: {message}")]
     PoolPasswd {
@@ -75,9 +83,12 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let entries = parse_lines(text)?;
     let get = |k: &str| entries.get(k).map(|(_, v)| v.as_str());
     let mut out = PgpoolImport::default();
+    // pgpool reads pool_hba.conf from beside pgpool.conf (Debian: /etc/pgpool2).
+    let hba_on = get("enable_pool_hba").and_then(boolean) == Some(true);
+    let pool_hba = base_dir.join("pool_hba.conf");
     let beside = crate::pgpool_check::Beside {
-        pcp_conf: false,
-        pool_hba: false,
+        pcp_conf: base_dir.join("pcp.conf").exists(),
+        pool_hba: hba_on && pool_hba.exists(),
     };
     out.review = crate::pgpool_check::review(&entries, beside);
     let mut routing = Table::new();
@@ -237,7 +248,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
             }
             "failover_command" if !value.is_empty() => out.failover_command = Some(value.clone()),
             "follow_primary_command" if !value.is_empty() => out.follow_primary_command = Some(value.clone()),
-            "pool_passwd" | "enable_pool_hba" => {}
+            "pool_passwd" | "enable_pool_hba" | "pcp_listen_addresses" | "pcp_port" => {}
             _ => out.ignored.push(format!("{key} (line {line})")),
         }
     }
@@ -263,6 +274,46 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         &mut out.notes,
     );
     out.table.insert("listen".into(), Value::String(listen));
+
+    // PCP: pgpool's pcp_listen_addresses (default localhost) and pcp_port, with the pcp.conf
+    // that pgpool reads from beside pgpool.conf.
+    let pcp_conf = base_dir.join("pcp.conf");
+    let pcp_addresses = get("pcp_listen_addresses").unwrap_or("localhost");
+    if pcp_conf.exists() && !pcp_addresses.trim().is_empty() {
+        let pcp_port =
+            match entries.get("pcp_port") {
+                Some((line, v)) => int(v).filter(|p| (1..=65535).contains(p)).ok_or_else(|| {
+                    PgpoolConfError::Unsupported {
+                        line: *line,
+                        key: "pcp_port".into(),
+                        value: v.clone(),
+                        message: "not a port".into(),
+                    }
+                })?,
+                None => 9898,
+            };
+        let mut pcp = Table::new();
+        pcp.insert(
+            "listen".into(),
+            Value::String(socket_addr(
+                "pcp_listen_addresses",
+                pcp_addresses,
+                pcp_port,
+                &mut out.notes,
+            )),
+        );
+        pcp.insert("users_file".into(), Value::String(pcp_conf.display().to_string()));
+        out.table.insert("pcp".into(), Value::Table(pcp));
+    } else if entries.contains_key("pcp_port") || entries.contains_key("pcp_listen_addresses") {
+        out.notes.push(format!(
+            "the PCP listener is off: {} (set pcp.listen and pcp.users_file)",
+            if pcp_addresses.trim().is_empty() {
+                "pcp_listen_addresses is empty (dbproxy has no unix socket)".to_string()
+            } else {
+                format!("no {} beside pgpool.conf", pcp_conf.display())
+            }
+        ));
+    }
 
     // Backends, in pgpool's order; gaps in the numbering are kept as they are (node ids matter).
     let mut node_list = Vec::new();
@@ -336,12 +387,26 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
             });
         }
     }
-    if get("enable_pool_hba").and_then(boolean) == Some(true) {
-        out.notes.push(
-            "enable_pool_hba = on: pool_hba.conf is not read; give dbproxy's [[hba]] rules (default: SCRAM-SHA-256, \
-             or md5 for users whose pool_passwd entry is an md5 hash)"
-                .into(),
-        );
+    if hba_on {
+        if pool_hba.exists() {
+            // pool_hba.conf decides, first match wins; nothing matching is refused, as in pgpool.
+            let text = std::fs::read_to_string(&pool_hba).map_err(|e| PgpoolConfError::PoolHba {
+                path: pool_hba.clone(),
+                message: e.to_string(),
+            })?;
+            let t = crate::pool_hba::translate(&text).map_err(|e| PgpoolConfError::PoolHba {
+                path: pool_hba.clone(),
+                message: e.to_string(),
+            })?;
+            out.notes.extend(t.notes);
+            out.table.insert("hba".into(), Value::Array(t.rules));
+        } else {
+            out.notes.push(format!(
+                "enable_pool_hba = on but there is no {}: give dbproxy's [[hba]] rules (default: \
+                 SCRAM-SHA-256, or md5 for users whose pool_passwd entry is an md5 hash)",
+                pool_hba.display()
+            ));
+        }
     }
 
     for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
@@ -581,7 +646,13 @@ mod tests {
         );
         assert!(f.get("follow_command").is_none());
         assert_eq!(nodes[0]["data_dir"].as_str(), Some("/var/lib/postgresql/data"));
-        for k in ["pcp_port", "max_pool", "log_destination"] {
+        assert!(t.get("pcp").is_none(), "no pcp.conf beside the example");
+        assert!(
+            imp.notes.iter().any(|n| n.contains("PCP listener is off")),
+            "{:?}",
+            imp.notes
+        );
+        for k in ["max_pool", "log_destination"] {
             assert!(
                 imp.ignored.iter().any(|i| i.starts_with(k)),
                 "{k} should be reported: {:?}",
@@ -680,6 +751,68 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("file not found"), "{e}");
+    }
+
+    #[test]
+    fn pcp_settings_with_the_pcp_conf_beside() {
+        let dir = std::env::temp_dir().join(format!("pgpool-pcp-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = "pcp_listen_addresses = '*'\npcp_port = 9898\nbackend_hostname0 = 'h'\n";
+        let imp = parse(t, &dir).unwrap();
+        assert!(imp.table.get("pcp").is_none());
+        assert!(imp.notes.iter().any(|n| n.contains("PCP listener is off")));
+        std::fs::write(
+            dir.join("pcp.conf"),
+            "pcpadmin:5ebe2294ecd0e0f08eab7690d2a6ee69\n",
+        )
+        .unwrap();
+        let imp = parse(t, &dir).unwrap();
+        assert_eq!(imp.table["pcp"]["listen"].as_str(), Some("0.0.0.0:9898"));
+        let file = dir.join("pcp.conf").display().to_string();
+        assert_eq!(imp.table["pcp"]["users_file"].as_str(), Some(file.as_str()));
+        // pgpool's default is localhost:9898.
+        let imp = parse("backend_hostname0 = 'h'\n", &dir).unwrap();
+        assert_eq!(imp.table["pcp"]["listen"].as_str(), Some("127.0.0.1:9898"));
+        assert!(parse("pcp_port = 'x'\n", &dir)
+            .unwrap_err()
+            .to_string()
+            .contains("line 1"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn pool_hba_conf_is_read_when_enabled() {
+        let dir = std::env::temp_dir().join(format!("pgpool-hba-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("pool_passwd"), "u:md5aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n").unwrap();
+        let base = "backend_hostname0 = 'h'\npool_passwd = 'pool_passwd'\n";
+        // Without the file: the md5-for-md5-users rules, and a note.
+        let imp = parse(&format!("{base}enable_pool_hba = on\n"), &dir).unwrap();
+        assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        assert!(imp.notes.iter().any(|n| n.contains("no ")), "{:?}", imp.notes);
+        std::fs::write(dir.join("pool_hba.conf"), "host all u 127.0.0.1/32 trust\n").unwrap();
+        let imp = parse(&format!("{base}enable_pool_hba = on\n"), &dir).unwrap();
+        let hba = imp.table["hba"].as_array().unwrap();
+        assert_eq!(hba[0]["method"].as_str(), Some("trust"));
+        assert_eq!(hba[1]["method"].as_str(), Some("reject"));
+        let review = |imp: &PgpoolImport| {
+            imp.review
+                .iter()
+                .find(|r| r.key == "enable_pool_hba")
+                .unwrap()
+                .verdict
+        };
+        assert_eq!(review(&imp), crate::pgpool_check::Verdict::Same);
+        // Off: the file is not read.
+        let imp = parse(&format!("{base}enable_pool_hba = off\n"), &dir).unwrap();
+        assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        // A line dbproxy cannot honour stops the import.
+        std::fs::write(dir.join("pool_hba.conf"), "hostssl all all 0.0.0.0/0 md5\n").unwrap();
+        let e = parse(&format!("{base}enable_pool_hba = on\n"), &dir)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("pool_hba.conf") && e.contains("line 1"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

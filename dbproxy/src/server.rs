@@ -45,6 +45,9 @@ pub enum RunError {
     /// The cluster record cannot be read or written.
     #[error("{0}")]
     Record(#[from] crate::record::RecordError),
+    /// pcp.conf could not be read.
+    #[error("{0}")]
+    PcpUsers(#[from] crate::pcp::PcpConfError),
     /// The serving threads could not be started.
     #[error("cannot start the serving threads: {0}")]
     Workers(std::io::Error),
@@ -126,6 +129,22 @@ pub async fn run_with(
             token: (!token.is_empty()).then(|| token.clone()),
         });
         tasks.spawn(common::admin::serve(admin, registry, routes, shutdown.clone()));
+    }
+    if !first.config.pcp.listen.is_empty() {
+        let pcp = &first.config.pcp;
+        let users = crate::pcp::PcpUsers::load(std::path::Path::new(&pcp.users_file))?;
+        let l = TcpListener::bind(&pcp.listen)
+            .await
+            .map_err(|source| RunError::Bind {
+                addr: pcp.listen.clone(),
+                source,
+            })?;
+        let pcp = Arc::new(crate::pcp::server::Pcp {
+            cluster: cluster.clone(),
+            manager: manager.clone(),
+            users,
+        });
+        tasks.spawn(crate::pcp::server::serve(l, pcp, shutdown.clone()));
     }
     let slots = Arc::new(Semaphore::new(first.config.limits.max_connections));
     let sessions = TaskTracker::new();
