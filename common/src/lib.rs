@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;
+pub mod tls;
 pub mod workers;
 
 pub use cli::CommonArgs;

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
@@ -21,14 +19,8 @@ pub fn acceptor(config: &TlsConfig) -> Result<Option<TlsAcceptor>, TlsError> {
     if config.cert_file.is_empty() {
         return Ok(None);
     }
-    let certs = CertificateDer::pem_file_iter(&config.cert_file)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| TlsError(format!("cannot read certificates from {}: {e}", config.cert_file)))?;
-    if certs.is_empty() {
-        return Err(TlsError(format!("no certificate in {}", config.cert_file)));
-    }
-    let key = PrivateKeyDer::from_pem_file(&config.key_file)
-        .map_err(|e| TlsError(format!("cannot read a private key from {}: {e}", config.key_file)))?;
+    let (certs, key) =
+        common::tls::load_pem(&config.cert_file, &config.key_file).map_err(|e| TlsError(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()

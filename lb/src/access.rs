@@ -43,6 +43,7 @@ pub fn log<B>(
     resp: &Response<B>,
     upstream: Option<&str>,
     elapsed: Duration,
+    ssl_protocol: Option<&str>,
 ) {
     let status = resp.status().as_u16();
     let bytes = resp
@@ -54,7 +55,7 @@ pub fn log<B>(
     match format {
         AccessLogFormat::Combined => tracing::info!(
             target: "lb::access",
-            "{ip} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" upstream={} rt={:.3}",
+            "{ip} - - [{}] \"{} {} {:?}\" {status} {bytes} \"{}\" \"{}\" upstream={} rt={:.3} tls={}",
             clf_time(SystemTime::now()),
             line.method,
             line.uri,
@@ -63,6 +64,7 @@ pub fn log<B>(
             text(&line.user_agent),
             upstream.unwrap_or("-"),
             elapsed.as_secs_f64(),
+            ssl_protocol.unwrap_or("-"),
         ),
         AccessLogFormat::Json => tracing::info!(
             target: "lb::access",
@@ -76,6 +78,7 @@ pub fn log<B>(
             user_agent = text(&line.user_agent),
             upstream = upstream.unwrap_or("-"),
             request_time = elapsed.as_secs_f64(),
+            ssl_protocol = ssl_protocol.unwrap_or("-"),
             "request"
         ),
     }

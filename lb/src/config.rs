@@ -68,7 +68,12 @@ impl Config {
     /// Every address to listen on: `listen`, then the virtual servers' own, without repeats.
     pub fn listen_addrs(&self) -> Vec<String> {
         let mut out = vec![self.listen.clone()];
-        for a in self.vhosts.iter().flat_map(|v| &v.listen) {
+        let tls = self
+            .vhosts
+            .iter()
+            .filter_map(|v| v.tls.as_ref())
+            .flat_map(|t| &t.listen);
+        for a in self.vhosts.iter().flat_map(|v| &v.listen).chain(tls) {
             let same =
                 |b: &String| b == a || (b.parse::<SocketAddr>().ok()).is_some_and(|b| a.parse() == Ok(b));
             if !out.iter().any(same) {
@@ -326,6 +331,33 @@ pub struct VhostConfig {
     pub return_: Option<ReturnConfig>,
     /// Locations, matched in nginx's order.
     pub locations: Vec<LocationConfig>,
+    /// TLS termination on some of its addresses (nginx `listen ... ssl` and `ssl_*`).
+    pub tls: Option<TlsConfig>,
+}
+
+impl VhostConfig {
+    /// Its plain-text addresses: `listen`, or the main `listen` when it names none at all.
+    pub fn plain_listen<'a>(&'a self, main: &'a str) -> Vec<&'a str> {
+        if self.listen.is_empty() && self.tls.is_none() {
+            vec![main]
+        } else {
+            self.listen.iter().map(String::as_str).collect()
+        }
+    }
+}
+
+/// TLS on a virtual server's addresses (rustls; HTTP/2 and HTTP/1.1 offered by ALPN).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Addresses of this server that speak TLS (nginx `listen ADDR ssl`); listened on.
+    pub listen: Vec<String>,
+    /// PEM certificate chain, leaf first (nginx `ssl_certificate`); re-read on SIGHUP.
+    pub certificate: String,
+    /// PEM private key (nginx `ssl_certificate_key`); re-read on SIGHUP.
+    pub key: String,
+    /// Versions offered: `TLSv1.2`, `TLSv1.3` (nginx `ssl_protocols`); empty means both.
+    pub protocols: Vec<String>,
 }
 
 /// How a location's `path` matches (nginx's location modifiers).
@@ -577,6 +609,42 @@ impl common::Validate for Config {
                 return Err(ConfigError::invalid(
                     format!("{key}.name"),
                     format!("`{}` is used twice", up.name),
+                ));
+            }
+        }
+        for (i, v) in self.vhosts.iter().enumerate() {
+            let Some(t) = &v.tls else { continue };
+            let key = |k: &str| format!("vhosts[{i}].tls.{k}");
+            if t.listen.is_empty() {
+                return Err(ConfigError::invalid(
+                    key("listen"),
+                    "at least one address is needed",
+                ));
+            }
+            for (k, path) in [("certificate", &t.certificate), ("key", &t.key)] {
+                if path.is_empty() {
+                    return Err(ConfigError::invalid(key(k), "a PEM file is needed"));
+                }
+            }
+            if let Some(p) = t
+                .protocols
+                .iter()
+                .find(|p| !matches!(p.as_str(), "TLSv1.2" | "TLSv1.3"))
+            {
+                return Err(ConfigError::invalid(
+                    key("protocols"),
+                    format!("`{p}` is not supported (TLSv1.2 and TLSv1.3 are)"),
+                ));
+            }
+            let plain: Vec<&str> = self
+                .vhosts
+                .iter()
+                .flat_map(|v| v.plain_listen(&self.listen))
+                .collect();
+            if let Some(a) = t.listen.iter().find(|a| plain.contains(&a.as_str())) {
+                return Err(ConfigError::invalid(
+                    key("listen"),
+                    format!("`{a}` is also a plain-text address of a virtual server"),
                 ));
             }
         }

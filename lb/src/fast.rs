@@ -1075,6 +1075,7 @@ impl Session<'_> {
                 &r,
                 label.map(|l| &**l),
                 elapsed,
+                None,
             );
         }
     }

@@ -1,5 +1,6 @@
-//! HTTP load balancer in front of the web replicas (replaces nginx's `upstream`): HTTP/1.1 and h2c
-//! from clients, websockets passed through, nginx-compatible balancing (smooth weighted round
+//! HTTP load balancer in front of the web replicas (replaces nginx): HTTP/1.1 and h2c from clients,
+//! TLS with HTTP/2 by ALPN (`tls`: rustls, certificates by SNI, re-read on reload), virtual servers
+//! and locations (`route/`), websockets passed through, nginx-compatible balancing (smooth weighted round
 //! robin, ip_hash, least_conn, consistent hash), passive and active health checks, retries on the
 //! next server, limits, `/metrics` and `/status`, SIGHUP reload and graceful shutdown.
 //!
@@ -21,7 +22,8 @@
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream groups + routes + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
-//! `limits.max_connections` change only on restart; once a connection is on the hyper path, an
+//! `limits.max_connections` change only on restart; TLS connections are served by the hyper path
+//! from the first request (the fast path reads a `TcpStream`); once a connection is on the hyper path, an
 //! idle keep-alive connection is closed after `min(header_read, client_idle)` because hyper's
 //! header timer also runs while waiting for the next request (the fast path waits `client_idle`).
 
@@ -36,6 +38,7 @@ mod proxy;
 pub mod route;
 pub mod select;
 mod server;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::atomic::Ordering;
@@ -69,6 +72,9 @@ pub enum LbError {
     /// The routing table does not build.
     #[error(transparent)]
     Route(#[from] route::RouteError),
+    /// A certificate or key does not load.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
 }
 
 /// The upstream HTTP client.
@@ -83,7 +89,9 @@ pub struct Runtime {
     /// The other groups (`upstreams`), in order: group `i + 1` of a [`route::Route`].
     pub upstreams: Vec<Upstream>,
     /// Virtual servers and locations.
-    pub router: route::Router,
+    pub router: Arc<route::Router>,
+    /// The TLS acceptors, by address.
+    pub tls: tls::Tls,
     client: UpClient,
 }
 
@@ -96,12 +104,14 @@ impl Runtime {
             let previous = old.and_then(|o| o.upstreams.iter().find(|u| u.name == up.name));
             upstreams.push(Upstream::build_group(&config, up, previous)?);
         }
-        let router = route::Router::build(&config)?;
+        let router = Arc::new(route::Router::build(&config)?);
+        let tls = tls::Tls::build(&config, &router, old.map(|o| &o.tls))?;
         Ok(Runtime {
             config,
             upstream,
             upstreams,
             router,
+            tls,
             client,
         })
     }

@@ -313,8 +313,15 @@ const INTERNAL: &[&str] = &[
     "zone",
     "resolver",
     "resolver_timeout",
-    "ssl_protocols",
     "ssl_prefer_server_ciphers",
+    "ssl_session_cache",
+    "ssl_session_timeout",
+    "ssl_session_tickets",
+    "ssl_ciphers",
+    "ssl_ecdh_curve",
+    "ssl_dhparam",
+    "ssl_buffer_size",
+    "http2",
     "variables_hash_max_size",
 ];
 
@@ -396,10 +403,14 @@ pub fn translate(text: &str) -> Result<Translated, NginxConfError> {
     let mut out = Out::default();
     let mut upstreams: Vec<&Directive> = Vec::new();
     let mut servers: Vec<&Directive> = Vec::new();
+    let mut ssl = Ssl::default();
     for d in &root {
         match d.name.as_str() {
             "http" => {
                 for h in d.block.as_deref().unwrap_or_default() {
+                    if ssl.take(h, &mut out)? {
+                        continue;
+                    }
                     match h.name.as_str() {
                         "upstream" => upstreams.push(h),
                         "server" => servers.push(h),
@@ -422,6 +433,7 @@ pub fn translate(text: &str) -> Result<Translated, NginxConfError> {
     for server in &servers {
         vhosts.push(Value::Table(server_block(
             server,
+            &ssl,
             &upstreams,
             &mut groups,
             &mut out,
@@ -589,13 +601,15 @@ impl Groups {
 }
 
 /// `listen ADDR [params]` as an address lb can bind.
-fn listen_addr(d: &Directive, out: &mut Out) -> Result<(String, bool), NginxConfError> {
+fn listen_addr(d: &Directive, out: &mut Out) -> Result<(String, bool, bool), NginxConfError> {
     arity(d, 1, 8)?;
     let mut default_server = false;
+    let mut ssl = false;
     for extra in &d.args[1..] {
         match extra.as_str() {
-            "ssl" | "quic" => return Err(unsupported(d, "lb does not terminate TLS")),
-            "http2" => {} // lb speaks h2c on the same port anyway.
+            "ssl" => ssl = true,
+            "quic" => return Err(unsupported(d, "lb does not speak HTTP/3")),
+            "http2" => {} // lb offers HTTP/2 anyway (ALPN on TLS, h2c in clear).
             "default_server" | "default" => default_server = true,
             _ => out
                 .warnings
@@ -616,7 +630,57 @@ fn listen_addr(d: &Directive, out: &mut Out) -> Result<(String, bool), NginxConf
             message: format!("`listen {a}`"),
         });
     }
-    Ok((addr, default_server))
+    Ok((addr, default_server, ssl))
+}
+
+/// `ssl_certificate`, `ssl_certificate_key` and `ssl_protocols`, from `http` or a `server`.
+#[derive(Debug, Clone, Default)]
+struct Ssl {
+    certificate: Option<String>,
+    key: Option<String>,
+    protocols: Option<Vec<String>>,
+}
+
+impl Ssl {
+    /// Takes `d` if it is one of these; other `ssl_*` directives go to `common_directive`.
+    fn take(&mut self, d: &Directive, out: &mut Out) -> Result<bool, NginxConfError> {
+        match d.name.as_str() {
+            "ssl_certificate" => {
+                arity(d, 1, 1)?;
+                self.certificate = Some(d.args[0].clone());
+            }
+            "ssl_certificate_key" => {
+                arity(d, 1, 1)?;
+                self.key = Some(d.args[0].clone());
+            }
+            "ssl_protocols" => {
+                arity(d, 1, 6)?;
+                let mut kept = Vec::new();
+                for p in &d.args {
+                    match p.as_str() {
+                        "TLSv1.2" | "TLSv1.3" => kept.push(p.clone()),
+                        _ => out.warnings.push(format!(
+                            "line {}: ssl_protocols `{p}` ignored: lb speaks TLSv1.2 and TLSv1.3 only",
+                            d.line
+                        )),
+                    }
+                }
+                if kept.is_empty() {
+                    return Err(unsupported(d, "no protocol lb speaks (TLSv1.2, TLSv1.3)"));
+                }
+                self.protocols = Some(kept);
+            }
+            "ssl" => return Err(unsupported(d, "use `listen ... ssl`")),
+            "ssl_stapling" | "ssl_stapling_verify" | "ssl_trusted_certificate" | "ssl_stapling_file" => {
+                out.ignore(d, "OCSP stapling is not supported")
+            }
+            "ssl_client_certificate" | "ssl_verify_client" => {
+                return Err(unsupported(d, "client certificates are not supported"))
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 /// `return CODE [TEXT]` or `return URL`.
@@ -770,35 +834,60 @@ fn location_block(
 /// Handles `server { ... }` as one virtual server.
 fn server_block(
     server: &Directive,
+    http_ssl: &Ssl,
     upstreams: &[&Directive],
     groups: &mut Groups,
     out: &mut Out,
 ) -> Result<Table, NginxConfError> {
     let mut t = Table::new();
     let mut listen = Vec::new();
+    let mut tls_listen = Vec::new();
+    let mut ssl = http_ssl.clone();
     let mut names = Vec::new();
     let mut default_server = false;
     let mut locations = Vec::new();
     let mut steps = Steps::default();
     for d in server.block.as_deref().unwrap_or_default() {
-        if steps.take(d, out)? {
+        if steps.take(d, out)? || ssl.take(d, out)? {
             continue;
         }
         match d.name.as_str() {
             "listen" => {
-                let (addr, default) = listen_addr(d, out)?;
+                let (addr, default, tls) = listen_addr(d, out)?;
                 if !out.table.contains_key("listen") {
                     out.set(&["listen"], Value::String(addr.clone()));
                 }
                 default_server |= default;
-                listen.push(Value::String(addr));
+                if tls {
+                    tls_listen.push(Value::String(addr));
+                } else {
+                    listen.push(Value::String(addr));
+                }
             }
             "server_name" => names.extend(d.args.iter().map(|n| Value::String(n.clone()))),
             "location" => locations.push(Value::Table(location_block(d, upstreams, groups, out)?)),
             _ => common_directive(d, out)?,
         }
     }
-    if listen.is_empty() {
+    if !tls_listen.is_empty() {
+        let (Some(certificate), Some(key)) = (ssl.certificate, ssl.key) else {
+            return Err(unsupported(
+                server,
+                "`listen ... ssl` needs `ssl_certificate` and `ssl_certificate_key`",
+            ));
+        };
+        let mut tls = Table::new();
+        tls.insert("listen".into(), Value::Array(tls_listen));
+        tls.insert("certificate".into(), Value::String(certificate));
+        tls.insert("key".into(), Value::String(key));
+        if let Some(p) = ssl.protocols {
+            tls.insert(
+                "protocols".into(),
+                Value::Array(p.into_iter().map(Value::String).collect()),
+            );
+        }
+        t.insert("tls".into(), Value::Table(tls));
+    } else if listen.is_empty() {
         // nginx's default is *:80 (as root).
         if !out.table.contains_key("listen") {
             out.set(&["listen"], Value::String("0.0.0.0:80".into()));
@@ -1012,7 +1101,11 @@ mod tests {
         let e = translate("http { server { listen 443 ssl; } }")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("TLS"), "{e}");
+        assert!(e.contains("ssl_certificate"), "{e}");
+        let e = translate("http {\n ssl_protocols TLSv1 TLSv1.1;\n server { listen 443 ssl; } }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("TLSv1.2"), "{e}");
     }
 
     #[test]
@@ -1070,5 +1163,35 @@ mod tests {
         assert_eq!(v.locations[3].return_.as_ref().unwrap().text, "pong");
         assert_eq!(c.vhosts[1].return_.as_ref().unwrap().status, 301);
         assert_eq!(c.vhosts[1].listen, ["0.0.0.0:81"]);
+    }
+
+    #[test]
+    fn tls_servers() {
+        let t = translate(
+            "http {\n upstream app { server 127.0.0.1:1; }\n ssl_protocols TLSv1 TLSv1.2 TLSv1.3;\n\
+             ssl_certificate /etc/ssl/default.pem; ssl_certificate_key /etc/ssl/default.key;\n\
+             ssl_session_cache shared:SSL:10m;\n\
+             server { listen 80; listen 443 ssl http2; server_name a.test;\n\
+               location / { proxy_pass http://app; } }\n\
+             server { listen 443 ssl; server_name b.test; ssl_certificate /b.pem; ssl_certificate_key /b.key;\n\
+               location / { proxy_pass http://app; } }\n}",
+        )
+        .unwrap();
+        let c: Config = ConfigSource::new().base(t.table).load().unwrap();
+        assert_eq!(c.listen_addrs(), ["0.0.0.0:80", "0.0.0.0:443"]);
+        let a = c.vhosts[0].tls.as_ref().unwrap();
+        assert_eq!(c.vhosts[0].listen, ["0.0.0.0:80"]);
+        assert_eq!(a.listen, ["0.0.0.0:443"]);
+        assert_eq!(
+            (a.certificate.as_str(), a.key.as_str()),
+            ("/etc/ssl/default.pem", "/etc/ssl/default.key")
+        );
+        assert_eq!(a.protocols, ["TLSv1.2", "TLSv1.3"]);
+        let b = c.vhosts[1].tls.as_ref().unwrap();
+        assert_eq!(b.certificate, "/b.pem");
+        assert!(c.vhosts[1].listen.is_empty());
+        let w = t.warnings.join("\n");
+        assert!(w.contains("line 3: ssl_protocols `TLSv1` ignored"), "{w}");
+        assert!(w.contains("`ssl_session_cache` ignored"), "{w}");
     }
 }

@@ -129,6 +129,7 @@ fn forwarding_headers(
     uri: &Uri,
     client: SocketAddr,
     host_override: Option<&HeaderValue>,
+    https: bool,
 ) {
     use std::fmt::Write;
     let ip = client.ip().to_canonical();
@@ -153,7 +154,8 @@ fn forwarding_headers(
     };
     headers.insert(X_FORWARDED_FOR, xff);
     headers.insert(X_REAL_IP, ip_value);
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    let proto = if https { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     // HTTP/2 clients send :authority instead of Host.
     if !headers.contains_key(header::HOST) {
         if let Some(v) = uri
@@ -165,9 +167,9 @@ fn forwarding_headers(
     }
     let mut fwd = String::with_capacity(64);
     if ip.is_ipv6() {
-        let _ = write!(fwd, "for=\"[{ip}]\";proto=http");
+        let _ = write!(fwd, "for=\"[{ip}]\";proto={proto}");
     } else {
-        let _ = write!(fwd, "for={ip};proto=http");
+        let _ = write!(fwd, "for={ip};proto={proto}");
     }
     if let Some(h) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
         if h.bytes().all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\') {
@@ -205,7 +207,8 @@ pub(crate) async fn handle(
     m.duration.observe(elapsed.as_secs_f64());
     if let Some(line) = line {
         let format = shared.runtime.load().config.access_log.format;
-        access::log(format, ctx.peer, &line, &resp, label.as_deref(), elapsed);
+        let tls = ctx.tls_protocol.get().copied();
+        access::log(format, ctx.peer, &line, &resp, label.as_deref(), elapsed, tls);
     }
     Ok(resp)
 }
@@ -218,6 +221,16 @@ async fn proxy(
     mut req: Request<Incoming>,
     start: Instant,
 ) -> (Response<RespBody>, Option<Arc<str>>) {
+    if req.method() == http::Method::CONNECT && req.version() == Version::HTTP_2 {
+        // RFC 8441 (websockets over HTTP/2) is not offered in SETTINGS; say so to any CONNECT.
+        return (
+            error_response(
+                StatusCode::NOT_IMPLEMENTED,
+                "CONNECT over HTTP/2 (RFC 8441 websockets) is not supported: use HTTP/1.1\n",
+            ),
+            None,
+        );
+    }
     let rt = shared.runtime.load_full();
     let cfg = &rt.config;
     let host = req
@@ -229,7 +242,7 @@ async fn proxy(
     let route = rt.router.route(&RouteRequest {
         listen: ctx.listen,
         port: ctx.port,
-        tls: false,
+        tls: ctx.tls,
         host,
         path: req.uri().path(),
         query: req.uri().query(),
@@ -266,7 +279,13 @@ async fn proxy(
     let host_override = (!cfg.headers.host.is_empty())
         .then(|| HeaderValue::from_str(&cfg.headers.host).ok())
         .flatten();
-    forwarding_headers(&mut headers, &parts.uri, ctx.peer, host_override.as_ref());
+    forwarding_headers(
+        &mut headers,
+        &parts.uri,
+        ctx.peer,
+        host_override.as_ref(),
+        ctx.tls,
+    );
     // Headers stay in `parts` for hashing; hop-by-hop-free copies go upstream.
     parts.headers = headers;
 
@@ -559,7 +578,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("example.com"));
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
         let uri: Uri = "/x".parse().unwrap();
-        forwarding_headers(&mut h, &uri, "10.0.0.9:1234".parse().unwrap(), None);
+        forwarding_headers(&mut h, &uri, "10.0.0.9:1234".parse().unwrap(), None, false);
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.1.1.1, 10.0.0.9");
         assert_eq!(h.get(&X_REAL_IP).unwrap(), "10.0.0.9");
         assert_eq!(h.get(&X_FORWARDED_PROTO).unwrap(), "http");
@@ -572,10 +591,10 @@ mod tests {
         let mut h = HeaderMap::new();
         let uri: Uri = "http://svc:81/x".parse().unwrap();
         let over = HeaderValue::from_static("internal");
-        forwarding_headers(&mut h, &uri, "[::1]:5".parse().unwrap(), Some(&over));
+        forwarding_headers(&mut h, &uri, "[::1]:5".parse().unwrap(), Some(&over), true);
         assert_eq!(
             h.get(header::FORWARDED).unwrap(),
-            "for=\"[::1]\";proto=http;host=\"svc:81\""
+            "for=\"[::1]\";proto=https;host=\"svc:81\""
         );
         assert_eq!(h.get(header::HOST).unwrap(), "internal");
     }

@@ -31,6 +31,10 @@ pub(crate) struct ConnCtx {
     pub listen: SocketAddr,
     /// The local port it came in on (for absolute redirects).
     pub port: u16,
+    /// The listener speaks TLS.
+    pub tls: bool,
+    /// The negotiated TLS version, as nginx's `$ssl_protocol`, once the handshake is done.
+    pub tls_protocol: std::sync::OnceLock<&'static str>,
     /// Tasks that must finish before shutdown completes (upgraded connections).
     pub tracker: TaskTracker,
     /// Cancelled when the shutdown deadline passes: upgraded connections close then.
@@ -105,6 +109,7 @@ pub(crate) async fn serve(
         (rt.config.limits.max_connections, rt.config.workers)
     };
     let permits = Arc::new(Semaphore::new(max));
+    let tls_addrs = crate::tls::tls_addrs(&shared.runtime.load().config);
     let workers = common::workers::Workers::start("lb-worker", workers)?;
     let mut limit = max;
     // Permits to take out of circulation after a reload lowered the limit: each is forgotten
@@ -170,6 +175,8 @@ pub(crate) async fn serve(
             peer,
             listen,
             port,
+            tls: tls_addrs.contains(&listen),
+            tls_protocol: std::sync::OnceLock::new(),
             tracker: tracker.clone(),
             hard: hard.clone(),
             permit: std::sync::Mutex::new(Some(permit)),
@@ -210,6 +217,14 @@ async fn connection(
 ) {
     let gauge = shared.metrics.active_connections.clone();
     gauge.inc();
+    if ctx.tls {
+        // TLS connections go to hyper (HTTP/1.1, or HTTP/2 by ALPN) after the handshake.
+        if let Some(tls) = handshake(&shared, stream, &ctx).await {
+            serve_hyper(&shared, tls, &ctx, &shutdown).await;
+        }
+        gauge.dec();
+        return;
+    }
     let outcome = tokio::select! {
         o = crate::fast::serve(&shared, &ctx, &mut stream, &shutdown) => o,
         _ = ctx.hard.cancelled() => Outcome::Closed,
@@ -222,6 +237,45 @@ async fn connection(
         serve_hyper(&shared, io, &ctx, &shutdown).await;
     }
     gauge.dec();
+}
+
+/// The TLS handshake, bounded by `timeouts.header_read`; `None` when it fails (logged).
+async fn handshake(
+    shared: &Shared,
+    stream: TcpStream,
+    ctx: &ConnCtx,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    let (acceptor, limit) = {
+        let rt = shared.runtime.load();
+        (
+            rt.tls.acceptor(ctx.listen).cloned(),
+            rt.config.timeouts.header_read.get(),
+        )
+    };
+    let Some(acceptor) = acceptor else {
+        tracing::warn!(listen = %ctx.listen, "no TLS settings for this address any more: closing");
+        return None;
+    };
+    let done = tokio::select! {
+        r = tokio::time::timeout(limit, acceptor.accept(stream)) => r,
+        _ = ctx.hard.cancelled() => return None,
+    };
+    match done {
+        Ok(Ok(tls)) => {
+            let _ = ctx
+                .tls_protocol
+                .set(crate::tls::protocol_name(tls.get_ref().1.protocol_version()));
+            Some(tls)
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(peer = %ctx.peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(peer = %ctx.peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// A client stream with bytes already read from it in front (the fast path's leftovers).
@@ -269,12 +323,10 @@ impl AsyncWrite for Prefixed {
 }
 
 /// Serves the rest of a connection with hyper (HTTP/1.1 with bodies and upgrades, and h2c).
-async fn serve_hyper(
-    shared: &Arc<Shared>,
-    stream: Prefixed,
-    ctx: &Arc<ConnCtx>,
-    shutdown: &CancellationToken,
-) {
+async fn serve_hyper<I>(shared: &Arc<Shared>, stream: I, ctx: &Arc<ConnCtx>, shutdown: &CancellationToken)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (header_read, client_idle, max_header) = {
         let rt = shared.runtime.load();
         let c = &rt.config;
@@ -295,7 +347,8 @@ async fn serve_hyper(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
-        .max_concurrent_streams(256);
+        // nginx's `http2_max_concurrent_streams` default.
+        .max_concurrent_streams(128);
     let svc_shared = shared.clone();
     let svc_ctx = ctx.clone();
     let service =

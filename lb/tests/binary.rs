@@ -3,16 +3,13 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
+use support::proc::{Proc, LB};
 use support::{get_once, wait_for, Backend};
-
-const LB: &str = env!("CARGO_BIN_EXE_lb");
 
 /// The shared example nginx.conf: `shared/` sits beside the repository.
 fn example_conf() -> String {
@@ -21,71 +18,6 @@ fn example_conf() -> String {
         beside.to_string()
     } else {
         "/work/shared/examples/nginx.conf".to_string()
-    }
-}
-
-/// Kills the child if a test fails half-way.
-struct Proc {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Result<Proc> {
-        let mut child = Command::new(LB)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("spawn lb")?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let pipe = child.stderr.take().context("stderr")?;
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        Ok(Proc { child, stderr })
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn signal(&self, sig: &str) -> Result<()> {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()?
-            .success();
-        if !ok {
-            bail!("kill {sig} failed");
-        }
-        Ok(())
-    }
-
-    /// Waits for the process to exit; returns its status code.
-    fn wait_exit(&mut self, limit: Duration) -> Result<i32> {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status.code().unwrap_or(-1));
-            }
-            if start.elapsed() > limit {
-                bail!("lb did not exit within {limit:?}: {}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 }
 

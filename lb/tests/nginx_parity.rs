@@ -56,30 +56,6 @@ async fn ip_hash_sends_every_client_where_nginx_does() -> Result<()> {
     Ok(())
 }
 
-/// A backend that answers `NAME METHOD TARGET`, so a test sees where a request went and as what.
-async fn echo(name: &'static str) -> Result<std::net::SocketAddr> {
-    use http_body_util::Full;
-    use hyper::body::Bytes;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let text = format!("{name} {} {}", req.method(), req.uri());
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
-}
-
 /// One answer, reduced to what the comparison looks at.
 #[derive(Debug, PartialEq)]
 struct Answer {
@@ -131,7 +107,11 @@ async fn ask(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_locations_rewrites_and_returns_answer_as_nginx_does() -> Result<()> {
-    let (app, api, img) = (echo("app").await?, echo("api").await?, echo("img").await?);
+    let (app, api, img) = (
+        support::echo("app").await?,
+        support::echo("api").await?,
+        support::echo("img").await?,
+    );
     // One nginx.conf for both, but for the ports each listens on.
     let conf = |main: u16, redirect: u16| {
         format!(

@@ -142,7 +142,6 @@ struct Vhost {
     default_server: bool,
     steps: Vec<Step>,
     locations: Vec<Location>,
-    tls: bool,
 }
 
 /// The compiled routing table.
@@ -267,15 +266,14 @@ fn compile_vhost(
     main_listen: SocketAddr,
     groups: &[&str],
 ) -> Result<Vhost, RouteError> {
-    let listen = if v.listen.is_empty() {
-        vec![main_listen]
-    } else {
-        v.listen
-            .iter()
-            .enumerate()
-            .map(|(i, a)| parse_listen(&format!("{key}.listen[{i}]"), a))
-            .collect::<Result<_, _>>()?
-    };
+    let main = main_listen.to_string();
+    let mut listen = Vec::new();
+    for (i, a) in v.plain_listen(&main).into_iter().enumerate() {
+        listen.push(parse_listen(&format!("{key}.listen[{i}]"), a)?);
+    }
+    for (i, a) in v.tls.iter().flat_map(|t| &t.listen).enumerate() {
+        listen.push(parse_listen(&format!("{key}.tls.listen[{i}]"), a)?);
+    }
     let mut vh = Vhost {
         listen,
         exact: Vec::new(),
@@ -285,7 +283,6 @@ fn compile_vhost(
         default_server: v.default_server,
         steps: compile_steps(key, &v.rewrites, v.return_.as_ref())?,
         locations: Vec::new(),
-        tls: false,
     };
     for (i, n) in v.names.iter().enumerate() {
         let k = format!("{key}.names[{i}]");
@@ -341,7 +338,6 @@ impl Router {
             [v] => {
                 v.steps.is_empty()
                     && v.regexes.is_empty()
-                    && !v.tls
                     && matches!(v.locations.as_slice(), [l] if l.kind == LocationMatch::Prefix
                         && l.path == "/" && l.steps.is_empty()
                         && matches!(l.target, Target::Proxy { upstream: 0, uri: None }))
@@ -358,35 +354,49 @@ impl Router {
 
     /// The virtual server for a listener and a Host (already lower-case, without port).
     fn vhost(&self, listen: SocketAddr, host: &str) -> Option<&Vhost> {
-        let on = || self.vhosts.iter().filter(move |v| v.listen.contains(&listen));
-        if let Some(v) = on().find(|v| v.exact.iter().any(|n| n == host)) {
-            return Some(v);
+        self.vhost_index(listen, host).map(|i| &self.vhosts[i])
+    }
+
+    /// The index in `vhosts` of the virtual server for a listener and a host name (a Host
+    /// header or a TLS server name): exact name, longest `*.` wildcard, longest `.*` wildcard,
+    /// first regex, then the address's `default_server` or first server, as nginx chooses.
+    pub fn vhost_index(&self, listen: SocketAddr, host: &str) -> Option<usize> {
+        let on = || {
+            self.vhosts
+                .iter()
+                .enumerate()
+                .filter(move |(_, v)| v.listen.contains(&listen))
+        };
+        if let Some((i, _)) = on().find(|(_, v)| v.exact.iter().any(|n| n == host)) {
+            return Some(i);
         }
         let longest = |names: fn(&Vhost) -> &[String], fits: fn(&str, &str) -> bool| {
-            on().filter_map(|v| {
+            on().filter_map(|(i, v)| {
                 names(v)
                     .iter()
                     .filter(|n| fits(host, n))
                     .map(|n| n.len())
                     .max()
-                    .map(|len| (len, v))
+                    .map(|len| (len, i))
             })
-            .fold(None::<(usize, &Vhost)>, |best, (len, v)| match best {
+            .fold(None::<(usize, usize)>, |best, (len, i)| match best {
                 Some((b, _)) if b >= len => best,
-                _ => Some((len, v)),
+                _ => Some((len, i)),
             })
-            .map(|(_, v)| v)
+            .map(|(_, i)| i)
         };
-        if let Some(v) = longest(|v| &v.front, |h, n| h.ends_with(n)) {
-            return Some(v);
+        if let Some(i) = longest(|v| &v.front, |h, n| h.ends_with(n)) {
+            return Some(i);
         }
-        if let Some(v) = longest(|v| &v.back, |h, n| h.starts_with(n)) {
-            return Some(v);
+        if let Some(i) = longest(|v| &v.back, |h, n| h.starts_with(n)) {
+            return Some(i);
         }
-        if let Some(v) = on().find(|v| v.regexes.iter().any(|r| r.is_match(host))) {
-            return Some(v);
+        if let Some((i, _)) = on().find(|(_, v)| v.regexes.iter().any(|r| r.is_match(host))) {
+            return Some(i);
         }
-        on().find(|v| v.default_server).or_else(|| on().next())
+        on().find(|(_, v)| v.default_server)
+            .or_else(|| on().next())
+            .map(|(i, _)| i)
     }
 
     /// Decides what a request gets.
@@ -492,7 +502,7 @@ impl Router {
 }
 
 /// The Host's name: lower-case, without port or trailing dot.
-fn host_name(host: &str) -> Cow<'_, str> {
+pub fn host_name(host: &str) -> Cow<'_, str> {
     let name = if let Some(rest) = host.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {

@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 pub mod nginx;
+pub mod proc;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -348,4 +350,30 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
 pub async fn dead_addr() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
+}
+
+/// A backend that answers `NAME METHOD TARGET`, so a test sees where a request went and as
+/// what; under `/headers` it adds ` proto=` and the X-Forwarded-Proto it got.
+pub async fn echo(name: &'static str) -> Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    let mut text = format!("{name} {} {}", req.method(), req.uri());
+                    if req.uri().path().starts_with("/headers") {
+                        let proto = req.headers().get("x-forwarded-proto");
+                        let proto = proto.and_then(|v| v.to_str().ok()).unwrap_or("-");
+                        text.push_str(&format!(" proto={proto}"));
+                    }
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Ok(addr)
 }

@@ -1,0 +1,148 @@
+//! Certificates made with `openssl` (a test CA and leaf certificates per host name), a rustls
+//! client that trusts the CA, and `curl` as a real TLS and HTTP/2 client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use anyhow::{ensure, Context, Result};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls;
+use tokio_rustls::TlsConnector;
+
+fn openssl(args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .context("running openssl (Debian package openssl)")?;
+    ensure!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+fn path(p: &Path) -> Result<&str> {
+    p.to_str().context("a UTF-8 path")
+}
+
+/// A test certificate authority in `dir`: (`ca.crt`, `ca.key`).
+pub fn ca(dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=lb test CA",
+        "-keyout",
+        path(&key)?,
+        "-out",
+        path(&crt)?,
+    ])?;
+    Ok((crt, key))
+}
+
+/// A certificate for `name` signed by the CA, written to `stem.crt` and `stem.key` in `dir`.
+pub fn leaf(dir: &Path, ca: &(PathBuf, PathBuf), name: &str, stem: &str) -> Result<(PathBuf, PathBuf)> {
+    let (crt, key, csr, ext) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+        dir.join(format!("{stem}.csr")),
+        dir.join(format!("{stem}.ext")),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        path(&key)?,
+        "-out",
+        path(&csr)?,
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        path(&csr)?,
+        "-CA",
+        path(&ca.0)?,
+        "-CAkey",
+        path(&ca.1)?,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        path(&ext)?,
+        "-out",
+        path(&crt)?,
+    ])?;
+    Ok((crt, key))
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn der(pem: &Path) -> Result<Vec<u8>> {
+    Ok(CertificateDer::from_pem_file(pem)?.as_ref().to_vec())
+}
+
+/// A rustls client trusting `ca`, offering `alpn`.
+pub fn client(ca: &Path, alpn: &[&[u8]]) -> Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca)? {
+        roots.add(c?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(TlsConnector::from(Arc::new(cfg)))
+}
+
+/// A TLS connection to `addr` with server name `sni`.
+pub async fn connect(connector: &TlsConnector, addr: SocketAddr, sni: &str) -> Result<TlsStream<TcpStream>> {
+    let tcp = tokio::time::timeout(super::DEADLINE, TcpStream::connect(addr)).await??;
+    let name = ServerName::try_from(sni.to_string())?;
+    Ok(tokio::time::timeout(super::DEADLINE, connector.connect(name, tcp)).await??)
+}
+
+/// `curl` over TLS to `https://host:port{path}` (resolved to `addr`, trusting `ca`); returns the
+/// body followed by a line with the HTTP version curl used.
+pub fn curl(ca: &Path, addr: SocketAddr, host: &str, path: &str, extra: &[&str]) -> Result<String> {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{}:{}", addr.port(), addr.ip())])
+        .args(["-w", "\n%{http_version}"])
+        .args(extra)
+        .arg(format!("https://{host}:{}{path}", addr.port()))
+        .output()
+        .context("running curl")?;
+    ensure!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
