@@ -148,6 +148,8 @@ pub struct FailoverConfig {
     pub priority: BTreeMap<String, u32>,
     /// Bringing fenced nodes back.
     pub rejoin: RejoinConfig,
+    /// Fencing the old primary itself, not only in the routing.
+    pub fence: crate::fence::FenceConfig,
 }
 
 impl Default for FailoverConfig {
@@ -164,6 +166,7 @@ impl Default for FailoverConfig {
             nodes: BTreeMap::new(),
             priority: BTreeMap::new(),
             rejoin: RejoinConfig::default(),
+            fence: crate::fence::FenceConfig::default(),
         }
     }
 }
@@ -212,6 +215,7 @@ impl FailoverConfig {
         positive("failover.session_wait", self.session_wait)?;
         positive("failover.switchover_timeout", self.switchover_timeout)?;
         positive("failover.rejoin.timeout", self.rejoin.timeout)?;
+        self.fence.validate()?;
         let all = std::iter::once(("failover.default".to_string(), &self.default))
             .chain(self.nodes.iter().map(|(n, c)| (format!("failover.nodes.{n}"), c)));
         for (key, c) in all {
@@ -1206,6 +1210,9 @@ pub trait Topology: Send + Sync {
     /// Records that `new_primary` replaces `old_primary` (fenced), then routes writes to it in one
     /// step; on error routing is left as it was.
     fn switch_primary(&self, new_primary: usize, old_primary: usize) -> BoxFuture<'_, Result<(), String>>;
+    /// Records candidate `id` as fenced (its promotion failed, and may yet take effect) and stops
+    /// routing to it, before the next candidate is tried.
+    fn fence_candidate(&self, id: usize) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// One failover or switchover, as the log and the `/status` history report it.
@@ -1311,8 +1318,16 @@ pub async fn fail_over(
                 break;
             }
             Err(e) => {
-                tracing::error!(node = %target.name, error = %e, "promotion failed: trying the next candidate");
+                tracing::error!(node = %target.name, error = %e, "promotion failed: fencing it, then trying the next candidate");
                 event.failed_attempts.push((target.name.clone(), e.to_string()));
+                // It may still turn primary (a promotion that timed out): never two primaries.
+                if let Err(e) = topo.fence_candidate(id).await {
+                    event.error = Some(format!(
+                        "cannot fence {} after its failed promotion: {e}",
+                        target.name
+                    ));
+                    return event;
+                }
             }
         }
     }

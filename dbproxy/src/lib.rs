@@ -18,6 +18,7 @@ pub mod classify;
 pub mod cluster;
 pub mod config;
 pub mod failover;
+pub mod fence;
 pub mod health;
 pub mod health_stats;
 pub mod manager;

@@ -255,6 +255,8 @@ async fn killed_primary_body() -> Result<()> {
     let s = node_status(&proxy, 0)?;
     assert_eq!(s["fenced"], true, "{s}");
     assert_eq!(s["status"], "down", "{s}");
+    // Answering again, it is fenced on the node too (its sessions ended, read-only).
+    fenced_on_node(&proxy, "node0")?;
     let resumed = Instant::now();
     writers.wait_acked_after(resumed).await?;
     let (acked, errors) = writers.stop().await;
@@ -353,6 +355,7 @@ async fn frozen_body() -> Result<()> {
         Ok((s["pg_status"] == "up" && s["pg_role"] == "primary").then_some(()))
     })?;
     assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+    fenced_on_node(&proxy, "node0")?;
     idle.batch_execute("insert into t (id) values (4)").await?;
     assert_eq!(c.node(0).psql("select count(*) from t where id = 4")?, "0");
     Ok(())
@@ -396,6 +399,15 @@ async fn failing_candidate_body() -> Result<()> {
         .await?
         .get(0);
     assert_eq!(port as u16, c.node(2).port());
+    // node1 was fenced in the record before node2 was tried; streaming from node2 now, it is a
+    // harmless standby again.
+    let s = proxy.status()?;
+    assert_eq!(s["nodes"][1]["fenced"], false, "{s}");
+    assert!(s["record"]["fenced"]["node1"].is_null(), "{s}");
+    assert!(
+        s["record"]["term"].as_u64() >= Some(4),
+        "fence, switch and lift recorded: {s}"
+    );
     Ok(())
 }
 
@@ -421,6 +433,7 @@ async fn restart_body() -> Result<()> {
         .await?
         .get(0);
     assert_eq!(port as u16, c.node(1).port());
+    fenced_on_node(&proxy, "node0")?;
     assert_eq!(c.node(0).psql("select count(*) from t")?, "0");
     Ok(())
 }
@@ -615,6 +628,7 @@ async fn restart_during_failover_body() -> Result<()> {
     for id in 2..12 {
         assert_eq!(write_through(&proxy, id).await?, c.node(other).port());
     }
+    fenced_on_node(&proxy, "node0")?;
     assert_eq!(
         c.node(0).psql("select count(*) from t")?,
         "0",
@@ -827,4 +841,190 @@ async fn shutdown_during_switchover_body() -> Result<()> {
     let proxy = proxy_in(&c, state.path(), |_| {})?;
     assert_eq!(write_through(&proxy, 1).await?, c.node(1).port());
     Ok(())
+}
+
+/// Clients writing unique ids straight to one server (as a client that bypasses dbproxy would),
+/// reconnecting after errors; each acknowledged id is kept with the time it was acknowledged.
+struct DirectWriters {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(i64, std::time::SystemTime)>>>,
+    errors: Arc<std::sync::atomic::AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl DirectWriters {
+    fn start(conn: String, n: usize) -> DirectWriters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let next = Arc::new(AtomicI64::new(5_000_000));
+        let tasks = (0..n)
+            .map(|_| {
+                let (stop, acked, errors, next, conn) = (
+                    stop.clone(),
+                    acked.clone(),
+                    errors.clone(),
+                    next.clone(),
+                    conn.clone(),
+                );
+                tokio::spawn(async move {
+                    let conn = format!("{conn} connect_timeout=2");
+                    while !stop.load(Ordering::Relaxed) {
+                        let client = match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+                            Ok((c, driver)) => {
+                                tokio::spawn(driver);
+                                c
+                            }
+                            Err(_) => {
+                                errors.fetch_add(1, Ordering::Relaxed);
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        };
+                        while !stop.load(Ordering::Relaxed) {
+                            let id = next.fetch_add(1, Ordering::Relaxed);
+                            match client.execute("insert into t (id) values ($1)", &[&id]).await {
+                                Ok(_) => acked.lock().unwrap().push((id, std::time::SystemTime::now())),
+                                Err(_) => {
+                                    errors.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        DirectWriters {
+            stop,
+            acked,
+            errors,
+            tasks,
+        }
+    }
+
+    fn acked(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Stops them (a writer stuck on a frozen server is abandoned); the acknowledgement times.
+    async fn stop(self) -> Vec<std::time::SystemTime> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.abort();
+        }
+        let acked = self.acked.lock().unwrap();
+        acked.iter().map(|(_, at)| *at).collect()
+    }
+}
+
+/// Milliseconds since the epoch.
+fn epoch_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_partition_only_dbproxy_sees_leaves_no_acknowledged_write_on_the_old_primary() -> Result<()> {
+    support::bounded(partition_body()).await
+}
+
+async fn partition_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    // STONITH as an exec step: it reaches the node's processes even while the postmaster does not
+    // answer dbproxy.
+    let fence = "pid=$(head -1 {data_dir}/postmaster.pid); pkill -KILL -P $pid; kill -KILL $pid";
+    let data_dir = c.node(0).data_dir().display().to_string();
+    let proxy = proxy_for(&c, |cfg| {
+        cfg.health.timeout = 1.0;
+        cfg.failover.fence.method = PromoteMethod::Exec;
+        cfg.failover.fence.command = fence.into();
+        cfg.failover.nodes.insert(
+            "node0".into(),
+            PromoteConfig {
+                data_dir,
+                ..Default::default()
+            },
+        );
+    })?;
+    let through = Writers::start(&proxy, 2);
+    through.wait_acked_after(Instant::now()).await?;
+    let direct = DirectWriters::start(c.node(0).conn_string(), 3);
+    wait_for("direct writes on node0", DEADLINE, || {
+        Ok((direct.acked() >= 20).then_some(()))
+    })?;
+    // The partition: node0's postmaster stops answering (dbproxy's checks fail), while the
+    // sessions the direct writers already hold keep committing on it.
+    c.node(0).sigstop()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    let promoted_ms = ev["promoted_at"]["ms"].as_u64().context("promoted_at")?;
+    let fenced = wait_event(&proxy, "fence", 1)?;
+    assert!(fenced["error"].is_null() && fenced["node"] == "node0", "{fenced}");
+    through.wait_acked_after(Instant::now()).await?;
+    let errors_then = direct.errors.load(Ordering::Relaxed);
+    // Until every direct writer has been cut off (their reconnections fail), or one got a write
+    // acknowledged after the promotion.
+    wait_for("direct writers cut off", DEADLINE, || {
+        let late = direct
+            .acked
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(_, at)| epoch_ms(*at) >= promoted_ms);
+        Ok((late || direct.errors.load(Ordering::Relaxed) >= errors_then + 3).then_some(()))
+    })?;
+    let acks = direct.stop().await;
+    let late: Vec<u64> = acks
+        .iter()
+        .map(|t| epoch_ms(*t))
+        .filter(|&t| t >= promoted_ms)
+        .collect();
+    assert!(!acks.is_empty());
+    assert!(
+        late.is_empty(),
+        "{} writes acknowledged by the old primary after node1 was promoted",
+        late.len()
+    );
+    let (acked, errors) = through.stop().await;
+    assert_clean_errors(&errors);
+    assert!(!acked.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_old_primary_that_answers_again_is_made_read_only() -> Result<()> {
+    support::bounded(sql_fence_body()).await
+}
+
+async fn sql_fence_body() -> Result<()> {
+    let c = cluster(1, false).await?;
+    let proxy = proxy_for(&c, |_| {})?;
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert_eq!(ev["promoted"], "node1", "{ev}");
+    // Down, it could not be fenced then (sql needs the node to answer); once back, it is.
+    c.node(0).start()?;
+    let fenced = wait_event(&proxy, "fence", 1)?;
+    assert_eq!(fenced["node"], "node0", "{fenced}");
+    assert!(fenced["error"].is_null(), "{fenced}");
+    let e = c
+        .node(0)
+        .psql("insert into t (id) values (1)")
+        .expect_err("a direct write on the fenced old primary");
+    assert!(format!("{e:#}").contains("read-only transaction"), "{e:#}");
+    assert_eq!(write_through(&proxy, 2).await?, c.node(1).port());
+    Ok(())
+}
+
+/// Waits until `/status` shows the fence step done on node `name` (it ends the node's client
+/// sessions, so a test reads the node directly only after it).
+fn fenced_on_node(proxy: &Proxy, name: &str) -> Result<Value> {
+    wait_for(&format!("{name} fenced on the node"), DEADLINE, || {
+        let s = proxy.status()?;
+        Ok(s["history"].as_array().and_then(|h| {
+            h.iter()
+                .find(|e| e["kind"] == "fence" && e["node"] == name && e["error"].is_null())
+                .cloned()
+        }))
+    })
 }

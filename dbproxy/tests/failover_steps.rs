@@ -238,6 +238,7 @@ struct TestTopology {
     nodes: Vec<NodeRef>,
     sync: Vec<bool>,
     switched: std::sync::Mutex<Option<(usize, usize)>>,
+    fenced: std::sync::Mutex<Vec<usize>>,
 }
 
 impl failover::Topology for TestTopology {
@@ -256,6 +257,10 @@ impl failover::Topology for TestTopology {
         old_primary: usize,
     ) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
         *self.switched.lock().unwrap() = Some((new_primary, old_primary));
+        Box::pin(async { Ok(()) })
+    }
+    fn fence_candidate(&self, id: usize) -> futures_util::future::BoxFuture<'_, Result<(), String>> {
+        self.fenced.lock().unwrap().push(id);
         Box::pin(async { Ok(()) })
     }
 }
@@ -278,6 +283,7 @@ fn topology(cluster: &PgCluster) -> TestTopology {
             .map(|n| sync_names.split(',').any(|s| s == n.name()))
             .collect(),
         switched: std::sync::Mutex::new(None),
+        fenced: std::sync::Mutex::new(Vec::new()),
     }
 }
 
@@ -312,6 +318,7 @@ async fn fail_over_falls_back_switches_once_and_re_points_the_rest() {
     assert_eq!(event.failed_attempts.len(), 1);
     assert_eq!(event.failed_attempts[0].0, "node1");
     assert_eq!(*topo.switched.lock().unwrap(), Some((2, 0)));
+    assert_eq!(*topo.fenced.lock().unwrap(), [1], "fenced before node2 was tried");
     assert_eq!(event.followers.len(), 1);
     assert_eq!(event.followers[0].0, "node1");
     assert!(event.followers[0].1.is_ok(), "{event:?}");

@@ -51,6 +51,28 @@ impl Default for Ports {
     }
 }
 
+impl Ports {
+    /// The default ports moved up by `offset` (several topologies side by side, tests).
+    pub fn offset(offset: u16) -> Result<Ports> {
+        let d = Ports::default();
+        let add = |p: u16, span: u16| -> Result<u16> {
+            p.checked_add(offset)
+                .filter(|q| q.checked_add(span).is_some())
+                .with_context(|| format!("port offset {offset} moves port {p} past 65535"))
+        };
+        Ok(Ports {
+            lb: add(d.lb, 0)?,
+            lb_admin: add(d.lb_admin, 0)?,
+            dbproxy: add(d.dbproxy, 0)?,
+            dbproxy_admin: add(d.dbproxy_admin, 0)?,
+            webapp: add(d.webapp, 1)?,
+            // Room for a few standbys.
+            postgres: add(d.postgres, 8)?,
+            collector_admin: add(d.collector_admin, 0)?,
+        })
+    }
+}
+
 /// What `stack up` starts.
 #[derive(Debug, Clone)]
 pub struct UpOptions {
@@ -233,10 +255,19 @@ where
     }
 }
 
-/// Stops every service, then the PostgreSQL servers.
+/// Stops every service, then the PostgreSQL servers; returns how many were running. A `stack up`
+/// supervising them in the foreground (from another shell) is asked to stop first (SIGTERM), so
+/// it stops them itself and its terminal returns.
 pub fn down(state: &State) -> usize {
-    let mut stopped = 0;
     let started = state.started();
+    let running = started.iter().filter(|n| state.pid(n).is_some()).count();
+    if let Some(pid) = state.supervisor().filter(|&p| p != std::process::id() as i32) {
+        println!("stack up (pid {pid}): stopping");
+        if !state.stop_supervisor(pid, Duration::from_secs(90)) {
+            println!("stack up (pid {pid}) did not stop in time; stopping its services here");
+        }
+    }
+    let mut stopped = 0;
     for name in started.iter().rev() {
         // PostgreSQL: SIGINT is a fast shutdown; the services drain on SIGTERM.
         let sig = if name.starts_with("pg") {
@@ -249,7 +280,7 @@ pub fn down(state: &State) -> usize {
             stopped += 1;
         }
     }
-    stopped
+    running.max(stopped)
 }
 
 /// One line per service: running or not, with its pid.

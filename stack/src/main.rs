@@ -16,6 +16,9 @@ struct Cli {
     /// Where data, configs, logs and pid files live.
     #[arg(long, global = true, default_value = "state", env = "STACK_STATE_DIR")]
     state_dir: PathBuf,
+    /// Added to every default port (lb 8080, dbproxy 9999, ...), to run beside another topology.
+    #[arg(long, global = true, default_value_t = 0, env = "STACK_PORT_OFFSET")]
+    port_offset: u16,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -76,7 +79,7 @@ async fn run(cli: Cli) -> Result<()> {
             let opts = stack::UpOptions {
                 state_dir: cli.state_dir,
                 standbys,
-                ports: stack::Ports::default(),
+                ports: stack::Ports::offset(cli.port_offset)?,
                 collector_interval: interval,
                 bin_dir,
             };
@@ -109,9 +112,11 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            println!("Ctrl-C stops everything.");
+            println!("Ctrl-C (or `stack down` from another shell) stops everything.");
+            state.claim_supervisor()?;
             supervise(&state, signals.shutdown).await;
             stack::down(&state);
+            state.release_supervisor();
             Ok(())
         }
         Cmd::Down => {

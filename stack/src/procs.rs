@@ -126,6 +126,44 @@ impl State {
         true
     }
 
+    /// Records this process as the foreground `stack up` supervising the services, so that
+    /// `stack down` from another shell can end it.
+    pub fn claim_supervisor(&self) -> Result<()> {
+        fs::write(self.supervisor_file(), format!("{}\n", std::process::id()))
+            .context("writing the supervisor's pid file")
+    }
+
+    /// Forgets the supervisor (it is exiting).
+    pub fn release_supervisor(&self) {
+        let _ = fs::remove_file(self.supervisor_file());
+    }
+
+    /// The foreground `stack up`'s pid, while it runs.
+    pub fn supervisor(&self) -> Option<i32> {
+        let pid: i32 = fs::read_to_string(self.supervisor_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        alive(pid).then_some(pid)
+    }
+
+    /// Asks the supervisor `pid` to stop everything and exit (SIGTERM); waits up to `grace` for
+    /// it to be gone. Returns whether it is.
+    pub fn stop_supervisor(&self, pid: i32, grace: Duration) -> bool {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while alive(pid) && Instant::now() < deadline {
+            reap();
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        !alive(pid)
+    }
+
+    fn supervisor_file(&self) -> PathBuf {
+        self.root.join("run").join("supervisor.pid")
+    }
+
     /// Sends `signal` to `name` without waiting (drills: `stack kill`).
     pub fn signal(&self, name: &str, signal: Signal) -> Result<i32> {
         let pid = self.pid(name).with_context(|| format!("{name} is not running"))?;
