@@ -52,7 +52,7 @@ pub struct Config {
 }
 
 /// pgpool-II's PCP listener, so operators' `pcp_*` commands and scripts keep working.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PcpConfig {
     /// Address the PCP listener binds (pgpool's `pcp_listen_addresses` and `pcp_port`); empty

@@ -7,7 +7,7 @@
 //! - For connections accepted afterwards: users, client authentication, routing, limits and TLS (a
 //!   session keeps the configuration it started with).
 //! - Only after a restart, kept meanwhile with a warning: an existing node's name, host and port,
-//!   removing nodes, the listeners, `limits.max_connections`, `workers`, `state_dir` and the failover settings.
+//!   removing nodes, the listeners (PCP's too), `limits.max_connections`, `workers`, `state_dir` and the failover settings.
 //!
 //! [`merge`] decides without side effects, so a reload that fails validation changes nothing;
 //! [`apply`] then changes the running cluster.
@@ -83,6 +83,10 @@ pub fn merge(old: &Config, mut new: Config) -> Result<Config, ConfigError> {
     if new.workers != old.workers {
         kept.push(format!("workers stays {}", old.workers));
         new.workers = old.workers;
+    }
+    if new.pcp != old.pcp {
+        kept.push("pcp stays as it was".into());
+        new.pcp = old.pcp.clone();
     }
     let failover = |c: &Config| toml::to_string(&c.failover).unwrap_or_default();
     if failover(&new) != failover(old) {
@@ -168,6 +172,8 @@ mod tests {
         new.limits.max_connections = 3;
         new.workers = 7;
         new.failover.enabled = !old.failover.enabled;
+        new.pcp.listen = "127.0.0.1:3".into();
+        new.pcp.users_file = "/etc/pcp.conf".into();
         let merged = merge(&old, new).unwrap();
         let names: Vec<(&str, u16)> = merged.nodes.iter().map(|n| (n.name.as_str(), n.port)).collect();
         assert_eq!(names, [("a", 1), ("b", 2)]);
@@ -177,6 +183,7 @@ mod tests {
         assert_eq!(merged.limits.max_connections, old.limits.max_connections);
         assert_eq!(merged.workers, old.workers);
         assert_eq!(merged.failover.enabled, old.failover.enabled);
+        assert_eq!(merged.pcp, old.pcp);
     }
 
     #[test]
