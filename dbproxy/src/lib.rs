@@ -27,6 +27,7 @@ pub mod pcp;
 pub mod pgpool_check;
 pub mod pgpool_conf;
 pub mod pool_hba;
+pub mod pool_passwd;
 pub mod protocol;
 pub mod record;
 pub mod reload;
