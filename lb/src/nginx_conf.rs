@@ -765,6 +765,16 @@ impl Steps {
     }
 }
 
+/// `index index.html` is what lb does; other index files are not supported.
+fn index_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> {
+    if d.args.iter().all(|a| a == "index.html" || a == "index.htm") {
+        out.ignore(d, "lb serves a directory's index.html");
+        Ok(())
+    } else {
+        Err(unsupported(d, "only `index index.html`"))
+    }
+}
+
 /// `location [=|^~|~|~*] PATH { ... }`.
 fn location_block(
     d: &Directive,
@@ -824,7 +834,31 @@ fn location_block(
                 t.insert("proxy_pass".into(), Value::String(url.clone()));
             }
             "location" => return Err(unsupported(l, "nested locations")),
+            "root" | "alias" => {
+                arity(l, 1, 1)?;
+                if l.args[0].contains('$') {
+                    return Err(unsupported(l, "variables in the path"));
+                }
+                t.insert(l.name.clone(), Value::String(l.args[0].clone()));
+            }
+            "try_files" => {
+                arity(l, 2, 16)?;
+                let files = l.args.iter().map(|a| Value::String(a.clone())).collect();
+                t.insert("try_files".into(), Value::Array(files));
+            }
+            "index" => index_directive(l, out)?,
             _ => common_directive(l, out)?,
+        }
+    }
+    if t.contains_key("proxy_pass") {
+        if let Some(f) = block
+            .iter()
+            .find(|l| matches!(l.name.as_str(), "root" | "alias" | "try_files"))
+        {
+            return Err(unsupported(
+                f,
+                "in a location that proxies (lb serves files or proxies)",
+            ));
         }
     }
     steps.into_table(&mut t);
@@ -865,6 +899,14 @@ fn server_block(
                 }
             }
             "server_name" => names.extend(d.args.iter().map(|n| Value::String(n.clone()))),
+            "root" => {
+                arity(d, 1, 1)?;
+                if d.args[0].contains('$') {
+                    return Err(unsupported(d, "variables in the path"));
+                }
+                t.insert("root".into(), Value::String(d.args[0].clone()));
+            }
+            "index" => index_directive(d, out)?,
             "location" => locations.push(Value::Table(location_block(d, upstreams, groups, out)?)),
             _ => common_directive(d, out)?,
         }
