@@ -115,6 +115,28 @@ async fn sni_alpn_h2_forwarded_proto_and_redirect_to_https() -> Result<()> {
     assert_eq!(resp.status(), 501);
     let body = resp.into_body().collect().await?.to_bytes();
     ensure!(String::from_utf8_lossy(&body).contains("RFC 8441"), "{body:?}");
+    // nginx's limits: a header list past `limits.max_header_bytes` (16 KiB) is refused without
+    // closing the connection; with 128 concurrent streams advertised, 140 requests sent at once
+    // are all answered (the client waits for free streams).
+    let big = "x".repeat(20 * 1024);
+    let req = hyper::Request::get("https://a.test/big")
+        .header("x-big", big.as_str())
+        .body(Empty::<Bytes>::new())?;
+    match h2.send_request(req).await {
+        Ok(resp) => ensure!(resp.status() == 431, "status {}", resp.status()),
+        Err(e) => ensure!(!e.is_closed(), "the connection should survive: {e}"),
+    }
+    assert_eq!(get(&mut h2, "https://a.test/after").await?, "app GET /after");
+    let mut inflight = Vec::new();
+    for i in 0..140 {
+        let mut h2 = h2.clone();
+        inflight.push(tokio::spawn(async move {
+            get(&mut h2, &format!("https://a.test/n{i}")).await
+        }));
+    }
+    for t in inflight {
+        ensure!(t.await??.starts_with("app GET /n"));
+    }
     Ok(())
 }
 
