@@ -360,6 +360,9 @@ pub struct TlsConfig {
     pub key: String,
     /// Versions offered: `TLSv1.2`, `TLSv1.3` (nginx `ssl_protocols`); empty means both.
     pub protocols: Vec<String>,
+    /// A DER OCSP response stapled to every handshake (nginx `ssl_stapling_file`); re-read on
+    /// SIGHUP. Empty staples nothing.
+    pub ocsp_file: String,
 }
 
 /// How a location's `path` matches (nginx's location modifiers).

@@ -639,6 +639,7 @@ struct Ssl {
     certificate: Option<String>,
     key: Option<String>,
     protocols: Option<Vec<String>>,
+    ocsp_file: Option<String>,
 }
 
 impl Ssl {
@@ -671,8 +672,12 @@ impl Ssl {
                 self.protocols = Some(kept);
             }
             "ssl" => return Err(unsupported(d, "use `listen ... ssl`")),
-            "ssl_stapling" | "ssl_stapling_verify" | "ssl_trusted_certificate" | "ssl_stapling_file" => {
-                out.ignore(d, "OCSP stapling is not supported")
+            "ssl_stapling_file" => {
+                arity(d, 1, 1)?;
+                self.ocsp_file = Some(d.args[0].clone());
+            }
+            "ssl_stapling" | "ssl_stapling_verify" | "ssl_trusted_certificate" => {
+                out.ignore(d, "lb staples only a response from `ssl_stapling_file`")
             }
             "ssl_client_certificate" | "ssl_verify_client" => {
                 return Err(unsupported(d, "client certificates are not supported"))
@@ -922,6 +927,9 @@ fn server_block(
         tls.insert("listen".into(), Value::Array(tls_listen));
         tls.insert("certificate".into(), Value::String(certificate));
         tls.insert("key".into(), Value::String(key));
+        if let Some(f) = ssl.ocsp_file {
+            tls.insert("ocsp_file".into(), Value::String(f));
+        }
         if let Some(p) = ssl.protocols {
             tls.insert(
                 "protocols".into(),
@@ -1216,6 +1224,7 @@ mod tests {
              server { listen 80; listen 443 ssl http2; server_name a.test;\n\
                location / { proxy_pass http://app; } }\n\
              server { listen 443 ssl; server_name b.test; ssl_certificate /b.pem; ssl_certificate_key /b.key;\n\
+               ssl_stapling on; ssl_stapling_file /b.ocsp;\n\
                location / { proxy_pass http://app; } }\n}",
         )
         .unwrap();
@@ -1231,6 +1240,8 @@ mod tests {
         assert_eq!(a.protocols, ["TLSv1.2", "TLSv1.3"]);
         let b = c.vhosts[1].tls.as_ref().unwrap();
         assert_eq!(b.certificate, "/b.pem");
+        assert_eq!(b.ocsp_file, "/b.ocsp");
+        assert!(a.ocsp_file.is_empty());
         assert!(c.vhosts[1].listen.is_empty());
         let w = t.warnings.join("\n");
         assert!(w.contains("line 3: ssl_protocols `TLSv1` ignored"), "{w}");

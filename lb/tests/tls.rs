@@ -288,3 +288,45 @@ async fn websockets_pass_over_tls_with_http1() -> Result<()> {
     assert_eq!(echo, frame);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocsp_response_file_is_stapled() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let authority = ca(dir.path())?;
+    let (crt, key) = leaf(dir.path(), &authority, "a.test", "a")?;
+    let ocsp = support::tls::ocsp_response(dir.path(), &authority, &crt, "a")?;
+    let (b_crt, b_key) = leaf(dir.path(), &authority, "b.test", "b")?;
+    let app = echo("app").await?;
+    let tls = free_addr()?;
+    let _lb = serve(&format!(
+        "http {{\n server {{ listen {tls} ssl; server_name a.test; ssl_certificate {}; ssl_certificate_key {};\n\
+           ssl_stapling on; ssl_stapling_file {};\n location / {{ proxy_pass http://{app}; }} }}\n\
+         server {{ listen {tls} ssl; server_name b.test; ssl_certificate {}; ssl_certificate_key {};\n\
+           location / {{ proxy_pass http://{app}; }} }}\n}}\n",
+        crt.display(),
+        key.display(),
+        ocsp.display(),
+        b_crt.display(),
+        b_key.display(),
+    ))
+    .await?;
+    let connector = client(&authority.0, &[b"http/1.1"])?;
+    wait_for("lb to serve TLS", || {
+        let c = connector.clone();
+        async move { connect(&c, tls, "a.test").await.ok().map(|_| ()) }
+    })
+    .await?;
+    let (a, b) = tokio::task::spawn_blocking(move || -> Result<(String, String)> {
+        Ok((
+            support::tls::s_client_status(tls, "a.test")?,
+            support::tls::s_client_status(tls, "b.test")?,
+        ))
+    })
+    .await??;
+    ensure!(
+        a.contains("OCSP Response Status: successful") && a.contains("Cert Status: good"),
+        "{a}"
+    );
+    ensure!(b.contains("OCSP response: no response sent"), "{b}");
+    Ok(())
+}
