@@ -164,6 +164,13 @@ impl Drop for ActiveGuard {
 pub enum RespBody {
     /// A short body lb wrote itself (errors).
     Full(Option<Bytes>),
+    /// A file's bytes (`root`/`alias`), read in chunks as the client takes them.
+    File {
+        /// The file, positioned at the first byte to send.
+        file: tokio::fs::File,
+        /// Bytes still to send.
+        remaining: u64,
+    },
     /// The upstream's body, streamed.
     Upstream {
         /// The stream.
@@ -202,6 +209,27 @@ impl Body for RespBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RespBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespBody::File { file, remaining } => {
+                if *remaining == 0 {
+                    return Poll::Ready(None);
+                }
+                let want = usize::try_from(*remaining).unwrap_or(usize::MAX).min(64 * 1024);
+                let mut chunk = bytes::BytesMut::with_capacity(want);
+                match tokio_util::io::poll_read_buf(Pin::new(file), cx, &mut chunk) {
+                    Poll::Pending => Poll::Pending,
+                    Poll::Ready(Err(e)) => Poll::Ready(Some(Err(Box::new(e)))),
+                    Poll::Ready(Ok(0)) => {
+                        *remaining = 0;
+                        Poll::Ready(Some(Err("file shorter than its size".into())))
+                    }
+                    Poll::Ready(Ok(n)) => {
+                        let n = (n as u64).min(*remaining);
+                        *remaining -= n;
+                        chunk.truncate(n as usize);
+                        Poll::Ready(Some(Ok(Frame::data(chunk.freeze()))))
+                    }
+                }
+            }
             RespBody::Upstream {
                 inner,
                 guard,
@@ -236,6 +264,7 @@ impl Body for RespBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RespBody::Full(b) => b.is_none(),
+            RespBody::File { remaining, .. } => *remaining == 0,
             RespBody::Upstream { inner, .. } => inner.is_end_stream(),
         }
     }
@@ -244,6 +273,7 @@ impl Body for RespBody {
         match self {
             RespBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RespBody::Full(None) => SizeHint::with_exact(0),
+            RespBody::File { remaining, .. } => SizeHint::with_exact(*remaining),
             RespBody::Upstream { inner, .. } => inner.size_hint(),
         }
     }

@@ -331,6 +331,8 @@ pub struct VhostConfig {
     pub return_: Option<ReturnConfig>,
     /// Locations, matched in nginx's order.
     pub locations: Vec<LocationConfig>,
+    /// Directory files are served from by locations without `proxy_pass` (nginx `root`).
+    pub root: String,
     /// TLS termination on some of its addresses (nginx `listen ... ssl` and `ssl_*`).
     pub tls: Option<TlsConfig>,
 }
@@ -358,6 +360,9 @@ pub struct TlsConfig {
     pub key: String,
     /// Versions offered: `TLSv1.2`, `TLSv1.3` (nginx `ssl_protocols`); empty means both.
     pub protocols: Vec<String>,
+    /// A DER OCSP response stapled to every handshake (nginx `ssl_stapling_file`); re-read on
+    /// SIGHUP. Empty staples nothing.
+    pub ocsp_file: String,
 }
 
 /// How a location's `path` matches (nginx's location modifiers).
@@ -394,6 +399,14 @@ pub struct LocationConfig {
     /// Answer with this instead of proxying (nginx `return`).
     #[serde(rename = "return")]
     pub return_: Option<ReturnConfig>,
+    /// Serve files from this directory plus the URI (nginx `root`); without `proxy_pass`.
+    /// Empty takes the server's `root`.
+    pub root: String,
+    /// Serve files from this directory plus the URI after the location's prefix (nginx `alias`).
+    pub alias: String,
+    /// Files tried in order (nginx `try_files`): `$uri`, `$uri/` (its `index.html`), other
+    /// paths; the last is `=CODE` or a file answered when none exists.
+    pub try_files: Vec<String>,
 }
 
 /// nginx `rewrite REGEX REPLACEMENT [FLAG]`.

@@ -213,6 +213,8 @@ fn prepare(
     let (upstream, target, respond) = match route {
         Route::Proxy { upstream, uri } => (upstream, uri, None),
         r @ Route::Respond { .. } => (0, None, Some(r)),
+        // Files are served on the hyper path.
+        Route::Files { .. } => return None,
     };
 
     out.clear();

@@ -1,6 +1,7 @@
 //! HTTP load balancer in front of the web replicas (replaces nginx): HTTP/1.1 and h2c from clients,
 //! TLS with HTTP/2 by ALPN (`tls`: rustls, certificates by SNI, re-read on reload), virtual servers
-//! and locations (`route/`), websockets passed through, nginx-compatible balancing (smooth weighted round
+//! and locations (`route/`), static files (`files`: root, alias, try_files, ETag, ranges),
+//! websockets passed through, nginx-compatible balancing (smooth weighted round
 //! robin, ip_hash, least_conn, consistent hash), passive and active health checks, retries on the
 //! next server, limits, `/metrics` and `/status`, SIGHUP reload and graceful shutdown.
 //!
@@ -31,6 +32,7 @@ pub mod access;
 pub mod body;
 pub mod config;
 mod fast;
+mod files;
 pub mod health;
 pub mod metrics;
 pub mod nginx_conf;

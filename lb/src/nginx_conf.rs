@@ -639,6 +639,7 @@ struct Ssl {
     certificate: Option<String>,
     key: Option<String>,
     protocols: Option<Vec<String>>,
+    ocsp_file: Option<String>,
 }
 
 impl Ssl {
@@ -671,8 +672,12 @@ impl Ssl {
                 self.protocols = Some(kept);
             }
             "ssl" => return Err(unsupported(d, "use `listen ... ssl`")),
-            "ssl_stapling" | "ssl_stapling_verify" | "ssl_trusted_certificate" | "ssl_stapling_file" => {
-                out.ignore(d, "OCSP stapling is not supported")
+            "ssl_stapling_file" => {
+                arity(d, 1, 1)?;
+                self.ocsp_file = Some(d.args[0].clone());
+            }
+            "ssl_stapling" | "ssl_stapling_verify" | "ssl_trusted_certificate" => {
+                out.ignore(d, "lb staples only a response from `ssl_stapling_file`")
             }
             "ssl_client_certificate" | "ssl_verify_client" => {
                 return Err(unsupported(d, "client certificates are not supported"))
@@ -765,6 +770,16 @@ impl Steps {
     }
 }
 
+/// `index index.html` is what lb does; other index files are not supported.
+fn index_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> {
+    if d.args.iter().all(|a| a == "index.html" || a == "index.htm") {
+        out.ignore(d, "lb serves a directory's index.html");
+        Ok(())
+    } else {
+        Err(unsupported(d, "only `index index.html`"))
+    }
+}
+
 /// `location [=|^~|~|~*] PATH { ... }`.
 fn location_block(
     d: &Directive,
@@ -824,7 +839,31 @@ fn location_block(
                 t.insert("proxy_pass".into(), Value::String(url.clone()));
             }
             "location" => return Err(unsupported(l, "nested locations")),
+            "root" | "alias" => {
+                arity(l, 1, 1)?;
+                if l.args[0].contains('$') {
+                    return Err(unsupported(l, "variables in the path"));
+                }
+                t.insert(l.name.clone(), Value::String(l.args[0].clone()));
+            }
+            "try_files" => {
+                arity(l, 2, 16)?;
+                let files = l.args.iter().map(|a| Value::String(a.clone())).collect();
+                t.insert("try_files".into(), Value::Array(files));
+            }
+            "index" => index_directive(l, out)?,
             _ => common_directive(l, out)?,
+        }
+    }
+    if t.contains_key("proxy_pass") {
+        if let Some(f) = block
+            .iter()
+            .find(|l| matches!(l.name.as_str(), "root" | "alias" | "try_files"))
+        {
+            return Err(unsupported(
+                f,
+                "in a location that proxies (lb serves files or proxies)",
+            ));
         }
     }
     steps.into_table(&mut t);
@@ -865,6 +904,14 @@ fn server_block(
                 }
             }
             "server_name" => names.extend(d.args.iter().map(|n| Value::String(n.clone()))),
+            "root" => {
+                arity(d, 1, 1)?;
+                if d.args[0].contains('$') {
+                    return Err(unsupported(d, "variables in the path"));
+                }
+                t.insert("root".into(), Value::String(d.args[0].clone()));
+            }
+            "index" => index_directive(d, out)?,
             "location" => locations.push(Value::Table(location_block(d, upstreams, groups, out)?)),
             _ => common_directive(d, out)?,
         }
@@ -880,6 +927,9 @@ fn server_block(
         tls.insert("listen".into(), Value::Array(tls_listen));
         tls.insert("certificate".into(), Value::String(certificate));
         tls.insert("key".into(), Value::String(key));
+        if let Some(f) = ssl.ocsp_file {
+            tls.insert("ocsp_file".into(), Value::String(f));
+        }
         if let Some(p) = ssl.protocols {
             tls.insert(
                 "protocols".into(),
@@ -1174,6 +1224,7 @@ mod tests {
              server { listen 80; listen 443 ssl http2; server_name a.test;\n\
                location / { proxy_pass http://app; } }\n\
              server { listen 443 ssl; server_name b.test; ssl_certificate /b.pem; ssl_certificate_key /b.key;\n\
+               ssl_stapling on; ssl_stapling_file /b.ocsp;\n\
                location / { proxy_pass http://app; } }\n}",
         )
         .unwrap();
@@ -1189,6 +1240,8 @@ mod tests {
         assert_eq!(a.protocols, ["TLSv1.2", "TLSv1.3"]);
         let b = c.vhosts[1].tls.as_ref().unwrap();
         assert_eq!(b.certificate, "/b.pem");
+        assert_eq!(b.ocsp_file, "/b.ocsp");
+        assert!(a.ocsp_file.is_empty());
         assert!(c.vhosts[1].listen.is_empty());
         let w = t.warnings.join("\n");
         assert!(w.contains("line 3: ssl_protocols `TLSv1` ignored"), "{w}");

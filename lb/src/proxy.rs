@@ -254,6 +254,23 @@ async fn proxy(
             location,
             body,
         } => return (route_response(status, location, body), None),
+        Route::Files {
+            candidates,
+            fallback,
+            redirect_dirs,
+            slash_location,
+        } => {
+            let files = crate::files::Files {
+                candidates,
+                fallback,
+                redirect_dirs,
+                slash_location,
+            };
+            return (
+                crate::files::serve(req.method(), req.headers(), &files).await,
+                None,
+            );
+        }
     };
     let limit = cfg.limits.max_body_bytes;
     if limit > 0 {

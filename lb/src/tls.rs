@@ -29,7 +29,7 @@ pub struct TlsError {
 /// A loaded certificate and the files it came from.
 #[derive(Debug)]
 struct Loaded {
-    files: (String, String),
+    files: (String, String, String),
     key: Arc<CertifiedKey>,
 }
 
@@ -72,11 +72,19 @@ impl ResolvesServerCert for Sni {
     }
 }
 
-fn load(cert: &str, key: &str) -> Result<Arc<CertifiedKey>, String> {
+fn load(cert: &str, key: &str, ocsp: &str) -> Result<Arc<CertifiedKey>, String> {
     let (chain, der) = common::tls::load_pem(cert, key).map_err(|e| e.to_string())?;
-    CertifiedKey::from_der(chain, der, &provider::default_provider())
-        .map(Arc::new)
-        .map_err(|e| format!("certificate {cert} and key {key} do not make a usable pair: {e}"))
+    let mut certified = CertifiedKey::from_der(chain, der, &provider::default_provider())
+        .map_err(|e| format!("certificate {cert} and key {key} do not make a usable pair: {e}"))?;
+    if !ocsp.is_empty() {
+        let response = std::fs::read(ocsp).map_err(|e| format!("cannot read OCSP response {ocsp}: {e}"))?;
+        // A DER OCSPResponse is a SEQUENCE; anything else would be stapled as garbage.
+        if response.first() != Some(&0x30) || response.len() > 64 * 1024 {
+            return Err(format!("{ocsp} is not a DER OCSP response"));
+        }
+        certified.ocsp = Some(response);
+    }
+    Ok(Arc::new(certified))
 }
 
 impl Tls {
@@ -91,12 +99,12 @@ impl Tls {
                 keys.push(None);
                 continue;
             };
-            let files = (t.certificate.clone(), t.key.clone());
+            let files = (t.certificate.clone(), t.key.clone(), t.ocsp_file.clone());
             if let Some(l) = loaded.iter().find(|l| l.files == files) {
                 keys.push(Some(l.key.clone()));
                 continue;
             }
-            let key = match load(&t.certificate, &t.key) {
+            let key = match load(&t.certificate, &t.key, &t.ocsp_file) {
                 Ok(k) => k,
                 Err(message) => match old.and_then(|o| o.loaded.iter().find(|l| l.files == files)) {
                     Some(prev) => {

@@ -205,3 +205,119 @@ async fn servers_locations_rewrites_and_returns_answer_as_nginx_does() -> Result
     }
     Ok(())
 }
+
+/// A static-file answer: status, the headers that matter, and the body of a 200 or 206.
+async fn ask_file(to: std::net::SocketAddr, method: &str, target: &str, extra: &str) -> Result<Vec<String>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(support::DEADLINE, tokio::net::TcpStream::connect(to)).await??;
+    let req = format!("{method} {target} HTTP/1.1\r\nHost: files.test\r\n{extra}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(support::DEADLINE, s.read_to_end(&mut raw)).await??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").context("a response head")?;
+    let status = head.get(9..12).context("a status")?.to_string();
+    let mut out = vec![status.clone()];
+    let mut names = vec!["etag", "last-modified", "content-range", "location"];
+    if matches!(status.as_str(), "200" | "206") {
+        names.extend(["content-type", "content-length", "accept-ranges"]);
+        out.push(format!("body={body}"));
+    }
+    for name in names {
+        if let Some(v) = head
+            .lines()
+            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)))
+        {
+            out.push(format!(
+                "{name}: {}",
+                v.1.trim().replace(&format!(":{}", to.port()), ":PORT")
+            ));
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn static_files_answer_as_nginx_does() -> Result<()> {
+    let app = support::echo("app").await?;
+    let dir = tempfile::tempdir()?;
+    let (site, assets) = (dir.path().join("site"), dir.path().join("assets"));
+    for d in ["static/sub", "static/empty"] {
+        std::fs::create_dir_all(site.join(d))?;
+    }
+    std::fs::create_dir_all(&assets)?;
+    std::fs::write(site.join("index.html"), "<p>home</p>\n")?;
+    std::fs::write(site.join("static/app.css"), "body { color: red }\n")?;
+    std::fs::write(site.join("static/sub/index.html"), "<p>sub</p>\n")?;
+    std::fs::write(assets.join("logo.png"), b"\x89PNG fake image bytes")?;
+    let conf = |port: u16| {
+        format!(
+            "include /etc/nginx/mime.types;\ndefault_type application/octet-stream;\n\
+             server {{\n  listen 127.0.0.1:{port};\n  root {site};\n\
+               location / {{ try_files $uri $uri/ /index.html; }}\n\
+               location /static/ {{ }}\n\
+               location /img/ {{ alias {assets}/; }}\n\
+               location /api/ {{ proxy_pass http://{app}; }}\n}}\n",
+            site = site.display(),
+            assets = assets.display(),
+        )
+    };
+    let n_port = free_port()?;
+    let nginx: std::net::SocketAddr = format!("127.0.0.1:{n_port}").parse()?;
+    let _nginx = Nginx::start(&conf(n_port), nginx).await?;
+    let l_port = free_port()?;
+    let lb_addr: std::net::SocketAddr = format!("127.0.0.1:{l_port}").parse()?;
+    let t = lb::nginx_conf::translate(&format!("events {{ }}\nhttp {{\n{}\n}}\n", conf(l_port)))?;
+    let mut config: lb::Config = common::ConfigSource::new().base(t.table).load()?;
+    config.admin_listen = "127.0.0.1:0".into();
+    config.access_log.enabled = false;
+    let listener = tokio::net::TcpListener::bind(lb_addr).await?;
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    tokio::spawn(lb::Lb::new(config)?.serve(listener, shutdown));
+
+    let etag = ask_file(nginx, "GET", "/static/app.css", "")
+        .await?
+        .into_iter()
+        .find_map(|l| l.strip_prefix("etag: ").map(str::to_string))
+        .context("nginx sends an ETag")?;
+    let modified = ask_file(nginx, "GET", "/static/app.css", "")
+        .await?
+        .into_iter()
+        .find_map(|l| l.strip_prefix("last-modified: ").map(str::to_string))
+        .context("nginx sends Last-Modified")?;
+    let cases: Vec<(&str, &str, String)> = vec![
+        ("GET", "/static/app.css", String::new()),
+        ("HEAD", "/static/app.css", String::new()),
+        ("GET", "/static/sub/", String::new()),
+        ("GET", "/static/sub", String::new()),
+        ("GET", "/static/empty/", String::new()),
+        ("GET", "/static/missing.css", String::new()),
+        ("GET", "/static/../static/app.css?v=3", String::new()),
+        ("GET", "/img/logo.png", String::new()),
+        ("GET", "/img/nothing.png", String::new()),
+        ("GET", "/", String::new()),
+        ("GET", "/spa/route", String::new()),
+        ("GET", "/api/x", String::new()),
+        ("GET", "/static/app.css", "Range: bytes=2-5\r\n".into()),
+        ("GET", "/static/app.css", "Range: bytes=-4\r\n".into()),
+        ("GET", "/static/app.css", "Range: bytes=500-\r\n".into()),
+        ("GET", "/static/app.css", format!("If-None-Match: {etag}\r\n")),
+        (
+            "GET",
+            "/static/app.css",
+            format!("If-Modified-Since: {modified}\r\n"),
+        ),
+        ("GET", "/static/app.css", "If-None-Match: \"other\"\r\n".into()),
+        ("POST", "/static/app.css", "Content-Length: 0\r\n".into()),
+    ];
+    for (method, target, extra) in &cases {
+        let want = ask_file(nginx, method, target, extra).await?;
+        let got = ask_file(lb_addr, method, target, extra).await?;
+        ensure!(
+            want == got,
+            "{method} {target} {extra:?}: nginx {want:?}, lb {got:?}"
+        );
+    }
+    Ok(())
+}

@@ -115,6 +115,28 @@ async fn sni_alpn_h2_forwarded_proto_and_redirect_to_https() -> Result<()> {
     assert_eq!(resp.status(), 501);
     let body = resp.into_body().collect().await?.to_bytes();
     ensure!(String::from_utf8_lossy(&body).contains("RFC 8441"), "{body:?}");
+    // nginx's limits: a header list past `limits.max_header_bytes` (16 KiB) is refused without
+    // closing the connection; with 128 concurrent streams advertised, 140 requests sent at once
+    // are all answered (the client waits for free streams).
+    let big = "x".repeat(20 * 1024);
+    let req = hyper::Request::get("https://a.test/big")
+        .header("x-big", big.as_str())
+        .body(Empty::<Bytes>::new())?;
+    match h2.send_request(req).await {
+        Ok(resp) => ensure!(resp.status() == 431, "status {}", resp.status()),
+        Err(e) => ensure!(!e.is_closed(), "the connection should survive: {e}"),
+    }
+    assert_eq!(get(&mut h2, "https://a.test/after").await?, "app GET /after");
+    let mut inflight = Vec::new();
+    for i in 0..140 {
+        let mut h2 = h2.clone();
+        inflight.push(tokio::spawn(async move {
+            get(&mut h2, &format!("https://a.test/n{i}")).await
+        }));
+    }
+    for t in inflight {
+        ensure!(t.await??.starts_with("app GET /n"));
+    }
     Ok(())
 }
 
@@ -264,5 +286,47 @@ async fn websockets_pass_over_tls_with_http1() -> Result<()> {
     let mut echo = [0u8; 8];
     tokio::time::timeout(support::DEADLINE, s.read_exact(&mut echo)).await??;
     assert_eq!(echo, frame);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ocsp_response_file_is_stapled() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let authority = ca(dir.path())?;
+    let (crt, key) = leaf(dir.path(), &authority, "a.test", "a")?;
+    let ocsp = support::tls::ocsp_response(dir.path(), &authority, &crt, "a")?;
+    let (b_crt, b_key) = leaf(dir.path(), &authority, "b.test", "b")?;
+    let app = echo("app").await?;
+    let tls = free_addr()?;
+    let _lb = serve(&format!(
+        "http {{\n server {{ listen {tls} ssl; server_name a.test; ssl_certificate {}; ssl_certificate_key {};\n\
+           ssl_stapling on; ssl_stapling_file {};\n location / {{ proxy_pass http://{app}; }} }}\n\
+         server {{ listen {tls} ssl; server_name b.test; ssl_certificate {}; ssl_certificate_key {};\n\
+           location / {{ proxy_pass http://{app}; }} }}\n}}\n",
+        crt.display(),
+        key.display(),
+        ocsp.display(),
+        b_crt.display(),
+        b_key.display(),
+    ))
+    .await?;
+    let connector = client(&authority.0, &[b"http/1.1"])?;
+    wait_for("lb to serve TLS", || {
+        let c = connector.clone();
+        async move { connect(&c, tls, "a.test").await.ok().map(|_| ()) }
+    })
+    .await?;
+    let (a, b) = tokio::task::spawn_blocking(move || -> Result<(String, String)> {
+        Ok((
+            support::tls::s_client_status(tls, "a.test")?,
+            support::tls::s_client_status(tls, "b.test")?,
+        ))
+    })
+    .await??;
+    ensure!(
+        a.contains("OCSP Response Status: successful") && a.contains("Cert Status: good"),
+        "{a}"
+    );
+    ensure!(b.contains("OCSP response: no response sent"), "{b}");
     Ok(())
 }

@@ -44,6 +44,19 @@ pub enum Route {
         /// The rewritten request target (path and query), if any.
         uri: Option<String>,
     },
+    /// Serve the first of `candidates` (file-system paths; one ending in `/` means its
+    /// `index.html`) that exists, else `fallback`; `uri` is for the redirect of a directory
+    /// asked without its slash.
+    Files {
+        /// Paths to try, in order.
+        candidates: Vec<String>,
+        /// When none exists.
+        fallback: Fallback,
+        /// Whether a directory asked without a slash is redirected (no `try_files`).
+        redirect_dirs: bool,
+        /// The request's absolute URL with a slash added, for that redirect.
+        slash_location: String,
+    },
     /// Answer directly.
     Respond {
         /// The status.
@@ -117,8 +130,25 @@ enum Target {
         upstream: usize,
         uri: Option<String>,
     },
-    /// Nothing to serve (no `proxy_pass`, no `return`): 404, as nginx without files.
+    /// Files under `dir` (`root`: plus the URI; `alias`: plus the URI after the prefix).
+    Files {
+        dir: String,
+        alias: bool,
+        /// `try_files` entries before the last; empty means the URI itself.
+        tries: Vec<Vec<Piece>>,
+        fallback: Fallback,
+    },
+    /// Nothing to serve (no `proxy_pass`, `return` or `root`): 404, as nginx without files.
     Nothing,
+}
+
+/// What a file location answers when no file exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fallback {
+    /// This status.
+    Status(u16),
+    /// This file (a path already under the location's directory), e.g. an SPA's index.html.
+    File(String),
 }
 
 #[derive(Debug)]
@@ -223,7 +253,12 @@ fn proxy_target(key: &str, text: &str, groups: &[&str]) -> Result<(usize, Option
     Ok((idx, uri))
 }
 
-fn compile_location(key: &str, l: &LocationConfig, groups: &[&str]) -> Result<Location, RouteError> {
+fn compile_location(
+    key: &str,
+    l: &LocationConfig,
+    groups: &[&str],
+    server_root: &str,
+) -> Result<Location, RouteError> {
     let regex = match l.match_ {
         LocationMatch::Regex => Some(compile(&format!("{key}.path"), &l.path, false)?),
         LocationMatch::RegexCaseless => Some(compile(&format!("{key}.path"), &l.path, true)?),
@@ -235,8 +270,67 @@ fn compile_location(key: &str, l: &LocationConfig, groups: &[&str]) -> Result<Lo
         }
     };
     let target = if l.proxy_pass.is_empty() {
-        Target::Nothing
+        let root = if l.root.is_empty() { server_root } else { &l.root };
+        if !l.alias.is_empty() && (regex.is_some() || !l.root.is_empty()) {
+            return Err(err(
+                format!("{key}.alias"),
+                "only in a prefix location, and not with `root`",
+            ));
+        }
+        let (dir, alias) = if l.alias.is_empty() {
+            (root, false)
+        } else {
+            (l.alias.as_str(), true)
+        };
+        if dir.is_empty() {
+            if !l.try_files.is_empty() {
+                return Err(err(format!("{key}.try_files"), "needs `root` or `alias`"));
+            }
+            Target::Nothing
+        } else {
+            let (tries, fallback) =
+                match l.try_files.as_slice() {
+                    [] => (Vec::new(), Fallback::Status(404)),
+                    [_] => return Err(err(format!("{key}.try_files"), "needs at least two entries")),
+                    [tries @ .., last] => {
+                        let tries = tries
+                            .iter()
+                            .map(|t| template(t).map_err(|m| err(format!("{key}.try_files"), m)))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let fallback =
+                            match last.strip_prefix('=') {
+                                Some(code) => Fallback::Status(
+                                    code.parse().ok().filter(|c| (200..=599).contains(c)).ok_or_else(
+                                        || err(format!("{key}.try_files"), format!("`{last}` is not =CODE")),
+                                    )?,
+                                ),
+                                None if last.starts_with('/') && !last.contains('$') => {
+                                    Fallback::File(format!("{}{last}", dir.trim_end_matches('/')))
+                                }
+                                None => {
+                                    return Err(err(
+                                        format!("{key}.try_files"),
+                                        "the last entry must be =CODE or a plain /path",
+                                    ))
+                                }
+                            };
+                        (tries, fallback)
+                    }
+                };
+            Target::Files {
+                dir: dir.to_string(),
+                alias,
+                tries,
+                fallback,
+            }
+        }
     } else {
+        if !l.root.is_empty() || !l.alias.is_empty() || !l.try_files.is_empty() {
+            return Err(err(
+                format!("{key}.proxy_pass"),
+                "a location either proxies or serves files (root, alias, try_files)",
+            ));
+        }
         let (upstream, uri) = proxy_target(&format!("{key}.proxy_pass"), &l.proxy_pass, groups)?;
         if uri.is_some() && regex.is_some() {
             return Err(err(
@@ -305,8 +399,12 @@ fn compile_vhost(
         }
     }
     for (i, l) in v.locations.iter().enumerate() {
-        vh.locations
-            .push(compile_location(&format!("{key}.locations[{i}]"), l, groups)?);
+        vh.locations.push(compile_location(
+            &format!("{key}.locations[{i}]"),
+            l,
+            groups,
+            &v.root,
+        )?);
     }
     Ok(vh)
 }
@@ -464,6 +562,60 @@ impl Router {
             }
             return match &loc.target {
                 Target::Nothing => Route::respond(404, "not found\n"),
+                Target::Files {
+                    dir,
+                    alias,
+                    tries,
+                    fallback,
+                } => {
+                    let rest = |u: &str| -> String {
+                        let tail = if *alias {
+                            u.get(loc.path.len()..).unwrap_or("")
+                        } else {
+                            u
+                        };
+                        format!(
+                            "{}{tail}",
+                            if *alias {
+                                dir.as_str()
+                            } else {
+                                dir.trim_end_matches('/')
+                            }
+                        )
+                    };
+                    let candidates = if tries.is_empty() {
+                        vec![rest(&uri)]
+                    } else {
+                        tries
+                            .iter()
+                            .map(|t| {
+                                let mut u = String::new();
+                                Vars {
+                                    req,
+                                    host: &host,
+                                    uri: &uri,
+                                    args: args.as_deref(),
+                                    caps: &caps,
+                                }
+                                .expand(t, false, &mut u);
+                                rest(&u)
+                            })
+                            .collect()
+                    };
+                    let mut slash = String::with_capacity(uri.len() + 1);
+                    escape_into(&uri, &mut slash);
+                    slash.push('/');
+                    if let Some(a) = &args {
+                        slash.push('?');
+                        slash.push_str(a);
+                    }
+                    Route::Files {
+                        candidates,
+                        fallback: fallback.clone(),
+                        redirect_dirs: tries.is_empty(),
+                        slash_location: absolute(req, &host, slash),
+                    }
+                }
                 Target::Proxy { upstream, uri: part } => {
                     // A `break` that changed the URI here sends it whole; otherwise the URI part
                     // replaces the matched prefix of the current URI (also after `last`).

@@ -245,3 +245,34 @@ fn normalization() {
     escape_into("/a b%?#é", &mut s);
     assert_eq!(s, "/a%20b%25%3F%23%C3%A9");
 }
+
+#[test]
+fn files_by_root_alias_and_try_files() {
+    let mut c = config();
+    c.vhosts[0].root = "/srv/www".into();
+    c.vhosts[0].locations.push(LocationConfig {
+        alias: "/srv/assets/".into(),
+        ..loc(LocationMatch::PrefixNoRegex, "/assets/", "")
+    });
+    c.vhosts[0].locations.push(LocationConfig {
+        try_files: vec!["$uri".into(), "$uri/".into(), "/index.html".into()],
+        ..loc(LocationMatch::Prefix, "/app/", "")
+    });
+    let r = Router::build(&c).unwrap();
+    let files = |target: &str| match route(&r, 80, "example.com", target) {
+        Route::Files {
+            candidates,
+            fallback,
+            redirect_dirs,
+            slash_location,
+        } => (candidates, fallback, redirect_dirs, slash_location),
+        other => panic!("{target}: {other:?}"),
+    };
+    let (c1, f1, d1, s1) = files("/assets/a%20b.css?v=1");
+    assert_eq!(c1, ["/srv/assets/a b.css"]);
+    assert_eq!((f1, d1), (Fallback::Status(404), true));
+    assert_eq!(s1, "http://example.com/assets/a%20b.css/?v=1");
+    let (c2, f2, d2, _) = files("/app/x");
+    assert_eq!(c2, ["/srv/www/app/x", "/srv/www/app/x/"]);
+    assert_eq!((f2, d2), (Fallback::File("/srv/www/index.html".into()), false));
+}

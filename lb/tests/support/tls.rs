@@ -146,3 +146,85 @@ pub fn curl(ca: &Path, addr: SocketAddr, host: &str, path: &str, extra: &[&str])
     );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// A signed "good" OCSP response for `cert` made by openssl's responder, in `dir/stem.ocsp`.
+pub fn ocsp_response(dir: &Path, ca: &(PathBuf, PathBuf), cert: &Path, stem: &str) -> Result<PathBuf> {
+    let out = Command::new("openssl")
+        .args([
+            "x509",
+            "-noout",
+            "-serial",
+            "-subject",
+            "-nameopt",
+            "compat",
+            "-in",
+            path(cert)?,
+        ])
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "openssl x509: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let serial = text
+        .lines()
+        .find_map(|l| l.strip_prefix("serial="))
+        .context("a serial")?;
+    let subject = text
+        .lines()
+        .find_map(|l| l.strip_prefix("subject="))
+        .context("a subject")?
+        .trim();
+    let index = dir.join(format!("{stem}.index"));
+    std::fs::write(
+        &index,
+        format!("V\t301231000000Z\t\t{serial}\tunknown\t{subject}\n"),
+    )?;
+    let (req, resp) = (dir.join(format!("{stem}.req")), dir.join(format!("{stem}.ocsp")));
+    openssl(&[
+        "ocsp",
+        "-issuer",
+        path(&ca.0)?,
+        "-cert",
+        path(cert)?,
+        "-no_nonce",
+        "-reqout",
+        path(&req)?,
+    ])?;
+    openssl(&[
+        "ocsp",
+        "-index",
+        path(&index)?,
+        "-rsigner",
+        path(&ca.0)?,
+        "-rkey",
+        path(&ca.1)?,
+        "-CA",
+        path(&ca.0)?,
+        "-reqin",
+        path(&req)?,
+        "-respout",
+        path(&resp)?,
+        "-ndays",
+        "1",
+    ])?;
+    Ok(resp)
+}
+
+/// What `openssl s_client -status` prints about the stapled OCSP response for `sni` at `addr`.
+pub fn s_client_status(addr: SocketAddr, sni: &str) -> Result<String> {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-status",
+            "-connect",
+            &addr.to_string(),
+            "-servername",
+            sni,
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("running openssl s_client")?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
