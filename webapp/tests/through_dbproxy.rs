@@ -437,22 +437,28 @@ async fn switchover_body() -> Result<()> {
     ensure!(s["primary"] == 0, "{s}");
     ensure!(history_of(&s, "switchover").is_empty(), "{s}");
 
-    // The button: dbproxy promotes node 1 and answers with its event, which the webapp relays.
+    // The button: dbproxy accepts the switchover as an operation (202 with its id), which the
+    // webapp relays, and runs it on its own.
     let r = post("1", true).await?;
     ensure!(r.status == StatusCode::OK, "{r:?}");
     let v = r.json()?;
-    ensure!(v["node"] == "1" && v["dbproxy_status"] == 200, "{v}");
-    let answer = &v["answer"];
+    ensure!(v["node"] == "1" && v["dbproxy_status"] == 202, "{v}");
     ensure!(
-        answer["kind"] == "switchover"
-            && answer["failed"] == "node0"
-            && answer["promoted"] == "node1"
-            && answer["error"].is_null(),
+        v["answer"]["kind"] == "switchover" && v["answer"]["operation"].is_u64(),
         "{v}"
     );
 
-    // dbproxy's own view: node 1 elected, node 0 fenced, one switchover in the history.
-    let s = dbproxy_status(admin).await?;
+    // dbproxy's own view once it is done: node 1 elected, node 0 fenced, one switchover in the
+    // history.
+    let s = common::poll(
+        "dbproxy to finish the switchover",
+        Duration::from_secs(60),
+        || async {
+            let s = dbproxy_status(admin).await?;
+            Ok((!history_of(&s, "switchover").is_empty()).then_some(s))
+        },
+    )
+    .await?;
     ensure!(s["primary"] == 1, "{s}");
     ensure!(s["nodes"][0]["fenced"] == true, "{s}");
     ensure!(s["nodes"][1]["role"] == "primary", "{s}");
