@@ -10,4 +10,8 @@ RUN if ! command -v curl >/dev/null; then \
 ARG BIN_DIR=target/release
 COPY ${BIN_DIR}/lb ${BIN_DIR}/dbproxy ${BIN_DIR}/webapp ${BIN_DIR}/collector /usr/local/bin/
 COPY docker/config/ /etc/ha-stack/
+COPY docker/with-secrets.sh /usr/local/bin/with-secrets
+COPY docker/secrets.sh /usr/local/bin/make-secrets
 ENV RUST_LOG=info
+# Each program gets its secrets from the volume the `secrets` service fills at first start.
+ENTRYPOINT ["/usr/local/bin/with-secrets"]

@@ -28,7 +28,11 @@ fi
 say "docker compose up -d"
 "${dc[@]}" up -d >/dev/null 2>&1 || fail "compose up"
 
-psql_app() { PGPASSWORD=app-secret PGCONNECT_TIMEOUT=3 psql -X -qAt -h 127.0.0.1 -p 9999 -U app app "$@"; }
+# The passwords were made at first start (docker/secrets.sh); read the app's from the volume.
+secret() { docker exec "$("${dc[@]}" ps -q dbproxy)" sh -c ". /run/ha-stack/secrets.env; echo \"\$$1\""; }
+app_password=$(secret APP_PASSWORD) || fail "cannot read the generated secrets"
+[ -n "$app_password" ] || fail "no APP_PASSWORD in the secrets volume"
+psql_app() { PGPASSWORD=$app_password PGCONNECT_TIMEOUT=3 psql -X -qAt -h 127.0.0.1 -p 9999 -U app app "$@"; }
 until_ok() { # seconds command...
   local limit=$1; shift; local end=$(( $(date +%s) + limit ))
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.2; done
@@ -43,7 +47,22 @@ for drill in "${drills[@]}"; do
       body=$(curl -fsS -m 5 http://127.0.0.1:8080/)
       grep -q "webapp[12]" <<<"$body" || fail "page: no serving instance"
       grep -q "pg-\(primary\|standby\)" <<<"$body" || fail "page: no database node"
-      say "page: ok (instance and database node shown)"
+      # No published default: the seeds' passwords do not open the proxied superuser or app.
+      for user in postgres:pg-secret app:app-secret; do
+        if PGPASSWORD=${user#*:} PGCONNECT_TIMEOUT=3 psql -X -qAt -h 127.0.0.1 -p 9999 -U "${user%%:*}" \
+          postgres -c "select 1" >/dev/null 2>&1; then
+          fail "page: ${user%%:*} logs in on :9999 with a default password"
+        fi
+      done
+      # dbproxy's promote endpoint refuses a request without its token, even inside the network.
+      code=$(docker exec "$("${dc[@]}" ps -q webapp1)" curl -s -o /dev/null -w '%{http_code}' -X POST \
+        http://dbproxy:9930/nodes/1/promote)
+      [ "$code" = 401 ] || fail "page: dbproxy's promote without a token answered $code, not 401"
+      # The dashboard's switchover through lb needs an operator login.
+      code=$(curl -s -o /dev/null -w '%{http_code}' -X POST -H 'x-hastack-switchover: 1' \
+        http://127.0.0.1:8080/dashboard/switchover/1)
+      [ "$code" = 401 ] || fail "page: the switchover through lb without a login answered $code, not 401"
+      say "page: ok (instance and database node shown; no default password, admin and switchover refused without credentials)"
       ;;
     webapp)
       docker kill "$("${dc[@]}" ps -q webapp1)" >/dev/null

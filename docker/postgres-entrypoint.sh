@@ -5,6 +5,10 @@
 # the foreground as the postgres user. A data directory that exists is started as it is: after a
 # failover its role is whatever the cluster made it.
 set -euo pipefail
+# The passwords made at the topology's first start (docker/secrets.sh), when that volume is mounted.
+secrets=${SECRETS_FILE:-/run/ha-stack/secrets.env}
+# shellcheck disable=SC1090
+if [ -r "$secrets" ]; then . "$secrets"; fi
 : "${ROLE:=primary}" "${NODE_NAME:=$(hostname)}" "${PGDATA:=/var/lib/postgresql/data}"
 : "${POSTGRES_PASSWORD:?set POSTGRES_PASSWORD}" "${APP_USER:=app}" "${APP_PASSWORD:?set APP_PASSWORD}"
 : "${PRIMARY_HOST:=pg-primary}" "${PRIMARY_PORT:=5432}" "${SYNCHRONOUS:=off}"

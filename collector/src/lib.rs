@@ -62,7 +62,13 @@ pub struct Config {
     /// Where procfs is mounted.
     pub proc_root: PathBuf,
     /// Address of the admin listener (`/metrics`, `/healthz`), e.g. `127.0.0.1:9940`; none when unset.
+    /// Off loopback it needs `admin_token` (or `admin_allow_open`), else the collector refuses to start.
     pub admin_listen: Option<String>,
+    /// Token the admin listener requires as `Authorization: Bearer <token>` on every request but
+    /// reads (GET, HEAD), as dbproxy's `admin_token`; empty means none. Changing it needs a restart.
+    pub admin_token: String,
+    /// Serve the admin listener off loopback without `admin_token`, on purpose.
+    pub admin_allow_open: bool,
 }
 
 impl Default for Config {
@@ -79,6 +85,8 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(10),
             proc_root: PathBuf::from("/proc"),
             admin_listen: None,
+            admin_token: String::new(),
+            admin_allow_open: false,
         }
     }
 }
@@ -121,6 +129,8 @@ impl common::Validate for Config {
                     format!("`{a}` is not an address:port"),
                 ));
             }
+            common::admin::check_exposure(a, &self.admin_token, self.admin_allow_open)
+                .map_err(|e| ConfigError::invalid("admin_listen", e))?;
         }
         if self.spool_capacity == 0 {
             return Err(ConfigError::invalid("spool_capacity", "must be at least 1"));
@@ -233,7 +243,7 @@ pub async fn run(
 /// [`run`], taking configuration updates (SIGHUP) from `updates`.
 ///
 /// `interval`, `database_url`, the timeouts take effect at once; `host`, `spool_file`,
-/// `spool_capacity`, `proc_root` and `admin_listen` need a restart (a warning says so).
+/// `spool_capacity`, `proc_root`, `admin_listen` and `admin_token` need a restart (a warning says so).
 pub async fn run_with_reload(
     admin: Option<TcpListener>,
     updates: watch::Receiver<Config>,
@@ -246,8 +256,9 @@ pub async fn run_with_reload(
     if let Some(listener) = admin {
         let registry = metrics::registry(stats.clone())?;
         let stop = admin_stop.clone();
+        let token = updates.borrow().admin_token.clone();
         admin_task = Some(tokio::spawn(async move {
-            let routes = Arc::new(common::admin::NoRoutes);
+            let routes = Arc::new(common::admin::TokenOnly(token));
             if let Err(e) = common::admin::serve(listener, registry, routes, stop).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
@@ -466,6 +477,7 @@ fn warn_restart_only(old: &Config, new: &Config) {
         ("spool_capacity", old.spool_capacity != new.spool_capacity),
         ("proc_root", old.proc_root != new.proc_root),
         ("admin_listen", old.admin_listen != new.admin_listen),
+        ("admin_token", old.admin_token != new.admin_token),
     ];
     for (key, changed) in keys {
         if changed {

@@ -254,8 +254,9 @@ fn read_line_bounded(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result
     }
 }
 
-/// Writes `queue` to a temporary file beside `path`, syncs it, renames it over `path`, and returns
-/// `path` opened for appending.
+/// Writes `queue` to a temporary file beside `path`, syncs it, renames it over `path`, syncs the
+/// directory (the rename is a change to the directory: without this a power loss right after it
+/// could bring back the old file, or none at all), and returns `path` opened for appending.
 fn rewrite(path: &Path, queue: &VecDeque<Sample>) -> Result<File, SpoolError> {
     let io = |source| SpoolError::Io {
         path: path.to_path_buf(),
@@ -274,7 +275,17 @@ fn rewrite(path: &Path, queue: &VecDeque<Sample>) -> Result<File, SpoolError> {
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)?;
+    sync_dir(path).map_err(io)?;
     OpenOptions::new().append(true).open(path).map_err(io)
+}
+
+/// fsyncs the directory holding `path`, so that a rename or a creation in it is durable.
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
@@ -410,6 +421,15 @@ mod tests {
         let (s, rec) = Spool::open(&path, 2).unwrap();
         assert_eq!(stamps(&s), [18, 19].map(|n| sample(n).sampled_at).to_vec());
         assert_eq!(rec.over_capacity + 2, lines);
+    }
+
+    #[test]
+    fn a_spool_file_named_without_a_directory_syncs_the_current_one() {
+        // `collector-spool.jsonl` (the default) has an empty parent: the directory synced is `.`.
+        assert!(sync_dir(Path::new("collector-spool.jsonl")).is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(sync_dir(&dir.path().join("spool.jsonl")).is_ok());
+        assert!(sync_dir(Path::new("/nonexistent-dir/spool.jsonl")).is_err());
     }
 
     #[test]

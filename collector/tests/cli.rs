@@ -98,6 +98,12 @@ fn bad_flags_and_config_are_clear_errors() -> Result<()> {
             "`database_url`",
         ),
         (vec!["--print", "--once", "--set", "colour=blue"], None, "colour"),
+        // An admin listener off loopback without a token: refused before anything starts.
+        (
+            vec!["--once", "--set", "admin_listen=0.0.0.0:0"],
+            None,
+            "`admin_listen`: `0.0.0.0:0` is reachable from other hosts and admin_token is empty",
+        ),
     ] {
         let mut cmd = collector();
         cmd.args(&args);
@@ -120,6 +126,22 @@ fn bad_flags_and_config_are_clear_errors() -> Result<()> {
         stderr.contains("spool file /nonexistent-dir/spool.jsonl"),
         "{stderr}"
     );
+
+    // With a token, or said to be on purpose, the same listener is accepted.
+    for extra in ["admin_token=s3cret", "admin_allow_open=true"] {
+        let mut cmd = collector();
+        cmd.args([
+            "--check-config",
+            "--set",
+            "admin_listen=0.0.0.0:0",
+            "--set",
+            extra,
+        ]);
+        let out = output(cmd, Duration::from_secs(30))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{extra}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+    }
 
     // Both an interval flag and a positional interval: refused by the parser.
     let mut cmd = collector();

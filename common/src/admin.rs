@@ -48,7 +48,12 @@ pub fn bearer_matches(headers: &hyper::HeaderMap, token: &str) -> bool {
     else {
         return false;
     };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    constant_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+/// Whether `a == b`, in a time that depends on their lengths only, not on where they differ (for
+/// secrets: tokens, passwords).
+pub fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     let diff = a
         .iter()
         .zip(b)
@@ -63,6 +68,44 @@ impl AdminRoutes for NoRoutes {
     fn route(&self, _: &Method, _: &str, _: Bytes) -> Option<ResponseFuture> {
         None
     }
+}
+
+/// No extra routes, and a token for every request but reads (empty: none).
+pub struct TokenOnly(pub String);
+
+impl AdminRoutes for TokenOnly {
+    fn route(&self, _: &Method, _: &str, _: Bytes) -> Option<ResponseFuture> {
+        None
+    }
+
+    fn token(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+/// Whether `listen` (an `address:port`) can only be reached from this host.
+pub fn is_loopback(listen: &str) -> bool {
+    match listen.parse::<SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => listen
+            .rsplit_once(':')
+            .is_some_and(|(host, _)| host == "localhost"),
+    }
+}
+
+/// The one rule every admin listener follows: off loopback it needs a token, unless the
+/// configuration says (`admin_allow_open = true`) that an open listener is on purpose. Returns
+/// the reason for refusing to start, for the binary's config validation to report under
+/// `admin_listen`.
+pub fn check_exposure(listen: &str, token: &str, allow_open: bool) -> Result<(), String> {
+    if token.is_empty() && !allow_open && !is_loopback(listen) {
+        return Err(format!(
+            "`{listen}` is reachable from other hosts and admin_token is empty: set admin_token, \
+             bind a loopback address, or set admin_allow_open = true if an open admin listener \
+             is on purpose"
+        ));
+    }
+    Ok(())
 }
 
 /// A plain-text response.
@@ -223,6 +266,21 @@ mod tests {
         fn token(&self) -> Option<&str> {
             Some("s3cret")
         }
+    }
+
+    #[test]
+    fn off_loopback_an_admin_listener_needs_a_token_or_a_stated_purpose() {
+        for open in ["0.0.0.0:9930", "10.1.2.3:1", "[::]:9100", "admin.example:9100"] {
+            let e = check_exposure(open, "", false).unwrap_err();
+            assert!(e.contains(open) && e.contains("admin_allow_open"), "{e}");
+            assert!(check_exposure(open, "t0ken", false).is_ok());
+            assert!(check_exposure(open, "", true).is_ok());
+        }
+        for local in ["127.0.0.1:9930", "127.9.9.9:0", "[::1]:9100", "localhost:9100"] {
+            assert!(check_exposure(local, "", false).is_ok(), "{local}");
+        }
+        assert!(constant_eq(b"abc", b"abc"));
+        assert!(!constant_eq(b"abc", b"abd") && !constant_eq(b"abc", b"abcd"));
     }
 
     #[tokio::test]

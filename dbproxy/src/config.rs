@@ -19,8 +19,11 @@ pub struct Config {
     /// Token the admin listener's POST endpoints (`/nodes/{id}/attach`, `/nodes/{id}/promote`)
     /// require as `Authorization: Bearer <token>`; empty leaves them open (then keep
     /// `admin_listen` on loopback). Reads (`/metrics`, `/status`, `/healthz`) never need it.
-    /// Changing it needs a restart.
+    /// Changing it needs a restart. With `admin_listen` off loopback it is required (dbproxy
+    /// refuses to start without it) unless `admin_allow_open` is set.
     pub admin_token: String,
+    /// Serve the admin listener off loopback without `admin_token`, on purpose.
+    pub admin_allow_open: bool,
     /// The PostgreSQL servers, in pgpool's backend order. A reload (SIGHUP) may append nodes and
     /// change weights at once; changing an existing node's name, host or port, or removing one,
     /// needs a restart.
@@ -68,6 +71,7 @@ impl Default for Config {
             listen: "0.0.0.0:9999".to_string(),
             admin_listen: "127.0.0.1:9930".to_string(),
             admin_token: String::new(),
+            admin_allow_open: false,
             nodes: Vec::new(),
             users: Vec::new(),
             hba: Vec::new(),
@@ -92,6 +96,7 @@ impl Config {
             listen: "127.0.0.1:0".into(),
             admin_listen: "127.0.0.1:0".into(),
             admin_token: String::new(),
+            admin_allow_open: false,
             nodes: nodes
                 .into_iter()
                 .map(|(name, port)| NodeConfig {
@@ -453,6 +458,8 @@ impl common::Validate for Config {
                 format!("`{}` is not an address:port", self.admin_listen),
             ));
         }
+        common::admin::check_exposure(&self.admin_listen, &self.admin_token, self.admin_allow_open)
+            .map_err(|e| ConfigError::invalid("admin_listen", e))?;
         if self.nodes.is_empty() {
             return Err(ConfigError::invalid("nodes", "at least one node is required"));
         }

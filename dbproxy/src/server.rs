@@ -111,12 +111,8 @@ pub async fn run_with(
     }
     if let Some(admin) = admin {
         let token = &first.config.admin_token;
-        let loopback = first
-            .config
-            .admin_listen
-            .parse::<std::net::SocketAddr>()
-            .is_ok_and(|a| a.ip().is_loopback());
-        if token.is_empty() && !loopback {
+        if token.is_empty() && !common::admin::is_loopback(&first.config.admin_listen) {
+            // Only with admin_allow_open (validation refuses it otherwise): say so at every start.
             tracing::warn!(
                 admin_listen = %first.config.admin_listen,
                 "the admin listener is reachable from other hosts and admin_token is empty: \

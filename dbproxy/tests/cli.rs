@@ -54,6 +54,39 @@ fn pgpool_conf_is_taken_unchanged() -> Result<()> {
         .args(["--pgpool-conf", "/nonexistent/pgpool.conf"])
         .output()?;
     assert_eq!(out.status.code(), Some(2));
+
+    // The admin listener (promote, attach) off loopback needs admin_token, or a stated purpose:
+    // without either dbproxy refuses to start.
+    let conf = examples.join("pgpool.conf");
+    let admin = "admin_listen=0.0.0.0:0";
+    for (extra, code) in [
+        (&["--set", admin][..], 2),
+        (&["--check-config", "--set", admin][..], 2),
+        (
+            &["--check-config", "--set", admin, "--set", "admin_token=s3cret"][..],
+            0,
+        ),
+        (
+            &["--check-config", "--set", admin, "--set", "admin_allow_open=true"][..],
+            0,
+        ),
+    ] {
+        let out = Command::new(BIN)
+            .arg("--pgpool-conf")
+            .arg(&conf)
+            .args(extra)
+            .env_remove("DBPROXY_ADMIN_TOKEN")
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {stderr}");
+        if code == 2 {
+            assert!(
+                stderr.contains("admin_listen") && stderr.contains("admin_token is empty"),
+                "{stderr}"
+            );
+        }
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+    }
     Ok(())
 }
 

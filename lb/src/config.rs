@@ -19,7 +19,13 @@ pub struct Config {
     /// Address the proxy listener binds.
     pub listen: String,
     /// Address the admin listener (`/metrics`, `/status`, `/healthz`) binds; loopback by default.
+    /// Off loopback it needs `admin_token` (or `admin_allow_open`), else lb refuses to start.
     pub admin_listen: String,
+    /// Token the admin listener requires as `Authorization: Bearer <token>` on every request but
+    /// reads (GET, HEAD), as dbproxy's `admin_token`; empty means none. Changing it needs a restart.
+    pub admin_token: String,
+    /// Serve the admin listener off loopback without `admin_token`, on purpose.
+    pub admin_allow_open: bool,
     /// The servers requests are balanced over.
     pub upstream: UpstreamConfig,
     /// Client- and upstream-side timeouts.
@@ -50,6 +56,8 @@ impl Default for Config {
         Config {
             listen: "0.0.0.0:8080".to_string(),
             admin_listen: "127.0.0.1:9100".to_string(),
+            admin_token: String::new(),
+            admin_allow_open: false,
             upstream: UpstreamConfig::default(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
@@ -614,6 +622,8 @@ impl common::Validate for Config {
                 ));
             }
         }
+        common::admin::check_exposure(&self.admin_listen, &self.admin_token, self.admin_allow_open)
+            .map_err(|e| ConfigError::invalid("admin_listen", e))?;
         validate_upstream("upstream", &self.upstream)?;
         for (i, up) in self.upstreams.iter().enumerate() {
             let key = format!("upstreams[{i}]");

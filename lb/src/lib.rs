@@ -215,6 +215,9 @@ impl Lb {
         {
             tracing::warn!("listen addresses change only on restart");
         }
+        if config.admin_token != old.config.admin_token {
+            tracing::warn!("admin_token changes only on restart");
+        }
         if config.workers != old.config.workers {
             tracing::warn!("the number of serving threads (workers) changes only on restart");
         }
@@ -267,7 +270,11 @@ impl Lb {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        let routes = Arc::new(StatusRoute { lb: self.clone() });
+        let token = self.shared.runtime.load().config.admin_token.clone();
+        let routes = Arc::new(StatusRoute {
+            lb: self.clone(),
+            token,
+        });
         common::admin::serve(listener, self.registry(), routes, shutdown).await
     }
 
@@ -307,9 +314,15 @@ impl Lb {
 
 struct StatusRoute {
     lb: Lb,
+    /// `admin_token` as it was at start (a reload does not change it).
+    token: String,
 }
 
 impl common::admin::AdminRoutes for StatusRoute {
+    fn token(&self) -> Option<&str> {
+        (!self.token.is_empty()).then_some(self.token.as_str())
+    }
+
     fn route(&self, method: &Method, path: &str, _body: Bytes) -> Option<common::admin::ResponseFuture> {
         if method == Method::GET && path == "/status" {
             let v = self.lb.status();

@@ -89,6 +89,34 @@ fn bad_configs_are_refused_with_the_key_or_line() -> Result<()> {
         stderr.contains("line 4") && stderr.contains("autoindex"),
         "{stderr}"
     );
+
+    // An admin listener off loopback needs a token, or a stated purpose: lb refuses to start.
+    std::fs::write(&toml, "[upstream]\nservers = [{ addr = \"127.0.0.1:1\" }]\n")?;
+    let admin = "admin_listen=0.0.0.0:0";
+    for (extra, code) in [
+        (&["--set", admin][..], 2),
+        (&["--check-config", "--set", admin][..], 2),
+        (
+            &["--check-config", "--set", admin, "--set", "admin_token=s3cret"][..],
+            0,
+        ),
+        (
+            &["--check-config", "--set", admin, "--set", "admin_allow_open=true"][..],
+            0,
+        ),
+    ] {
+        let out = Command::new(LB).arg("--config").arg(&toml).args(extra).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{extra:?}: {stderr}");
+        if code == 2 {
+            assert!(
+                stderr.contains("admin_listen") && stderr.contains("admin_token"),
+                "{stderr}"
+            );
+        }
+        // The token is a secret: --check-config does not print it.
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("s3cret"));
+    }
     Ok(())
 }
 

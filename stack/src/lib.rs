@@ -106,6 +106,10 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     // dbproxy in front of every node; it finds the primary itself. Its promote and attach
     // endpoints take a token made for this run, which the webapps' switchover button sends.
     let admin_token = random_token()?;
+    // The dashboard's switchover needs an operator login: a password made for this run, kept
+    // in the state directory for the person running the stack.
+    let operator_password = random_token()?;
+    write_secret(&state.root.join(OPERATOR_PASSWORD_FILE), &operator_password)?;
     let mut dbproxy = format!(
         "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\nstate_dir = \"{}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
         p.dbproxy,
@@ -145,7 +149,8 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
         let cfg = format!(
             "listen = \"127.0.0.1:{port}\"\ninstance = \"{name}\"\ndatabase_url = \"{database_url}\"\n\
              lb_status_url = \"http://127.0.0.1:{}/status\"\ndbproxy_status_url = \"http://127.0.0.1:{}/status\"\n\
-             dbproxy_admin_url = \"http://127.0.0.1:{}\"\ndbproxy_admin_token = \"{admin_token}\"\n",
+             dbproxy_admin_url = \"http://127.0.0.1:{}\"\ndbproxy_admin_token = \"{admin_token}\"\n\
+             operator_password = \"{operator_password}\"\n",
             p.lb_admin, p.dbproxy_admin, p.dbproxy_admin
         );
         start_service(
@@ -170,7 +175,8 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     }
 
     let lb = format!(
-        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\n[upstream]\nname = \"webapp\"\nalgorithm = \"ip_hash\"\n\
+        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\n\n\
+         [upstream]\nname = \"webapp\"\nalgorithm = \"ip_hash\"\n\
          servers = [{{ addr = \"127.0.0.1:{}\" }}, {{ addr = \"127.0.0.1:{}\" }}]\n\n\
          [health]\nenabled = true\npath = \"/healthz\"\ninterval = \"1s\"\ntimeout = \"1s\"\n",
         p.lb,
@@ -186,7 +192,8 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     .await?;
 
     let collector = format!(
-        "database_url = \"{database_url}\"\nspool_file = \"{}\"\nadmin_listen = \"127.0.0.1:{}\"\n",
+        "database_url = \"{database_url}\"\nspool_file = \"{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
+         admin_token = \"{admin_token}\"\n",
         state.root.join("collector.spool").display(),
         p.collector_admin
     );
@@ -380,6 +387,24 @@ pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// The file in the state directory holding the dashboard's operator password.
+pub const OPERATOR_PASSWORD_FILE: &str = "operator-password";
+
+/// Writes `secret` to `path`, readable by its owner only.
+fn write_secret(path: &Path, secret: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    writeln!(f, "{secret}")?;
+    Ok(())
 }
 
 /// 128 random bits from the kernel, in hex.

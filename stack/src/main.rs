@@ -95,7 +95,8 @@ async fn run(cli: Cli) -> Result<()> {
             };
             let p = &opts.ports;
             println!(
-                "\nha-stack is up.\n  page       http://127.0.0.1:{lb}/\n  dashboard  http://127.0.0.1:{lb}/dashboard\n  \
+                "\nha-stack is up.\n  page       http://127.0.0.1:{lb}/\n  dashboard  http://127.0.0.1:{lb}/dashboard   \
+                 (operator password for the switchover: {pw})\n  \
                  database   psql postgres://app:app-secret@127.0.0.1:{db}/app   (SHOW POOL_NODES)\n  \
                  status     http://127.0.0.1:{dba}/status  http://127.0.0.1:{lba}/status\n\n\
                  Try next: `stack kill pg0` (the primary) and watch the dashboard fail over;\n          \
@@ -103,7 +104,8 @@ async fn run(cli: Cli) -> Result<()> {
                 lb = p.lb,
                 db = p.dbproxy,
                 dba = p.dbproxy_admin,
-                lba = p.lb_admin
+                lba = p.lb_admin,
+                pw = state.root.join(stack::OPERATOR_PASSWORD_FILE).display()
             );
             if detach {
                 println!(

@@ -92,6 +92,30 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         "no database node: {body}"
     );
 
+    // The dashboard's switchover through lb's public port needs an operator login: the custom
+    // header alone is refused, and the password stack made for this run logs in.
+    let (code, refused) = raw(
+        ports.lb,
+        "POST /dashboard/switchover/1 HTTP/1.1\r\nHost: x\r\nx-hastack-switchover: 1\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 401, "{refused}");
+    let password = std::fs::read_to_string(state.0.root.join(stack::OPERATOR_PASSWORD_FILE)).unwrap();
+    let form = format!("password={}", password.trim());
+    let (code, head) = raw(
+        ports.lb,
+        &format!(
+            "POST /dashboard/login HTTP/1.1\r\nHost: x\r\n\
+             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{form}",
+            form.len()
+        ),
+    )
+    .await;
+    assert_eq!(code, 303, "{head}");
+    assert!(head.contains("HttpOnly; SameSite=Strict"), "{head}");
+
     // Kill one webapp: lb's retries and health checks keep every GET working.
     let killed = if body.contains("web1") { "web1" } else { "web2" };
     state.0.signal(killed, Signal::SIGKILL).unwrap();
@@ -228,4 +252,26 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
     assert_eq!(running.len(), 7, "{running:?}");
     assert_eq!(stack::down(&state.0), 7);
     assert!(stack::status(&state.0).iter().all(|(_, pid)| pid.is_none()));
+}
+
+/// Sends `request` as it is to 127.0.0.1:`port`; returns the status and the whole answer.
+async fn raw(port: u16, request: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        s.write_all(request.as_bytes()).await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        std::io::Result::Ok(String::from_utf8_lossy(&out).into_owned())
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .expect("an answer within 10 s")
+        .expect("an exchange");
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
 }

@@ -32,6 +32,14 @@ pub struct Config {
     /// The token dbproxy's admin listener requires for the switchover (its `admin_token`), sent
     /// as `Authorization: Bearer <token>`; empty sends none.
     pub dbproxy_admin_token: String,
+    /// The operator password: the dashboard's switchover needs a login with it (a session cookie
+    /// and a CSRF token). Empty (the default) makes the dashboard read-only: no switchover button,
+    /// and the switchover endpoint answers 404. At least 8 bytes when set; every instance behind
+    /// one lb should have the same one, so a login made on one is valid on all.
+    pub operator_password: String,
+    /// Marks the operator session cookie `Secure` (sent over https only): set it when browsers
+    /// reach the dashboard through https.
+    pub operator_cookie_secure: bool,
     /// How often the dashboard re-reads the status URLs while someone watches, in milliseconds.
     pub dashboard_interval_ms: u64,
     /// Bound on each status fetch, in milliseconds.
@@ -53,6 +61,8 @@ impl Default for Config {
             dbproxy_status_url: "http://127.0.0.1:9930/status".to_string(),
             dbproxy_admin_url: String::new(),
             dbproxy_admin_token: String::new(),
+            operator_password: String::new(),
+            operator_cookie_secure: false,
             dashboard_interval_ms: 1000,
             status_timeout_ms: 1000,
             header_timeout_ms: 10_000,
@@ -147,6 +157,12 @@ impl common::Validate for Config {
                 "must be between 1 and 600000",
             ));
         }
+        if !self.operator_password.is_empty() && self.operator_password.len() < 8 {
+            return Err(ConfigError::invalid(
+                "operator_password",
+                "shorter than 8 bytes: choose a longer one, or leave it empty for a read-only dashboard",
+            ));
+        }
         check_http_url("lb_status_url", &self.lb_status_url)?;
         check_http_url("dbproxy_status_url", &self.dbproxy_status_url)?;
         check_http_url("dbproxy_admin_url", &self.dbproxy_admin_url)?;
@@ -207,6 +223,11 @@ mod tests {
             ..Config::default()
         });
         assert!(e.contains("history"), "{e}");
+        let e = invalid(Config {
+            operator_password: "short".into(),
+            ..Config::default()
+        });
+        assert!(e.contains("operator_password"), "{e}");
     }
 
     #[test]

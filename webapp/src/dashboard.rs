@@ -59,6 +59,7 @@ pub struct Dashboard {
     dbproxy_url: String,
     admin_url: String,
     admin_token: String,
+    operator: bool,
     instance: String,
     interval: Duration,
     timeout: Duration,
@@ -86,6 +87,7 @@ impl Dashboard {
             dbproxy_url: config.dbproxy_status_url.clone(),
             admin_url: config.dbproxy_admin_url.trim_end_matches('/').to_string(),
             admin_token: config.dbproxy_admin_token.clone(),
+            operator: !config.operator_password.is_empty(),
             instance,
             interval: Duration::from_millis(config.dashboard_interval_ms),
             timeout,
@@ -96,9 +98,10 @@ impl Dashboard {
         }
     }
 
-    /// Whether the switchover button is offered.
+    /// Whether the switchover is offered (to a logged-in operator): it needs dbproxy's admin URL
+    /// and an operator password.
     pub fn switchover_enabled(&self) -> bool {
-        !self.admin_url.is_empty()
+        !self.admin_url.is_empty() && self.operator
     }
 
     /// A receiver of snapshots (JSON text; empty until the first fetch); wakes the fetcher.

@@ -1,13 +1,15 @@
 //! The web page: latest host metrics, serving instance and database node, live dashboard.
 //!
 //! `config` is the configuration; `db` the pool, the page's queries and the migrations; `dashboard`
-//! reads lb's and dbproxy's `/status` and feeds the event stream; `routes` is the HTTP surface and
-//! `render` its HTML; `metrics` the Prometheus registry. [`run`] ties them together.
+//! reads lb's and dbproxy's `/status` and feeds the event stream; `operator` is the login (signed
+//! session cookie, CSRF token, failed-login limit) the switchover needs; `routes` is the HTTP
+//! surface and `render` its HTML; `metrics` the Prometheus registry. [`run`] ties them together.
 
 pub mod config;
 pub mod dashboard;
 pub mod db;
 pub mod metrics;
+pub mod operator;
 mod render;
 pub mod routes;
 
@@ -18,7 +20,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
-pub use routes::SWITCHOVER_HEADER;
+pub use operator::{COOKIE as OPERATOR_COOKIE, CSRF_HEADER};
 
 /// Why the webapp could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +67,12 @@ pub async fn run(
         db,
         dashboard: dashboard.clone(),
         metrics,
+        operator: operator::Operator::new(&config.operator_password, config.operator_cookie_secure),
         shutdown: shutdown.clone(),
     });
+    if !config.dbproxy_admin_url.is_empty() && config.operator_password.is_empty() {
+        tracing::warn!("dbproxy_admin_url is set but operator_password is not: the dashboard is read-only");
+    }
     tracing::info!(local = %listener.local_addr()?, instance = %state.instance, "webapp listening");
 
     let migrator = {

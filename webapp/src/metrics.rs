@@ -16,6 +16,8 @@ pub struct Metrics {
     pub db_seconds: Histogram,
     /// `webapp_status_fetch_errors_total{source}`.
     pub status_errors: IntCounterVec,
+    /// `webapp_operator_logins_total{outcome}` (accepted, refused, limited).
+    pub logins: IntCounterVec,
 }
 
 impl Metrics {
@@ -59,6 +61,14 @@ impl Metrics {
             ),
             &["source"],
         )?;
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "webapp_operator_logins_total",
+                "operator login attempts by outcome (accepted, refused, limited)",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(logins.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(db_errors.clone()))?;
@@ -71,6 +81,7 @@ impl Metrics {
             db_errors,
             db_seconds,
             status_errors,
+            logins,
         })
     }
 }

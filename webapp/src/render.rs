@@ -232,10 +232,45 @@ pub fn message(instance: &str, title: &str, text: &str) -> String {
     html
 }
 
+/// What the dashboard offers the viewer, from their operator session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorView<'a> {
+    /// No operator password is configured: read-only, no login link.
+    ReadOnly,
+    /// Operator actions exist, but this viewer is not logged in.
+    LoggedOut,
+    /// Logged in: the CSRF token the page's requests must carry.
+    LoggedIn(&'a str),
+}
+
 /// The dashboard shell; `snapshot` (JSON) is embedded so the first render needs no round trip.
-pub fn dashboard(instance: &str, snapshot: &str) -> String {
-    let mut html = head("ha-stack: dashboard", "");
+/// A logged-in operator's page carries the session's CSRF token in a `<meta>` for the script, and
+/// a logout form.
+pub fn dashboard(instance: &str, snapshot: &str, operator: OperatorView<'_>) -> String {
+    let meta = match operator {
+        OperatorView::LoggedIn(csrf) => {
+            format!("<meta name=\"csrf-token\" content=\"{}\">", escape(csrf))
+        }
+        _ => String::new(),
+    };
+    let mut html = head("ha-stack: dashboard", &meta);
     html.push_str(&nav(instance));
+    match operator {
+        OperatorView::ReadOnly => {}
+        OperatorView::LoggedOut => html.push_str(
+            "<p class=\"operator\"><a id=\"login\" href=\"/dashboard/login\">operator login</a></p>",
+        ),
+        OperatorView::LoggedIn(csrf) => {
+            let _ = write!(
+                html,
+                "<form class=\"operator\" method=\"post\" action=\"/dashboard/logout\">\
+                 <span id=\"operator\">operator</span> \
+                 <input type=\"hidden\" name=\"csrf\" value=\"{}\">\
+                 <button id=\"logout\">log out</button></form>",
+                escape(csrf)
+            );
+        }
+    }
     // Inside <script>, only "</script" can end the element early; JSON never needs a raw '<'.
     let embedded = snapshot.replace('<', "\\u003c");
     let _ = writeln!(
@@ -247,6 +282,24 @@ pub fn dashboard(instance: &str, snapshot: &str) -> String {
          <section><h2>events</h2><ol id=\"events\"></ol></section></aside></main>\
          <script id=\"snapshot\" type=\"application/json\">{embedded}</script>\
          <script src=\"/static/dashboard.js\"></script></body></html>"
+    );
+    html
+}
+
+/// The operator login form; `problem` says why the last attempt failed.
+pub fn login(instance: &str, problem: Option<&str>) -> String {
+    let mut html = head("ha-stack: operator login", "");
+    html.push_str(&nav(instance));
+    let problem = problem
+        .map(|p| format!("<p class=\"reason\" id=\"problem\">{}</p>", escape(p)))
+        .unwrap_or_default();
+    let _ = writeln!(
+        html,
+        "<main><section class=\"login\"><h2>operator login</h2>\
+         <p class=\"hint\">Switching the database over needs the operator password.</p>{problem}\
+         <form method=\"post\" action=\"/dashboard/login\">\
+         <label>password <input type=\"password\" name=\"password\" autocomplete=\"current-password\" autofocus required></label> \
+         <button>log in</button></form></section></main></body></html>"
     );
     html
 }
@@ -277,7 +330,7 @@ mod tests {
 
     #[test]
     fn embedded_snapshot_cannot_close_the_script() {
-        let page = dashboard("w", r#"{"x":"</script><b>"}"#);
+        let page = dashboard("w", r#"{"x":"</script><b>"}"#, OperatorView::ReadOnly);
         assert!(!page.contains("</script><b>"));
         assert!(page.contains("\\u003c/script>"));
     }

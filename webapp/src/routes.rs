@@ -1,11 +1,11 @@
 //! The HTTP routes: the front page, its JSON twin, health and readiness, metrics, the dashboard with
-//! its event stream, and the switchover call.
+//! its event stream, the operator login, and the switchover call.
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
-use axum::extract::{MatchedPath, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Form, MatchedPath, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -17,11 +17,11 @@ use tokio_util::sync::CancellationToken;
 use crate::dashboard::{valid_node_id, Dashboard};
 use crate::db::Db;
 use crate::metrics::Metrics;
-use crate::render;
+use crate::operator::{Login, Operator, Refusal};
+use crate::render::{self, OperatorView};
 
-/// The header a switchover request must carry: a plain cross-site form cannot set it, so a page on
-/// another site cannot trigger a promotion through a visitor's browser.
-pub const SWITCHOVER_HEADER: &str = "x-hastack-switchover";
+/// The largest request body read (the login form is the only one).
+const MAX_BODY: usize = 16 * 1024;
 
 /// What every handler shares.
 pub struct AppState {
@@ -35,6 +35,8 @@ pub struct AppState {
     pub dashboard: Arc<Dashboard>,
     /// The metrics.
     pub metrics: Arc<Metrics>,
+    /// The operator login that guards the switchover.
+    pub operator: Operator,
     /// Fires on shutdown; ends the event streams so the server can drain.
     pub shutdown: CancellationToken,
 }
@@ -53,10 +55,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/dashboard", get(dashboard))
         .route("/dashboard/state", get(dashboard_state))
         .route("/dashboard/events", get(dashboard_events))
+        .route("/dashboard/login", get(login_page).post(login))
+        .route("/dashboard/logout", post(logout))
         .route("/dashboard/switchover/{id}", post(switchover))
         .route("/static/style.css", get(style))
         .route("/static/dashboard.js", get(script))
         .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -156,9 +161,101 @@ async fn metrics(State(st): St) -> Response {
         .into_response()
 }
 
-async fn dashboard(State(st): St) -> Html<String> {
+async fn dashboard(State(st): St, headers: HeaderMap) -> Response {
     let snapshot = st.dashboard.current().await;
-    Html(render::dashboard(&st.instance, &snapshot))
+    let csrf = st.operator.session(&headers, SystemTime::now());
+    let view = match &csrf {
+        _ if !st.dashboard.switchover_enabled() => OperatorView::ReadOnly,
+        Some(token) => OperatorView::LoggedIn(token),
+        None => OperatorView::LoggedOut,
+    };
+    let mut resp = Html(render::dashboard(&st.instance, &snapshot, view)).into_response();
+    // A logged-in page carries a CSRF token: no cache may keep it.
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// The login form's fields.
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    password: String,
+}
+
+/// The logout form's fields.
+#[derive(serde::Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf: String,
+}
+
+fn login_response(st: &AppState, code: StatusCode, problem: Option<&str>) -> Response {
+    let mut resp = (code, Html(render::login(&st.instance, problem))).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+async fn login_page(State(st): St) -> Response {
+    if !st.dashboard.switchover_enabled() {
+        return not_found(State(st)).await;
+    }
+    login_response(&st, StatusCode::OK, None)
+}
+
+async fn login(State(st): St, Form(form): Form<LoginForm>) -> Response {
+    if !st.dashboard.switchover_enabled() {
+        return not_found(State(st)).await;
+    }
+    match st
+        .operator
+        .login(&form.password, Instant::now(), SystemTime::now())
+    {
+        Login::Accepted(cookie) => {
+            tracing::info!("operator logged in");
+            st.metrics.logins.with_label_values(&["accepted"]).inc();
+            let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                resp.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            resp
+        }
+        Login::Refused => {
+            tracing::warn!("operator login refused: wrong password");
+            st.metrics.logins.with_label_values(&["refused"]).inc();
+            login_response(&st, StatusCode::UNAUTHORIZED, Some("wrong password"))
+        }
+        Login::Limited(wait) => {
+            tracing::warn!("operator login refused: too many failed logins");
+            st.metrics.logins.with_label_values(&["limited"]).inc();
+            let secs = wait.as_secs().max(1);
+            let mut resp = login_response(
+                &st,
+                StatusCode::TOO_MANY_REQUESTS,
+                Some(&format!("too many failed logins: try again in {secs} s")),
+            );
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            resp
+        }
+        Login::Disabled => not_found(State(st)).await,
+    }
+}
+
+async fn logout(State(st): St, headers: HeaderMap, Form(form): Form<LogoutForm>) -> Response {
+    if let Err(e) = st
+        .operator
+        .authorize(&headers, Some(&form.csrf), SystemTime::now())
+    {
+        return (StatusCode::FORBIDDEN, format!("{e}\n")).into_response();
+    }
+    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard")]).into_response();
+    if let Ok(v) = HeaderValue::from_str(&st.operator.clear_cookie()) {
+        resp.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    resp
 }
 
 async fn dashboard_state(State(st): St) -> Response {
@@ -200,8 +297,13 @@ async fn switchover(State(st): St, Path(id): Path<String>, headers: HeaderMap) -
     if !st.dashboard.switchover_enabled() {
         return fail(StatusCode::NOT_FOUND, "switchover is not configured");
     }
-    if !headers.contains_key(SWITCHOVER_HEADER) {
-        return fail(StatusCode::FORBIDDEN, "missing the x-hastack-switchover header");
+    // The session cookie is SameSite=Strict and the CSRF token is readable only by the
+    // dashboard's own page, so neither `curl` without the password nor a page on another site
+    // gets past this.
+    match st.operator.authorize(&headers, None, SystemTime::now()) {
+        Ok(()) => {}
+        Err(e @ Refusal::NoSession) => return fail(StatusCode::UNAUTHORIZED, &e.to_string()),
+        Err(e) => return fail(StatusCode::FORBIDDEN, &e.to_string()),
     }
     if !valid_node_id(&id) {
         return fail(StatusCode::BAD_REQUEST, "bad node id");

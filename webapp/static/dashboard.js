@@ -8,6 +8,9 @@
   var details = document.getElementById("details");
   var eventsList = document.getElementById("events");
   var conn = document.getElementById("conn");
+  // The operator session's CSRF token, present only on a logged-in operator's page.
+  var csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  var csrf = csrfMeta ? csrfMeta.getAttribute("content") : null;
   // Key of the clicked node; a link like /dashboard#db:1 opens with that node selected.
   var selected = location.hash.length > 1 ? decodeURIComponent(location.hash.slice(1)) : null;
   var current = null;
@@ -153,18 +156,26 @@
     });
     details.appendChild(dl);
     if (snap.switchover === true && n.tier === 3 && n.role === "standby" && n.state !== "down") {
-      var b = document.createElement("button");
-      b.id = "switchover";
-      b.textContent = "switch over to node " + n.id;
-      b.addEventListener("click", function () { switchover(n.id, b); });
-      details.appendChild(b);
+      if (csrf) {
+        var b = document.createElement("button");
+        b.id = "switchover";
+        b.textContent = "switch over to node " + n.id;
+        b.addEventListener("click", function () { switchover(n.id, b); });
+        details.appendChild(b);
+      } else {
+        var a = document.createElement("a");
+        a.id = "login-to-switch";
+        a.href = "/dashboard/login";
+        a.textContent = "log in as operator to switch over";
+        details.appendChild(a);
+      }
     }
   }
 
   function switchover(id, button) {
     button.disabled = true;
     addEvent("switchover to node " + id + " requested");
-    fetch("/dashboard/switchover/" + encodeURIComponent(id), { method: "POST", headers: { "x-hastack-switchover": "1" } })
+    fetch("/dashboard/switchover/" + encodeURIComponent(id), { method: "POST", credentials: "same-origin", headers: { "x-csrf-token": csrf } })
       .then(function (r) { return r.json().then(function (j) { return [r.status, j]; }); })
       .then(function (x) { addEvent("switchover to node " + id + ": " + (x[0] === 200 ? "accepted" : "failed: " + str(x[1].error || x[1].answer))); })
       .catch(function (e) { addEvent("switchover to node " + id + " failed: " + e); })

@@ -39,6 +39,7 @@ async fn chromium_renders_the_page_and_the_dashboard() -> Result<()> {
     cfg.lb_status_url = format!("http://{addr}/lb/status");
     cfg.dbproxy_status_url = format!("http://{addr}/db/status");
     cfg.dbproxy_admin_url = format!("http://{addr}/admin");
+    cfg.operator_password = common::OPERATOR_PASSWORD.into();
     let app = App::start(cfg).await?;
     wait_ready(&app).await?;
     for (i, cpu) in [12.0, 35.0, 20.0, 64.0, 41.0].iter().enumerate() {
@@ -75,17 +76,49 @@ async fn chromium_renders_the_page_and_the_dashboard() -> Result<()> {
         ensure!(dom.contains(needle), "dashboard DOM lacks {needle}:\n{dom}");
     }
 
-    // A link to a node opens its details, with the switchover button for a healthy standby.
+    // A link to a node opens its details; a healthy standby offers the switchover, first only
+    // as a login link.
     let dom = browse(vec!["--dump-dom".into(), app.url("/dashboard#db:1")]).await?;
     for needle in [
         "class=\"node standby selected\" data-key=\"db:1\"",
         "<h2>node 1 standby</h2>",
         "<dt>replication_delay</dt>",
         "<dd>5433</dd>",
-        "<button id=\"switchover\">switch over to node 1</button>",
+        "<a id=\"login-to-switch\" href=\"/dashboard/login\">",
     ] {
         ensure!(dom.contains(needle), "dashboard details lack {needle}:\n{dom}");
     }
+    ensure!(!dom.contains("id=\"switchover\""), "{dom}");
+
+    // The browser logs in: a page on the same site (same host, the peer's port) submits the login
+    // form, the webapp's redirect lands on the dashboard with the session cookie, and the button
+    // is there (the fragment carries over the redirect).
+    peer.set(
+        "/login",
+        200,
+        &format!(
+            "<!doctype html><html><body><form id=\"f\" method=\"post\" action=\"{}\">\
+             <input name=\"password\" value=\"{}\"></form>\
+             <script>document.getElementById(\"f\").submit()</script></body></html>",
+            app.url("/dashboard/login#db:1"),
+            common::OPERATOR_PASSWORD
+        ),
+    );
+    let dom = browse(vec!["--dump-dom".into(), format!("http://{addr}/login")]).await?;
+    for needle in [
+        "<meta name=\"csrf-token\" content=\"",
+        "<button id=\"logout\">log out</button>",
+        "<h2>node 1 standby</h2>",
+        "<button id=\"switchover\">switch over to node 1</button>",
+    ] {
+        ensure!(dom.contains(needle), "logged-in dashboard lacks {needle}:\n{dom}");
+    }
+    // The operator's view, with the switchover button, for a person to look at.
+    screenshot(
+        format!("http://{addr}/login"),
+        artifacts_dir()?.join("webapp-dashboard-operator.png"),
+    )
+    .await?;
     // No switchover is offered for the primary.
     let dom = browse(vec!["--dump-dom".into(), app.url("/dashboard#db:0")]).await?;
     ensure!(dom.contains("<h2>node 0 primary</h2>"), "{dom}");

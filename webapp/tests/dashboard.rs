@@ -214,42 +214,97 @@ async fn broken_peers_render_as_unreachable() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
-    // Without an admin URL there is no switchover.
-    let plain = App::start(config("dash-3", NO_DB)).await?;
-    let r = request(
-        Method::POST,
-        &plain.url("/dashboard/switchover/1"),
-        &[(webapp::SWITCHOVER_HEADER, "1")],
-    )
-    .await?;
-    ensure!(r.status == StatusCode::NOT_FOUND, "{r:?}");
-    ensure!(r.json()?["error"] == "switchover is not configured", "{r:?}");
-    plain.stop().await?;
-
     let stop = CancellationToken::new();
     let peer = FakePeer::default();
     peer.set("/admin/nodes/1/promote", 200, r#"{"promoted":"1"}"#);
     peer.set("/admin/nodes/2/promote", 409, r#"{"error":"node 2 is down"}"#);
     peer.set("/admin/nodes/3/promote", 500, r#"{"error":"promotion failed"}"#);
     let addr = peer.serve(stop.clone()).await?;
+
+    // Without an admin URL, or without an operator password, there is no switchover: the
+    // dashboard is read-only, with neither a login form nor a way to promote.
+    let mut read_only = config("dash-3", NO_DB);
+    read_only.dbproxy_admin_url = format!("http://{addr}/admin/");
+    let mut no_admin = config("dash-3b", NO_DB);
+    no_admin.operator_password = common::OPERATOR_PASSWORD.into();
+    for cfg in [config("dash-3c", NO_DB), read_only, no_admin] {
+        let plain = App::start(cfg).await?;
+        let r = request(Method::POST, &plain.url("/dashboard/switchover/1"), &[]).await?;
+        ensure!(r.status == StatusCode::NOT_FOUND, "{r:?}");
+        ensure!(r.json()?["error"] == "switchover is not configured", "{r:?}");
+        ensure!(plain.get("/api/info").await?.json()?["switchover"] == false);
+        ensure!(plain.get("/dashboard/login").await?.status == StatusCode::NOT_FOUND);
+        let e = common::login(&plain.url(""), common::OPERATOR_PASSWORD)
+            .await
+            .unwrap_err();
+        ensure!(e.to_string().contains("404"), "{e:#}");
+        let page = plain.get("/dashboard").await?.body;
+        ensure!(
+            !page.contains("csrf-token") && !page.contains("id=\"login\""),
+            "{page}"
+        );
+        plain.stop().await?;
+    }
+    ensure!(peer.requests().is_empty(), "{:?}", peer.requests());
+
     let mut cfg = config("dash-4", NO_DB);
     cfg.dbproxy_admin_url = format!("http://{addr}/admin/");
+    cfg.operator_password = common::OPERATOR_PASSWORD.into();
     let app = App::start(cfg).await?;
     let info = app.get("/api/info").await?.json()?;
     ensure!(info["switchover"] == true, "{info}");
-    let post = |path: &str, with_header: bool| {
+    let page = app.get("/dashboard").await?;
+    ensure!(
+        page.body.contains("<a id=\"login\" href=\"/dashboard/login\">") && !page.body.contains("csrf-token"),
+        "{page:?}"
+    );
+    ensure!(page.headers["cache-control"] == "no-store", "{page:?}");
+    let login_page = app.get("/dashboard/login").await?;
+    ensure!(
+        login_page.status == StatusCode::OK
+            && login_page.body.contains("type=\"password\" name=\"password\""),
+        "{login_page:?}"
+    );
+
+    // Not logged in: refused whatever headers come along (the old custom header included).
+    let url = |path: &str| app.url(path);
+    for h in [
+        &[][..],
+        &[("x-hastack-switchover", "1")][..],
+        &[("x-csrf-token", "anything"), ("cookie", "hastack_operator=1.2.3")][..],
+    ] {
+        let r = request(Method::POST, &url("/dashboard/switchover/1"), h).await?;
+        ensure!(r.status == StatusCode::UNAUTHORIZED, "{h:?}: {r:?}");
+        ensure!(r.json()?["error"] == "operator login required", "{r:?}");
+    }
+    // A wrong password is refused with the form again.
+    let e = common::login(&url(""), "not the password").await.unwrap_err();
+    ensure!(e.to_string().contains("401"), "{e:#}");
+
+    let op = common::login(&url(""), common::OPERATOR_PASSWORD).await?;
+    let page = request(Method::GET, &url("/dashboard"), &[("cookie", &op.cookie)]).await?;
+    ensure!(page.body.contains("<button id=\"logout\">"), "{page:?}");
+    let post = |path: &str, with_csrf: bool| {
         let url = app.url(path);
+        let op = op.clone();
         async move {
-            let h: &[(&str, &str)] = if with_header {
-                &[(webapp::SWITCHOVER_HEADER, "1")]
-            } else {
-                &[]
-            };
-            request(Method::POST, &url, h).await
+            let mut h = vec![("cookie", op.cookie.as_str())];
+            if with_csrf {
+                h.push((webapp::CSRF_HEADER, op.csrf.as_str()));
+            }
+            request(Method::POST, &url, &h).await
         }
     };
-
+    // Logged in but without the page's CSRF token (what a cross-site form could send): refused.
     let r = post("/dashboard/switchover/1", false).await?;
+    ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
+    ensure!(r.json()?["error"] == "missing or wrong csrf token", "{r:?}");
+    let r = request(
+        Method::POST,
+        &url("/dashboard/switchover/1"),
+        &[("cookie", &op.cookie), (webapp::CSRF_HEADER, "forged")],
+    )
+    .await?;
     ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
     let r = post("/dashboard/switchover/a.b", true).await?;
     ensure!(r.status == StatusCode::BAD_REQUEST, "{r:?}");
@@ -300,6 +355,59 @@ async fn switchover_reaches_dbproxy_admin_or_refuses_cleanly() -> Result<()> {
     let e = r.json()?["error"].as_str().unwrap_or_default().to_string();
     if !e.starts_with("dbproxy admin:") {
         bail!("unexpected error text: {e}");
+    }
+
+    // Logging out needs the CSRF token too, and clears the cookie.
+    let form = |csrf: &str| format!("csrf={csrf}");
+    let logout = |body: String| {
+        let url = app.url("/dashboard/logout");
+        let cookie = op.cookie.clone();
+        async move {
+            common::request_with_body(
+                Method::POST,
+                &url,
+                &[
+                    ("cookie", cookie.as_str()),
+                    ("content-type", "application/x-www-form-urlencoded"),
+                ],
+                &body,
+            )
+            .await
+        }
+    };
+    let r = logout(form("forged")).await?;
+    ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
+    let r = logout(form(&op.csrf)).await?;
+    ensure!(r.status == StatusCode::SEE_OTHER, "{r:?}");
+    let cleared = r.headers["set-cookie"].to_str()?;
+    ensure!(
+        cleared.starts_with("hastack_operator=;") && cleared.contains("Max-Age=0"),
+        "{cleared}"
+    );
+
+    // Failed logins are limited: after five (the wrong password above was the first), even the
+    // right password is not checked for a while.
+    for _ in 0..4 {
+        let e = common::login(&app.url(""), "guess").await.unwrap_err();
+        ensure!(e.to_string().contains("401"), "{e:#}");
+    }
+    let r = common::request_with_body(
+        Method::POST,
+        &app.url("/dashboard/login"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!("password={}", common::OPERATOR_PASSWORD.replace(' ', "+")),
+    )
+    .await?;
+    ensure!(r.status == StatusCode::TOO_MANY_REQUESTS, "{r:?}");
+    ensure!(r.headers.contains_key("retry-after"), "{r:?}");
+    ensure!(!r.headers.contains_key("set-cookie"), "{r:?}");
+    let m = app.get("/metrics").await?.body;
+    for line in [
+        "webapp_operator_logins_total{outcome=\"accepted\"} 1",
+        "webapp_operator_logins_total{outcome=\"refused\"} 5",
+        "webapp_operator_logins_total{outcome=\"limited\"} 1",
+    ] {
+        ensure!(m.contains(line), "metrics lack {line}:\n{m}");
     }
     app.stop().await?;
     Ok(())

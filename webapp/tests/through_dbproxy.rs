@@ -146,6 +146,9 @@ async fn chromium_through_lb_webapps_and_dbproxy() -> Result<()> {
         let mut cfg = config(name, &url);
         cfg.lb_status_url = format!("http://{lb_admin_addr}/status");
         cfg.dbproxy_status_url = format!("http://{dbproxy_admin}/status");
+        cfg.dbproxy_admin_url = format!("http://{dbproxy_admin}");
+        cfg.dbproxy_admin_token = ADMIN_TOKEN.into();
+        cfg.operator_password = common::OPERATOR_PASSWORD.into();
         let app = App::start(cfg).await?;
         wait_ready(&app).await?;
         apps.push(app);
@@ -206,6 +209,31 @@ async fn chromium_through_lb_webapps_and_dbproxy() -> Result<()> {
             "dashboard through lb lacks {needle}:\n{dom}"
         );
     }
+
+    // Through lb's public port, the custom header alone (which used to be enough to promote a
+    // standby) is refused: the switchover needs an operator login.
+    let switchover = format!("{front}/dashboard/switchover/1");
+    let r = common::request(Method::POST, &switchover, &[("x-hastack-switchover", "1")]).await?;
+    ensure!(r.status == StatusCode::UNAUTHORIZED, "{r:?}");
+    // A login made through lb holds on either webapp (lb balances round robin): with the cookie
+    // and the page's CSRF token, dbproxy's own answer comes back (there is no node 7).
+    let op = common::login(&front, common::OPERATOR_PASSWORD).await?;
+    for _ in 0..2 {
+        let r = common::request(
+            Method::POST,
+            &format!("{front}/dashboard/switchover/7"),
+            &[("cookie", &op.cookie), (webapp::CSRF_HEADER, &op.csrf)],
+        )
+        .await?;
+        ensure!(r.status == StatusCode::NOT_FOUND, "{r:?}");
+        ensure!(r.json()?["dbproxy_status"] == 404, "{r:?}");
+        let r = common::request(Method::POST, &switchover, &[("cookie", &op.cookie)]).await?;
+        ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
+    }
+    let s = dbproxy_status(dbproxy_admin).await?;
+    ensure!(s["primary"] == 0, "{s}");
+    ensure!(history_of(&s, "switchover").is_empty(), "{s}");
+
     let dir = chromium::artifacts_dir()?;
     chromium::screenshot(format!("{front}/"), dir.join("stack-index.png")).await?;
     chromium::screenshot(format!("{front}/dashboard"), dir.join("stack-dashboard.png")).await?;
@@ -254,6 +282,7 @@ impl Stack {
         cfg.dbproxy_status_url = format!("http://{admin}/status");
         cfg.dbproxy_admin_url = format!("http://{admin}");
         cfg.dbproxy_admin_token = ADMIN_TOKEN.into();
+        cfg.operator_password = common::OPERATOR_PASSWORD.into();
         let app = App::start(cfg).await?;
         wait_ready(&app).await?;
         common::insert_sample(&url, host, 1_795_000_000, cpu).await?;
@@ -378,15 +407,17 @@ async fn switchover_body() -> Result<()> {
         ensure!(r.status == StatusCode::OK, "{r:?}");
     }
 
-    let post = |id: &str, with_header: bool| {
+    let op = common::login(&app.url(""), common::OPERATOR_PASSWORD).await?;
+    let post = |id: &str, logged_in: bool| {
         let url = app.url(&format!("/dashboard/switchover/{id}"));
+        let op = op.clone();
         async move {
-            let h: &[(&str, &str)] = if with_header {
-                &[(webapp::SWITCHOVER_HEADER, "1")]
-            } else {
-                &[]
-            };
-            common::request(Method::POST, &url, h).await
+            let mut h = vec![("x-hastack-switchover", "1")];
+            if logged_in {
+                h.push(("cookie", op.cookie.as_str()));
+                h.push((webapp::CSRF_HEADER, op.csrf.as_str()));
+            }
+            common::request(Method::POST, &url, &h).await
         }
     };
 
@@ -398,33 +429,36 @@ async fn switchover_body() -> Result<()> {
         ensure!(r.status == StatusCode::UNAUTHORIZED, "{r:?}");
     }
     let r = post("1", false).await?;
-    ensure!(r.status == StatusCode::FORBIDDEN, "{r:?}");
-    ensure!(
-        r.json()?["error"] == "missing the x-hastack-switchover header",
-        "{r:?}"
-    );
+    ensure!(r.status == StatusCode::UNAUTHORIZED, "{r:?}");
+    ensure!(r.json()?["error"] == "operator login required", "{r:?}");
     check_refused(&post("0", true).await?, 409, "node0 is already the primary")?;
     check_refused(&post("7", true).await?, 404, "no node 7")?;
     let s = dbproxy_status(admin).await?;
     ensure!(s["primary"] == 0, "{s}");
     ensure!(history_of(&s, "switchover").is_empty(), "{s}");
 
-    // The button: dbproxy promotes node 1 and answers with its event, which the webapp relays.
+    // The button: dbproxy accepts the switchover as an operation (202 with its id), which the
+    // webapp relays, and runs it on its own.
     let r = post("1", true).await?;
     ensure!(r.status == StatusCode::OK, "{r:?}");
     let v = r.json()?;
-    ensure!(v["node"] == "1" && v["dbproxy_status"] == 200, "{v}");
-    let answer = &v["answer"];
+    ensure!(v["node"] == "1" && v["dbproxy_status"] == 202, "{v}");
     ensure!(
-        answer["kind"] == "switchover"
-            && answer["failed"] == "node0"
-            && answer["promoted"] == "node1"
-            && answer["error"].is_null(),
+        v["answer"]["kind"] == "switchover" && v["answer"]["operation"].is_u64(),
         "{v}"
     );
 
-    // dbproxy's own view: node 1 elected, node 0 fenced, one switchover in the history.
-    let s = dbproxy_status(admin).await?;
+    // dbproxy's own view once it is done: node 1 elected, node 0 fenced, one switchover in the
+    // history.
+    let s = common::poll(
+        "dbproxy to finish the switchover",
+        Duration::from_secs(60),
+        || async {
+            let s = dbproxy_status(admin).await?;
+            Ok((!history_of(&s, "switchover").is_empty()).then_some(s))
+        },
+    )
+    .await?;
     ensure!(s["primary"] == 1, "{s}");
     ensure!(s["nodes"][0]["fenced"] == true, "{s}");
     ensure!(s["nodes"][1]["role"] == "primary", "{s}");

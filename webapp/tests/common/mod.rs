@@ -83,6 +83,62 @@ impl Reply {
 
 /// One request on a fresh connection, bounded by 10 s.
 pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+    request_with_body(method, url, headers, "").await
+}
+
+/// The operator password the tests configure.
+pub const OPERATOR_PASSWORD: &str = "operator pass phrase";
+
+/// A logged-in operator: the `Cookie` header value and the session's CSRF token.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub cookie: String,
+    pub csrf: String,
+}
+
+/// Logs in through `base`'s login form (a webapp, or lb in front of webapps) and reads the CSRF
+/// token from the dashboard page, as the browser's script does.
+pub async fn login(base: &str, password: &str) -> Result<Operator> {
+    let r = request_with_body(
+        Method::POST,
+        &format!("{base}/dashboard/login"),
+        &[("content-type", "application/x-www-form-urlencoded")],
+        &format!("password={}", password.replace(' ', "+")),
+    )
+    .await?;
+    if r.status != StatusCode::SEE_OTHER {
+        bail!("login refused: {r:?}");
+    }
+    let set = r
+        .headers
+        .get("set-cookie")
+        .context("no set-cookie")?
+        .to_str()?
+        .to_string();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+        if !set.split("; ").any(|a| a == attr) {
+            bail!("the session cookie lacks {attr}: {set}");
+        }
+    }
+    let cookie = set.split(';').next().unwrap_or_default().to_string();
+    let page = request(Method::GET, &format!("{base}/dashboard"), &[("cookie", &cookie)]).await?;
+    let needle = "<meta name=\"csrf-token\" content=\"";
+    let start = page.body.find(needle).context("no csrf token on the page")? + needle.len();
+    let csrf = page.body[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    Ok(Operator { cookie, csrf })
+}
+
+/// One request with `body` on a fresh connection, bounded by 10 s.
+pub async fn request_with_body(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Reply> {
     let uri: hyper::Uri = url.parse()?;
     let host = uri.authority().context("no authority")?.to_string();
     let fut = async {
@@ -96,7 +152,9 @@ pub async fn request(method: Method, url: &str, headers: &[(&str, &str)]) -> Res
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = sender.send_request(req.body(Full::new(Bytes::new()))?).await?;
+        let resp = sender
+            .send_request(req.body(Full::new(Bytes::from(body.to_string())))?)
+            .await?;
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await?.to_bytes();
@@ -190,7 +248,14 @@ impl FakePeer {
                                 .get(&path)
                                 .cloned()
                                 .unwrap_or((404, "no such path".into()));
+                            let html = body.starts_with('<');
                             let mut r = Response::new(Full::new(Bytes::from(body)));
+                            if html {
+                                r.headers_mut().insert(
+                                    hyper::header::CONTENT_TYPE,
+                                    hyper::header::HeaderValue::from_static("text/html"),
+                                );
+                            }
                             *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
                             Ok::<_, Infallible>(r)
                         }
