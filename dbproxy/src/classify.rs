@@ -222,7 +222,6 @@ const READ_ONLY_FUNCTIONS: &[&str] = &[
     "percent_rank",
     "percentile_cont",
     "percentile_disc",
-    "pg_backend_pid",
     "pg_column_size",
     "pg_database_size",
     "pg_get_userbyid",
@@ -296,6 +295,68 @@ const READ_ONLY_FUNCTIONS: &[&str] = &[
     "version",
     "width_bucket",
 ];
+
+/// Views whose rows are the state of the server that answers, not of the cluster: a standby's
+/// are empty or its own (prepared transactions, sessions, locks, statistics, settings in force).
+const NODE_LOCAL_RELATIONS: &[&str] = &[
+    "pg_backend_memory_contexts",
+    "pg_cursors",
+    "pg_file_settings",
+    "pg_hba_file_rules",
+    "pg_ident_file_mappings",
+    "pg_locks",
+    "pg_prepared_statements",
+    "pg_prepared_xacts",
+    "pg_replication_origin_status",
+    "pg_replication_slots",
+    "pg_sequences",
+    "pg_settings",
+    "pg_shmem_allocations",
+];
+
+/// Prefixes of node-local views: the cumulative statistics (`pg_stat_activity`,
+/// `pg_stat_user_tables`, `pg_statio_*`, `pg_stat_progress_*`, ...). `pg_stats` and
+/// `pg_statistic`, the planner's replicated statistics, do not match.
+const NODE_LOCAL_PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
+
+/// Settings whose value depends on the server's role: always `on` on a hot standby.
+const NODE_LOCAL_SETTINGS: &[&str] = &[
+    "default_transaction_read_only",
+    "in_hot_standby",
+    "transaction_read_only",
+];
+
+/// Whether a name (unquoted or quoted) is a node-local view.
+fn is_node_local(name: &[u8]) -> bool {
+    NODE_LOCAL_RELATIONS
+        .iter()
+        .any(|r| name.eq_ignore_ascii_case(r.as_bytes()))
+        || NODE_LOCAL_PREFIXES
+            .iter()
+            .any(|p| name.len() > p.len() && name[..p.len()].eq_ignore_ascii_case(p.as_bytes()))
+}
+
+/// Whether a setting name is one whose value depends on the server's role.
+fn is_node_local_setting(name: &[u8]) -> bool {
+    NODE_LOCAL_SETTINGS
+        .iter()
+        .any(|s| name.eq_ignore_ascii_case(s.as_bytes()))
+}
+
+/// Whether the `current_setting` at `i` is called with a literal name of a setting every node
+/// of the session shares; a computed name or a role-dependent one goes to the primary.
+fn reads_shared_setting(t: &[Tok<'_>], i: usize) -> bool {
+    if t.get(i + 1) != Some(&Tok::Punct(b'(')) {
+        // A column or alias of that name, not a call.
+        return true;
+    }
+    match t.get(i + 2) {
+        Some(Tok::Str(name)) => {
+            !is_node_local_setting(name) && matches!(t.get(i + 3), Some(Tok::Punct(b')' | b',' | b':')))
+        }
+        _ => false,
+    }
+}
 
 /// Keywords and type names that may stand before `(` without being a function call.
 const NOT_CALLS: &[&str] = &[
@@ -398,13 +459,78 @@ const NOT_CALLS: &[&str] = &[
 /// Decides where statements run; built once from the configuration.
 #[derive(Debug, Clone)]
 pub struct Classifier {
-    read_only: HashSet<String>,
+    /// Lower-case names (`name` or `schema.name`) of functions trusted to only read.
+    read_only: HashSet<Vec<u8>>,
 }
 
 impl Default for Classifier {
     fn default() -> Self {
         Classifier::new(&[])
     }
+}
+
+/// A client encoding, as far as lexing SQL in it is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Encoding {
+    /// An ASCII byte is always that ASCII character (UTF-8, the LATIN and WIN single-byte
+    /// encodings, EUC_*, KOI8, ...: every encoding PostgreSQL can use on the server side).
+    #[default]
+    AsciiSafe,
+    /// A multi-byte character may end in an ASCII byte such as `\` (SJIS, SHIFT_JIS_2004, BIG5,
+    /// GBK, UHC, GB18030, JOHAB: the client-only encodings).
+    AsciiUnsafe,
+}
+
+impl Encoding {
+    /// The encoding a `client_encoding` name (as a ParameterStatus reports it, or an alias)
+    /// stands for.
+    pub fn from_name(name: &str) -> Encoding {
+        // PostgreSQL ignores case and any non-alphanumeric character in encoding names.
+        let mut key = [0u8; 24];
+        let mut n = 0;
+        for c in name.bytes().filter(u8::is_ascii_alphanumeric) {
+            if n == key.len() {
+                return Encoding::AsciiSafe;
+            }
+            key[n] = c.to_ascii_lowercase();
+            n += 1;
+        }
+        const UNSAFE: &[&[u8]] = &[
+            b"sjis",
+            b"shiftjis",
+            b"mskanji",
+            b"win932",
+            b"windows932",
+            b"shiftjis2004",
+            b"big5",
+            b"win950",
+            b"windows950",
+            b"gbk",
+            b"win936",
+            b"windows936",
+            b"uhc",
+            b"win949",
+            b"windows949",
+            b"gb18030",
+            b"johab",
+        ];
+        if UNSAFE.contains(&&key[..n]) {
+            Encoding::AsciiUnsafe
+        } else {
+            Encoding::AsciiSafe
+        }
+    }
+
+    /// Whether the lexer may read `sql` byte by byte.
+    fn lexable(self, sql: &[u8]) -> bool {
+        self == Encoding::AsciiSafe || sql.is_ascii()
+    }
+}
+
+/// A name's bytes as a `String`, one character per byte: different byte strings stay different
+/// whatever the encoding (names are only compared with each other).
+fn name_text(b: &[u8]) -> String {
+    b.iter().map(|&c| char::from(c)).collect()
 }
 
 /// Whether token `i` is the keyword `w` (any case).
@@ -424,13 +550,32 @@ impl Classifier {
     /// A classifier that also trusts the given functions (lower-case, optionally schema-qualified) to
     /// only read; pgpool-II calls this list `read_only_function_list`.
     pub fn new(read_only_functions: &[String]) -> Self {
-        let mut read_only: HashSet<String> = READ_ONLY_FUNCTIONS.iter().map(|s| s.to_string()).collect();
-        read_only.extend(read_only_functions.iter().map(|f| f.trim().to_ascii_lowercase()));
+        let mut read_only: HashSet<Vec<u8>> = READ_ONLY_FUNCTIONS
+            .iter()
+            .map(|s| s.as_bytes().to_vec())
+            .collect();
+        read_only.extend(
+            read_only_functions
+                .iter()
+                .map(|f| f.trim().to_ascii_lowercase().into_bytes()),
+        );
         Classifier { read_only }
     }
 
-    /// Classifies a SQL string (simple-protocol Query text or an extended-protocol Parse).
+    /// Classifies a SQL string (simple-protocol Query text or an extended-protocol Parse) given
+    /// as UTF-8 text.
     pub fn classify(&self, sql: &str) -> Classified {
+        self.classify_bytes(sql.as_bytes(), Encoding::AsciiSafe)
+    }
+
+    /// Classifies a SQL string given as the bytes the client sent, in its `client_encoding`.
+    /// In an encoding where a multi-byte character may hold ASCII bytes (SJIS, BIG5, ...), a
+    /// string with any non-ASCII byte goes to the primary: the lexer could take such a byte for
+    /// a quote or a backslash and misjudge where a string ends.
+    pub fn classify_bytes(&self, sql: &[u8], encoding: Encoding) -> Classified {
+        if !encoding.lexable(sql) {
+            return Classified::PRIMARY;
+        }
         let mut tokens = Tokens::new();
         if lex(sql, &mut tokens).is_err() {
             return Classified::PRIMARY;
@@ -466,6 +611,16 @@ impl Classifier {
     /// (`BEGIN ATOMIC ... END`), whose semicolons do not end the statement; also past
     /// [`MAX_STEPS`] statements, so the list stays small whatever the client sends.
     pub fn steps(&self, sql: &str) -> Option<Vec<Step>> {
+        self.steps_bytes(sql.as_bytes(), Encoding::AsciiSafe)
+    }
+
+    /// [`Classifier::steps`] on the bytes the client sent in its `client_encoding`; `None` also
+    /// when a SET's text is not UTF-8 (it stays on the primary rather than be replayed garbled)
+    /// or when the encoding cannot be lexed safely (see [`Classifier::classify_bytes`]).
+    pub fn steps_bytes(&self, sql: &[u8], encoding: Encoding) -> Option<Vec<Step>> {
+        if !encoding.lexable(sql) {
+            return None;
+        }
         let mut tokens = Tokens::new();
         lex(sql, &mut tokens).ok()?;
         let mut out = Vec::new();
@@ -488,7 +643,7 @@ impl Classifier {
                 if out.len() == MAX_STEPS {
                     return None;
                 }
-                out.push(self.step(t, sql.get(start..end)?.trim())?);
+                out.push(self.step(t, sql.get(start..end)?.trim_ascii())?);
             }
             from = i + 1;
             start = end + 1;
@@ -497,7 +652,7 @@ impl Classifier {
     }
 
     /// The [`Step`] of one statement (`None`: a function body that cannot be split).
-    fn step(&self, t: &[Tok<'_>], text: &str) -> Option<Step> {
+    fn step(&self, t: &[Tok<'_>], text: &[u8]) -> Option<Step> {
         let kw = |i: usize, w: &str| word_at(t, i, w);
         let has = |w: &str| has_word(t, w);
         let chain = t.windows(2).any(|w| {
@@ -506,8 +661,8 @@ impl Classifier {
         });
         // The savepoint name at `i`, folded like an identifier.
         let name = |i: usize| match t.get(i) {
-            Some(Tok::Word(w)) => w.to_ascii_lowercase(),
-            Some(Tok::Quoted(q)) => q.replace("\"\"", "\""),
+            Some(Tok::Word(w)) => name_text(&w.folded()),
+            Some(Tok::Quoted(q)) => name_text(q).replace("\"\"", "\""),
             _ => String::new(),
         };
         let Some(first) = t.first().and_then(Tok::word) else {
@@ -530,7 +685,7 @@ impl Classifier {
             },
             "savepoint" => Step::Savepoint(name(1)),
             "release" => Step::Release(name(1 + kw(1, "savepoint") as usize)),
-            _ if self.statement(t).session_set => Step::Set(text.to_string()),
+            _ if self.statement(t).session_set => Step::Set(std::str::from_utf8(text).ok()?.to_string()),
             _ => Step::Other,
         })
     }
@@ -548,6 +703,15 @@ impl Classifier {
         let has = |w: &str| has_word(t, w);
         let mut buf = [0; 32];
         match lowered(first, &mut buf) {
+            "show"
+                if t.get(1).is_some_and(|n| match n {
+                    Tok::Word(w) => w.eq_ignore_ascii_case("all") || is_node_local_setting(w.0),
+                    Tok::Quoted(q) => is_node_local_setting(q),
+                    _ => true,
+                }) =>
+            {
+                Classified::PRIMARY
+            }
             "select" | "values" | "table" | "with" | "show" => self.read_like(t),
             "explain" => {
                 // EXPLAIN ANALYZE runs the statement; either way the explained statement decides.
@@ -642,6 +806,12 @@ impl Classifier {
             match tok {
                 Tok::Word(w) => {
                     let is = |k: &str| w.eq_ignore_ascii_case(k);
+                    if is_node_local(w.0) {
+                        out.target = Target::Primary;
+                    }
+                    if is("current_setting") && !reads_shared_setting(t, i) {
+                        out.target = Target::Primary;
+                    }
                     if is("insert") || is("update") || is("delete") || is("merge") {
                         // Writing CTEs, and `FOR UPDATE`.
                         return Classified {
@@ -675,13 +845,14 @@ impl Classifier {
                         && !is_name_with_columns(t, i)
                         && !self.call_is_read_only(t, i)
                     {
-                        let lower = w.to_ascii_lowercase();
+                        let lower = w.folded();
+                        let contains = |n: &[u8]| lower.windows(n.len()).any(|x| x == n);
                         let advisory =
-                            lower.starts_with("pg_advisory_") || lower.starts_with("pg_try_advisory_");
-                        if advisory && !lower.contains("xact") && !lower.contains("unlock") {
+                            lower.starts_with(b"pg_advisory_") || lower.starts_with(b"pg_try_advisory_");
+                        if advisory && !contains(b"xact") && !contains(b"unlock") {
                             out.pins_session = true;
                         }
-                        if lower == "set_config" {
+                        if lower == b"set_config" {
                             out.session_set = true;
                         }
                         out.target = Target::Primary;
@@ -691,6 +862,7 @@ impl Classifier {
                 Tok::Quoted(_) if next == Some(&Tok::Punct(b'(')) && !self.call_is_read_only(t, i) => {
                     out.target = Target::Primary;
                 }
+                Tok::Quoted(q) if is_node_local(q) => out.target = Target::Primary,
                 _ => {}
             }
         }
@@ -700,24 +872,28 @@ impl Classifier {
     /// Whether the word at `i`, followed by `(`, is a keyword, a type, or a read-only function.
     fn call_is_read_only(&self, t: &[Tok<'_>], i: usize) -> bool {
         let name = match &t[i] {
-            Tok::Word(w) => w.to_ascii_lowercase(),
-            Tok::Quoted(q) => q.to_string(),
+            Tok::Word(w) => w.folded(),
+            Tok::Quoted(q) => q.to_vec(),
             _ => return false,
         };
         // A schema-qualified call: `schema.name(`.
         let schema = if i >= 2 && t[i - 1] == Tok::Punct(b'.') {
             match &t[i - 2] {
-                Tok::Word(s) => Some(s.to_ascii_lowercase()),
-                Tok::Quoted(s) => Some(s.to_string()),
+                Tok::Word(s) => Some(s.folded()),
+                Tok::Quoted(s) => Some(s.to_vec()),
                 _ => None,
             }
         } else {
             None
         };
         match schema {
-            None => NOT_CALLS.contains(&name.as_str()) || self.read_only.contains(&name),
-            Some(s) if s == "pg_catalog" => self.read_only.contains(&name),
-            Some(s) => self.read_only.contains(&format!("{s}.{name}")),
+            None => NOT_CALLS.iter().any(|k| k.as_bytes() == name) || self.read_only.contains(&name),
+            Some(s) if s == b"pg_catalog" => self.read_only.contains(&name),
+            Some(mut s) => {
+                s.push(b'.');
+                s.extend_from_slice(&name);
+                self.read_only.contains(&s)
+            }
         }
     }
 
@@ -794,10 +970,12 @@ fn is_name_with_columns(t: &[Tok<'_>], i: usize) -> bool {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tok<'a> {
     /// An unquoted identifier or keyword (case as written).
-    Word(&'a str),
+    Word(Kw<'a>),
     /// A double-quoted identifier (case preserved, quotes removed, `""` left doubled).
-    Quoted(&'a str),
-    /// A literal (string, number): its value does not matter.
+    Quoted(&'a [u8]),
+    /// A plain single-quoted string: its body as written (`''` left doubled).
+    Str(&'a [u8]),
+    /// Any other literal (escape string, number, dollar-quoted string): its value does not matter.
     Literal,
     /// A parameter `$n`, with the byte range it takes in the text.
     Param {
@@ -814,16 +992,32 @@ enum Tok<'a> {
     Punct(u8),
 }
 
+/// The bytes of an unquoted word, in the client's encoding; keywords are ASCII in every encoding
+/// PostgreSQL supports, so they are compared byte-wise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Kw<'a>(&'a [u8]);
+
+impl<'a> Kw<'a> {
+    /// Whether it is the ASCII keyword `k`, in any case.
+    fn eq_ignore_ascii_case(self, k: &str) -> bool {
+        self.0.eq_ignore_ascii_case(k.as_bytes())
+    }
+
+    /// Its bytes with ASCII letters lower-cased, as PostgreSQL folds an unquoted name.
+    fn folded(self) -> Vec<u8> {
+        self.0.to_ascii_lowercase()
+    }
+}
+
 impl<'a> Tok<'a> {
-    fn word(&self) -> Option<&'a str> {
+    fn word(&self) -> Option<Kw<'a>> {
         match self {
-            Tok::Word(w) => Some(w),
+            Tok::Word(w) => Some(*w),
             _ => None,
         }
     }
 }
 
-/// Splits SQL into tokens; `Err` on an unterminated quote or comment (it goes to the primary).
 /// The bytes that continue an unquoted identifier: letters, digits, `_`, `$`, and every byte of
 /// a multi-byte character.
 static IDENT: [bool; 256] = {
@@ -841,17 +1035,18 @@ static IDENT: [bool; 256] = {
 type Tokens<'a> = smallvec::SmallVec<[Tok<'a>; 32]>;
 
 /// `w` in ASCII lower case, written in `buf` when it fits (every keyword does); "" otherwise.
-fn lowered<'b>(w: &str, buf: &'b mut [u8; 32]) -> &'b str {
-    let Some(dst) = buf.get_mut(..w.len()) else {
+fn lowered<'b>(w: Kw<'_>, buf: &'b mut [u8; 32]) -> &'b str {
+    let Some(dst) = buf.get_mut(..w.0.len()) else {
         return "";
     };
-    dst.copy_from_slice(w.as_bytes());
+    dst.copy_from_slice(w.0);
     dst.make_ascii_lowercase();
     std::str::from_utf8(dst).unwrap_or("")
 }
 
-fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
-    let b = sql.as_bytes();
+/// Splits SQL (bytes in an encoding where an ASCII byte is always that ASCII character) into
+/// tokens; `Err` on an unterminated quote or comment (it goes to the primary).
+fn lex<'a>(b: &'a [u8], out: &mut Tokens<'a>) -> Result<(), ()> {
     out.clear();
     let mut i = 0;
     while i < b.len() {
@@ -885,8 +1080,9 @@ fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
                 }
             }
             b'\'' => {
-                i = skip_string(b, i + 1, false)?;
-                out.push(Tok::Literal);
+                let start = i + 1;
+                i = skip_string(b, start, false)?;
+                out.push(Tok::Str(&b[start..i - 1]));
             }
             b'"' => {
                 let start = i + 1;
@@ -899,7 +1095,7 @@ fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
                         Some(_) => i += 1,
                     }
                 }
-                out.push(Tok::Quoted(&sql[start..i]));
+                out.push(Tok::Quoted(&b[start..i]));
                 i += 1;
             }
             b'$' => {
@@ -909,7 +1105,10 @@ fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
                     while b.get(j).is_some_and(u8::is_ascii_digit) {
                         j += 1;
                     }
-                    let n = sql[i + 1..j].parse().unwrap_or(0);
+                    let n = std::str::from_utf8(&b[i + 1..j])
+                        .ok()
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or(0);
                     let (at, end) = (u32::try_from(i).map_err(drop)?, u32::try_from(j).map_err(drop)?);
                     out.push(Tok::Param { n, at, end });
                     i = j;
@@ -947,9 +1146,9 @@ fn lex<'a>(sql: &'a str, out: &mut Tokens<'a>) -> Result<(), ()> {
                 while b.get(i).is_some_and(|&c| IDENT[c as usize]) {
                     i += 1;
                 }
-                let word = &sql[start..i];
+                let word = Kw(&b[start..i]);
                 // E'...' (backslash escapes), B'...', X'...', N'...', U&'...' are strings, not words.
-                if b.get(i) == Some(&b'\'') && word.len() == 1 {
+                if b.get(i) == Some(&b'\'') && word.0.len() == 1 {
                     let escapes = word.eq_ignore_ascii_case("e");
                     i = skip_string(b, i + 1, escapes)?;
                     out.push(Tok::Literal);
@@ -994,7 +1193,7 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// names a parameter it was not given.
 pub fn inline_params(sql: &str, values: &[Option<&str>]) -> Option<String> {
     let mut tokens = Tokens::new();
-    lex(sql, &mut tokens).ok()?;
+    lex(sql.as_bytes(), &mut tokens).ok()?;
     let mut out = String::with_capacity(sql.len() + 16);
     let mut from = 0;
     for t in &tokens {
@@ -1295,6 +1494,166 @@ mod tests {
         assert_eq!(inline_params("select $0", &[v("a")]), None);
         assert_eq!(inline_params("select $99999999999999999999999", &[v("a")]), None);
         assert_eq!(inline_params("select 'open", &[v("a")]), None);
+    }
+
+    #[test]
+    fn node_local_state_goes_to_the_primary() {
+        for sql in [
+            "select count(*) from pg_prepared_xacts",
+            "SELECT gid FROM pg_catalog.pg_prepared_xacts WHERE gid = 'x'",
+            "select pid from pg_stat_activity where pid = 1",
+            "select * from PG_LOCKS",
+            "select name, prepare_time from pg_prepared_statements order by prepare_time",
+            "select * from pg_cursors",
+            "select n_tup_ins from pg_stat_user_tables where relname = 't'",
+            "select heap_blks_hit from pg_statio_user_tables",
+            "select * from pg_stat_progress_vacuum",
+            "select * from pg_catalog.\"pg_locks\"",
+            "select setting from pg_settings where name = 'transaction_read_only'",
+            "select last_value from pg_sequences",
+            "select * from pg_replication_slots",
+            "table pg_stat_database",
+            "with a as (select pid from pg_stat_activity) select count(*) from a",
+            "copy (select * from pg_locks) to stdout",
+            "select pg_backend_pid()",
+            "select pg_current_wal_lsn()",
+            "select pg_current_wal_insert_lsn(), pg_current_wal_flush_lsn()",
+            "select txid_current_if_assigned()",
+            "select pg_current_xact_id()",
+            "select txid_current_snapshot()",
+            "select pg_stat_get_backend_pid(1)",
+            "select current_setting('transaction_read_only')",
+            "select current_setting('TRANSACTION_READ_ONLY', true)",
+            "select current_setting('in_hot_standby')::bool",
+            "select current_setting('default_transaction_read_only')",
+            "select current_setting($1)",
+            "select current_setting('work' || '_mem')",
+            "select current_setting(e'transaction_read_only')",
+            "SHOW transaction_read_only",
+            "show \"transaction_read_only\"",
+            "show in_hot_standby",
+            "show default_transaction_read_only",
+            "show all",
+            "explain select * from pg_stat_activity",
+        ] {
+            writes(sql);
+        }
+        // Replicated catalogs and role-independent settings stay balanced.
+        for sql in [
+            "select * from pg_stats where tablename = 't'",
+            "select count(*) from pg_statistic",
+            "select * from pg_class where relname = 'pg_stat_activity'",
+            "select current_setting('work_mem'), current_setting('app.tenant', true)",
+            "select current_setting('work_mem')::int",
+            "show work_mem",
+            "show transaction isolation level",
+            "select pg_is_in_recovery(), inet_server_port()",
+        ] {
+            reads(sql);
+        }
+    }
+
+    #[test]
+    fn bytes_in_ascii_safe_encodings_are_classified() {
+        let c = Classifier::default();
+        let safe = |sql: &[u8]| c.classify_bytes(sql, Encoding::AsciiSafe).target;
+        // LATIN9: 0xA4 is the euro sign, 0xE9 an e with acute; neither is valid UTF-8 here.
+        assert_eq!(
+            safe(b"select 'caf\xe9 \xa4' from t where n = '\xe9t\xe9'"),
+            Target::Standby
+        );
+        assert_eq!(safe(b"select \"caf\xe9\" from t\xe9"), Target::Standby);
+        assert_eq!(
+            safe(b"select * from t where x = '\xe9'; delete from t"),
+            Target::Primary
+        );
+        assert_eq!(safe(b"insert into t values ('\xe9')"), Target::Primary);
+        assert_eq!(safe(b"select 'unterminated \xe9"), Target::Primary);
+        assert_eq!(safe(b"select f\xe9(1)"), Target::Primary);
+        assert_eq!(
+            c.classify_bytes(b"begin; select '\xe9'", Encoding::AsciiSafe).tx,
+            TxCommand::Begin { read_only: false }
+        );
+        // EUC_JP: every byte of a multi-byte character is >= 0x80.
+        assert_eq!(safe(b"select '\xc6\xfc\xcb\xdc' from t"), Target::Standby);
+        // The steps of a non-UTF-8 string: statements without SET are followed as usual; a SET
+        // whose text is not UTF-8 is not replayed anywhere (the session stays on the primary).
+        assert_eq!(
+            c.steps_bytes(b"select '\xe9'; savepoint \"\xe9\"", Encoding::AsciiSafe),
+            Some(vec![Step::Other, Step::Savepoint("\u{e9}".into())])
+        );
+        assert_eq!(
+            c.steps_bytes(b"set application_name = 'caf\xe9'", Encoding::AsciiSafe),
+            None
+        );
+        assert_eq!(
+            c.steps_bytes(b"savepoint \xc3\xa9; savepoint \xe9", Encoding::AsciiSafe),
+            Some(vec![
+                Step::Savepoint("\u{c3}\u{a9}".into()),
+                Step::Savepoint("\u{e9}".into())
+            ]),
+            "different bytes stay different names"
+        );
+    }
+
+    #[test]
+    fn ascii_unsafe_encodings_send_non_ascii_text_to_the_primary() {
+        let c = Classifier::default();
+        let sjis = Encoding::from_name("SJIS");
+        assert_eq!(sjis, Encoding::AsciiUnsafe);
+        // In SJIS 0x95 0x5C is one character whose second byte is a backslash: a byte-wise lexer
+        // would take `'` after it for an escaped quote and hide the DELETE inside a string.
+        let sneaky = b"select e'\x95\x5c'; delete from t; select '";
+        assert_eq!(c.classify_bytes(sneaky, sjis).target, Target::Primary);
+        assert_eq!(
+            c.classify_bytes(b"select '\x95\x5c' from t", sjis).target,
+            Target::Primary
+        );
+        assert_eq!(c.steps_bytes(b"select '\x95\x5c'", sjis), None);
+        // ASCII means the same in every encoding PostgreSQL supports.
+        assert_eq!(c.classify_bytes(b"select 1 from t", sjis).target, Target::Standby);
+        assert_eq!(
+            c.steps_bytes(b"set a = 1", sjis),
+            Some(vec![Step::Set("set a = 1".into())])
+        );
+        // BIG5: 0xA5 0x5C.
+        let big5 = Encoding::from_name("big5");
+        assert_eq!(
+            c.classify_bytes(b"select '\xa5\x5c'", big5).target,
+            Target::Primary
+        );
+        for name in [
+            "SJIS",
+            "Shift_JIS",
+            "SHIFT_JIS_2004",
+            "win932",
+            "BIG5",
+            "GBK",
+            "cp936",
+            "UHC",
+            "GB18030",
+            "JOHAB",
+        ] {
+            let expect = if name == "cp936" {
+                // Not a PostgreSQL name: an unknown name is never sent by the server.
+                Encoding::AsciiSafe
+            } else {
+                Encoding::AsciiUnsafe
+            };
+            assert_eq!(Encoding::from_name(name), expect, "{name}");
+        }
+        for name in [
+            "UTF8",
+            "utf-8",
+            "LATIN9",
+            "ISO-8859-15",
+            "WIN1252",
+            "EUC_JP",
+            "SQL_ASCII",
+            "KOI8R",
+        ] {
+            assert_eq!(Encoding::from_name(name), Encoding::AsciiSafe, "{name}");
+        }
     }
 
     #[test]
