@@ -325,7 +325,8 @@ pub struct RoutingConfig {
     pub read_your_writes: u64,
     /// After a session's write, its reads go to the primary until a standby has replayed that
     /// write's WAL position (as the health checks last saw it). Costs one extra statement,
-    /// pipelined behind each write, to learn the position.
+    /// pipelined behind each write, to learn the position; until its answer is in, the
+    /// session's reads go to the primary too.
     pub read_your_writes_by_lsn: bool,
     /// Functions known not to write, so statements calling them may go to a standby.
     pub read_only_functions: Vec<String>,

@@ -307,10 +307,17 @@ impl Session {
         follow: bool,
     ) -> Result<(), End> {
         let cur = self.cycle.on();
-        let unreplayed = match self.sticky.write_lsn {
-            Some(l) if standby_ok && cur.is_none() && self.tx.idle() => !self.some_standby_replayed(l),
-            _ => false,
-        };
+        // The WAL position of a write is asked for behind it and answers after the client's
+        // ReadyForQuery: until that answer is read, the write counts as replayed nowhere.
+        let capturing = self.primary.as_ref().is_some_and(|b| b.capture_lsn > 0);
+        let unreplayed = standby_ok
+            && cur.is_none()
+            && self.tx.idle()
+            && (capturing
+                || self
+                    .sticky
+                    .write_lsn
+                    .is_some_and(|l| !self.some_standby_replayed(l)));
         let routing = &self.shared.config.routing;
         let now = Instant::now();
         let req = Request {

@@ -83,7 +83,8 @@ pub(super) struct State<'a> {
     pub cur: Option<Which>,
     pub tx: Tx,
     pub sticky: &'a Sticky,
-    /// The session wrote at a WAL position no eligible standby has replayed yet.
+    /// The session wrote at a WAL position no eligible standby has replayed yet, or at one
+    /// dbproxy has not learnt yet.
     pub unreplayed: bool,
 }
 
