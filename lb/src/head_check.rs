@@ -137,7 +137,8 @@ mod tests {
     #[test]
     fn ambiguous_heads_are_refused() {
         use BadHead::*;
-        let cases: [(bool, &[(&str, &str)], BadHead); 15] = [
+        type Case<'a> = (bool, &'a [(&'a str, &'a str)], BadHead);
+        let cases: [Case<'_>; 15] = [
             (true, &[], MissingHost),
             (true, &[("Host", "a"), ("Host", "b")], DuplicateHost),
             (false, &[("Host", "a"), ("host", "a")], DuplicateHost),
