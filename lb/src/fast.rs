@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::access;
 use crate::config::Algorithm;
+use crate::head_check;
 use crate::route::{Route, RouteRequest};
 use crate::server::ConnCtx;
 use crate::upstream::{Pooled, RequestPick, Server};
@@ -160,11 +161,10 @@ fn prepare(
     if !path.starts_with('/') {
         return None;
     }
-    // First pass: what decides the path, and the names Connection lists.
+    // First pass: what decides the path. (`head_check` already refused ambiguous framing and
+    // duplicate or missing Host.)
     let mut close = false;
     let mut host: Option<&[u8]> = None;
-    let mut listed: [&[u8]; 8] = [b""; 8];
-    let mut n_listed = 0;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -189,12 +189,6 @@ fn prepare(
                     close = true;
                 } else if t.eq_ignore_ascii_case(b"upgrade") {
                     return None;
-                } else if !t.is_empty() {
-                    if n_listed == listed.len() {
-                        return None;
-                    }
-                    listed[n_listed] = t;
-                    n_listed += 1;
                 }
             }
         }
@@ -238,9 +232,7 @@ fn prepare(
             continue;
         }
         if DROP_REQUEST.iter().any(|d| name.eq_ignore_ascii_case(d))
-            || listed[..n_listed]
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+            || connection_lists(req.headers, name.as_bytes())
             || (override_host && name.eq_ignore_ascii_case("host"))
         {
             continue;
@@ -386,18 +378,14 @@ fn parse_response(
     let mut upstream_close = resp.version != Some(1);
     let mut chunked = None;
     let mut length: Option<u64> = None;
-    let mut listed: [&[u8]; 8] = [b""; 8];
-    let mut n_listed = 0;
     for h in resp.headers.iter() {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             // Only the last coding decides whether the body is chunked.
             let last = h.value.rsplit(|&b| b == b',').next().map(trim).unwrap_or(b"");
             chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(trim(h.value))
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("bad upstream content-length")?;
+            // Digits only: `+5` parses as a u64 in Rust but is no Content-Length.
+            let n = head_check::content_length(h.value).ok_or("bad upstream content-length")?;
             if length.is_some_and(|l| l != n) {
                 return Err("conflicting upstream content-length");
             }
@@ -407,9 +395,6 @@ fn parse_response(
                 let t = trim(t);
                 if t.eq_ignore_ascii_case(b"close") {
                     upstream_close = true;
-                } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") && n_listed < listed.len() {
-                    listed[n_listed] = t;
-                    n_listed += 1;
                 }
             }
         }
@@ -439,9 +424,10 @@ fn parse_response(
     for h in resp.headers.iter() {
         if DROP_RESPONSE.iter().any(|d| h.name.eq_ignore_ascii_case(d))
             || (h.name.eq_ignore_ascii_case("upgrade"))
-            || listed[..n_listed]
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(h.name.as_bytes()))
+            || connection_lists(resp.headers, h.name.as_bytes())
+            // A chunked body is delimited by its chunks: a Content-Length beside it would make
+            // the client read the body differently from lb (RFC 9112 section 6.3).
+            || (framing == Framing::Chunked && h.name.eq_ignore_ascii_case("content-length"))
         {
             continue;
         }
@@ -459,8 +445,19 @@ fn parse_response(
         len,
         framing,
         reusable: !upstream_close && framing != Framing::UntilClose,
-        content_length: length,
+        content_length: if framing == Framing::Chunked { None } else { length },
     }))
+}
+
+/// Whether a `Connection` header among `headers` names `name` (a hop-by-hop header for this
+/// connection only). Every listed name counts, however many there are; `keep-alive` and `close`
+/// are options, not names to strip.
+fn connection_lists(headers: &[httparse::Header<'_>], name: &[u8]) -> bool {
+    headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| h.value.split(|&b| b == b','))
+        .any(|t| trim(t).eq_ignore_ascii_case(name))
 }
 
 /// Finds where a chunked body ends, fed the bytes as they arrive (nothing is buffered).
@@ -816,8 +813,25 @@ pub(crate) async fn serve(
         let head_len = loop {
             if !buf.is_empty() {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::Request::new(&mut headers).parse(&buf) {
-                    Ok(httparse::Status::Complete(n)) => break n,
+                let mut req = httparse::Request::new(&mut headers);
+                match req.parse(&buf) {
+                    Ok(httparse::Status::Complete(n)) => {
+                        let heads = req.headers.iter().map(|h| (h.name.as_bytes(), h.value));
+                        if let Err(bad) = head_check::check(req.version == Some(1), heads) {
+                            tracing::debug!(peer = %ctx.peer, reason = %bad, "bad request head");
+                            let _ = write_error(
+                                stream,
+                                StatusCode::BAD_REQUEST,
+                                &format!("bad request: {bad}\n"),
+                                true,
+                                client_idle,
+                            )
+                            .await;
+                            linger_close(stream).await;
+                            return Outcome::Closed;
+                        }
+                        break n;
+                    }
                     Ok(httparse::Status::Partial) => {}
                     Err(_) => return Outcome::Fallback(buf),
                 }
@@ -877,7 +891,12 @@ pub(crate) async fn serve(
         let close = prep.close || shutdown.is_cancelled();
         match s.request(&rt, stream, prep, close).await {
             Served::KeepAlive if !close => {}
-            _ => return Outcome::Closed,
+            _ => {
+                // Pipelined requests may still be on their way: closing with unread input
+                // would reset the connection and could destroy the response just written.
+                linger_close(stream).await;
+                return Outcome::Closed;
+            }
         }
     }
 }

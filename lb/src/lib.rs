@@ -33,6 +33,7 @@ pub mod body;
 pub mod config;
 mod fast;
 mod files;
+mod head_check;
 pub mod health;
 pub mod metrics;
 pub mod nginx_conf;

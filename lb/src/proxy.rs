@@ -17,6 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::access;
 use crate::body::{ActiveGuard, BodySlot, RespBody, UpBody};
+use crate::head_check::{self, BadHead};
 use crate::route::{Route, RouteRequest};
 use crate::server::ConnCtx;
 use crate::upstream::RequestPick;
@@ -76,6 +77,21 @@ fn route_response(status: u16, location: Option<String>, body: String) -> Respon
     r
 }
 
+/// The body of a 400 for a refused head (static text: `error_response` takes no allocation).
+fn bad_request_text(bad: BadHead) -> &'static str {
+    match bad {
+        BadHead::MissingHost => "bad request: missing host header\n",
+        BadHead::DuplicateHost => "bad request: duplicate host header\n",
+        BadHead::BadHost => "bad request: invalid host header\n",
+        BadHead::BadMethod => "method not allowed\n",
+        BadHead::BadTarget => "bad request: invalid request target\n",
+        BadHead::BadLength => "bad request: invalid content-length\n",
+        BadHead::DuplicateLength => "bad request: duplicate content-length header\n",
+        BadHead::LengthAndEncoding => "bad request: both content-length and transfer-encoding\n",
+        BadHead::BadEncoding => "bad request: unsupported transfer-encoding\n",
+    }
+}
+
 /// Whether the request asks for a protocol upgrade (websocket and friends).
 fn wants_upgrade(req: &Request<Incoming>) -> bool {
     req.version() == Version::HTTP_11
@@ -91,26 +107,21 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
 }
 
-/// Removes hop-by-hop headers, including those the Connection header names.
+/// Removes hop-by-hop headers, including every one the Connection header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Names listed in Connection are hop-by-hop too; collect them before Connection goes.
-    let mut listed: [Option<HeaderName>; 16] = Default::default();
-    let mut n = 0;
-    for v in headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-    {
-        for t in v.split(',') {
-            if let Ok(name) = HeaderName::from_bytes(t.trim().as_bytes()) {
-                if n < listed.len() && name != header::UPGRADE {
-                    listed[n] = Some(name);
-                    n += 1;
+    // Names listed in Connection are hop-by-hop too, however many; collect them (only when
+    // Connection names any) before Connection goes.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            if let Ok(name) = HeaderName::from_bytes(t.trim_ascii()) {
+                if name != header::UPGRADE {
+                    listed.push(name);
                 }
             }
         }
     }
-    for name in listed.into_iter().flatten() {
+    for name in listed {
         headers.remove(name);
     }
     for name in &HOP_BY_HOP {
@@ -230,6 +241,30 @@ async fn proxy(
             ),
             None,
         );
+    }
+    // The same head rules as the fast path (hyper's parser takes some of these, e.g. a second
+    // Host, or Content-Length beside Transfer-Encoding, which would be forwarded ambiguously).
+    if req.version() <= Version::HTTP_11 {
+        let heads = req
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+        let target_ok = req.uri().path().starts_with('/') && req.uri().path() != "*";
+        let checked = head_check::check_line(req.method().as_str().as_bytes(), target_ok)
+            .and_then(|()| head_check::check(req.version() == Version::HTTP_11, heads));
+        if let Err(bad) = checked {
+            tracing::debug!(peer = %ctx.peer, reason = %bad, "bad request head");
+            let status = if bad == BadHead::BadMethod {
+                StatusCode::METHOD_NOT_ALLOWED
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            let mut r = error_response(status, bad_request_text(bad));
+            // The body's extent is in doubt: never read another request from this connection.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return (r, None);
+        }
     }
     let rt = shared.runtime.load_full();
     let cfg = &rt.config;
@@ -414,6 +449,11 @@ async fn proxy(
                     return (relay_upgrade(shared, ctx, resp, client_upgrade, guard), label);
                 }
                 let (mut rparts, rbody) = resp.into_parts();
+                if rparts.headers.contains_key(header::TRANSFER_ENCODING) {
+                    // hyper decoded the body by its chunks; a Content-Length beside them would
+                    // frame the client's copy differently (RFC 9112 section 6.3).
+                    rparts.headers.remove(header::CONTENT_LENGTH);
+                }
                 strip_hop_by_hop(&mut rparts.headers, false);
                 let body = RespBody::Upstream {
                     inner: rbody,
@@ -587,6 +627,29 @@ mod tests {
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
         assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+    }
+
+    #[test]
+    fn every_name_connection_lists_is_stripped() {
+        let mut h = HeaderMap::new();
+        let names: Vec<String> = (0..40).map(|i| format!("x-hop-{i}")).collect();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(&names[..20].join(", ")).unwrap(),
+        );
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_str(&names[20..].join(",")).unwrap(),
+        );
+        for n in &names {
+            h.insert(
+                HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                HeaderValue::from_static("1"),
+            );
+        }
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 
     #[test]

@@ -85,7 +85,9 @@ async fn retries_on_status_only_for_idempotent_requests() -> Result<()> {
     // A POST whose body went to a is never repeated: a's 503 comes back as is.
     let mut statuses = Vec::new();
     for _ in 0..4 {
-        let req = Request::post("/echo").body(Full::new(Bytes::from_static(b"payload")))?;
+        let req = Request::post("/echo")
+            .header("host", "app.example")
+            .body(Full::new(Bytes::from_static(b"payload")))?;
         statuses.push(conn.send(req).await?.0.as_u16());
     }
     assert!(statuses.contains(&503) && statuses.contains(&200), "{statuses:?}");
@@ -107,7 +109,9 @@ async fn a_post_is_retried_when_the_connect_fails_before_its_body_was_sent() -> 
     let mut conn = Conn::open(lb.addr, "127.0.0.1").await?;
     for i in 0..4 {
         let body = format!("body {i}");
-        let req = Request::post("/echo").body(Full::new(Bytes::from(body.clone())))?;
+        let req = Request::post("/echo")
+            .header("host", "app.example")
+            .body(Full::new(Bytes::from(body.clone())))?;
         let (status, echoed) = conn.send(req).await?;
         assert_eq!((status.as_u16(), echoed), (200, body));
     }
@@ -266,7 +270,9 @@ async fn oversized_headers_get_431_and_big_bodies_413() -> Result<()> {
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
 
     let mut conn = Conn::open(lb.addr, "127.0.0.1").await?;
-    let req = Request::post("/echo").body(Full::new(Bytes::from(vec![b'x'; 2000])))?;
+    let req = Request::post("/echo")
+        .header("host", "app.example")
+        .body(Full::new(Bytes::from(vec![b'x'; 2000])))?;
     assert_eq!(conn.send(req).await?.0, 413);
     // A chunked body without a length is cut at the limit too.
     let chunked = format!(
@@ -276,7 +282,9 @@ async fn oversized_headers_get_431_and_big_bodies_413() -> Result<()> {
     );
     let out = raw(lb.addr, chunked.as_bytes()).await?;
     assert!(out.starts_with("HTTP/1.1 413"), "{out}");
-    let req = Request::post("/echo").body(Full::new(Bytes::from(vec![b'x'; 900])))?;
+    let req = Request::post("/echo")
+        .header("host", "app.example")
+        .body(Full::new(Bytes::from(vec![b'x'; 900])))?;
     assert_eq!(Conn::open(lb.addr, "127.0.0.1").await?.send(req).await?.0, 200);
     Ok(())
 }
