@@ -11,12 +11,10 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Result};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -81,62 +79,16 @@ impl Recorder {
     }
 }
 
-/// A foreground nginx, stopped on drop.
-struct Nginx {
-    child: Child,
-    addr: SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start_nginx(upstream: SocketAddr) -> Result<Nginx> {
-    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .context("nginx is not installed: apt-get install -y nginx-light (the test compares lb with it)")?;
-    let dir = tempfile::tempdir()?;
+/// nginx proxying to `upstream` (keep-alive, HTTP/1.1 upstream, as lb does); returns it and its address.
+async fn start_nginx(upstream: SocketAddr) -> Result<(support::nginx::Nginx, SocketAddr)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\npid {d}/nginx.pid;\n\
-         error_log {d}/error.log;\nevents {{ worker_connections 256; }}\n\
-         http {{\n  access_log off;\n  client_body_temp_path {d};\n  proxy_temp_path {d};\n\
-         fastcgi_temp_path {d};\n  uwsgi_temp_path {d};\n  scgi_temp_path {d};\n\
-         upstream app {{ server {upstream}; keepalive 4; }}\n\
-         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n      \
-         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n",
-        d = dir.path().display(),
-    );
-    let path = dir.path().join("nginx.conf");
-    std::fs::write(&path, conf)?;
-    let child = Command::new(bin)
-        .arg("-p")
-        .arg(dir.path())
-        .arg("-c")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let nginx = Nginx {
-        child,
-        addr,
-        _dir: dir,
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(addr).await.is_err() {
-        if Instant::now() > deadline {
-            bail!("nginx did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(nginx)
+    let body = format!(
+        "  upstream app {{ server {upstream}; keepalive 4; }}\n\
+         server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://app;\n      \
+         proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
+    );
+    Ok((support::nginx::Nginx::start(&body, addr).await?, addr))
 }
 
 /// What a server answered to one raw request.
@@ -392,7 +344,7 @@ fn cases() -> Vec<(&'static str, Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_attempts_are_refused_at_least_as_strictly_as_nginx_and_never_desync() -> Result<()> {
     let (lb_up, nginx_up) = (Recorder::start().await?, Recorder::start().await?);
-    let nginx = start_nginx(nginx_up.addr).await?;
+    let (_nginx, nginx_addr) = start_nginx(nginx_up.addr).await?;
     let mut cfg = support::config(&[], Algorithm::RoundRobin);
     cfg.upstream.servers = vec![lb::config::ServerConfig {
         addr: lb_up.addr.to_string(),
@@ -406,7 +358,7 @@ async fn smuggling_attempts_are_refused_at_least_as_strictly_as_nginx_and_never_
     ];
     let mut failures = Vec::new();
     for (name, bytes) in cases() {
-        let via_nginx = send(nginx.addr, &bytes).await?;
+        let via_nginx = send(nginx_addr, &bytes).await?;
         let via_lb = send(lb.addr, &bytes).await?;
         // Anything forwarded has been parsed by now (the answers came back, or 300 ms passed).
         let lb_saw = lb_up.take();
