@@ -276,16 +276,14 @@ async fn static_files_answer_as_nginx_does() -> Result<()> {
     let _stop = shutdown.clone().drop_guard();
     tokio::spawn(lb::Lb::new(config)?.serve(listener, shutdown));
 
-    let etag = ask_file(nginx, "GET", "/static/app.css", "")
-        .await?
-        .into_iter()
-        .find_map(|l| l.strip_prefix("etag: ").map(str::to_string))
-        .context("nginx sends an ETag")?;
-    let modified = ask_file(nginx, "GET", "/static/app.css", "")
-        .await?
-        .into_iter()
-        .find_map(|l| l.strip_prefix("last-modified: ").map(str::to_string))
-        .context("nginx sends Last-Modified")?;
+    let first = ask_file(nginx, "GET", "/static/app.css", "").await?;
+    let header = |name: &str| {
+        first
+            .iter()
+            .find_map(|l| l.strip_prefix(name).map(str::to_string))
+            .with_context(|| format!("nginx sends {name}"))
+    };
+    let (etag, modified) = (header("etag: ")?, header("last-modified: ")?);
     let cases: Vec<(&str, &str, String)> = vec![
         ("GET", "/static/app.css", String::new()),
         ("HEAD", "/static/app.css", String::new()),

@@ -531,14 +531,7 @@ impl Router {
             let loc = match find_location(vh, &uri, &mut caps) {
                 Found::Location(l) => l,
                 Found::AddSlash => {
-                    let mut target = String::with_capacity(uri.len() + 1);
-                    escape_into(&uri, &mut target);
-                    target.push('/');
-                    if let Some(a) = &args {
-                        target.push('?');
-                        target.push_str(a);
-                    }
-                    return redirect(301, absolute(req, &host, target));
+                    return redirect(301, absolute(req, &host, with_slash(&uri, args.as_deref())));
                 }
                 Found::None => return Route::respond(404, "not found\n"),
             };
@@ -602,13 +595,7 @@ impl Router {
                             })
                             .collect()
                     };
-                    let mut slash = String::with_capacity(uri.len() + 1);
-                    escape_into(&uri, &mut slash);
-                    slash.push('/');
-                    if let Some(a) = &args {
-                        slash.push('?');
-                        slash.push_str(a);
-                    }
+                    let slash = with_slash(&uri, args.as_deref());
                     Route::Files {
                         candidates,
                         fallback: fallback.clone(),
@@ -666,6 +653,18 @@ pub fn host_name(host: &str) -> Cow<'_, str> {
     } else {
         Cow::Borrowed(name)
     }
+}
+
+/// The URI with a slash added, escaped, with its arguments: where nginx redirects a directory.
+fn with_slash(uri: &str, args: Option<&str>) -> String {
+    let mut target = String::with_capacity(uri.len() + 2);
+    escape_into(uri, &mut target);
+    target.push('/');
+    if let Some(a) = args {
+        target.push('?');
+        target.push_str(a);
+    }
+    target
 }
 
 /// A relative redirect target made absolute as nginx does (`absolute_redirect`, `port_in_redirect`).
