@@ -56,7 +56,8 @@ fn pgpool_conf_is_taken_unchanged() -> Result<()> {
     assert_eq!(out.status.code(), Some(2));
 
     // The admin listener (promote, attach) off loopback needs admin_token, or a stated purpose:
-    // without either dbproxy refuses to start.
+    // without either dbproxy refuses to start (2). With one, the check passes the listener and
+    // exits 1 only for the example's `enable_pool_hba` (a DIFFERENT key, checked above).
     let conf = examples.join("pgpool.conf");
     let admin = "admin_listen=0.0.0.0:0";
     for (extra, code) in [
@@ -64,11 +65,11 @@ fn pgpool_conf_is_taken_unchanged() -> Result<()> {
         (&["--check-config", "--set", admin][..], 2),
         (
             &["--check-config", "--set", admin, "--set", "admin_token=s3cret"][..],
-            0,
+            1,
         ),
         (
             &["--check-config", "--set", admin, "--set", "admin_allow_open=true"][..],
-            0,
+            1,
         ),
     ] {
         let out = Command::new(BIN)
