@@ -107,34 +107,25 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    use bytes::BufMut;
-
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Frame {
-        let mut b = bytes::BytesMut::new();
-        b.put_u8(tag);
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(body);
-        Frame::from_raw(b.freeze())
-    }
     fn parse() -> Frame {
-        frame(b'P', b"\0select f()\0\0\0")
+        Frame::new(b'P', b"\0select f()\0\0\0")
     }
     fn bind(portal: &str) -> Frame {
-        frame(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
+        Frame::new(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
     }
     fn execute(portal: &str) -> Frame {
-        frame(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
+        Frame::new(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
     }
     fn describe() -> Frame {
-        frame(b'D', b"S\0")
+        Frame::new(b'D', b"S\0")
     }
     fn flush() -> Frame {
-        frame(b'H', b"")
+        Frame::new(b'H', b"")
     }
     fn sync() -> Frame {
-        frame(b'S', b"")
+        Frame::new(b'S', b"")
     }
     fn tags(r: Option<Replay>) -> Option<(Vec<u8>, Mode)> {
         r.map(|r| (r.frames.iter().map(Frame::tag).collect(), r.mode))
@@ -144,7 +135,7 @@ mod tests {
     const ROW_DESCRIPTION: BackendMessage<'static> = BackendMessage::RowDescription;
 
     fn parameter_description() -> BackendMessage<'static> {
-        let f = Box::leak(Box::new(frame(b't', b"\0\0")));
+        let f = Box::leak(Box::new(Frame::new(b't', b"\0\0")));
         BackendMessage::parse(f).unwrap()
     }
 
