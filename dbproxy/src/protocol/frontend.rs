@@ -176,6 +176,50 @@ impl<'a> FrontendMessage<'a> {
     }
 }
 
+/// What a frontend message is, read from its type byte alone: for code that only needs the
+/// kind (counting a batch's answers), where parsing the fields would scan the SQL again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Query.
+    Query,
+    /// Parse.
+    Parse,
+    /// Bind.
+    Bind,
+    /// Execute.
+    Execute,
+    /// Describe.
+    Describe,
+    /// Close.
+    Close,
+    /// Sync.
+    Sync,
+    /// Flush.
+    Flush,
+    /// FunctionCall.
+    FunctionCall,
+    /// Anything else (COPY messages, Terminate, passwords, unknown types).
+    Other,
+}
+
+impl Kind {
+    /// The kind of `f`.
+    pub fn of(f: &Frame) -> Kind {
+        match f.tag() {
+            b'Q' => Kind::Query,
+            b'P' => Kind::Parse,
+            b'B' => Kind::Bind,
+            b'E' => Kind::Execute,
+            b'D' => Kind::Describe,
+            b'C' => Kind::Close,
+            b'S' => Kind::Sync,
+            b'H' => Kind::Flush,
+            b'F' => Kind::FunctionCall,
+            _ => Kind::Other,
+        }
+    }
+}
+
 /// Whether the next message buffered in `buf` (not necessarily complete) is a Sync or a Flush;
 /// read without decoding, to decide whether it may be taken yet.
 pub fn next_ends_batch(buf: &[u8]) -> bool {
@@ -262,6 +306,20 @@ mod tests {
                 tag as char
             );
         }
+    }
+
+    #[test]
+    fn kinds_agree_with_the_views() {
+        for (tag, kind) in [
+            (b'S', Kind::Sync),
+            (b'H', Kind::Flush),
+            (b'F', Kind::FunctionCall),
+            (b'X', Kind::Other),
+        ] {
+            assert_eq!(Kind::of(&Frame::new(tag, b"")), kind);
+        }
+        assert_eq!(Kind::of(&Frame::new(b'Q', b"select 1\0")), Kind::Query);
+        assert_eq!(Kind::of(&Frame::new(b'E', b"\0\0\0\0\0")), Kind::Execute);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use crate::protocol::frontend::Kind;
 use crate::protocol::{BackendMessage, Frame, FrontendMessage};
 
 use super::cycle::{Mode, Replay};
@@ -36,24 +37,13 @@ impl Window {
         let mut answers = 0;
         let mut execute = false;
         for f in &frames {
-            match FrontendMessage::parse(f) {
-                Ok(
-                    FrontendMessage::Parse { .. }
-                    | FrontendMessage::Bind(_)
-                    | FrontendMessage::Close(_)
-                    | FrontendMessage::Describe(_),
-                ) => answers += 1,
-                Ok(
-                    FrontendMessage::Execute { .. }
-                    | FrontendMessage::Query { .. }
-                    | FrontendMessage::FunctionCall,
-                ) => execute = true,
+            match Kind::of(f) {
+                Kind::Parse | Kind::Bind | Kind::Close | Kind::Describe => answers += 1,
+                Kind::Execute | Kind::Query | Kind::FunctionCall => execute = true,
                 _ => {}
             }
         }
-        let flush = frames
-            .last()
-            .is_some_and(|f| matches!(FrontendMessage::parse(f), Ok(FrontendMessage::Flush)));
+        let flush = frames.last().is_some_and(|f| Kind::of(f) == Kind::Flush);
         let released_when_answered = flush && !execute;
         if !(released_when_answered && answers == 0) {
             self.batches.push_back(Held {
@@ -97,8 +87,8 @@ impl Window {
                 Err(_) => return None,
             }
         }
-        let mode = match FrontendMessage::parse(frames.last()?) {
-            Ok(FrontendMessage::Flush) => Mode::Flush,
+        let mode = match Kind::of(frames.last()?) {
+            Kind::Flush => Mode::Flush,
             _ => Mode::Sync,
         };
         Some(Replay { frames, mode })
