@@ -7,11 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::auth::Credentials;
+use crate::auth::{Credentials, ScramClient};
 use crate::protocol::{self, auth as pauth, error as perror, BackendMessage, Frame, ProtocolError};
 
 /// Why talking to a backend failed.
@@ -256,7 +255,7 @@ async fn connect_inner(
         &mut conn.wbuf,
     );
     conn.flush().await?;
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<ScramClient> = None;
     let mut greeting = Greeting::default();
     let mut key = (0, 0);
     loop {
@@ -297,22 +296,26 @@ async fn connect_inner(
                                 mechs.join(", ")
                             )));
                         }
-                        let pw = plain(creds, user)?;
-                        let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
-                        pauth::encode_sasl_initial("SCRAM-SHA-256", s.message(), &mut conn.wbuf);
+                        // Checked here so that a missing password fails before the exchange.
+                        plain(creds, user)?;
+                        let (s, first) = ScramClient::start();
+                        pauth::encode_sasl_initial("SCRAM-SHA-256", first.as_bytes(), &mut conn.wbuf);
                         scram = Some(s);
                     }
                     pauth::SASL_CONTINUE => {
                         let s = scram
                             .as_mut()
                             .ok_or(ProtocolError::Malformed("AuthenticationSASLContinue"))?;
-                        s.update(data)
+                        let pw = plain(creds, user)?;
+                        let keys = &creds.expect("a password implies credentials").keys;
+                        let proof = s
+                            .respond(data, pw, keys)
                             .map_err(|e| BackendError::Auth(format!("SCRAM exchange failed: {e}")))?;
-                        pauth::encode_sasl_response(s.message(), &mut conn.wbuf);
+                        pauth::encode_sasl_response(proof.as_bytes(), &mut conn.wbuf);
                     }
                     pauth::SASL_FINAL => {
                         let s = scram
-                            .as_mut()
+                            .as_ref()
                             .ok_or(ProtocolError::Malformed("AuthenticationSASLFinal"))?;
                         s.finish(data)
                             .map_err(|e| BackendError::Auth(format!("server signature rejected: {e}")))?;

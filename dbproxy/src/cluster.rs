@@ -177,6 +177,8 @@ pub struct Metrics {
     pub connections: IntGauge,
     /// Accepted client connections.
     pub connections_total: IntCounter,
+    /// SCRAM client keys derived from configured passwords (PBKDF2 runs), for backend logins.
+    pub scram_key_derivations: IntCounter,
     decisions: [IntCounter; 6],
     errors: IntCounterVec,
 }
@@ -329,6 +331,7 @@ impl Cluster {
             registry,
             IntGauge::new("dbproxy_connections", "Open client connections").expect("valid metric"),
         );
+        let scram_key_derivations = register(registry, crate::auth::derivations_counter());
         let connections_total = register(
             registry,
             IntCounter::new("dbproxy_connections_total", "Accepted client connections")
@@ -370,6 +373,7 @@ impl Cluster {
             metrics: Metrics {
                 connections,
                 connections_total,
+                scram_key_derivations,
                 decisions: [
                     d("standby"),
                     d("primary_write"),

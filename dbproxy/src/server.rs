@@ -218,7 +218,7 @@ fn generation(
 ) -> Result<Shared, RunError> {
     Ok(Shared {
         tls: crate::tls::acceptor(&config.tls)?,
-        users: auth::resolve_users(&config.users)?,
+        users: auth::resolve_users(&config.users, &cluster.metrics.scram_key_derivations)?,
         hba: Hba::new(&config.hba),
         classifier: Classifier::new(&config.routing.read_only_functions),
         cluster: cluster.clone(),

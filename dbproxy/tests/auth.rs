@@ -109,3 +109,57 @@ async fn every_method_and_every_refusal_body() -> Result<()> {
         .expect("trust pass-through");
     Ok(())
 }
+
+/// The value of `dbproxy_scram_key_derivations_total` on the admin listener.
+fn derivations(proxy: &Proxy) -> Result<u64> {
+    let metrics = proxy.admin_get("/metrics")?;
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("dbproxy_scram_key_derivations_total "))
+        .ok_or_else(|| anyhow::anyhow!("no derivation counter in {metrics}"))?;
+    Ok(line.rsplit(' ').next().unwrap_or("").parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_logins_reuse_scram_keys_until_a_reload_changes_the_password() -> Result<()> {
+    support::bounded(backend_logins_reuse_scram_keys_body()).await
+}
+
+async fn backend_logins_reuse_scram_keys_body() -> Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
+    cluster.primary().psql("create role app login password 'one'")?;
+    cluster.wait_replicated()?;
+    let mut config = config_for(&cluster, Some("pw"));
+    config.users.push(user("app", Some("one")));
+    let proxy = Proxy::start(config.clone())?;
+    // Each login opens a SCRAM connection to the primary and, for the read, one to the standby
+    // (which has the primary's pg_authid, so the same salt): the keys are derived once.
+    for _ in 0..5 {
+        login(&proxy, "app", "one", "postgres")
+            .await
+            .expect("scram login");
+    }
+    assert_eq!(derivations(&proxy)?, 1, "one derivation for ten backend logins");
+
+    // A new password, on the servers and in a reload: logins go on, with keys derived once more.
+    cluster.primary().psql("alter role app password 'two'")?;
+    cluster.wait_replicated()?;
+    let mut next = config.clone();
+    next.users.retain(|u| u.name != "app");
+    next.users.push(user("app", Some("two")));
+    proxy.reload(next).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while login(&proxy, "app", "two", "postgres").await.is_err() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the reload never applied");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for _ in 0..3 {
+        login(&proxy, "app", "two", "postgres")
+            .await
+            .expect("login after the reload");
+    }
+    assert_eq!(derivations(&proxy)?, 2, "the new password's keys, derived once");
+    assert_eq!(login(&proxy, "app", "one", "postgres").await, Err("28P01".into()));
+    Ok(())
+}

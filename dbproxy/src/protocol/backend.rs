@@ -237,20 +237,10 @@ impl<'a> BackendMessage<'a> {
 
 #[cfg(test)]
 mod tests {
-    use bytes::{BufMut, BytesMut};
-
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Frame {
-        let mut b = BytesMut::new();
-        b.put_u8(tag);
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(body);
-        Frame::from_raw(b.freeze())
-    }
-
     fn parse(tag: u8, body: &[u8]) -> Result<BackendMessage<'static>, ProtocolError> {
-        let f = Box::leak(Box::new(frame(tag, body)));
+        let f = Box::leak(Box::new(Frame::new(tag, body)));
         BackendMessage::parse(f)
     }
 

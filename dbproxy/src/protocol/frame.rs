@@ -17,6 +17,13 @@ impl Frame {
         Frame { raw }
     }
 
+    /// Encodes a message with `tag` and `body` (for messages the proxy makes itself, and tests).
+    pub fn new(tag: u8, body: &[u8]) -> Frame {
+        let mut raw = BytesMut::with_capacity(body.len() + 5);
+        super::write_msg(&mut raw, tag, |b| b.extend_from_slice(body));
+        Frame { raw: raw.freeze() }
+    }
+
     /// The type byte.
     pub fn tag(&self) -> u8 {
         self.raw[0]
@@ -79,6 +86,13 @@ mod tests {
         assert_eq!(decode(&mut part, 1024).unwrap(), None);
         part.extend_from_slice(b"c\0");
         assert!(decode(&mut part, 1024).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_made_frame_decodes_as_itself() {
+        let f = Frame::new(b'Q', b"abc\0");
+        let mut buf = BytesMut::from(&f.raw()[..]);
+        assert_eq!(decode(&mut buf, 64).unwrap(), Some(f));
     }
 
     #[test]

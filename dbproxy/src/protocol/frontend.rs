@@ -176,6 +176,50 @@ impl<'a> FrontendMessage<'a> {
     }
 }
 
+/// What a frontend message is, read from its type byte alone: for code that only needs the
+/// kind (counting a batch's answers), where parsing the fields would scan the SQL again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Query.
+    Query,
+    /// Parse.
+    Parse,
+    /// Bind.
+    Bind,
+    /// Execute.
+    Execute,
+    /// Describe.
+    Describe,
+    /// Close.
+    Close,
+    /// Sync.
+    Sync,
+    /// Flush.
+    Flush,
+    /// FunctionCall.
+    FunctionCall,
+    /// Anything else (COPY messages, Terminate, passwords, unknown types).
+    Other,
+}
+
+impl Kind {
+    /// The kind of `f`.
+    pub fn of(f: &Frame) -> Kind {
+        match f.tag() {
+            b'Q' => Kind::Query,
+            b'P' => Kind::Parse,
+            b'B' => Kind::Bind,
+            b'E' => Kind::Execute,
+            b'D' => Kind::Describe,
+            b'C' => Kind::Close,
+            b'S' => Kind::Sync,
+            b'H' => Kind::Flush,
+            b'F' => Kind::FunctionCall,
+            _ => Kind::Other,
+        }
+    }
+}
+
 /// Whether the next message buffered in `buf` (not necessarily complete) is a Sync or a Flush;
 /// read without decoding, to decide whether it may be taken yet.
 pub fn next_ends_batch(buf: &[u8]) -> bool {
@@ -184,26 +228,16 @@ pub fn next_ends_batch(buf: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use bytes::{BufMut, BytesMut};
-
     use super::*;
-
-    pub(crate) fn frame(tag: u8, body: &[u8]) -> Frame {
-        let mut b = BytesMut::new();
-        b.put_u8(tag);
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(body);
-        Frame::from_raw(b.freeze())
-    }
 
     #[test]
     fn each_message_parses_into_its_view() {
-        let q = frame(b'Q', b"select 1\0");
+        let q = Frame::new(b'Q', b"select 1\0");
         assert_eq!(
             FrontendMessage::parse(&q),
             Ok(FrontendMessage::Query { sql: "select 1" })
         );
-        let p = frame(b'P', b"s1\0select $1\0\0\x01\0\0\0\x17");
+        let p = Frame::new(b'P', b"s1\0select $1\0\0\x01\0\0\0\x17");
         let FrontendMessage::Parse {
             name,
             sql,
@@ -214,23 +248,23 @@ mod tests {
         };
         assert_eq!((name, sql, param_types.to_vec()), ("s1", "select $1", vec![23]));
         assert_eq!(param_types.len(), 1);
-        let b = frame(b'B', b"p\0s\0\0\0\0\x01\0\0\0\x01x\0\0");
+        let b = Frame::new(b'B', b"p\0s\0\0\0\0\x01\0\0\0\x01x\0\0");
         let FrontendMessage::Bind(bind) = FrontendMessage::parse(&b).unwrap() else {
             panic!("not a Bind");
         };
         assert_eq!((bind.portal, bind.stmt), ("p", "s"));
         assert_eq!(bind.params().unwrap(), [(0, Some(&b"x"[..]))]);
-        let e = frame(b'E', b"p\0\0\0\0\0");
+        let e = Frame::new(b'E', b"p\0\0\0\0\0");
         assert_eq!(
             FrontendMessage::parse(&e),
             Ok(FrontendMessage::Execute { portal: "p" })
         );
-        let d = frame(b'D', b"Ss1\0");
+        let d = Frame::new(b'D', b"Ss1\0");
         assert_eq!(
             FrontendMessage::parse(&d),
             Ok(FrontendMessage::Describe(Target::Statement("s1")))
         );
-        let c = frame(b'C', b"Pp\0");
+        let c = Frame::new(b'C', b"Pp\0");
         assert_eq!(
             FrontendMessage::parse(&c),
             Ok(FrontendMessage::Close(Target::Portal("p")))
@@ -245,9 +279,11 @@ mod tests {
             (b'X', FrontendMessage::Terminate),
             (b'y', FrontendMessage::Unknown { tag: b'y' }),
         ] {
-            assert_eq!(FrontendMessage::parse(&frame(tag, b"")), Ok(msg));
+            assert_eq!(FrontendMessage::parse(&Frame::new(tag, b"")), Ok(msg));
         }
-        assert!(FrontendMessage::parse(&frame(b'S', b"")).unwrap().ends_batch());
+        assert!(FrontendMessage::parse(&Frame::new(b'S', b""))
+            .unwrap()
+            .ends_batch());
         assert!(!FrontendMessage::parse(&e).unwrap().ends_batch());
         assert_eq!(Target::Statement("a").statement(), Some("a"));
         assert_eq!(Target::Portal("a").statement(), None);
@@ -265,11 +301,25 @@ mod tests {
             (b'C', b""),
         ] {
             assert!(
-                FrontendMessage::parse(&frame(tag, body)).is_err(),
+                FrontendMessage::parse(&Frame::new(tag, body)).is_err(),
                 "{} {body:?}",
                 tag as char
             );
         }
+    }
+
+    #[test]
+    fn kinds_agree_with_the_views() {
+        for (tag, kind) in [
+            (b'S', Kind::Sync),
+            (b'H', Kind::Flush),
+            (b'F', Kind::FunctionCall),
+            (b'X', Kind::Other),
+        ] {
+            assert_eq!(Kind::of(&Frame::new(tag, b"")), kind);
+        }
+        assert_eq!(Kind::of(&Frame::new(b'Q', b"select 1\0")), Kind::Query);
+        assert_eq!(Kind::of(&Frame::new(b'E', b"\0\0\0\0\0")), Kind::Execute);
     }
 
     #[test]

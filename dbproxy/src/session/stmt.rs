@@ -153,18 +153,8 @@ impl Statements {
 
 #[cfg(test)]
 mod tests {
-    use bytes::BufMut;
-
     use super::*;
     use crate::protocol::FrontendMessage;
-
-    fn frame(tag: u8, body: &[u8]) -> Frame {
-        let mut b = bytes::BytesMut::new();
-        b.put_u8(tag);
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(body);
-        Frame::from_raw(b.freeze())
-    }
 
     #[test]
     fn parameter_values_as_sql_text() {
@@ -202,12 +192,12 @@ mod tests {
     #[test]
     fn a_set_config_call_is_replayed_with_its_values() {
         let stmt = Stmt {
-            parse: frame(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
+            parse: Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
             read_only: false,
             step: Step::Set("select set_config('a', $1, false)".into()),
             param_types: vec![25],
         };
-        let bind = frame(b'B', b"\0s\0\0\0\0\x01\0\0\0\x02hi\0\0");
+        let bind = Frame::new(b'B', b"\0s\0\0\0\0\x01\0\0\0\x02hi\0\0");
         let Ok(FrontendMessage::Bind(b)) = FrontendMessage::parse(&bind) else {
             panic!("not a Bind");
         };
@@ -219,7 +209,7 @@ mod tests {
             param_types: vec![1700],
             ..stmt
         };
-        let bind = frame(b'B', b"\0s\0\0\x01\0\x01\0\x01\0\0\0\x02hi\0\0");
+        let bind = Frame::new(b'B', b"\0s\0\0\x01\0\x01\0\x01\0\0\0\x02hi\0\0");
         let Ok(FrontendMessage::Bind(b)) = FrontendMessage::parse(&bind) else {
             panic!("not a Bind");
         };
@@ -229,7 +219,7 @@ mod tests {
     #[test]
     fn describes_are_answered_in_order() {
         let mut s = Statements::default();
-        let parse = frame(b'P', b"s\0select set_config('a', $1, false)\0\0\0");
+        let parse = Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0");
         s.insert(
             "s",
             Stmt {

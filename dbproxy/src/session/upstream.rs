@@ -10,6 +10,7 @@ use bytes::BufMut;
 use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
 use crate::config::secs;
+use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
 
 use super::cycle::{Copy, Cycle, Mode, Which};
@@ -241,7 +242,18 @@ impl Session {
             settings.start(self.tx.status.byte(), follow || settings.needed());
         }
         for f in &frames {
-            // Every frame here was read (and checked) as it arrived from the client.
+            // Only the messages whose fields matter here are parsed (again: each was checked as
+            // it arrived from the client), so a Query's text is not scanned when nothing
+            // follows it.
+            let read = match Kind::of(f) {
+                Kind::Query => settings.active(),
+                Kind::Parse | Kind::Bind | Kind::Execute | Kind::Describe | Kind::Close => true,
+                _ => false,
+            };
+            if !read {
+                b.conn.wbuf.put_slice(f.raw());
+                continue;
+            }
             match FrontendMessage::parse(f) {
                 Ok(FrontendMessage::Query { sql }) if settings.active() => {
                     settings.query(self.shared.classifier.steps(sql));

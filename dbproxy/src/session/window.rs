@@ -4,6 +4,7 @@
 
 use std::collections::VecDeque;
 
+use crate::protocol::frontend::Kind;
 use crate::protocol::{BackendMessage, Frame, FrontendMessage};
 
 use super::cycle::{Mode, Replay};
@@ -36,24 +37,13 @@ impl Window {
         let mut answers = 0;
         let mut execute = false;
         for f in &frames {
-            match FrontendMessage::parse(f) {
-                Ok(
-                    FrontendMessage::Parse { .. }
-                    | FrontendMessage::Bind(_)
-                    | FrontendMessage::Close(_)
-                    | FrontendMessage::Describe(_),
-                ) => answers += 1,
-                Ok(
-                    FrontendMessage::Execute { .. }
-                    | FrontendMessage::Query { .. }
-                    | FrontendMessage::FunctionCall,
-                ) => execute = true,
+            match Kind::of(f) {
+                Kind::Parse | Kind::Bind | Kind::Close | Kind::Describe => answers += 1,
+                Kind::Execute | Kind::Query | Kind::FunctionCall => execute = true,
                 _ => {}
             }
         }
-        let flush = frames
-            .last()
-            .is_some_and(|f| matches!(FrontendMessage::parse(f), Ok(FrontendMessage::Flush)));
+        let flush = frames.last().is_some_and(|f| Kind::of(f) == Kind::Flush);
         let released_when_answered = flush && !execute;
         if !(released_when_answered && answers == 0) {
             self.batches.push_back(Held {
@@ -97,8 +87,8 @@ impl Window {
                 Err(_) => return None,
             }
         }
-        let mode = match FrontendMessage::parse(frames.last()?) {
-            Ok(FrontendMessage::Flush) => Mode::Flush,
+        let mode = match Kind::of(frames.last()?) {
+            Kind::Flush => Mode::Flush,
             _ => Mode::Sync,
         };
         Some(Replay { frames, mode })
@@ -107,34 +97,25 @@ impl Window {
 
 #[cfg(test)]
 mod tests {
-    use bytes::BufMut;
-
     use super::*;
 
-    fn frame(tag: u8, body: &[u8]) -> Frame {
-        let mut b = bytes::BytesMut::new();
-        b.put_u8(tag);
-        b.put_i32(body.len() as i32 + 4);
-        b.put_slice(body);
-        Frame::from_raw(b.freeze())
-    }
     fn parse() -> Frame {
-        frame(b'P', b"\0select f()\0\0\0")
+        Frame::new(b'P', b"\0select f()\0\0\0")
     }
     fn bind(portal: &str) -> Frame {
-        frame(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
+        Frame::new(b'B', format!("{portal}\0\0\0\0\0\0\0\0").as_bytes())
     }
     fn execute(portal: &str) -> Frame {
-        frame(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
+        Frame::new(b'E', format!("{portal}\0\0\0\0\0").as_bytes())
     }
     fn describe() -> Frame {
-        frame(b'D', b"S\0")
+        Frame::new(b'D', b"S\0")
     }
     fn flush() -> Frame {
-        frame(b'H', b"")
+        Frame::new(b'H', b"")
     }
     fn sync() -> Frame {
-        frame(b'S', b"")
+        Frame::new(b'S', b"")
     }
     fn tags(r: Option<Replay>) -> Option<(Vec<u8>, Mode)> {
         r.map(|r| (r.frames.iter().map(Frame::tag).collect(), r.mode))
@@ -144,7 +125,7 @@ mod tests {
     const ROW_DESCRIPTION: BackendMessage<'static> = BackendMessage::RowDescription;
 
     fn parameter_description() -> BackendMessage<'static> {
-        let f = Box::leak(Box::new(frame(b't', b"\0\0")));
+        let f = Box::leak(Box::new(Frame::new(b't', b"\0\0")));
         BackendMessage::parse(f).unwrap()
     }
 
