@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 /// The record's file format version.
-const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 1;
 
 /// The file [`FileStore`] keeps the record in, inside `state_dir`.
 pub const FILE_NAME: &str = "cluster.json";
@@ -70,6 +70,17 @@ pub enum RecordError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The store (etcd) cannot be reached or answered with an error.
+    #[error("cannot reach the cluster record at {location}: {reason}")]
+    Unavailable {
+        /// Where the record is kept.
+        location: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// This instance does not hold the leader lease, so it must not change the record.
+    #[error("this dbproxy does not hold the leader lease; it only follows the cluster record")]
+    NotLeader,
     /// Someone else changed the record since it was read.
     #[error("the cluster record changed meanwhile (expected term {expected}, found {found})")]
     Conflict {
