@@ -24,7 +24,7 @@ fn record(term: u64, primary: &str) -> ClusterRecord {
 }
 
 async fn etcd(n: usize) -> Result<EtcdCluster> {
-    Ok(tokio::task::spawn_blocking(move || EtcdCluster::start(n)).await??)
+    tokio::task::spawn_blocking(move || EtcdCluster::start(n)).await?
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
