@@ -18,7 +18,7 @@ use etcd_client::{Client, Compare, CompareOp, ConnectOptions, EventType, Txn, Tx
 use futures_util::future::BoxFuture;
 use tokio::sync::watch;
 
-use crate::record::{ClusterRecord, RecordError, RecordStore, FORMAT};
+use crate::record::{decode, ClusterRecord, RecordError, RecordStore, FORMAT};
 
 /// The record in etcd.
 pub struct EtcdStore {
@@ -47,22 +47,6 @@ pub fn connect_options(timeout: Duration) -> ConnectOptions {
     ConnectOptions::new()
         .with_connect_timeout(timeout)
         .with_timeout(timeout)
-}
-
-/// Decodes a stored record; `what` names it in the error.
-fn decode(bytes: &[u8], what: &str) -> Result<ClusterRecord, RecordError> {
-    let corrupt = |reason: String| RecordError::Corrupt {
-        path: what.into(),
-        reason,
-    };
-    let r: ClusterRecord = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
-    if r.format != FORMAT {
-        return Err(corrupt(format!("format {} is not {FORMAT}", r.format)));
-    }
-    if r.term == 0 {
-        return Err(corrupt("term 0 is never written".into()));
-    }
-    Ok(r)
 }
 
 impl EtcdStore {
@@ -127,7 +111,10 @@ impl EtcdStore {
         match resp.kvs().first() {
             None => Ok((None, revision)),
             Some(kv) => Ok((
-                Some((decode(kv.value(), &self.location())?, kv.mod_revision())),
+                Some((
+                    decode(kv.value(), std::path::Path::new(&self.location()))?,
+                    kv.mod_revision(),
+                )),
                 revision,
             )),
         }
@@ -166,7 +153,7 @@ impl EtcdStore {
                     }
                     for ev in resp.events() {
                         if let (EventType::Put, Some(kv)) = (ev.event_type(), ev.kv()) {
-                            match decode(kv.value(), &self.location()) {
+                            match decode(kv.value(), std::path::Path::new(&self.location())) {
                                 Ok(r) => offer(r),
                                 Err(e) => {
                                     tracing::error!(error = %e, "ignoring an unreadable cluster record")

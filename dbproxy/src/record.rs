@@ -155,18 +155,23 @@ pub fn read_file(path: &Path) -> Result<Option<ClusterRecord>, RecordError> {
             })
         }
     };
+    decode(&bytes, path).map(Some)
+}
+
+/// Decodes a stored record (from a file or etcd); `path` names where it came from in the error.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<ClusterRecord, RecordError> {
     let corrupt = |reason: String| RecordError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let record: ClusterRecord = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let record: ClusterRecord = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     if record.format != FORMAT {
         return Err(corrupt(format!("format {} is not {FORMAT}", record.format)));
     }
     if record.term == 0 {
         return Err(corrupt("term 0 is never written".into()));
     }
-    Ok(Some(record))
+    Ok(record)
 }
 
 /// Writes `record` to `path` atomically and durably: a temporary file in the same directory,
