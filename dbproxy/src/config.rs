@@ -48,6 +48,8 @@ pub struct Config {
     pub state_dir: String,
     /// TLS for client connections.
     pub tls: TlsConfig,
+    /// Several dbproxy instances sharing the cluster record and a leader lease in etcd.
+    pub coordination: crate::coordination::CoordinationConfig,
     /// Threads serving client sessions, each with its own event loop; 0 means one per core.
     pub workers: usize,
     /// pgpool-II's PCP operator interface (`pcp_node_info`, `pcp_attach_node`, ...).
@@ -81,6 +83,7 @@ impl Default for Config {
             failover: crate::failover::FailoverConfig::default(),
             state_dir: "/var/lib/dbproxy".to_string(),
             tls: TlsConfig::default(),
+            coordination: crate::coordination::CoordinationConfig::default(),
             workers: 0,
             pcp: PcpConfig::default(),
         }
@@ -537,6 +540,7 @@ impl common::Validate for Config {
             return Err(ConfigError::invalid("health.fall", "must be at least 1"));
         }
         self.failover.validate(&self.nodes)?;
+        self.coordination.validate()?;
         if self.state_dir.trim().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must name a directory"));
         }

@@ -17,6 +17,8 @@ pub mod backend;
 pub mod classify;
 pub mod cluster;
 pub mod config;
+pub mod coordination;
+pub mod etcd_store;
 pub mod failover;
 pub mod fence;
 pub mod health;

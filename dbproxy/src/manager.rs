@@ -53,6 +53,8 @@ pub struct Manager {
     closing: Shutdown,
     /// Which fenced nodes had the fence step run on them.
     fence_state: Mutex<fence::Attempts>,
+    /// With several instances (etcd): this one's coordinator; only the leader acts.
+    coord: std::sync::OnceLock<Arc<crate::coordination::Coordinator>>,
 }
 
 impl Topology for Manager {
@@ -193,6 +195,7 @@ impl Manager {
             op_tasks: TaskTracker::new(),
             closing: Shutdown::new(),
             fence_state: Mutex::new(fence::Attempts::default()),
+            coord: std::sync::OnceLock::new(),
         }
     }
 
@@ -205,6 +208,7 @@ impl Manager {
         if self.closing.is_cancelled() {
             return Err(OpError::Conflict("dbproxy is shutting down".into()));
         }
+        self.check_leader()?;
         let (_, name) = match kind {
             OpKind::Switchover => self.check_switchover(id)?,
             OpKind::Attach => self.check_attach(id)?,
@@ -300,7 +304,7 @@ impl Manager {
     pub async fn run(self: Arc<Self>, shutdown: Shutdown, lost: Option<usize>) {
         let mut retry_after: Option<Instant> = None;
         let mut rejoin_tried: Vec<Option<Instant>> = Vec::new();
-        if let Some(p) = lost.filter(|_| self.config.enabled) {
+        if let Some(p) = lost.filter(|_| self.config.enabled && self.may_act()) {
             if self.failover(p).await.error.is_some() {
                 retry_after = Some(Instant::now() + Duration::from_secs(5));
             }
@@ -314,8 +318,15 @@ impl Manager {
                 _ = self.cluster.primary_down.notified() => {}
                 _ = tokio::time::sleep(period) => {}
             }
+            if !self.may_act() {
+                // A follower only follows the record (see `follow_record`).
+                continue;
+            }
             if self.config.enabled && retry_after.is_none_or(|t| Instant::now() >= t) {
                 if let Some(p) = self.lost_primary() {
+                    if !self.quorum_sees_down(p).await {
+                        continue;
+                    }
                     let ev = self.failover(p).await;
                     // A failover that found no candidate is retried, not in a tight loop.
                     retry_after = ev
@@ -611,5 +622,70 @@ impl Manager {
         let v = event_json("switchover", &ev);
         self.record("switchover", "ok", v.clone());
         Ok(v)
+    }
+}
+
+// ---- Several instances coordinated through etcd (see `crate::coordination`) ----
+
+impl Manager {
+    /// Makes this manager one of several instances: from now on it acts (fails over, switches
+    /// over, fences, rejoins, writes the record) only while `coord` holds the leader lease.
+    pub fn set_coordinator(&self, coord: Arc<crate::coordination::Coordinator>) {
+        let _ = self.coord.set(coord);
+    }
+
+    /// Whether this instance may act: it is alone, or it holds the leader lease now.
+    fn may_act(&self) -> bool {
+        self.coord.get().is_none_or(|c| c.is_leader())
+    }
+
+    /// [`OpError::Conflict`] naming the leader when this instance may not act.
+    fn check_leader(&self) -> Result<(), OpError> {
+        match self.coord.get() {
+            Some(c) if !c.is_leader() => Err(OpError::Conflict(format!(
+                "this dbproxy ({}) does not hold the leader lease; ask the leader ({})",
+                c.name(),
+                c.leader().unwrap_or_else(|| "unknown".into())
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// With `failover_quorum`: whether a majority of instances see node `p` down too.
+    async fn quorum_sees_down(&self, p: usize) -> bool {
+        match self.coord.get() {
+            Some(c) => c.quorum_sees_down(&self.name_of(p)).await,
+            None => true,
+        }
+    }
+
+    /// A record another instance (the leader) wrote: routes by it when it is newer than the one
+    /// this instance has.
+    pub fn follow_record(&self, r: &ClusterRecord) {
+        if r.term <= self.cluster_record().term {
+            return;
+        }
+        tracing::info!(term = r.term, primary = ?r.primary, fenced = ?r.fenced, "the cluster record changed: routing by it");
+        self.apply_record(r);
+    }
+
+    /// Takes `r` as the record and routes by it: its fences, its primary (none: writes wait).
+    pub fn apply_record(&self, r: &ClusterRecord) {
+        *self.record.lock().expect("record poisoned") = r.clone();
+        let c = &self.cluster;
+        let primary = r.primary.as_deref().and_then(|n| self.index_of(n));
+        for i in 0..c.nodes.len() {
+            let fenced = r.fenced.contains_key(&self.name_of(i));
+            if fenced && !c.is_fenced(i) {
+                c.fence(i);
+            } else if !fenced && c.is_fenced(i) && Some(i) != primary {
+                c.unfence(i);
+            }
+        }
+        match primary {
+            Some(p) if c.elected() != Some(p) => c.elect(p),
+            Some(_) => {}
+            None => c.unelect(),
+        }
     }
 }

@@ -17,7 +17,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 /// The record's file format version.
-const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 1;
 
 /// The file [`FileStore`] keeps the record in, inside `state_dir`.
 pub const FILE_NAME: &str = "cluster.json";
@@ -70,6 +70,17 @@ pub enum RecordError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The store (etcd) cannot be reached or answered with an error.
+    #[error("cannot reach the cluster record at {location}: {reason}")]
+    Unavailable {
+        /// Where the record is kept.
+        location: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// This instance does not hold the leader lease, so it must not change the record.
+    #[error("this dbproxy does not hold the leader lease; it only follows the cluster record")]
+    NotLeader,
     /// Someone else changed the record since it was read.
     #[error("the cluster record changed meanwhile (expected term {expected}, found {found})")]
     Conflict {
@@ -144,18 +155,23 @@ pub fn read_file(path: &Path) -> Result<Option<ClusterRecord>, RecordError> {
             })
         }
     };
+    decode(&bytes, path).map(Some)
+}
+
+/// Decodes a stored record (from a file or etcd); `path` names where it came from in the error.
+pub fn decode(bytes: &[u8], path: &Path) -> Result<ClusterRecord, RecordError> {
     let corrupt = |reason: String| RecordError::Corrupt {
         path: path.to_path_buf(),
         reason,
     };
-    let record: ClusterRecord = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let record: ClusterRecord = serde_json::from_slice(bytes).map_err(|e| corrupt(e.to_string()))?;
     if record.format != FORMAT {
         return Err(corrupt(format!("format {} is not {FORMAT}", record.format)));
     }
     if record.term == 0 {
         return Err(corrupt("term 0 is never written".into()));
     }
-    Ok(Some(record))
+    Ok(record)
 }
 
 /// Writes `record` to `path` atomically and durably: a temporary file in the same directory,

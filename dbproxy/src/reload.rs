@@ -7,7 +7,7 @@
 //! - For connections accepted afterwards: users, client authentication, routing, limits and TLS (a
 //!   session keeps the configuration it started with).
 //! - Only after a restart, kept meanwhile with a warning: an existing node's name, host and port,
-//!   removing nodes, the listeners (PCP's too), `limits.max_connections`, `workers`, `state_dir` and the failover settings.
+//!   removing nodes, the listeners (PCP's too), `limits.max_connections`, `workers`, `state_dir`, `coordination` and the failover settings.
 //!
 //! [`merge`] decides without side effects, so a reload that fails validation changes nothing;
 //! [`apply`] then changes the running cluster.
@@ -79,6 +79,10 @@ pub fn merge(old: &Config, mut new: Config) -> Result<Config, ConfigError> {
     if new.state_dir != old.state_dir {
         kept.push(format!("state_dir stays {}", old.state_dir));
         new.state_dir.clone_from(&old.state_dir);
+    }
+    if new.coordination != old.coordination {
+        kept.push("coordination stays as it was".into());
+        new.coordination = old.coordination.clone();
     }
     if new.workers != old.workers {
         kept.push(format!("workers stays {}", old.workers));

@@ -93,18 +93,19 @@ pub async fn run_with(
     let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &shutdown)?);
     let tasks = TaskTracker::new();
     let first = shared.load_full();
-    // The durable record of who is primary; unreadable, dbproxy does not guess.
-    let store = Arc::new(crate::record::FileStore::open(&first.config.state_dir)?);
-    let record = crate::record::RecordStore::load(&*store).await?;
+    // The durable record of who is primary (a file, or etcd shared with other instances);
+    // unreadable, dbproxy does not guess.
+    let opened = crate::coordination::open(&first.config, &cluster, &registry).await?;
     let manager = Arc::new(crate::manager::Manager::new(
         cluster.clone(),
         &first.config,
         &registry,
-        store,
-        record,
+        opened.store.clone(),
+        opened.record.clone(),
     ));
-    // The primary comes from the record and the nodes, before the first client is served.
-    let lost = manager.discover().await?;
+    // The primary comes from the record and the nodes (a follower: the record alone), before
+    // the first client is served.
+    let lost = crate::coordination::start(&opened, &manager, &tasks, &shutdown).await?;
     tasks.spawn(manager.clone().run(shutdown.clone(), lost));
     for i in 0..cluster.nodes.len() {
         tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));

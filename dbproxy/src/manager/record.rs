@@ -31,12 +31,17 @@ impl Manager {
             "primary": r.primary,
             "timeline": r.timeline,
             "fenced": r.fenced,
+            "coordination": self.coord.get().map(|c| c.status_json()),
         })
     }
 
     /// Changes the record with `f` (given the new term) and stores it durably, unless `f` changed
     /// nothing. Callers change routing only after this succeeded.
     pub(super) async fn commit(&self, f: impl FnOnce(&mut ClusterRecord, u64)) -> Result<(), RecordError> {
+        // With several instances only the leader writes (etcd's guard checks it again).
+        if !self.may_act() {
+            return Err(RecordError::NotLeader);
+        }
         let current = self.cluster_record();
         let mut next = current.clone();
         let term = current.term + 1;
