@@ -684,7 +684,7 @@ fn run(cmd: &mut Command, what: &str) -> Result<String> {
 }
 
 /// Runs a command with a time limit; returns stdout trimmed, or an error with stderr.
-fn run_limited(cmd: &mut Command, limit: Duration) -> Result<String> {
+pub fn run_limited(cmd: &mut Command, limit: Duration) -> Result<String> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -1,0 +1,206 @@
+//! The compatibility suite: client behaviours as real drivers produce them (psycopg 3, psycopg2,
+//! asyncpg, SQLAlchemy in `tests/compat/cases.py`; tokio-postgres here), each run once directly
+//! against the primary and once through dbproxy in front of the primary and a standby, asserting
+//! the same answers.
+//!
+//! The cluster replicates synchronously with `synchronous_commit = remote_apply`, so a read that
+//! dbproxy balances to the standby sees every write acknowledged before it, as a direct client
+//! would: any difference is dbproxy's. `COMPAT_CASES=a,b` runs only the named Python cases.
+
+mod support;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use support::{config_for, Proxy};
+use testkit::PgCluster;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// The Python cases that must give the same answers through dbproxy as directly.
+const PYTHON_CASES: &[&str] = &[
+    "psycopg_prepared",
+    "psycopg_prepared_in_transaction",
+    "asyncpg_prepared",
+    "asyncpg_copy",
+    "asyncpg_cancel",
+    "psycopg_copy",
+    "psycopg2_copy_and_large_objects",
+    "psycopg_large_objects_sql",
+    "psycopg_notify",
+    "asyncpg_notify",
+    "psycopg_cancel",
+    "psycopg_tpc",
+    "psycopg_cursor_with_hold",
+    "psycopg2_cursor_with_hold",
+    "psycopg_startup_parameters",
+    "asyncpg_server_settings",
+    "psycopg_pipeline_autocommit",
+    "psycopg_pipeline_transaction",
+    "psycopg_pipeline_error",
+    "sql_prepare_execute",
+    "node_local_state",
+    "psycopg_encoding_parameters",
+    "sqlalchemy_orm",
+];
+
+/// How long one case may take before it counts as hung.
+const CASE_LIMIT: Duration = Duration::from_secs(60);
+
+fn cluster() -> Result<PgCluster> {
+    PgCluster::builder()
+        .standbys(1)
+        .synchronous(true)
+        .password("pw")
+        .setting("synchronous_commit", "remote_apply")
+        .setting("max_prepared_transactions", "10")
+        .start()
+}
+
+/// Runs `cases.py CASE DSN`: its stdout, or an error with its stderr.
+fn run_case(name: &str, dsn: &str) -> Result<String> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/compat/cases.py");
+    testkit::run_limited(Command::new("python3").args([script, name, dsn]), CASE_LIMIT)
+        .context("python3 (the compatibility suite needs psycopg, asyncpg, ...: see README)")
+}
+
+#[test]
+fn python_clients_get_the_same_answers() -> Result<()> {
+    let cluster = cluster()?;
+    let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+    let direct = cluster.primary().conn_string();
+    let proxied = format!(
+        "host=127.0.0.1 port={} user=postgres password=pw dbname=postgres",
+        proxy.port()
+    );
+    let only = std::env::var("COMPAT_CASES").ok();
+    let selected: Vec<&str> = match &only {
+        Some(list) => list.split(',').map(str::trim).collect(),
+        None => PYTHON_CASES.to_vec(),
+    };
+    let mut failures = Vec::new();
+    for name in selected {
+        let started = Instant::now();
+        let want = run_case(name, &direct).with_context(|| format!("{name} directly against PostgreSQL"))?;
+        let direct_took = started.elapsed();
+        let got = run_case(name, &proxied);
+        eprintln!(
+            "{name}: {:.1} s direct, {:.1} s through dbproxy: {want}",
+            direct_took.as_secs_f64(),
+            (started.elapsed() - direct_took).as_secs_f64()
+        );
+        match got {
+            Ok(got) if got == want => {}
+            Ok(got) => failures.push(format!("{name}:\n  direct:  {want}\n  dbproxy: {got}")),
+            Err(e) => failures.push(format!("{name}:\n  direct:  {want}\n  dbproxy: {e:#}")),
+        }
+    }
+    if !failures.is_empty() {
+        bail!(
+            "{} case(s) differ through dbproxy:\n{}",
+            failures.len(),
+            failures.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// Connects with tokio-postgres and drives the connection in the background.
+async fn connect(dsn: &str) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The rows of a simple query, as text.
+async fn simple(c: &Client, sql: &str) -> Result<Vec<Vec<Option<String>>>> {
+    let mut out = Vec::new();
+    for m in c.simple_query(sql).await? {
+        if let SimpleQueryMessage::Row(r) = m {
+            out.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect());
+        }
+    }
+    Ok(out)
+}
+
+/// tokio-postgres's behaviours: statements it prepares as `sN`, reused and in transactions,
+/// portals, binary parameters and results, COPY, and errors that leave the session usable.
+async fn tokio_postgres_behaviours(dsn: &str) -> Result<Vec<String>> {
+    use futures_util::{pin_mut, SinkExt, TryStreamExt};
+    let mut c = connect(dsn).await?;
+    let mut out = Vec::new();
+    c.batch_execute("drop table if exists compat_tp; create table compat_tp (id int primary key, v text)")
+        .await?;
+    let insert = c.prepare("insert into compat_tp values ($1, $2)").await?;
+    for i in 0..5 {
+        c.execute(&insert, &[&i, &format!("v{i}")]).await?;
+    }
+    let select = c.prepare("select v from compat_tp where id = $1").await?;
+    for i in 0..5 {
+        out.push(c.query_one(&select, &[&i]).await?.get::<_, String>(0));
+    }
+    let arrays: Vec<i64> = c
+        .query_one("select $1::int8[]", &[&vec![1i64, 2, 3]])
+        .await?
+        .get(0);
+    out.push(format!("{arrays:?}"));
+    let e = c
+        .query_one("select v::int from compat_tp where id = $1", &[&1])
+        .await;
+    out.push(
+        e.err()
+            .and_then(|e| e.code().map(|c| c.code().to_string()))
+            .unwrap_or_default(),
+    );
+    {
+        let tx = c.transaction().await?;
+        let portal = tx.bind("select id from compat_tp order by id", &[]).await?;
+        for _ in 0..3 {
+            let ids: Vec<i32> = tx
+                .query_portal(&portal, 2)
+                .await?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            out.push(format!("{ids:?}"));
+        }
+        tx.execute(&insert, &[&10, &"in tx"]).await?;
+        out.push(format!(
+            "{:?}",
+            tx.query_one(&select, &[&10]).await?.get::<_, String>(0)
+        ));
+        tx.rollback().await?;
+    }
+    out.push(format!("{}", c.query(&select, &[&10]).await?.len()));
+    let sink = c.copy_in("copy compat_tp from stdin").await?;
+    pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"20\tcopied\n21\tcopied\n"))
+        .await?;
+    out.push(format!("{}", sink.finish().await?));
+    let stream = c
+        .copy_out("copy (select * from compat_tp order by id) to stdout")
+        .await?;
+    let chunks: Vec<bytes::Bytes> = stream.try_collect().await?;
+    out.push(String::from_utf8_lossy(&chunks.concat()).into_owned());
+    out.push(format!(
+        "{:?}",
+        simple(&c, "select count(*), max(v) from compat_tp").await?
+    ));
+    c.batch_execute("drop table compat_tp").await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_postgres_gets_the_same_answers() -> Result<()> {
+    support::bounded(async {
+        let cluster = tokio::task::spawn_blocking(cluster).await??;
+        let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+        let want = tokio_postgres_behaviours(&cluster.primary().conn_string()).await?;
+        let got = tokio_postgres_behaviours(&proxy.conn_string("postgres", "pw")).await?;
+        assert_eq!(got, want, "tokio-postgres through dbproxy vs directly");
+        Ok(())
+    })
+    .await
+}
