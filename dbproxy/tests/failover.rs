@@ -748,6 +748,12 @@ async fn abandoned_switchover_body() -> Result<()> {
     let proxy = proxy_for(&c, |_| {})?;
     let writers = Writers::start(&proxy, 2);
     writers.wait_acked_after(Instant::now()).await?;
+    // The switchover is refused (409) until the health checks have seen node1 as a healthy
+    // standby, and this client would never read that refusal: wait for it first.
+    wait_for("node1 seen as a healthy standby", DEADLINE, || {
+        let n = node_status(&proxy, 1)?;
+        Ok((n["status"] == "up" && n["role"] == "standby").then_some(()))
+    })?;
     // The request is sent and the connection closed before any answer.
     {
         use std::io::Write;
