@@ -1,6 +1,9 @@
 //! Body types of the proxy. The request body sent upstream stays in a shared slot until hyper
 //! first polls it, so a try that failed before sending a byte (connect error) can hand the same
 //! body to the next server. The response body keeps the server's in-flight count until it ends.
+//! An HTTP/2 request body that nobody took to its end (the upstream answered without reading it,
+//! or lb answered itself) is drained, bounded, instead of dropped: dropping it while the client
+//! is still sending makes h2 reset the stream, which curl takes as a failed transfer.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,21 +25,54 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[error("request body larger than {0} bytes")]
 pub struct TooLarge(pub u64);
 
+/// At most this much of an abandoned HTTP/2 request body is read and discarded.
+const DRAIN_BYTES: u64 = 1024 * 1024;
+/// For at most this long.
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// Reads what remains of an HTTP/2 request body in a task of its own, so that the client's
+/// stream ends with its own END_STREAM. Past [`DRAIN_BYTES`] or [`DRAIN_TIME`] the body is
+/// dropped, and h2 resets the stream with NO_ERROR (RFC 9113 section 8.1).
+fn drain(mut body: Incoming) {
+    if body.is_end_stream() {
+        return;
+    }
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    rt.spawn(async move {
+        let mut seen = 0u64;
+        let read = async {
+            while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                let Ok(frame) = frame else { return };
+                seen += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if seen > DRAIN_BYTES {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(DRAIN_TIME, read).await;
+    });
+}
+
 /// The client's body, waiting to be sent by whichever try polls it first.
 #[derive(Debug)]
 pub struct BodySlot {
     body: Mutex<Option<Incoming>>,
     too_large: AtomicBool,
     limit: u64,
+    /// Drain what no try took (HTTP/2 bodies; hyper's HTTP/1 server handles its own).
+    drain: bool,
 }
 
 impl BodySlot {
-    /// Wraps `body`; `limit` 0 means unlimited.
-    pub fn new(body: Incoming, limit: u64) -> Arc<BodySlot> {
+    /// Wraps `body`; `limit` 0 means unlimited; `drain` for HTTP/2 bodies.
+    pub fn new(body: Incoming, limit: u64, drain: bool) -> Arc<BodySlot> {
         Arc::new(BodySlot {
             body: Mutex::new(Some(body)),
             too_large: AtomicBool::new(false),
             limit,
+            drain,
         })
     }
 
@@ -48,6 +84,15 @@ impl BodySlot {
     /// Whether sending stopped because the body was too large.
     pub fn too_large(&self) -> bool {
         self.too_large.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for BodySlot {
+    fn drop(&mut self) {
+        let body = self.body.get_mut().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(body) = body.filter(|_| self.drain && !self.too_large()) {
+            drain(body);
+        }
     }
 }
 
@@ -73,6 +118,16 @@ impl UpBody {
         match self {
             UpBody::Empty => true,
             UpBody::Lazy { slot, .. } => slot.unsent(),
+        }
+    }
+}
+
+impl Drop for UpBody {
+    fn drop(&mut self) {
+        if let UpBody::Lazy { slot, taken, .. } = self {
+            if let Some(body) = taken.take().filter(|_| slot.drain && !slot.too_large()) {
+                drain(body);
+            }
         }
     }
 }

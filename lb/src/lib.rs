@@ -18,8 +18,8 @@
 //! OPTIONS, DELETE) itself with httparse over the servers' pools, relaying the response framing
 //! byte for byte, and hands the connection to hyper at the first request it does not take (a
 //! body, an upgrade, HTTP/1.0, h2c); on that path `proxy` handles one request (headers, tries,
-//! upgrades) with hyper-util's client; `body` keeps a request body replayable until first sent
-//! and times out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
+//! upgrades) with hyper-util's client; `body` keeps a request body replayable until first sent,
+//! drains an HTTP/2 request body the upstream did not read, and times out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream groups + routes + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and

@@ -323,7 +323,8 @@ async fn proxy(
     let upgrade = wants_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let slot = (!body.is_end_stream()).then(|| BodySlot::new(body, limit));
+    let h2 = parts.version == Version::HTTP_2;
+    let slot = (!body.is_end_stream()).then(|| BodySlot::new(body, limit, h2));
     let idempotent = parts.method.is_idempotent();
 
     let mut headers = std::mem::take(&mut parts.headers);

@@ -228,3 +228,19 @@ pub fn s_client_status(addr: SocketAddr, sni: &str) -> Result<String> {
         .context("running openssl s_client")?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// Serves `conf` (an nginx.conf) with lb in this process; lb stops when the guard drops.
+pub async fn serve(conf: &str) -> Result<tokio_util::sync::DropGuard> {
+    let t = lb::nginx_conf::translate(conf)?;
+    let mut config: lb::Config = common::ConfigSource::new().base(t.table).load()?;
+    config.admin_listen = "127.0.0.1:0".into();
+    config.access_log.enabled = false;
+    let mut listeners = Vec::new();
+    for a in config.listen_addrs() {
+        listeners.push(tokio::net::TcpListener::bind(&a).await?);
+    }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let guard = shutdown.clone().drop_guard();
+    tokio::spawn(lb::Lb::new(config)?.serve_all(listeners, shutdown));
+    Ok(guard)
+}
