@@ -90,6 +90,45 @@ impl ScramSecret {
         let s = postgres_protocol::password::scram_sha_256(password.as_bytes());
         ScramSecret::parse(&s).expect("postgres-protocol produces valid verifiers")
     }
+
+    /// The verifier for `password` with this `salt` and iteration count (PBKDF2, as
+    /// PostgreSQL derives it; the password is used as given, without SASLprep).
+    pub fn from_password_with(password: &[u8], salt: &[u8], iterations: u32) -> ScramSecret {
+        let mut salted = [0u8; 32];
+        pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut salted);
+        ScramSecret {
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: Sha256::digest(hmac(&salted, b"Client Key")).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+}
+
+/// The secret mock verifiers are derived from: random, made once per process (PostgreSQL keeps
+/// its `mock_auth_nonce` in pg_control; here a restart draws a new one, as it draws new salts
+/// for users configured by clear-text password).
+fn mock_nonce() -> &'static [u8; 32] {
+    static NONCE: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    NONCE.get_or_init(rand::random)
+}
+
+impl ScramSecret {
+    /// A made-up verifier for a user who has none (unknown, or with only an md5 secret), so
+    /// that such a user goes through the same SCRAM exchange as a known one with a wrong
+    /// password, and user names cannot be probed: the salt is derived from a server secret and
+    /// the name (the same name always gets the same salt), the iterations are the usual 4096,
+    /// and no password matches the keys.
+    pub fn mock(user: &str) -> ScramSecret {
+        let nonce = mock_nonce();
+        let salt = hmac(nonce, format!("salt\0{user}").as_bytes());
+        ScramSecret {
+            iterations: 4096,
+            salt: salt[..16].to_vec(),
+            stored_key: hmac(nonce, format!("stored\0{user}").as_bytes()),
+            server_key: hmac(nonce, format!("server\0{user}").as_bytes()),
+        }
+    }
 }
 
 /// Whether `s` looks like an md5 secret (`md5` and 32 hex digits).
@@ -206,7 +245,7 @@ impl Hba {
 /// Checks an md5 PasswordMessage against the md5 secret and the salt that was sent.
 pub fn md5_ok(secret: &str, salt: [u8; 4], answer: &str) -> bool {
     let mut h = Md5::new();
-    h.update(&secret.as_bytes()[3..]);
+    h.update(secret.as_bytes().get(3..).unwrap_or_default());
     h.update(salt);
     let expected = format!("md5{:x}", h.finalize());
     constant_eq(expected.as_bytes(), answer.as_bytes())

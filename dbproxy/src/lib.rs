@@ -21,6 +21,8 @@ pub mod coordination;
 pub mod etcd_store;
 pub mod failover;
 pub mod fence;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod health;
 pub mod health_stats;
 pub mod manager;

@@ -11,11 +11,23 @@ use crate::pgpool_conf::PgpoolConfError;
 /// Reads pool_passwd: `user:TEXTpassword`, `user:md5<hash>`, `user:SCRAM-SHA-256$...`.
 /// Returns the users and the names whose only secret is an md5 hash.
 pub fn read(path: &Path, notes: &mut Vec<String>) -> Result<(Vec<Value>, Vec<String>), PgpoolConfError> {
+    let text = std::fs::read_to_string(path).map_err(|e| PgpoolConfError::PoolPasswd {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    parse(&text, path, notes)
+}
+
+/// Parses pool_passwd text (`path` only names the file in errors); see [`read`].
+pub fn parse(
+    text: &str,
+    path: &Path,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Value>, Vec<String>), PgpoolConfError> {
     let err = |message: String| PgpoolConfError::PoolPasswd {
         path: path.to_path_buf(),
         message,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
     let mut users = Vec::new();
     let mut md5_only = Vec::new();
     for (i, raw) in text.lines().enumerate() {

@@ -77,7 +77,7 @@ pub(crate) enum Outcome {
 }
 
 /// Connection-wide values computed once.
-struct ClientInfo {
+pub(crate) struct ClientInfo {
     /// The client's address as text (X-Real-IP, the X-Forwarded-For hop).
     ip: String,
     /// The listener's configured address and the local port, for routing.
@@ -88,7 +88,7 @@ struct ClientInfo {
 }
 
 impl ClientInfo {
-    fn new(peer: SocketAddr, listen: SocketAddr, port: u16) -> ClientInfo {
+    pub(crate) fn new(peer: SocketAddr, listen: SocketAddr, port: u16) -> ClientInfo {
         let ip = peer.ip().to_canonical();
         let forwarded = if ip.is_ipv6() {
             format!("for=\"[{ip}]\";proto=http")
@@ -105,7 +105,7 @@ impl ClientInfo {
 }
 
 /// A request head ready to send upstream.
-struct Prepared {
+pub(crate) struct Prepared {
     /// The method is HEAD (the response has no body).
     head: bool,
     /// The client asked to close after this response.
@@ -136,7 +136,7 @@ fn trim(v: &[u8]) -> &[u8] {
 
 /// Parses a complete request head in `buf` and writes its upstream form into `out`; `None`
 /// when the request is not for the fast path.
-fn prepare(
+pub(crate) fn prepare(
     buf: &[u8],
     rt: &Runtime,
     client: &ClientInfo,
@@ -313,7 +313,7 @@ fn prepare(
 
 /// How an upstream response body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
+pub(crate) enum Framing {
     /// No body (HEAD, 204, 304).
     Empty,
     /// Exactly this many bytes.
@@ -326,11 +326,11 @@ enum Framing {
 
 /// A parsed upstream response head, with the client's copy written out.
 #[derive(Debug)]
-struct ResponseHead {
+pub(crate) struct ResponseHead {
     status: u16,
     /// Bytes of the head in the upstream buffer.
-    len: usize,
-    framing: Framing,
+    pub(crate) len: usize,
+    pub(crate) framing: Framing,
     /// The upstream connection may be reused afterwards.
     reusable: bool,
     /// A content length, for the access log.
@@ -339,7 +339,7 @@ struct ResponseHead {
 
 /// What parsing an upstream response head found.
 #[derive(Debug)]
-enum Parsed {
+pub(crate) enum Parsed {
     /// More bytes are needed.
     Partial,
     /// An interim (1xx other than 101) response of this many bytes, to skip.
@@ -350,7 +350,7 @@ enum Parsed {
 
 /// Parses an upstream response head from `buf`, writing the client's copy into `out` (with
 /// `connection: close` when `close_client`, or when the body runs until close).
-fn parse_response(
+pub(crate) fn parse_response(
     buf: &[u8],
     head_request: bool,
     close_client: bool,

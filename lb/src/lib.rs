@@ -33,6 +33,8 @@ pub mod body;
 pub mod config;
 mod fast;
 mod files;
+#[doc(hidden)]
+pub mod fuzzing;
 mod head_check;
 pub mod health;
 pub mod metrics;

@@ -157,8 +157,10 @@ pub(super) async fn startup(
             return Err(End);
         }
         AuthMethod::Trust => Ok(()),
-        AuthMethod::Md5 if creds.is_some_and(|c| c.md5.is_some()) => {
-            let secret = creds.and_then(|c| c.md5.as_deref()).expect("checked above");
+        // A user with no secret at all (unknown) gets the md5 exchange too, always failing, as
+        // PostgreSQL does, so that an unknown name cannot be told from a wrong password.
+        AuthMethod::Md5 if creds.is_none_or(|c| c.md5.is_some()) => {
+            let secret = creds.and_then(|c| c.md5.as_deref()).unwrap_or("");
             let salt: [u8; 4] = rand::random();
             pauth::encode_request(pauth::MD5, &salt, &mut client.wbuf);
             client.flush().await.map_err(|_| End)?;
@@ -166,15 +168,19 @@ pub(super) async fn startup(
                 return Ok(None);
             };
             match pauth::password(f.body()) {
-                Ok(answer) if auth::md5_ok(secret, salt, answer) => Ok(()),
+                Ok(answer) if creds.is_some() && auth::md5_ok(secret, salt, answer) => Ok(()),
                 Ok(_) => Err(failed(&user)),
                 Err(_) => Err(AuthError::MalformedScram),
             }
         }
         // md5 with only a SCRAM verifier upgrades to SCRAM, as PostgreSQL does.
         AuthMethod::Md5 | AuthMethod::ScramSha256 => match creds.and_then(|c| c.scram.clone()) {
-            None => Err(failed(&user)),
             Some(secret) => scram(client, secret, &user).await?,
+            // No verifier (an unknown user, or only an md5 secret): the same exchange against a
+            // made-up one, which fails like a wrong password, so users cannot be enumerated.
+            None => scram(client, auth::ScramSecret::mock(&user), &user)
+                .await?
+                .and(Err(failed(&user))),
         },
     };
     if let Err(e) = outcome {
