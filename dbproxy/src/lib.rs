@@ -20,6 +20,7 @@ pub mod config;
 pub mod coordination;
 pub mod etcd_store;
 pub mod failover;
+pub mod fault;
 pub mod fence;
 pub mod health;
 pub mod health_stats;
