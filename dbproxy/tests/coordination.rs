@@ -2,7 +2,8 @@
 //! PostgreSQL cluster: the leader killed (the other takes the lease within the TTL and writes go
 //! on), the primary killed while both run (exactly one promotion, both route to the new
 //! primary), and an instance cut off from etcd (it stops leading, never promotes, says so, keeps
-//! the recorded primary, and follows the record again when etcd is back).
+//! the recorded primary, and follows the record again when etcd is back), once with the etcd
+//! member it talks to frozen and once with its connections to etcd closed by a relay.
 
 mod pair;
 mod support;
@@ -200,6 +201,76 @@ async fn partitioned() -> Result<()> {
     })?;
     assert_eq!(s["leader"], "a", "{s}");
     assert_eq!(s["is_leader"], false, "{s}");
+    assert_eq!(promotions(&counted), ["node1"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_whose_etcd_connections_are_cut_keeps_to_the_recorded_primary_and_recovers() -> Result<()>
+{
+    support::bounded(etcd_connections_cut()).await
+}
+
+/// Like [`partitioned`], but b's connections to etcd are closed (a relay in between is cut)
+/// rather than left hanging on a frozen member, and etcd is one member.
+async fn etcd_connections_cut() -> Result<()> {
+    let c = pair::pg(1).await?;
+    let etcd = etcd(1).await?;
+    let dir = tempfile::tempdir()?;
+    let counted = dir.path().join("promotions");
+    let member: std::net::SocketAddr = etcd.endpoints()[0].trim_start_matches("http://").parse()?;
+    let relay = pair::Relay::start(member).await?;
+    let through_relay = vec![format!("http://127.0.0.1:{}", relay.port)];
+    let b = Proxy::start(pair_config(&c, through_relay, "/cut", "b", &counted))?;
+    wait_leader(b.admin, DEADLINE)?;
+    let a = Proxy::start(pair_config(&c, etcd.endpoints(), "/cut", "a", &counted))?;
+    let mut id = 0;
+    let (old, new) = (c.node(0).port(), c.node(1).port());
+    assert_eq!(write_eventually(a.port(), &mut id, DEADLINE).await?, old);
+
+    let cut = Instant::now();
+    relay.cut();
+    wait_for("b to stop leading and say etcd is unreachable", DEADLINE, || {
+        let s = coordination(b.admin)?;
+        Ok((s["is_leader"] == false && s["etcd_reachable"] == false).then_some(()))
+    })?;
+    let stopped = cut.elapsed();
+    assert!(
+        stopped < Duration::from_secs(TTL),
+        "b stopped acting {stopped:?} after the cut"
+    );
+    wait_leader(a.admin, Duration::from_secs(TTL) + DEADLINE)?;
+    eprintln!(
+        "a took the lease {:?} after b was cut from etcd (TTL {TTL} s)",
+        cut.elapsed()
+    );
+    assert_eq!(write_eventually(b.port(), &mut id, DEADLINE).await?, old);
+
+    // The primary dies: a promotes; b, cut off, neither promotes nor writes to node1.
+    c.node(0).kill9()?;
+    assert_eq!(write_eventually(a.port(), &mut id, DEADLINE).await?, new);
+    assert_eq!(promotions(&counted), ["node1"]);
+    assert_eq!(recorded_primary(b.admin)?.as_deref(), Some("node0"));
+    let e = write(b.port(), 3_000_000).await;
+    assert!(e.is_err(), "b sends no write to node1 without the record: {e:?}");
+    assert_eq!(c.node(1).psql("select count(*) from t where id = 3000000")?, "0");
+
+    // The relay lets connections through again: b reconnects, follows the record, and does not
+    // take the lease back.
+    relay.heal();
+    wait_for("b to follow the record again", DEADLINE, || {
+        Ok((recorded_primary(b.admin)?.as_deref() == Some("node1")).then_some(()))
+    })?;
+    assert_eq!(write_eventually(b.port(), &mut id, DEADLINE).await?, new);
+    let s = wait_for("b to reach etcd again", DEADLINE, || {
+        let s = coordination(b.admin)?;
+        Ok((s["etcd_reachable"] == true).then_some(s))
+    })?;
+    assert_eq!(
+        (s["leader"].as_str(), s["is_leader"].as_bool()),
+        (Some("a"), Some(false)),
+        "{s}"
+    );
     assert_eq!(promotions(&counted), ["node1"]);
     Ok(())
 }
