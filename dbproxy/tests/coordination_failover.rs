@@ -5,6 +5,8 @@
 //!   `HA_STACK_TEST_ABORT_AT` makes it abort exactly there): the other instance takes the lease
 //!   and finishes or rolls back the promotion, so exactly one node is promoted, writes go on
 //!   through it, and no write reaches the old primary when it comes back;
+//! - the leader is killed in a switchover once the record says it is promoting: the other
+//!   instance rolls it back, making the old primary (read-only by then) writable again;
 //! - the leader is cut from the primary only (a TCP relay in its path): with `failover_quorum`
 //!   it does not fail over while the other instance still sees the primary; once neither sees
 //!   it, exactly one promotion happens.
@@ -178,4 +180,65 @@ async fn quorum() -> Result<()> {
 
 fn coordination_is_leader(admin: SocketAddr) -> Result<bool> {
     Ok(pair::coordination(admin)?["is_leader"] == true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_killed_in_a_switchover_before_it_promotes_leaves_the_old_primary_writable() -> Result<()> {
+    support::bounded(switchover_rolled_back()).await
+}
+
+/// The leader `a` is asked for a switchover to node1 and aborts once the record says it is
+/// promoting: node0 was made read-only and nothing was promoted. `b` takes over, rolls back
+/// (node0 writable again) and routes writes to node0.
+async fn switchover_rolled_back() -> Result<()> {
+    let c = pair::pg(1).await?;
+    let etcd = etcd(1).await?;
+    let dir = tempfile::tempdir()?;
+    let counted = dir.path().join("promotions");
+    let mut a = Binary::start_with_env(
+        pair_config(&c, etcd.endpoints(), "/switch-midway", "a", &counted),
+        &[(ABORT_AT, "promoting")],
+    )?;
+    wait_leader(a.admin, DEADLINE)?;
+    let b = Proxy::start(pair_config(&c, etcd.endpoints(), "/switch-midway", "b", &counted))?;
+    let mut id = 0;
+    let old = c.node(0).port();
+    assert_eq!(write_eventually(b.port(), &mut id, DEADLINE).await?, old);
+    wait_for("a to see node1 as a healthy standby", DEADLINE, || {
+        let s = status(a.admin)?;
+        Ok((s["nodes"][1]["status"] == "up" && s["nodes"][1]["role"] == "standby").then_some(()))
+    })?;
+    let (code, body) = support::admin_request(a.admin, "POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let died = wait_for("the leader to abort at promoting", DEADLINE, || {
+        Ok(a.child.try_wait()?.map(|_| Instant::now()))
+    })?;
+    assert_eq!(
+        c.node(0).psql("show default_transaction_read_only")?,
+        "on",
+        "a made node0 read-only before it died"
+    );
+    assert_eq!(
+        write_eventually(b.port(), &mut id, Duration::from_secs(TTL) + DEADLINE).await?,
+        old
+    );
+    eprintln!(
+        "switchover rolled back: first write through the other instance {:?} after the leader died",
+        died.elapsed()
+    );
+    assert!(promotions(&counted).is_empty(), "nothing was promoted");
+    assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "t");
+    let s = status(b.admin)?;
+    assert_eq!(s["record"]["primary"], "node0", "{s}");
+    assert!(s["record"]["operation"].is_null(), "{s}");
+    assert!(
+        s["record"]["fenced"].as_object().is_some_and(|f| f.is_empty()),
+        "{s}"
+    );
+    let rolled_back = s["history"].as_array().is_some_and(|h| {
+        h.iter()
+            .any(|e| e["kind"] == "switchover" && e["resolved"]["step"] == "promoting")
+    });
+    assert!(rolled_back, "{s}");
+    Ok(())
 }
