@@ -136,6 +136,7 @@ pub struct Coordinator {
     leader_gauge: IntGauge,
     reachable_gauge: IntGauge,
     lost_total: IntCounter,
+    quorum_refused: IntCounter,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -203,6 +204,14 @@ impl Coordinator {
                 IntCounter::new(
                     "dbproxy_leader_lost_total",
                     "Times this instance stopped being the leader",
+                )
+                .expect("valid metric"),
+            ),
+            quorum_refused: register(
+                registry,
+                IntCounter::new(
+                    "dbproxy_failover_quorum_refused_total",
+                    "Times the leader saw the primary down but a majority of instances did not, so it did not fail over",
                 )
                 .expect("valid metric"),
             ),
@@ -417,6 +426,7 @@ impl Coordinator {
             .count();
         let agree = down * 2 > views.len();
         if !agree {
+            self.quorum_refused.inc();
             tracing::warn!(
                 node,
                 down,

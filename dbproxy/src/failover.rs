@@ -1213,6 +1213,12 @@ pub trait Topology: Send + Sync {
     /// Records candidate `id` as fenced (its promotion failed, and may yet take effect) and stops
     /// routing to it, before the next candidate is tried.
     fn fence_candidate(&self, id: usize) -> BoxFuture<'_, Result<(), String>>;
+    /// Records that candidate `id` is about to be promoted in place of `failed`, before the
+    /// promotion starts (so a leader that dies meanwhile leaves a record of it); an error stops
+    /// the failover. Nothing to record by default.
+    fn promoting(&self, _id: usize, _failed: usize) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// One failover or switchover, as the log and the `/status` history report it.
@@ -1311,6 +1317,10 @@ pub async fn fail_over(
             container: pcfg.container_of(&target.name),
         };
         tracing::warn!(failed = %old.name, candidate = %target.name, method = ?pcfg.method, "promoting");
+        if let Err(e) = topo.promoting(id, failed).await {
+            event.error = Some(format!("cannot record the promotion of {}: {e}", target.name));
+            return event;
+        }
         match promote(&target, pcfg, &placeholders, cred, timeout).await {
             Ok(out) => {
                 tracing::warn!(node = %target.name, elapsed = ?out.elapsed, "promoted");

@@ -20,6 +20,7 @@ pub mod config;
 pub mod coordination;
 pub mod etcd_store;
 pub mod failover;
+pub mod fault;
 pub mod fence;
 #[doc(hidden)]
 pub mod fuzzing;

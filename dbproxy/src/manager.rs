@@ -24,9 +24,10 @@ use crate::failover::{
 use crate::fence;
 
 mod fencing;
+mod pending;
 mod record;
 use crate::operations::{OpKind, Operations};
-use crate::record::{ClusterRecord, RecordStore};
+use crate::record::{ClusterRecord, PendingKind, RecordStore, Step};
 use futures_util::future::BoxFuture;
 use tokio_util::task::TaskTracker;
 
@@ -105,6 +106,14 @@ impl Topology for Manager {
             .map_err(|e| e.to_string())?;
             self.cluster.fence(id);
             Ok(())
+        })
+    }
+
+    fn promoting(&self, id: usize, failed: usize) -> BoxFuture<'_, Result<(), String>> {
+        Box::pin(async move {
+            self.begin_promotion(PendingKind::Failover, failed, id)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 }
@@ -322,6 +331,12 @@ impl Manager {
                 // A follower only follows the record (see `follow_record`).
                 continue;
             }
+            // A promotion a previous leader left half-done comes first: until it is resolved,
+            // nothing else may be decided from the record.
+            if let Err(e) = self.resolve_pending().await {
+                tracing::error!(error = %e, "cannot resolve the promotion under way; retrying");
+                continue;
+            }
             if self.config.enabled && retry_after.is_none_or(|t| Instant::now() >= t) {
                 if let Some(p) = self.lost_primary() {
                     if !self.quorum_sees_down(p).await {
@@ -379,6 +394,11 @@ impl Manager {
         }
         let cred = self.cred();
         let ev = failover::fail_over(self, failed, &self.config, &cred, detected_at).await;
+        // Done or given up: the promotion is no longer under way (unless the record cannot be
+        // written, and then whoever leads next resolves it).
+        if let Err(e) = self.end_promotion().await {
+            tracing::error!(error = %e, "cannot record the end of the failover");
+        }
         if ev.resumed_at.is_none() && !was_fenced {
             // Routing did not switch: the lost primary stays the one to come back to.
             self.cluster.unfence(failed);
@@ -568,6 +588,9 @@ impl Manager {
                 .await
                 .map_err(|e| e.to_string())?;
             let pcfg = self.config.promote_for(&name);
+            self.begin_promotion(PendingKind::Switchover, p, id)
+                .await
+                .map_err(|e| format!("cannot record the promotion of {name}: {e}"))?;
             self.step(op, &format!("promoting {name}"));
             let placeholders = Placeholders {
                 subject: target.clone(),
@@ -596,6 +619,12 @@ impl Manager {
         if let Err(e) = result {
             tracing::error!(error = %e, "switchover failed: writes resume on the old primary");
             let undo = failover::unquiesce(&old, &cred).await;
+            if cluster.is_fenced(id) {
+                // Promoted but not recorded: the record keeps the promotion under way, for
+                // whoever leads next (or a restart) to finish.
+            } else if let Err(e) = self.end_promotion().await {
+                tracing::error!(error = %e, "cannot record the end of the switchover");
+            }
             cluster.elect(p);
             cluster.busy.store(false, Ordering::Release);
             ev.error = Some(match undo {
@@ -617,6 +646,9 @@ impl Manager {
             .filter(|&i| i != id)
             .collect();
         failover::settle(&nodes, id, &followers, &self.config, &cred, &mut ev).await;
+        if let Err(e) = self.end_promotion().await {
+            tracing::error!(error = %e, "cannot record the end of the switchover");
+        }
         cluster.busy.store(false, Ordering::Release);
         tracing::warn!(from = %old.name, to = %name, "switchover complete; the old primary is fenced until re-attached");
         let v = event_json("switchover", &ev);
@@ -673,7 +705,14 @@ impl Manager {
     pub fn apply_record(&self, r: &ClusterRecord) {
         *self.record.lock().expect("record poisoned") = r.clone();
         let c = &self.cluster;
-        let primary = r.primary.as_deref().and_then(|n| self.index_of(n));
+        // While a promotion is in doubt no node takes writes: neither the one being replaced
+        // nor the one being promoted.
+        let in_doubt = r.operation.as_ref().is_some_and(|o| o.step == Step::Promoting);
+        let primary = r
+            .primary
+            .as_deref()
+            .and_then(|n| self.index_of(n))
+            .filter(|_| !in_doubt);
         for i in 0..c.nodes.len() {
             let fenced = r.fenced.contains_key(&self.name_of(i));
             if fenced && !c.is_fenced(i) {

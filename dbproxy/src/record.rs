@@ -38,6 +38,56 @@ pub struct ClusterRecord {
     /// Fenced nodes by name, with the term whose change fenced each.
     #[serde(default)]
     pub fenced: BTreeMap<String, u64>,
+    /// A promotion the leader started and had not finished when it wrote this record, with the
+    /// step it had reached, so whoever leads next finishes or rolls it back. Absent (and not
+    /// written) when none is under way, so records of earlier versions read as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operation: Option<Pending>,
+}
+
+/// A promotion under way: failover or switchover from `from` to `to`, at `step`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pending {
+    /// What is under way.
+    pub kind: PendingKind,
+    /// The primary being replaced.
+    pub from: String,
+    /// The standby being promoted.
+    pub to: String,
+    /// How far it got.
+    pub step: Step,
+}
+
+/// Which operation a [`Pending`] promotion belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PendingKind {
+    /// The primary was lost.
+    Failover,
+    /// A planned switchover (the old primary is read-only while it runs).
+    Switchover,
+}
+
+/// How far a [`Pending`] promotion got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    /// Written just before the promotion: `to` may or may not be a primary now. The record's
+    /// `primary` is still `from`; instances route no writes while this is the newest record.
+    Promoting,
+    /// `to` was promoted and the record names it; the other standbys may not follow it yet.
+    Switched,
+}
+
+impl Step {
+    /// Its name in records, logs and `/status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Promoting => "promoting",
+            Step::Switched => "switched",
+        }
+    }
 }
 
 /// Why the record could not be read or written.
@@ -237,7 +287,55 @@ mod tests {
             primary: Some(primary.into()),
             timeline: Some(2),
             fenced: [("node0".to_string(), term)].into(),
+            operation: None,
         }
+    }
+
+    #[tokio::test]
+    async fn a_pending_promotion_round_trips_and_older_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::new(dir.path());
+        // A record as the previous version wrote it: no `operation` key.
+        std::fs::write(
+            store.path(),
+            r#"{"format": 1, "term": 4, "primary": "node1", "timeline": 2, "fenced": {"node0": 3}}"#,
+        )
+        .unwrap();
+        let old = store.load().await.unwrap().unwrap();
+        assert_eq!(old.operation, None);
+        let mut next = record(5, "node1");
+        next.operation = Some(Pending {
+            kind: PendingKind::Failover,
+            from: "node1".into(),
+            to: "node2".into(),
+            step: Step::Promoting,
+        });
+        store.store(4, &next).await.unwrap();
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        assert!(text.contains(r#""step": "promoting""#), "{text}");
+        assert_eq!(store.load().await.unwrap(), Some(next.clone()));
+        next.operation = None;
+        store
+            .store(5, &{
+                let mut r = next.clone();
+                r.term = 6;
+                r
+            })
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(store.path()).unwrap();
+        assert!(
+            !text.contains("operation"),
+            "none under way is not written: {text}"
+        );
+        std::fs::write(
+            store.path(),
+            r#"{"format": 1, "term": 7, "primary": "node1", "timeline": 2,
+                "operation": {"kind": "failover", "from": "node1", "to": "node2", "step": "halfway"}}"#,
+        )
+        .unwrap();
+        let e = store.load().await.unwrap_err().to_string();
+        assert!(e.contains("is unreadable") && e.contains("halfway"), "{e}");
     }
 
     #[tokio::test]

@@ -2,186 +2,21 @@
 //! PostgreSQL cluster: the leader killed (the other takes the lease within the TTL and writes go
 //! on), the primary killed while both run (exactly one promotion, both route to the new
 //! primary), and an instance cut off from etcd (it stops leading, never promotes, says so, keeps
-//! the recorded primary, and follows the record again when etcd is back).
+//! the recorded primary, and follows the record again when etcd is back), once with the etcd
+//! member it talks to frozen and once with its connections to etcd closed by a relay.
 
+mod pair;
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use dbproxy::config::Config;
-use dbproxy::failover::{PromoteConfig, PromoteMethod};
-use serde_json::Value;
-use support::{admin_request, config_for, Proxy};
-use testkit::etcd::EtcdCluster;
-use testkit::{free_port, wait_for, PgCluster, DEADLINE};
-
-/// The lease TTL the drills use (seconds): short, with room for a loaded CI machine (each etcd
-/// request may take a third of it).
-const TTL: u64 = 3;
-
-async fn pg() -> Result<Arc<PgCluster>> {
-    let c = tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
-    c.primary().psql("create table t (id bigint primary key)")?;
-    c.wait_replicated()?;
-    Ok(Arc::new(c))
-}
-
-async fn etcd(n: usize) -> Result<EtcdCluster> {
-    tokio::task::spawn_blocking(move || EtcdCluster::start(n)).await?
-}
-
-/// A config for instance `name` of the pair: etcd at `endpoints`, a short lease, and every
-/// promotion appended to `promotions` before it is made (so the drills count them).
-fn pair_config(c: &PgCluster, endpoints: Vec<String>, prefix: &str, name: &str, promotions: &Path) -> Config {
-    let mut cfg = config_for(c, Some("pw"));
-    cfg.coordination.etcd = endpoints;
-    cfg.coordination.prefix = prefix.into();
-    cfg.coordination.lease_ttl = TTL;
-    cfg.coordination.name = name.into();
-    let promote = PromoteConfig {
-        method: PromoteMethod::Exec,
-        command: format!(
-            "echo {{node}} >> {} && PGPASSWORD=pw psql -X -q -h {{host}} -p {{port}} -U postgres -d postgres -c 'select pg_promote()'",
-            promotions.display()
-        ),
-        ..Default::default()
-    };
-    for n in c.nodes() {
-        cfg.failover.nodes.insert(n.name().into(), promote.clone());
-    }
-    cfg
-}
-
-fn promotions(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
-}
-
-/// `/status`'s coordination part.
-fn coordination(admin: std::net::SocketAddr) -> Result<Value> {
-    let (code, body) = admin_request(admin, "GET", "/status")?;
-    anyhow::ensure!(code == 200, "/status answered {code}");
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["record"]["coordination"].clone())
-}
-
-fn wait_leader(admin: std::net::SocketAddr, deadline: Duration) -> Result<()> {
-    wait_for("the instance to hold the leader lease", deadline, || {
-        Ok((coordination(admin)?["is_leader"] == true).then_some(()))
-    })
-}
-
-/// The recorded primary as this instance's `/status` shows it.
-fn recorded_primary(admin: std::net::SocketAddr) -> Result<Option<String>> {
-    let (_, body) = admin_request(admin, "GET", "/status")?;
-    let v: Value = serde_json::from_str(&body)?;
-    Ok(v["record"]["primary"].as_str().map(str::to_string))
-}
-
-/// dbproxy's binary with `config`, so a drill can SIGKILL it.
-struct Binary {
-    child: Child,
-    port: u16,
-    admin: std::net::SocketAddr,
-    _dir: tempfile::TempDir,
-}
-
-impl Binary {
-    fn start(mut config: Config) -> Result<Binary> {
-        let port = free_port()?;
-        let admin_port = free_port()?;
-        config.listen = format!("127.0.0.1:{port}");
-        config.admin_listen = format!("127.0.0.1:{admin_port}");
-        let dir = tempfile::tempdir()?;
-        let path: PathBuf = dir.path().join("dbproxy.toml");
-        std::fs::write(&path, toml::to_string(&config)?)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_dbproxy"))
-            .arg("--config")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.path().join("dbproxy.log"))?)
-            .spawn()
-            .context("starting dbproxy")?;
-        let admin: std::net::SocketAddr = config.admin_listen.parse()?;
-        let mut b = Binary {
-            child,
-            port,
-            admin,
-            _dir: dir,
-        };
-        wait_for("dbproxy's admin listener", DEADLINE, || {
-            if let Some(s) = b.child.try_wait()? {
-                anyhow::bail!("dbproxy exited: {s}; log:\n{}", b.log());
-            }
-            Ok(admin_request(admin, "GET", "/healthz").ok().map(|_| ()))
-        })?;
-        Ok(b)
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self._dir.path().join("dbproxy.log")).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("dbproxy binary log:\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Inserts `id` through the proxy on `port`; the server port that took it.
-async fn write(port: u16, id: i64) -> Result<u16> {
-    let conn =
-        format!("host=127.0.0.1 port={port} user=postgres password=pw dbname=postgres connect_timeout=5");
-    let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = c.await;
-    });
-    let row = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.query_one(
-            "insert into t (id) values ($1) returning inet_server_port()",
-            &[&id],
-        ),
-    )
-    .await
-    .context("the write hung")??;
-    Ok(row.get::<_, i32>(0) as u16)
-}
-
-/// Writes through `port` until one is acknowledged (a fresh id each try); the server port.
-async fn write_eventually(port: u16, next_id: &mut i64, deadline: Duration) -> Result<u16> {
-    let end = Instant::now() + deadline;
-    loop {
-        *next_id += 1;
-        match write(port, *next_id).await {
-            Ok(p) => return Ok(p),
-            Err(e) if Instant::now() < end => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => return Err(e.context("no write acknowledged before the deadline")),
-        }
-    }
-}
+use anyhow::Result;
+use pair::{
+    coordination, etcd, pair_config, promotions, recorded_primary, wait_leader, write, write_eventually,
+    Binary, TTL,
+};
+use support::Proxy;
+use testkit::{wait_for, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn when_the_leader_dbproxy_is_killed_the_other_takes_the_lease_within_the_ttl() -> Result<()> {
@@ -189,7 +24,7 @@ async fn when_the_leader_dbproxy_is_killed_the_other_takes_the_lease_within_the_
 }
 
 async fn leader_killed() -> Result<()> {
-    let c = pg().await?;
+    let c = pair::pg(1).await?;
     let etcd = etcd(1).await?;
     let dir = tempfile::tempdir()?;
     let counted = dir.path().join("promotions");
@@ -252,7 +87,7 @@ async fn a_killed_primary_is_promoted_once_and_both_instances_route_to_the_new_o
 }
 
 async fn primary_killed() -> Result<()> {
-    let c = pg().await?;
+    let c = pair::pg(1).await?;
     let etcd = etcd(1).await?;
     let dir = tempfile::tempdir()?;
     let counted = dir.path().join("promotions");
@@ -290,7 +125,7 @@ async fn an_instance_cut_off_from_etcd_stops_leading_never_promotes_and_follows_
 }
 
 async fn partitioned() -> Result<()> {
-    let c = pg().await?;
+    let c = pair::pg(1).await?;
     let etcd = etcd(3).await?;
     let dir = tempfile::tempdir()?;
     let counted = dir.path().join("promotions");
@@ -366,6 +201,76 @@ async fn partitioned() -> Result<()> {
     })?;
     assert_eq!(s["leader"], "a", "{s}");
     assert_eq!(s["is_leader"], false, "{s}");
+    assert_eq!(promotions(&counted), ["node1"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_whose_etcd_connections_are_cut_keeps_to_the_recorded_primary_and_recovers() -> Result<()>
+{
+    support::bounded(etcd_connections_cut()).await
+}
+
+/// Like [`partitioned`], but b's connections to etcd are closed (a relay in between is cut)
+/// rather than left hanging on a frozen member, and etcd is one member.
+async fn etcd_connections_cut() -> Result<()> {
+    let c = pair::pg(1).await?;
+    let etcd = etcd(1).await?;
+    let dir = tempfile::tempdir()?;
+    let counted = dir.path().join("promotions");
+    let member: std::net::SocketAddr = etcd.endpoints()[0].trim_start_matches("http://").parse()?;
+    let relay = pair::Relay::start(member).await?;
+    let through_relay = vec![format!("http://127.0.0.1:{}", relay.port)];
+    let b = Proxy::start(pair_config(&c, through_relay, "/cut", "b", &counted))?;
+    wait_leader(b.admin, DEADLINE)?;
+    let a = Proxy::start(pair_config(&c, etcd.endpoints(), "/cut", "a", &counted))?;
+    let mut id = 0;
+    let (old, new) = (c.node(0).port(), c.node(1).port());
+    assert_eq!(write_eventually(a.port(), &mut id, DEADLINE).await?, old);
+
+    let cut = Instant::now();
+    relay.cut();
+    wait_for("b to stop leading and say etcd is unreachable", DEADLINE, || {
+        let s = coordination(b.admin)?;
+        Ok((s["is_leader"] == false && s["etcd_reachable"] == false).then_some(()))
+    })?;
+    let stopped = cut.elapsed();
+    assert!(
+        stopped < Duration::from_secs(TTL),
+        "b stopped acting {stopped:?} after the cut"
+    );
+    wait_leader(a.admin, Duration::from_secs(TTL) + DEADLINE)?;
+    eprintln!(
+        "a took the lease {:?} after b was cut from etcd (TTL {TTL} s)",
+        cut.elapsed()
+    );
+    assert_eq!(write_eventually(b.port(), &mut id, DEADLINE).await?, old);
+
+    // The primary dies: a promotes; b, cut off, neither promotes nor writes to node1.
+    c.node(0).kill9()?;
+    assert_eq!(write_eventually(a.port(), &mut id, DEADLINE).await?, new);
+    assert_eq!(promotions(&counted), ["node1"]);
+    assert_eq!(recorded_primary(b.admin)?.as_deref(), Some("node0"));
+    let e = write(b.port(), 3_000_000).await;
+    assert!(e.is_err(), "b sends no write to node1 without the record: {e:?}");
+    assert_eq!(c.node(1).psql("select count(*) from t where id = 3000000")?, "0");
+
+    // The relay lets connections through again: b reconnects, follows the record, and does not
+    // take the lease back.
+    relay.heal();
+    wait_for("b to follow the record again", DEADLINE, || {
+        Ok((recorded_primary(b.admin)?.as_deref() == Some("node1")).then_some(()))
+    })?;
+    assert_eq!(write_eventually(b.port(), &mut id, DEADLINE).await?, new);
+    let s = wait_for("b to reach etcd again", DEADLINE, || {
+        let s = coordination(b.admin)?;
+        Ok((s["etcd_reachable"] == true).then_some(s))
+    })?;
+    assert_eq!(
+        (s["leader"].as_str(), s["is_leader"].as_bool()),
+        (Some("a"), Some(false)),
+        "{s}"
+    );
     assert_eq!(promotions(&counted), ["node1"]);
     Ok(())
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use dbproxy::etcd_store::EtcdStore;
-use dbproxy::record::{ClusterRecord, RecordError, RecordStore, FORMAT};
+use dbproxy::record::{ClusterRecord, Pending, PendingKind, RecordError, RecordStore, Step, FORMAT};
 use testkit::etcd::EtcdCluster;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -20,6 +20,7 @@ fn record(term: u64, primary: &str) -> ClusterRecord {
         primary: Some(primary.into()),
         timeline: Some(term as u32),
         fenced: [("node0".to_string(), term)].into(),
+        operation: None,
     }
 }
 
@@ -81,6 +82,17 @@ async fn a_compare_and_swap_from_a_stale_term_is_refused() -> Result<()> {
     }
     assert_eq!(won, 1, "exactly one compare-and-swap from term 2 succeeds");
     assert_eq!(store.load().await?.unwrap().term, 3);
+
+    // A promotion under way is kept with the step it reached.
+    let mut pending = record(4, "racer0");
+    pending.operation = Some(Pending {
+        kind: PendingKind::Switchover,
+        from: "racer0".into(),
+        to: "node1".into(),
+        step: Step::Switched,
+    });
+    store.store(3, &pending).await?;
+    assert_eq!(store.load().await?, Some(pending));
 
     // A record that is not one is a clear error naming etcd, not a panic.
     let mut c = etcd_client::Client::connect(etcd.endpoints(), None).await?;

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use super::Manager;
 use crate::cluster::Role;
 use crate::failover;
-use crate::record::{ClusterRecord, RecordError};
+use crate::record::{ClusterRecord, RecordError, Step};
 
 /// What a start-up probe saw of a node: whether it is a primary, and its newest timeline;
 /// `None` when it did not answer.
@@ -31,6 +31,7 @@ impl Manager {
             "primary": r.primary,
             "timeline": r.timeline,
             "fenced": r.fenced,
+            "operation": r.operation,
             "coordination": self.coord.get().map(|c| c.status_json()),
         })
     }
@@ -105,14 +106,19 @@ impl Manager {
             .ok()
             .flatten();
         let (new_name, old_name) = (self.name_of(new), self.name_of(old));
+        crate::fault::reached("promoted");
         self.commit(|r, term| {
             r.primary = Some(new_name.clone());
             r.timeline = timeline;
             r.fenced.remove(&new_name);
             r.fenced.insert(old_name, term);
+            if let Some(op) = r.operation.as_mut() {
+                op.step = Step::Switched;
+            }
         })
         .await?;
         self.cluster.switch_primary(new, old);
+        crate::fault::reached("switched");
         Ok(())
     }
 
@@ -215,6 +221,9 @@ impl Manager {
     /// is missing, and nothing is elected until a node reports primary. The outcome is recorded
     /// before it is routed by; an error here means the record cannot be written.
     pub async fn discover(&self) -> Result<Option<usize>, RecordError> {
+        // A promotion left half-done (by this instance before a crash, or by another leader)
+        // is finished or rolled back before anything is decided from the record.
+        self.resolve_pending().await?;
         let record = self.cluster_record();
         for name in record.fenced.keys() {
             match self.index_of(name) {
