@@ -112,7 +112,7 @@ pub struct RejoinConfig {
     pub automatic: bool,
     /// Seconds before an automatic rejoin that failed is tried again on the same node.
     pub retry_interval: f64,
-    /// `rewind`: the PostgreSQL binaries' directory (default: `pg_config --bindir`, else the
+    /// `rewind`: the PostgreSQL binaries' directory (default: `$PG_BINDIR`, `pg_config --bindir`, else the
     /// newest `/usr/lib/postgresql/*/bin`).
     pub pg_bindir: String,
     /// `rewind`: where the restarted server writes its output; `{data_dir}` and `{node}` are

@@ -159,6 +159,7 @@ pub async fn rejoin(
         ));
     }
     let dir = PathBuf::from(&node.data_dir);
+    put_back_interrupted(&dir).map_err(&setup)?;
     if !dir.join("PG_VERSION").exists() {
         return Err(setup(format!(
             "{} is not a PostgreSQL data directory",
@@ -433,6 +434,22 @@ async fn basebackup(
     }
 }
 
+/// A base backup interrupted before it ended (a failover stopped the rejoin, dbproxy was killed)
+/// left the old directory aside: the partial copy goes and the old directory comes back, so the
+/// next attempt starts from what the node had.
+fn put_back_interrupted(dir: &Path) -> Result<(), String> {
+    let aside = dir.with_extension("rejoin-old");
+    if !aside.join("PG_VERSION").exists() {
+        return Ok(());
+    }
+    tracing::warn!(dir = %dir.display(), "an interrupted base backup left the old directory aside: putting it back");
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| format!("removing the partial copy {}: {e}", dir.display()))?;
+    }
+    std::fs::rename(&aside, dir).map_err(|e| format!("putting {} back: {e}", aside.display()))
+}
+
 /// An empty data directory (mode 0700) owned by the account.
 fn make_dir(dir: &Path, account: Option<(u32, u32)>) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -694,6 +711,22 @@ mod tests {
             primary_conninfo(&none, &node, &primary, &cred),
             "host=127.0.0.1 port=5433 user=check password=pw application_name=n0"
         );
+    }
+
+    #[test]
+    fn an_interrupted_base_backup_puts_the_old_directory_back() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("n0");
+        let aside = tmp.path().join("n0.rejoin-old");
+        put_back_interrupted(&dir).unwrap();
+        assert!(!dir.exists(), "nothing to do");
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::write(aside.join("PG_VERSION"), "15\n").unwrap();
+        std::fs::create_dir_all(dir.join("base")).unwrap();
+        std::fs::write(dir.join("backup_label"), "partial").unwrap();
+        put_back_interrupted(&dir).unwrap();
+        assert!(dir.join("PG_VERSION").exists() && !dir.join("backup_label").exists());
+        assert!(!aside.exists());
     }
 
     #[test]
