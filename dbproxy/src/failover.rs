@@ -83,14 +83,17 @@ pub struct PromoteConfig {
     pub container: String,
 }
 
-/// How a fenced node is brought back as a standby (POST `/nodes/{id}/attach`).
+/// How a fenced node is brought back as a standby (POST `/nodes/{id}/attach`, automatic rejoin,
+/// and the old primary after a switchover).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RejoinConfig {
-    /// `exec` or `ssh` runs `command` first; `sql` (the default) runs no command and only checks
-    /// that the node is already a standby streaming from the primary (for nodes an operator
-    /// rebuilt by hand, like pgpool's `pcp_attach_node`).
-    pub method: PromoteMethod,
+    /// `rewind` runs the built-in rejoin for nodes on this host (stop cleanly, `pg_rewind` from the
+    /// primary, a fresh `pg_basebackup` if that fails, `standby.signal` and `primary_conninfo`,
+    /// start; needs `nodes.data_dir`); `exec` or `ssh` runs `command` first; `sql` (the default)
+    /// runs nothing and only checks that the node already streams from the primary (for nodes an
+    /// operator rebuilt by hand, like pgpool's `pcp_attach_node`).
+    pub method: crate::rejoin::RejoinMethod,
     /// The command template, e.g. a script running pg_rewind or pg_basebackup then starting the
     /// node: `{node}`, `{node_id}`, `{host}`, `{port}`, `{data_dir}`, `{container}` name the
     /// rejoining node, `{primary}`, `{primary_host}`, `{primary_port}` the current primary.
@@ -99,21 +102,39 @@ pub struct RejoinConfig {
     pub ssh_target: String,
     /// Private key file for `ssh`.
     pub ssh_key: String,
-    /// Seconds the command plus the wait for the node to stream may take.
+    /// Seconds the whole rejoin (command or rewind, start, and the wait for the node to stream)
+    /// may take.
     pub timeout: f64,
-    /// Rejoin fenced nodes on their own once they answer again (needs `exec` or `ssh`).
+    /// Rejoin fenced nodes on their own (needs `rewind`, `exec` or `ssh`): with `rewind` also a
+    /// node that is down (a killed primary is restarted as a standby); with a command, once the
+    /// node answers again. After a switchover the old primary rejoins at once with `rewind` or
+    /// when this is set.
     pub automatic: bool,
+    /// Seconds before an automatic rejoin that failed is tried again on the same node.
+    pub retry_interval: f64,
+    /// `rewind`: the PostgreSQL binaries' directory (default: `$PG_BINDIR`, `pg_config --bindir`, else the
+    /// newest `/usr/lib/postgresql/*/bin`).
+    pub pg_bindir: String,
+    /// `rewind`: where the restarted server writes its output; `{data_dir}` and `{node}` are
+    /// replaced (default: `{data_dir}.log`).
+    pub log_file: String,
+    /// `rewind`: take a fresh `pg_basebackup` when `pg_rewind` fails.
+    pub basebackup_fallback: bool,
 }
 
 impl Default for RejoinConfig {
     fn default() -> Self {
         RejoinConfig {
-            method: PromoteMethod::Sql,
+            method: crate::rejoin::RejoinMethod::Sql,
             command: String::new(),
             ssh_target: String::new(),
             ssh_key: String::new(),
             timeout: 300.0,
             automatic: false,
+            retry_interval: 30.0,
+            pg_bindir: String::new(),
+            log_file: String::new(),
+            basebackup_fallback: true,
         }
     }
 }
@@ -215,6 +236,7 @@ impl FailoverConfig {
         positive("failover.session_wait", self.session_wait)?;
         positive("failover.switchover_timeout", self.switchover_timeout)?;
         positive("failover.rejoin.timeout", self.rejoin.timeout)?;
+        positive("failover.rejoin.retry_interval", self.rejoin.retry_interval)?;
         self.fence.validate()?;
         let all = std::iter::once(("failover.default".to_string(), &self.default))
             .chain(self.nodes.iter().map(|(n, c)| (format!("failover.nodes.{n}"), c)));
@@ -226,18 +248,7 @@ impl FailoverConfig {
                 ));
             }
         }
-        if self.rejoin.method != PromoteMethod::Sql && self.rejoin.command.trim().is_empty() {
-            return Err(common::ConfigError::invalid(
-                "failover.rejoin.command",
-                "exec and ssh rejoining need a command",
-            ));
-        }
-        if self.rejoin.automatic && self.rejoin.method == PromoteMethod::Sql {
-            return Err(common::ConfigError::invalid(
-                "failover.rejoin.automatic",
-                "needs a rejoin command (method exec or ssh)",
-            ));
-        }
+        self.rejoin.validate()?;
         let known = |n: &String| nodes.is_empty() || nodes.iter().any(|c| &c.name == n);
         for n in self.nodes.keys() {
             if !known(n) {

@@ -35,6 +35,7 @@ pub mod pool_hba;
 pub mod pool_passwd;
 pub mod protocol;
 pub mod record;
+pub mod rejoin;
 pub mod reload;
 pub mod server;
 pub mod session;

@@ -18,14 +18,14 @@ use serde_json::{json, Value};
 
 use crate::cluster::{Cluster, Role};
 use crate::config::{secs, Config};
-use crate::failover::{
-    self, Credentials, FailoverConfig, FailoverEvent, NodeRef, Placeholders, PromoteMethod, Topology,
-};
+use crate::failover::{self, Credentials, FailoverConfig, FailoverEvent, NodeRef, Placeholders, Topology};
 use crate::fence;
+use crate::rejoin::RejoinMethod;
 
 mod fencing;
 mod pending;
 mod record;
+mod rejoin;
 use crate::operations::{OpKind, Operations};
 use crate::record::{ClusterRecord, PendingKind, RecordStore, Step};
 use futures_util::future::BoxFuture;
@@ -56,6 +56,8 @@ pub struct Manager {
     fence_state: Mutex<fence::Attempts>,
     /// With several instances (etcd): this one's coordinator; only the leader acts.
     coord: std::sync::OnceLock<Arc<crate::coordination::Coordinator>>,
+    /// Cancelled (and replaced) when a failover starts: rejoins under way or queued give way.
+    rejoins: Mutex<tokio_util::sync::CancellationToken>,
 }
 
 impl Topology for Manager {
@@ -205,6 +207,7 @@ impl Manager {
             closing: Shutdown::new(),
             fence_state: Mutex::new(fence::Attempts::default()),
             coord: std::sync::OnceLock::new(),
+            rejoins: Mutex::new(tokio_util::sync::CancellationToken::new()),
         }
     }
 
@@ -220,17 +223,20 @@ impl Manager {
         self.check_leader()?;
         let (_, name) = match kind {
             OpKind::Switchover => self.check_switchover(id)?,
-            OpKind::Attach => self.check_attach(id)?,
+            OpKind::Attach | OpKind::Rejoin => self.check_attach(id)?,
         };
         let op = self.operations.accept(kind, &name);
         tracing::info!(operation = op, kind = kind.as_str(), node = %name, "operation accepted");
         let me = self.clone();
+        let give_way = self.rejoin_token();
         self.op_tasks.spawn(async move {
             let outcome = match kind {
                 OpKind::Switchover => me.switchover_steps(id, Some(op)).await.map(|v| v.to_string()),
-                OpKind::Attach => tokio::select! {
+                OpKind::Attach | OpKind::Rejoin => tokio::select! {
                     r = me.attach_steps(id, Some(op)) => r,
                     _ = me.closing.cancelled() => Err(OpError::Failed("dbproxy shut down".into())),
+                    _ = give_way.cancelled() => Err(OpError::Failed(
+                        "stopped: the primary was lost and a failover comes first".into())),
                 },
             };
             if let Err(e) = &outcome {
@@ -312,7 +318,7 @@ impl Manager {
     /// over from `lost` (the recorded primary, lost at start-up) first. Runs until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown, lost: Option<usize>) {
         let mut retry_after: Option<Instant> = None;
-        let mut rejoin_tried: Vec<Option<Instant>> = Vec::new();
+        let mut rejoining: Vec<Option<(u64, Instant)>> = Vec::new();
         if let Some(p) = lost.filter(|_| self.config.enabled && self.may_act()) {
             if self.failover(p).await.error.is_some() {
                 retry_after = Some(Instant::now() + Duration::from_secs(5));
@@ -321,7 +327,7 @@ impl Manager {
         loop {
             let period = secs(self.cluster.health().period);
             // A reload may have added nodes.
-            rejoin_tried.resize(self.cluster.nodes.len(), None);
+            rejoining.resize(self.cluster.nodes.len(), None);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = self.cluster.primary_down.notified() => {}
@@ -360,23 +366,14 @@ impl Manager {
             }
             self.fence_returned();
             if self.config.rejoin.automatic {
-                for (i, tried) in rejoin_tried.iter_mut().enumerate() {
-                    let due = tried.is_none_or(|t| t.elapsed() >= Duration::from_secs(60));
-                    if due && self.cluster.is_fenced(i) && self.cluster.status(i).reachable {
-                        *tried = Some(Instant::now());
-                        match self.attach(i).await {
-                            Ok(msg) => tracing::info!(node = %self.cluster.nodes[i].config.name, "{msg}"),
-                            Err(e) => tracing::warn!(node = %self.cluster.nodes[i].config.name, error = %e,
-                                                     "automatic rejoin failed; retrying in 60 s"),
-                        }
-                    }
-                }
+                self.auto_rejoin(&mut rejoining);
             }
         }
     }
 
     /// Replaces the lost primary `failed` (see [`failover::fail_over`]).
     pub async fn failover(&self, failed: usize) -> FailoverEvent {
+        self.cancel_rejoins();
         let _op = self.op.lock().await;
         let name = self.cluster.nodes[failed].config.name.clone();
         let detected_at = self.cluster.status(failed).last_change;
@@ -447,64 +444,7 @@ impl Manager {
     /// [`Manager::attach`], reporting its steps to operation `op`.
     async fn attach_steps(&self, id: usize, op: Option<u64>) -> Result<String, OpError> {
         let _op = self.op.lock().await;
-        let (p, name) = self.check_attach(id)?;
-        let started = SystemTime::now();
-        let node = self.node_ref(id);
-        let primary = self.node_ref(p);
-        let timeout = secs(self.config.rejoin.timeout);
-        let deadline = Instant::now() + timeout;
-        let r = &self.config.rejoin;
-        let mut output = String::new();
-        if r.method != PromoteMethod::Sql {
-            let placeholders = Placeholders {
-                subject: node.clone(),
-                failed: node.clone(),
-                new_primary: primary.clone(),
-                old_primary: primary.clone(),
-                container: self.config.promote_for(&name).container_of(&name),
-            };
-            let rendered = failover::render(&r.command, &placeholders);
-            let line = if r.method == PromoteMethod::Ssh {
-                failover::ssh_line(&r.ssh_target, &r.ssh_key, &node.host, &rendered, timeout)
-            } else {
-                rendered
-            };
-            self.step(op, &format!("running the rejoin command for {name}"));
-            match failover::run_command(&name, &line, timeout).await {
-                Ok(out) => output = out,
-                Err(e) => {
-                    self.record_attach(&name, started, Some(e.to_string()));
-                    return Err(OpError::Failed(e.to_string()));
-                }
-            }
-        }
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(1));
-        self.step(op, &format!("waiting for {name} to stream from {}", primary.name));
-        if let Err(e) = failover::wait_following(&node, &primary, &self.cred(), left).await {
-            self.record_attach(&name, started, Some(e.to_string()));
-            return Err(OpError::Failed(e.to_string()));
-        }
-        self.cluster.update(id, |s| s.role = Role::Standby);
-        if let Err(e) = self
-            .commit(|r, _| {
-                r.fenced.remove(&name);
-            })
-            .await
-        {
-            self.record_attach(&name, started, Some(e.to_string()));
-            return Err(OpError::Failed(e.to_string()));
-        }
-        self.cluster.unfence(id);
-        self.record_attach(&name, started, None);
-        tracing::info!(node = %name, primary = %primary.name, "re-attached as a standby");
-        let mut msg = format!("{name} re-attached as a standby of {}", primary.name);
-        if !output.is_empty() {
-            msg.push('\n');
-            msg.push_str(&output);
-        }
-        Ok(msg)
+        self.attach_locked(id, op).await
     }
 
     fn record_attach(&self, name: &str, started: SystemTime, error: Option<String>) {
@@ -650,9 +590,14 @@ impl Manager {
             tracing::error!(error = %e, "cannot record the end of the switchover");
         }
         cluster.busy.store(false, Ordering::Release);
-        tracing::warn!(from = %old.name, to = %name, "switchover complete; the old primary is fenced until re-attached");
-        let v = event_json("switchover", &ev);
+        tracing::warn!(from = %old.name, to = %name, "switchover complete; the old primary is fenced until it rejoins");
+        let mut v = event_json("switchover", &ev);
         self.record("switchover", "ok", v.clone());
+        let r = &self.config.rejoin;
+        if r.method == RejoinMethod::Rewind || (r.automatic && r.method != RejoinMethod::Sql) {
+            // Redundancy is kept: the old primary becomes a standby of the new one.
+            v["rejoin"] = self.rejoin_old_primary(p, op).await;
+        }
         Ok(v)
     }
 }

@@ -19,6 +19,8 @@ pub enum OpKind {
     Switchover,
     /// Re-attaching a fenced node as a standby (`POST /nodes/{id}/attach`).
     Attach,
+    /// An automatic rejoin of a fenced node (`failover.rejoin.automatic`).
+    Rejoin,
 }
 
 impl OpKind {
@@ -27,6 +29,7 @@ impl OpKind {
         match self {
             OpKind::Switchover => "switchover",
             OpKind::Attach => "attach",
+            OpKind::Rejoin => "rejoin",
         }
     }
 }

@@ -349,7 +349,7 @@ fn judge(key: &str, value: &str, beside: Beside) -> (Verdict, String) {
         "failover_on_backend_error" => s(Same, "failover follows failed health checks only"),
         "auto_failback" if on(value) => s(
             Different,
-            "dbproxy re-attaches a node on its own only with failover.rejoin.automatic and a rejoin command",
+            "dbproxy re-attaches a node on its own only with failover.rejoin.automatic and a way to rejoin (method rewind, exec or ssh)",
         ),
         "auto_failback" | "auto_failback_interval" => s(Same, "no automatic failback"),
         "detach_false_primary" if on(value) => s(Same, "a false primary is fenced"),

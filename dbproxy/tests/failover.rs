@@ -446,7 +446,7 @@ async fn switchover_loses_no_write_and_attach_brings_the_old_primary_back() -> R
 async fn switchover_body() -> Result<()> {
     let c = cluster(2, false).await?;
     let proxy = proxy_for(&c, |cfg| {
-        cfg.failover.rejoin.method = PromoteMethod::Exec;
+        cfg.failover.rejoin.method = dbproxy::rejoin::RejoinMethod::Exec;
         cfg.failover.rejoin.command = "echo rejoining {node} to {primary} on port {primary_port}".into();
         cfg.failover.rejoin.timeout = 30.0;
     })?;
@@ -528,7 +528,7 @@ async fn automatic_rejoin_body() -> Result<()> {
         done = done.display()
     );
     let proxy = proxy_for(&c, |cfg| {
-        cfg.failover.rejoin.method = PromoteMethod::Exec;
+        cfg.failover.rejoin.method = dbproxy::rejoin::RejoinMethod::Exec;
         cfg.failover.rejoin.command = command;
         cfg.failover.rejoin.automatic = true;
         cfg.failover.rejoin.timeout = 90.0;

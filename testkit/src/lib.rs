@@ -446,21 +446,40 @@ impl PgNode {
         s
     }
 
-    /// The postmaster's PID while it runs.
+    /// The postmaster's PID while it runs: the kit's own child, or a server someone else started
+    /// on this data directory (dbproxy's built-in rejoin runs `pg_ctl start`), found by its
+    /// `postmaster.pid`.
     pub fn pid(&self) -> Option<i32> {
-        self.child
-            .lock()
-            .expect("child poisoned")
-            .as_ref()
-            .map(|c| c.id() as i32)
+        let own = {
+            let mut guard = self.child.lock().expect("child poisoned");
+            match guard.as_mut() {
+                Some(c) => matches!(c.try_wait(), Ok(None)).then(|| c.id() as i32),
+                None => None,
+            }
+        };
+        own.or_else(|| self.foreign_pid())
     }
 
     /// Whether the postmaster process is alive (it may be stopped by SIGSTOP).
     pub fn is_running(&self) -> bool {
-        let mut guard = self.child.lock().expect("child poisoned");
-        match guard.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(None)),
-            None => false,
+        self.pid().is_some()
+    }
+
+    /// A live postmaster named by the data directory's `postmaster.pid` that is not the kit's child.
+    fn foreign_pid(&self) -> Option<i32> {
+        let text = fs::read_to_string(self.data_dir.join("postmaster.pid")).ok()?;
+        let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+        let comm = fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+        (comm.trim() == "postgres" && process_alive(pid)).then_some(pid)
+    }
+
+    /// Takes the kit's child if it is still alive (an exited one is reaped and dropped).
+    fn take_live_child(&self) -> Option<Child> {
+        let mut child = self.child.lock().expect("child poisoned").take()?;
+        if matches!(child.try_wait(), Ok(None)) {
+            Some(child)
+        } else {
+            None
         }
     }
 
@@ -501,14 +520,21 @@ impl PgNode {
 
     /// Crashes the server: SIGKILL to the postmaster, as a power cut would look to clients.
     pub fn kill9(&self) -> Result<()> {
-        let Some(mut child) = self.child.lock().expect("child poisoned").take() else {
-            bail!("{} is not running", self.name);
-        };
-        let pid = child.id() as i32;
+        if let Some(mut child) = self.take_live_child() {
+            let pid = child.id() as i32;
+            *self.orphans.lock().expect("orphans poisoned") = children_of(pid);
+            kill(Pid::from_raw(pid), Signal::SIGKILL)?;
+            child.wait()?;
+            return Ok(());
+        }
+        let pid = self
+            .foreign_pid()
+            .ok_or_else(|| anyhow!("{} is not running", self.name))?;
         *self.orphans.lock().expect("orphans poisoned") = children_of(pid);
         kill(Pid::from_raw(pid), Signal::SIGKILL)?;
-        child.wait()?;
-        Ok(())
+        wait_for(&format!("{} to die", self.name), DEADLINE, || {
+            Ok((!process_alive(pid)).then_some(()))
+        })
     }
 
     /// Freezes the postmaster (SIGSTOP): it still accepts TCP connections but never answers them.
@@ -531,8 +557,15 @@ impl PgNode {
 
     /// A clean, fast shutdown (SIGINT); waits until the server has exited.
     pub fn stop(&self) -> Result<()> {
-        let Some(mut child) = self.child.lock().expect("child poisoned").take() else {
-            bail!("{} is not running", self.name);
+        let Some(mut child) = self.take_live_child() else {
+            let pid = self
+                .foreign_pid()
+                .ok_or_else(|| anyhow!("{} is not running", self.name))?;
+            let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+            kill(Pid::from_raw(pid), Signal::SIGINT)?;
+            return wait_for(&format!("{} to stop", self.name), DEADLINE, || {
+                Ok((!process_alive(pid)).then_some(()))
+            });
         };
         let pid = Pid::from_raw(child.id() as i32);
         let _ = kill(pid, Signal::SIGCONT);
@@ -561,6 +594,18 @@ impl PgNode {
             {
                 let _ = child.kill();
                 let _ = child.wait();
+            }
+        }
+        if let Some(pid) = self.foreign_pid() {
+            let p = Pid::from_raw(pid);
+            let _ = kill(p, Signal::SIGCONT);
+            let _ = kill(p, Signal::SIGQUIT);
+            if wait_for("server exit", Duration::from_secs(10), || {
+                Ok((!process_alive(pid)).then_some(()))
+            })
+            .is_err()
+            {
+                let _ = kill(p, Signal::SIGKILL);
             }
         }
         for pid in self.orphans.lock().map(|g| g.clone()).unwrap_or_default() {

@@ -1,0 +1,479 @@
+//! The built-in rejoin (`failover.rejoin.method = "rewind"`) on real PostgreSQL clusters: a
+//! crashed old primary rewound into a standby of the new one, the base-backup fallback when
+//! pg_rewind cannot work, the chain drill (three primaries killed in a row, each coming back as a
+//! standby on its own), a switchover that keeps the old primary as a standby, and the errors for
+//! a node whose data directory is unknown.
+
+mod support;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dbproxy::config::Config;
+use dbproxy::rejoin::RejoinMethod;
+use serde_json::Value;
+use support::{config_for, Proxy};
+use testkit::{wait_for, PgCluster, DEADLINE};
+
+async fn cluster(standbys: usize) -> Result<Arc<PgCluster>> {
+    let c =
+        tokio::task::spawn_blocking(move || PgCluster::builder().standbys(standbys).password("pw").start())
+            .await??;
+    c.primary().psql("create table t (id bigint primary key)")?;
+    c.wait_replicated()?;
+    Ok(Arc::new(c))
+}
+
+/// dbproxy in front of `c` with the built-in rejoin and each node's data directory.
+fn proxy_for(c: &PgCluster, automatic: bool, tweak: impl FnOnce(&mut Config)) -> Result<Proxy> {
+    let mut cfg = config_for(c, Some("pw"));
+    for (i, n) in cfg.nodes.iter_mut().enumerate() {
+        n.data_dir = c.node(i).data_dir().display().to_string();
+    }
+    cfg.failover.rejoin.method = RejoinMethod::Rewind;
+    cfg.failover.rejoin.automatic = automatic;
+    cfg.failover.rejoin.timeout = 90.0;
+    tweak(&mut cfg);
+    Proxy::start(cfg)
+}
+
+fn node_status(proxy: &Proxy, i: usize) -> Result<Value> {
+    Ok(proxy.status()?["nodes"][i].clone())
+}
+
+fn elected(proxy: &Proxy) -> Result<usize> {
+    wait_for("a primary elected", DEADLINE, || {
+        Ok(proxy.status()?["primary"].as_u64().map(|p| p as usize))
+    })
+}
+
+/// Waits until `/status` holds `n` events of `kind` and returns the last.
+fn wait_event(proxy: &Proxy, kind: &str, n: usize) -> Result<Value> {
+    wait_for(&format!("{n} {kind} event(s) in /status"), DEADLINE, || {
+        let s = proxy.status()?;
+        let events: Vec<Value> = s["history"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e["kind"] == kind)
+            .collect();
+        Ok((events.len() >= n).then(|| events[n - 1].clone()))
+    })
+}
+
+/// Waits until the operation an admin POST answered with (`body`) has ended.
+fn operation(proxy: &Proxy, body: &str) -> Result<Value> {
+    let accepted: Value = serde_json::from_str(body).with_context(|| format!("not JSON: {body}"))?;
+    let id = accepted["operation"]
+        .as_u64()
+        .with_context(|| format!("no operation id: {body}"))?;
+    wait_for(
+        &format!("operation {id} to end"),
+        Duration::from_secs(120),
+        || {
+            let s = proxy.status()?;
+            let op = s["operations"]
+                .as_array()
+                .and_then(|ops| ops.iter().find(|o| o["id"] == id).cloned())
+                .with_context(|| format!("operation {id} in {s}"))?;
+            Ok(matches!(op["state"].as_str(), Some("succeeded" | "failed")).then_some(op))
+        },
+    )
+}
+
+/// The standbys streaming from node `p`, by name.
+fn streaming_from(c: &PgCluster, p: usize) -> Result<Vec<String>> {
+    let out = c
+        .node(p)
+        .psql("select application_name from pg_stat_replication where state = 'streaming' order by 1")?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+/// Waits until node `i` is an unfenced standby streaming from node `p` on `p`'s timeline.
+fn wait_rejoined(proxy: &Proxy, c: &PgCluster, i: usize, p: usize, limit: Duration) -> Result<()> {
+    let name = c.node(i).name().to_string();
+    wait_for(&format!("{name} back as a standby of node{p}"), limit, || {
+        let s = node_status(proxy, i)?;
+        let streams = streaming_from(c, p)?.contains(&name);
+        Ok((s["fenced"] == false && streams).then_some(()))
+    })?;
+    let tl = |n: usize, sql: &str| -> Result<String> { c.node(n).psql(sql) };
+    let primary_tl = tl(p, "select timeline_id from pg_control_checkpoint()")?;
+    let standby_tl = wait_for(&format!("{name} on the primary's timeline"), DEADLINE, || {
+        let t = tl(i, "select received_tli from pg_stat_wal_receiver")?;
+        Ok((t == primary_tl).then_some(t))
+    })?;
+    assert_eq!(standby_tl, primary_tl);
+    Ok(())
+}
+
+/// Clients writing unique ids through dbproxy, reconnecting after a lost session; every
+/// acknowledged id is kept with when it was sent and when it was acknowledged.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(i64, Instant, Instant)>>>,
+    errors: Arc<Mutex<BTreeMap<String, usize>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(proxy: &Proxy, n: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(BTreeMap::new()));
+        let next = Arc::new(AtomicI64::new(1_000_000));
+        let conn = proxy.conn_string("postgres", "pw");
+        let tasks = (0..n)
+            .map(|_| {
+                let (stop, acked, errors, next, conn) = (
+                    stop.clone(),
+                    acked.clone(),
+                    errors.clone(),
+                    next.clone(),
+                    conn.clone(),
+                );
+                tokio::spawn(async move {
+                    let mut client: Option<tokio_postgres::Client> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        let c = match &client {
+                            Some(c) if !c.is_closed() => c,
+                            _ => {
+                                match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+                                    Ok((c, driver)) => {
+                                        tokio::spawn(driver);
+                                        client = Some(c);
+                                    }
+                                    Err(e) => {
+                                        *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                    }
+                                }
+                                continue;
+                            }
+                        };
+                        let id = next.fetch_add(1, Ordering::Relaxed);
+                        let sent = Instant::now();
+                        match c.execute("insert into t (id) values ($1)", &[&id]).await {
+                            Ok(_) => acked.lock().unwrap().push((id, sent, Instant::now())),
+                            Err(e) => {
+                                *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            errors,
+            tasks,
+        }
+    }
+
+    /// Waits until a write sent after `t` is acknowledged; returns when it was.
+    async fn first_ack_after(&self, t: Instant) -> Result<Instant> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let first = self
+                .acked
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(_, sent, _)| *sent > t)
+                .map(|(_, _, at)| *at)
+                .min();
+            if let Some(at) = first {
+                return Ok(at);
+            }
+            if Instant::now() > deadline {
+                bail!("no write acknowledged; errors: {:?}", self.errors.lock().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn stop(self) -> (Vec<i64>, BTreeMap<String, usize>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+        }
+        let ids = self.acked.lock().unwrap().iter().map(|(id, _, _)| *id).collect();
+        let errors = self.errors.lock().unwrap().clone();
+        (ids, errors)
+    }
+}
+
+fn kind(e: &tokio_postgres::Error) -> String {
+    match e.code() {
+        Some(c) => c.code().to_string(),
+        None if e.is_closed() => "closed".into(),
+        None => "other".into(),
+    }
+}
+
+/// Errors writers may see across a failover: the statement in flight (08006, or a closed
+/// session) and connections refused while there was no primary.
+fn assert_clean_errors(errors: &BTreeMap<String, usize>) {
+    for k in errors.keys() {
+        assert!(
+            k.starts_with("08") || k == "closed" || k == "57P01",
+            "unexpected client error {k}: {errors:?}"
+        );
+    }
+}
+
+/// The ids of table `t` on node `i`.
+fn ids_on(c: &PgCluster, i: usize) -> Result<HashSet<i64>> {
+    Ok(c.node(i)
+        .psql("select id from t")?
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn chain_drill_three_primaries_killed_in_a_row_all_come_back_as_standbys() -> Result<()> {
+    support::bounded(chain_body()).await
+}
+
+async fn chain_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let proxy = proxy_for(&c, true, |cfg| cfg.failover.rejoin.retry_interval = 2.0)?;
+    let writers = Writers::start(&proxy, 2);
+    writers.first_ack_after(Instant::now()).await?;
+    let mut killed = Vec::new();
+    let mut primary = elected(&proxy)?;
+    for round in 1..=3 {
+        let victim = primary;
+        let t0 = Instant::now();
+        c.node(victim).kill9()?;
+        let ev = wait_event(&proxy, "failover", round)?;
+        assert!(ev["error"].is_null(), "round {round}: {ev}");
+        assert_eq!(ev["failed"], c.node(victim).name(), "{ev}");
+        let first = writers.first_ack_after(t0).await?;
+        primary = elected(&proxy)?;
+        assert_ne!(primary, victim);
+        // The killed node comes back on its own: restarted, rewound, streaming, unfenced.
+        wait_rejoined(&proxy, &c, victim, primary, Duration::from_secs(120))?;
+        eprintln!(
+            "chain drill: failure {round} (node{victim} killed): kill to first acknowledged write {} ms, \
+             kill to node{victim} back as a standby {} ms",
+            first.duration_since(t0).as_millis(),
+            t0.elapsed().as_millis()
+        );
+        killed.push(victim);
+    }
+    let t_end = Instant::now();
+    writers.first_ack_after(t_end).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    // Every node but the last primary streams from it.
+    let mut want: Vec<String> = (0..3)
+        .filter(|&i| i != primary)
+        .map(|i| c.node(i).name().to_string())
+        .collect();
+    want.sort();
+    assert_eq!(streaming_from(&c, primary)?, want);
+    assert!(killed.len() == 3 && !acked.is_empty());
+    // Rejoins are operations in /status.
+    let ops = proxy.status()?["operations"].clone();
+    let rejoins = ops
+        .as_array()
+        .map(|o| {
+            o.iter()
+                .filter(|o| o["kind"] == "rejoin" && o["state"] == "succeeded")
+                .count()
+        })
+        .unwrap_or(0);
+    assert!(rejoins >= 3, "{ops}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_crashed_old_primary_is_rewound_into_a_standby_on_the_new_timeline() -> Result<()> {
+    support::bounded(crashed_body()).await
+}
+
+async fn crashed_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let proxy = proxy_for(&c, false, |_| {})?;
+    assert_eq!(elected(&proxy)?, 0);
+    // Writes the old primary took, then a crash with WAL of its own after them.
+    support::psql(
+        &proxy,
+        "postgres",
+        "pw",
+        "insert into t select generate_series(1, 1000)",
+    )?;
+    c.node(0).kill9()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    let p = elected(&proxy)?;
+    support::psql(&proxy, "postgres", "pw", "insert into t values (5000)")?;
+    assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let result = op["result"].as_str().unwrap_or_default();
+    assert!(result.contains("rewound with pg_rewind"), "{op}");
+    wait_rejoined(&proxy, &c, 0, p, DEADLINE)?;
+    // It has the write made after the failover, and it is a standby: it refuses writes.
+    let lsn = c.node(p).current_lsn()?;
+    c.node(0).wait_replayed(&lsn)?;
+    assert!(ids_on(&c, 0)?.contains(&5000));
+    let refused = c.node(0).psql("insert into t values (6000)").unwrap_err();
+    assert!(format!("{refused:#}").contains("read-only"), "{refused:#}");
+    // Its own settings survived the rewind (pg_rewind copies the primary's configuration files).
+    assert_eq!(c.node(0).psql("show cluster_name")?, "node0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_pg_rewind_cannot_work_a_fresh_base_backup_rejoins_the_node() -> Result<()> {
+    support::bounded(fallback_body()).await
+}
+
+async fn fallback_body() -> Result<()> {
+    let c = cluster(1).await?;
+    let proxy = proxy_for(&c, false, |_| {})?;
+    assert_eq!(elected(&proxy)?, 0);
+    c.node(0).kill9()?;
+    wait_event(&proxy, "failover", 1)?;
+    support::psql(&proxy, "postgres", "pw", "insert into t values (7000)")?;
+    // The crashed node's WAL is gone: neither crash recovery nor pg_rewind can work.
+    let wal = c.node(0).data_dir().join("pg_wal");
+    for e in std::fs::read_dir(&wal)? {
+        let e = e?;
+        if e.file_type()?.is_file() {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let result = op["result"].as_str().unwrap_or_default();
+    assert!(
+        result.contains("rebuilt with pg_basebackup") && result.contains("pg_rewind failed"),
+        "{op}"
+    );
+    wait_rejoined(&proxy, &c, 0, 1, DEADLINE)?;
+    let lsn = c.node(1).current_lsn()?;
+    c.node(0).wait_replayed(&lsn)?;
+    assert!(ids_on(&c, 0)?.contains(&7000));
+    assert_eq!(c.node(0).psql("show cluster_name")?, "node0");
+    assert!(
+        !c.node(0).data_dir().with_extension("rejoin-old").exists(),
+        "the old directory is removed once the backup succeeded"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_keeps_the_old_primary_as_a_standby_and_loses_no_write() -> Result<()> {
+    support::bounded(switchover_body()).await
+}
+
+async fn switchover_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let proxy = proxy_for(&c, false, |_| {})?;
+    assert_eq!(elected(&proxy)?, 0);
+    let before = streaming_from(&c, 0)?.len();
+    let writers = Writers::start(&proxy, 3);
+    writers.first_ack_after(Instant::now()).await?;
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    let v: Value = serde_json::from_str(op["result"].as_str().unwrap_or("{}"))?;
+    assert_eq!(v["promoted"], "node1", "{v}");
+    assert_eq!(v["rejoin"]["ok"], true, "{v}");
+    let t = Instant::now();
+    writers.first_ack_after(t).await?;
+    let (acked, errors) = writers.stop().await;
+    assert_clean_errors(&errors);
+    wait_rejoined(&proxy, &c, 0, 1, DEADLINE)?;
+    assert_eq!(streaming_from(&c, 1)?.len(), before, "as many standbys as before");
+    // No acknowledged write is lost, and the old primary, now a standby, has them all.
+    let lsn = c.node(1).current_lsn()?;
+    c.node(0).wait_replayed(&lsn)?;
+    for i in [0, 1] {
+        let present = ids_on(&c, i)?;
+        let lost = acked.iter().filter(|id| !present.contains(id)).count();
+        assert_eq!(lost, 0, "acknowledged writes missing on node{i}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rewind_rejoin_without_a_data_directory_fails_clearly_and_the_node_stays_fenced() -> Result<()> {
+    support::bounded(no_data_dir_body()).await
+}
+
+async fn no_data_dir_body() -> Result<()> {
+    let c = cluster(1).await?;
+    let not_pg = tempfile::tempdir()?;
+    let mut state_dir = String::new();
+    let proxy = proxy_for(&c, false, |cfg| {
+        cfg.nodes[0].data_dir = String::new();
+        state_dir.clone_from(&cfg.state_dir);
+    })?;
+    assert_eq!(elected(&proxy)?, 0);
+    c.node(0).kill9()?;
+    wait_event(&proxy, "failover", 1)?;
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "failed", "{op}");
+    let error = op["error"].as_str().unwrap_or_default();
+    assert!(error.contains("its data directory is unknown"), "{op}");
+    assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+    drop(proxy);
+
+    // A directory that is not a PostgreSQL data directory (the record keeps node0 fenced).
+    let proxy = proxy_for(&c, false, |cfg| {
+        cfg.nodes[0].data_dir = not_pg.path().display().to_string();
+        cfg.state_dir = state_dir;
+    })?;
+    let p = elected(&proxy)?;
+    assert_eq!(p, 1);
+    let (code, body) = proxy.admin("POST", "/nodes/0/attach")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert!(
+        op["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("is not a PostgreSQL data directory"),
+        "{op}"
+    );
+    // Nothing was made of the directory, and the node stays fenced.
+    assert_eq!(
+        std::fs::read_dir(not_pg.path())?.count(),
+        0,
+        "nothing written there"
+    );
+    assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+    Ok(())
+}
+
+#[test]
+fn automatic_rejoin_needs_a_way_to_rejoin() {
+    let mut cfg = Config::loopback([("a", 1), ("b", 2)], None);
+    cfg.failover.rejoin.automatic = true;
+    let e = common::Validate::validate(cfg.clone()).unwrap_err().to_string();
+    assert!(e.contains("failover.rejoin.automatic"), "{e}");
+    cfg.failover.rejoin.method = RejoinMethod::Rewind;
+    common::Validate::validate(cfg.clone()).unwrap();
+    cfg.failover.rejoin.retry_interval = 0.0;
+    let e = common::Validate::validate(cfg).unwrap_err().to_string();
+    assert!(e.contains("failover.rejoin.retry_interval"), "{e}");
+}
