@@ -454,3 +454,46 @@ async fn psycopg2_body() -> Result<()> {
     nothing_open_on_standbys(&cluster)?;
     Ok(())
 }
+
+/// A standby killed while it holds a transaction's reads: the session ends with an error (its
+/// transaction cannot go on anywhere else), never a hang; nothing was written, and new sessions
+/// go on with the other nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lost_inside_a_transaction_ends_the_session() -> Result<()> {
+    support::bounded(standby_lost_body()).await
+}
+
+async fn standby_lost_body() -> Result<()> {
+    let (cluster, proxy) = setup(None).await?;
+    let pp = cluster.primary().port();
+    let c = connect(&proxy).await?;
+    c.batch_execute("begin").await?;
+    let sp = port(&c, "select inet_server_port()").await?;
+    let standby = cluster
+        .standbys()
+        .find(|s| s.port() == sp)
+        .context("the read ran on a standby")?;
+    tokio::task::block_in_place(|| standby.kill9())?;
+    // dbproxy sees the standby's connection end and ends the session (FATAL 08006).
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !c.is_closed() {
+        if std::time::Instant::now() > deadline {
+            bail!("the session outlived its transaction's standby");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let next = c.simple_query("insert into t values (1, 'a')").await;
+    assert!(next.is_err(), "the transaction's standby is gone: {next:?}");
+    assert_eq!(cluster.primary().psql("select count(*) from t")?, "0");
+    let d = connect(&proxy).await?;
+    d.batch_execute("begin").await?;
+    let p = port(&d, "select inet_server_port()").await?;
+    assert!(p != sp, "a new session does not read on the dead standby");
+    assert_eq!(
+        port(&d, "insert into t values (2, 'b') returning inet_server_port()").await?,
+        pp
+    );
+    d.batch_execute("commit").await?;
+    assert_eq!(cluster.primary().psql("select count(*) from t")?, "1");
+    Ok(())
+}
