@@ -19,18 +19,63 @@ pub enum Target {
     Primary,
 }
 
+/// A transaction isolation level named in BEGIN or SET TRANSACTION.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    /// None named: the session's `default_transaction_isolation`.
+    Default,
+    ReadUncommitted,
+    ReadCommitted,
+    RepeatableRead,
+    Serializable,
+}
+
 /// What a statement does to the transaction state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TxCommand {
     /// Nothing.
     None,
-    /// BEGIN / START TRANSACTION, possibly READ ONLY.
+    /// BEGIN / START TRANSACTION, possibly READ ONLY, possibly with an isolation level.
     Begin {
         /// The transaction was declared READ ONLY.
         read_only: bool,
+        /// The isolation level it names.
+        isolation: Isolation,
+    },
+    /// SET TRANSACTION (not SET SESSION CHARACTERISTICS, a session setting): it must run
+    /// before the transaction's first query when it changes the isolation level or imports a
+    /// snapshot.
+    SetTransaction {
+        /// The isolation level it names.
+        isolation: Isolation,
+        /// SET TRANSACTION SNAPSHOT.
+        snapshot: bool,
     },
     /// COMMIT / END / ROLLBACK / ABORT / PREPARE TRANSACTION.
     End,
+}
+
+/// The isolation level named by `ISOLATION LEVEL ...` in `t`.
+fn isolation_of(t: &[Tok<'_>]) -> Isolation {
+    let Some(at) = t.windows(2).position(|w| {
+        w[0].word().is_some_and(|a| a.eq_ignore_ascii_case("isolation"))
+            && w[1].word().is_some_and(|b| b.eq_ignore_ascii_case("level"))
+    }) else {
+        return Isolation::Default;
+    };
+    let w = |i: usize, k: &str| word_at(t, at + 2 + i, k);
+    if w(0, "serializable") {
+        Isolation::Serializable
+    } else if w(0, "repeatable") {
+        Isolation::RepeatableRead
+    } else if w(0, "read") && w(1, "committed") {
+        Isolation::ReadCommitted
+    } else if w(0, "read") && w(1, "uncommitted") {
+        Isolation::ReadUncommitted
+    } else {
+        // Unknown to this lexer: PostgreSQL will refuse it; treat it as the strictest.
+        Isolation::Serializable
+    }
 }
 
 /// The verdict on one SQL string (which may hold several statements).
@@ -745,7 +790,10 @@ impl Classifier {
                         && w[1].word().is_some_and(|b| b.eq_ignore_ascii_case("only"))
                 });
                 Classified {
-                    tx: TxCommand::Begin { read_only },
+                    tx: TxCommand::Begin {
+                        read_only,
+                        isolation: isolation_of(t),
+                    },
                     ..Classified::PRIMARY
                 }
             }
@@ -770,7 +818,14 @@ impl Classifier {
                 pins_session: true,
                 ..Classified::PRIMARY
             },
-            "set" if kw(1, "local") || kw(1, "transaction") || kw(1, "constraints") => Classified::PRIMARY,
+            "set" if kw(1, "transaction") => Classified {
+                tx: TxCommand::SetTransaction {
+                    isolation: isolation_of(t),
+                    snapshot: kw(2, "snapshot"),
+                },
+                ..Classified::PRIMARY
+            },
+            "set" if kw(1, "local") || kw(1, "constraints") => Classified::PRIMARY,
             "set" | "reset" | "discard" => Classified {
                 session_set: true,
                 ..Classified::PRIMARY
@@ -1337,20 +1392,56 @@ mod tests {
     #[test]
     fn transactions_are_recognised() {
         let c = Classifier::default();
-        assert_eq!(c.classify("BEGIN").tx, TxCommand::Begin { read_only: false });
+        let begin = |read_only, isolation| TxCommand::Begin { read_only, isolation };
+        assert_eq!(c.classify("BEGIN").tx, begin(false, Isolation::Default));
         assert_eq!(
             c.classify("begin transaction read only").tx,
-            TxCommand::Begin { read_only: true }
+            begin(true, Isolation::Default)
         );
         assert_eq!(
             c.classify("start transaction isolation level serializable, read only")
                 .tx,
-            TxCommand::Begin { read_only: true }
+            begin(true, Isolation::Serializable)
         );
         assert_eq!(
             c.classify("begin read write").tx,
-            TxCommand::Begin { read_only: false }
+            begin(false, Isolation::Default)
         );
+        assert_eq!(
+            c.classify("BEGIN ISOLATION LEVEL REPEATABLE READ").tx,
+            begin(false, Isolation::RepeatableRead)
+        );
+        assert_eq!(
+            c.classify("begin work isolation level read committed read write")
+                .tx,
+            begin(false, Isolation::ReadCommitted)
+        );
+        assert_eq!(
+            c.classify("start transaction isolation level read uncommitted")
+                .tx,
+            begin(false, Isolation::ReadUncommitted)
+        );
+        assert_eq!(
+            c.classify("begin isolation level bogus").tx,
+            begin(false, Isolation::Serializable),
+            "an unknown level is taken as the strictest"
+        );
+        let set = |isolation, snapshot| TxCommand::SetTransaction { isolation, snapshot };
+        assert_eq!(
+            c.classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").tx,
+            set(Isolation::Serializable, false)
+        );
+        assert_eq!(
+            c.classify("set transaction read write").tx,
+            set(Isolation::Default, false)
+        );
+        assert_eq!(
+            c.classify("set transaction snapshot '00000003-0000001B-1'").tx,
+            set(Isolation::Default, true)
+        );
+        assert_eq!(c.classify("set transaction read only").target, Target::Primary);
+        let chars = c.classify("set session characteristics as transaction isolation level serializable");
+        assert_eq!((chars.tx, chars.session_set), (TxCommand::None, true));
         for end in ["commit", "END", "rollback", "abort", "prepare transaction 'x'"] {
             assert_eq!(c.classify(end).tx, TxCommand::End, "{end}");
         }
@@ -1572,7 +1663,10 @@ mod tests {
         assert_eq!(safe(b"select f\xe9(1)"), Target::Primary);
         assert_eq!(
             c.classify_bytes(b"begin; select '\xe9'", Encoding::AsciiSafe).tx,
-            TxCommand::Begin { read_only: false }
+            TxCommand::Begin {
+                read_only: false,
+                isolation: Isolation::Default
+            }
         );
         // EUC_JP: every byte of a multi-byte character is >= 0x80.
         assert_eq!(safe(b"select '\xc6\xfc\xcb\xdc' from t"), Target::Standby);

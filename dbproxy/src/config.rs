@@ -299,14 +299,23 @@ impl Default for HealthConfig {
 
 /// When reads stop being balanced after a write (pgpool's `disable_load_balance_on_write`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum WriteStickiness {
-    /// Explicit transactions run wholly on the primary; reads outside them are balanced.
+    /// An explicit transaction's reads run on a standby until its first statement that may
+    /// write; from then on the transaction runs on the primary (opened there with the same
+    /// BEGIN). Reads outside transactions are balanced.
     Transaction,
+    /// Like `transaction`, and once a transaction has written, every later explicit
+    /// transaction of the session runs wholly on the primary (reads outside transactions stay
+    /// balanced).
+    TransTransaction,
     /// After a session's first write, everything of that session goes to the primary.
     Always,
-    /// Like `transaction`: an explicit transaction cannot be split over two servers anyway.
+    /// Like `transaction` (pgpool keeps balancing a transaction's reads after its first write,
+    /// where they cannot see that write; dbproxy sends them to the primary).
     Off,
+    /// pgpool's per-table tracking: not implemented; refused with a pointer to `transaction`.
+    DmlAdaptive,
 }
 
 /// Read/write routing.
@@ -315,7 +324,11 @@ pub enum WriteStickiness {
 pub struct RoutingConfig {
     /// Send sure reads to standbys (pgpool's `load_balance_mode`).
     pub load_balance: bool,
-    /// What a write does to later reads of the session.
+    /// What a write does to later reads of the session (pgpool's modes): `transaction` (a
+    /// transaction's reads run on a standby until its first statement that may write, the rest
+    /// on the primary), `trans_transaction` (also: once a transaction wrote, later transactions
+    /// run on the primary), `always` (after any write, everything on the primary), `off` (as
+    /// `transaction`); `dml_adaptive` is refused.
     pub disable_load_balance_on_write: WriteStickiness,
     /// A standby further behind the primary than this many bytes of WAL gets no reads (0 = no limit).
     pub max_replica_lag_bytes: u64,
@@ -464,6 +477,14 @@ impl common::Validate for Config {
         }
         common::admin::check_exposure(&self.admin_listen, &self.admin_token, self.admin_allow_open)
             .map_err(|e| ConfigError::invalid("admin_listen", e))?;
+        if self.routing.disable_load_balance_on_write == WriteStickiness::DmlAdaptive {
+            return Err(ConfigError::invalid(
+                "routing.disable_load_balance_on_write",
+                "dml_adaptive is not implemented by dbproxy: use `transaction` (stricter: every \
+                 read of a transaction after its first write goes to the primary, whatever table \
+                 it reads)",
+            ));
+        }
         if self.nodes.is_empty() {
             return Err(ConfigError::invalid("nodes", "at least one node is required"));
         }
@@ -648,6 +669,21 @@ mod tests {
         assert_eq!(c.hba[0].method, AuthMethod::Md5);
         assert_eq!(c.routing.disable_load_balance_on_write, WriteStickiness::Always);
         assert!(toml::from_str::<Config>("bogus = 1").is_err());
+        let modes = text.replace("\"always\"", "\"trans_transaction\"");
+        let c: Config = toml::from_str(&modes).unwrap();
+        assert_eq!(
+            c.validate().unwrap().routing.disable_load_balance_on_write,
+            WriteStickiness::TransTransaction
+        );
+        let adaptive = text.replace("\"always\"", "\"dml_adaptive\"");
+        let c: Config = toml::from_str(&adaptive).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("routing.disable_load_balance_on_write") && e.contains("not implemented"),
+            "{e}"
+        );
+        let bogus = text.replace("\"always\"", "\"sometimes\"");
+        assert!(toml::from_str::<Config>(&bogus).is_err());
     }
 
     #[test]

@@ -256,11 +256,18 @@ fn judge(key: &str, value: &str, beside: Beside) -> (Verdict, String) {
         }
         "load_balance_mode" => s(Same, "routing.load_balance"),
         "disable_load_balance_on_write" => match value.to_ascii_lowercase().as_str() {
-            "transaction" | "always" | "off" => s(Same, "routing.disable_load_balance_on_write"),
+            "transaction" | "trans_transaction" | "always" => {
+                s(Same, "routing.disable_load_balance_on_write")
+            }
+            "off" => s(
+                Approximated,
+                "routing.disable_load_balance_on_write = off: a transaction's reads after its first \
+                 write go to the primary (pgpool balances them, and they do not see that write)",
+            ),
             _ => s(
                 Approximated,
-                "routing.disable_load_balance_on_write = transaction: explicit transactions run \
-                 wholly on the primary",
+                "routing.disable_load_balance_on_write = transaction: every read of a transaction \
+                 after its first write goes to the primary, whatever table it reads",
             ),
         },
         "statement_level_load_balance" if on(value) => s(Same, "dbproxy balances each statement"),

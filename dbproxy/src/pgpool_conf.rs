@@ -175,11 +175,19 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
                 let mapped = match value.to_ascii_lowercase().as_str() {
                     "transaction" => "transaction",
                     "always" => "always",
-                    "off" => "off",
-                    "trans_transaction" | "dml_adaptive" => {
+                    "off" => {
                         out.notes.push(format!(
-                            "line {line}: disable_load_balance_on_write = '{value}' treated as 'transaction' \
-                             (explicit transactions run wholly on the primary)"
+                            "line {line}: disable_load_balance_on_write = 'off' works as 'transaction': a \
+                             transaction's reads after its first write go to the primary, so they see it"
+                        ));
+                        "off"
+                    }
+                    "trans_transaction" => "trans_transaction",
+                    "dml_adaptive" => {
+                        out.notes.push(format!(
+                            "line {line}: disable_load_balance_on_write = 'dml_adaptive' treated as \
+                             'transaction' (stricter: every read of a transaction after its first write \
+                             goes to the primary, whatever table it reads)"
                         ));
                         "transaction"
                     }
@@ -678,6 +686,30 @@ mod tests {
         assert_eq!(imp.table["health"]["password"].as_str(), Some("a'b#c"));
         assert_eq!(imp.table["nodes"][0]["weight"].as_integer(), Some(500));
         assert_eq!(imp.table["nodes"][0]["name"].as_str(), Some("node0"));
+    }
+
+    #[test]
+    fn write_stickiness_modes() {
+        let mode = |v: &str| {
+            let imp = parse(
+                &format!("disable_load_balance_on_write = '{v}'\n"),
+                Path::new("/"),
+            )
+            .unwrap();
+            let m = imp.table["routing"]["disable_load_balance_on_write"]
+                .as_str()
+                .map(str::to_string);
+            (m, imp.notes.len())
+        };
+        assert_eq!(mode("transaction"), (Some("transaction".into()), 0));
+        assert_eq!(mode("trans_transaction"), (Some("trans_transaction".into()), 0));
+        assert_eq!(mode("ALWAYS"), (Some("always".into()), 0));
+        assert_eq!(mode("off"), (Some("off".into()), 1), "noted: stricter");
+        assert_eq!(
+            mode("dml_adaptive"),
+            (Some("transaction".into()), 1),
+            "noted: stricter"
+        );
     }
 
     #[test]

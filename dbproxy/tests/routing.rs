@@ -63,12 +63,23 @@ async fn reads_go_to_the_standby_and_everything_else_to_the_primary_body() -> Re
         "writing CTE"
     );
 
-    // Explicit transactions run wholly on the primary; BEGIN READ ONLY may use the standby.
+    // A transaction's reads run on the standby until its first write (tests/tx_reads.rs has
+    // the rest); BEGIN READ ONLY runs wholly on the standby.
     c.batch_execute("begin").await?;
     assert_eq!(
         port_of(&c, "select inet_server_port()").await?,
-        pp,
+        sp,
         "read inside a transaction"
+    );
+    assert_eq!(
+        port_of(&c, "select inet_server_port() from t for update").await?,
+        pp,
+        "from its first write on, the primary"
+    );
+    assert_eq!(
+        port_of(&c, "select inet_server_port()").await?,
+        pp,
+        "read after the write"
     );
     c.batch_execute("commit").await?;
     c.batch_execute("begin read only").await?;

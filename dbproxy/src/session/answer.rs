@@ -7,7 +7,7 @@ use crate::cluster::parse_lsn;
 use crate::protocol::{extended, BackendMessage, Frame, ProtocolError};
 use crate::settings::Lost;
 
-use super::cycle::{Copy, Cycle, Mode, Tx, Which};
+use super::cycle::{Copy, Cycle, Mode, Split, Tx, Which};
 use super::Session;
 
 /// Caps the number of remembered SET statements; past it the session stays on the primary.
@@ -204,6 +204,9 @@ impl Session {
                 let held = self.settings.ready(status.byte());
                 self.hold_sets(w, held);
                 self.tx = Tx { status, on: w };
+                if self.tx.idle() {
+                    self.split = Split::Whole;
+                }
                 // A replay already due runs all the same.
                 if !matches!(self.cycle, Cycle::Replaying { .. }) {
                     self.cycle = Cycle::Idle;

@@ -6,14 +6,14 @@
 use std::time::{Duration, Instant};
 
 use crate::backend::{Backend, BackendError};
-use crate::classify::Step;
+use crate::classify::{Isolation, Step};
 use crate::cluster::Decision;
 use crate::config::secs;
 use crate::protocol::frontend::{self, FrontendMessage, Target};
-use crate::protocol::{status, Frame};
+use crate::protocol::{simple, status, Frame};
 
-use super::cycle::{Copy, Mode, Which};
-use super::route::{self, Request, Route};
+use super::cycle::{Copy, Mode, Opened, Phase, Split, Which};
+use super::route::{self, Request, Role, Route, TxStep};
 use super::stmt::{forgets_prepared, Stmt};
 use super::{End, Session};
 
@@ -31,6 +31,15 @@ async fn read_opt(b: &mut Option<Backend>) -> Result<Option<Frame>, BackendError
         Some(b) => b.conn.read_frame().await,
         None => std::future::pending().await,
     }
+}
+
+/// What a request is to a transaction whose reads run on a standby, with what the session
+/// keeps of it: the text of a plain BEGIN, the step of a savepoint command.
+#[derive(Debug, Default)]
+struct TxPart {
+    role: Role,
+    begin: Option<String>,
+    control: Option<Step>,
 }
 
 impl Session {
@@ -59,7 +68,7 @@ impl Session {
             }
             if let Some(replay) = self.cycle.take_due_replay() {
                 self.shared.cluster.metrics.decision(Decision::Replay);
-                self.dispatch(Which::Primary, replay.frames, replay.mode, true, false)
+                self.dispatch(Which::Primary, replay.frames, replay.mode, true, false, &[])
                     .await?;
                 continue;
             }
@@ -167,8 +176,9 @@ impl Session {
                 self.note(r);
                 let follow = r.follow;
                 let (standby_ok, writes) = (r.standby_ok, r.writes);
+                let tx = self.tx_part(r.role, sql);
                 let frames = self.batch.alone(f);
-                self.dispatch_routed(standby_ok, writes, frames, Mode::Sync, follow)
+                self.dispatch_routed(standby_ok, writes, frames, Mode::Sync, follow, tx)
                     .await
             }
             FrontendMessage::Parse {
@@ -225,11 +235,13 @@ impl Session {
                 };
                 self.batch.push(f);
                 let (frames, ok) = self.batch.take();
-                self.dispatch_routed(ok, !ok, frames, mode, true).await
+                self.dispatch_routed(ok, !ok, frames, mode, true, TxPart::default())
+                    .await
             }
             FrontendMessage::FunctionCall => {
                 let frames = self.batch.alone(f);
-                self.dispatch_routed(false, true, frames, Mode::Sync, true).await
+                self.dispatch_routed(false, true, frames, Mode::Sync, true, TxPart::default())
+                    .await
             }
             // Outside COPY, PostgreSQL ignores these too.
             FrontendMessage::CopyData | FrontendMessage::CopyDone | FrontendMessage::CopyFail => Ok(()),
@@ -287,7 +299,8 @@ impl Session {
             return Ok(());
         }
         let (frames, _) = self.batch.take();
-        self.dispatch_routed(false, true, frames, Mode::Flush, true).await
+        self.dispatch_routed(false, true, frames, Mode::Flush, true, TxPart::default())
+            .await
     }
 
     /// Session-state effects of a statement the client sent.
@@ -297,7 +310,60 @@ impl Session {
         }
     }
 
-    /// Chooses a backend for a request ([`route::choose`]) and sends it.
+    /// What a simple Query is to a transaction whose reads run on a standby: a plain BEGIN
+    /// whose isolation level is the session's default counts as one only while that default
+    /// cannot have been changed by a session setting (SET default_transaction_isolation, SET
+    /// SESSION CHARACTERISTICS, a startup option); a savepoint only within the bounds followed.
+    fn tx_part(&self, role: Role, sql: &str) -> TxPart {
+        match role {
+            Role::Begin(Isolation::Default) if self.default_isolation_changed() => TxPart::default(),
+            Role::Begin(_) => TxPart {
+                role,
+                begin: Some(sql.to_string()),
+                control: None,
+            },
+            Role::Control if matches!(self.split, Split::Reading(_)) => {
+                match route::lone_step(&self.shared.classifier, sql) {
+                    Some(step) if self.split.follows(&step) => TxPart {
+                        role,
+                        begin: None,
+                        control: Some(step),
+                    },
+                    _ => TxPart::default(),
+                }
+            }
+            _ => TxPart {
+                role,
+                ..TxPart::default()
+            },
+        }
+    }
+
+    /// Whether a session setting or a startup option may have changed the default isolation
+    /// level (then a plain BEGIN may not be READ COMMITTED, and runs on the primary).
+    fn default_isolation_changed(&self) -> bool {
+        fn mentions(s: &str) -> bool {
+            let has = |w: &[u8]| s.as_bytes().windows(w.len()).any(|x| x.eq_ignore_ascii_case(w));
+            has(b"isolation") || has(b"characteristics")
+        }
+        self.sets.iter().any(|s| mentions(s)) || self.params.iter().any(|(k, v)| mentions(k) || mentions(v))
+    }
+
+    /// Ends the standby's half of a transaction that moved to the primary (it only read:
+    /// nothing is lost); its answer is swallowed. A standby that cannot be written to is
+    /// dropped (its server ends the transaction with the connection).
+    async fn end_on_standby(&mut self) {
+        if let Some(b) = self.standby.as_mut() {
+            simple::encode_query("ROLLBACK", &mut b.conn.wbuf);
+            b.swallow_rfq += 1;
+            if b.conn.flush().await.is_err() {
+                self.standby = None;
+            }
+        }
+    }
+
+    /// Chooses a backend for a request ([`route::choose`]) and sends it, opening, following or
+    /// moving a transaction whose reads run on a standby.
     async fn dispatch_routed(
         &mut self,
         standby_ok: bool,
@@ -305,12 +371,14 @@ impl Session {
         frames: Vec<Frame>,
         mode: Mode,
         follow: bool,
+        tx: TxPart,
     ) -> Result<(), End> {
         let cur = self.cycle.on();
         // The WAL position of a write is asked for behind it and answers after the client's
         // ReadyForQuery: until that answer is read, the write counts as replayed nowhere.
         let capturing = self.primary.as_ref().is_some_and(|b| b.capture_lsn > 0);
-        let unreplayed = standby_ok
+        let balanced = standby_ok || matches!(tx.role, Role::Begin(_));
+        let unreplayed = balanced
             && cur.is_none()
             && self.tx.idle()
             && (capturing
@@ -324,10 +392,12 @@ impl Session {
             standby_ok,
             writes,
             mode,
+            role: tx.role,
         };
         let state = route::State {
             cur,
             tx: self.tx,
+            phase: self.split.phase(),
             sticky: &self.sticky,
             unreplayed,
         };
@@ -335,9 +405,44 @@ impl Session {
         if let Some(d) = choice.decision {
             self.shared.cluster.metrics.decision(d);
         }
-        self.sticky.sent(writes, choice.target, routing, now);
-        self.dispatch(choice.target, frames, mode, follow, choice.capture_lsn)
-            .await
+        let in_tx = !self.tx.idle();
+        self.sticky.sent(writes, choice.target, in_tx, routing, now);
+        let (target, capture) = (choice.target, choice.capture_lsn);
+        match choice.step {
+            TxStep::Stay => {
+                if let Some(step) = tx.control.filter(|_| target == Which::Standby) {
+                    self.split.control(&step);
+                }
+                self.dispatch(target, frames, mode, follow, capture, &[]).await
+            }
+            TxStep::Open => {
+                self.dispatch(target, frames, mode, follow, capture, &[]).await?;
+                if self.cycle.on() == Some(Which::Standby) {
+                    self.split = Split::Reading(Opened {
+                        begin: tx.begin.unwrap_or_else(|| "BEGIN".to_string()),
+                        savepoints: Vec::new(),
+                        phase: Phase::Begun,
+                    });
+                }
+                Ok(())
+            }
+            TxStep::Read => {
+                self.split.read();
+                self.dispatch(target, frames, mode, follow, capture, &[]).await
+            }
+            TxStep::Move => {
+                let opening = self.split.opening();
+                self.dispatch(target, frames, mode, follow, capture, &opening)
+                    .await?;
+                if self.cycle.on() == Some(Which::Primary) {
+                    // The block is the primary's from now on.
+                    self.split = Split::Whole;
+                    self.tx.on = Which::Primary;
+                    self.end_on_standby().await;
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,

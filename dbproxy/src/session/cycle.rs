@@ -173,6 +173,118 @@ impl Tx {
     }
 }
 
+/// Where a transaction block on the standby stands, as routing sees it ([`Split::phase`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// No block whose reads are balanced: none, one on the primary, or a BEGIN READ ONLY block
+    /// that runs wholly on the standby.
+    Whole,
+    /// A plain BEGIN opened the block on the standby; nothing else ran there yet.
+    Begun,
+    /// Statements ran in the standby's block (it has taken a snapshot).
+    Read,
+}
+
+/// A transaction block opened by a plain BEGIN on the standby: its reads run there until the
+/// first statement that may write, which opens the block on the primary too (the client's
+/// BEGIN and the savepoints in force replayed there), ends it on the standby, and leaves the
+/// rest of the block to the primary.
+#[derive(Debug)]
+pub(super) struct Opened {
+    /// The client's BEGIN, as sent.
+    pub begin: String,
+    /// The savepoints in force, oldest first (names as PostgreSQL folds them).
+    pub savepoints: Vec<String>,
+    /// `Phase::Begun` or `Phase::Read`.
+    pub phase: Phase,
+}
+
+/// Whether the session's transaction block is split between a standby (its first reads) and
+/// the primary.
+#[derive(Debug, Default)]
+pub(super) enum Split {
+    /// No (no block, or one that runs wholly on one backend: `Tx::on`).
+    #[default]
+    Whole,
+    /// The block runs on the standby until its first statement that may write.
+    Reading(Opened),
+}
+
+/// The most savepoints followed in a block whose reads run on a standby: one more moves the
+/// block to the primary (with those replayed), which bounds the memory this takes.
+const MAX_SAVEPOINTS: usize = 1024;
+
+/// PostgreSQL's identifier limit (NAMEDATALEN - 1); a longer savepoint name also moves the block
+/// to the primary rather than be remembered.
+const MAX_NAME: usize = 63;
+
+impl Split {
+    /// The phase routing sees.
+    pub fn phase(&self) -> Phase {
+        match self {
+            Split::Whole => Phase::Whole,
+            Split::Reading(o) => o.phase,
+        }
+    }
+
+    /// A statement ran in the standby's block.
+    pub fn read(&mut self) {
+        if let Split::Reading(o) = self {
+            o.phase = Phase::Read;
+        }
+    }
+
+    /// Whether [`Split::control`] can follow `step` within its bounds.
+    pub fn follows(&self, step: &crate::classify::Step) -> bool {
+        use crate::classify::Step;
+        match (self, step) {
+            (Split::Reading(o), Step::Savepoint(name)) => {
+                o.savepoints.len() < MAX_SAVEPOINTS && name.len() <= MAX_NAME
+            }
+            _ => true,
+        }
+    }
+
+    /// A lone transaction-control statement was sent to the standby's block: savepoints are
+    /// followed (a COMMIT/ROLLBACK AND CHAIN starts the next block there, as fresh as BEGIN).
+    pub fn control(&mut self, step: &crate::classify::Step) {
+        use crate::classify::Step;
+        let Split::Reading(o) = self else { return };
+        match step {
+            Step::Savepoint(name) => o.savepoints.push(name.clone()),
+            Step::Release(name) => {
+                if let Some(at) = o.savepoints.iter().rposition(|s| s == name) {
+                    o.savepoints.truncate(at);
+                }
+            }
+            Step::RollbackTo(name) => {
+                if let Some(at) = o.savepoints.iter().rposition(|s| s == name) {
+                    o.savepoints.truncate(at + 1);
+                }
+            }
+            Step::Commit { chain: true } | Step::Rollback { chain: true } => {
+                o.savepoints.clear();
+                o.phase = Phase::Begun;
+            }
+            _ => {}
+        }
+    }
+
+    /// The statements that open the block on the primary: the client's BEGIN, then a
+    /// SAVEPOINT for each in force.
+    pub fn opening(&self) -> Vec<String> {
+        let Split::Reading(o) = self else {
+            return Vec::new();
+        };
+        let mut out = Vec::with_capacity(1 + o.savepoints.len());
+        out.push(o.begin.clone());
+        for name in &o.savepoints {
+            out.push(format!("SAVEPOINT \"{}\"", name.replace('"', "\"\"")));
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -182,6 +294,59 @@ mod tests {
             frames: Vec::new(),
             mode: Mode::Sync,
         }
+    }
+
+    #[test]
+    fn a_split_block_follows_its_savepoints() {
+        use crate::classify::Step;
+        let mut s = Split::default();
+        assert_eq!(s.phase(), Phase::Whole);
+        assert!(s.opening().is_empty());
+        s.read();
+        assert_eq!(s.phase(), Phase::Whole, "nothing to follow");
+        s = Split::Reading(Opened {
+            begin: "begin".into(),
+            savepoints: Vec::new(),
+            phase: Phase::Begun,
+        });
+        for step in [
+            Step::Savepoint("a".into()),
+            Step::Savepoint("b\"c".into()),
+            Step::Savepoint("d".into()),
+            Step::Release("d".into()),
+            Step::Savepoint("e".into()),
+            Step::Savepoint("f".into()),
+            Step::RollbackTo("e".into()),
+            Step::Release("missing".into()),
+        ] {
+            assert!(s.follows(&step));
+            s.control(&step);
+        }
+        s.read();
+        assert_eq!(s.phase(), Phase::Read);
+        assert_eq!(
+            s.opening(),
+            [
+                "begin",
+                "SAVEPOINT \"a\"",
+                "SAVEPOINT \"b\"\"c\"",
+                "SAVEPOINT \"e\""
+            ]
+        );
+        assert!(
+            !s.follows(&Step::Savepoint("x".repeat(64))),
+            "longer than an identifier"
+        );
+        s.control(&Step::Commit { chain: true });
+        assert_eq!(
+            (s.phase(), s.opening().len()),
+            (Phase::Begun, 1),
+            "AND CHAIN: a fresh block"
+        );
+        for i in 0..MAX_SAVEPOINTS {
+            s.control(&Step::Savepoint(i.to_string()));
+        }
+        assert!(!s.follows(&Step::Savepoint("one more".into())), "bounded");
     }
 
     #[test]

@@ -39,7 +39,7 @@ use crate::protocol::{error as perror, Frame};
 use crate::settings::Tracker;
 
 use batch::Batch;
-use cycle::{Cycle, Tx, Which};
+use cycle::{Cycle, Split, Tx, Which};
 use login::Login;
 use route::Sticky;
 use stmt::Statements;
@@ -133,6 +133,8 @@ struct Session {
     cycle: Cycle,
     /// The transaction, from the last ReadyForQuery.
     tx: Tx,
+    /// Whether that transaction's first reads run on the standby.
+    split: Split,
     /// What keeps reads on the primary.
     sticky: Sticky,
     stmts: Statements,
@@ -183,6 +185,7 @@ impl Session {
             watch,
             cycle: Cycle::Idle,
             tx: Tx::default(),
+            split: Split::default(),
             sticky: Sticky::default(),
             stmts: Statements::default(),
             sets: Vec::new(),

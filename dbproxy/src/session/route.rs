@@ -1,14 +1,32 @@
 //! Routing: what a statement means for routing ([`Route`], from the classifier), what the
 //! session remembers that keeps reads on the primary ([`Sticky`]), and [`choose`], the pure
-//! decision of which backend runs a request. No I/O: unit-tested with fixed inputs.
+//! decision of which backend runs a request and what it does to a transaction whose reads run
+//! on a standby. No I/O: unit-tested with fixed inputs.
 
 use std::time::{Duration, Instant};
 
-use crate::classify::{Classifier, Target, TxCommand};
+use crate::classify::{Classifier, Isolation, Step, Target, TxCommand};
 use crate::cluster::Decision;
 use crate::config::{RoutingConfig, WriteStickiness};
+use crate::protocol::TxStatus;
 
-use super::cycle::{Mode, Tx, Which};
+use super::cycle::{Mode, Phase, Tx, Which};
+
+/// What a statement is to a transaction whose reads run on a standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Role {
+    /// Anything else (a write, a session SET, several statements...).
+    #[default]
+    Other,
+    /// A lone BEGIN / START TRANSACTION, not READ ONLY, naming this isolation level.
+    Begin(Isolation),
+    /// A lone COMMIT, ROLLBACK, SAVEPOINT, RELEASE or ROLLBACK TO (not PREPARE TRANSACTION):
+    /// it runs where the transaction is.
+    Control,
+    /// A lone SET TRANSACTION that changes the isolation level or imports a snapshot: once the
+    /// transaction has run a query, PostgreSQL refuses it (25001) wherever it runs.
+    Snapshot,
+}
 
 /// What the session needs to know about one statement.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,21 +40,74 @@ pub(super) struct Route {
     /// It changes settings or the transaction (SET, BEGIN/COMMIT/ROLLBACK, savepoints): the
     /// session follows it statement by statement.
     pub follow: bool,
+    /// What it is to a transaction whose reads run on a standby.
+    pub role: Role,
+}
+
+/// The one statement `sql` holds, if it holds exactly one.
+pub(super) fn lone_step(classifier: &Classifier, sql: &str) -> Option<Step> {
+    let mut steps = classifier.steps(sql)?;
+    if steps.len() == 1 {
+        steps.pop()
+    } else {
+        None
+    }
 }
 
 impl Route {
     /// Classifies `sql`.
     pub fn of(classifier: &Classifier, sql: &str) -> Route {
         let c = classifier.classify(sql);
-        let begin_ro = matches!(c.tx, TxCommand::Begin { read_only: true });
-        let control = !matches!(c.tx, TxCommand::None);
+        let begin_ro = matches!(c.tx, TxCommand::Begin { read_only: true, .. });
+        let control = matches!(c.tx, TxCommand::Begin { .. } | TxCommand::End);
+        let role = match c.tx {
+            TxCommand::Begin {
+                read_only: false,
+                isolation,
+            } if lone_step(classifier, sql).is_some() => Role::Begin(isolation),
+            TxCommand::SetTransaction { isolation, snapshot }
+                if (snapshot || !matches!(isolation, Isolation::Default | Isolation::ReadCommitted))
+                    && lone_step(classifier, sql).is_some() =>
+            {
+                Role::Snapshot
+            }
+            TxCommand::End | TxCommand::None if c.tx == TxCommand::End || c.savepoint => {
+                let prepare = sql
+                    .trim_start()
+                    .get(..7)
+                    .is_some_and(|w| w.eq_ignore_ascii_case("prepare"));
+                match lone_step(classifier, sql) {
+                    Some(
+                        Step::Commit { .. }
+                        | Step::Rollback { .. }
+                        | Step::Savepoint(_)
+                        | Step::Release(_)
+                        | Step::RollbackTo(_),
+                    ) if !prepare => Role::Control,
+                    _ => Role::Other,
+                }
+            }
+            _ => Role::Other,
+        };
         Route {
             standby_ok: c.target == Target::Standby || begin_ro,
-            writes: c.target == Target::Primary && !control && !c.session_set,
+            writes: c.target == Target::Primary && !control && !c.session_set && !c.savepoint,
             pins: c.pins_session,
             follow: c.session_set || control || c.savepoint,
+            role,
         }
     }
+}
+
+/// Whether, and where, a session has written (for `disable_load_balance_on_write`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(super) enum Wrote {
+    #[default]
+    Never,
+    /// Only outside explicit transactions.
+    Outside,
+    /// In an explicit transaction.
+    InTransaction,
 }
 
 /// What a session remembers that keeps its reads on the primary.
@@ -44,8 +115,8 @@ impl Route {
 pub(super) struct Sticky {
     /// Temporary tables, LISTEN, advisory locks or too many SETs keep the session on the primary.
     pub pinned: bool,
-    /// The session has written (for `disable_load_balance_on_write = always`).
-    pub wrote: bool,
+    /// Whether the session has written (`always` and `trans_transaction`).
+    pub wrote: Wrote,
     /// When it last wrote (for read-your-writes).
     pub last_write: Option<Instant>,
     /// The primary's WAL position after the session's last write (read-your-writes by LSN):
@@ -54,13 +125,27 @@ pub(super) struct Sticky {
 }
 
 impl Sticky {
-    /// A request was sent to `target`: a write there is remembered.
-    pub fn sent(&mut self, writes: bool, target: Which, routing: &RoutingConfig, now: Instant) {
+    /// A request was sent to `target` (`in_tx`: inside an explicit transaction): a write there
+    /// is remembered.
+    pub fn sent(&mut self, writes: bool, target: Which, in_tx: bool, routing: &RoutingConfig, now: Instant) {
         if writes && target == Which::Primary {
-            self.wrote = true;
+            self.wrote = if in_tx {
+                Wrote::InTransaction
+            } else {
+                self.wrote.max_outside()
+            };
             if routing.read_your_writes > 0 {
                 self.last_write = Some(now);
             }
+        }
+    }
+}
+
+impl Wrote {
+    fn max_outside(self) -> Wrote {
+        match self {
+            Wrote::InTransaction => Wrote::InTransaction,
+            _ => Wrote::Outside,
         }
     }
 }
@@ -74,6 +159,8 @@ pub(super) struct Request {
     pub writes: bool,
     /// How it ends.
     pub mode: Mode,
+    /// What it is to a transaction whose reads run on a standby.
+    pub role: Role,
 }
 
 /// The session's state as far as routing goes.
@@ -82,10 +169,26 @@ pub(super) struct State<'a> {
     /// The backend holding the current cycle, if one is unfinished.
     pub cur: Option<Which>,
     pub tx: Tx,
+    /// Where a transaction block on the standby stands.
+    pub phase: Phase,
     pub sticky: &'a Sticky,
     /// The session wrote at a WAL position no eligible standby has replayed yet, or at one
     /// dbproxy has not learnt yet.
     pub unreplayed: bool,
+}
+
+/// What a request does to a transaction whose reads run on a standby.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum TxStep {
+    /// Nothing changes.
+    Stay,
+    /// A plain BEGIN opens the transaction on the standby; its reads run there.
+    Open,
+    /// A statement runs in the standby's transaction (which has then taken a snapshot).
+    Read,
+    /// A statement that may write: the transaction is opened on the primary (its BEGIN and
+    /// savepoints replayed), ended on the standby, and runs on the primary from now on.
+    Move,
 }
 
 /// Where a request goes.
@@ -97,36 +200,70 @@ pub(super) struct Choice {
     pub decision: Option<Decision>,
     /// Learn the primary's WAL position behind this request (read-your-writes by LSN).
     pub capture_lsn: bool,
+    /// What it does to a transaction whose reads run on a standby.
+    pub step: TxStep,
+}
+
+/// Whether a plain BEGIN may open its transaction on a standby: its isolation level takes a
+/// snapshot per statement (READ COMMITTED; PostgreSQL runs READ UNCOMMITTED as READ
+/// COMMITTED), and the write mode lets it (`trans_transaction`: not once a transaction wrote).
+fn balances_transaction(isolation: Isolation, routing: &RoutingConfig, sticky: &Sticky) -> bool {
+    let per_statement = matches!(
+        isolation,
+        Isolation::Default | Isolation::ReadCommitted | Isolation::ReadUncommitted
+    );
+    let mode = match routing.disable_load_balance_on_write {
+        WriteStickiness::Transaction | WriteStickiness::Off | WriteStickiness::Always => true,
+        WriteStickiness::TransTransaction => sticky.wrote != Wrote::InTransaction,
+        WriteStickiness::DmlAdaptive => false,
+    };
+    per_statement && mode
 }
 
 /// Chooses the backend for a request: the one holding an unfinished cycle; the one holding the
-/// transaction; the primary for anything not sure to only read, or while the session must see
-/// its own writes or is pinned; a standby otherwise.
+/// transaction (a statement that may write moves a transaction whose reads ran on a standby to
+/// the primary); the primary for anything not sure to only read, or while the session must see
+/// its own writes or is pinned; a standby otherwise, a plain BEGIN included.
 pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: Instant) -> Choice {
     let recent_write = routing.read_your_writes > 0
         && s.sticky.last_write.is_some_and(|t| {
             now.saturating_duration_since(t) < Duration::from_millis(routing.read_your_writes)
         });
-    let (target, decision) = if let Some(c) = s.cur {
-        (c, None)
-    } else if !s.tx.idle() {
-        let on = if s.tx.on_standby() {
-            Which::Standby
-        } else {
-            Which::Primary
-        };
-        (on, Some(Decision::PrimaryTransaction))
-    } else if !req.standby_ok {
-        (Which::Primary, Some(Decision::PrimaryWrite))
-    } else if !routing.load_balance
+    let keep_on_primary = !routing.load_balance
         || s.sticky.pinned
         || s.unreplayed
-        || (routing.disable_load_balance_on_write == WriteStickiness::Always && s.sticky.wrote)
-        || recent_write
-    {
-        (Which::Primary, Some(Decision::PrimaryPinned))
+        || (routing.disable_load_balance_on_write == WriteStickiness::Always
+            && s.sticky.wrote != Wrote::Never)
+        || recent_write;
+    let standby = Some(Decision::Standby);
+    let (target, decision, step) = if let Some(c) = s.cur {
+        (c, None, TxStep::Stay)
+    } else if s.tx.on_standby() {
+        match (s.phase, req.role) {
+            // BEGIN READ ONLY: the whole block runs there.
+            (Phase::Whole, _) => (Which::Standby, Some(Decision::PrimaryTransaction), TxStep::Stay),
+            // A failed transaction answers 25P02 until it is rolled back, where it failed.
+            _ if s.tx.status == TxStatus::Failed => (Which::Standby, standby, TxStep::Stay),
+            _ if req.standby_ok => (Which::Standby, standby, TxStep::Read),
+            (_, Role::Control) => (Which::Standby, standby, TxStep::Stay),
+            // After a query, PostgreSQL's own 25001 from where the query ran.
+            (Phase::Read, Role::Snapshot) => (Which::Standby, standby, TxStep::Stay),
+            _ => (Which::Primary, Some(Decision::PrimaryWrite), TxStep::Move),
+        }
+    } else if !s.tx.idle() {
+        (Which::Primary, Some(Decision::PrimaryTransaction), TxStep::Stay)
+    } else if let Role::Begin(isolation) = req.role {
+        if !keep_on_primary && balances_transaction(isolation, routing, s.sticky) {
+            (Which::Standby, None, TxStep::Open)
+        } else {
+            (Which::Primary, Some(Decision::PrimaryTransaction), TxStep::Stay)
+        }
+    } else if !req.standby_ok {
+        (Which::Primary, Some(Decision::PrimaryWrite), TxStep::Stay)
+    } else if keep_on_primary {
+        (Which::Primary, Some(Decision::PrimaryPinned), TxStep::Stay)
     } else {
-        (Which::Standby, None)
+        (Which::Standby, None, TxStep::Stay)
     };
     // A write, or a statement of a transaction that may commit one: learn the WAL position.
     let capture_lsn = routing.read_your_writes_by_lsn
@@ -137,6 +274,7 @@ pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: I
         target,
         decision,
         capture_lsn,
+        step,
     }
 }
 
@@ -150,6 +288,7 @@ mod tests {
             standby_ok: true,
             writes: false,
             mode: Mode::Sync,
+            role: Role::Other,
         }
     }
 
@@ -158,6 +297,7 @@ mod tests {
             standby_ok: false,
             writes: true,
             mode: Mode::Sync,
+            role: Role::Other,
         }
     }
 
@@ -165,6 +305,7 @@ mod tests {
         State {
             cur: None,
             tx: Tx::default(),
+            phase: Phase::Whole,
             sticky,
             unreplayed: false,
         }
@@ -244,8 +385,8 @@ mod tests {
             ..RoutingConfig::default()
         };
         let mut wrote = Sticky::default();
-        wrote.sent(true, Which::Primary, &always, now);
-        assert!(wrote.wrote);
+        wrote.sent(true, Which::Primary, false, &always, now);
+        assert_eq!(wrote.wrote, Wrote::Outside);
         assert_eq!(choose(read(), state(&wrote), &always, now).target, Which::Primary);
         assert_eq!(choose(read(), state(&wrote), &r, now).target, Which::Standby);
         let ryw = RoutingConfig {
@@ -253,13 +394,221 @@ mod tests {
             ..RoutingConfig::default()
         };
         let mut recent = Sticky::default();
-        recent.sent(true, Which::Primary, &ryw, now);
+        recent.sent(true, Which::Primary, false, &ryw, now);
         assert_eq!(choose(read(), state(&recent), &ryw, now).target, Which::Primary);
         let later = now + Duration::from_millis(600);
         assert_eq!(choose(read(), state(&recent), &ryw, later).target, Which::Standby);
         let mut standby_write = Sticky::default();
-        standby_write.sent(true, Which::Standby, &ryw, now);
-        assert!(!standby_write.wrote, "only a write the primary ran counts");
+        standby_write.sent(true, Which::Standby, false, &ryw, now);
+        assert_eq!(
+            standby_write.wrote,
+            Wrote::Never,
+            "only a write the primary ran counts"
+        );
+    }
+
+    fn begin() -> Request {
+        Request {
+            standby_ok: false,
+            writes: false,
+            mode: Mode::Sync,
+            role: Role::Begin(Isolation::Default),
+        }
+    }
+
+    fn step(c: Choice) -> (Which, TxStep) {
+        (c.target, c.step)
+    }
+
+    fn on_standby(sticky: &Sticky, phase: Phase, status: TxStatus) -> State<'_> {
+        State {
+            tx: Tx {
+                status,
+                on: Which::Standby,
+            },
+            phase,
+            ..state(sticky)
+        }
+    }
+
+    #[test]
+    fn a_plain_begin_opens_on_the_standby_until_a_write() {
+        let r = RoutingConfig::default();
+        let now = Instant::now();
+        let st = Sticky::default();
+        assert_eq!(
+            step(choose(begin(), state(&st), &r, now)),
+            (Which::Standby, TxStep::Open)
+        );
+        for iso in [Isolation::RepeatableRead, Isolation::Serializable] {
+            let b = Request {
+                role: Role::Begin(iso),
+                ..begin()
+            };
+            assert_eq!(
+                step(choose(b, state(&st), &r, now)),
+                (Which::Primary, TxStep::Stay),
+                "{iso:?}: one snapshot, one node"
+            );
+        }
+        let rc = Request {
+            role: Role::Begin(Isolation::ReadCommitted),
+            ..begin()
+        };
+        assert_eq!(step(choose(rc, state(&st), &r, now)).1, TxStep::Open);
+        let pinned = Sticky {
+            pinned: true,
+            ..Sticky::default()
+        };
+        assert_eq!(
+            step(choose(begin(), state(&pinned), &r, now)),
+            (Which::Primary, TxStep::Stay)
+        );
+        let s = State {
+            unreplayed: true,
+            ..state(&st)
+        };
+        assert_eq!(
+            step(choose(begin(), s, &r, now)).0,
+            Which::Primary,
+            "read your writes"
+        );
+
+        let ok = TxStatus::InTransaction;
+        let begun = on_standby(&st, Phase::Begun, ok);
+        let read_ = on_standby(&st, Phase::Read, ok);
+        assert_eq!(
+            step(choose(read(), begun, &r, now)),
+            (Which::Standby, TxStep::Read)
+        );
+        assert_eq!(
+            step(choose(write(), read_, &r, now)),
+            (Which::Primary, TxStep::Move)
+        );
+        let control = Request {
+            role: Role::Control,
+            ..write()
+        };
+        assert_eq!(
+            step(choose(control, read_, &r, now)),
+            (Which::Standby, TxStep::Stay)
+        );
+        let snapshot = Request {
+            role: Role::Snapshot,
+            ..write()
+        };
+        assert_eq!(
+            step(choose(snapshot, begun, &r, now)),
+            (Which::Primary, TxStep::Move),
+            "before any query: the transaction moves to the primary"
+        );
+        assert_eq!(
+            step(choose(snapshot, read_, &r, now)),
+            (Which::Standby, TxStep::Stay),
+            "after a query: PostgreSQL's 25001 where it ran"
+        );
+        let failed = on_standby(&st, Phase::Read, TxStatus::Failed);
+        assert_eq!(
+            step(choose(write(), failed, &r, now)),
+            (Which::Standby, TxStep::Stay),
+            "a failed transaction stays where it failed"
+        );
+        let read_only = on_standby(&st, Phase::Whole, ok);
+        assert_eq!(
+            step(choose(write(), read_only, &r, now)),
+            (Which::Standby, TxStep::Stay),
+            "BEGIN READ ONLY keeps its block"
+        );
+        let mut s = state(&st);
+        s.tx.status = ok;
+        assert_eq!(step(choose(read(), s, &r, now)), (Which::Primary, TxStep::Stay));
+    }
+
+    #[test]
+    fn write_modes_decide_which_transactions_balance() {
+        let now = Instant::now();
+        let mode = |m| RoutingConfig {
+            disable_load_balance_on_write: m,
+            ..RoutingConfig::default()
+        };
+        let mut outside = Sticky::default();
+        outside.sent(true, Which::Primary, false, &RoutingConfig::default(), now);
+        let mut inside = Sticky::default();
+        inside.sent(true, Which::Primary, true, &RoutingConfig::default(), now);
+        assert_eq!(inside.wrote, Wrote::InTransaction);
+        inside.sent(true, Which::Primary, false, &RoutingConfig::default(), now);
+        assert_eq!(inside.wrote, Wrote::InTransaction, "kept");
+        let target = |m, st: &Sticky| choose(begin(), state(st), &mode(m), now).target;
+        for m in [WriteStickiness::Transaction, WriteStickiness::Off] {
+            assert_eq!(target(m, &inside), Which::Standby, "{m:?}");
+        }
+        assert_eq!(
+            target(WriteStickiness::TransTransaction, &outside),
+            Which::Standby
+        );
+        assert_eq!(target(WriteStickiness::TransTransaction, &inside), Which::Primary);
+        assert_eq!(
+            choose(
+                read(),
+                state(&inside),
+                &mode(WriteStickiness::TransTransaction),
+                now
+            )
+            .target,
+            Which::Standby,
+            "trans_transaction: reads outside transactions stay balanced"
+        );
+        assert_eq!(
+            target(WriteStickiness::Always, &Sticky::default()),
+            Which::Standby
+        );
+        assert_eq!(target(WriteStickiness::Always, &outside), Which::Primary);
+    }
+
+    #[test]
+    fn roles_of_statements() {
+        let c = Classifier::default();
+        let role = |sql| Route::of(&c, sql).role;
+        assert_eq!(role("begin"), Role::Begin(Isolation::Default));
+        assert_eq!(
+            role("start transaction isolation level repeatable read"),
+            Role::Begin(Isolation::RepeatableRead)
+        );
+        assert_eq!(
+            role("begin read only"),
+            Role::Other,
+            "READ ONLY runs whole on a standby"
+        );
+        assert_eq!(role("begin; select 1"), Role::Other);
+        for ctl in [
+            "commit",
+            "ROLLBACK",
+            "savepoint a",
+            "release a",
+            "rollback to a",
+            "end",
+            "commit and chain",
+        ] {
+            assert_eq!(role(ctl), Role::Control, "{ctl}");
+            assert!(!Route::of(&c, ctl).writes, "{ctl}");
+        }
+        assert_eq!(role("prepare transaction 'x'"), Role::Other);
+        assert_eq!(role("insert into t values (1); commit"), Role::Other);
+        assert_eq!(
+            role("set transaction isolation level serializable"),
+            Role::Snapshot
+        );
+        assert_eq!(
+            role("set transaction isolation level read uncommitted"),
+            Role::Snapshot
+        );
+        assert_eq!(role("set transaction snapshot '1'"), Role::Snapshot);
+        assert_eq!(
+            role("set transaction isolation level read committed"),
+            Role::Other
+        );
+        assert_eq!(role("set transaction read write"), Role::Other);
+        assert_eq!(role("select 1"), Role::Other);
     }
 
     #[test]

@@ -167,6 +167,9 @@ impl Session {
     /// `follow`: the request may change settings or the transaction (extended-protocol
     /// batches always are followed; a simple Query when it holds such statements).
     /// `capture_lsn`: the primary's WAL position is asked for behind it (read-your-writes).
+    /// `open`: statements that open the session's transaction there first (a BEGIN and the
+    /// savepoints in force, for a transaction that read on a standby), answers swallowed.
+    #[allow(clippy::too_many_arguments)]
     pub(super) async fn dispatch(
         &mut self,
         mut target: Which,
@@ -174,6 +177,7 @@ impl Session {
         mode: Mode,
         follow: bool,
         capture_lsn: bool,
+        open: &[String],
     ) -> Result<(), End> {
         let fresh = self.cycle.on().is_none();
         if target == Which::Standby && fresh && !self.ensure_standby().await {
@@ -237,6 +241,10 @@ impl Session {
             b.swallow_rfq += 1;
         }
         b.sets_applied = self.sets.len();
+        for s in open {
+            simple::encode_query(s, &mut b.conn.wbuf);
+            b.swallow_rfq += 1;
+        }
         let settings = &mut self.settings;
         if fresh {
             settings.start(self.tx.status.byte(), follow || settings.needed());
