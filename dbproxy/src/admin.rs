@@ -1,5 +1,6 @@
 //! Administration: pgpool-II's `SHOW POOL_NODES`, `POOL_VERSION`, `POOL_HEALTH_CHECK_STATS` and
-//! `POOL_BACKEND_STATS` (answered on the main port with pgpool-II's columns) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
+//! `POOL_BACKEND_STATS` (answered on the main port with pgpool-II's columns), PgBouncer's `SHOW
+//! POOLS`, `CLIENTS` and `SERVERS` (rows from `pool::show`) and the admin HTTP routes (`/status`; `/metrics` and `/healthz` come from `common`).
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -11,6 +12,7 @@ use hyper::{Method, StatusCode};
 use crate::cluster::Cluster;
 use crate::manager::{Manager, OpError};
 use crate::operations::OpKind;
+use crate::pool::{show, Pools};
 use crate::protocol::simple;
 
 /// pgpool-II's SHOW POOL_NODES columns, in its order.
@@ -84,13 +86,19 @@ pub enum Show {
     PoolHealthCheckStats,
     /// `SHOW POOL_BACKEND_STATS`.
     PoolBackendStats,
+    /// PgBouncer's `SHOW POOLS`.
+    Pools,
+    /// PgBouncer's `SHOW CLIENTS`.
+    Clients,
+    /// PgBouncer's `SHOW SERVERS`.
+    Servers,
 }
 
 /// Which pgpool SHOW command `sql` is (any case, optional semicolon), if any.
 pub fn show(sql: &str) -> Option<Show> {
     // Asked of every simple Query: most are ruled out by their first word alone.
     let head = sql.trim_start().as_bytes();
-    if head.len() < 14 || !head[..4].eq_ignore_ascii_case(b"show") || !head[4].is_ascii_whitespace() {
+    if head.len() < 10 || !head[..4].eq_ignore_ascii_case(b"show") || !head[4].is_ascii_whitespace() {
         return None;
     }
     let s = sql.trim().trim_end_matches(';').trim_end();
@@ -103,6 +111,9 @@ pub fn show(sql: &str) -> Option<Show> {
         ("pool_version", Show::PoolVersion),
         ("pool_health_check_stats", Show::PoolHealthCheckStats),
         ("pool_backend_stats", Show::PoolBackendStats),
+        ("pools", Show::Pools),
+        ("clients", Show::Clients),
+        ("servers", Show::Servers),
     ]
     .into_iter()
     .find(|(n, _)| name.eq_ignore_ascii_case(n))
@@ -111,7 +122,7 @@ pub fn show(sql: &str) -> Option<Show> {
 
 /// Appends the full answer to `kind` (without ReadyForQuery); `lb_node` is the node this
 /// session balances reads to.
-pub fn encode_show(kind: Show, cluster: &Cluster, lb_node: Option<usize>, out: &mut BytesMut) {
+pub fn encode_show(kind: Show, cluster: &Cluster, pools: &Pools, lb_node: Option<usize>, out: &mut BytesMut) {
     let n = match kind {
         Show::PoolNodes => encode_rows(&POOL_NODES_COLUMNS, &pool_nodes(cluster, lb_node), out),
         Show::PoolVersion => encode_rows(&["pool_version"], &[[pool_version()]], out),
@@ -119,6 +130,9 @@ pub fn encode_show(kind: Show, cluster: &Cluster, lb_node: Option<usize>, out: &
             encode_rows(&HEALTH_CHECK_STATS_COLUMNS, &health_check_stats(cluster), out)
         }
         Show::PoolBackendStats => encode_rows(&BACKEND_STATS_COLUMNS, &backend_stats(cluster), out),
+        Show::Pools => encode_rows(&show::POOLS_COLUMNS, &pools.pools_rows(), out),
+        Show::Clients => encode_rows(&show::CONNECTIONS_COLUMNS, &pools.clients_rows(), out),
+        Show::Servers => encode_rows(&show::CONNECTIONS_COLUMNS, &pools.servers_rows(), out),
     };
     simple::encode_command_complete(&format!("SELECT {n}"), out);
 }
@@ -372,6 +386,10 @@ mod tests {
         assert_eq!(show("showpool_nodes"), None);
         assert_eq!(show("select 'show pool_nodes'"), None);
         assert_eq!(show("show pool_processes"), None);
+        assert_eq!(show("SHOW POOLS;"), Some(Show::Pools));
+        assert_eq!(show("show clients"), Some(Show::Clients));
+        assert_eq!(show("show Servers"), Some(Show::Servers));
+        assert_eq!(show("show pool"), None);
     }
 
     #[test]

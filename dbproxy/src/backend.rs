@@ -38,6 +38,10 @@ pub enum BackendError {
     /// appeared within `failover.session_wait`.
     #[error("no primary server is available")]
     NoPrimary,
+    /// The pool for this node, user and database stayed full (`pool.size` connections, the
+    /// number given) for `pool.checkout_timeout`.
+    #[error("no server connection became free within pool.checkout_timeout (pool.size = {0})")]
+    PoolTimeout(usize),
 }
 
 /// A client or backend socket: plain TCP, or TLS once a client asked for it with SSLRequest.
@@ -190,6 +194,10 @@ pub struct Backend {
     pub node: usize,
     /// The node's address, for cancel requests.
     pub addr: SocketAddr,
+    /// This side's address of the connection.
+    pub local: Option<SocketAddr>,
+    /// The pool's mark when the pool counts this connection (dropping it frees its place).
+    pub pooled: Option<crate::pool::Tag>,
     /// The backend's BackendKeyData.
     pub key: (i32, i32),
     /// Named statements (and `""` for the unnamed one) that exist on this connection.
@@ -249,6 +257,7 @@ async fn connect_inner(
 ) -> Result<(Backend, Greeting), BackendError> {
     let stream = TcpStream::connect((host, port)).await?;
     let addr = stream.peer_addr()?;
+    let local = stream.local_addr().ok();
     let mut conn = Conn::new(stream, max);
     protocol::startup::encode_startup(
         params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -337,6 +346,8 @@ async fn connect_inner(
                         conn,
                         node,
                         addr,
+                        local,
+                        pooled: None,
                         key,
                         prepared: HashSet::new(),
                         to_close: Vec::new(),

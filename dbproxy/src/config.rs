@@ -54,6 +54,8 @@ pub struct Config {
     pub workers: usize,
     /// pgpool-II's PCP operator interface (`pcp_node_info`, `pcp_attach_node`, ...).
     pub pcp: PcpConfig,
+    /// Server connection pooling (a reload applies it to later checkouts).
+    pub pool: crate::pool::PoolConfig,
 }
 
 /// pgpool-II's PCP listener, so operators' `pcp_*` commands and scripts keep working.
@@ -86,6 +88,7 @@ impl Default for Config {
             coordination: crate::coordination::CoordinationConfig::default(),
             workers: 0,
             pcp: PcpConfig::default(),
+            pool: crate::pool::PoolConfig::default(),
         }
     }
 }
@@ -448,7 +451,7 @@ impl Network {
     }
 }
 
-fn check_secs(key: &str, v: f64, positive: bool) -> Result<(), ConfigError> {
+pub(crate) fn check_secs(key: &str, v: f64, positive: bool) -> Result<(), ConfigError> {
     if !v.is_finite() || v < 0.0 || (positive && v == 0.0) || v > 86400.0 {
         return Err(ConfigError::invalid(
             key,
@@ -562,6 +565,7 @@ impl common::Validate for Config {
         }
         self.failover.validate(&self.nodes)?;
         self.coordination.validate()?;
+        self.pool.validate()?;
         if self.state_dir.trim().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must name a directory"));
         }

@@ -5,7 +5,7 @@
 //! Map: `protocol/` is the codec and typed message views (no I/O); `session/` runs one client
 //! (login, request cycle, routing, replay window, prepared statements, backend side; `settings`
 //! follows which of its SET statements hold); `backend` logs into nodes;
-//! `auth` checks clients; `cluster` holds the node table and picks standbys; `health` probes
+//! `auth` checks clients; `pool` keeps server connections between clients; `cluster` holds the node table and picks standbys; `health` probes
 //! nodes; `admin` serves pgpool's SHOW commands and `/status`; `pcp` speaks pgpool's PCP; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;
 //! `reload` decides what a new configuration changes; `record` keeps who is primary durably
@@ -31,6 +31,7 @@ pub mod operations;
 pub mod pcp;
 pub mod pgpool_check;
 pub mod pgpool_conf;
+pub mod pool;
 pub mod pool_hba;
 pub mod pool_passwd;
 pub mod protocol;

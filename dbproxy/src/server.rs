@@ -90,7 +90,14 @@ pub async fn run_with(
     let registry = Registry::new();
     let cluster = Arc::new(Cluster::new(&config, &registry));
     let cancels = Arc::new(Mutex::new(HashMap::new()));
-    let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &shutdown)?);
+    // One pool set for the process: reloads change its settings, never its connections.
+    let pools = Arc::new(crate::pool::Pools::new(
+        common::workers::resolve(config.workers),
+        config.pool.clone(),
+        cluster.clone(),
+        &registry,
+    ));
+    let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &pools, &shutdown)?);
     let tasks = TaskTracker::new();
     let first = shared.load_full();
     // The durable record of who is primary (a file, or etcd shared with other instances);
@@ -154,7 +161,7 @@ pub async fn run_with(
             Some(new) = recv(&mut reload) => {
                 let current = shared.load_full();
                 let next = match crate::reload::merge(&current.config, new) {
-                    Ok(c) => generation(c, &cluster, &cancels, &shutdown).map_err(|e| e.to_string()),
+                    Ok(c) => generation(c, &cluster, &cancels, &pools, &shutdown).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 match next {
@@ -162,6 +169,7 @@ pub async fn run_with(
                         for i in crate::reload::apply(&cluster, &g.config) {
                             tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
                         }
+                        pools.set_config(g.config.pool.clone());
                         shared.store(Arc::new(g));
                         tracing::info!("configuration reloaded");
                     }
@@ -203,6 +211,7 @@ pub async fn run_with(
     {
         tracing::warn!("sessions still open at the drain deadline; closing them");
     }
+    pools.close();
     // A switchover under way ends with a primary elected before dbproxy exits.
     manager.close().await;
     tasks.close();
@@ -215,6 +224,7 @@ fn generation(
     config: Config,
     cluster: &Arc<Cluster>,
     cancels: &Arc<session::CancelMap>,
+    pools: &Arc<crate::pool::Pools>,
     shutdown: &Shutdown,
 ) -> Result<Shared, RunError> {
     Ok(Shared {
@@ -224,6 +234,7 @@ fn generation(
         classifier: Classifier::new(&config.routing.read_only_functions),
         cluster: cluster.clone(),
         cancels: cancels.clone(),
+        pools: pools.clone(),
         shutdown: shutdown.clone(),
         config,
     })

@@ -132,8 +132,10 @@ async fn backend_logins_reuse_scram_keys_body() -> Result<()> {
     cluster.wait_replicated()?;
     let mut config = config_for(&cluster, Some("pw"));
     config.users.push(user("app", Some("one")));
+    // No pooling: every client makes backend logins, which is what this test counts.
+    config.pool.server_reset_query = String::new();
     let proxy = Proxy::start(config.clone())?;
-    // Each login opens a SCRAM connection to the primary and, for the read, one to the standby
+    // The first login opens a SCRAM connection to the primary, and each read one to the standby
     // (which has the primary's pg_authid, so the same salt): the keys are derived once.
     for _ in 0..5 {
         login(&proxy, "app", "one", "postgres")

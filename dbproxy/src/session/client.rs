@@ -158,7 +158,8 @@ impl Session {
             FrontendMessage::Query { sql } => {
                 if let Some(show) = crate::admin::show(sql).filter(|_| self.cycle.on().is_none()) {
                     let lb = self.standby.as_ref().map(|b| b.node);
-                    crate::admin::encode_show(show, &self.shared.cluster, lb, &mut self.client.wbuf);
+                    let (cluster, pools) = (&self.shared.cluster, &self.shared.pools);
+                    crate::admin::encode_show(show, cluster, pools, lb, &mut self.client.wbuf);
                     status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
                     return self.client.flush().await.map_err(|_| End);
                 }

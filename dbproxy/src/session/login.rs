@@ -3,7 +3,7 @@
 //! primary that a login opens at once, so a missing database or role surfaces with PostgreSQL's
 //! own error.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,13 +17,35 @@ use crate::protocol::{self, auth as pauth, status, Frame, FrontendMessage, Start
 
 use super::{fatal, CancelSlot, End, Shared};
 
+/// A client that authenticated, before its primary connection is taken.
+pub(super) struct Authed {
+    user: String,
+    database: String,
+    params: Vec<(String, String)>,
+    encrypted: bool,
+}
+
 /// What a successful startup hands to the session.
 pub(super) struct Login {
     pub user: String,
     pub params: Vec<(String, String)>,
-    pub primary: Backend,
+    /// `None` when the login was answered from the pool's knowledge of the key.
+    pub primary: Option<Backend>,
     pub cancel: Arc<CancelSlot>,
     pub key: (i32, i32),
+    pub member: Member,
+}
+
+/// A logged-in client's entry in the pools' client list (SHOW CLIENTS); dropping it removes it.
+pub(super) struct Member {
+    pools: Arc<crate::pool::Pools>,
+    pub id: u64,
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.pools.client_left(self.id);
+    }
 }
 
 /// Reads the client's next message during authentication; it must be a `p` message.
@@ -55,13 +77,14 @@ fn encryption(encrypted: bool) -> &'static str {
     }
 }
 
-/// Startup and authentication; `Ok(None)` when the connection ended without a session (a
-/// cancel request, a client that left, or an error already sent).
+/// Startup and authentication (bounded by `limits.startup_timeout`); `Ok(None)` when the
+/// connection ended without a session (a cancel request, a client that left, or an error
+/// already sent).
 pub(super) async fn startup(
     client: &mut Conn,
     ip: IpAddr,
     shared: &Arc<Shared>,
-) -> Result<Option<Login>, End> {
+) -> Result<Option<Authed>, End> {
     let metrics = &shared.cluster.metrics;
     let mut encrypted = false;
     let params = loop {
@@ -190,21 +213,66 @@ pub(super) async fn startup(
         fatal(client, e.sqlstate(), &e.to_string()).await;
         return Err(End);
     }
-    // Open the primary connection now, so that a missing database or role surfaces at login with
-    // PostgreSQL's own error. During a failover this waits for the new primary.
+    Ok(Some(Authed {
+        user,
+        database,
+        params,
+        encrypted,
+    }))
+}
+
+/// The rest of the login, bounded by the pool's and failover's own waits rather than the
+/// startup timeout: the primary connection (from the pool, or a new login), so that a missing
+/// database or role surfaces at login with PostgreSQL's own error (during a failover this waits
+/// for the new primary), then AuthenticationOk, the server's parameters and a BackendKeyData.
+pub(super) async fn connect(
+    client: &mut Conn,
+    authed: Authed,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    shared: &Arc<Shared>,
+) -> Result<Option<Login>, End> {
+    let Authed {
+        user,
+        database,
+        params,
+        encrypted,
+    } = authed;
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let metrics = &shared.cluster.metrics;
+    let member = Member {
+        pools: shared.pools.clone(),
+        id: shared.pools.client_joined(crate::pool::ClientInfo {
+            user: user.clone(),
+            database: database.clone(),
+            application_name: get("application_name").unwrap_or("").to_string(),
+            addr: peer,
+            local,
+            tls: encrypted,
+            connected: std::time::SystemTime::now(),
+        }),
+    };
     let cluster = &shared.cluster;
-    let mut watch = cluster.subscribe();
-    let connected = connect_primary(shared, &params, &user, &mut watch).await;
-    let (primary, greeting) = match connected {
-        Ok(x) => x,
-        Err(e) => {
-            metrics.error("backend");
-            report_backend_error(client, &user, e).await;
-            return Err(End);
+    // A key that logged in before needs no server connection at login: the client is told the
+    // parameters that login reported and gets a pooled connection with its first request (as
+    // PgBouncer does), so a client never holds a connection it has not used yet.
+    let cached = cluster.elected().and_then(|p| shared.pools.greeting(p, &params));
+    let (primary, greeting) = match cached {
+        Some(frames) => (None, frames),
+        None => {
+            let mut watch = cluster.subscribe();
+            match connect_primary(shared, &params, &user, member.id, &mut watch).await {
+                Ok((b, g)) => (Some(b), g.frames),
+                Err(e) => {
+                    metrics.error("backend");
+                    report_backend_error(client, &user, e).await;
+                    return Err(End);
+                }
+            }
         }
     };
     pauth::encode_request(pauth::OK, &[], &mut client.wbuf);
-    for f in &greeting.frames {
+    for f in &greeting {
         client.wbuf.put_slice(f.raw());
     }
     let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
@@ -224,6 +292,7 @@ pub(super) async fn startup(
         primary,
         cancel,
         key,
+        member,
     }))
 }
 
@@ -235,6 +304,7 @@ pub(super) async fn connect_primary(
     shared: &Shared,
     params: &[(String, String)],
     user: &str,
+    client: u64,
     watch: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(Backend, backend::Greeting), BackendError> {
     let cluster = &shared.cluster;
@@ -246,19 +316,19 @@ pub(super) async fn connect_primary(
         watch.borrow_and_update();
         if let Some(p) = cluster.elected() {
             let node = &cluster.nodes[p].config;
-            let attempt = backend::connect(
-                p,
-                &node.host,
-                node.port,
+            let request = crate::pool::Request {
+                node: p,
                 params,
                 user,
                 creds,
-                limits.max_message_size,
-                secs(limits.connect_timeout),
-            );
+                max_message: limits.max_message_size,
+                client,
+            };
+            let attempt = shared.pools.checkout(&request);
             tokio::select! {
                 r = attempt => match r {
                     Ok(x) => return Ok(x),
+                    Err(e @ BackendError::PoolTimeout(_)) => return Err(e),
                     Err(BackendError::Refused(f))
                         if !backend::sqlstate(&f).is_some_and(|c| c.starts_with("57")) =>
                     {
@@ -294,6 +364,10 @@ async fn report_backend_error(client: &mut Conn, user: &str, e: BackendError) {
         BackendError::Refused(f) => {
             client.wbuf.put_slice(f.raw());
             let _ = tokio::time::timeout(Duration::from_secs(2), client.flush()).await;
+        }
+        e @ BackendError::PoolTimeout(_) => {
+            tracing::warn!(%user, error = %e, "no pooled server connection for a client");
+            fatal(client, "53300", &format!("sorry, too many clients already: {e}")).await;
         }
         BackendError::Auth(msg) => {
             tracing::warn!(%user, reason = %msg, "backend login failed");

@@ -70,6 +70,8 @@ pub struct Shared {
     pub shutdown: common::Shutdown,
     /// TLS for clients that ask for it (`None`: answered `N`).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The server connection pools (shared by every configuration generation).
+    pub pools: Arc<crate::pool::Pools>,
 }
 
 /// Why a session ends (already reported to the client where that makes sense).
@@ -94,9 +96,13 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slo
     // for authentication tokens, whatever the configured maximum.
     let mut client = Conn::new(stream, max.min(MAX_AUTH_MESSAGE));
     let limit = secs(shared.config.limits.startup_timeout);
+    let local = match &client.stream {
+        backend::Stream::Plain(s) => s.local_addr().ok(),
+        _ => None,
+    };
     let started = tokio::time::timeout(limit, login::startup(&mut client, peer.ip(), &shared)).await;
-    let login = match started {
-        Ok(Ok(Some(l))) => l,
+    let authed = match started {
+        Ok(Ok(Some(a))) => a,
         Ok(_) => return,
         Err(_) => {
             shared.cluster.metrics.error("timeout");
@@ -104,6 +110,9 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slo
             fatal(&mut client, "57014", "canceling authentication due to timeout").await;
             return;
         }
+    };
+    let Ok(Some(login)) = login::connect(&mut client, authed, peer, local, &shared).await else {
+        return;
     };
     client.max = max;
     Session::new(shared, client, login, slot).run().await;
@@ -158,6 +167,8 @@ struct Session {
     /// The backend key now in `cancel`, so the slot's lock is taken only when it changes.
     cancel_key: Option<(i32, i32)>,
     key: (i32, i32),
+    /// The client's entry in SHOW CLIENTS (removed when the session is dropped).
+    member: login::Member,
 }
 
 impl Drop for Session {
@@ -180,7 +191,7 @@ impl Session {
             slot,
             user: login.user,
             params: login.params,
-            primary: Some(login.primary),
+            primary: login.primary,
             standby: None,
             watch,
             cycle: Cycle::Idle,
@@ -197,6 +208,7 @@ impl Session {
             cancel: login.cancel,
             cancel_key: None,
             key: login.key,
+            member: login.member,
         }
     }
 
@@ -208,6 +220,28 @@ impl Session {
                 let (addr, (pid, key)) = (b.addr, b.key);
                 backend::cancel(addr, pid, key, secs(self.shared.config.limits.connect_timeout)).await;
             }
+        }
+        self.give_back();
+    }
+
+    /// Hands the session's server connections back to the pool: reused (after the reset
+    /// query) only when no request runs on them and no transaction is open there; otherwise
+    /// closed. The session's cancel key is forgotten first, so a late CancelRequest of this
+    /// client cannot reach the next one.
+    fn give_back(&mut self) {
+        self.shared
+            .cancels
+            .lock()
+            .expect("cancels poisoned")
+            .remove(&self.key);
+        *self.cancel.lock().expect("slot poisoned") = None;
+        let idle = matches!(self.cycle, Cycle::Idle);
+        let pools = &self.shared.pools;
+        if let Some(b) = self.primary.take() {
+            pools.checkin(b, idle && !self.tx.on_primary());
+        }
+        if let Some(b) = self.standby.take() {
+            pools.checkin(b, idle && !self.tx.on_standby());
         }
     }
 

@@ -7,9 +7,8 @@ use std::time::Duration;
 
 use bytes::BufMut;
 
-use crate::backend::{self, Backend, BackendError};
+use crate::backend::{Backend, BackendError};
 use crate::cluster::{Decision, Role};
-use crate::config::secs;
 use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
 
@@ -126,28 +125,23 @@ impl Session {
         let Some(i) = cluster.pick_standby(min_lsn) else {
             return false;
         };
-        let node = &cluster.nodes[i].config;
-        let limits = &self.shared.config.limits;
-        let creds = self.shared.users.get(&self.user);
-        match backend::connect(
-            i,
-            &node.host,
-            node.port,
-            &self.params,
-            &self.user,
-            creds,
-            limits.max_message_size,
-            secs(limits.connect_timeout),
-        )
-        .await
-        {
+        let request = crate::pool::Request {
+            node: i,
+            params: &self.params,
+            user: &self.user,
+            creds: self.shared.users.get(&self.user),
+            max_message: self.shared.config.limits.max_message_size,
+            client: self.member.id,
+        };
+        match self.shared.pools.checkout(&request).await {
             Ok((b, _greeting)) => {
                 self.standby = Some(b);
                 true
             }
             Err(e) => {
                 cluster.metrics.error("backend");
-                tracing::warn!(node = %node.name, error = %e, "cannot open a standby connection");
+                let name = &cluster.nodes[i].config.name;
+                tracing::warn!(node = %name, error = %e, "cannot open a standby connection");
                 false
             }
         }
@@ -155,8 +149,8 @@ impl Session {
 
     /// Answers a request that cannot be sent with an ERROR (and ReadyForQuery when it ended
     /// with Sync); the session goes on.
-    async fn refuse(&mut self, message: &str, mode: Mode) -> Result<(), End> {
-        perror::encode_error("ERROR", "08006", message, &mut self.client.wbuf);
+    async fn refuse(&mut self, code: &str, message: &str, mode: Mode) -> Result<(), End> {
+        perror::encode_error("ERROR", code, message, &mut self.client.wbuf);
         if mode == Mode::Sync {
             status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
         }
@@ -186,7 +180,9 @@ impl Session {
                 return Err(self.backend_gone().await);
             }
             if !self.shared.config.routing.fallback_to_primary {
-                return self.refuse("no standby is available for this read", mode).await;
+                return self
+                    .refuse("08006", "no standby is available for this read", mode)
+                    .await;
             }
             self.shared.cluster.metrics.decision(Decision::PrimaryFallback);
             target = Which::Primary;
@@ -202,17 +198,23 @@ impl Session {
                 self.primary = None;
             }
             if self.primary.is_none() {
-                match connect_primary(&self.shared, &self.params, &self.user, &mut self.watch).await {
+                let client = self.member.id;
+                match connect_primary(&self.shared, &self.params, &self.user, client, &mut self.watch).await {
                     Ok((b, _greeting)) => self.primary = Some(b),
                     Err(BackendError::Refused(f)) => {
                         self.client.wbuf.put_slice(f.raw());
                         let _ = tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await;
                         return Err(End);
                     }
+                    Err(e @ BackendError::PoolTimeout(_)) => {
+                        self.shared.cluster.metrics.error("backend");
+                        let msg = format!("sorry, too many clients already: {e}");
+                        return self.refuse("53300", &msg, mode).await;
+                    }
                     Err(e) => {
                         self.shared.cluster.metrics.error("backend");
                         let msg = format!("could not connect to the primary server: {e}");
-                        return self.refuse(&msg, mode).await;
+                        return self.refuse("08006", &msg, mode).await;
                     }
                 }
             }
