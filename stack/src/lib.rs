@@ -25,9 +25,9 @@ pub struct Ports {
     pub lb: u16,
     /// lb's admin listener.
     pub lb_admin: u16,
-    /// dbproxy's PostgreSQL port.
+    /// dbproxy's PostgreSQL port (a second instance, with `--proxies 2`, takes the next one).
     pub dbproxy: u16,
-    /// dbproxy's admin listener.
+    /// dbproxy's admin listener (a second instance takes the next one).
     pub dbproxy_admin: u16,
     /// The first webapp's port; the second is the next one.
     pub webapp: u16,
@@ -35,6 +35,8 @@ pub struct Ports {
     pub postgres: u16,
     /// The collector's admin listener (`/metrics`, with `collector_samples_total`).
     pub collector_admin: u16,
+    /// etcd's client port with `--proxies 2` (its peer port is the next one).
+    pub etcd: u16,
 }
 
 impl Default for Ports {
@@ -47,6 +49,7 @@ impl Default for Ports {
             webapp: 8001,
             postgres: 15432,
             collector_admin: 9101,
+            etcd: 12379,
         }
     }
 }
@@ -63,12 +66,13 @@ impl Ports {
         Ok(Ports {
             lb: add(d.lb, 0)?,
             lb_admin: add(d.lb_admin, 0)?,
-            dbproxy: add(d.dbproxy, 0)?,
-            dbproxy_admin: add(d.dbproxy_admin, 0)?,
+            dbproxy: add(d.dbproxy, 1)?,
+            dbproxy_admin: add(d.dbproxy_admin, 1)?,
             webapp: add(d.webapp, 1)?,
             // Room for a few standbys.
             postgres: add(d.postgres, 8)?,
             collector_admin: add(d.collector_admin, 0)?,
+            etcd: add(d.etcd, 1)?,
         })
     }
 }
@@ -86,6 +90,18 @@ pub struct UpOptions {
     pub collector_interval: String,
     /// Where the service binaries are (default: next to this executable, built if missing).
     pub bin_dir: Option<PathBuf>,
+    /// dbproxy instances: 1, or 2 coordinated through an etcd that the stack starts too (the
+    /// webapps and the collector then list both, and move to the other when theirs dies).
+    pub proxies: usize,
+}
+
+/// The name of dbproxy instance `i` (0-based) as a service.
+pub fn dbproxy_name(i: usize) -> String {
+    if i == 0 {
+        "dbproxy".into()
+    } else {
+        format!("dbproxy{}", i + 1)
+    }
 }
 
 /// The services in start order; stopped in the reverse order.
@@ -93,6 +109,9 @@ const SERVICES: &[&str] = &["dbproxy", "web1", "web2", "lb", "collector"];
 
 /// Brings the topology up and returns once everything is healthy.
 pub async fn up(opts: &UpOptions) -> Result<State> {
+    if !(1..=2).contains(&opts.proxies) {
+        bail!("--proxies must be 1 or 2, not {}", opts.proxies);
+    }
     let state = State::new(&opts.state_dir)?;
     let bins = binaries(opts.bin_dir.as_deref())?;
     let p = &opts.ports;
@@ -110,39 +129,58 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     // in the state directory for the person running the stack.
     let operator_password = random_token()?;
     write_secret(&state.root.join(OPERATOR_PASSWORD_FILE), &operator_password)?;
-    let mut dbproxy = format!(
-        "listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\nstate_dir = \"{}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
-        p.dbproxy,
-        p.dbproxy_admin,
-        state.root.join("dbproxy-state").display()
-    );
-    for n in &pg.nodes {
+    let etcd = if opts.proxies > 1 {
+        Some(start_etcd(&state, p.etcd).await?)
+    } else {
+        None
+    };
+    for i in 0..opts.proxies {
+        let name = dbproxy_name(i);
+        let port = p.dbproxy + i as u16;
+        let mut dbproxy = format!(
+            "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{}\"\nadmin_token = \"{admin_token}\"\nstate_dir = \"{}\"\n\n[health]\nuser = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\nperiod = 1.0\ntimeout = 1.0\n\n",
+            p.dbproxy_admin + i as u16,
+            state.root.join(format!("{name}-state")).display()
+        );
+        for n in &pg.nodes {
+            dbproxy.push_str(&format!(
+                "[[nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n\n",
+                n.name, n.port
+            ));
+        }
         dbproxy.push_str(&format!(
-            "[[nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n\n",
-            n.name, n.port
+            "[[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n[[users]]\nname = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
         ));
+        if let Some(url) = &etcd {
+            dbproxy.push_str(&format!(
+                "\n[coordination]\netcd = [\"{url}\"]\nname = \"{name}\"\n"
+            ));
+        }
+        start_service(
+            &state,
+            &name,
+            &bins.join("dbproxy"),
+            &format!("{name}.toml"),
+            &dbproxy,
+            &[],
+        )
+        .await?;
+        wait_service(
+            &state,
+            &name,
+            &format!("{name} to serve queries"),
+            move || async move { db_ping(port).await.is_ok() },
+        )
+        .await?;
     }
-    dbproxy.push_str(&format!(
-        "[[users]]\nname = \"{APP_USER}\"\npassword = \"{APP_PASSWORD}\"\n\n[[users]]\nname = \"postgres\"\npassword = \"{SUPERUSER_PASSWORD}\"\n"
-    ));
-    start_service(
-        &state,
-        "dbproxy",
-        &bins.join("dbproxy"),
-        "dbproxy.toml",
-        &dbproxy,
-        &[],
-    )
-    .await?;
-    wait_service(&state, "dbproxy", "dbproxy to serve queries", || {
-        let port = p.dbproxy;
-        async move { db_ping(port).await.is_ok() }
-    })
-    .await?;
 
+    // libpq-style host list: a client tries the next instance when one does not answer.
+    let hosts: Vec<String> = (0..opts.proxies)
+        .map(|i| format!("127.0.0.1:{}", p.dbproxy + i as u16))
+        .collect();
     let database_url = format!(
-        "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_USER}",
-        p.dbproxy
+        "postgres://{APP_USER}:{APP_PASSWORD}@{}/{APP_USER}",
+        hosts.join(",")
     );
     for (i, name) in ["web1", "web2"].iter().enumerate() {
         let port = p.webapp + i as u16;
@@ -207,6 +245,38 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
     )
     .await?;
     Ok(state)
+}
+
+/// Starts a one-member etcd (Debian's `etcd-server`) on `port` (peers on the next one), its data
+/// in the state directory, and waits until it reports healthy; its client URL.
+async fn start_etcd(state: &State, port: u16) -> Result<String> {
+    let bin = Path::new("/usr/bin/etcd");
+    if !bin.is_file() {
+        bail!("--proxies 2 needs etcd at /usr/bin/etcd: install it with `apt-get install -y etcd-server`");
+    }
+    let client = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{}", port + 1);
+    let mut cmd = Command::new(bin);
+    cmd.arg("--name=stack")
+        .arg(format!("--data-dir={}", state.root.join("etcd").display()))
+        .arg(format!("--listen-client-urls={client}"))
+        .arg(format!("--advertise-client-urls={client}"))
+        .arg(format!("--listen-peer-urls={peer}"))
+        .arg(format!("--initial-advertise-peer-urls={peer}"))
+        .arg(format!("--initial-cluster=stack={peer}"));
+    let pid = state.spawn("etcd", &mut cmd, None)?;
+    println!(
+        "etcd: started (pid {pid}, {client}, log {})",
+        state.log("etcd").display()
+    );
+    wait_service(state, "etcd", "etcd to report healthy", move || async move {
+        http_get(port, "/health")
+            .await
+            .map(|(s, b)| s == 200 && b.contains("true"))
+            .unwrap_or(false)
+    })
+    .await?;
+    Ok(client)
 }
 
 /// Writes `config` and starts `binary --config FILE extra...` as service `name`.

@@ -39,14 +39,17 @@ enum Cmd {
         /// Directory holding the lb, dbproxy, webapp and collector binaries (default: next to stack).
         #[arg(long)]
         bin_dir: Option<PathBuf>,
+        /// dbproxy instances: 2 adds a second one (next ports) and an etcd coordinating them.
+        #[arg(long, default_value_t = 1)]
+        proxies: usize,
     },
     /// Stop everything that `up` started.
     Down,
     /// Show what is running.
     Status,
-    /// Kill one process with SIGKILL, for failover drills (e.g. `pg0`, `web1`, `dbproxy`).
+    /// Kill one process with SIGKILL, for failover drills (e.g. `pg0`, `web1`, `dbproxy`, `dbproxy2`).
     Kill {
-        /// The service: pg0, pg1, ..., dbproxy, web1, web2, lb, collector.
+        /// The service: pg0, pg1, ..., dbproxy (dbproxy2, etcd with --proxies 2), web1, web2, lb, collector.
         name: String,
         /// Freeze it with SIGSTOP instead (a hang, not a crash); `--cont` thaws it.
         #[arg(long, conflicts_with = "cont")]
@@ -74,6 +77,7 @@ async fn run(cli: Cli) -> Result<()> {
             detach,
             interval,
             bin_dir,
+            proxies,
         } => {
             let signals = common::shutdown::install()?;
             let opts = stack::UpOptions {
@@ -82,6 +86,7 @@ async fn run(cli: Cli) -> Result<()> {
                 ports: stack::Ports::offset(cli.port_offset)?,
                 collector_interval: interval,
                 bin_dir,
+                proxies,
             };
             let state = match stack::up(&opts).await {
                 Ok(s) => s,
@@ -107,6 +112,14 @@ async fn run(cli: Cli) -> Result<()> {
                 lba = p.lb_admin,
                 pw = state.root.join(stack::OPERATOR_PASSWORD_FILE).display()
             );
+            if opts.proxies > 1 {
+                println!(
+                    "  dbproxy2   :{} (status http://127.0.0.1:{}/status), coordinated through etcd http://127.0.0.1:{}\n",
+                    p.dbproxy + 1,
+                    p.dbproxy_admin + 1,
+                    p.etcd
+                );
+            }
             if detach {
                 println!(
                     "running in the background; `stack down --state-dir {}` stops it",

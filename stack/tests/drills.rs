@@ -57,6 +57,7 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         webapp: free_pair(),
         postgres: free_pair(),
         collector_admin: free_port(),
+        etcd: free_pair(),
     };
     let state_dir = std::env::temp_dir().join(format!("stack-drill-{}", std::process::id()));
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
@@ -69,6 +70,7 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
         ports: ports.clone(),
         collector_interval: "500ms".into(),
         bin_dir: Some(bin_dir.clone()),
+        proxies: 1,
     };
     let state = match stack::up(&opts).await {
         Ok(s) => s,
@@ -252,6 +254,129 @@ async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_ki
     assert_eq!(running.len(), 7, "{running:?}");
     assert_eq!(stack::down(&state.0), 7);
     assert!(stack::status(&state.0).iter().all(|(_, pid)| pid.is_none()));
+}
+
+/// How many samples the collector stored (0 while the query fails).
+async fn samples(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one("select count(*) from samples", &[])
+        .await
+        .map(|r| r.get(0))
+        .unwrap_or(0)
+}
+
+/// Whether the dbproxy with admin port `admin` holds the leader lease (false when it is down).
+async fn leads(admin: u16) -> bool {
+    let (_, body) = http_get(admin, "/status").await.unwrap_or_default();
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    status["record"]["coordination"]["is_leader"] == true
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_two_proxies_the_page_and_the_collector_survive_killing_the_leader_dbproxy() {
+    let ports = Ports {
+        lb: free_port(),
+        lb_admin: free_port(),
+        dbproxy: free_pair(),
+        dbproxy_admin: free_pair(),
+        webapp: free_pair(),
+        postgres: free_pair(),
+        collector_admin: free_port(),
+        etcd: free_pair(),
+    };
+    let state_dir = std::env::temp_dir().join(format!("stack-proxies-{}", std::process::id()));
+    let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let opts = UpOptions {
+        state_dir: state_dir.clone(),
+        standbys: 1,
+        ports: ports.clone(),
+        collector_interval: "500ms".into(),
+        bin_dir: Some(bin_dir),
+        proxies: 2,
+    };
+    let state = match stack::up(&opts).await {
+        Ok(s) => s,
+        Err(e) => {
+            let state = stack::procs::State::new(&state_dir).unwrap();
+            let _down = Down(state);
+            panic!("stack up failed: {e:#}");
+        }
+    };
+    let state = Down(state);
+    let admins = [ports.dbproxy_admin, ports.dbproxy_admin + 1];
+
+    // Exactly one instance leads.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let leader = loop {
+        let (a, b) = (leads(admins[0]).await, leads(admins[1]).await);
+        if a != b {
+            break usize::from(b);
+        }
+        assert!(Instant::now() < deadline, "not exactly one leader: {a} {b}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (code, body) = http_get(ports.lb, "/").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let other = 1 - leader;
+    let url = format!(
+        "postgres://app:app-secret@127.0.0.1:{}/app",
+        ports.dbproxy + other as u16
+    );
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+
+    // Kill the leader: the other takes the lease within the TTL (10 s), the webapps and the
+    // collector move to it (their connection settings list both).
+    let killed = Instant::now();
+    state
+        .0
+        .signal(&stack::dbproxy_name(leader), Signal::SIGKILL)
+        .unwrap();
+    let before = samples(&client).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = http_get(ports.lb, "/").await.unwrap_or_default();
+        if code == 200 && (body.contains("pg0") || body.contains("pg1")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the page never came back: {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("the page served again {:?} after the kill", killed.elapsed());
+    while samples(&client).await < before + 2 {
+        assert!(
+            Instant::now() < deadline,
+            "no collector samples through the other dbproxy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    while !leads(admins[other]).await {
+        assert!(
+            Instant::now() < deadline,
+            "the other dbproxy never took the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "lease taken over {:?} after the leader dbproxy was killed",
+        killed.elapsed()
+    );
+    let running = stack::status(&state.0)
+        .into_iter()
+        .filter(|(_, pid)| pid.is_some())
+        .count();
+    assert_eq!(
+        running, 8,
+        "pg0, pg1, etcd, one dbproxy, web1, web2, lb, collector"
+    );
 }
 
 /// Sends `request` as it is to 127.0.0.1:`port`; returns the status and the whole answer.
