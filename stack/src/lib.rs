@@ -142,10 +142,18 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
             p.dbproxy_admin + i as u16,
             state.root.join(format!("{name}-state")).display()
         );
+        // A killed primary comes back as a standby on its own, and a switchover keeps the old
+        // primary as a standby: dbproxy's built-in rejoin (pg_rewind, else pg_basebackup).
+        dbproxy.push_str(&format!(
+            "[failover.rejoin]\nmethod = \"rewind\"\nautomatic = true\nretry_interval = 10.0\nlog_file = \"{}\"\n\n",
+            state.root.join("logs").join("{node}.log").display()
+        ));
         for n in &pg.nodes {
             dbproxy.push_str(&format!(
-                "[[nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\n\n",
-                n.name, n.port
+                "[[nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\ndata_dir = \"{}\"\n\n",
+                n.name,
+                n.port,
+                n.data_dir.display()
             ));
         }
         dbproxy.push_str(&format!(

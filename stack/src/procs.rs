@@ -57,9 +57,26 @@ impl State {
             .collect()
     }
 
-    /// The pid recorded for `name`, when its process is still alive.
+    /// The pid recorded for `name`, when its process is still alive; for a PostgreSQL node that
+    /// dbproxy's automatic rejoin restarted (with `pg_ctl`), the postmaster of its data directory.
     pub fn pid(&self, name: &str) -> Option<i32> {
-        let pid: i32 = fs::read_to_string(self.pidfile(name)).ok()?.trim().parse().ok()?;
+        let recorded = fs::read_to_string(self.pidfile(name))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+            .filter(|&pid| alive(pid));
+        recorded.or_else(|| self.postmaster_pid(name))
+    }
+
+    /// The live postmaster named by `pg/<name>/postmaster.pid`, if any.
+    fn postmaster_pid(&self, name: &str) -> Option<i32> {
+        let file = self.root.join("pg").join(name).join("postmaster.pid");
+        let pid: i32 = fs::read_to_string(file)
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()?;
         alive(pid).then_some(pid)
     }
 
