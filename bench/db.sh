@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # bench/db.sh: dbproxy side by side with direct connections, PgBouncer 1.18 (session mode) and
 # pgpool-II 4.3 (load_balance_mode on), all in front of the same primary + streaming standby on
-# loopback. Runs `pgbench -S` (simple and -M prepared) and a mix with writes, every setup taking
+# loopback. Runs `pgbench -S` (simple and -M prepared), a mix with writes, and `orm` (short
+# transactions the way an ORM with psycopg2 sends them: BEGIN; SELECT; SELECT; COMMIT 90%, pgbench's
+# simple-update 10%, simple protocol), every setup taking
 # turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
 # numbers go to bench/results/db.json. Each round starts with the next setup in the list, and a setup
 # starts only once the previous one's server connections are gone. Below the table, TPS ratios
@@ -15,11 +17,15 @@
 #
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy relay"
-#        WORKLOADS="select-simple select-prepared mix"
+#        WORKLOADS="select-simple select-prepared mix orm"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
 # dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
 # to the primary for direct, PgBouncer and relay, and is routed by pgpool-II and dbproxy themselves.
+# So is `orm`; for it the table also gives the share of account lookups (index scans of
+# pgbench_accounts, from each node's statistics, read with the setup stopped so every backend has
+# flushed them) that ran on the standby. simple-update's UPDATE and the SELECT after it in the same
+# transaction are lookups on the primary by design, so about 1 in 10 lookups cannot be balanced.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -30,7 +36,7 @@ CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy relay"}
-WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix"}
+WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm"}
 
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 need_pkgs=()
@@ -240,15 +246,29 @@ settle() {
 }
 target() { # setup workload -> "port dbname"
   case $1:$2 in
-    direct:mix) echo "$P_PRIMARY bench" ;;
+    direct:mix|direct:orm) echo "$P_PRIMARY bench" ;;
     direct:*) echo "$P_STANDBY bench" ;;
-    pgbouncer:mix) echo "$P_BOUNCER bench_rw" ;;
+    pgbouncer:mix|pgbouncer:orm) echo "$P_BOUNCER bench_rw" ;;
     pgbouncer:*) echo "$P_BOUNCER bench" ;;
     pgpool:*) echo "$P_POOL bench" ;;
     dbproxy:*) echo "$P_PROXY bench" ;;
-    relay:mix) echo "$P_RELAY_RW bench" ;;
+    relay:mix|relay:orm) echo "$P_RELAY_RW bench" ;;
     relay:*) echo "$P_RELAY bench" ;;
   esac
+}
+
+# The ORM's read transaction (psycopg2 sends BEGIN before the first statement, COMMIT at the end).
+cat > "$work/orm-read.sql" <<'EOF'
+\set aid random(1, 100000 * :scale)
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid + 1;
+COMMIT;
+EOF
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work/orm-read.sql"
+lookups() { # port -> index scans of pgbench_accounts counted by that node
+  "$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$1" -U postgres -d bench -c \
+    "select coalesce(sum(idx_scan), 0) from pg_stat_user_tables where relname = 'pgbench_accounts'"
 }
 
 results="$work/results.tsv"
@@ -261,18 +281,32 @@ for round in $(seq 1 "$ROUNDS"); do
     start_setup "$setup"
     for wl in $WORKLOADS; do
       read -r port db < <(target "$setup" "$wl")
+      share=""
+      if [ "$wl" = orm ]; then
+        # A fresh start, so the statistics counted between the two readings are this run's only.
+        stop_setup "$setup"
+        p0=$(lookups "$P_PRIMARY"); s0=$(lookups "$P_STANDBY")
+        start_setup "$setup"
+      fi
       case $wl in
         select-simple) args=(-S -M simple) ;;
         select-prepared) args=(-S -M prepared) ;;
         mix) args=(-b select-only@9 -b simple-update@1 -M prepared) ;;
+        orm) args=(-f "$work/orm-read.sql@9" -b simple-update@1 -M simple) ;;
       esac
       out=$("$PGBIN/pgbench" -n "${args[@]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
         -h 127.0.0.1 -p "$port" -U postgres "$db" 2>&1) || { echo "$out" >&2; tps=0; lat=0; }
       tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
       lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
       failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
-      printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" >> "$results"
-      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" >&2
+      if [ "$wl" = orm ]; then
+        stop_setup "$setup"
+        p1=$(lookups "$P_PRIMARY"); s1=$(lookups "$P_STANDBY")
+        share=$(python3 -c "p, s = $p1 - $p0, $s1 - $s0; print(f'{s / (p + s):.3f}' if p + s else '')")
+        start_setup "$setup"
+      fi
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$share" >> "$results"
+      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "${share:+standby share $share}" >&2
     done
     stop_setup "$setup"
   done
@@ -282,6 +316,11 @@ mkdir -p "$root/bench/results"
 python3 - "$results" "$root/bench/results/db.json" "$CLIENTS" "$THREADS" "$DURATION" "$ROUNDS" <<'PY'
 import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+shares = {}
+for r in rows:
+    if len(r) > 6 and r[6]:
+        shares.setdefault(r[2], {}).setdefault(r[1], []).append(float(r[6]))
+rows = [r[:6] for r in rows]
 clients, threads, duration, rounds = sys.argv[3:7]
 data = {}
 # The machine's speed drifts between rounds; a ratio taken within one round cancels most of it.
@@ -302,6 +341,13 @@ for wl, setups in data.items():
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
         print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {v['failed']} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
+for wl, per_setup in shares.items():
+    print(f"\n{wl}: share of account lookups that ran on the standby (median over rounds)\n")
+    print("| setup | standby share |")
+    print("|---|---:|")
+    for s, v in per_setup.items():
+        print(f"| {s} | {statistics.median(v):.1%} |")
+        summary.setdefault(wl, {}).setdefault(s, {})["standby_share_median"] = statistics.median(v)
 names = {"dbproxy": "dbproxy", "pgbouncer": "PgBouncer", "relay": "relay"}
 paired = {}
 for a, b in (("dbproxy", "pgbouncer"), ("pgbouncer", "relay"), ("dbproxy", "relay")):

@@ -414,10 +414,11 @@ async fn wait_for_standby_reads(proxy: &Proxy, pp: u16) -> Result<Client> {
     }
 }
 
-/// psycopg2 (autocommit off: an implicit BEGIN before each transaction's first statement):
-/// its reads reach all three standbys; a read after a write in the same transaction sees it.
+/// psycopg2 (autocommit off: an implicit BEGIN before each transaction's first statement) and
+/// asyncpg (`conn.transaction()`, extended protocol): their transactions' reads reach all three
+/// standbys; a read after a write in the same transaction sees it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn psycopg2_implicit_transactions_read_on_the_standbys() -> Result<()> {
+async fn python_drivers_transactions_read_on_the_standbys() -> Result<()> {
     support::bounded(psycopg2_body()).await
 }
 
@@ -451,6 +452,23 @@ async fn psycopg2_body() -> Result<()> {
     assert_eq!(answer["write_port"].as_u64(), Some(pp), "{out}");
     assert_eq!(answer["read_after_write"], serde_json::json!(["x", pp]), "{out}");
     assert_eq!(cluster.primary().psql("select v from t where id = 100")?, "x");
+    let ports: BTreeSet<u64> = answer["asyncpg_read_ports"]
+        .as_array()
+        .context("asyncpg_read_ports")?
+        .iter()
+        .filter_map(|p| p.as_u64())
+        .collect();
+    assert_eq!(
+        ports, standbys,
+        "asyncpg's transactions read on all three standbys: {out}"
+    );
+    assert_eq!(answer["asyncpg_write_port"].as_u64(), Some(pp), "{out}");
+    assert_eq!(
+        answer["asyncpg_read_after_write"],
+        serde_json::json!(["y", pp]),
+        "{out}"
+    );
+    assert_eq!(cluster.primary().psql("select v from t where id = 101")?, "y");
     nothing_open_on_standbys(&cluster)?;
     Ok(())
 }
