@@ -348,7 +348,9 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
         // nginx's `http2_max_concurrent_streams` default.
-        .max_concurrent_streams(128);
+        .max_concurrent_streams(128)
+        // RFC 8441: websockets over HTTP/2 (`h2_websocket`).
+        .enable_connect_protocol();
     let svc_shared = shared.clone();
     let svc_ctx = ctx.clone();
     let service =
