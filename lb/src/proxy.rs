@@ -228,7 +228,7 @@ pub(crate) async fn handle(
 /// the server that produced it.
 async fn proxy(
     shared: &Shared,
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
     start: Instant,
 ) -> (Response<RespBody>, Option<Arc<str>>) {
@@ -531,7 +531,7 @@ async fn proxy(
 /// side closes or shutdown's deadline passes.
 fn relay_upgrade(
     shared: &Shared,
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     mut resp: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     guard: ActiveGuard,
@@ -544,11 +544,14 @@ fn relay_upgrade(
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let hard = ctx.hard.clone();
     let permit = ctx.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // A websocket on an HTTP/2 stream keeps its connection busy: no idle close under it.
+    let held = h2_websocket.then(|| ctx.hold());
     let gauge = shared.metrics.upgraded.clone();
     let idle = shared.runtime.load().config.timeouts.upgraded_idle.get();
     ctx.tracker.spawn(async move {
         let _guard = guard;
         let _permit = permit;
+        let _held = held;
         let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {

@@ -59,7 +59,25 @@ impl Drop for Inflight<'_> {
     }
 }
 
+/// Marks something living on the connection (a websocket on an HTTP/2 stream) as a request in
+/// flight for as long as it is held, so the idle watchdog leaves the connection open.
+pub(crate) struct HeldInflight(Arc<ConnCtx>);
+
+impl Drop for HeldInflight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl ConnCtx {
+    /// Like [`ConnCtx::begin`], for a guard that outlives the request (moved into a task).
+    pub fn hold(self: &Arc<Self>) -> HeldInflight {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        HeldInflight(self.clone())
+    }
+
     fn touch(&self) {
         self.last_activity_ms
             .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);

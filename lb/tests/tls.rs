@@ -324,8 +324,10 @@ async fn websockets_pass_over_http2_with_extended_connect() -> Result<()> {
     let backend = support::Backend::start("ws").await;
     let web = echo("web").await?;
     let tls = free_addr()?;
+    // Short idle timeouts: the websockets must outlive them while they carry frames.
     let _lb = serve(&format!(
-        "http {{\n server {{ listen {tls} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+        "http {{\n keepalive_timeout 1s; client_header_timeout 1s;\n\
+         server {{ listen {tls} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
            location / {{ proxy_pass http://{web}; }}\n\
            location /socket.io/ {{ proxy_pass http://{}; }} }}\n}}\n",
         crt.display(),
@@ -371,6 +373,19 @@ async fn websockets_pass_over_http2_with_extended_connect() -> Result<()> {
         io.write_all(&frame).await?;
         let mut echo = [0u8; 7];
         tokio::time::timeout(support::DEADLINE, io.read_exact(&mut echo)).await??;
+        assert_eq!(echo, frame);
+    }
+    // Frames for three seconds, with no request on the connection: past the idle timeout (1 s),
+    // and past the second tick at which an idle connection is closed, the websockets go on.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(3) {
+        let io = &mut streams[0];
+        let frame = [0x81u8, 0x81, 5, 5, 5, 5, b'k' ^ 5];
+        io.write_all(&frame).await?;
+        let mut echo = [0u8; 7];
+        tokio::time::timeout(support::DEADLINE, io.read_exact(&mut echo))
+            .await?
+            .context("the websocket died with the idle timeout")?;
         assert_eq!(echo, frame);
     }
     // A location whose upstream answers 200 instead of switching: 502, not an open tunnel.
