@@ -2,12 +2,15 @@
 # lb benchmark: the same two static backends served four ways (direct, nginx 1.22, HAProxy 2.6, lb),
 # measured with oha at saturation (-c 64, -c 256) and at a fixed rate (half of nginx's maximum, with
 # --latency-correction), each setup taking turns for ROUNDS rounds; plus lb's RSS while holding
-# 1,000 concurrent keep-alive connections. Prints a markdown table and writes it, with the raw
-# numbers as JSON, to $OUT (default bench/results/).
+# 1,000 concurrent keep-alive connections. Then TLS: HTTPS keep-alive (HTTP/1.1) and HTTP/2 over
+# TLS against nginx, HAProxy and lb in the same run, with h2load (nghttp2-client), and each proxy's
+# CPU time per request (user+system from /proc/PID/stat, over all its processes). Prints markdown
+# tables and writes them, with the raw numbers as JSON, to $OUT (default bench/results/).
 #
-# Needs: nginx-light and haproxy (Debian packages, installed here when missing and run as root),
-# oha (`cargo install oha` when missing: ~11 minutes on 2 cores), python3.
-# Knobs: ROUNDS (3), DURATION (8s), OUT, PORT_BASE (18100).
+# Needs: nginx-light, haproxy and nghttp2-client (Debian packages, installed here when missing
+# and run as root), oha (`cargo install oha` when missing: ~11 minutes on 2 cores), python3,
+# openssl. Knobs: ROUNDS (3), DURATION (8s), OUT, PORT_BASE (18100), TLS_ROUNDS (1),
+# TLS_ONLY=1 (only the TLS rows, without oha).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -17,6 +20,7 @@ OUT=${OUT:-$ROOT/bench/results}
 PORT_BASE=${PORT_BASE:-18100}
 B1=$((PORT_BASE + 1)) B2=$((PORT_BASE + 2))
 P_NGINX=$((PORT_BASE + 10)) P_HAPROXY=$((PORT_BASE + 11)) P_LB=$((PORT_BASE + 12)) P_LB_ADMIN=$((PORT_BASE + 13))
+T_NGINX=$((PORT_BASE + 20)) T_HAPROXY=$((PORT_BASE + 21)) T_LB=$((PORT_BASE + 22)) T_LB_ADMIN=$((PORT_BASE + 23))
 
 log() { printf '[lb-bench] %s\n' "$*" >&2; }
 
@@ -24,6 +28,7 @@ install_missing() {
   local missing=()
   command -v nginx >/dev/null || missing+=(nginx-light)
   command -v haproxy >/dev/null || missing+=(haproxy)
+  command -v h2load >/dev/null || missing+=(nghttp2-client)
   if ((${#missing[@]})); then
     if [[ $(id -u) -ne 0 ]]; then
       log "please install: ${missing[*]}"
@@ -33,7 +38,7 @@ install_missing() {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
-  if ! command -v oha >/dev/null; then
+  if [[ -z ${TLS_ONLY:-} ]] && ! command -v oha >/dev/null; then
     log "installing oha with cargo (about 11 minutes on 2 cores)"
     cargo install oha --locked
   fi
@@ -101,8 +106,22 @@ http {
       proxy_set_header Connection "";
     }
   }
+  server {
+    listen 127.0.0.1:$T_NGINX ssl http2;
+    ssl_certificate $WORK/bench.crt;
+    ssl_certificate_key $WORK/bench.key;
+    location / {
+      proxy_pass http://app;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
 }
 EOF
+# One self-signed P-256 certificate for the three TLS listeners.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=bench.test \
+  -keyout "$WORK/bench.key" -out "$WORK/bench.crt" 2>/dev/null
+cat "$WORK/bench.crt" "$WORK/bench.key" >"$WORK/bench.pem"
 nginx -c "$WORK/nginx.conf"
 
 # --- HAProxy 2.6 ----------------------------------------------------------------------------------
@@ -118,6 +137,9 @@ defaults
   http-reuse always
 frontend fe
   bind 127.0.0.1:$P_HAPROXY
+  default_backend be
+frontend fe_tls
+  bind 127.0.0.1:$T_HAPROXY ssl crt $WORK/bench.pem alpn h2,http/1.1
   default_backend be
 backend be
   balance roundrobin
@@ -140,8 +162,32 @@ EOF
 RUST_LOG=warn "$LB_BIN" --config "$WORK/lb.toml" 2>"$WORK/lb.err" &
 LB_PID=$!
 PIDS+=("$LB_PID")
-for p in "$P_NGINX" "$P_HAPROXY" "$P_LB"; do wait_port "$p"; done
+# lb terminating TLS: a process of its own, so its CPU time is the TLS runs' alone.
+cat >"$WORK/lb-tls.toml" <<EOF
+listen = "127.0.0.1:$((PORT_BASE + 24))"
+admin_listen = "127.0.0.1:$T_LB_ADMIN"
+[upstream]
+name = "app"
+servers = [{ addr = "127.0.0.1:$B1" }, { addr = "127.0.0.1:$B2" }]
+[limits]
+upstream_keepalive = 128
+[access_log]
+enabled = false
+[[vhosts]]
+[vhosts.tls]
+listen = ["127.0.0.1:$T_LB"]
+certificate = "$WORK/bench.crt"
+key = "$WORK/bench.key"
+[[vhosts.locations]]
+path = "/"
+proxy_pass = "http://app"
+EOF
+RUST_LOG=warn "$LB_BIN" --config "$WORK/lb-tls.toml" 2>"$WORK/lb-tls.err" &
+LB_TLS_PID=$!
+PIDS+=("$LB_TLS_PID")
+for p in "$P_NGINX" "$P_HAPROXY" "$P_LB" "$T_NGINX" "$T_HAPROXY" "$T_LB"; do wait_port "$p"; done
 
+if [[ -z ${TLS_ONLY:-} ]]; then
 declare -A URL=(
   [direct]="http://127.0.0.1:$B1/"
   [nginx]="http://127.0.0.1:$P_NGINX/"
@@ -251,3 +297,85 @@ json.dump({"rate": rate, "rss_kib": rss_kib, "loadavg_before": load_start, "load
 EOF
 log "peak client connections lb reported during the RSS run: $CONNS"
 log "wrote $OUT/lb.md and $OUT/lb.json"
+fi
+
+# --- TLS: HTTPS keep-alive (HTTP/1.1) and HTTP/2, h2load, CPU per request ----------------------
+cpu_ticks() { # utime + stime (clock ticks) summed over the given processes
+  local t=0 p
+  for p in "$@"; do
+    [[ -r /proc/$p/stat ]] || continue
+    t=$((t + $(awk '{sub(/.*\) /, ""); print $12 + $13}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+NGINX_MASTER=$(cat "$WORK/nginx.pid")
+read -r -a NGINX_PIDS <<<"$NGINX_MASTER $(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')"
+HAPROXY_PID=$(cat "$WORK/haproxy.pid")
+declare -A TURL=([nginx]="https://127.0.0.1:$T_NGINX/" [haproxy]="https://127.0.0.1:$T_HAPROXY/" [lb]="https://127.0.0.1:$T_LB/")
+pids_of() { case $1 in nginx) echo "${NGINX_PIDS[@]}" ;; haproxy) echo "$HAPROXY_PID" ;; lb) echo "$LB_TLS_PID" ;; esac; }
+SECS=${DURATION%s}
+TLS_ROUNDS=${TLS_ROUNDS:-1}
+TLS_LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+log "TLS: $TLS_ROUNDS round(s) of nginx haproxy lb, HTTPS/1.1 -c 64 and HTTP/2 -c 16 -m 16, ${SECS}s each"
+for round in $(seq 1 "$TLS_ROUNDS"); do
+  for setup in nginx haproxy lb; do
+    for mode in h1 h2; do
+      if [[ $mode == h1 ]]; then args=(--h1 -c 64 -m 1); else args=(-c 16 -m 16); fi
+      # shellcheck disable=SC2046
+      before=$(cpu_ticks $(pids_of "$setup"))
+      h2load -D "$SECS" "${args[@]}" "${TURL[$setup]}" >"$WORK/$setup.tls-$mode.$round.txt" 2>&1 || true
+      # shellcheck disable=SC2046
+      after=$(cpu_ticks $(pids_of "$setup"))
+      echo "$((after - before))" >"$WORK/$setup.tls-$mode.$round.ticks"
+    done
+  done
+done
+TLS_LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+mkdir -p "$OUT"
+python3 - "$WORK" "$OUT" "$TLS_ROUNDS" "$(getconf CLK_TCK)" "$TLS_LOAD_START" "$TLS_LOAD_END" <<'EOF'
+import json, re, sys, glob, statistics
+work, out, rounds, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+load_start, load_end = sys.argv[5], sys.argv[6]
+res = {}
+for s in ["nginx", "haproxy", "lb"]:
+    for m in ["h1", "h2"]:
+        rows = []
+        for f in sorted(glob.glob(f"{work}/{s}.tls-{m}.*.txt")):
+            text = open(f).read()
+            rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text)
+            done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+            lat = re.search(r"time for request:\s+(\S+)\s+(\S+)\s+(\S+)", text)
+            ticks = int(open(f[:-4] + ".ticks").read())
+            if not (rps and done):
+                print(f"{f}: no result:\n{text[-500:]}", file=sys.stderr)
+                continue
+            ok = int(done.group(2))
+            rows.append({"rps": float(rps.group(1)), "succeeded": ok, "done": int(done.group(1)),
+                         "mean": lat.group(3) if lat else "?",
+                         "cpu_us_per_req": ticks * 1e6 / hz / ok if ok else float("nan")})
+        if rows:
+            med = lambda k: statistics.median(r[k] for r in rows)
+            res[f"{s}.{m}"] = {"rps": med("rps"), "cpu_us_per_req": med("cpu_us_per_req"),
+                               "mean_latency": rows[0]["mean"],
+                               "success": min(r["succeeded"] / r["done"] if r["done"] else 0 for r in rows)}
+lines = [f"TLS (h2load, median of {rounds} round(s); self-signed P-256 certificate; everything on loopback, 2 cores;"
+         " CPU is the proxy's own user+system time per successful request)", "",
+         "| setup | protocol | req/s | mean latency | req/s vs nginx | CPU µs/request | CPU vs nginx | success |",
+         "|---|---|---:|---:|---:|---:|---:|---:|"]
+for m, label in [("h1", "HTTPS/1.1 keep-alive, -c 64"), ("h2", "HTTP/2 over TLS, -c 16 -m 16")]:
+    n = res.get(f"nginx.{m}")
+    for s in ["nginx", "haproxy", "lb"]:
+        r = res.get(f"{s}.{m}")
+        if not r:
+            continue
+        ratio = f"{r['rps'] / n['rps']:.2f}x" if n else "n/a"
+        cpu_ratio = f"{r['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x" if n else "n/a"
+        lines.append(f"| {s} | {label} | {r['rps']:.0f} | {r['mean_latency']} | {ratio} | "
+                     f"{r['cpu_us_per_req']:.1f} | {cpu_ratio} | {r['success']*100:.1f}% |")
+lines += ["", f"Load average (1, 5, 15 min) before: {load_start}; after: {load_end}."]
+table = "\n".join(lines)
+print(table)
+open(f"{out}/lb-tls.md", "w").write(table + "\n")
+json.dump(res, open(f"{out}/lb-tls.json", "w"), indent=2)
+EOF
+log "wrote $OUT/lb-tls.md and $OUT/lb-tls.json"

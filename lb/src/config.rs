@@ -401,6 +401,8 @@ pub struct LocationConfig {
     pub path: String,
     /// `http://UPSTREAM[/uri]`: the upstream by name (or a `host:port` given in `upstreams`)
     /// and, when present, the URI part that replaces the matched prefix, as nginx does.
+    /// `grpc://UPSTREAM` (no URI part) speaks HTTP/2 cleartext to it, trailers included, as
+    /// nginx's `grpc_pass`.
     pub proxy_pass: String,
     /// Rewrites run in this location (nginx `rewrite`).
     pub rewrites: Vec<RewriteConfig>,

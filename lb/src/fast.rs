@@ -205,10 +205,14 @@ pub(crate) fn prepare(
         query,
     });
     let (upstream, target, respond) = match route {
-        Route::Proxy { upstream, uri } => (upstream, uri, None),
+        Route::Proxy {
+            upstream,
+            uri,
+            grpc: false,
+        } => (upstream, uri, None),
         r @ Route::Respond { .. } => (0, None, Some(r)),
-        // Files are served on the hyper path.
-        Route::Files { .. } => return None,
+        // Files, and HTTP/2 (gRPC) upstreams, are served on the hyper path.
+        Route::Files { .. } | Route::Proxy { grpc: true, .. } => return None,
     };
 
     out.clear();

@@ -18,8 +18,10 @@
 //! OPTIONS, DELETE) itself with httparse over the servers' pools, relaying the response framing
 //! byte for byte, and hands the connection to hyper at the first request it does not take (a
 //! body, an upgrade, HTTP/1.0, h2c); on that path `proxy` handles one request (headers, tries,
-//! upgrades) with hyper-util's client; `body` keeps a request body replayable until first sent,
-//! drains an HTTP/2 request body the upstream did not read, and times out stalled upstream bodies; `health` probes; `metrics` and `access` observe.
+//! upgrades; `grpc://` groups over HTTP/2 cleartext) with hyper-util's clients; `h2_websocket`
+//! maps RFC 8441 websockets to HTTP/1.1 handshakes; `body` keeps a request body replayable
+//! until first sent, drains an HTTP/2 request body the upstream did not read, and times out
+//! stalled upstream bodies; `health` probes; `metrics` and `access` observe.
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream groups + routes + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
@@ -35,6 +37,7 @@ mod fast;
 mod files;
 #[doc(hidden)]
 pub mod fuzzing;
+mod h2_websocket;
 mod head_check;
 pub mod health;
 pub mod metrics;
@@ -82,8 +85,15 @@ pub enum LbError {
     Tls(#[from] tls::TlsError),
 }
 
-/// The upstream HTTP client.
+/// An upstream HTTP client.
 pub(crate) type UpClient = Client<HttpConnector, UpBody>;
+
+/// The upstream clients: HTTP/1.1 for `http://` groups, HTTP/2 cleartext for `grpc://` ones.
+#[derive(Clone)]
+pub(crate) struct UpClients {
+    pub h1: UpClient,
+    pub h2: UpClient,
+}
 
 /// Everything a request needs that a reload may replace, swapped as one.
 pub struct Runtime {
@@ -97,12 +107,12 @@ pub struct Runtime {
     pub router: Arc<route::Router>,
     /// The TLS acceptors, by address.
     pub tls: tls::Tls,
-    client: UpClient,
+    client: UpClients,
 }
 
 impl Runtime {
     /// Resolves every group and compiles the routing table, reusing servers' state from `old`.
-    fn build(config: Config, client: UpClient, old: Option<&Runtime>) -> Result<Runtime, LbError> {
+    fn build(config: Config, client: UpClients, old: Option<&Runtime>) -> Result<Runtime, LbError> {
         let upstream = Upstream::build(&config, old.map(|o| &o.upstream))?;
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for up in &config.upstreams {
@@ -153,17 +163,26 @@ pub(crate) struct Shared {
     pub reloaded: tokio::sync::Notify,
 }
 
-fn build_client(config: &Config) -> UpClient {
+fn build_client(config: &Config) -> UpClients {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(config.timeouts.upstream_connect.get()));
     connector.set_nodelay(true);
     connector.set_keepalive(Some(Duration::from_secs(60)));
-    Client::builder(TokioExecutor::new())
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.timeouts.upstream_idle.get())
-        .pool_max_idle_per_host(config.limits.upstream_keepalive)
-        .build(connector)
+        .pool_max_idle_per_host(config.limits.upstream_keepalive);
+    let h1 = builder.build(connector.clone());
+    // One HTTP/2 connection per server carries every stream (nginx's grpc_pass opens more; h2
+    // multiplexes), with keep-alive pings so a dead server is noticed between calls.
+    builder
+        .http2_only(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(config.timeouts.upstream_connect.get().max(Duration::from_secs(5)));
+    let h2 = builder.build(connector);
+    UpClients { h1, h2 }
 }
 
 /// Whether two configs can share one upstream client (same connect timeout and pool settings).

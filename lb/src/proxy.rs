@@ -228,16 +228,18 @@ pub(crate) async fn handle(
 /// the server that produced it.
 async fn proxy(
     shared: &Shared,
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     mut req: Request<Incoming>,
     start: Instant,
 ) -> (Response<RespBody>, Option<Arc<str>>) {
-    if req.method() == http::Method::CONNECT && req.version() == Version::HTTP_2 {
-        // RFC 8441 (websockets over HTTP/2) is not offered in SETTINGS; say so to any CONNECT.
+    // RFC 8441: an extended CONNECT for a websocket goes upstream as an HTTP/1.1 handshake.
+    let h2_websocket = crate::h2_websocket::is_websocket_connect(&req);
+    if req.method() == http::Method::CONNECT && req.version() == Version::HTTP_2 && !h2_websocket {
+        // A plain CONNECT (a tunnel), or another `:protocol`: lb is no forward proxy.
         return (
             error_response(
                 StatusCode::NOT_IMPLEMENTED,
-                "CONNECT over HTTP/2 (RFC 8441 websockets) is not supported: use HTTP/1.1\n",
+                "CONNECT is only for websockets over HTTP/2 (RFC 8441, :protocol websocket)\n",
             ),
             None,
         );
@@ -282,8 +284,8 @@ async fn proxy(
         path: req.uri().path(),
         query: req.uri().query(),
     });
-    let (group, target) = match route {
-        Route::Proxy { upstream, uri } => (upstream, uri),
+    let (group, target, grpc) = match route {
+        Route::Proxy { upstream, uri, grpc } => (upstream, uri, grpc),
         Route::Respond {
             status,
             location,
@@ -320,15 +322,40 @@ async fn proxy(
             );
         }
     }
-    let upgrade = wants_upgrade(&req);
+    if grpc && h2_websocket {
+        return (
+            error_response(StatusCode::NOT_IMPLEMENTED, "websockets to a grpc:// upstream\n"),
+            None,
+        );
+    }
+    // An HTTP/2 (gRPC) upstream takes no HTTP/1.1 upgrade: the Upgrade header is dropped.
+    let upgrade = h2_websocket || (!grpc && wants_upgrade(&req));
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let h2 = parts.version == Version::HTTP_2;
     let slot = (!body.is_end_stream()).then(|| BodySlot::new(body, limit, h2));
+    if h2_websocket {
+        // The upstream sees the GET of an HTTP/1.1 websocket handshake.
+        parts.method = http::Method::GET;
+    }
     let idempotent = parts.method.is_idempotent();
 
     let mut headers = std::mem::take(&mut parts.headers);
+    // gRPC servers want `te: trailers` (the one TE value HTTP/2 allows); nginx's grpc_pass
+    // passes it on.
+    let te_trailers = grpc
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers")));
     strip_hop_by_hop(&mut headers, upgrade);
+    if h2_websocket {
+        crate::h2_websocket::to_http1_handshake(&mut headers);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     let host_override = (!cfg.headers.host.is_empty())
         .then(|| HeaderValue::from_str(&cfg.headers.host).ok())
         .flatten();
@@ -403,10 +430,16 @@ async fn proxy(
         let mut ureq = Request::new(body);
         *ureq.method_mut() = parts.method.clone();
         *ureq.uri_mut() = uri;
-        *ureq.version_mut() = Version::HTTP_11;
+        let client = if grpc {
+            *ureq.version_mut() = Version::HTTP_2;
+            &rt.client.h2
+        } else {
+            *ureq.version_mut() = Version::HTTP_11;
+            &rt.client.h1
+        };
         *ureq.headers_mut() = parts.headers.clone();
         let guard = ActiveGuard::new(server.clone());
-        let sent = tokio::time::timeout(response_timeout, rt.client.request(ureq)).await;
+        let sent = tokio::time::timeout(response_timeout, client.request(ureq)).await;
         let retryable_body = slot.as_ref().is_none_or(|s| s.unsent());
         match sent {
             Err(_) => {
@@ -447,7 +480,20 @@ async fn proxy(
                 server.record_success(Instant::now());
                 let label = Some(server.label.clone());
                 if status == StatusCode::SWITCHING_PROTOCOLS {
-                    return (relay_upgrade(shared, ctx, resp, client_upgrade, guard), label);
+                    return (
+                        relay_upgrade(shared, ctx, resp, client_upgrade, guard, h2_websocket),
+                        label,
+                    );
+                }
+                if h2_websocket && status.is_success() {
+                    // A 2xx would open the tunnel on the client's side with nothing behind it.
+                    return (
+                        error_response(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream did not switch to the websocket protocol\n",
+                        ),
+                        label,
+                    );
                 }
                 let (mut rparts, rbody) = resp.into_parts();
                 if rparts.headers.contains_key(header::TRANSFER_ENCODING) {
@@ -485,10 +531,11 @@ async fn proxy(
 /// side closes or shutdown's deadline passes.
 fn relay_upgrade(
     shared: &Shared,
-    ctx: &ConnCtx,
+    ctx: &Arc<ConnCtx>,
     mut resp: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     guard: ActiveGuard,
+    h2_websocket: bool,
 ) -> Response<RespBody> {
     let Some(client_upgrade) = client_upgrade else {
         // The upstream switched protocols although the client did not ask: refuse to relay.
@@ -497,11 +544,14 @@ fn relay_upgrade(
     let upstream_upgrade = hyper::upgrade::on(&mut resp);
     let hard = ctx.hard.clone();
     let permit = ctx.permit.lock().unwrap_or_else(|p| p.into_inner()).take();
+    // A websocket on an HTTP/2 stream keeps its connection busy: no idle close under it.
+    let held = h2_websocket.then(|| ctx.hold());
     let gauge = shared.metrics.upgraded.clone();
     let idle = shared.runtime.load().config.timeouts.upgraded_idle.get();
     ctx.tracker.spawn(async move {
         let _guard = guard;
         let _permit = permit;
+        let _held = held;
         let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {
             Ok(x) => x,
             Err(e) => {
@@ -534,6 +584,11 @@ fn relay_upgrade(
     // Keep Upgrade and Connection: they are the point of a 101.
     for name in &HOP_BY_HOP[1..] {
         parts.headers.remove(name);
+    }
+    if h2_websocket {
+        // RFC 8441: the HTTP/2 client's tunnel opens with a 200 and no upgrade headers.
+        parts.status = StatusCode::OK;
+        crate::h2_websocket::strip_switching_headers(&mut parts.headers);
     }
     Response::from_parts(parts, RespBody::Full(None))
 }

@@ -59,7 +59,25 @@ impl Drop for Inflight<'_> {
     }
 }
 
+/// Marks something living on the connection (a websocket on an HTTP/2 stream) as a request in
+/// flight for as long as it is held, so the idle watchdog leaves the connection open.
+pub(crate) struct HeldInflight(Arc<ConnCtx>);
+
+impl Drop for HeldInflight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl ConnCtx {
+    /// Like [`ConnCtx::begin`], for a guard that outlives the request (moved into a task).
+    pub fn hold(self: &Arc<Self>) -> HeldInflight {
+        self.inflight.fetch_add(1, Ordering::Relaxed);
+        self.touch();
+        HeldInflight(self.clone())
+    }
+
     fn touch(&self) {
         self.last_activity_ms
             .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
@@ -348,7 +366,9 @@ where
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(max_header).unwrap_or(u32::MAX))
         // nginx's `http2_max_concurrent_streams` default.
-        .max_concurrent_streams(128);
+        .max_concurrent_streams(128)
+        // RFC 8441: websockets over HTTP/2 (`h2_websocket`).
+        .enable_connect_protocol();
     let svc_shared = shared.clone();
     let svc_ctx = ctx.clone();
     let service =

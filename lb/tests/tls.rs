@@ -87,7 +87,7 @@ async fn sni_alpn_h2_forwarded_proto_and_redirect_to_https() -> Result<()> {
         .await
         .unwrap_or_default();
     ensure!(!resp.contains("200"), "{resp}");
-    // CONNECT over HTTP/2 (RFC 8441 websockets) is refused clearly.
+    // A plain CONNECT over HTTP/2 (a tunnel, not RFC 8441's websocket) is refused clearly.
     let connector = client(&authority.0, &[b"h2"])?;
     let stream = connect(&connector, tls, "a.test").await?;
     ensure!(stream.get_ref().1.alpn_protocol() == Some(b"h2"), "h2 by ALPN");
@@ -312,5 +312,89 @@ async fn an_ocsp_response_file_is_stapled() -> Result<()> {
         "{a}"
     );
     ensure!(b.contains("OCSP response: no response sent"), "{b}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_pass_over_http2_with_extended_connect() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir()?;
+    let authority = ca(dir.path())?;
+    let (crt, key) = leaf(dir.path(), &authority, "a.test", "a")?;
+    let backend = support::Backend::start("ws").await;
+    let web = echo("web").await?;
+    let tls = free_addr()?;
+    // Short idle timeouts: the websockets must outlive them while they carry frames.
+    let _lb = serve(&format!(
+        "http {{\n keepalive_timeout 1s; client_header_timeout 1s;\n\
+         server {{ listen {tls} ssl; ssl_certificate {}; ssl_certificate_key {};\n\
+           location / {{ proxy_pass http://{web}; }}\n\
+           location /socket.io/ {{ proxy_pass http://{}; }} }}\n}}\n",
+        crt.display(),
+        key.display(),
+        backend.addr,
+    ))
+    .await?;
+    let connector = client(&authority.0, &[b"h2"])?;
+    let c = connector.clone();
+    let stream = wait_for("lb to serve TLS", move || {
+        let c = c.clone();
+        async move { connect(&c, tls, "a.test").await.ok() }
+    })
+    .await?;
+    let (mut h2, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    // RFC 8441: CONNECT with :protocol websocket on a stream of the HTTP/2 connection (hyper's
+    // client sends it only when lb's SETTINGS enable the extended CONNECT).
+    let mut streams = Vec::new();
+    for i in 0..3u8 {
+        let mut req = hyper::Request::connect(format!("https://a.test/socket.io/?EIO=4&n={i}"))
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())?;
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let resp = tokio::time::timeout(support::DEADLINE, h2.send_request(req)).await??;
+        assert_eq!(resp.status(), 200);
+        ensure!(!resp.headers().contains_key("upgrade"), "{:?}", resp.headers());
+        let mut io = TokioIo::new(hyper::upgrade::on(resp).await?);
+        // A masked text frame, echoed back by the backend through lb.
+        let frame = [0x81u8, 0x82, 1, 2, 3, 4, b'h' ^ 1, i ^ 2];
+        io.write_all(&frame).await?;
+        let mut echo = [0u8; 8];
+        tokio::time::timeout(support::DEADLINE, io.read_exact(&mut echo)).await??;
+        assert_eq!(echo, frame);
+        streams.push(io);
+    }
+    // The websockets share the connection with ordinary requests.
+    assert_eq!(get(&mut h2, "https://a.test/page").await?, "web GET /page");
+    for (i, io) in streams.iter_mut().enumerate() {
+        let frame = [0x81u8, 0x81, 9, 9, 9, 9, i as u8];
+        io.write_all(&frame).await?;
+        let mut echo = [0u8; 7];
+        tokio::time::timeout(support::DEADLINE, io.read_exact(&mut echo)).await??;
+        assert_eq!(echo, frame);
+    }
+    // Frames for three seconds, with no request on the connection: past the idle timeout (1 s),
+    // and past the second tick at which an idle connection is closed, the websockets go on.
+    let start = std::time::Instant::now();
+    while start.elapsed() < std::time::Duration::from_secs(3) {
+        let io = &mut streams[0];
+        let frame = [0x81u8, 0x81, 5, 5, 5, 5, b'k' ^ 5];
+        io.write_all(&frame).await?;
+        let mut echo = [0u8; 7];
+        tokio::time::timeout(support::DEADLINE, io.read_exact(&mut echo))
+            .await?
+            .context("the websocket died with the idle timeout")?;
+        assert_eq!(echo, frame);
+    }
+    // A location whose upstream answers 200 instead of switching: 502, not an open tunnel.
+    let mut req = hyper::Request::connect("https://a.test/chat")
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())?;
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = h2.send_request(req).await?;
+    assert_eq!(resp.status(), 502);
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! `server` and `location` blocks: listen addresses (plain and `ssl`), names, locations with
-//! `proxy_pass`, `root`/`alias`/`try_files`, `rewrite` and `return`, and the `ssl_*` settings,
+//! `proxy_pass` or `grpc_pass` (h2c), `root`/`alias`/`try_files`, `rewrite` and `return`, and the `ssl_*` settings,
 //! as the `vhosts`, `upstream` and `upstreams` tables.
 
 use toml::{Table, Value};
@@ -278,6 +278,28 @@ fn location_block(
                 }
                 groups.ensure(name, upstreams, out)?;
                 t.insert("proxy_pass".into(), Value::String(url.clone()));
+            }
+            "grpc_pass" => {
+                arity(l, 1, 1)?;
+                if t.contains_key("proxy_pass") {
+                    return Err(unsupported(l, "beside proxy_pass or another grpc_pass"));
+                }
+                let url = &l.args[0];
+                if url.starts_with("grpcs://") {
+                    return Err(unsupported(l, "grpcs:// (TLS to upstreams): lb speaks h2c only"));
+                }
+                if url.contains('$') {
+                    return Err(unsupported(l, "variables in grpc_pass"));
+                }
+                let name = url.strip_prefix("grpc://").unwrap_or(url);
+                if name.contains('/') || name.contains("://") {
+                    return Err(unsupported(
+                        l,
+                        "a URI part or another scheme (nginx refuses them too)",
+                    ));
+                }
+                groups.ensure(name, upstreams, out)?;
+                t.insert("proxy_pass".into(), Value::String(format!("grpc://{name}")));
             }
             "location" => return Err(unsupported(l, "nested locations")),
             "root" | "alias" => {

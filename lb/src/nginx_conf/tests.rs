@@ -193,3 +193,34 @@ fn tls_servers() {
     assert!(w.contains("line 3: ssl_protocols `TLSv1` ignored"), "{w}");
     assert!(w.contains("`ssl_session_cache` ignored"), "{w}");
 }
+
+#[test]
+fn grpc_pass_becomes_a_grpc_proxy_pass_and_its_limits_name_their_line() {
+    let t = translate(
+        "http {\n upstream app { server 127.0.0.1:1; }\n upstream rpc { server 127.0.0.1:2; }\n\
+         server { listen 80;\n location / { proxy_pass http://app; }\n\
+           location /svc.Echo/ { grpc_pass grpc://rpc; }\n\
+           location /svc.Other/ { grpc_pass 127.0.0.1:3; } } }",
+    )
+    .unwrap();
+    let c: Config = ConfigSource::new().base(t.table).load().unwrap();
+    let v = &c.vhosts[0];
+    assert_eq!(v.locations[1].proxy_pass, "grpc://rpc");
+    assert_eq!(v.locations[2].proxy_pass, "grpc://127.0.0.1:3");
+    for (conf, words) in [
+        ("location / {\n grpc_pass grpcs://rpc; }", "grpcs://"),
+        ("location / {\n grpc_pass grpc://$backend; }", "variables"),
+        ("location / {\n grpc_pass grpc://rpc/x; }", "URI part"),
+        (
+            "location / { proxy_pass http://rpc;\n grpc_pass grpc://rpc; }",
+            "beside proxy_pass",
+        ),
+    ] {
+        let e = translate(&format!(
+            "http {{ upstream rpc {{ server 127.0.0.1:2; }}\n server {{ listen 80;\n {conf} }} }}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line 4") && e.contains(words), "{conf}: {e}");
+    }
+}

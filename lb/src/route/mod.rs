@@ -43,6 +43,8 @@ pub enum Route {
         upstream: usize,
         /// The rewritten request target (path and query), if any.
         uri: Option<String>,
+        /// The group speaks HTTP/2 without TLS (h2c; nginx `grpc_pass`).
+        grpc: bool,
     },
     /// Serve the first of `candidates` (file-system paths; one ending in `/` means its
     /// `index.html`) that exists, else `fallback`; `uri` is for the redirect of a directory
@@ -129,6 +131,7 @@ enum Target {
     Proxy {
         upstream: usize,
         uri: Option<String>,
+        grpc: bool,
     },
     /// Files under `dir` (`root`: plus the URI; `alias`: plus the URI after the prefix).
     Files {
@@ -231,15 +234,24 @@ fn compile_steps(
     Ok(steps)
 }
 
-/// Splits `http://NAME[/uri]` into the group index and the URI part.
-fn proxy_target(key: &str, text: &str, groups: &[&str]) -> Result<(usize, Option<String>), RouteError> {
-    let rest = text
-        .strip_prefix("http://")
-        .ok_or_else(|| err(key.to_string(), "must start with http://"))?;
+/// Splits `http://NAME[/uri]` into the group index and the URI part; `grpc://NAME` (no URI
+/// part, as nginx's `grpc_pass`) names a group spoken to in HTTP/2 cleartext.
+fn proxy_target(key: &str, text: &str, groups: &[&str]) -> Result<(usize, Option<String>, bool), RouteError> {
+    let (rest, grpc) = match (text.strip_prefix("http://"), text.strip_prefix("grpc://")) {
+        (Some(rest), _) => (rest, false),
+        (None, Some(rest)) => (rest, true),
+        (None, None) => return Err(err(key.to_string(), "must start with http:// or grpc://")),
+    };
     let (name, uri) = match rest.find('/') {
         Some(i) => (&rest[..i], Some(rest[i..].to_string())),
         None => (rest, None),
     };
+    if grpc && uri.is_some() {
+        return Err(err(
+            key.to_string(),
+            "grpc:// takes no URI part (as nginx's grpc_pass)",
+        ));
+    }
     if uri.as_deref().is_some_and(|u| u.contains('$')) {
         return Err(err(
             key.to_string(),
@@ -250,7 +262,7 @@ fn proxy_target(key: &str, text: &str, groups: &[&str]) -> Result<(usize, Option
         .iter()
         .position(|g| *g == name)
         .ok_or_else(|| err(key.to_string(), format!("no upstream named `{name}`")))?;
-    Ok((idx, uri))
+    Ok((idx, uri, grpc))
 }
 
 fn compile_location(
@@ -331,14 +343,14 @@ fn compile_location(
                 "a location either proxies or serves files (root, alias, try_files)",
             ));
         }
-        let (upstream, uri) = proxy_target(&format!("{key}.proxy_pass"), &l.proxy_pass, groups)?;
+        let (upstream, uri, grpc) = proxy_target(&format!("{key}.proxy_pass"), &l.proxy_pass, groups)?;
         if uri.is_some() && regex.is_some() {
             return Err(err(
                 format!("{key}.proxy_pass"),
                 "cannot have a URI part in a regular-expression location (as in nginx)",
             ));
         }
-        Target::Proxy { upstream, uri }
+        Target::Proxy { upstream, uri, grpc }
     };
     Ok(Location {
         kind: l.match_,
@@ -437,8 +449,15 @@ impl Router {
                 v.steps.is_empty()
                     && v.regexes.is_empty()
                     && matches!(v.locations.as_slice(), [l] if l.kind == LocationMatch::Prefix
-                        && l.path == "/" && l.steps.is_empty()
-                        && matches!(l.target, Target::Proxy { upstream: 0, uri: None }))
+                    && l.path == "/" && l.steps.is_empty()
+                    && matches!(
+                        l.target,
+                        Target::Proxy {
+                            upstream: 0,
+                            uri: None,
+                            grpc: false
+                        }
+                    ))
             }
             _ => false,
         };
@@ -503,6 +522,7 @@ impl Router {
             return Route::Proxy {
                 upstream: 0,
                 uri: None,
+                grpc: false,
             };
         }
         let host = host_name(req.host);
@@ -603,7 +623,11 @@ impl Router {
                         slash_location: absolute(req, &host, slash),
                     }
                 }
-                Target::Proxy { upstream, uri: part } => {
+                Target::Proxy {
+                    upstream,
+                    uri: part,
+                    grpc,
+                } => {
                     // A `break` that changed the URI here sends it whole; otherwise the URI part
                     // replaces the matched prefix of the current URI (also after `last`).
                     let target = match part {
@@ -631,6 +655,7 @@ impl Router {
                     Route::Proxy {
                         upstream: *upstream,
                         uri: target,
+                        grpc: *grpc,
                     }
                 }
             };

@@ -106,6 +106,7 @@ fn proxy(upstream: usize, uri: Option<&str>) -> Route {
     Route::Proxy {
         upstream,
         uri: uri.map(str::to_string),
+        grpc: false,
     }
 }
 
