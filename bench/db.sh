@@ -15,9 +15,14 @@
 # the ceiling for any proxy on this machine, and shows how much of a gap to PgBouncer a proxy
 # could close at all.
 #
+# `connect` is `pgbench -S -C -c 8` (a new connection for every transaction, as PHP, serverless
+# functions and cron jobs connect): it measures logins, which PgBouncer and dbproxy answer from
+# their pools. For each setup with a process of its own the table also gives that process's CPU
+# time per transaction (user + system from /proc/PID/stat, its children included, around the run).
+#
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy relay"
-#        WORKLOADS="select-simple select-prepared mix orm"
+#        WORKLOADS="select-simple select-prepared mix orm connect"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
 # dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
@@ -36,7 +41,7 @@ CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
 SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy relay"}
-WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm"}
+WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm connect"}
 
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 need_pkgs=()
@@ -244,6 +249,18 @@ settle() {
       echo "note: connections still open on port $port 10 s after the previous setup" >&2
   done
 }
+# CPU clock ticks (user + system) used so far by a process and its direct children.
+cpu_ticks() { # pid
+  local total=0 p f
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null || true); do
+    f=$(cut -d')' -f2- "/proc/$p/stat" 2>/dev/null) || continue
+    # After the command name: state is field 3; utime and stime are fields 14 and 15.
+    read -r -a fields <<<"$f"
+    total=$((total + fields[11] + fields[12]))
+  done
+  echo "$total"
+}
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
 target() { # setup workload -> "port dbname"
   case $1:$2 in
     direct:mix|direct:orm) echo "$P_PRIMARY bench" ;;
@@ -288,14 +305,23 @@ for round in $(seq 1 "$ROUNDS"); do
         p0=$(lookups "$P_PRIMARY"); s0=$(lookups "$P_STANDBY")
         start_setup "$setup"
       fi
+      clients=$CLIENTS
       case $wl in
         select-simple) args=(-S -M simple) ;;
         select-prepared) args=(-S -M prepared) ;;
         mix) args=(-b select-only@9 -b simple-update@1 -M prepared) ;;
         orm) args=(-f "$work/orm-read.sql@9" -b simple-update@1 -M simple) ;;
+        connect) args=(-S -C -M simple); clients=8 ;;
       esac
-      out=$("$PGBIN/pgbench" -n "${args[@]}" -c "$CLIENTS" -j "$THREADS" -T "$DURATION" \
+      proc=""
+      [ "$setup" != direct ] && proc=${pids[-1]}
+      before=0; [ -n "$proc" ] && before=$(cpu_ticks "$proc")
+      out=$("$PGBIN/pgbench" -n "${args[@]}" -c "$clients" -j "$THREADS" -T "$DURATION" \
         -h 127.0.0.1 -p "$port" -U postgres "$db" 2>&1) || { echo "$out" >&2; tps=0; lat=0; }
+      after=0; [ -n "$proc" ] && after=$(cpu_ticks "$proc")
+      txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
+      cpu_us=0
+      [ -n "$proc" ] && [ "${txs:-0}" -gt 0 ] && cpu_us=$(( (after - before) * TICK_US / txs ))
       tps=$(sed -n 's/^tps = \([0-9.]*\).*/\1/p' <<<"$out" | head -n1)
       lat=$(sed -n 's/^latency average = \([0-9.]*\) ms.*/\1/p' <<<"$out" | head -n1)
       failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
@@ -305,8 +331,8 @@ for round in $(seq 1 "$ROUNDS"); do
         share=$(python3 -c "p, s = $p1 - $p0, $s1 - $s0; print(f'{s / (p + s):.3f}' if p + s else '')")
         start_setup "$setup"
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$share" >> "$results"
-      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "${share:+standby share $share}" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" >> "$results"
+      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share}" >&2
     done
     stop_setup "$setup"
   done
@@ -318,20 +344,21 @@ import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 shares = {}
 for r in rows:
-    if len(r) > 6 and r[6]:
-        shares.setdefault(r[2], {}).setdefault(r[1], []).append(float(r[6]))
-rows = [r[:6] for r in rows]
+    if len(r) > 7 and r[7]:
+        shares.setdefault(r[2], {}).setdefault(r[1], []).append(float(r[7]))
+rows = [r[:7] for r in rows]
 clients, threads, duration, rounds = sys.argv[3:7]
 data = {}
 # The machine's speed drifts between rounds; a ratio taken within one round cancels most of it.
 by_round = {}
-for rnd, setup, wl, tps, lat, failed in rows:
-    d = data.setdefault(wl, {}).setdefault(setup, {"tps": [], "lat": [], "failed": 0})
+for rnd, setup, wl, tps, lat, failed, cpu in rows:
+    d = data.setdefault(wl, {}).setdefault(setup, {"tps": [], "lat": [], "cpu": [], "failed": 0})
     d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"] += int(failed)
+    d["cpu"].append(int(cpu))
     by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
-print(f"\npgbench, {clients} clients, {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
-print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | × relay | failed |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+print(f"\npgbench, {clients} clients (connect: 8), {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
+print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | × relay | proxy CPU µs/tx | failed |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 summary = {}
 for wl, setups in data.items():
     med = {s: statistics.median(v["tps"]) for s, v in setups.items()}
@@ -339,8 +366,10 @@ for wl, setups in data.items():
         m = med[s]
         def ratio(o):
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
-        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {v['failed']} |")
-        summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "failed": v["failed"]}
+        cpu = statistics.median(v["cpu"])
+        cpu_text = "–" if s == "direct" else f"{cpu:.0f}"
+        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {cpu_text} | {v['failed']} |")
+        summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "cpu_us_per_tx_median": cpu, "failed": v["failed"]}
 for wl, per_setup in shares.items():
     print(f"\n{wl}: share of account lookups that ran on the standby (median over rounds)\n")
     print("| setup | standby share |")

@@ -460,3 +460,28 @@ async fn failover_body() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn bad_pool_settings_are_refused_naming_the_key() -> Result<()> {
+    for (set, key) in [
+        ("pool.mode=\"transaction\"", "pool.mode"),
+        ("pool.mode=\"statement\"", "pool.mode"),
+        ("pool.size=0", "pool.size"),
+        ("pool.checkout_timeout=-1", "pool.checkout_timeout"),
+        ("pool.min_idle=500", "pool.min_idle"),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbproxy"))
+            .args([
+                "--check-config",
+                "--set",
+                "nodes=[{ host = \"127.0.0.1\" }]",
+                "--set",
+                set,
+            ])
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
+        assert!(stderr.contains(key), "{set}: {stderr}");
+    }
+    Ok(())
+}
