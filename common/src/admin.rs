@@ -167,12 +167,12 @@ pub async fn serve(
             let service = hyper::service::service_fn(move |req| {
                 let registry = registry.clone();
                 let routes = routes.clone();
+                // A client that goes away must not cancel what it asked for (a switchover, an
+                // attach): the request runs in a task of its own, spawned here as the request is
+                // handed over rather than in the future below, which hyper may drop unpolled when
+                // the connection closes right after the request.
+                let task = tokio::spawn(async move { handle(req, peer, &registry, routes.as_ref()).await });
                 async move {
-                    // A client that goes away must not cancel what it asked for (a switchover, an
-                    // attach): the request runs in a task of its own, so hyper dropping this
-                    // future on a closed connection only drops the wait for the answer.
-                    let task =
-                        tokio::spawn(async move { handle(req, peer, &registry, routes.as_ref()).await });
                     let resp = task.await.unwrap_or_else(|_| {
                         text(StatusCode::INTERNAL_SERVER_ERROR, "admin request failed\n")
                     });
