@@ -737,6 +737,9 @@ async fn linger_close(stream: &mut TcpStream) {
 }
 
 async fn write_timed(stream: &mut TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+    if timeout.is_zero() {
+        return stream.write_all(data).await;
+    }
     tokio::time::timeout(timeout, stream.write_all(data))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client write timed out"))?
@@ -913,7 +916,8 @@ impl Session<'_> {
         let start = Instant::now();
         let cfg = &rt.config;
         let up = rt.group(prep.upstream);
-        let client_idle = cfg.timeouts.client_idle.get();
+        // Every write to the client is bounded by `client_send` (a client that stops reading).
+        let client_send = cfg.timeouts.client_send.get();
         if let Some(Route::Respond {
             status,
             location,
@@ -928,7 +932,7 @@ impl Session<'_> {
                 body,
                 prep.head,
                 close,
-                client_idle,
+                client_send,
             )
             .await;
             return match r {
@@ -1021,7 +1025,7 @@ impl Session<'_> {
             // Idle from when the head arrived: close enough, and errs towards retiring it sooner.
             conn.idle_since = at_head;
             let keep = self
-                .relay(stream, server, conn, &head, response_timeout, client_idle)
+                .relay(stream, server, conn, &head, response_timeout, client_send)
                 .await;
             drop(guard);
             return match (keep, head.framing) {
@@ -1048,7 +1052,7 @@ impl Session<'_> {
             last_label,
             start.elapsed(),
         );
-        match write_error(stream, status, body, close, client_idle).await {
+        match write_error(stream, status, body, close, client_send).await {
             Ok(()) => Served::KeepAlive,
             Err(_) => Served::Close,
         }
