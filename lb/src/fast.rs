@@ -232,7 +232,9 @@ pub(crate) fn prepare(
             continue;
         }
         if DROP_REQUEST.iter().any(|d| name.eq_ignore_ascii_case(d))
-            || connection_lists(req.headers, name.as_bytes())
+            // Host is end-to-end whatever Connection says (found by fuzzing: `Connection: host`
+            // sent the upstream a request with no Host).
+            || (connection_lists(req.headers, name.as_bytes()) && !name.eq_ignore_ascii_case("host"))
             || (override_host && name.eq_ignore_ascii_case("host"))
         {
             continue;
@@ -1246,6 +1248,14 @@ mod tests {
         let info = ClientInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), 80);
         let p = prepare(raw.as_bytes(), rt, &info, false, &mut out)?;
         Some((String::from_utf8(out).unwrap(), p))
+    }
+
+    #[test]
+    fn a_host_named_in_connection_is_still_sent() {
+        let rt = runtime("", Algorithm::RoundRobin);
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, Host\r\n\r\n";
+        let (head, _) = prep(raw, &rt, "192.0.2.1:5").unwrap();
+        assert!(head.contains("\r\nHost: a\r\n"), "{head}");
     }
 
     #[test]
