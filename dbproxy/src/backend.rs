@@ -122,6 +122,9 @@ pub struct Conn {
     pub wbuf: BytesMut,
     /// The largest frame accepted.
     pub max: usize,
+    /// How long a write may make no progress (a peer that stops reading) before
+    /// [`Conn::flush`] fails with `TimedOut`; `None`: no limit.
+    pub write_timeout: Option<Duration>,
 }
 
 impl Conn {
@@ -133,6 +136,7 @@ impl Conn {
             rbuf: BytesMut::with_capacity(16 * 1024),
             wbuf: BytesMut::with_capacity(16 * 1024),
             max,
+            write_timeout: None,
         }
     }
 
@@ -163,13 +167,41 @@ impl Conn {
 
     /// Writes everything in the write buffer.
     pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.wbuf.is_empty() {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let Some(limit) = self.write_timeout else {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
             if matches!(self.stream, Stream::Tls(_)) {
                 // TLS buffers records: push them out.
                 self.stream.flush().await?;
             }
+            return Ok(());
+        };
+        let stalled = || {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer read nothing for the write timeout",
+            )
+        };
+        // Each write must make progress within `limit`: a slow reader may take as long as it
+        // needs, one that stopped reading is dropped (with the server connection it holds).
+        let mut at = 0;
+        while at < self.wbuf.len() {
+            let n = tokio::time::timeout(limit, self.stream.write(&self.wbuf[at..]))
+                .await
+                .map_err(|_| stalled())??;
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            at += n;
+        }
+        self.wbuf.clear();
+        if matches!(self.stream, Stream::Tls(_)) {
+            tokio::time::timeout(limit, self.stream.flush())
+                .await
+                .map_err(|_| stalled())??;
         }
         Ok(())
     }

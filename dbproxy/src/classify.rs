@@ -737,8 +737,16 @@ impl Classifier {
 
     fn statement(&self, t: &[Tok<'_>]) -> Classified {
         let Some(first) = t.first().and_then(Tok::word) else {
-            // Starts with a parenthesis, e.g. `(SELECT 1) UNION (SELECT 2)`: check it like a SELECT.
-            return if matches!(t.first(), Some(Tok::Punct(b'('))) {
+            // Starts with a parenthesis, e.g. `(SELECT 1) UNION (SELECT 2)`: check it like a SELECT
+            // when a query starts inside; anything else (found by fuzzing: `( group ...) CREATE`)
+            // is not a query a standby may answer.
+            let opens = t.iter().take_while(|x| matches!(x, Tok::Punct(b'('))).count();
+            let query = t.get(opens).and_then(Tok::word).is_some_and(|w| {
+                ["select", "values", "table", "with"]
+                    .iter()
+                    .any(|k| w.eq_ignore_ascii_case(k))
+            });
+            return if opens > 0 && query {
                 self.read_like(t)
             } else {
                 Classified::PRIMARY
@@ -1499,6 +1507,20 @@ mod tests {
         }
         assert!(!c.classify("select pg_advisory_xact_lock(1)").pins_session);
         assert!(!c.classify("select pg_advisory_unlock(1)").pins_session);
+    }
+
+    #[test]
+    fn a_parenthesis_then_no_query_goes_to_the_primary() {
+        // Found by the `classify` fuzz target: it went to a standby.
+        let c = Classifier::default();
+        let found = "               (           group    WITH updat)   group         ph    group        \
+                     groudat   group           CREATE t  WITH updat   group               ";
+        assert_eq!(c.classify(found).target, Target::Primary);
+        assert_eq!(c.classify("(group) create table t()").target, Target::Primary);
+        assert_eq!(
+            c.classify("((SELECT 1)) UNION (SELECT 2)").target,
+            Target::Standby
+        );
     }
 
     #[test]

@@ -380,6 +380,9 @@ pub struct LimitsConfig {
     pub max_connections: usize,
     /// Seconds an idle client (outside a transaction) may stay silent (0 = forever).
     pub client_idle_timeout: f64,
+    /// Seconds a write to a client may make no progress (the client stopped reading, its socket
+    /// buffer is full) before the session ends and frees its server connections (0 = forever).
+    pub client_write_timeout: f64,
 }
 
 impl Default for LimitsConfig {
@@ -390,6 +393,7 @@ impl Default for LimitsConfig {
             connect_timeout: 5.0,
             max_connections: 1000,
             client_idle_timeout: 0.0,
+            client_write_timeout: 60.0,
         }
     }
 }
@@ -592,6 +596,7 @@ impl common::Validate for Config {
         check_secs("limits.startup_timeout", l.startup_timeout, true)?;
         check_secs("limits.connect_timeout", l.connect_timeout, true)?;
         check_secs("limits.client_idle_timeout", l.client_idle_timeout, false)?;
+        check_secs("limits.client_write_timeout", l.client_write_timeout, false)?;
         if l.max_connections == 0 {
             return Err(ConfigError::invalid(
                 "limits.max_connections",

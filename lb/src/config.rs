@@ -185,6 +185,9 @@ pub struct Timeouts {
     pub upstream_idle: Dur,
     /// An upgraded (websocket) connection with no bytes either way for this long is closed.
     pub upgraded_idle: Dur,
+    /// A write to a client that makes no progress for this long (the client stopped reading)
+    /// closes the connection and frees the upstream response (nginx `send_timeout`); 0: never.
+    pub client_send: Dur,
 }
 
 impl Default for Timeouts {
@@ -197,6 +200,7 @@ impl Default for Timeouts {
             shutdown_grace: Dur(Duration::from_secs(10)),
             upstream_idle: Dur(Duration::from_secs(60)),
             upgraded_idle: Dur(Duration::from_secs(3600)),
+            client_send: Dur(Duration::from_secs(60)),
         }
     }
 }

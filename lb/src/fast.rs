@@ -236,7 +236,9 @@ pub(crate) fn prepare(
             continue;
         }
         if DROP_REQUEST.iter().any(|d| name.eq_ignore_ascii_case(d))
-            || connection_lists(req.headers, name.as_bytes())
+            // Host is end-to-end whatever Connection says (found by fuzzing: `Connection: host`
+            // sent the upstream a request with no Host).
+            || (connection_lists(req.headers, name.as_bytes()) && !name.eq_ignore_ascii_case("host"))
             || (override_host && name.eq_ignore_ascii_case("host"))
         {
             continue;
@@ -741,6 +743,9 @@ async fn linger_close(stream: &mut TcpStream) {
 }
 
 async fn write_timed(stream: &mut TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+    if timeout.is_zero() {
+        return stream.write_all(data).await;
+    }
     tokio::time::timeout(timeout, stream.write_all(data))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client write timed out"))?
@@ -917,7 +922,8 @@ impl Session<'_> {
         let start = Instant::now();
         let cfg = &rt.config;
         let up = rt.group(prep.upstream);
-        let client_idle = cfg.timeouts.client_idle.get();
+        // Every write to the client is bounded by `client_send` (a client that stops reading).
+        let client_send = cfg.timeouts.client_send.get();
         if let Some(Route::Respond {
             status,
             location,
@@ -932,7 +938,7 @@ impl Session<'_> {
                 body,
                 prep.head,
                 close,
-                client_idle,
+                client_send,
             )
             .await;
             return match r {
@@ -1025,7 +1031,7 @@ impl Session<'_> {
             // Idle from when the head arrived: close enough, and errs towards retiring it sooner.
             conn.idle_since = at_head;
             let keep = self
-                .relay(stream, server, conn, &head, response_timeout, client_idle)
+                .relay(stream, server, conn, &head, response_timeout, client_send)
                 .await;
             drop(guard);
             return match (keep, head.framing) {
@@ -1052,7 +1058,7 @@ impl Session<'_> {
             last_label,
             start.elapsed(),
         );
-        match write_error(stream, status, body, close, client_idle).await {
+        match write_error(stream, status, body, close, client_send).await {
             Ok(()) => Served::KeepAlive,
             Err(_) => Served::Close,
         }
@@ -1246,6 +1252,14 @@ mod tests {
         let info = ClientInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), 80);
         let p = prepare(raw.as_bytes(), rt, &info, false, &mut out)?;
         Some((String::from_utf8(out).unwrap(), p))
+    }
+
+    #[test]
+    fn a_host_named_in_connection_is_still_sent() {
+        let rt = runtime("", Algorithm::RoundRobin);
+        let raw = "GET / HTTP/1.1\r\nHost: a\r\nConnection: close, Host\r\n\r\n";
+        let (head, _) = prep(raw, &rt, "192.0.2.1:5").unwrap();
+        assert!(head.contains("\r\nHost: a\r\n"), "{head}");
     }
 
     #[test]

@@ -45,6 +45,7 @@ pub mod nginx_conf;
 mod proxy;
 pub mod route;
 pub mod select;
+mod send_timeout;
 mod server;
 pub mod tls;
 pub mod upstream;

@@ -115,7 +115,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for v in headers.get_all(header::CONNECTION) {
         for t in v.as_bytes().split(|&b| b == b',') {
             if let Ok(name) = HeaderName::from_bytes(t.trim_ascii()) {
-                if name != header::UPGRADE {
+                // Host is end-to-end whatever Connection says.
+                if name != header::UPGRADE && name != header::HOST {
                     listed.push(name);
                 }
             }

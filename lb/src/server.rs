@@ -345,15 +345,17 @@ async fn serve_hyper<I>(shared: &Arc<Shared>, stream: I, ctx: &Arc<ConnCtx>, shu
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (header_read, client_idle, max_header) = {
+    let (header_read, client_idle, max_header, client_send) = {
         let rt = shared.runtime.load();
         let c = &rt.config;
         (
             c.timeouts.header_read.get(),
             c.timeouts.client_idle.get(),
             c.limits.max_header_bytes,
+            c.timeouts.client_send.get(),
         )
     };
+    let stream = crate::send_timeout::SendTimeout::new(stream, client_send);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()

@@ -95,6 +95,8 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slo
     // Until the client is authenticated, no message may be larger than PostgreSQL's own limit
     // for authentication tokens, whatever the configured maximum.
     let mut client = Conn::new(stream, max.min(MAX_AUTH_MESSAGE));
+    let write_timeout = shared.config.limits.client_write_timeout;
+    client.write_timeout = (write_timeout > 0.0).then(|| secs(write_timeout));
     let limit = secs(shared.config.limits.startup_timeout);
     let local = match &client.stream {
         backend::Stream::Plain(s) => s.local_addr().ok(),

@@ -307,7 +307,6 @@ const INTERNAL: &[&str] = &[
     "proxy_request_buffering",
     "proxy_send_timeout",
     "proxy_redirect",
-    "send_timeout",
     "reset_timedout_connection",
     "keepalive_requests",
     "client_body_buffer_size",
@@ -477,6 +476,10 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
         "keepalive_timeout" => {
             arity(d, 1, 2)?;
             out.set(&["timeouts", "client_idle"], time_arg(d, &d.args[0])?);
+        }
+        "send_timeout" => {
+            arity(d, 1, 1)?;
+            out.set(&["timeouts", "client_send"], time_arg(d, &d.args[0])?);
         }
         "client_header_timeout" => {
             arity(d, 1, 1)?;
