@@ -395,7 +395,8 @@ fn one_failure(
         ));
     }
     direct_stop.cancel();
-    let _ = rt.block_on(tokio::time::timeout(STATEMENT_LIMIT + CONNECT_LIMIT, direct));
+    let limit = STATEMENT_LIMIT + CONNECT_LIMIT;
+    let _ = rt.block_on(async { tokio::time::timeout(limit, direct).await });
     let d = lock(&direct_log);
     let fenced_direct = d.acks.iter().filter(|a| a.acked >= dead_at).count();
     let via_proxy = lock(log)
@@ -492,10 +493,13 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
         lock(&log).acks.iter().any(|a| a.sent >= t_end)
     });
     stop.cancel();
-    let _ = rt.block_on(tokio::time::timeout(
-        STATEMENT_LIMIT + CONNECT_LIMIT,
-        futures_util::future::join_all(handles),
-    ));
+    let _ = rt.block_on(async {
+        tokio::time::timeout(
+            STATEMENT_LIMIT + CONNECT_LIMIT,
+            futures_util::future::join_all(handles),
+        )
+        .await
+    });
     let mut standbys_end = 0;
     poll_until(Instant::now() + Duration::from_secs(30), || {
         standbys_end = streaming_from(&c, primary).len();
