@@ -6,9 +6,14 @@
 # clients saw. Prints a markdown table and writes it to bench/results/failover.md, with every
 # drill's raw numbers in bench/results/failover.json. The drill itself is the Rust example
 # dbproxy/examples/failover_drill.rs.
+# `bench/failover.sh chain ...` runs the chain drill instead (dbproxy/examples/chain_drill.rs):
+# primary + 2 standbys, automatic rewind rejoin on, the current primary killed three times in a
+# row; it writes bench/results/failover-chain.md and .json.
 #
 # Usage: bench/failover.sh [--drills 10] [--modes async,sync] [--standbys 1] [--writers 4]
 #                          [--load 1.5] [--after 2] [--note TEXT]...
+#        bench/failover.sh chain [--drills 3] [--modes async,sync] [--writers 4] [--load 1]
+#                          [--note TEXT]...
 #        (arguments go to the example; as root, the servers run as the postgres user)
 # Env:   OUT (bench/results), RUST_LOG (dbproxy=warn; e.g. dbproxy=info for more),
 #        LOG (where dbproxy's log and progress go besides stderr; default a temp file)
@@ -34,8 +39,15 @@ if [ ! -x "$PGBIN/initdb" ] && ! command -v pg_config >/dev/null 2>&1; then
   trap - EXIT
 fi
 
-echo "building the failover drill (release)" >&2
-cargo build --release -q -p dbproxy --example failover_drill
+example=failover_drill
+name=failover
+if [ "${1:-}" = chain ]; then
+  shift
+  example=chain_drill
+  name=failover-chain
+fi
+echo "building the $example drill (release)" >&2
+cargo build --release -q -p dbproxy --example "$example"
 
 # What was measured: the commit, and whether dbproxy's sources differed from it.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -52,8 +64,8 @@ tmp_md=$(mktemp /tmp/failover-md.XXXXXX)
 tmp_json=$(mktemp /tmp/failover-json.XXXXXX)
 trap 'rm -f "$tmp_md" "$tmp_json"' EXIT
 # The results files are replaced only when the run finishes.
-"$root/target/release/examples/failover_drill" --json "$tmp_json" --note "commit $commit" "$@" \
+"$root/target/release/examples/$example" --json "$tmp_json" --note "commit $commit" "$@" \
   2> >(tee -a "$LOG" >&2) | tee "$tmp_md"
-cat "$tmp_md" > "$OUT/failover.md"
-cat "$tmp_json" > "$OUT/failover.json"
-echo "wrote $OUT/failover.md and $OUT/failover.json" >&2
+cat "$tmp_md" > "$OUT/$name.md"
+cat "$tmp_json" > "$OUT/$name.json"
+echo "wrote $OUT/$name.md and $OUT/$name.json" >&2

@@ -1,0 +1,748 @@
+//! The chain drill for `bench/failover.sh chain` (issue 16, seed 003): a real primary + 2 standbys
+//! (testkit), dbproxy in-process with its default health and failover settings plus the built-in
+//! automatic rejoin (`failover.rejoin.method = "rewind"`, `automatic = true`, each node's
+//! `data_dir`), writers inserting through it; then the current primary is `kill -9`ed three times
+//! in a row, each time after the previously killed node is back as a streaming, unfenced standby.
+//!
+//! Measured per failure: kill to the first write acknowledged by the promoted node, kill to the
+//! killed node back as a standby, and writes that reached the killed (fenced) node from a writer
+//! that connects to it directly from the kill until it is a standby again. Per drill: acknowledged
+//! writes lost (missing from the last primary), standbys at the start and at the end.
+//!
+//! ```text
+//! cargo run --release -p dbproxy --example chain_drill -- --drills 3 --modes async,sync \
+//!     --json bench/results/failover-chain.json
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use dbproxy::config::{Config, HealthConfig};
+use dbproxy::rejoin::RejoinMethod;
+use serde_json::{json, Value};
+use testkit::PgCluster;
+use tokio_util::sync::CancellationToken;
+
+const PASSWORD: &str = "pw";
+/// Failures per drill.
+const FAILURES: usize = 3;
+const READY_LIMIT: Duration = Duration::from_secs(30);
+/// How long after a kill the failover must show up in `/status`.
+const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
+/// How long after a kill the promoted node must acknowledge a write.
+const WRITE_LIMIT: Duration = Duration::from_secs(45);
+/// How long after a kill the killed node may take to be back as a standby.
+const REJOIN_LIMIT: Duration = Duration::from_secs(120);
+const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(25);
+const INSERT: &str = "insert into drill values ($1, $2) returning inet_server_port()";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Async,
+    Sync,
+}
+
+impl Mode {
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Async => "async",
+            Mode::Sync => "sync",
+        }
+    }
+}
+
+/// Kill the primary three times in a row under write load through dbproxy, with automatic rejoin.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Drills (of three failures each) per mode.
+    #[arg(long, default_value_t = 3)]
+    drills: usize,
+    /// Replication modes to drill, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "async,sync")]
+    modes: Vec<Mode>,
+    /// Concurrent writers through dbproxy.
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Seconds of write load before the first kill.
+    #[arg(long, default_value_t = 1.0)]
+    load: f64,
+    /// Where to write the raw numbers as JSON.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// A line to add to the report (repeatable).
+    #[arg(long)]
+    note: Vec<String>,
+}
+
+/// dbproxy in its own thread and runtime; dropping it shuts it down (bounded).
+struct Proxy {
+    addr: SocketAddr,
+    admin: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    fn start(config: Config) -> Result<Proxy> {
+        let config = common::Validate::validate(config).map_err(|e| anyhow!("{e}"))?;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        admin_listener.set_nonblocking(true)?;
+        let (addr, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name("dbproxy".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => return eprintln!("dbproxy runtime: {e}"),
+                };
+                rt.block_on(async move {
+                    let run = async {
+                        let l = tokio::net::TcpListener::from_std(listener)?;
+                        let a = tokio::net::TcpListener::from_std(admin_listener)?;
+                        dbproxy::run_with_admin(l, Some(a), config, token)
+                            .await
+                            .map_err(|e| anyhow!("{e}"))
+                    };
+                    if let Err(e) = run.await {
+                        eprintln!("dbproxy failed: {e:#}");
+                    }
+                });
+                rt.shutdown_timeout(Duration::from_secs(5));
+            })?;
+        Ok(Proxy {
+            addr,
+            admin,
+            shutdown,
+            thread: Some(thread),
+        })
+    }
+
+    fn conn_string(&self) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres \
+             application_name=chain-drill connect_timeout=5",
+            self.addr.port()
+        )
+    }
+
+    fn status(&self) -> Result<Value> {
+        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.set_write_timeout(Some(Duration::from_secs(5)))?;
+        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut out = String::new();
+        s.take(8 << 20).read_to_string(&mut out)?;
+        let (head, body) = out
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| anyhow!("no HTTP head in {out:?}"))?;
+        if !head.starts_with("HTTP/1.1 200") {
+            bail!("GET /status: {}", head.lines().next().unwrap_or(""));
+        }
+        serde_json::from_str(body).context("parsing /status")
+    }
+
+    fn stop(&mut self) -> bool {
+        self.shutdown.cancel();
+        let Some(t) = self.thread.take() else {
+            return true;
+        };
+        let stopped = poll_until(Instant::now() + Duration::from_secs(30), || t.is_finished());
+        if stopped {
+            let _ = t.join();
+        } else {
+            eprintln!("dbproxy did not stop within 30 s; leaving its thread behind");
+        }
+        stopped
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Ack {
+    id: i64,
+    port: i32,
+    sent: Instant,
+    acked: Instant,
+}
+
+#[derive(Default)]
+struct Log {
+    acks: Vec<Ack>,
+    errors: BTreeMap<String, u64>,
+}
+
+fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
+    log.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn error_kind(e: &tokio_postgres::Error, connecting: bool) -> String {
+    let base = match e.code() {
+        Some(c) => c.code().to_string(),
+        None if e.is_closed() => "closed".to_string(),
+        None => "io".to_string(),
+    };
+    if connecting {
+        format!("connect {base}")
+    } else {
+        base
+    }
+}
+
+async fn connect(
+    conn: &str,
+) -> Result<(tokio_postgres::Client, tokio_postgres::Statement), tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let stmt = client.prepare(INSERT).await?;
+    Ok((client, stmt))
+}
+
+/// One writer with ids `w * 1e9 + n`: insert, record, reconnect when the connection is gone.
+async fn writer(w: i32, conn: String, log: Arc<Mutex<Log>>, stop: CancellationToken) {
+    let mut counter: i64 = 0;
+    let mut session = None;
+    while !stop.is_cancelled() {
+        let Some((client, stmt)) = &session else {
+            let err = match tokio::time::timeout(CONNECT_LIMIT, connect(&conn)).await {
+                Ok(Ok(s)) => {
+                    session = Some(s);
+                    continue;
+                }
+                Ok(Err(e)) => error_kind(&e, true),
+                Err(_) => "connect timeout".to_string(),
+            };
+            *lock(&log).errors.entry(err).or_default() += 1;
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
+            }
+            continue;
+        };
+        let id = i64::from(w) * 1_000_000_000 + counter;
+        counter += 1;
+        let sent = Instant::now();
+        let r = tokio::time::timeout(STATEMENT_LIMIT, client.query_one(stmt, &[&id, &w])).await;
+        let acked = Instant::now();
+        match r {
+            Ok(Ok(row)) => {
+                let port: i32 = row.try_get(0).unwrap_or(-1);
+                lock(&log).acks.push(Ack {
+                    id,
+                    port,
+                    sent,
+                    acked,
+                });
+            }
+            Ok(Err(e)) => {
+                let closed = client.is_closed();
+                *lock(&log).errors.entry(error_kind(&e, false)).or_default() += 1;
+                if closed {
+                    session = None;
+                } else {
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                }
+            }
+            Err(_) => {
+                *lock(&log).errors.entry("statement timeout".into()).or_default() += 1;
+                session = None;
+            }
+        }
+    }
+}
+
+fn poll_until(deadline: Instant, mut f: impl FnMut() -> bool) -> bool {
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn ms(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+/// Successful failover events in `/status`, oldest first.
+fn failovers(status: &Value) -> Vec<Value> {
+    status["history"]
+        .as_array()
+        .map(|h| {
+            h.iter()
+                .filter(|e| e["kind"] == "failover" && e["error"].is_null() && !e["promoted"].is_null())
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The standbys streaming from node `p`, by name (empty when `p` cannot be asked).
+fn streaming_from(c: &PgCluster, p: usize) -> Vec<String> {
+    c.node(p)
+        .psql_timeout(
+            "select application_name from pg_stat_replication where state = 'streaming' order by 1",
+            Duration::from_secs(5),
+        )
+        .map(|out| out.lines().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
+/// One failure of the chain: what was measured.
+struct Failure {
+    record: Value,
+    promoted: Option<usize>,
+    failure: Option<String>,
+}
+
+/// Kills the current primary `victim`, waits for the failover, the first write on the promoted
+/// node and the victim back as a standby, with a writer going to the victim directly meanwhile.
+fn one_failure(
+    rt: &tokio::runtime::Runtime,
+    c: &PgCluster,
+    proxy: &Proxy,
+    log: &Arc<Mutex<Log>>,
+    victim: usize,
+    round: usize,
+) -> Result<Failure> {
+    let old = c.node(victim);
+    let old_port = old.port() as i32;
+    let kill_at = Instant::now();
+    old.kill9().context("kill -9 of the primary")?;
+    let dead_at = Instant::now();
+    // A client that goes to the old primary directly, bypassing dbproxy.
+    let direct_log = Arc::new(Mutex::new(Log::default()));
+    let direct_stop = CancellationToken::new();
+    let direct = rt.spawn(writer(
+        100 + round as i32,
+        format!("{} connect_timeout=2", old.conn_string()),
+        direct_log.clone(),
+        direct_stop.clone(),
+    ));
+    let mut rec = json!({"round": round, "killed": old.name(), "kill9_call_ms": ms(kill_at, dead_at)});
+    let mut promoted = None;
+    let mut failure = None;
+    let mut event = Value::Null;
+    poll_until(kill_at + FAILOVER_LIMIT, || {
+        if let Ok(s) = proxy.status() {
+            if let Some(e) = failovers(&s).get(round - 1) {
+                event = e.clone();
+            }
+        }
+        !event.is_null()
+    });
+    let name = event["promoted"].as_str().unwrap_or_default().to_string();
+    if let Some(p) = c.nodes().iter().position(|n| n.name() == name) {
+        promoted = Some(p);
+        let port = c.node(p).port() as i32;
+        let mut first = None;
+        poll_until(kill_at + WRITE_LIMIT, || {
+            first = lock(log)
+                .acks
+                .iter()
+                .filter(|a| a.port == port && a.sent >= kill_at)
+                .map(|a| a.acked)
+                .min();
+            first.is_some()
+        });
+        rec["promoted"] = json!(name);
+        rec["kill_to_first_write_ms"] = json!(first.map(|t| ms(kill_at, t)));
+        if first.is_none() {
+            failure = Some(format!("no write acknowledged by {name} within {WRITE_LIMIT:?}"));
+        }
+        let back = poll_until(kill_at + REJOIN_LIMIT, || {
+            let unfenced = proxy
+                .status()
+                .is_ok_and(|s| s["nodes"][victim]["fenced"] == false);
+            unfenced && streaming_from(c, p).iter().any(|n| n == old.name())
+        });
+        rec["kill_to_back_as_standby_ms"] = json!(back.then(|| ms(kill_at, Instant::now())));
+        if !back && failure.is_none() {
+            failure = Some(format!(
+                "{} not back as a standby within {REJOIN_LIMIT:?}",
+                old.name()
+            ));
+        }
+    } else {
+        failure = Some(format!(
+            "no failover within {FAILOVER_LIMIT:?} of killing {}",
+            old.name()
+        ));
+    }
+    direct_stop.cancel();
+    let limit = STATEMENT_LIMIT + CONNECT_LIMIT;
+    let _ = rt.block_on(async { tokio::time::timeout(limit, direct).await });
+    let d = lock(&direct_log);
+    let fenced_direct = d.acks.iter().filter(|a| a.acked >= dead_at).count();
+    let via_proxy = lock(log)
+        .acks
+        .iter()
+        .filter(|a| a.port == old_port && a.acked >= dead_at)
+        .count();
+    rec["direct_writes_on_fenced_node"] = json!(fenced_direct);
+    rec["proxy_writes_on_fenced_node"] = json!(via_proxy);
+    rec["direct_errors"] = json!(d.errors);
+    rec["failure"] = json!(failure);
+    Ok(Failure {
+        record: rec,
+        promoted,
+        failure,
+    })
+}
+
+/// One drill of three failures; returns its raw numbers.
+fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Result<Value> {
+    let c = PgCluster::builder()
+        .standbys(2)
+        .synchronous(mode == Mode::Sync)
+        .password(PASSWORD)
+        .start()
+        .context("starting the cluster")?;
+    c.primary()
+        .psql("create table drill(id bigint primary key, writer int)")?;
+    c.wait_replicated()?;
+    let mut cfg = Config::loopback(c.nodes().iter().map(|n| (n.name(), n.port())), Some(PASSWORD));
+    cfg.health = HealthConfig {
+        password: PASSWORD.into(),
+        ..Default::default()
+    };
+    for (i, node) in cfg.nodes.iter_mut().enumerate() {
+        node.data_dir = c.node(i).data_dir().display().to_string();
+    }
+    cfg.failover.rejoin.method = RejoinMethod::Rewind;
+    cfg.failover.rejoin.automatic = true;
+    let mut proxy = Proxy::start(cfg)?;
+    let ready = poll_until(Instant::now() + READY_LIMIT, || {
+        proxy.status().is_ok_and(|s| s["primary"] == 0) && streaming_from(&c, 0).len() == 2
+    });
+    if !ready {
+        bail!("dbproxy did not elect node0 with 2 streaming standbys within {READY_LIMIT:?}");
+    }
+    let standbys_start = streaming_from(&c, 0).len();
+
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = CancellationToken::new();
+    let handles: Vec<_> = (0..args.writers)
+        .map(|w| rt.spawn(writer(w as i32, proxy.conn_string(), log.clone(), stop.clone())))
+        .collect();
+    let writing = poll_until(Instant::now() + READY_LIMIT, || {
+        let seen: HashSet<i64> = lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
+        seen.len() == args.writers
+    });
+    if !writing {
+        stop.cancel();
+        bail!(
+            "the writers did not all get a write through: {:?}",
+            lock(&log).errors
+        );
+    }
+    std::thread::sleep(Duration::from_secs_f64(args.load));
+
+    let mut primary = 0;
+    let mut rounds = Vec::new();
+    let mut failures = Vec::new();
+    for round in 1..=FAILURES {
+        let f = one_failure(rt, &c, &proxy, &log, primary, round)?;
+        eprintln!(
+            "[chain] {} drill {n} failure {round}: killed node{primary}, promoted {}, kill → first write {} ms, \
+             kill → back as a standby {} ms, writes on the fenced node {} direct / {} via dbproxy",
+            mode.as_str(),
+            f.record["promoted"],
+            f.record["kill_to_first_write_ms"],
+            f.record["kill_to_back_as_standby_ms"],
+            f.record["direct_writes_on_fenced_node"],
+            f.record["proxy_writes_on_fenced_node"],
+        );
+        rounds.push(f.record);
+        if let Some(e) = f.failure {
+            failures.push(format!("failure {round}: {e}"));
+        }
+        match f.promoted {
+            Some(p) if failures.is_empty() => primary = p,
+            _ => break,
+        }
+    }
+    // A write after the last failure, then stop.
+    let t_end = Instant::now();
+    poll_until(t_end + WRITE_LIMIT, || {
+        lock(&log).acks.iter().any(|a| a.sent >= t_end)
+    });
+    stop.cancel();
+    let _ = rt.block_on(async {
+        tokio::time::timeout(
+            STATEMENT_LIMIT + CONNECT_LIMIT,
+            futures_util::future::join_all(handles),
+        )
+        .await
+    });
+    let mut standbys_end = 0;
+    poll_until(Instant::now() + Duration::from_secs(30), || {
+        standbys_end = streaming_from(&c, primary).len();
+        standbys_end >= standbys_start
+    });
+    let stored: Option<HashSet<i64>> = c
+        .node(primary)
+        .psql_timeout("select id from drill", Duration::from_secs(30))
+        .ok()
+        .map(|out| out.lines().filter_map(|l| l.trim().parse().ok()).collect());
+    if stored.is_none() {
+        failures.push(format!("could not read node{primary}"));
+    }
+    let proxy_stopped = proxy.stop();
+    if !proxy_stopped {
+        failures.push("dbproxy did not stop in time".into());
+    }
+    drop(proxy);
+    let l = lock(&log);
+    let lost = stored
+        .as_ref()
+        .map(|s| l.acks.iter().filter(|a| !s.contains(&a.id)).count());
+    Ok(json!({
+        "mode": mode.as_str(),
+        "drill": n,
+        "ok": failures.is_empty(),
+        "failure": failures,
+        "failures": rounds,
+        "last_primary": c.node(primary).name(),
+        "standbys_start": standbys_start,
+        "standbys_end": standbys_end,
+        "acked_total": l.acks.len(),
+        "lost": lost,
+        "errors": l.errors,
+    }))
+}
+
+fn median_max(mut xs: Vec<f64>) -> Option<(f64, f64)> {
+    if xs.is_empty() {
+        return None;
+    }
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    let med = if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    };
+    Some((med, xs[n - 1]))
+}
+
+fn fmt_pair(p: Option<(f64, f64)>) -> String {
+    p.map(|(a, b)| format!("{a:.0} / {b:.0}"))
+        .unwrap_or_else(|| "–".into())
+}
+
+fn sum(ds: &[&Value], k: &str) -> u64 {
+    ds.iter().filter_map(|d| d[k].as_u64()).sum()
+}
+
+/// Sum of a per-failure count over drills.
+fn sum_rounds(ds: &[&Value], k: &str) -> u64 {
+    ds.iter()
+        .flat_map(|d| d["failures"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r[k].as_u64())
+        .sum()
+}
+
+fn rounds_col(ds: &[&Value], k: &str) -> Vec<f64> {
+    ds.iter()
+        .flat_map(|d| d["failures"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r[k].as_f64())
+        .collect()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.writers == 0 || args.drills == 0 || args.modes.is_empty() {
+        bail!("--writers, --drills and --modes must not be empty or zero");
+    }
+    common::telemetry::init(common::telemetry::LogFormat::Text, "dbproxy=warn");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let started = SystemTime::now();
+    let mut results = Vec::new();
+    for &mode in &args.modes {
+        for n in 1..=args.drills {
+            let t = Instant::now();
+            let rec = drill(&rt, &args, mode, n).unwrap_or_else(
+                |e| json!({"mode": mode.as_str(), "drill": n, "ok": false, "failure": [format!("{e:#}")]}),
+            );
+            eprintln!(
+                "[chain] {} drill {n}: ok {}, acked {}, lost {}, standbys {} → {}, errors {} ({:.1} s){}",
+                mode.as_str(),
+                rec["ok"],
+                rec["acked_total"],
+                rec["lost"],
+                rec["standbys_start"],
+                rec["standbys_end"],
+                rec["errors"],
+                t.elapsed().as_secs_f64(),
+                rec["failure"]
+                    .as_array()
+                    .filter(|f| !f.is_empty())
+                    .map(|f| format!("; failure: {f:?}"))
+                    .unwrap_or_default(),
+            );
+            results.push(rec);
+        }
+    }
+    let health = HealthConfig::default();
+    let mut md = String::new();
+    let mut line = |s: String| {
+        md.push_str(&s);
+        md.push('\n');
+    };
+    line("# Chain drill: the primary `kill -9`ed three times in a row, automatic rejoin (rewind) on".into());
+    line(String::new());
+    line(format!(
+        "- {}; {} cores; primary + 2 standbys (testkit, loopback); {} writers through dbproxy; \
+         dbproxy defaults (health period {} s, timeout {} s, max_retries {}, fall {}) plus \
+         `failover.rejoin.method = \"rewind\"`, `automatic = true`",
+        common::time::Civil::from(started).iso_seconds(),
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.writers,
+        health.period,
+        health.timeout,
+        health.max_retries,
+        health.fall,
+    ));
+    for note in &args.note {
+        line(format!("- note: {note}"));
+    }
+    line(
+        "- each kill is of the current primary, once the node killed before is back as a streaming, \
+          unfenced standby; kill → first write = first acknowledgement by the promoted node of a write \
+          sent after the kill; fenced writes = acknowledgements from the killed node after `kill -9` \
+          returned, to a writer connecting to it directly until it is a standby again (and via dbproxy); \
+          lost = acknowledged ids missing from the last primary; times in ms"
+            .into(),
+    );
+    line(String::new());
+    line("| mode | drills ok | failures | kill → first write p50 / max | kill → back as standby p50 / max | acked | lost | writes on a fenced node (direct / via dbproxy) | standbys start → end | client errors |".into());
+    line("|---|---|---|---|---|---|---|---|---|---|".into());
+    let mut met = true;
+    let mut verdict = Vec::new();
+    for &mode in &args.modes {
+        let ds: Vec<&Value> = results.iter().filter(|r| r["mode"] == mode.as_str()).collect();
+        let ok = ds.iter().filter(|d| d["ok"] == true).count();
+        let first = median_max(rounds_col(&ds, "kill_to_first_write_ms"));
+        let back = median_max(rounds_col(&ds, "kill_to_back_as_standby_ms"));
+        let (direct, via) = (
+            sum_rounds(&ds, "direct_writes_on_fenced_node"),
+            sum_rounds(&ds, "proxy_writes_on_fenced_node"),
+        );
+        let (s0, s1) = (sum(&ds, "standbys_start"), sum(&ds, "standbys_end"));
+        let lost = sum(&ds, "lost");
+        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+        for d in &ds {
+            for (k, v) in d["errors"].as_object().into_iter().flatten() {
+                *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+            }
+        }
+        let errors = errors
+            .iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        line(format!(
+            "| {} | {ok}/{} | {} | {} | {} | {} | {lost} | {direct} / {via} | {s0} → {s1} | {} |",
+            mode.as_str(),
+            ds.len(),
+            rounds_col(&ds, "kill9_call_ms").len(),
+            fmt_pair(first),
+            fmt_pair(back),
+            sum(&ds, "acked_total"),
+            if errors.is_empty() { "none" } else { &errors },
+        ));
+        let p50_ok = first.is_some_and(|(p, _)| p <= 1000.0);
+        let lost_ok = mode == Mode::Async || lost == 0;
+        met &= p50_ok && direct + via == 0 && s0 == s1 && ok == ds.len() && lost_ok;
+        verdict.push(format!(
+            "{}: p50 {} 1000 ms, {} writes on a fenced node, standbys {s0} → {s1}, {ok}/{} drills ok{}",
+            mode.as_str(),
+            if p50_ok { "≤" } else { "NOT ≤" },
+            direct + via,
+            ds.len(),
+            if mode == Mode::Sync {
+                format!(", {lost} lost")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    line(String::new());
+    line("Per failure:".into());
+    line(String::new());
+    line("| mode | drill | # | killed | promoted | kill → first write | kill → back as standby | fenced writes direct / via dbproxy | failure |".into());
+    line("|---|---|---|---|---|---|---|---|---|".into());
+    let show = |v: &Value| match v {
+        Value::Null => "–".to_string(),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.as_f64().map(|f| format!("{f:.0}")).unwrap_or_default(),
+        v => v.to_string(),
+    };
+    for d in &results {
+        for r in d["failures"].as_array().into_iter().flatten() {
+            line(format!(
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                show(&d["mode"]),
+                show(&d["drill"]),
+                show(&r["round"]),
+                show(&r["killed"]),
+                show(&r["promoted"]),
+                show(&r["kill_to_first_write_ms"]),
+                show(&r["kill_to_back_as_standby_ms"]),
+                show(&r["direct_writes_on_fenced_node"]),
+                show(&r["proxy_writes_on_fenced_node"]),
+                show(&r["failure"]).replace('|', "/"),
+            ));
+        }
+    }
+    line(String::new());
+    line(format!(
+        "**Verdict: goals {}** (kill → first write p50 ≤ 1 s, 0 writes on a fenced node, as many standbys at the end as at the start, 0 acknowledged writes lost in sync mode). {}.",
+        if met { "met" } else { "NOT met" },
+        verdict.join("; ")
+    ));
+    print!("{md}");
+    if let Some(path) = &args.json {
+        let doc = json!({
+            "benchmark": "failover-chain",
+            "started": common::time::Civil::from(started).iso_seconds(),
+            "commit": std::env::var("BENCH_COMMIT").ok(),
+            "notes": args.note,
+            "settings": {"drills": args.drills, "writers": args.writers, "load_before_first_kill_s": args.load},
+            "goals_met": met,
+            "drills": results,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
