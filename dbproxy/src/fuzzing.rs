@@ -129,11 +129,14 @@ pub fn startup(data: &[u8]) {
     }
 }
 
-/// Words that make a statement a write wherever they stand outside quotes and comments: the
-/// classifier must never send a string holding one of them to a standby.
-const WRITE_WORDS: [&str; 8] = [
-    "insert", "update", "delete", "merge", "create", "drop", "truncate", "grant",
-];
+/// Words that make a statement a write wherever they stand outside quotes and comments (a
+/// writing CTE, `FOR UPDATE`): the classifier must never send a string holding one of them to a
+/// standby.
+const WRITE_WORDS: [&str; 4] = ["insert", "update", "delete", "merge"];
+
+/// Words that make a statement a write when they start it. Inside a query they may be a column
+/// label (`SELECT 1 AS create`) or an unreserved column name (`WHERE drop = 1`), which read.
+const LEADING_WRITE_WORDS: [&str; 4] = ["create", "drop", "truncate", "grant"];
 
 /// The classifier (every encoding family), the statement splitter, the session-settings tracker
 /// fed with the statements, and parameter inlining, on arbitrary SQL.
@@ -152,7 +155,16 @@ pub fn classify(data: &[u8]) {
     }
     if classified.target == Target::Standby && plain_words(sql) {
         let text = std::str::from_utf8(sql).expect("plain words are ASCII");
-        for w in text.split(|c: char| !c.is_ascii_alphanumeric() && c != '_') {
+        let mut words = text
+            .split(|c: char| !c.is_ascii_alphanumeric() && c != '_')
+            .filter(|w| !w.is_empty());
+        if let Some(first) = words.clone().next() {
+            assert!(
+                !LEADING_WRITE_WORDS.iter().any(|k| first.eq_ignore_ascii_case(k)),
+                "{text:?} starts with the write keyword {first:?} and went to a standby"
+            );
+        }
+        for w in &mut words {
             assert!(
                 !WRITE_WORDS.iter().any(|k| w.eq_ignore_ascii_case(k)),
                 "{text:?} holds the write keyword {w:?} and went to a standby"

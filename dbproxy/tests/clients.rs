@@ -109,6 +109,13 @@ async fn psql_pgbench_copy_replay_and_admin_body() -> Result<()> {
     futures_util::pin_mut!(sink);
     sink.send(bytes::Bytes::from_static(b"1\tone\n2\ttwo\n")).await?;
     assert_eq!(sink.finish().await?, 2);
+    // The COPY out only reads, so it is balanced to the standby: wait until it has the rows
+    // (replication is asynchronous here; on a loaded machine the table may not be there yet).
+    tokio::task::block_in_place(|| {
+        cluster
+            .standby(0)
+            .wait_replayed(&cluster.primary().current_lsn()?)
+    })?;
     let out = c.copy_out("copy (select * from c order by x) to stdout").await?;
     futures_util::pin_mut!(out);
     let mut got = Vec::new();
