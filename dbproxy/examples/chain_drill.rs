@@ -15,13 +15,11 @@
 //! ```
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use dbproxy::config::{Config, HealthConfig};
 use dbproxy::rejoin::RejoinMethod;
@@ -29,7 +27,10 @@ use serde_json::{json, Value};
 use testkit::PgCluster;
 use tokio_util::sync::CancellationToken;
 
-const PASSWORD: &str = "pw";
+#[path = "support/drill.rs"]
+mod drill;
+use drill::{fmt_pair, median_max, poll_until, Proxy, PASSWORD};
+
 /// Failures per drill.
 const FAILURES: usize = 3;
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -42,7 +43,6 @@ const REJOIN_LIMIT: Duration = Duration::from_secs(120);
 const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
-const POLL: Duration = Duration::from_millis(25);
 const INSERT: &str = "insert into drill values ($1, $2) returning inet_server_port()";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -81,102 +81,6 @@ struct Args {
     /// A line to add to the report (repeatable).
     #[arg(long)]
     note: Vec<String>,
-}
-
-/// dbproxy in its own thread and runtime; dropping it shuts it down (bounded).
-struct Proxy {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proxy {
-    fn start(config: Config) -> Result<Proxy> {
-        let config = common::Validate::validate(config).map_err(|e| anyhow!("{e}"))?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        admin_listener.set_nonblocking(true)?;
-        let (addr, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name("dbproxy".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => return eprintln!("dbproxy runtime: {e}"),
-                };
-                rt.block_on(async move {
-                    let run = async {
-                        let l = tokio::net::TcpListener::from_std(listener)?;
-                        let a = tokio::net::TcpListener::from_std(admin_listener)?;
-                        dbproxy::run_with_admin(l, Some(a), config, token)
-                            .await
-                            .map_err(|e| anyhow!("{e}"))
-                    };
-                    if let Err(e) = run.await {
-                        eprintln!("dbproxy failed: {e:#}");
-                    }
-                });
-                rt.shutdown_timeout(Duration::from_secs(5));
-            })?;
-        Ok(Proxy {
-            addr,
-            admin,
-            shutdown,
-            thread: Some(thread),
-        })
-    }
-
-    fn conn_string(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres \
-             application_name=chain-drill connect_timeout=5",
-            self.addr.port()
-        )
-    }
-
-    fn status(&self) -> Result<Value> {
-        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.take(8 << 20).read_to_string(&mut out)?;
-        let (head, body) = out
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("no HTTP head in {out:?}"))?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET /status: {}", head.lines().next().unwrap_or(""));
-        }
-        serde_json::from_str(body).context("parsing /status")
-    }
-
-    fn stop(&mut self) -> bool {
-        self.shutdown.cancel();
-        let Some(t) = self.thread.take() else {
-            return true;
-        };
-        let stopped = poll_until(Instant::now() + Duration::from_secs(30), || t.is_finished());
-        if stopped {
-            let _ = t.join();
-        } else {
-            eprintln!("dbproxy did not stop within 30 s; leaving its thread behind");
-        }
-        stopped
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 struct Ack {
@@ -270,18 +174,6 @@ async fn writer(w: i32, conn: String, log: Arc<Mutex<Log>>, stop: CancellationTo
                 session = None;
             }
         }
-    }
-}
-
-fn poll_until(deadline: Instant, mut f: impl FnMut() -> bool) -> bool {
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(POLL);
     }
 }
 
@@ -448,7 +340,14 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
     let log = Arc::new(Mutex::new(Log::default()));
     let stop = CancellationToken::new();
     let handles: Vec<_> = (0..args.writers)
-        .map(|w| rt.spawn(writer(w as i32, proxy.conn_string(), log.clone(), stop.clone())))
+        .map(|w| {
+            rt.spawn(writer(
+                w as i32,
+                proxy.conn_string("chain-drill"),
+                log.clone(),
+                stop.clone(),
+            ))
+        })
         .collect();
     let writing = poll_until(Instant::now() + READY_LIMIT, || {
         let seen: HashSet<i64> = lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
@@ -535,25 +434,6 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
         "lost": lost,
         "errors": l.errors,
     }))
-}
-
-fn median_max(mut xs: Vec<f64>) -> Option<(f64, f64)> {
-    if xs.is_empty() {
-        return None;
-    }
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    let med = if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    };
-    Some((med, xs[n - 1]))
-}
-
-fn fmt_pair(p: Option<(f64, f64)>) -> String {
-    p.map(|(a, b)| format!("{a:.0} / {b:.0}"))
-        .unwrap_or_else(|| "–".into())
 }
 
 fn sum(ds: &[&Value], k: &str) -> u64 {

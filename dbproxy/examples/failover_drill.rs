@@ -15,21 +15,21 @@
 //! acknowledged but missing from the promoted node afterwards.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
 use dbproxy::config::{Config, HealthConfig};
 use serde_json::{json, Value};
 use testkit::PgCluster;
 use tokio_util::sync::CancellationToken;
 
-/// Password of the `postgres` superuser on the drill clusters.
-const PASSWORD: &str = "pw";
+#[path = "support/drill.rs"]
+mod drill;
+use drill::{fmt_pair, median_max, poll_until, Proxy, PASSWORD, POLL};
+
 /// How long the cluster and dbproxy may take to become ready.
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// How long after the kill a completed failover must show up in `/status`.
@@ -42,8 +42,6 @@ const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// Pause between failed connection attempts.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
-/// How often `/status` and the writers' progress are polled.
-const POLL: Duration = Duration::from_millis(25);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -89,113 +87,6 @@ struct Args {
     /// A line to add to the report (repeatable), e.g. what else ran on the machine.
     #[arg(long)]
     note: Vec<String>,
-}
-
-/// dbproxy in its own thread and runtime; dropping it shuts it down (bounded).
-struct Proxy {
-    addr: SocketAddr,
-    admin: SocketAddr,
-    shutdown: CancellationToken,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Proxy {
-    fn start(config: Config) -> Result<Proxy> {
-        let config = common::Validate::validate(config).map_err(|e| anyhow!("{e}"))?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        let admin_listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.set_nonblocking(true)?;
-        admin_listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let admin = admin_listener.local_addr()?;
-        let shutdown = CancellationToken::new();
-        let token = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name("dbproxy".into())
-            .spawn(move || {
-                let rt = match tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                {
-                    Ok(rt) => rt,
-                    Err(e) => {
-                        eprintln!("dbproxy runtime: {e}");
-                        return;
-                    }
-                };
-                rt.block_on(async move {
-                    let l = match tokio::net::TcpListener::from_std(listener) {
-                        Ok(l) => l,
-                        Err(e) => return eprintln!("dbproxy listener: {e}"),
-                    };
-                    let a = match tokio::net::TcpListener::from_std(admin_listener) {
-                        Ok(a) => a,
-                        Err(e) => return eprintln!("dbproxy admin listener: {e}"),
-                    };
-                    if let Err(e) = dbproxy::run_with_admin(l, Some(a), config, token).await {
-                        eprintln!("dbproxy failed: {e}");
-                    }
-                });
-                // Do not wait for stray tasks (e.g. a probe stuck in connect) beyond a moment.
-                rt.shutdown_timeout(Duration::from_secs(5));
-            })?;
-        Ok(Proxy {
-            addr,
-            admin,
-            shutdown,
-            thread: Some(thread),
-        })
-    }
-
-    fn conn_string(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres password={PASSWORD} dbname=postgres \
-             application_name=failover-drill connect_timeout=5",
-            self.addr.port()
-        )
-    }
-
-    /// `GET /status` as JSON.
-    fn status(&self) -> Result<Value> {
-        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.take(8 << 20).read_to_string(&mut out)?;
-        let (head, body) = out
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("no HTTP head in {out:?}"))?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET /status: {}", head.lines().next().unwrap_or(""));
-        }
-        serde_json::from_str(body).context("parsing /status")
-    }
-
-    /// Cancels dbproxy and waits (bounded) for its thread.
-    fn stop(&mut self) -> bool {
-        self.shutdown.cancel();
-        let Some(t) = self.thread.take() else {
-            return true;
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !t.is_finished() {
-            if Instant::now() > deadline {
-                eprintln!("dbproxy did not stop within 30 s; leaving its thread behind");
-                return false;
-            }
-            std::thread::sleep(POLL);
-        }
-        let _ = t.join();
-        true
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 /// One acknowledged write.
@@ -431,19 +322,6 @@ fn wait_ready(proxy: &Proxy, standbys: usize, mode: Mode) -> Result<()> {
     }
 }
 
-/// Polls `f` until it returns true or `deadline` passes; returns whether it did.
-fn poll_until(deadline: Instant, mut f: impl FnMut() -> bool) -> bool {
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
 /// One drill; returns its raw numbers (with `"ok": false` and `"failure"` when it went wrong).
 fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Result<Value> {
     let cluster = PgCluster::builder()
@@ -474,7 +352,7 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
         .map(|w| {
             rt.spawn(writer(
                 w as i32,
-                proxy.conn_string(),
+                proxy.conn_string("failover-drill"),
                 log.clone(),
                 stop.clone(),
                 write_deadline,
@@ -773,30 +651,8 @@ fn f(v: &Value, k: &str) -> Option<f64> {
     v.get(k).and_then(Value::as_f64)
 }
 
-/// Median (mean of the two middle values for an even count) and maximum.
-fn median_max(mut xs: Vec<f64>) -> Option<(f64, f64)> {
-    if xs.is_empty() {
-        return None;
-    }
-    xs.sort_by(f64::total_cmp);
-    let n = xs.len();
-    let med = if n % 2 == 1 {
-        xs[n / 2]
-    } else {
-        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
-    };
-    Some((med, xs[n - 1]))
-}
-
 fn fmt_ms(v: Option<f64>) -> String {
     v.map(|v| format!("{v:.0}")).unwrap_or_else(|| "–".into())
-}
-
-fn fmt_pair(p: Option<(f64, f64)>) -> String {
-    match p {
-        Some((a, b)) => format!("{a:.0} / {b:.0}"),
-        None => "–".into(),
-    }
 }
 
 fn fmt_errors(errors: &BTreeMap<String, u64>) -> String {
