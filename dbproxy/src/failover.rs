@@ -583,21 +583,31 @@ pub async fn promote(
 
 /// Runs `sh -c command` with a timeout; returns its output, or an error with it.
 pub async fn run_command(node: &str, command: &str, timeout: Duration) -> Result<String, FailoverError> {
+    tracing::info!(node, command, "running failover command");
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(command);
+    run_process(cmd, node, command, timeout).await
+}
+
+/// Runs `cmd` (no stdin, killed if the wait is dropped) for at most `limit`: its stdout and
+/// stderr as one trimmed text, each line logged under `node`, or an error naming `shown` (the
+/// command as the operator would write it) with that text. Failover, fencing and rejoin commands
+/// all run through here.
+pub(crate) async fn run_process(
+    mut cmd: Command,
+    node: &str,
+    shown: &str,
+    limit: Duration,
+) -> Result<String, FailoverError> {
     let err = |message: String| FailoverError::Command {
         node: node.to_string(),
-        command: command.to_string(),
+        command: shown.to_string(),
         message,
     };
-    tracing::info!(node, command, "running failover command");
-    let child = Command::new("sh")
-        .arg("-c")
-        .arg(command)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(timeout, child)
+    cmd.stdin(std::process::Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(limit, cmd.output())
         .await
-        .map_err(|_| err(format!("timed out after {timeout:?}")))?
+        .map_err(|_| err(format!("timed out after {limit:?}")))?
         .map_err(|e| err(format!("could not start: {e}")))?;
     let mut text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -611,7 +621,7 @@ pub async fn run_command(node: &str, command: &str, timeout: Duration) -> Result
         tracing::info!(node, "command output: {line}");
     }
     if !out.status.success() {
-        return Err(err(format!("failed ({}): {}", out.status, text)));
+        return Err(err(format!("failed ({}): {text}", out.status)));
     }
     Ok(text)
 }

@@ -22,7 +22,6 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -292,11 +291,6 @@ impl Tools {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        let err = |message: String| FailoverError::Command {
-            node: self.node.clone(),
-            command: shown.clone(),
-            message,
-        };
         tracing::info!(node = %self.node, command = %shown, "rejoin step");
         let mut cmd = Command::new(self.bindir.join(program));
         cmd.args(args)
@@ -304,31 +298,11 @@ impl Tools {
             .env_remove("PGDATA")
             .env_remove("PGSERVICE")
             .env_remove("PGOPTIONS")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+            .envs(env.iter().copied());
         if let Some((uid, gid)) = self.account {
             cmd.uid(uid).gid(gid);
         }
-        let out = tokio::time::timeout(limit, cmd.output())
-            .await
-            .map_err(|_| err(format!("timed out after {limit:?}")))?
-            .map_err(|e| err(format!("could not start: {e}")))?;
-        let mut text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !stderr.trim().is_empty() {
-            if !text.is_empty() {
-                text.push('\n');
-            }
-            text.push_str(stderr.trim());
-        }
-        for line in text.lines() {
-            tracing::info!(node = %self.node, "{program}: {line}");
-        }
-        if !out.status.success() {
-            return Err(err(format!("failed ({}): {text}", out.status)));
-        }
-        Ok(text)
+        crate::failover::run_process(cmd, &self.node, &shown, limit).await
     }
 
     /// Whether a server runs on `dir` (`pg_ctl status` answers 0).

@@ -527,7 +527,7 @@ impl Pools {
         }
     }
 
-    /// Logs a new connection in for place `id` of pool `key`.
+    /// Logs a new connection in for place `id` of pool `key`, for the client of `req`.
     async fn open(
         self: &Arc<Self>,
         key: Arc<Key>,
@@ -535,6 +535,34 @@ impl Pools {
         thread: usize,
         req: &Request<'_>,
         config: &PoolConfig,
+    ) -> Result<(Backend, Greeting), BackendError> {
+        let (b, greeting) = self
+            .login(key.clone(), id, thread, req, config, ServerState::Active)
+            .await?;
+        {
+            let mut st = self.lock();
+            if let Some(c) = st.clients.get_mut(&req.client) {
+                c.link = Some(id);
+            }
+            if let Some(p) = st.pools.get_mut(&key) {
+                p.checkouts += 1;
+                p.greeting = b.pooled.as_ref().map(|t| t.greeting.clone());
+            }
+        }
+        self.metrics.checkout(&self.cluster, req.node, false);
+        Ok((b, greeting))
+    }
+
+    /// Logs a connection in for place `id` of pool `key` (the place is given back if the login
+    /// fails), shows it in SHOW SERVERS as `state`, and tags it as the pool's.
+    async fn login(
+        self: &Arc<Self>,
+        key: Arc<Key>,
+        id: u64,
+        thread: usize,
+        req: &Request<'_>,
+        config: &PoolConfig,
+        state: ServerState,
     ) -> Result<(Backend, Greeting), BackendError> {
         let mut opening = Opening {
             pools: self.clone(),
@@ -560,21 +588,16 @@ impl Pools {
         {
             let mut st = self.lock();
             if let Some(s) = st.servers.get_mut(&id) {
-                s.state = ServerState::Active;
+                s.state = state;
+                if state == ServerState::Idle {
+                    s.client = None;
+                }
                 s.addr = Some(b.addr);
                 s.local = b.local;
                 s.pid = b.key.0;
                 s.since = Instant::now();
             }
-            if let Some(c) = st.clients.get_mut(&req.client) {
-                c.link = Some(id);
-            }
-            if let Some(p) = st.pools.get_mut(&key) {
-                p.checkouts += 1;
-                p.greeting = Some(params.clone());
-            }
         }
-        self.metrics.checkout(&self.cluster, req.node, false);
         b.pooled = Some(Tag {
             pools: self.clone(),
             id,

@@ -4,10 +4,9 @@
 //! opening connections ahead of clients up to `pool.min_idle` per key the thread has served.
 
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::backend;
-use crate::config::secs;
 
 use super::{Idle, Key, Pools, ServerState};
 
@@ -50,55 +49,30 @@ async fn open_idle(
     id: u64,
     thread: usize,
 ) -> Result<(), backend::BackendError> {
-    let mut opening = super::Opening {
-        pools: pools.clone(),
-        key: key.clone(),
-        id,
-        armed: true,
-    };
-    let (creds, max) = {
+    let (creds, max_message) = {
         let st = pools.lock();
         match st.pools.get(&key) {
             Some(p) => (p.creds.clone(), p.max_message),
-            None => return Ok(()),
+            None => {
+                // The pool went away before the login: give its place back.
+                drop(st);
+                pools.released(&key, id);
+                return Ok(());
+            }
         }
     };
     let config = pools.config.load_full();
-    let generation = pools.generation();
-    let node = &pools.cluster.nodes[key.node].config;
-    let (mut b, greeting) = backend::connect(
-        key.node,
-        &node.host,
-        node.port,
-        &key.params,
-        key.user(),
-        creds.as_ref(),
-        max,
-        secs(config.connect_timeout),
-    )
-    .await?;
-    opening.armed = false;
-    let params = super::parameter_frames(&greeting.frames);
-    {
-        let mut st = pools.lock();
-        if let Some(s) = st.servers.get_mut(&id) {
-            s.state = ServerState::Idle;
-            s.client = None;
-            s.addr = Some(b.addr);
-            s.local = b.local;
-            s.pid = b.key.0;
-            s.since = Instant::now();
-        }
-    }
-    b.pooled = Some(super::Tag {
-        pools: pools.clone(),
-        id,
-        key,
-        born: Instant::now(),
-        generation,
-        thread,
-        greeting: params,
-    });
+    let req = super::Request {
+        node: key.node,
+        params: &key.params,
+        user: key.user(),
+        creds: creds.as_ref(),
+        max_message,
+        client: 0,
+    };
+    let (b, _) = pools
+        .login(key.clone(), id, thread, &req, &config, ServerState::Idle)
+        .await?;
     pools.pool_idle(b);
     Ok(())
 }
