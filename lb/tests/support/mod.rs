@@ -348,8 +348,14 @@ pub async fn admin_get(admin: SocketAddr, path: &str) -> Result<String> {
 
 /// A port nothing listens on.
 pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    // Bound but never listening, and kept for the life of the test process: connections are
+    // refused, and no other test's listener can take the port meanwhile (a dropped listener's
+    // port could be reused by a server running in parallel, which would then answer).
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = s.local_addr().unwrap();
+    std::mem::forget(s);
+    addr
 }
 
 /// A backend that answers `NAME METHOD TARGET`, so a test sees where a request went and as
