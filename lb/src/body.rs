@@ -60,6 +60,8 @@ fn drain(mut body: Incoming) {
 pub struct BodySlot {
     body: Mutex<Option<Incoming>>,
     too_large: AtomicBool,
+    /// The body's end was handed to the upstream connection.
+    ended: AtomicBool,
     limit: u64,
     /// Drain what no try took (HTTP/2 bodies; hyper's HTTP/1 server handles its own).
     drain: bool,
@@ -71,6 +73,7 @@ impl BodySlot {
         Arc::new(BodySlot {
             body: Mutex::new(Some(body)),
             too_large: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
             limit,
             drain,
         })
@@ -79,6 +82,11 @@ impl BodySlot {
     /// Whether no try has started sending the body yet.
     pub fn unsent(&self) -> bool {
         self.body.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Whether a try has handed the body's end to its upstream connection.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
     }
 
     /// Whether sending stopped because the body was too large.
@@ -155,7 +163,7 @@ impl Body for UpBody {
                 let Some(inner) = taken.as_mut() else {
                     return Poll::Ready(None);
                 };
-                match Pin::new(inner).poll_frame(cx) {
+                match Pin::new(&mut *inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(frame))) => {
                         if let Some(data) = frame.data_ref() {
                             *seen += data.len() as u64;
@@ -164,10 +172,16 @@ impl Body for UpBody {
                                 return Poll::Ready(Some(Err(Box::new(TooLarge(slot.limit)))));
                             }
                         }
+                        if inner.is_end_stream() {
+                            slot.ended.store(true, Ordering::Relaxed);
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
-                    Poll::Ready(None) => Poll::Ready(None),
+                    Poll::Ready(None) => {
+                        slot.ended.store(true, Ordering::Relaxed);
+                        Poll::Ready(None)
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -291,7 +305,7 @@ impl Body for RespBody {
                 idle,
                 timer,
                 armed,
-            } => match Pin::new(inner).poll_frame(cx) {
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(r) => {
                     if matches!(r, None | Some(Err(_))) {
                         guard.take();

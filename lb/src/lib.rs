@@ -19,7 +19,7 @@
 //! byte for byte, and hands the connection to hyper at the first request it does not take (a
 //! body, an upgrade, HTTP/1.0, h2c); on that path `proxy` handles one request (headers, tries,
 //! upgrades; `grpc://` groups over HTTP/2 cleartext) with hyper-util's clients; `h2_websocket`
-//! maps RFC 8441 websockets to HTTP/1.1 handshakes; `body` keeps a request body replayable
+//! maps RFC 8441 websockets to HTTP/1.1 handshakes; `early_answer` lets an upstream's answer win over a body write the upstream reset; `body` keeps a request body replayable
 //! until first sent, drains an HTTP/2 request body the upstream did not read, and times out
 //! stalled upstream bodies; `health` probes; `metrics` and `access` observe.
 //!
@@ -33,6 +33,7 @@
 pub mod access;
 pub mod body;
 pub mod config;
+mod early_answer;
 mod fast;
 mod files;
 #[doc(hidden)]
@@ -87,7 +88,7 @@ pub enum LbError {
 }
 
 /// An upstream HTTP client.
-pub(crate) type UpClient = Client<HttpConnector, UpBody>;
+pub(crate) type UpClient = Client<early_answer::UpConnector, UpBody>;
 
 /// The upstream clients: HTTP/1.1 for `http://` groups, HTTP/2 cleartext for `grpc://` ones.
 #[derive(Clone)]
@@ -175,6 +176,8 @@ fn build_client(config: &Config) -> UpClients {
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(config.timeouts.upstream_idle.get())
         .pool_max_idle_per_host(config.limits.upstream_keepalive);
+    // An upstream's early answer wins over a failed body write (see `early_answer`).
+    let connector = early_answer::UpConnector(connector);
     let h1 = builder.build(connector.clone());
     // One HTTP/2 connection per server carries every stream (nginx's grpc_pass opens more; h2
     // multiplexes), with keep-alive pings so a dead server is noticed between calls.

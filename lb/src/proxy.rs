@@ -439,6 +439,11 @@ async fn proxy(
             &rt.client.h1
         };
         *ureq.headers_mut() = parts.headers.clone();
+        // A request with a body: keep a handle on its connection, to keep it out of the pool
+        // if the upstream answers before it has the whole body (below).
+        let captured = slot
+            .as_ref()
+            .map(|_| hyper_util::client::legacy::connect::capture_connection(&mut ureq));
         let guard = ActiveGuard::new(server.clone());
         let sent = tokio::time::timeout(response_timeout, client.request(ureq)).await;
         let retryable_body = slot.as_ref().is_none_or(|s| s.unsent());
@@ -467,6 +472,17 @@ async fn proxy(
                 break;
             }
             Ok(Ok(resp)) => {
+                if slot.as_ref().is_some_and(|s| !s.ended()) {
+                    // An answer before the whole body: the upstream may close the connection
+                    // without saying so (hyper's server does when it cannot drain the body),
+                    // and a request sent on it from the pool would fail. nginx does not keep
+                    // such a connection either (`request_body_sent`).
+                    if let Some(c) = &captured {
+                        if let Some(conn) = c.connection_metadata().as_ref() {
+                            conn.poison();
+                        }
+                    }
+                }
                 let status = resp.status();
                 let can_retry_status = cfg.retry.on_status
                     && idempotent
