@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -83,24 +84,48 @@ pub(crate) struct ClientInfo {
     /// The listener's configured address and the local port, for routing.
     listen: SocketAddr,
     port: u16,
-    /// `for=...;proto=http`, the start of this hop's Forwarded element.
+    /// `for=...;proto=http` (or `https`), the start of this hop's Forwarded element.
     forwarded: String,
+    /// The client connection is TLS (`X-Forwarded-Proto: https`, routing by `listen ... ssl`).
+    tls: bool,
 }
 
 impl ClientInfo {
-    pub(crate) fn new(peer: SocketAddr, listen: SocketAddr, port: u16) -> ClientInfo {
+    pub(crate) fn new(peer: SocketAddr, listen: SocketAddr, port: u16, tls: bool) -> ClientInfo {
         let ip = peer.ip().to_canonical();
+        let proto = if tls { "https" } else { "http" };
         let forwarded = if ip.is_ipv6() {
-            format!("for=\"[{ip}]\";proto=http")
+            format!("for=\"[{ip}]\";proto={proto}")
         } else {
-            format!("for={ip};proto=http")
+            format!("for={ip};proto={proto}")
         };
         ClientInfo {
             ip: ip.to_string(),
             listen,
             port,
             forwarded,
+            tls,
         }
+    }
+}
+
+/// A client connection the fast path serves: plain TCP, or TLS once the handshake chose HTTP/1.1.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Waits until a read may find data, before a buffer is taken for it (idle keep-alive
+    /// connections hold none). A stream that may hold decrypted bytes of its own is always ready.
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send;
+}
+
+impl ClientStream for TcpStream {
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn wait_readable(&self) -> impl std::future::Future<Output = io::Result<()>> + Send {
+        // rustls may already hold plaintext the socket no longer signals.
+        std::future::ready(Ok(()))
     }
 }
 
@@ -199,7 +224,7 @@ pub(crate) fn prepare(
     let route = rt.router.route(&RouteRequest {
         listen: client.listen,
         port: client.port,
-        tls: false,
+        tls: client.tls,
         host: std::str::from_utf8(host).unwrap_or(""),
         path: route_path,
         query,
@@ -266,7 +291,11 @@ pub(crate) fn prepare(
     out.extend_from_slice(client.ip.as_bytes());
     out.extend_from_slice(b"\r\nx-real-ip: ");
     out.extend_from_slice(client.ip.as_bytes());
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\nforwarded: ");
+    out.extend_from_slice(if client.tls {
+        b"\r\nx-forwarded-proto: https\r\nforwarded: ".as_slice()
+    } else {
+        b"\r\nx-forwarded-proto: http\r\nforwarded: ".as_slice()
+    });
     if let Some(prior) = forwarded_prior {
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
@@ -678,8 +707,8 @@ async fn exchange(
 }
 
 /// Writes a response a route makes itself (`return`, redirects).
-async fn write_response(
-    stream: &mut TcpStream,
+async fn write_response<S: ClientStream>(
+    stream: &mut S,
     status: u16,
     location: Option<&str>,
     body: &str,
@@ -711,8 +740,8 @@ async fn write_response(
 }
 
 /// Writes a short response lb makes itself.
-async fn write_error(
-    stream: &mut TcpStream,
+async fn write_error<S: ClientStream>(
+    stream: &mut S,
     status: StatusCode,
     body: &str,
     close: bool,
@@ -729,7 +758,7 @@ async fn write_error(
 
 /// Half-closes and reads what the client still sends, for a bounded time and size, so that
 /// closing with unread input (a reset) does not destroy the response just written.
-async fn linger_close(stream: &mut TcpStream) {
+async fn linger_close<S: ClientStream>(stream: &mut S) {
     let _ = stream.shutdown().await;
     let mut sink = [0u8; 4096];
     let mut left = 256 * 1024usize;
@@ -742,11 +771,16 @@ async fn linger_close(stream: &mut TcpStream) {
     }
 }
 
-async fn write_timed(stream: &mut TcpStream, data: &[u8], timeout: Duration) -> io::Result<()> {
+/// Writes and flushes (a TLS stream may keep records until flushed; TCP's flush is free).
+async fn write_timed<S: ClientStream>(stream: &mut S, data: &[u8], timeout: Duration) -> io::Result<()> {
+    let write = async {
+        stream.write_all(data).await?;
+        stream.flush().await
+    };
     if timeout.is_zero() {
-        return stream.write_all(data).await;
+        return write.await;
     }
-    tokio::time::timeout(timeout, stream.write_all(data))
+    tokio::time::timeout(timeout, write)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "client write timed out"))?
 }
@@ -788,10 +822,10 @@ enum Served {
 }
 
 /// Serves requests on `stream` while they suit the fast path.
-pub(crate) async fn serve(
+pub(crate) async fn serve<S: ClientStream>(
     shared: &Shared,
     ctx: &ConnCtx,
-    stream: &mut TcpStream,
+    stream: &mut S,
     shutdown: &CancellationToken,
 ) -> Outcome {
     let (header_read, client_idle, max_header) = {
@@ -806,7 +840,7 @@ pub(crate) async fn serve(
     let mut s = Session {
         shared,
         ctx,
-        client: ClientInfo::new(ctx.peer, ctx.listen, ctx.port),
+        client: ClientInfo::new(ctx.peer, ctx.listen, ctx.port, ctx.tls),
         req_head: Vec::new(),
         resp_head: Vec::new(),
         counters: Vec::new(),
@@ -867,7 +901,7 @@ pub(crate) async fn serve(
                 // forgets the readiness after a short read, so the next wait costs no `recv`
                 // that would only say EAGAIN.
                 r = async {
-                    stream.readable().await?;
+                    stream.wait_readable().await?;
                     if buf.capacity() - buf.len() < 1024 {
                         buf.reserve(READ_CHUNK);
                     }
@@ -912,10 +946,10 @@ pub(crate) async fn serve(
 
 impl Session<'_> {
     /// Proxies one prepared request and relays its response.
-    async fn request(
+    async fn request<S: ClientStream>(
         &mut self,
         rt: &Arc<Runtime>,
-        stream: &mut TcpStream,
+        stream: &mut S,
         prep: Prepared,
         close: bool,
     ) -> Served {
@@ -1106,16 +1140,16 @@ impl Session<'_> {
                 &r,
                 label.map(|l| &**l),
                 elapsed,
-                None,
+                self.ctx.tls_protocol.get().copied(),
             );
         }
     }
 
     /// Relays the response head and body; returns whether it completed (the client connection
     /// may go on). The upstream connection goes back to the pool when it can be reused.
-    async fn relay(
+    async fn relay<S: ClientStream>(
         &mut self,
-        stream: &mut TcpStream,
+        stream: &mut S,
         server: &Server,
         mut up: Pooled,
         head: &ResponseHead,
@@ -1249,7 +1283,7 @@ mod tests {
 
     fn prep(raw: &str, rt: &Runtime, peer: &str) -> Option<(String, Prepared)> {
         let mut out = Vec::new();
-        let info = ClientInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), 80);
+        let info = ClientInfo::new(peer.parse().unwrap(), "127.0.0.1:80".parse().unwrap(), 80, false);
         let p = prepare(raw.as_bytes(), rt, &info, false, &mut out)?;
         Some((String::from_utf8(out).unwrap(), p))
     }

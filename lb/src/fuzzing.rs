@@ -61,6 +61,7 @@ pub fn request_head(data: &[u8]) {
         "192.0.2.7:5000".parse().expect("an address"),
         "127.0.0.1:80".parse().expect("an address"),
         80,
+        false,
     );
     let mut out = Vec::new();
     if fast::prepare(data, runtime(), &info, true, &mut out).is_none() {

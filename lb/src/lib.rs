@@ -25,8 +25,8 @@
 //!
 //! State: a reload swaps one `Arc<Runtime>` (config + upstream groups + routes + client); requests in flight and
 //! relayed websockets keep the `Runtime` they started with. Known limits: listen addresses and
-//! `limits.max_connections` change only on restart; TLS connections are served by the hyper path
-//! from the first request (the fast path reads a `TcpStream`); once a connection is on the hyper path, an
+//! `limits.max_connections` change only on restart; TLS connections that chose HTTP/1.1 take the
+//! fast path like plain ones (`fast::ClientStream`), HTTP/2 ones go to hyper; once a connection is on the hyper path, an
 //! idle keep-alive connection is closed after `min(header_read, client_idle)` because hyper's
 //! header timer also runs while waiting for the next request (the fast path waits `client_idle`).
 

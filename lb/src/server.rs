@@ -227,24 +227,37 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-async fn connection(
-    shared: Arc<Shared>,
-    mut stream: TcpStream,
-    ctx: Arc<ConnCtx>,
-    shutdown: CancellationToken,
-) {
+async fn connection(shared: Arc<Shared>, stream: TcpStream, ctx: Arc<ConnCtx>, shutdown: CancellationToken) {
     let gauge = shared.metrics.active_connections.clone();
     gauge.inc();
     if ctx.tls {
-        // TLS connections go to hyper (HTTP/1.1, or HTTP/2 by ALPN) after the handshake.
+        // After the handshake, HTTP/2 (by ALPN) goes to hyper; HTTP/1.1 takes the fast path
+        // like a plain connection.
         if let Some(tls) = handshake(&shared, stream, &ctx).await {
-            serve_hyper(&shared, tls, &ctx, &shutdown).await;
+            if tls.get_ref().1.alpn_protocol() == Some(b"h2") {
+                serve_hyper(&shared, tls, &ctx, &shutdown).await;
+            } else {
+                fast_then_hyper(&shared, tls, &ctx, &shutdown).await;
+            }
         }
         gauge.dec();
         return;
     }
+    fast_then_hyper(&shared, stream, &ctx, &shutdown).await;
+    gauge.dec();
+}
+
+/// Serves a connection on the fast path while its requests suit it, then on hyper's.
+async fn fast_then_hyper<S>(
+    shared: &Arc<Shared>,
+    mut stream: S,
+    ctx: &Arc<ConnCtx>,
+    shutdown: &CancellationToken,
+) where
+    S: crate::fast::ClientStream + 'static,
+{
     let outcome = tokio::select! {
-        o = crate::fast::serve(&shared, &ctx, &mut stream, &shutdown) => o,
+        o = crate::fast::serve(shared, ctx, &mut stream, shutdown) => o,
         _ = ctx.hard.cancelled() => Outcome::Closed,
     };
     if let Outcome::Fallback(prefix) = outcome {
@@ -252,9 +265,8 @@ async fn connection(
             prefix,
             inner: stream,
         };
-        serve_hyper(&shared, io, &ctx, &shutdown).await;
+        serve_hyper(shared, io, ctx, shutdown).await;
     }
-    gauge.dec();
 }
 
 /// The TLS handshake, bounded by `timeouts.header_read`; `None` when it fails (logged).
@@ -297,12 +309,12 @@ async fn handshake(
 }
 
 /// A client stream with bytes already read from it in front (the fast path's leftovers).
-struct Prefixed {
+struct Prefixed<S> {
     prefix: BytesMut,
-    inner: TcpStream,
+    inner: S,
 }
 
-impl AsyncRead for Prefixed {
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -318,7 +330,7 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, data)
     }

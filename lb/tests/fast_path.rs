@@ -159,3 +159,66 @@ async fn pipelined_requests_and_a_post_after_gets_share_one_connection() -> Resu
     assert_eq!(a.hits(), 6);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_http1_takes_the_fast_path_pipelined_and_then_moves_to_hyper() -> Result<()> {
+    let b = RawBackend::start().await?;
+    let a = Backend::start("a").await;
+    let dir = tempfile::tempdir()?;
+    let authority = support::tls::ca(dir.path())?;
+    let (crt, key) = support::tls::leaf(dir.path(), &authority, "a.test", "a")?;
+    let tls = std::net::SocketAddr::from(([127, 0, 0, 1], testkit::free_port()?));
+    let _lb = support::tls::serve(&format!(
+        "http {{\n server {{ listen {tls} ssl; server_name a.test; ssl_certificate {}; ssl_certificate_key {};\n\
+           location / {{ proxy_pass http://{}; }}\n\
+           location /echo {{ proxy_pass http://{}; }} }}\n}}\n",
+        crt.display(),
+        key.display(),
+        b.addr,
+        a.addr,
+    ))
+    .await?;
+    let connector = support::tls::client(&authority.0, &[b"http/1.1"])?;
+    let c = connector.clone();
+    let mut s = support::wait_for("lb to serve TLS", move || {
+        let c = c.clone();
+        async move { support::tls::connect(&c, tls, "a.test").await.ok() }
+    })
+    .await?;
+    // The chunk extension and the trailer come back as the upstream sent them: only the fast
+    // path relays framing byte for byte (hyper's would re-chunk it). Three requests in one TLS
+    // write: the later ones wait decrypted inside rustls, where no socket readiness shows them.
+    s.write_all(
+        b"GET /chunked HTTP/1.1\r\nHost: a.test\r\n\r\nGET / HTTP/1.1\r\nHost: a.test\r\n\r\n\
+          GET /chunked HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await?;
+    s.flush().await?;
+    let want = "5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+    let mut out = Vec::new();
+    while String::from_utf8_lossy(&out).matches(want).count() < 2 {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(DEADLINE, s.read(&mut chunk))
+            .await
+            .context("pipelined TLS responses")??;
+        anyhow::ensure!(n > 0, "closed early: {}", String::from_utf8_lossy(&out));
+        out.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&out);
+    assert_eq!(text.matches("HTTP/1.1 200 OK").count(), 3, "{text}");
+    // A POST moves the same TLS connection to the hyper path, which goes on serving it.
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a.test\r\nContent-Length: 7\r\n\r\npayload")
+        .await?;
+    s.write_all(b"GET /chunked HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+        .await?;
+    s.flush().await?;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut rest))
+        .await
+        .context("the rest")?;
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.contains("\r\n\r\npayload"), "{text}");
+    // hyper's path decodes and re-chunks: the extension is gone, the body is the same.
+    assert!(text.contains("hello") && !text.contains("5;x=y"), "{text}");
+    Ok(())
+}
