@@ -580,6 +580,50 @@ async fn failover_during_rejoin_body() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn started_while_the_recorded_primary_is_down_every_other_standby_follows_the_promoted_one(
+) -> Result<()> {
+    support::bounded(start_with_primary_down_body()).await
+}
+
+async fn start_with_primary_down_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let mut state_dir = String::new();
+    let proxy = proxy_for(&c, false, |cfg| state_dir.clone_from(&cfg.state_dir))?;
+    assert_eq!(elected(&proxy)?, 0);
+    // A switchover makes node1 the primary and keeps node0 as its standby: node0, which the node
+    // table takes for the primary until its first health check, is now a standby.
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    wait_rejoined(&proxy, &c, 0, 1, DEADLINE)?;
+    wait_for("node2 streaming from node1", DEADLINE, || {
+        Ok((streaming_from(&c, 1)? == ["node0", "node2"]).then_some(()))
+    })?;
+    drop(proxy);
+    // dbproxy is down when the primary dies; it starts with the recorded primary unreachable.
+    c.node(1).kill9()?;
+    let proxy = proxy_for(&c, false, |cfg| cfg.state_dir = state_dir)?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["failed"], "node1", "{ev}");
+    let p = elected(&proxy)?;
+    assert_ne!(p, 1);
+    let other = 2 - p; // node0 or node2, whichever was not promoted
+    let name = c.node(other).name();
+    assert!(
+        ev["followers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x["node"] == name && x["ok"] == true)),
+        "{name} was re-pointed at node{p}: {ev}"
+    );
+    wait_for(&format!("{name} streaming from node{p}"), DEADLINE, || {
+        Ok(streaming_from(&c, p)?.contains(&name.to_string()).then_some(()))
+    })?;
+    Ok(())
+}
+
 #[test]
 fn automatic_rejoin_needs_a_way_to_rejoin() {
     let mut cfg = Config::loopback([("a", 1), ("b", 2)], None);
