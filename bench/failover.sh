@@ -9,10 +9,16 @@
 # `bench/failover.sh chain ...` runs the chain drill instead (dbproxy/examples/chain_drill.rs):
 # primary + 2 standbys, automatic rewind rejoin on, the current primary killed three times in a
 # row; it writes bench/results/failover-chain.md and .json.
+# `bench/failover.sh restart ...` runs the "dbproxy restarted during failover" drill
+# (dbproxy/examples/restart_drill.rs): the dbproxy binary in front of primary + 2 standbys,
+# `kill -9`ed while it promotes, then `kill -9`ed before the primary it promoted is; it writes
+# bench/results/failover-restart.md and .json.
 #
 # Usage: bench/failover.sh [--drills 10] [--modes async,sync] [--standbys 1] [--writers 4]
 #                          [--load 1.5] [--after 2] [--note TEXT]...
 #        bench/failover.sh chain [--drills 3] [--modes async,sync] [--writers 4] [--load 1]
+#                          [--note TEXT]...
+#        bench/failover.sh restart [--drills 3] [--modes async,sync] [--writers 4] [--load 1]
 #                          [--note TEXT]...
 #        (arguments go to the example; as root, the servers run as the postgres user)
 # Env:   OUT (bench/results), RUST_LOG (dbproxy=warn; e.g. dbproxy=info for more),
@@ -41,13 +47,23 @@ fi
 
 example=failover_drill
 name=failover
-if [ "${1:-}" = chain ]; then
-  shift
-  example=chain_drill
-  name=failover-chain
-fi
+bins=()
+case ${1:-} in
+  chain)
+    shift
+    example=chain_drill
+    name=failover-chain
+    ;;
+  restart)
+    shift
+    example=restart_drill
+    name=failover-restart
+    # It runs the dbproxy binary, so that it can be killed.
+    bins=(--bin dbproxy)
+    ;;
+esac
 echo "building the $example drill (release)" >&2
-cargo build --release -q -p dbproxy --example "$example"
+cargo build --release -q -p dbproxy --example "$example" "${bins[@]}"
 
 # What was measured: the commit, and whether dbproxy's sources differed from it.
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)

@@ -3,14 +3,18 @@
 #   page     the page through lb on :8080 names the serving instance and the database node
 #   webapp   `docker kill` one webapp: zero failed GETs through lb; it comes back
 #   primary  `docker kill` the primary: writes through dbproxy resume and the page shows the standby
-#            as the primary; the old primary, started again, stays fenced
+#            as the primary; the old primary, started again (`docker compose start`), rejoins on
+#            its own (dbproxy's automatic rejoin, docker/rejoin-node.sh + docker/pg-node.sh): it
+#            streams from the new primary (pg_stat_replication there shows it) and is unfenced
+#   second   the same again with the roles swapped (the second failure): `docker kill` the current
+#            primary; the node that rejoined takes over, and the killed one rejoins in turn
 #   samples  the collector lost no sample: every sample it took is in the database exactly once
-# Usage: docker/drills.sh [DRILL...]   (default: page webapp primary samples; BUILD=0 skips the build,
+# Usage: docker/drills.sh [DRILL...]   (default: page webapp primary second samples; BUILD=0 skips the build,
 #        KEEP=1 leaves the stack running). Prints one line per drill and exits non-zero on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drills=("$@")
-[ ${#drills[@]} -gt 0 ] || drills=(page webapp primary samples)
+[ ${#drills[@]} -gt 0 ] || drills=(page webapp primary second samples)
 project=${PROJECT:-hastack-drill}
 if docker compose version >/dev/null 2>&1; then dc=(docker compose -p "$project"); else dc=(docker-compose -p "$project"); fi
 export COLLECTOR_INTERVAL=${COLLECTOR_INTERVAL:-2s} COLLECTOR_HOST=${COLLECTOR_HOST:-drill-host}
@@ -38,6 +42,53 @@ until_ok() { # seconds command...
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.2; done
 }
 page_ok() { curl -fsS -m 10 http://127.0.0.1:8080/ >/dev/null; }
+dbproxy_status() { docker exec "$("${dc[@]}" ps -q dbproxy)" curl -fsS -m 2 http://127.0.0.1:9930/status; }
+# The elected primary's name, per dbproxy.
+elected() { dbproxy_status | python3 -c 'import json,sys; s=json.load(sys.stdin); p=s["primary"]; print(s["nodes"][p]["name"] if p is not None else "")'; }
+# The standbys streaming from node (service) $1, by application_name.
+streaming_on() {
+  docker exec -u postgres "$("${dc[@]}" ps -q "$1")" psql -X -qAt -U postgres -d postgres \
+    -c "select application_name from pg_stat_replication where state = 'streaming' order by 1"
+}
+# Node $1 streams from $2 (pg_stat_replication on $2 shows it) and dbproxy has lifted its fence.
+rejoined() {
+  streaming_on "$2" | grep -qx "$1" || return 1
+  dbproxy_status | python3 -c 'import json,sys; n=[n for n in json.load(sys.stdin)["nodes"] if n["name"]==sys.argv[1]][0]; sys.exit(0 if not n["fenced"] and n["pg_role"]=="standby" else 1)' "$1"
+}
+# `docker kill` the current primary $1 with $2 streaming from it: writes through dbproxy resume on
+# $2 (sets `resumed`, ms from the kill to the first write).
+fail_primary() {
+  local old=$1 new=$2 killed
+  until_ok 60 rejoined "$new" "$old" || fail "$drill: $new is not a streaming, unfenced standby of $old before the kill"
+  psql_app -c "create table if not exists drill_writes (id serial primary key, at timestamptz default now())" \
+    || fail "$drill: cannot write before the drill"
+  docker kill "$("${dc[@]}" ps -q "$old")" >/dev/null
+  killed=$(date +%s%N)
+  until_ok 30 psql_app -c "insert into drill_writes default values" || fail "$drill: writes did not resume within 30 s"
+  resumed=$(( ($(date +%s%N) - killed) / 1000000 ))
+  [ "$(elected)" = "$new" ] || fail "$drill: dbproxy elected $(elected), not $new"
+}
+# The killed primary $1, started again, comes back as a streaming standby of $2 on its own.
+restart_rejoins() {
+  local old=$1 new=$2 t
+  # The killed node starts again as the primary of its old timeline: dbproxy keeps it fenced (no
+  # traffic) and its automatic rejoin turns it into a standby of the new primary.
+  "${dc[@]}" start "$old" >/dev/null 2>&1 || fail "$drill: cannot start $old again"
+  t=$(date +%s)
+  until_ok 90 rejoined "$old" "$new" || fail "$drill: $old is not back as a streaming standby of $new within 90 s"
+  back=$(( $(date +%s) - t ))
+  [ "$(elected)" = "$new" ] || fail "$drill: dbproxy elected $(elected) after $old came back, not $new"
+  local id
+  id=$(psql_app -c "insert into drill_writes default values returning id") || fail "$drill: writes fail with $old back"
+  # It replays what the new primary takes, and refuses writes of its own.
+  until_ok 30 sh -c "docker exec -u postgres $("${dc[@]}" ps -q "$old") psql -X -qAt -U postgres -d app \
+    -c 'select 1 from drill_writes where id = $id' | grep -q 1" || fail "$drill: $old does not replay the new primary's writes"
+  if docker exec -u postgres "$("${dc[@]}" ps -q "$old")" psql -X -qAt -U postgres -d app \
+    -c "insert into drill_writes default values" >/dev/null 2>&1; then
+    fail "$drill: $old took a write of its own"
+  fi
+}
+fail_and_rejoin() { fail_primary "$@" && restart_rejoins "$@"; }
 until_ok 120 page_ok || fail "the page through lb never answered"
 say "up"
 
@@ -74,22 +125,23 @@ for drill in "${drills[@]}"; do
       say "webapp: ok (0 of 200 GETs failed with webapp1 killed; it is back)"
       ;;
     primary)
-      psql_app -c "create table if not exists drill_writes (id serial primary key, at timestamptz default now())" \
-        || fail "primary: cannot write before the drill"
-      docker kill "$("${dc[@]}" ps -q pg-primary)" >/dev/null
-      killed=$(date +%s%N)
-      until_ok 30 psql_app -c "insert into drill_writes default values" || fail "primary: writes did not resume within 30 s"
-      resumed=$(( ($(date +%s%N) - killed) / 1000000 ))
+      fail_primary pg-primary pg-standby
+      # While it is the only node, the page's reads come from it.
       until_ok 30 sh -c "curl -fsS -m 2 http://127.0.0.1:8080/ | grep -q 'pg-standby.*primary'" \
         || fail "primary: the page does not show pg-standby as the primary"
-      # Bring the old primary back: it restarts as a primary on the old timeline, and dbproxy keeps
-      # it fenced (no traffic) while writes go on to pg-standby.
-      "${dc[@]}" start pg-primary >/dev/null 2>&1 || fail "primary: cannot restart pg-primary"
-      dbproxy_status() { docker exec "$("${dc[@]}" ps -q dbproxy)" curl -fsS -m 2 http://127.0.0.1:9930/status; }
-      fenced_up() { dbproxy_status | python3 -c 'import json,sys; n=json.load(sys.stdin)["nodes"][0]; sys.exit(0 if n["fenced"] and n["pg_status"]=="up" and n["pg_role"]=="primary" else 1)'; }
-      until_ok 60 fenced_up || fail "primary: the restarted pg-primary is not reported up and fenced"
-      psql_app -c "insert into drill_writes default values" >/dev/null || fail "primary: writes fail with the old primary back"
-      say "primary: ok (writes resumed ${resumed} ms after the kill; the restarted old primary is fenced)"
+      restart_rejoins pg-primary pg-standby
+      say "primary: ok (writes resumed ${resumed} ms after the kill; pg-primary, started again, streams from pg-standby ${back} s later, unfenced)"
+      ;;
+    second)
+      # The second failure: whichever node is primary now is killed, the other takes over.
+      old=$(elected)
+      case $old in
+        pg-primary) new=pg-standby ;;
+        pg-standby) new=pg-primary ;;
+        *) fail "second: no elected primary (dbproxy says '$old')" ;;
+      esac
+      fail_and_rejoin "$old" "$new"
+      say "second: ok (the second failure: $old killed, writes resumed on $new ${resumed} ms later; $old streams from $new ${back} s after its start)"
       ;;
     samples)
       taken=$(curl -fsS -m 3 "http://127.0.0.1:9101/metrics" 2>/dev/null | sed -n 's/^collector_samples_total \([0-9]*\)$/\1/p') || true

@@ -2,8 +2,9 @@
 # Entry point of the ha-stack PostgreSQL image. ROLE=primary initialises an empty data directory
 # (superuser + application role and database, replication allowed from the network); ROLE=standby
 # bootstraps an empty data directory with pg_basebackup from $PRIMARY_HOST. Then PostgreSQL runs in
-# the foreground as the postgres user. A data directory that exists is started as it is: after a
-# failover its role is whatever the cluster made it.
+# the foreground as the postgres user, under docker/pg-node.sh (`pg-node supervise`), which can
+# stop it, rewind it and start it again as a standby when dbproxy's rejoin asks. A data directory
+# that exists is started as it is: after a failover its role is whatever the cluster made it.
 set -euo pipefail
 # The passwords made at the topology's first start (docker/secrets.sh), when that volume is mounted.
 secrets=${SECRETS_FILE:-/run/ha-stack/secrets.env}
@@ -57,4 +58,12 @@ CONF
   esac
   echo "cluster_name = '$NODE_NAME'" >> "$PGDATA/postgresql.conf"
 fi
-exec runuser -u postgres -- postgres -D "$PGDATA"
+# The postgres user's own password file: pg_rewind, pg_basebackup and the WAL receiver log in to
+# the other nodes with it (the secrets volume is readable by root only).
+home=/var/lib/postgresql
+escaped=${POSTGRES_PASSWORD//\\/\\\\}
+escaped=${escaped//:/\\:}
+(umask 077; printf '*:*:*:postgres:%s\n' "$escaped" > "$home/.pgpass")
+chown postgres:postgres "$home" "$home/.pgpass"
+export NODE_NAME PGPASSFILE="$home/.pgpass" HOME="$home"
+exec setpriv --reuid=postgres --regid=postgres --init-groups /usr/local/bin/pg-node supervise

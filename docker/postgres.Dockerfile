@@ -9,6 +9,9 @@ RUN if [ ! -x /usr/lib/postgresql/15/bin/postgres ]; then \
     fi
 ENV PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 COPY docker/postgres-entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
+# The supervisor the entry point hands over to: it restarts the node as a standby when dbproxy's
+# rejoin asks (docker/rejoin-node.sh in the app image).
+COPY docker/pg-node.sh /usr/local/bin/pg-node
 EXPOSE 5432
 STOPSIGNAL SIGINT
 ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]

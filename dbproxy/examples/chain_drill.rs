@@ -29,7 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/drill.rs"]
 mod drill;
+#[path = "support/writers.rs"]
+mod writers;
 use drill::{fmt_pair, median_max, poll_until, Proxy, PASSWORD};
+use writers::{failovers, lock, ms, streaming_from, writer, Log, CONNECT_LIMIT, STATEMENT_LIMIT};
 
 /// Failures per drill.
 const FAILURES: usize = 3;
@@ -40,10 +43,6 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 const WRITE_LIMIT: Duration = Duration::from_secs(45);
 /// How long after a kill the killed node may take to be back as a standby.
 const REJOIN_LIMIT: Duration = Duration::from_secs(120);
-const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
-const CONNECT_LIMIT: Duration = Duration::from_secs(10);
-const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
-const INSERT: &str = "insert into drill values ($1, $2) returning inet_server_port()";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -83,128 +82,6 @@ struct Args {
     note: Vec<String>,
 }
 
-struct Ack {
-    id: i64,
-    port: i32,
-    sent: Instant,
-    acked: Instant,
-}
-
-#[derive(Default)]
-struct Log {
-    acks: Vec<Ack>,
-    errors: BTreeMap<String, u64>,
-}
-
-fn lock(log: &Mutex<Log>) -> std::sync::MutexGuard<'_, Log> {
-    log.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn error_kind(e: &tokio_postgres::Error, connecting: bool) -> String {
-    let base = match e.code() {
-        Some(c) => c.code().to_string(),
-        None if e.is_closed() => "closed".to_string(),
-        None => "io".to_string(),
-    };
-    if connecting {
-        format!("connect {base}")
-    } else {
-        base
-    }
-}
-
-async fn connect(
-    conn: &str,
-) -> Result<(tokio_postgres::Client, tokio_postgres::Statement), tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let stmt = client.prepare(INSERT).await?;
-    Ok((client, stmt))
-}
-
-/// One writer with ids `w * 1e9 + n`: insert, record, reconnect when the connection is gone.
-async fn writer(w: i32, conn: String, log: Arc<Mutex<Log>>, stop: CancellationToken) {
-    let mut counter: i64 = 0;
-    let mut session = None;
-    while !stop.is_cancelled() {
-        let Some((client, stmt)) = &session else {
-            let err = match tokio::time::timeout(CONNECT_LIMIT, connect(&conn)).await {
-                Ok(Ok(s)) => {
-                    session = Some(s);
-                    continue;
-                }
-                Ok(Err(e)) => error_kind(&e, true),
-                Err(_) => "connect timeout".to_string(),
-            };
-            *lock(&log).errors.entry(err).or_default() += 1;
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tokio::time::sleep(RECONNECT_PAUSE) => {}
-            }
-            continue;
-        };
-        let id = i64::from(w) * 1_000_000_000 + counter;
-        counter += 1;
-        let sent = Instant::now();
-        let r = tokio::time::timeout(STATEMENT_LIMIT, client.query_one(stmt, &[&id, &w])).await;
-        let acked = Instant::now();
-        match r {
-            Ok(Ok(row)) => {
-                let port: i32 = row.try_get(0).unwrap_or(-1);
-                lock(&log).acks.push(Ack {
-                    id,
-                    port,
-                    sent,
-                    acked,
-                });
-            }
-            Ok(Err(e)) => {
-                let closed = client.is_closed();
-                *lock(&log).errors.entry(error_kind(&e, false)).or_default() += 1;
-                if closed {
-                    session = None;
-                } else {
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                }
-            }
-            Err(_) => {
-                *lock(&log).errors.entry("statement timeout".into()).or_default() += 1;
-                session = None;
-            }
-        }
-    }
-}
-
-fn ms(from: Instant, to: Instant) -> f64 {
-    to.saturating_duration_since(from).as_secs_f64() * 1000.0
-}
-
-/// Successful failover events in `/status`, oldest first.
-fn failovers(status: &Value) -> Vec<Value> {
-    status["history"]
-        .as_array()
-        .map(|h| {
-            h.iter()
-                .filter(|e| e["kind"] == "failover" && e["error"].is_null() && !e["promoted"].is_null())
-                .cloned()
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// The standbys streaming from node `p`, by name (empty when `p` cannot be asked).
-fn streaming_from(c: &PgCluster, p: usize) -> Vec<String> {
-    c.node(p)
-        .psql_timeout(
-            "select application_name from pg_stat_replication where state = 'streaming' order by 1",
-            Duration::from_secs(5),
-        )
-        .map(|out| out.lines().map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
 /// One failure of the chain: what was measured.
 struct Failure {
     record: Value,
@@ -225,6 +102,7 @@ fn one_failure(
     let old = c.node(victim);
     let old_port = old.port() as i32;
     let kill_at = Instant::now();
+    let kill_wall = SystemTime::now();
     old.kill9().context("kill -9 of the primary")?;
     let dead_at = Instant::now();
     // A client that goes to the old primary directly, bypassing dbproxy.
@@ -291,13 +169,23 @@ fn one_failure(
     let _ = rt.block_on(async { tokio::time::timeout(limit, direct).await });
     let d = lock(&direct_log);
     let fenced_direct = d.acks.iter().filter(|a| a.acked >= dead_at).count();
-    let via_proxy = lock(log)
+    // Through dbproxy, the killed node is fenced from the moment the failover fenced it in the
+    // routing (`fenced` in the event; from the kill when the event lacks it). Until then it is
+    // still the elected primary, and its backends can outlive the postmaster's SIGKILL: what they
+    // acknowledge between the kill and the fence is counted apart (lost in async mode).
+    let fenced_ms = event["fenced"]["ms"].as_u64();
+    let (before_fence, via_proxy) = lock(log)
         .acks
         .iter()
         .filter(|a| a.port == old_port && a.acked >= dead_at)
-        .count();
+        .fold((0, 0), |(b, v), a| match fenced_ms {
+            Some(f) if a.acked_ms < f => (b + 1, v),
+            _ => (b, v + 1),
+        });
     rec["direct_writes_on_fenced_node"] = json!(fenced_direct);
     rec["proxy_writes_on_fenced_node"] = json!(via_proxy);
+    rec["old_primary_writes_between_kill_and_fence"] = json!(before_fence);
+    rec["kill_to_fence_ms"] = json!(fenced_ms.map(|f| f as f64 - writers::epoch_ms(kill_wall) as f64));
     rec["direct_errors"] = json!(d.errors);
     rec["failure"] = json!(failure);
     Ok(Failure {
@@ -369,13 +257,16 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
         let f = one_failure(rt, &c, &proxy, &log, primary, round)?;
         eprintln!(
             "[chain] {} drill {n} failure {round}: killed node{primary}, promoted {}, kill → first write {} ms, \
-             kill → back as a standby {} ms, writes on the fenced node {} direct / {} via dbproxy",
+             kill → back as a standby {} ms, writes on the fenced node {} direct / {} via dbproxy \
+             ({} acknowledged by the old primary between the kill and its fence, {} ms after the kill)",
             mode.as_str(),
             f.record["promoted"],
             f.record["kill_to_first_write_ms"],
             f.record["kill_to_back_as_standby_ms"],
             f.record["direct_writes_on_fenced_node"],
             f.record["proxy_writes_on_fenced_node"],
+            f.record["old_primary_writes_between_kill_and_fence"],
+            f.record["kill_to_fence_ms"],
         );
         rounds.push(f.record);
         if let Some(e) = f.failure {
@@ -518,14 +409,19 @@ fn main() -> Result<()> {
     line(
         "- each kill is of the current primary, once the node killed before is back as a streaming, \
           unfenced standby; kill → first write = first acknowledgement by the promoted node of a write \
-          sent after the kill; fenced writes = acknowledgements from the killed node after `kill -9` \
-          returned, to a writer connecting to it directly until it is a standby again (and via dbproxy); \
-          lost = acknowledged ids missing from the last primary; times in ms"
+          sent after the kill; fenced writes = acknowledgements from the killed node to a writer \
+          connecting to it directly, from the return of `kill -9` until it is a standby again, and via \
+          dbproxy from the moment the failover fenced it in the routing (the event's `fenced` time); \
+          before the fence = acknowledgements via dbproxy by the killed postmaster's surviving \
+          backends between the kill and the fence, while the node was still the elected primary (the \
+          postmaster's SIGKILL does not end its backends at once; in async mode they are lost, in \
+          sync mode they wait for a standby); lost = acknowledged ids missing from the last primary; \
+          times in ms"
             .into(),
     );
     line(String::new());
-    line("| mode | drills ok | failures | kill → first write p50 / max | kill → back as standby p50 / max | acked | lost | writes on a fenced node (direct / via dbproxy) | standbys start → end | client errors |".into());
-    line("|---|---|---|---|---|---|---|---|---|---|".into());
+    line("| mode | drills ok | failures | kill → first write p50 / max | kill → back as standby p50 / max | acked | lost | writes on a fenced node (direct / via dbproxy) | before the fence | standbys start → end | client errors |".into());
+    line("|---|---|---|---|---|---|---|---|---|---|---|".into());
     let mut met = true;
     let mut verdict = Vec::new();
     for &mode in &args.modes {
@@ -551,13 +447,14 @@ fn main() -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ");
         line(format!(
-            "| {} | {ok}/{} | {} | {} | {} | {} | {lost} | {direct} / {via} | {s0} → {s1} | {} |",
+            "| {} | {ok}/{} | {} | {} | {} | {} | {lost} | {direct} / {via} | {} | {s0} → {s1} | {} |",
             mode.as_str(),
             ds.len(),
             rounds_col(&ds, "kill9_call_ms").len(),
             fmt_pair(first),
             fmt_pair(back),
             sum(&ds, "acked_total"),
+            sum_rounds(&ds, "old_primary_writes_between_kill_and_fence"),
             if errors.is_empty() { "none" } else { &errors },
         ));
         let p50_ok = first.is_some_and(|(p, _)| p <= 1000.0);
@@ -579,8 +476,8 @@ fn main() -> Result<()> {
     line(String::new());
     line("Per failure:".into());
     line(String::new());
-    line("| mode | drill | # | killed | promoted | kill → first write | kill → back as standby | fenced writes direct / via dbproxy | failure |".into());
-    line("|---|---|---|---|---|---|---|---|---|".into());
+    line("| mode | drill | # | killed | promoted | kill → first write | kill → back as standby | fenced writes direct / via dbproxy | before the fence (kill → fence ms) | failure |".into());
+    line("|---|---|---|---|---|---|---|---|---|---|".into());
     let show = |v: &Value| match v {
         Value::Null => "–".to_string(),
         Value::String(s) => s.clone(),
@@ -590,7 +487,7 @@ fn main() -> Result<()> {
     for d in &results {
         for r in d["failures"].as_array().into_iter().flatten() {
             line(format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} / {} | {} ({}) | {} |",
                 show(&d["mode"]),
                 show(&d["drill"]),
                 show(&r["round"]),
@@ -600,6 +497,8 @@ fn main() -> Result<()> {
                 show(&r["kill_to_back_as_standby_ms"]),
                 show(&r["direct_writes_on_fenced_node"]),
                 show(&r["proxy_writes_on_fenced_node"]),
+                show(&r["old_primary_writes_between_kill_and_fence"]),
+                show(&r["kill_to_fence_ms"]),
                 show(&r["failure"]).replace('|', "/"),
             ));
         }

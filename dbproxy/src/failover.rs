@@ -1251,6 +1251,9 @@ pub struct FailoverEvent {
     pub promoted: Option<String>,
     /// When the loss was detected.
     pub detected_at: std::time::SystemTime,
+    /// When the lost primary was fenced in the routing (sessions holding a connection to it are
+    /// cut from then on); set by the failover manager.
+    pub fenced_at: Option<std::time::SystemTime>,
     /// When the promotion finished (the node accepted writes).
     pub promoted_at: Option<std::time::SystemTime>,
     /// When routing switched to it.
@@ -1272,6 +1275,7 @@ impl FailoverEvent {
             failed,
             promoted: None,
             detected_at,
+            fenced_at: None,
             promoted_at: None,
             resumed_at: None,
             failed_attempts: Vec::new(),

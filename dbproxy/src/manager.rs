@@ -148,6 +148,7 @@ pub fn event_json(kind: &str, e: &FailoverEvent) -> Value {
         "failed": e.failed,
         "promoted": e.promoted,
         "detected": time_json(Some(e.detected_at)),
+        "fenced": time_json(e.fenced_at),
         "promoted_at": time_json(e.promoted_at),
         "resumed": time_json(e.resumed_at),
         "detection_to_promotion_ms": ms(Some(e.detected_at), e.promoted_at),
@@ -385,12 +386,14 @@ impl Manager {
             self.cluster.is_fenced(failed),
             self.cluster.elected() == Some(failed),
         );
+        let fenced_at = SystemTime::now();
         self.cluster.fence(failed);
         if self.config.fence.out_of_band() || self.cluster.status(failed).reachable {
             self.fence_node(failed).await;
         }
         let cred = self.cred();
-        let ev = failover::fail_over(self, failed, &self.config, &cred, detected_at).await;
+        let mut ev = failover::fail_over(self, failed, &self.config, &cred, detected_at).await;
+        ev.fenced_at = Some(fenced_at);
         // Done or given up: the promotion is no longer under way (unless the record cannot be
         // written, and then whoever leads next resolves it).
         if let Err(e) = self.end_promotion().await {

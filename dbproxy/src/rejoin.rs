@@ -191,9 +191,17 @@ pub async fn rejoin(
             .await;
         if let Err(e) = fast {
             tracing::warn!(node = %node.name, error = %e, "a fast shutdown failed: stopping immediately");
-            tools
+            let immediate = tools
                 .run("pg_ctl", &stop_args(&dir, "immediate", left()), &[], left())
-                .await?;
+                .await;
+            // A server killed just before (its postmaster.pid left behind, the process a
+            // zombie for a moment) makes both fail with "no such process": it is stopped.
+            if let Err(e) = immediate {
+                if tools.running(&dir).await {
+                    return Err(e.into());
+                }
+                tracing::warn!(node = %node.name, error = %e, "the server was already gone");
+            }
         }
     }
 

@@ -1,8 +1,9 @@
 //! The built-in rejoin (`failover.rejoin.method = "rewind"`) on real PostgreSQL clusters: a
 //! crashed old primary rewound into a standby of the new one, the base-backup fallback when
 //! pg_rewind cannot work, the chain drill (three primaries killed in a row, each coming back as a
-//! standby on its own), a switchover that keeps the old primary as a standby, and the errors for
-//! a node whose data directory is unknown.
+//! standby on its own), a switchover that keeps the old primary as a standby, a failover that
+//! stops a rejoin under way (which then rejoins the new primary), and the errors for a node
+//! whose data directory is unknown.
 
 mod support;
 
@@ -494,6 +495,132 @@ async fn no_data_dir_body() -> Result<()> {
         "nothing written there"
     );
     assert_eq!(node_status(&proxy, 0)?["fenced"], true);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failover_stops_a_rejoin_under_way_and_the_node_then_rejoins_the_new_primary() -> Result<()> {
+    support::bounded(failover_during_rejoin_body()).await
+}
+
+/// The operations on node `name` of kind `kind` in `/status`.
+fn operations_on(proxy: &Proxy, kind: &str, name: &str) -> Result<Vec<Value>> {
+    Ok(proxy.status()?["operations"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|o| o["kind"] == kind && o["node"] == name)
+        .cloned()
+        .collect())
+}
+
+async fn failover_during_rejoin_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let proxy = proxy_for(&c, true, |cfg| cfg.failover.rejoin.retry_interval = 1.0)?;
+    assert_eq!(elected(&proxy)?, 0);
+    // The primary freezes: dbproxy fails over, and the automatic rejoin of node0 starts at once
+    // and stays in its first step, since a frozen server never finishes its fast shutdown.
+    c.node(0).sigstop()?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    let p1 = elected(&proxy)?;
+    let p2 = 3 - p1;
+    let stuck = wait_for("node0's rejoin stopping it", DEADLINE, || {
+        let ops = operations_on(&proxy, "rejoin", "node0")?;
+        Ok(ops.into_iter().find(|o| {
+            o["state"] == "running" && o["step"].as_str().is_some_and(|s| s.contains("stopping node0"))
+        }))
+    })?;
+
+    // The new primary dies while that rejoin runs: the failover does not wait behind it.
+    c.node(p1).kill9()?;
+    let t0 = Instant::now();
+    let ev = wait_event(&proxy, "failover", 2)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["failed"], c.node(p1).name(), "{ev}");
+    assert_eq!(ev["promoted"], c.node(p2).name(), "{ev}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "the failover waited {:?} (behind the rejoin?)",
+        t0.elapsed()
+    );
+    let stopped = wait_for("the rejoin under way to end", DEADLINE, || {
+        let ops = operations_on(&proxy, "rejoin", "node0")?;
+        Ok(ops
+            .into_iter()
+            .find(|o| o["id"] == stuck["id"] && o["state"] == "failed"))
+    })?;
+    let error = stopped["error"].as_str().unwrap_or_default();
+    assert!(error.contains("a failover comes first"), "{stopped}");
+    assert_eq!(elected(&proxy)?, p2);
+    support::psql(&proxy, "postgres", "pw", "insert into t values (8000)")?;
+
+    // node0 thaws (and ends the fast shutdown it was asked for): the rejoin is tried again, now
+    // against the new primary; node0 is never elected.
+    c.node(0).sigcont()?;
+    wait_rejoined(&proxy, &c, 0, p2, Duration::from_secs(120))?;
+    assert_eq!(elected(&proxy)?, p2);
+    let port = support::psql(
+        &proxy,
+        "postgres",
+        "pw",
+        "with i as (insert into t values (8001) returning 1) select inet_server_port() from i",
+    )?;
+    assert_eq!(port, c.node(p2).port().to_string());
+    assert_eq!(c.node(0).psql("select pg_is_in_recovery()")?, "t");
+    let lsn = c.node(p2).current_lsn()?;
+    c.node(0).wait_replayed(&lsn)?;
+    let ids = ids_on(&c, 0)?;
+    assert!(
+        ids.contains(&8000) && ids.contains(&8001),
+        "node0 follows node{p2}"
+    );
+    let r = proxy.status()?["record"].clone();
+    assert_eq!(r["primary"], c.node(p2).name(), "{r}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn started_while_the_recorded_primary_is_down_every_other_standby_follows_the_promoted_one(
+) -> Result<()> {
+    support::bounded(start_with_primary_down_body()).await
+}
+
+async fn start_with_primary_down_body() -> Result<()> {
+    let c = cluster(2).await?;
+    let mut state_dir = String::new();
+    let proxy = proxy_for(&c, false, |cfg| state_dir.clone_from(&cfg.state_dir))?;
+    assert_eq!(elected(&proxy)?, 0);
+    // A switchover makes node1 the primary and keeps node0 as its standby: node0, which the node
+    // table takes for the primary until its first health check, is now a standby.
+    let (code, body) = proxy.admin("POST", "/nodes/1/promote")?;
+    assert_eq!(code, 202, "{body}");
+    let op = operation(&proxy, &body)?;
+    assert_eq!(op["state"], "succeeded", "{op}");
+    wait_rejoined(&proxy, &c, 0, 1, DEADLINE)?;
+    wait_for("node2 streaming from node1", DEADLINE, || {
+        Ok((streaming_from(&c, 1)? == ["node0", "node2"]).then_some(()))
+    })?;
+    drop(proxy);
+    // dbproxy is down when the primary dies; it starts with the recorded primary unreachable.
+    c.node(1).kill9()?;
+    let proxy = proxy_for(&c, false, |cfg| cfg.state_dir = state_dir)?;
+    let ev = wait_event(&proxy, "failover", 1)?;
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["failed"], "node1", "{ev}");
+    let p = elected(&proxy)?;
+    assert_ne!(p, 1);
+    let other = 2 - p; // node0 or node2, whichever was not promoted
+    let name = c.node(other).name();
+    assert!(
+        ev["followers"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|x| x["node"] == name && x["ok"] == true)),
+        "{name} was re-pointed at node{p}: {ev}"
+    );
+    wait_for(&format!("{name} streaming from node{p}"), DEADLINE, || {
+        Ok(streaming_from(&c, p)?.contains(&name.to_string()).then_some(()))
+    })?;
     Ok(())
 }
 

@@ -83,19 +83,7 @@ impl Proxy {
 
     /// `GET /status` as JSON.
     pub fn status(&self) -> Result<Value> {
-        let mut s = std::net::TcpStream::connect_timeout(&self.admin, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.set_write_timeout(Some(Duration::from_secs(5)))?;
-        write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
-        let mut out = String::new();
-        s.take(8 << 20).read_to_string(&mut out)?;
-        let (head, body) = out
-            .split_once("\r\n\r\n")
-            .ok_or_else(|| anyhow!("no HTTP head in {out:?}"))?;
-        if !head.starts_with("HTTP/1.1 200") {
-            bail!("GET /status: {}", head.lines().next().unwrap_or(""));
-        }
-        serde_json::from_str(body).context("parsing /status")
+        status_at(self.admin)
     }
 
     /// Cancels dbproxy and waits (bounded) for its thread.
@@ -117,6 +105,23 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `GET /status` of the dbproxy whose admin listener is `admin`, as JSON.
+pub fn status_at(admin: SocketAddr) -> Result<Value> {
+    let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+    let mut out = String::new();
+    s.take(8 << 20).read_to_string(&mut out)?;
+    let (head, body) = out
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP head in {out:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET /status: {}", head.lines().next().unwrap_or(""));
+    }
+    serde_json::from_str(body).context("parsing /status")
 }
 
 /// Polls `f` until it returns true or `deadline` passes; returns whether it did.

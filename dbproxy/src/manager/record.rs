@@ -246,6 +246,14 @@ impl Manager {
         let mut primaries: Vec<(usize, u32)> = Vec::new();
         let mut newest_standby = 0;
         for (i, r) in &found {
+            // What a node answered is its role from now on: before its first health check the
+            // table only assumes one (the first node primary), and a failover decided at once
+            // (the recorded primary lost) picks its candidates and the standbys to re-point by
+            // role. A standby taken for the primary would be left following the lost one.
+            if let Some((primary, _)) = r {
+                let role = if *primary { Role::Primary } else { Role::Standby };
+                self.cluster.update(*i, |s| s.role = role);
+            }
             match r {
                 Some((true, tl)) => primaries.push((*i, tl.unwrap_or(0))),
                 Some((false, tl)) => newest_standby = newest_standby.max(tl.unwrap_or(0)),
