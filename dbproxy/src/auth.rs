@@ -39,6 +39,10 @@ pub enum AuthError {
     /// The password (or proof) is wrong.
     #[error("password authentication failed for user \"{0}\"")]
     Failed(String),
+    /// A backend asks for SCRAM with a salt no known key was made for, and there is no password
+    /// to derive one.
+    #[error("no password, and no SCRAM key for the server's salt and iteration count")]
+    NoKey,
 }
 
 impl AuthError {
@@ -156,6 +160,43 @@ impl std::fmt::Debug for Credentials {
             .field("scram", &self.scram.is_some())
             .field("md5", &self.md5.is_some())
             .finish()
+    }
+}
+
+impl Credentials {
+    /// Credentials from a stored secret (`SCRAM-SHA-256$...` or `md5...`, as `[[users]].secret`
+    /// or `auth_query` give it); `None` when it is neither.
+    pub fn from_secret(secret: &str, derivations: &prometheus::IntCounter) -> Option<Credentials> {
+        let mut c = Credentials {
+            keys: std::sync::Arc::new(KeyCache::new(derivations.clone())),
+            ..Credentials::default()
+        };
+        if is_md5_secret(secret) {
+            c.md5 = Some(secret.to_string());
+        } else {
+            c.scram = Some(ScramSecret::parse(secret)?);
+        }
+        Some(c)
+    }
+
+    /// Whether a backend's SCRAM request can be answered: with the password, or with a
+    /// `ClientKey` a client proved (kept in `keys`).
+    pub fn can_scram(&self) -> bool {
+        self.plain.is_some() || self.keys.has_keys()
+    }
+
+    /// These credentials for one session whose client proved `client_key` against `scram`:
+    /// a fresh key cache holding that key (so each session logs in to backends with what its
+    /// own client proved).
+    pub fn with_client_key(&self, client_key: [u8; 32], derivations: &prometheus::IntCounter) -> Credentials {
+        let keys = KeyCache::new(derivations.clone());
+        if let Some(secret) = &self.scram {
+            keys.insert_recovered(secret, client_key);
+        }
+        Credentials {
+            keys: std::sync::Arc::new(keys),
+            ..self.clone()
+        }
     }
 }
 
@@ -319,6 +360,13 @@ impl ScramServer {
 
     /// Checks the client-final-message; returns the server-final-message on success.
     pub fn finish(&self, user: &str, client_final: &[u8]) -> Result<String, AuthError> {
+        self.finish_keys(user, client_final).map(|(fin, _)| fin)
+    }
+
+    /// [`ScramServer::finish`], also returning the `ClientKey` the client proved it has
+    /// (`ClientProof XOR HMAC(StoredKey, AuthMessage)`, checked against `StoredKey`): with it the
+    /// proxy can log in to servers holding the same verifier, as PgBouncer does.
+    pub fn finish_keys(&self, user: &str, client_final: &[u8]) -> Result<(String, [u8; 32]), AuthError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| AuthError::MalformedScram)?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(AuthError::MalformedScram)?;
         let mut cbind = None;
@@ -355,7 +403,7 @@ impl ScramServer {
             return Err(AuthError::Failed(user.to_string()));
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
     }
 }
 
@@ -415,17 +463,44 @@ impl KeyCache {
         self.derived.get()
     }
 
-    fn keys(&self, password: &str, salt: &[u8], iterations: u32) -> ClientKeys {
-        let found = self
-            .entries
+    /// Keeps the `client_key` a client proved it has for `secret` (see
+    /// [`ScramServer::finish_keys`]): backends with the same verifier (same salt and iterations)
+    /// then accept logins with it, without any password.
+    pub fn insert_recovered(&self, secret: &ScramSecret, client_key: [u8; 32]) {
+        let keys = ClientKeys {
+            salt: secret.salt.clone(),
+            iterations: secret.iterations,
+            client_key,
+            stored_key: secret.stored_key,
+            server_key: secret.server_key,
+        };
+        let mut entries = self.entries.lock().expect("key cache poisoned");
+        entries.retain(|k| k.iterations != keys.iterations || k.salt != keys.salt);
+        if entries.len() >= MAX_CACHED_KEYS {
+            entries.remove(0);
+        }
+        entries.push(keys);
+    }
+
+    /// Whether any key is kept (a login can then try SCRAM without a password).
+    pub fn has_keys(&self) -> bool {
+        !self.entries.lock().expect("key cache poisoned").is_empty()
+    }
+
+    fn lookup(&self, salt: &[u8], iterations: u32) -> Option<ClientKeys> {
+        self.entries
             .lock()
             .expect("key cache poisoned")
             .iter()
             .find(|k| k.iterations == iterations && k.salt == salt)
-            .cloned();
-        if let Some(k) = found {
-            return k;
+            .cloned()
+    }
+
+    fn keys(&self, password: Option<&str>, salt: &[u8], iterations: u32) -> Result<ClientKeys, AuthError> {
+        if let Some(k) = self.lookup(salt, iterations) {
+            return Ok(k);
         }
+        let password = password.ok_or(AuthError::NoKey)?;
         let mut salted = [0u8; 32];
         pbkdf2::pbkdf2_hmac::<Sha256>(&saslprep(password), salt, iterations, &mut salted);
         self.derived.inc();
@@ -442,7 +517,7 @@ impl KeyCache {
             entries.remove(0);
         }
         entries.push(keys.clone());
-        keys
+        Ok(keys)
     }
 }
 
@@ -473,11 +548,12 @@ impl ScramClient {
     }
 
     /// Answers the server-first-message with the client-final-message (the proof), with keys
-    /// from `cache` (derived from `password` only the first time this salt is seen).
+    /// from `cache` (derived from `password` only the first time this salt is seen; without a
+    /// password only a kept key for the server's salt serves).
     pub fn respond(
         &mut self,
         server_first: &[u8],
-        password: &str,
+        password: Option<&str>,
         cache: &KeyCache,
     ) -> Result<String, AuthError> {
         let msg = std::str::from_utf8(server_first).map_err(|_| AuthError::MalformedScram)?;
@@ -498,7 +574,7 @@ impl ScramClient {
         let iterations = iterations
             .filter(|&i| (1..=MAX_ITERATIONS).contains(&i))
             .ok_or(AuthError::MalformedScram)?;
-        let keys = cache.keys(password, &salt, iterations);
+        let keys = cache.keys(password, &salt, iterations)?;
         // c=biws is base64 of the gs2 header "n,,".
         let without_proof = format!("c=biws,r={nonce}");
         let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
@@ -557,7 +633,7 @@ mod tests {
         let (_, bare) = first.split_at(3);
         let (server, server_first) = ScramServer::start(secret.clone(), "SCRAM-SHA-256", first.as_bytes())?;
         assert!(bare.starts_with("n=,r="));
-        let fin = client.respond(server_first.as_bytes(), password, cache)?;
+        let fin = client.respond(server_first.as_bytes(), Some(password), cache)?;
         let verdict = server.finish("u", fin.as_bytes())?;
         client.finish(verdict.as_bytes())
     }
@@ -582,6 +658,46 @@ mod tests {
     }
 
     #[test]
+    fn a_proven_client_key_logs_in_without_the_password() {
+        let secret = ScramSecret::from_password("s3cret");
+        // A client (libpq's algorithm, from postgres-protocol) proves the password to the proxy.
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+        let (server, first) = ScramServer::start(secret.clone(), "SCRAM-SHA-256", client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (fin, client_key) = server.finish_keys("u", client.message()).unwrap();
+        client.finish(fin.as_bytes()).unwrap();
+        // The proxy logs in to a server holding the same verifier with that key alone.
+        let creds = Credentials {
+            scram: Some(secret.clone()),
+            ..Credentials::default()
+        };
+        assert!(!creds.can_scram());
+        let session = creds.with_client_key(client_key, &derivations_counter());
+        assert!(session.can_scram());
+        let (mut c, first) = ScramClient::start();
+        let (server, server_first) = ScramServer::start(secret, "SCRAM-SHA-256", first.as_bytes()).unwrap();
+        let proof = c.respond(server_first.as_bytes(), None, &session.keys).unwrap();
+        let verdict = server.finish("u", proof.as_bytes()).unwrap();
+        c.finish(verdict.as_bytes()).unwrap();
+        assert_eq!(session.keys.derivations(), 0, "no PBKDF2 without a password");
+        // A server with another salt (another verifier) cannot be answered.
+        let other = ScramSecret::from_password("s3cret");
+        let (mut c, first) = ScramClient::start();
+        let (_, server_first) = ScramServer::start(other, "SCRAM-SHA-256", first.as_bytes()).unwrap();
+        assert!(matches!(
+            c.respond(server_first.as_bytes(), None, &session.keys),
+            Err(AuthError::NoKey)
+        ));
+        assert!(Credentials::from_secret("md5", &derivations_counter()).is_none());
+        assert!(
+            Credentials::from_secret(&md5_secret("u", "p"), &derivations_counter())
+                .unwrap()
+                .md5
+                .is_some()
+        );
+    }
+
+    #[test]
     fn the_scram_client_refuses_a_bad_server() {
         let cache = KeyCache::default();
         let (mut c, _) = ScramClient::start();
@@ -594,7 +710,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    c.respond(bad.as_bytes(), "pw", &cache),
+                    c.respond(bad.as_bytes(), Some("pw"), &cache),
                     Err(AuthError::MalformedScram)
                 ),
                 "{bad}"
@@ -605,7 +721,9 @@ mod tests {
         let secret = ScramSecret::from_password("pw");
         let (mut client, first) = ScramClient::start();
         let (_, server_first) = ScramServer::start(secret, "SCRAM-SHA-256", first.as_bytes()).unwrap();
-        client.respond(server_first.as_bytes(), "pw", &cache).unwrap();
+        client
+            .respond(server_first.as_bytes(), Some("pw"), &cache)
+            .unwrap();
         assert!(
             client.finish(b"v=AAAA").is_err(),
             "a server that does not know the password"

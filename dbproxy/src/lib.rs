@@ -13,6 +13,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_query;
 pub mod backend;
 pub mod classify;
 pub mod cluster;

@@ -417,6 +417,12 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         }
     }
 
+    if !hba_on {
+        // Without pool_hba, pgpool-II lets the primary authenticate who has no pool_passwd entry.
+        let mut auth = Table::new();
+        auth.insert("passthrough".into(), Value::Boolean(true));
+        out.table.insert("auth".into(), Value::Table(auth));
+    }
     for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
         if !t.is_empty() {
             out.table.insert(name.into(), Value::Table(t));
@@ -792,6 +798,12 @@ mod tests {
         // Off: the file is not read.
         let imp = parse(&format!("{base}enable_pool_hba = off\n"), &dir).unwrap();
         assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        assert_eq!(
+            imp.table["auth"]["passthrough"].as_bool(),
+            Some(true),
+            "off: pass-through"
+        );
+        assert_eq!(review(&imp), crate::pgpool_check::Verdict::Approximated);
         // A line dbproxy cannot honour stops the import.
         std::fs::write(dir.join("pool_hba.conf"), "hostssl all all 0.0.0.0/0 md5\n").unwrap();
         let e = parse(&format!("{base}enable_pool_hba = on\n"), &dir)

@@ -497,6 +497,29 @@ fn show_commands_answer_as_pgpool_does() -> Result<()> {
     Ok(())
 }
 
+/// Issue 20, item 1: `enable_pool_hba = off` and an empty pool_passwd in front of trust
+/// backends. pgpool-II lets the backends authenticate; dbproxy relays the primary's exchange
+/// (auth.passthrough, set by the import): `psql -U postgres` works through both.
+#[test]
+fn an_empty_pool_passwd_passes_logins_through_as_pgpool_does() -> Result<()> {
+    let c = PgCluster::builder().standbys(1).start()?;
+    let dir = tempdir()?;
+    let (pg_port, pg_pcp, db_port) = (
+        testkit::free_port()?,
+        testkit::free_port()?,
+        testkit::free_port()?,
+    );
+    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
+    std::fs::write(dir.path().join("pool_passwd"), "")?;
+    let _both = side_by_side(&conf, &pcp_conf, pg_port, db_port)?;
+    for port in [pg_port, db_port] {
+        assert!(logs_in(port, "postgres", "")?, "psql -U postgres on port {port}");
+        assert_eq!(psql(port, "select current_user")?, "postgres");
+        assert!(!logs_in(port, "nobody", "")?, "a role the server does not have");
+    }
+    Ok(())
+}
+
 /// Whether psql logs in as `user` with `password` on `port` and runs a statement.
 fn logs_in(port: u16, user: &str, password: &str) -> Result<bool> {
     let out = support::pg_program("psql")?

@@ -18,6 +18,7 @@ mod batch;
 mod client;
 mod cycle;
 mod login;
+mod relay;
 mod route;
 mod stmt;
 mod upstream;
@@ -59,6 +60,8 @@ pub struct Shared {
     pub users: HashMap<String, Credentials>,
     /// Client authentication rules.
     pub hba: Hba,
+    /// What `auth_query` found, by user (emptied by a reload, with the rest of this state).
+    pub verifiers: crate::auth_query::VerifierCache,
     /// The node table.
     pub cluster: Arc<Cluster>,
     /// The statement classifier.
@@ -134,6 +137,12 @@ struct Session {
     slot: Slot,
     user: String,
     params: Vec<(String, String)>,
+    /// What this session's backend logins use: the configured credentials, or what its
+    /// client's authentication revealed (`auth_query`, pass-through).
+    creds: Option<Credentials>,
+    /// Every request runs on the primary: the client authenticated by a relayed md5 or SCRAM
+    /// exchange, which leaves nothing to log in to another node with.
+    primary_only: bool,
     /// The connection to the elected primary; `None` after it was lost while idle (reopened,
     /// to whichever node is primary then, when next needed).
     primary: Option<Backend>,
@@ -193,6 +202,8 @@ impl Session {
             slot,
             user: login.user,
             params: login.params,
+            creds: login.creds,
+            primary_only: login.primary_only,
             primary: login.primary,
             standby: None,
             watch,
