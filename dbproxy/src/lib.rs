@@ -39,6 +39,7 @@ pub mod protocol;
 pub mod record;
 pub mod rejoin;
 pub mod reload;
+pub mod scram_client;
 pub mod server;
 pub mod session;
 pub mod settings;
