@@ -5,7 +5,8 @@
 //! Map: `protocol/` is the codec and typed message views (no I/O); `session/` runs one client
 //! (login, request cycle, routing, replay window, prepared statements, backend side; `settings`
 //! follows which of its SET statements hold); `backend` logs into nodes;
-//! `auth` checks clients; `pool` keeps server connections between clients; `cluster` holds the node table and picks standbys; `health` probes
+//! `auth` checks clients (`scram_client` logs into nodes by SCRAM; `auth_query` looks up verifiers,
+//! `session::relay` passes authentication through to the primary); `pool` keeps server connections between clients; `cluster` holds the node table and picks standbys; `health` probes
 //! nodes; `admin` serves pgpool's SHOW commands and `/status`; `pcp` speaks pgpool's PCP; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;
 //! `reload` decides what a new configuration changes; `record` keeps who is primary durably

@@ -2,7 +2,8 @@
 //! extended-protocol batch (everything up to Sync or Flush) to the primary or to a lazily opened
 //! standby connection, and streams the response back.
 //!
-//! Map: `login` (startup, TLS, authentication, the first primary connection); `cycle` (the
+//! Map: `login` (startup, TLS, authentication, the first primary connection); `relay`
+//! (pass-through authentication against the primary); `cycle` (the
 //! request cycle and transaction state); `client` (the relay loop and the client's messages);
 //! `route` (the pure choice of a backend); `batch` (the extended batch being gathered);
 //! `upstream` (backend connections: opening, losing, sending a request with lazy prepares and
