@@ -376,7 +376,8 @@ impl Default for RoutingConfig {
 pub struct LimitsConfig {
     /// The largest message accepted from a client or a backend, in bytes.
     pub max_message_size: usize,
-    /// Seconds a client has to finish startup and authentication.
+    /// Seconds a client has to finish startup and authentication (a pass-through exchange with
+    /// the primary and an `auth_query` lookup included).
     pub startup_timeout: f64,
     /// Seconds to connect to and log into a backend.
     pub connect_timeout: f64,

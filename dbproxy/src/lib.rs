@@ -32,6 +32,7 @@ pub mod manager;
 pub mod operations;
 pub mod pcp;
 pub mod pgpool_check;
+pub mod pgpool_clients;
 pub mod pgpool_conf;
 pub mod pool;
 pub mod pool_hba;
