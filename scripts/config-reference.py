@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BINARIES = [
     # (binary, config source files, root struct, env prefix)
     ("lb", ["lb/src/config.rs"], "Config", "LB"),
-    ("dbproxy", ["dbproxy/src/config.rs", "dbproxy/src/failover.rs", "dbproxy/src/fence.rs", "dbproxy/src/coordination.rs", "dbproxy/src/pool/config.rs"], "Config", "DBPROXY"),
+    ("dbproxy", ["dbproxy/src/config.rs", "dbproxy/src/failover.rs", "dbproxy/src/fence.rs", "dbproxy/src/coordination.rs", "dbproxy/src/pool/config.rs", "dbproxy/src/auth_query.rs"], "Config", "DBPROXY"),
     ("webapp", ["webapp/src/config.rs"], "Config", "WEBAPP"),
     ("collector", ["collector/src/lib.rs"], "Config", "COLLECTOR"),
 ]

@@ -1,12 +1,13 @@
 //! Authentication logic without I/O: resolving configured credentials, choosing the method for a
 //! connection (pg_hba-style rules), the server side of SCRAM-SHA-256 and the md5 check. The
-//! session drives these over its socket; backend logins use postgres-protocol's client SCRAM.
+//! session drives these over its socket; backend logins use the client side in
+//! `scram_client.rs` (re-exported here).
 //!
 //! The server side of SCRAM is written here because postgres-protocol only has the client side;
 //! it is RFC 5802/7677 with PostgreSQL's choices (no channel binding without TLS, the user name
-//! in the message ignored in favour of the startup packet's). The client side is written here
-//! too: postgres-protocol's derives the salted password (4096 HMACs) at every login, where
-//! [`KeyCache`] keeps the keys per server salt, so a backend login costs no PBKDF2.
+//! in the message ignored in favour of the startup packet's). Its `finish_keys` also returns the
+//! `ClientKey` the client proved, which logs the session in to backends holding the same
+//! verifier when dbproxy has no password (`[[users]].secret`, `auth_query`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,6 +19,8 @@ use md5::{Digest as _, Md5};
 use sha2::Sha256;
 
 use crate::config::{AuthMethod, HbaRule, Network, UserConfig};
+
+pub use crate::scram_client::{derivations_counter, KeyCache, ScramClient};
 
 /// Why credentials or an authentication exchange failed.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,10 @@ pub enum AuthError {
     /// The password (or proof) is wrong.
     #[error("password authentication failed for user \"{0}\"")]
     Failed(String),
+    /// A backend asks for SCRAM with a salt no known key was made for, and there is no password
+    /// to derive one.
+    #[error("no password, and no SCRAM key for the server's salt and iteration count")]
+    NoKey,
 }
 
 impl AuthError {
@@ -54,10 +61,10 @@ impl AuthError {
 /// A SCRAM-SHA-256 verifier as stored in pg_authid.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ScramSecret {
-    iterations: u32,
-    salt: Vec<u8>,
-    stored_key: [u8; 32],
-    server_key: [u8; 32],
+    pub(crate) iterations: u32,
+    pub(crate) salt: Vec<u8>,
+    pub(crate) stored_key: [u8; 32],
+    pub(crate) server_key: [u8; 32],
 }
 
 impl std::fmt::Debug for ScramSecret {
@@ -159,6 +166,43 @@ impl std::fmt::Debug for Credentials {
     }
 }
 
+impl Credentials {
+    /// Credentials from a stored secret (`SCRAM-SHA-256$...` or `md5...`, as `[[users]].secret`
+    /// or `auth_query` give it); `None` when it is neither.
+    pub fn from_secret(secret: &str, derivations: &prometheus::IntCounter) -> Option<Credentials> {
+        let mut c = Credentials {
+            keys: std::sync::Arc::new(KeyCache::new(derivations.clone())),
+            ..Credentials::default()
+        };
+        if is_md5_secret(secret) {
+            c.md5 = Some(secret.to_string());
+        } else {
+            c.scram = Some(ScramSecret::parse(secret)?);
+        }
+        Some(c)
+    }
+
+    /// Whether a backend's SCRAM request can be answered: with the password, or with a
+    /// `ClientKey` a client proved (kept in `keys`).
+    pub fn can_scram(&self) -> bool {
+        self.plain.is_some() || self.keys.has_keys()
+    }
+
+    /// These credentials for one session whose client proved `client_key` against `scram`:
+    /// a fresh key cache holding that key (so each session logs in to backends with what its
+    /// own client proved).
+    pub fn with_client_key(&self, client_key: [u8; 32], derivations: &prometheus::IntCounter) -> Credentials {
+        let keys = KeyCache::new(derivations.clone());
+        if let Some(secret) = &self.scram {
+            keys.insert_recovered(secret, client_key);
+        }
+        Credentials {
+            keys: std::sync::Arc::new(keys),
+            ..self.clone()
+        }
+    }
+}
+
 /// md5 secret of `password` for `user` as PostgreSQL stores it.
 pub fn md5_secret(user: &str, password: &str) -> String {
     postgres_protocol::password::md5(password.as_bytes(), user)
@@ -251,11 +295,11 @@ pub fn md5_ok(secret: &str, salt: [u8; 4], answer: &str) -> bool {
     constant_eq(expected.as_bytes(), answer.as_bytes())
 }
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
+pub(crate) fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
     let mut m = Hmac::<Sha256>::new_from_slice(key).expect("hmac takes any key length");
     m.update(msg);
     m.finalize().into_bytes().into()
@@ -319,6 +363,13 @@ impl ScramServer {
 
     /// Checks the client-final-message; returns the server-final-message on success.
     pub fn finish(&self, user: &str, client_final: &[u8]) -> Result<String, AuthError> {
+        self.finish_keys(user, client_final).map(|(fin, _)| fin)
+    }
+
+    /// [`ScramServer::finish`], also returning the `ClientKey` the client proved it has
+    /// (`ClientProof XOR HMAC(StoredKey, AuthMessage)`, checked against `StoredKey`): with it the
+    /// proxy can log in to servers holding the same verifier, as PgBouncer does.
+    pub fn finish_keys(&self, user: &str, client_final: &[u8]) -> Result<(String, [u8; 32]), AuthError> {
         let msg = std::str::from_utf8(client_final).map_err(|_| AuthError::MalformedScram)?;
         let (without_proof, proof) = msg.rsplit_once(",p=").ok_or(AuthError::MalformedScram)?;
         let mut cbind = None;
@@ -355,176 +406,7 @@ impl ScramServer {
             return Err(AuthError::Failed(user.to_string()));
         }
         let server_signature = hmac(&self.secret.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
-    }
-}
-
-/// The most PBKDF2 iterations a server may ask of the proxy's SCRAM client (as postgres-protocol
-/// caps it): a server cannot make a login burn unbounded CPU.
-const MAX_ITERATIONS: u32 = 100_000;
-
-/// The most (salt, iterations) pairs whose keys are kept per user.
-const MAX_CACHED_KEYS: usize = 8;
-
-/// The keys a SCRAM client derives from a password, a salt and an iteration count.
-#[derive(Clone)]
-struct ClientKeys {
-    salt: Vec<u8>,
-    iterations: u32,
-    client_key: [u8; 32],
-    stored_key: [u8; 32],
-    server_key: [u8; 32],
-}
-
-/// A configured password's SCRAM client keys, by the salt and iteration count servers
-/// announced. The salted password costs `iterations` HMACs (PBKDF2): computed once per salt and
-/// kept for the life of the configuration (a reload starts afresh), a backend login then costs a
-/// few HMACs instead. The lock is held only to look up or add keys, never while computing them.
-pub struct KeyCache {
-    entries: std::sync::Mutex<Vec<ClientKeys>>,
-    /// Counts derivations (PBKDF2 runs): `dbproxy_scram_key_derivations_total`.
-    derived: prometheus::IntCounter,
-}
-
-impl Default for KeyCache {
-    fn default() -> KeyCache {
-        KeyCache::new(derivations_counter())
-    }
-}
-
-/// A counter of key derivations, not registered anywhere (the server registers its own).
-pub fn derivations_counter() -> prometheus::IntCounter {
-    prometheus::IntCounter::new(
-        "dbproxy_scram_key_derivations_total",
-        "SCRAM client keys derived from configured passwords (PBKDF2 runs)",
-    )
-    .expect("a valid metric name")
-}
-
-impl KeyCache {
-    /// An empty cache counting its derivations on `derived`.
-    pub fn new(derived: prometheus::IntCounter) -> KeyCache {
-        KeyCache {
-            entries: std::sync::Mutex::new(Vec::new()),
-            derived,
-        }
-    }
-
-    /// How many times keys were derived so far.
-    pub fn derivations(&self) -> u64 {
-        self.derived.get()
-    }
-
-    fn keys(&self, password: &str, salt: &[u8], iterations: u32) -> ClientKeys {
-        let found = self
-            .entries
-            .lock()
-            .expect("key cache poisoned")
-            .iter()
-            .find(|k| k.iterations == iterations && k.salt == salt)
-            .cloned();
-        if let Some(k) = found {
-            return k;
-        }
-        let mut salted = [0u8; 32];
-        pbkdf2::pbkdf2_hmac::<Sha256>(&saslprep(password), salt, iterations, &mut salted);
-        self.derived.inc();
-        let client_key = hmac(&salted, b"Client Key");
-        let keys = ClientKeys {
-            salt: salt.to_vec(),
-            iterations,
-            client_key,
-            stored_key: Sha256::digest(client_key).into(),
-            server_key: hmac(&salted, b"Server Key"),
-        };
-        let mut entries = self.entries.lock().expect("key cache poisoned");
-        if entries.len() >= MAX_CACHED_KEYS {
-            entries.remove(0);
-        }
-        entries.push(keys.clone());
-        keys
-    }
-}
-
-/// A password as SCRAM hashes it: SASLprep-normalized when it can be, as is otherwise (as
-/// PostgreSQL and libpq do, since a password need not be valid UTF-8 nor SASLprep-clean).
-fn saslprep(password: &str) -> Vec<u8> {
-    match stringprep::saslprep(password) {
-        Ok(p) => p.into_owned().into_bytes(),
-        Err(_) => password.as_bytes().to_vec(),
-    }
-}
-
-/// The client side of one SCRAM-SHA-256 exchange (backend logins), without channel binding.
-pub struct ScramClient {
-    nonce: String,
-    /// Set by [`ScramClient::respond`]: the AuthMessage and the server key to check its signature.
-    expect: Option<(String, [u8; 32])>,
-}
-
-impl ScramClient {
-    /// A new exchange and its client-first-message.
-    pub fn start() -> (ScramClient, String) {
-        let mut raw = [0u8; 18];
-        rand::Rng::fill(&mut rand::thread_rng(), &mut raw[..]);
-        let nonce = B64.encode(raw);
-        let first = format!("n,,n=,r={nonce}");
-        (ScramClient { nonce, expect: None }, first)
-    }
-
-    /// Answers the server-first-message with the client-final-message (the proof), with keys
-    /// from `cache` (derived from `password` only the first time this salt is seen).
-    pub fn respond(
-        &mut self,
-        server_first: &[u8],
-        password: &str,
-        cache: &KeyCache,
-    ) -> Result<String, AuthError> {
-        let msg = std::str::from_utf8(server_first).map_err(|_| AuthError::MalformedScram)?;
-        let (mut nonce, mut salt, mut iterations) = (None, None, None);
-        for attr in msg.split(',') {
-            if let Some(v) = attr.strip_prefix("r=") {
-                nonce = Some(v);
-            } else if let Some(v) = attr.strip_prefix("s=") {
-                salt = B64.decode(v).ok();
-            } else if let Some(v) = attr.strip_prefix("i=") {
-                iterations = v.parse::<u32>().ok();
-            }
-        }
-        let nonce = nonce
-            .filter(|n| n.len() > self.nonce.len() && n.starts_with(&self.nonce))
-            .ok_or(AuthError::MalformedScram)?;
-        let salt = salt.ok_or(AuthError::MalformedScram)?;
-        let iterations = iterations
-            .filter(|&i| (1..=MAX_ITERATIONS).contains(&i))
-            .ok_or(AuthError::MalformedScram)?;
-        let keys = cache.keys(password, &salt, iterations);
-        // c=biws is base64 of the gs2 header "n,,".
-        let without_proof = format!("c=biws,r={nonce}");
-        let auth_message = format!("n=,r={},{msg},{without_proof}", self.nonce);
-        let signature = hmac(&keys.stored_key, auth_message.as_bytes());
-        let mut proof = keys.client_key;
-        for (p, s) in proof.iter_mut().zip(signature) {
-            *p ^= s;
-        }
-        self.expect = Some((auth_message, keys.server_key));
-        Ok(format!("{without_proof},p={}", B64.encode(proof)))
-    }
-
-    /// Checks the server-final-message: the server too must know the password.
-    pub fn finish(&self, server_final: &[u8]) -> Result<(), AuthError> {
-        let (auth_message, server_key) = self.expect.as_ref().ok_or(AuthError::MalformedScram)?;
-        let msg = std::str::from_utf8(server_final).map_err(|_| AuthError::MalformedScram)?;
-        let verifier = msg
-            .strip_prefix("v=")
-            .and_then(|v| B64.decode(v).ok())
-            .ok_or(AuthError::MalformedScram)?;
-        let expected = hmac(server_key, auth_message.as_bytes());
-        if constant_eq(&expected, &verifier) {
-            Ok(())
-        } else {
-            Err(AuthError::MalformedScram)
-        }
+        Ok((format!("v={}", B64.encode(server_signature)), client_key))
     }
 }
 
@@ -549,68 +431,6 @@ mod tests {
     fn scram_against_the_postgres_protocol_client() {
         exchange("secret", "secret").unwrap();
         assert!(matches!(exchange("secret", "wrong"), Err(AuthError::Failed(_))));
-    }
-
-    /// One login of our client against our server, with keys from `cache`.
-    fn client_login(secret: &ScramSecret, password: &str, cache: &KeyCache) -> Result<(), AuthError> {
-        let (mut client, first) = ScramClient::start();
-        let (_, bare) = first.split_at(3);
-        let (server, server_first) = ScramServer::start(secret.clone(), "SCRAM-SHA-256", first.as_bytes())?;
-        assert!(bare.starts_with("n=,r="));
-        let fin = client.respond(server_first.as_bytes(), password, cache)?;
-        let verdict = server.finish("u", fin.as_bytes())?;
-        client.finish(verdict.as_bytes())
-    }
-
-    #[test]
-    fn the_scram_client_derives_keys_once_per_salt() {
-        let cache = KeyCache::default();
-        let secret = ScramSecret::from_password("pa\u{00AD}ss");
-        client_login(&secret, "pa\u{00AD}ss", &cache).unwrap();
-        client_login(&secret, "pa\u{00AD}ss", &cache).unwrap();
-        assert_eq!(cache.derivations(), 1, "the second login reused the stored keys");
-        let other = ScramSecret::from_password("pa\u{00AD}ss");
-        client_login(&other, "pa\u{00AD}ss", &cache).unwrap();
-        assert_eq!(cache.derivations(), 2, "another salt, other keys");
-        let fresh = KeyCache::default();
-        assert!(matches!(
-            client_login(&secret, "wrong", &fresh),
-            Err(AuthError::Failed(_))
-        ));
-        // SASLprep: the soft hyphen is mapped to nothing, as libpq and PostgreSQL do.
-        client_login(&secret, "pass", &KeyCache::default()).unwrap();
-    }
-
-    #[test]
-    fn the_scram_client_refuses_a_bad_server() {
-        let cache = KeyCache::default();
-        let (mut c, _) = ScramClient::start();
-        for bad in [
-            "r=other,s=AAAA,i=4096".to_string(),
-            format!("r={}x,s=AAAA,i=0", c.nonce),
-            format!("r={}x,s=AAAA,i=100000000", c.nonce),
-            format!("r={}x,s=!!,i=4096", c.nonce),
-            format!("r={},s=AAAA,i=4096", c.nonce),
-        ] {
-            assert!(
-                matches!(
-                    c.respond(bad.as_bytes(), "pw", &cache),
-                    Err(AuthError::MalformedScram)
-                ),
-                "{bad}"
-            );
-        }
-        assert_eq!(cache.derivations(), 0, "nothing derived for a refused message");
-        assert!(c.finish(b"v=AAAA").is_err(), "no final before the proof");
-        let secret = ScramSecret::from_password("pw");
-        let (mut client, first) = ScramClient::start();
-        let (_, server_first) = ScramServer::start(secret, "SCRAM-SHA-256", first.as_bytes()).unwrap();
-        client.respond(server_first.as_bytes(), "pw", &cache).unwrap();
-        assert!(
-            client.finish(b"v=AAAA").is_err(),
-            "a server that does not know the password"
-        );
-        assert!(client.finish(b"e=other-error").is_err());
     }
 
     #[test]

@@ -277,6 +277,26 @@ pub async fn connect(
         .map_err(|_| BackendError::Timeout)?
 }
 
+/// Connects to `host:port` and sends the startup packet with `params`; returns the connection,
+/// the server's address and this side's, before any answer is read.
+pub async fn open(
+    host: &str,
+    port: u16,
+    params: &[(String, String)],
+    max: usize,
+) -> Result<(Conn, SocketAddr, Option<SocketAddr>), BackendError> {
+    let stream = TcpStream::connect((host, port)).await?;
+    let addr = stream.peer_addr()?;
+    let local = stream.local_addr().ok();
+    let mut conn = Conn::new(stream, max);
+    protocol::startup::encode_startup(
+        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &mut conn.wbuf,
+    );
+    conn.flush().await?;
+    Ok((conn, addr, local))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn connect_inner(
     node: usize,
@@ -287,24 +307,15 @@ async fn connect_inner(
     creds: Option<&Credentials>,
     max: usize,
 ) -> Result<(Backend, Greeting), BackendError> {
-    let stream = TcpStream::connect((host, port)).await?;
-    let addr = stream.peer_addr()?;
-    let local = stream.local_addr().ok();
-    let mut conn = Conn::new(stream, max);
-    protocol::startup::encode_startup(
-        params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
-        &mut conn.wbuf,
-    );
-    conn.flush().await?;
+    let (mut conn, addr, local) = open(host, port, params, max).await?;
     let mut scram: Option<ScramClient> = None;
     let mut greeting = Greeting::default();
-    let mut key = (0, 0);
     loop {
         let f = conn.read_frame().await?.ok_or(BackendError::Closed)?;
         match BackendMessage::parse(&f)? {
             BackendMessage::Authentication { code, data } => {
                 match code {
-                    pauth::OK => {}
+                    pauth::OK => return finish_login(conn, node, addr, local, greeting).await,
                     pauth::CLEARTEXT => {
                         let pw = plain(creds, user)?;
                         pauth::encode_password(pw, &mut conn.wbuf);
@@ -337,8 +348,11 @@ async fn connect_inner(
                                 mechs.join(", ")
                             )));
                         }
-                        // Checked here so that a missing password fails before the exchange.
-                        plain(creds, user)?;
+                        // Checked here so that a missing password (or proven key) fails
+                        // before the exchange.
+                        if !creds.is_some_and(Credentials::can_scram) {
+                            return Err(no_password(user));
+                        }
                         let (s, first) = ScramClient::start();
                         pauth::encode_sasl_initial("SCRAM-SHA-256", first.as_bytes(), &mut conn.wbuf);
                         scram = Some(s);
@@ -347,10 +361,9 @@ async fn connect_inner(
                         let s = scram
                             .as_mut()
                             .ok_or(ProtocolError::Malformed("AuthenticationSASLContinue"))?;
-                        let pw = plain(creds, user)?;
-                        let keys = &creds.expect("a password implies credentials").keys;
+                        let c = creds.ok_or_else(|| no_password(user))?;
                         let proof = s
-                            .respond(data, pw, keys)
+                            .respond(data, c.plain.as_deref(), &c.keys)
                             .map_err(|e| BackendError::Auth(format!("SCRAM exchange failed: {e}")))?;
                         pauth::encode_sasl_response(proof.as_bytes(), &mut conn.wbuf);
                     }
@@ -369,6 +382,27 @@ async fn connect_inner(
                 }
                 conn.flush().await?;
             }
+            BackendMessage::ErrorResponse(_) => return Err(BackendError::Refused(f)),
+            BackendMessage::NoticeResponse(_) => greeting.frames.push(f),
+            _ => return Err(ProtocolError::Malformed("authentication response").into()),
+        }
+    }
+}
+
+/// The rest of a login once the server said AuthenticationOk: its ParameterStatus and notices
+/// (the greeting), BackendKeyData, then ReadyForQuery. Also ends logins whose authentication
+/// exchange the session relayed between the client and the server (pass-through).
+pub async fn finish_login(
+    mut conn: Conn,
+    node: usize,
+    addr: SocketAddr,
+    local: Option<SocketAddr>,
+    mut greeting: Greeting,
+) -> Result<(Backend, Greeting), BackendError> {
+    let mut key = (0, 0);
+    loop {
+        let f = conn.read_frame().await?.ok_or(BackendError::Closed)?;
+        match BackendMessage::parse(&f)? {
             BackendMessage::ErrorResponse(_) => return Err(BackendError::Refused(f)),
             BackendMessage::ParameterStatus | BackendMessage::NoticeResponse(_) => greeting.frames.push(f),
             BackendMessage::BackendKeyData { pid, key: k } => key = (pid, k),

@@ -33,6 +33,9 @@ pub struct Config {
     /// Client authentication rules, first match wins (like pg_hba.conf). Empty means
     /// SCRAM-SHA-256 for every user from anywhere.
     pub hba: Vec<HbaRule>,
+    /// Users without a `[[users]]` entry: pass-through to the primary, PgBouncer's
+    /// `auth_query`.
+    pub auth: crate::auth_query::AuthConfig,
     /// Node health checking (a reload applies it at once).
     pub health: HealthConfig,
     /// Read/write routing.
@@ -79,6 +82,7 @@ impl Default for Config {
             nodes: Vec::new(),
             users: Vec::new(),
             hba: Vec::new(),
+            auth: crate::auth_query::AuthConfig::default(),
             health: HealthConfig::default(),
             routing: RoutingConfig::default(),
             limits: LimitsConfig::default(),
@@ -372,7 +376,8 @@ impl Default for RoutingConfig {
 pub struct LimitsConfig {
     /// The largest message accepted from a client or a backend, in bytes.
     pub max_message_size: usize,
-    /// Seconds a client has to finish startup and authentication.
+    /// Seconds a client has to finish startup and authentication (a pass-through exchange with
+    /// the primary and an `auth_query` lookup included).
     pub startup_timeout: f64,
     /// Seconds to connect to and log into a backend.
     pub connect_timeout: f64,
@@ -570,6 +575,7 @@ impl common::Validate for Config {
         self.failover.validate(&self.nodes)?;
         self.coordination.validate()?;
         self.pool.validate()?;
+        self.auth.validate(&self.users)?;
         if self.state_dir.trim().is_empty() {
             return Err(ConfigError::invalid("state_dir", "must name a directory"));
         }

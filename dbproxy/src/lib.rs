@@ -5,7 +5,8 @@
 //! Map: `protocol/` is the codec and typed message views (no I/O); `session/` runs one client
 //! (login, request cycle, routing, replay window, prepared statements, backend side; `settings`
 //! follows which of its SET statements hold); `backend` logs into nodes;
-//! `auth` checks clients; `pool` keeps server connections between clients; `cluster` holds the node table and picks standbys; `health` probes
+//! `auth` checks clients (`scram_client` logs into nodes by SCRAM; `auth_query` looks up verifiers,
+//! `session::relay` passes authentication through to the primary); `pool` keeps server connections between clients; `cluster` holds the node table and picks standbys; `health` probes
 //! nodes; `admin` serves pgpool's SHOW commands and `/status`; `pcp` speaks pgpool's PCP; `server` accepts (each session then runs
 //! on a serving thread, `common::workers`) and shuts down;
 //! `reload` decides what a new configuration changes; `record` keeps who is primary durably
@@ -13,6 +14,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod auth_query;
 pub mod backend;
 pub mod classify;
 pub mod cluster;
@@ -30,6 +32,7 @@ pub mod manager;
 pub mod operations;
 pub mod pcp;
 pub mod pgpool_check;
+pub mod pgpool_clients;
 pub mod pgpool_conf;
 pub mod pool;
 pub mod pool_hba;
@@ -38,6 +41,7 @@ pub mod protocol;
 pub mod record;
 pub mod rejoin;
 pub mod reload;
+pub mod scram_client;
 pub mod server;
 pub mod session;
 pub mod settings;

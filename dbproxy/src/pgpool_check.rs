@@ -378,8 +378,10 @@ fn judge(key: &str, value: &str, beside: Beside) -> (Verdict, String) {
         ),
         "enable_pool_hba" => s(
             Approximated,
-            "off: clients authenticate against dbproxy's users (from pool_passwd); pass-through \
-             authentication to the backends is not implemented yet",
+            "off: pool_passwd users authenticate against dbproxy, the others against the primary \
+             (auth.passthrough, trust/password/md5/SCRAM relayed); after a relayed md5 or SCRAM \
+             login that client's queries all run on the primary (set auth.user for auth_query \
+             to balance them)",
         ),
         "pcp_listen_addresses" | "pcp_port" if beside.pcp_conf => {
             s(Same, "pcp.listen, with pcp.conf beside pgpool.conf")

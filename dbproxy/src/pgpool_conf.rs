@@ -364,59 +364,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
         out.table.insert("nodes".into(), Value::Array(node_list));
     }
 
-    // Users from pool_passwd, plus hba rules: md5-only secrets need md5 client authentication.
-    let passwd = get("pool_passwd").unwrap_or("pool_passwd");
-    if !passwd.is_empty() {
-        let path = base_dir.join(passwd);
-        if path.exists() {
-            let (users, md5_only) = crate::pool_passwd::read(&path, &mut out.notes)?;
-            if !users.is_empty() {
-                out.table.insert("users".into(), Value::Array(users));
-            }
-            if !md5_only.is_empty() {
-                let mut rules: Vec<Value> = md5_only
-                    .into_iter()
-                    .map(|u| {
-                        let mut r = Table::new();
-                        r.insert("user".into(), Value::String(u));
-                        r.insert("method".into(), Value::String("md5".into()));
-                        Value::Table(r)
-                    })
-                    .collect();
-                let mut rest = Table::new();
-                rest.insert("method".into(), Value::String("scram-sha-256".into()));
-                rules.push(Value::Table(rest));
-                out.table.insert("hba".into(), Value::Array(rules));
-            }
-        } else if entries.contains_key("pool_passwd") {
-            return Err(PgpoolConfError::PoolPasswd {
-                path,
-                message: "file not found".into(),
-            });
-        }
-    }
-    if hba_on {
-        if pool_hba.exists() {
-            // pool_hba.conf decides, first match wins; nothing matching is refused, as in pgpool.
-            let text = std::fs::read_to_string(&pool_hba).map_err(|e| PgpoolConfError::PoolHba {
-                path: pool_hba.clone(),
-                message: e.to_string(),
-            })?;
-            let t = crate::pool_hba::translate(&text).map_err(|e| PgpoolConfError::PoolHba {
-                path: pool_hba.clone(),
-                message: e.to_string(),
-            })?;
-            out.notes.extend(t.notes);
-            out.table.insert("hba".into(), Value::Array(t.rules));
-        } else {
-            out.notes.push(format!(
-                "enable_pool_hba = on but there is no {}: give dbproxy's [[hba]] rules (default: \
-                 SCRAM-SHA-256, or md5 for users whose pool_passwd entry is an md5 hash)",
-                pool_hba.display()
-            ));
-        }
-    }
-
+    crate::pgpool_clients::import(get("pool_passwd"), base_dir, hba_on, &pool_hba, &mut out)?;
     for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
         if !t.is_empty() {
             out.table.insert(name.into(), Value::Table(t));
@@ -792,6 +740,12 @@ mod tests {
         // Off: the file is not read.
         let imp = parse(&format!("{base}enable_pool_hba = off\n"), &dir).unwrap();
         assert_eq!(imp.table["hba"][0]["method"].as_str(), Some("md5"));
+        assert_eq!(
+            imp.table["auth"]["passthrough"].as_bool(),
+            Some(true),
+            "off: pass-through"
+        );
+        assert_eq!(review(&imp), crate::pgpool_check::Verdict::Approximated);
         // A line dbproxy cannot honour stops the import.
         std::fs::write(dir.join("pool_hba.conf"), "hostssl all all 0.0.0.0/0 md5\n").unwrap();
         let e = parse(&format!("{base}enable_pool_hba = on\n"), &dir)

@@ -231,6 +231,7 @@ fn generation(
         tls: crate::tls::acceptor(&config.tls)?,
         users: auth::resolve_users(&config.users, &cluster.metrics.scram_key_derivations)?,
         hba: Hba::new(&config.hba),
+        verifiers: crate::auth_query::VerifierCache::default(),
         classifier: Classifier::new(&config.routing.read_only_functions),
         cluster: cluster.clone(),
         cancels: cancels.clone(),

@@ -160,6 +160,32 @@ impl ParameterDescription<'_> {
 pub struct DataRow<'a>(&'a [u8]);
 
 impl<'a> DataRow<'a> {
+    /// Column `n` (from 0) as text (`None` when NULL, absent or malformed).
+    pub fn text(&self, n: usize) -> Option<&'a str> {
+        let body = self.0;
+        let count = usize::try_from(i16::from_be_bytes(body.get(..2)?.try_into().ok()?)).ok()?;
+        if n >= count {
+            return None;
+        }
+        let mut at = 2usize;
+        for i in 0..=n {
+            let len = i32::from_be_bytes(body.get(at..at + 4)?.try_into().ok()?);
+            at += 4;
+            if len < 0 {
+                if i == n {
+                    return None;
+                }
+                continue;
+            }
+            let len = usize::try_from(len).ok()?;
+            if i == n {
+                return std::str::from_utf8(body.get(at..at.checked_add(len)?)?).ok();
+            }
+            at = at.checked_add(len)?;
+        }
+        None
+    }
+
     /// The first column as text (`None` when NULL, absent or malformed).
     pub fn first_text(&self) -> Option<&'a str> {
         let body = self.0;
@@ -238,6 +264,23 @@ impl<'a> BackendMessage<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_row_columns() {
+        // Three columns: "ab", NULL, "c".
+        let body = b"\0\x03\0\0\0\x02ab\xff\xff\xff\xff\0\0\0\x01c";
+        let row = DataRow(body);
+        assert_eq!(row.text(0), Some("ab"));
+        assert_eq!(row.text(1), None);
+        assert_eq!(row.text(2), Some("c"));
+        assert_eq!(row.text(3), None);
+        assert_eq!(DataRow(b"\0\x02\0\0\0\x09ab").text(1), None, "truncated");
+        assert_eq!(
+            DataRow(b"\0\x01\x7f\xff\xff\xff").text(0),
+            None,
+            "length past the end"
+        );
+    }
 
     fn parse(tag: u8, body: &[u8]) -> Result<BackendMessage<'static>, ProtocolError> {
         let f = Box::leak(Box::new(Frame::new(tag, body)));

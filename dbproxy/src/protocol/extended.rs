@@ -139,6 +139,38 @@ pub fn encode_close_statement(name: &str, out: &mut BytesMut) {
     });
 }
 
+/// Appends a Parse of `sql` as statement `name`, parameter types left to the server.
+pub fn encode_parse(name: &str, sql: &str, out: &mut BytesMut) {
+    write_msg(out, b'P', |b| {
+        put_cstr(b, name);
+        put_cstr(b, sql);
+        b.put_i16(0);
+    });
+}
+
+/// Appends a Bind of statement `stmt` to portal `portal` with text `params`, text results.
+pub fn encode_bind_text(portal: &str, stmt: &str, params: &[&str], out: &mut BytesMut) {
+    write_msg(out, b'B', |b| {
+        put_cstr(b, portal);
+        put_cstr(b, stmt);
+        b.put_i16(0);
+        b.put_i16(params.len() as i16);
+        for p in params {
+            b.put_i32(p.len() as i32);
+            b.put_slice(p.as_bytes());
+        }
+        b.put_i16(0);
+    });
+}
+
+/// Appends an Execute of `portal` with no row limit.
+pub fn encode_execute(portal: &str, out: &mut BytesMut) {
+    write_msg(out, b'E', |b| {
+        put_cstr(b, portal);
+        b.put_i32(0);
+    });
+}
+
 /// Appends a Sync.
 pub fn encode_sync(out: &mut BytesMut) {
     write_msg(out, b'S', |_| {});

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::BufMut;
 use tokio::io::AsyncWriteExt;
 
-use crate::auth::{self, AuthError, ScramServer};
+use crate::auth::{self, AuthError, Credentials, ScramServer};
 use crate::backend::{self, Backend, BackendError, Conn};
 use crate::config::{secs, AuthMethod};
 use crate::protocol::{self, auth as pauth, status, Frame, FrontendMessage, Startup, TxStatus};
 
+use super::relay::{self, Relayed};
 use super::{fatal, CancelSlot, End, Shared};
 
 /// A client that authenticated, before its primary connection is taken.
@@ -23,6 +24,10 @@ pub(super) struct Authed {
     database: String,
     params: Vec<(String, String)>,
     encrypted: bool,
+    /// What the session's backend logins use.
+    creds: Option<Credentials>,
+    /// The primary connection a pass-through login opened.
+    relayed: Option<Relayed>,
 }
 
 /// What a successful startup hands to the session.
@@ -34,6 +39,10 @@ pub(super) struct Login {
     pub cancel: Arc<CancelSlot>,
     pub key: (i32, i32),
     pub member: Member,
+    /// What the session's backend logins use.
+    pub creds: Option<Credentials>,
+    /// Every request runs on the primary (see `relay`).
+    pub primary_only: bool,
 }
 
 /// A logged-in client's entry in the pools' client list (SHOW CLIENTS); dropping it removes it.
@@ -49,7 +58,7 @@ impl Drop for Member {
 }
 
 /// Reads the client's next message during authentication; it must be a `p` message.
-async fn read_password(client: &mut Conn) -> Result<Option<Frame>, End> {
+pub(super) async fn read_password(client: &mut Conn) -> Result<Option<Frame>, End> {
     match client.read_frame().await {
         Ok(Some(f)) => match FrontendMessage::parse(&f) {
             Ok(FrontendMessage::Password { .. }) => Ok(Some(f)),
@@ -150,7 +159,6 @@ pub(super) async fn startup(
         .filter(|d| !d.is_empty())
         .unwrap_or(&user)
         .to_string();
-    let creds = shared.users.get(&user);
     // `tls.require` acts like hostssl-only rules: a clear-text client matches none.
     let rule = if shared.config.tls.require && !encrypted {
         None
@@ -169,21 +177,44 @@ pub(super) async fn startup(
             return Err(End);
         }
     };
-    let failed = |user: &str| AuthError::Failed(user.to_string());
-    let outcome: Result<(), AuthError> = match method {
-        AuthMethod::Reject => {
-            metrics.error("auth");
-            let msg = format!(
-                "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {}", encryption(encrypted)
-            );
-            fatal(client, "28000", &msg).await;
-            return Err(End);
+    if method == AuthMethod::Reject {
+        metrics.error("auth");
+        let msg = format!(
+            "pg_hba.conf rejects connection for host \"{ip}\", user \"{user}\", database \"{database}\", {}",
+            encryption(encrypted)
+        );
+        fatal(client, "28000", &msg).await;
+        return Err(End);
+    }
+    let source = if method == AuthMethod::Trust {
+        Source::Stored(shared.users.get(&user).cloned())
+    } else {
+        source(client, shared, &user).await?
+    };
+    let creds = match source {
+        Source::Stored(c) => c,
+        Source::Relay => {
+            let Some(r) = relay::relay(client, shared, &params, &user).await? else {
+                return Ok(None);
+            };
+            return Ok(Some(Authed {
+                user,
+                database,
+                params,
+                encrypted,
+                creds: r.creds.clone(),
+                relayed: Some(r),
+            }));
         }
-        AuthMethod::Trust => Ok(()),
+    };
+    let failed = |user: &str| AuthError::Failed(user.to_string());
+    // The ClientKey a SCRAM client proved, when there is no password to log in to backends with.
+    let outcome: Result<Option<[u8; 32]>, AuthError> = match method {
+        AuthMethod::Reject | AuthMethod::Trust => Ok(None),
         // A user with no secret at all (unknown) gets the md5 exchange too, always failing, as
         // PostgreSQL does, so that an unknown name cannot be told from a wrong password.
-        AuthMethod::Md5 if creds.is_none_or(|c| c.md5.is_some()) => {
-            let secret = creds.and_then(|c| c.md5.as_deref()).unwrap_or("");
+        AuthMethod::Md5 if creds.as_ref().is_none_or(|c| c.md5.is_some()) => {
+            let secret = creds.as_ref().and_then(|c| c.md5.as_deref()).unwrap_or("");
             let salt: [u8; 4] = rand::random();
             pauth::encode_request(pauth::MD5, &salt, &mut client.wbuf);
             client.flush().await.map_err(|_| End)?;
@@ -191,14 +222,14 @@ pub(super) async fn startup(
                 return Ok(None);
             };
             match pauth::password(f.body()) {
-                Ok(answer) if creds.is_some() && auth::md5_ok(secret, salt, answer) => Ok(()),
+                Ok(answer) if creds.is_some() && auth::md5_ok(secret, salt, answer) => Ok(None),
                 Ok(_) => Err(failed(&user)),
                 Err(_) => Err(AuthError::MalformedScram),
             }
         }
         // md5 with only a SCRAM verifier upgrades to SCRAM, as PostgreSQL does.
-        AuthMethod::Md5 | AuthMethod::ScramSha256 => match creds.and_then(|c| c.scram.clone()) {
-            Some(secret) => scram(client, secret, &user).await?,
+        AuthMethod::Md5 | AuthMethod::ScramSha256 => match creds.as_ref().and_then(|c| c.scram.clone()) {
+            Some(secret) => scram(client, secret, &user).await?.map(Some),
             // No verifier (an unknown user, or only an md5 secret): the same exchange against a
             // made-up one, which fails like a wrong password, so users cannot be enumerated.
             None => scram(client, auth::ScramSecret::mock(&user), &user)
@@ -206,19 +237,81 @@ pub(super) async fn startup(
                 .and(Err(failed(&user))),
         },
     };
-    if let Err(e) = outcome {
-        metrics.error("auth");
-        // Never log the password or the exchange, only that it failed.
-        tracing::info!(%user, %ip, "authentication failed");
-        fatal(client, e.sqlstate(), &e.to_string()).await;
-        return Err(End);
-    }
+    let client_key = match outcome {
+        Ok(k) => k,
+        Err(e) => {
+            metrics.error("auth");
+            // Never log the password or the exchange, only that it failed.
+            tracing::info!(%user, %ip, "authentication failed");
+            fatal(client, e.sqlstate(), &e.to_string()).await;
+            return Err(End);
+        }
+    };
+    // Without a password, the key the client proved logs this session in to the backends
+    // (which hold the same verifier), as PgBouncer does.
+    let creds = match (creds, client_key) {
+        (Some(c), Some(key)) if c.plain.is_none() => {
+            Some(c.with_client_key(key, &metrics.scram_key_derivations))
+        }
+        (c, _) => c,
+    };
     Ok(Some(Authed {
         user,
         database,
         params,
         encrypted,
+        creds,
+        relayed: None,
     }))
+}
+
+/// Where a client's credentials come from.
+enum Source {
+    /// Configured (`[[users]]`) or looked up (`auth_query`); `None`: not found.
+    Stored(Option<Credentials>),
+    /// Nowhere: the primary authenticates the client (`auth.passthrough`).
+    Relay,
+}
+
+/// Finds `user`'s credentials: `[[users]]`, then `auth_query`, then pass-through.
+async fn source(client: &mut Conn, shared: &Shared, user: &str) -> Result<Source, End> {
+    if let Some(c) = shared.users.get(user) {
+        return Ok(Source::Stored(Some(c.clone())));
+    }
+    let auth = &shared.config.auth;
+    if !auth.query_on() {
+        return Ok(if auth.passthrough {
+            Source::Relay
+        } else {
+            Source::Stored(None)
+        });
+    }
+    let lookup = crate::auth_query::Lookup {
+        config: auth,
+        cluster: &shared.cluster,
+        creds: shared.users.get(&auth.user),
+        max_message: shared.config.limits.max_message_size,
+        timeout: secs(shared.config.pool.connect_timeout),
+    };
+    let derivations = &shared.cluster.metrics.scram_key_derivations;
+    match lookup.verifier(&shared.verifiers, user).await {
+        Ok(Some(secret)) => match Credentials::from_secret(&secret, derivations) {
+            Some(c) => Ok(Source::Stored(Some(c))),
+            None => {
+                tracing::warn!(%user, "auth_query returned something that is neither a SCRAM nor an md5 verifier");
+                Ok(Source::Stored(None))
+            }
+        },
+        // Not found: the exchange fails like a wrong password (no user enumeration).
+        Ok(None) => Ok(Source::Stored(None)),
+        Err(e) => {
+            shared.cluster.metrics.error("auth");
+            tracing::warn!(%user, error = %e, "auth_query failed");
+            let msg = format!("dbproxy cannot look up the password of user \"{user}\": {e}");
+            fatal(client, "08004", &msg).await;
+            Err(End)
+        }
+    }
 }
 
 /// The rest of the login, bounded by the pool's and failover's own waits rather than the
@@ -237,6 +330,8 @@ pub(super) async fn connect(
         database,
         params,
         encrypted,
+        creds,
+        relayed,
     } = authed;
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
     let metrics = &shared.cluster.metrics;
@@ -256,12 +351,17 @@ pub(super) async fn connect(
     // A key that logged in before needs no server connection at login: the client is told the
     // parameters that login reported and gets a pooled connection with its first request (as
     // PgBouncer does), so a client never holds a connection it has not used yet.
-    let cached = cluster.elected().and_then(|p| shared.pools.greeting(p, &params));
+    let primary_only = relayed.as_ref().is_some_and(|r| r.primary_only);
+    let cached = match relayed {
+        Some(r) => Err((r.backend, r.greeting.frames)),
+        None => Ok(cluster.elected().and_then(|p| shared.pools.greeting(p, &params))),
+    };
     let (primary, greeting) = match cached {
-        Some(frames) => (None, frames),
-        None => {
+        Err((b, frames)) => (Some(b), frames),
+        Ok(Some(frames)) => (None, frames),
+        Ok(None) => {
             let mut watch = cluster.subscribe();
-            match connect_primary(shared, &params, &user, member.id, &mut watch).await {
+            match connect_primary(shared, &params, &user, creds.as_ref(), member.id, &mut watch).await {
                 Ok((b, g)) => (Some(b), g.frames),
                 Err(e) => {
                     metrics.error("backend");
@@ -293,6 +393,8 @@ pub(super) async fn connect(
         cancel,
         key,
         member,
+        creds,
+        primary_only,
     }))
 }
 
@@ -304,12 +406,12 @@ pub(super) async fn connect_primary(
     shared: &Shared,
     params: &[(String, String)],
     user: &str,
+    creds: Option<&Credentials>,
     client: u64,
     watch: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(Backend, backend::Greeting), BackendError> {
     let cluster = &shared.cluster;
     let limits = &shared.config.limits;
-    let creds = shared.users.get(user);
     let deadline = Instant::now() + secs(shared.config.failover.session_wait);
     let mut last = BackendError::NoPrimary;
     loop {
@@ -395,7 +497,7 @@ async fn scram(
     client: &mut Conn,
     secret: auth::ScramSecret,
     user: &str,
-) -> Result<Result<(), AuthError>, End> {
+) -> Result<Result<[u8; 32], AuthError>, End> {
     pauth::encode_sasl_offer(&mut client.wbuf);
     client.flush().await.map_err(|_| End)?;
     let Some(f) = read_password(client).await? else {
@@ -413,10 +515,10 @@ async fn scram(
     let Some(f) = read_password(client).await? else {
         return Err(End);
     };
-    match server.finish(user, f.body()) {
-        Ok(fin) => {
+    match server.finish_keys(user, f.body()) {
+        Ok((fin, client_key)) => {
             pauth::encode_request(pauth::SASL_FINAL, fin.as_bytes(), &mut client.wbuf);
-            Ok(Ok(()))
+            Ok(Ok(client_key))
         }
         Err(e) => Ok(Err(e)),
     }

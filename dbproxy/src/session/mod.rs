@@ -2,7 +2,8 @@
 //! extended-protocol batch (everything up to Sync or Flush) to the primary or to a lazily opened
 //! standby connection, and streams the response back.
 //!
-//! Map: `login` (startup, TLS, authentication, the first primary connection); `cycle` (the
+//! Map: `login` (startup, TLS, authentication, the first primary connection); `relay`
+//! (pass-through authentication against the primary); `cycle` (the
 //! request cycle and transaction state); `client` (the relay loop and the client's messages);
 //! `route` (the pure choice of a backend); `batch` (the extended batch being gathered);
 //! `upstream` (backend connections: opening, losing, sending a request with lazy prepares and
@@ -18,6 +19,7 @@ mod batch;
 mod client;
 mod cycle;
 mod login;
+mod relay;
 mod route;
 mod stmt;
 mod upstream;
@@ -59,6 +61,8 @@ pub struct Shared {
     pub users: HashMap<String, Credentials>,
     /// Client authentication rules.
     pub hba: Hba,
+    /// What `auth_query` found, by user (emptied by a reload, with the rest of this state).
+    pub verifiers: crate::auth_query::VerifierCache,
     /// The node table.
     pub cluster: Arc<Cluster>,
     /// The statement classifier.
@@ -134,6 +138,12 @@ struct Session {
     slot: Slot,
     user: String,
     params: Vec<(String, String)>,
+    /// What this session's backend logins use: the configured credentials, or what its
+    /// client's authentication revealed (`auth_query`, pass-through).
+    creds: Option<Credentials>,
+    /// Every request runs on the primary: the client authenticated by a relayed md5 or SCRAM
+    /// exchange, which leaves nothing to log in to another node with.
+    primary_only: bool,
     /// The connection to the elected primary; `None` after it was lost while idle (reopened,
     /// to whichever node is primary then, when next needed).
     primary: Option<Backend>,
@@ -193,6 +203,8 @@ impl Session {
             slot,
             user: login.user,
             params: login.params,
+            creds: login.creds,
+            primary_only: login.primary_only,
             primary: login.primary,
             standby: None,
             watch,

@@ -129,7 +129,7 @@ impl Session {
             node: i,
             params: &self.params,
             user: &self.user,
-            creds: self.shared.users.get(&self.user),
+            creds: self.creds.as_ref(),
             max_message: self.shared.config.limits.max_message_size,
             client: self.member.id,
         };
@@ -174,7 +174,11 @@ impl Session {
         open: &[String],
     ) -> Result<(), End> {
         let fresh = self.cycle.on().is_none();
-        if target == Which::Standby && fresh && !self.ensure_standby().await {
+        if target == Which::Standby && fresh && self.primary_only {
+            // Nothing to log in to a standby with (a relayed md5 or SCRAM login): the primary
+            // answers every request.
+            target = Which::Primary;
+        } else if target == Which::Standby && fresh && !self.ensure_standby().await {
             if self.tx.on_standby() {
                 // The standby holding a transaction is gone.
                 return Err(self.backend_gone().await);
@@ -199,7 +203,9 @@ impl Session {
             }
             if self.primary.is_none() {
                 let client = self.member.id;
-                match connect_primary(&self.shared, &self.params, &self.user, client, &mut self.watch).await {
+                let (params, creds) = (&self.params, self.creds.as_ref());
+                match connect_primary(&self.shared, params, &self.user, creds, client, &mut self.watch).await
+                {
                     Ok((b, _greeting)) => self.primary = Some(b),
                     Err(BackendError::Refused(f)) => {
                         self.client.wbuf.put_slice(f.raw());
