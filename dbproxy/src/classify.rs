@@ -615,11 +615,16 @@ impl Classifier {
 
     /// Classifies a SQL string given as the bytes the client sent, in its `client_encoding`.
     /// In an encoding where a multi-byte character may hold ASCII bytes (SJIS, BIG5, ...), a
-    /// string with any non-ASCII byte goes to the primary: the lexer could take such a byte for
-    /// a quote or a backslash and misjudge where a string ends.
+    /// string with any non-ASCII byte goes to the primary and pins the session there: the
+    /// lexer could take such a byte for a quote or a backslash and misjudge where a string
+    /// ends, so it cannot tell a SET or a LISTEN either.
     pub fn classify_bytes(&self, sql: &[u8], encoding: Encoding) -> Classified {
         if !encoding.lexable(sql) {
-            return Classified::PRIMARY;
+            // It may be a SET, a LISTEN, anything: the session stays on the primary.
+            return Classified {
+                pins_session: true,
+                ..Classified::PRIMARY
+            };
         }
         let mut tokens = Tokens::new();
         if lex(sql, &mut tokens).is_err() {

@@ -30,6 +30,8 @@ const PYTHON_CASES: &[&str] = &[
     "psycopg_notify",
     "asyncpg_notify",
     "psycopg_cancel",
+    "psycopg_backend_pid",
+    "asyncpg_backend_pid",
     "psycopg_tpc",
     "psycopg_cursor_with_hold",
     "psycopg2_cursor_with_hold",
@@ -41,6 +43,8 @@ const PYTHON_CASES: &[&str] = &[
     "sql_prepare_execute",
     "node_local_state",
     "psycopg_encoding_parameters",
+    "encoding_query_text_simple",
+    "encoding_query_text_extended",
     "sqlalchemy_orm",
 ];
 

@@ -53,6 +53,13 @@ impl Session {
     /// One message from backend `w`; an error when it is malformed.
     pub(super) fn on_backend_frame(&mut self, w: Which, f: Frame) -> Result<(), ProtocolError> {
         let msg = BackendMessage::parse(&f)?;
+        if msg == BackendMessage::ParameterStatus {
+            // SET client_encoding (or RESET, or a replayed SET) changes how the client's next
+            // SQL text is to be read.
+            if let Some(e) = super::login::client_encoding(&f) {
+                self.encoding = e;
+            }
+        }
         let in_cycle = self.cycle.on() == Some(w);
         if let Some(b) = self.backend(w).filter(|b| b.capturing) {
             // The answer to the `pg_current_wal_lsn()` sent behind the client's last write.
@@ -128,6 +135,7 @@ impl Session {
                     "primary connection ended while idle: {}",
                     e.message().unwrap_or("")
                 );
+                self.primary_fatal = Some(f);
                 return Ok(());
             }
         }

@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{Credentials, Hba};
 use crate::backend::{self, Backend, Conn};
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Encoding};
 use crate::cluster::Cluster;
 use crate::config::{secs, Config};
 use crate::protocol::{error as perror, Frame};
@@ -134,6 +134,9 @@ struct Session {
     slot: Slot,
     user: String,
     params: Vec<(String, String)>,
+    /// The client's `client_encoding` as the server last reported it (ParameterStatus), which
+    /// the SQL text the client sends is in.
+    encoding: Encoding,
     /// The connection to the elected primary; `None` after it was lost while idle (reopened,
     /// to whichever node is primary then, when next needed).
     primary: Option<Backend>,
@@ -165,6 +168,9 @@ struct Session {
     spare_window: Window,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
+    /// The FATAL error the primary connection sent while idle, just before it ended: told to
+    /// the client when its own backend was terminated (see `upstream::backend_lost`).
+    primary_fatal: Option<Frame>,
     cancel: Arc<CancelSlot>,
     /// The backend key now in `cancel`, so the slot's lock is taken only when it changes.
     cancel_key: Option<(i32, i32)>,
@@ -193,6 +199,7 @@ impl Session {
             slot,
             user: login.user,
             params: login.params,
+            encoding: login.encoding,
             primary: login.primary,
             standby: None,
             watch,
@@ -207,6 +214,7 @@ impl Session {
             replay: None,
             spare_window: Window::default(),
             holdback: Vec::new(),
+            primary_fatal: None,
             cancel: login.cancel,
             cancel_key: None,
             key: login.key,

@@ -83,8 +83,8 @@ pub(super) fn param_text(format: i16, oid: u32, v: &[u8]) -> Option<Cow<'_, str>
 }
 
 /// Whether `sql` starts with DEALLOCATE or DISCARD (which drop protocol-level statements too).
-pub(super) fn forgets_prepared(sql: &str) -> bool {
-    let head = sql.trim_start().as_bytes();
+pub(super) fn forgets_prepared(sql: &[u8]) -> bool {
+    let head = sql.trim_ascii_start();
     let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
     starts(b"deallocate") || starts(b"discard")
 }
@@ -183,10 +183,10 @@ mod tests {
 
     #[test]
     fn deallocate_and_discard_forget_statements() {
-        assert!(forgets_prepared("  DEALLOCATE ALL"));
-        assert!(forgets_prepared("discard all"));
-        assert!(!forgets_prepared("select 1"));
-        assert!(!forgets_prepared("dis"));
+        assert!(forgets_prepared(b"  DEALLOCATE ALL"));
+        assert!(forgets_prepared(b"discard all"));
+        assert!(!forgets_prepared(b"select 1"));
+        assert!(!forgets_prepared(b"dis"));
     }
 
     #[test]

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::BufMut;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
+use crate::config::secs;
 use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
 
@@ -266,7 +267,7 @@ impl Session {
             }
             match FrontendMessage::parse(f) {
                 Ok(FrontendMessage::Query { sql }) if settings.active() => {
-                    settings.query(self.shared.classifier.steps(sql));
+                    settings.query(self.shared.classifier.steps_bytes(sql, self.encoding));
                 }
                 Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
                 Ok(FrontendMessage::Parse { name, .. }) => {
@@ -390,11 +391,59 @@ impl Session {
         self.client.flush().await.map_err(|_| End)
     }
 
+    /// Whether the FATAL `f` that ended the idle primary connection to `node` terminated that
+    /// backend alone: an administrator's termination (57P01) while `node` is still the elected
+    /// primary and accepts a new login. A server shutting down sends the same 57P01 to every
+    /// backend but refuses new logins from then on (57P03), and a session then moves on to
+    /// whichever node is primary next, as before.
+    async fn terminated_alone(&self, f: &Frame, node: usize) -> bool {
+        if backend::sqlstate(f) != Some("57P01") {
+            return false;
+        }
+        let cluster = &self.shared.cluster;
+        if cluster.elected() != Some(node) || cluster.is_fenced(node) {
+            return false;
+        }
+        let config = &cluster.nodes[node].config;
+        let limits = &self.shared.config.limits;
+        let probe = backend::connect(
+            node,
+            &config.host,
+            config.port,
+            &self.params,
+            &self.user,
+            self.shared.users.get(&self.user),
+            limits.max_message_size,
+            secs(limits.connect_timeout),
+        )
+        .await;
+        probe.is_ok()
+    }
+
     /// Backend `w`'s connection ended or broke the protocol.
     async fn backend_lost(&mut self, w: Which) -> Result<(), End> {
         if w == Which::Primary {
             if let Some(b) = &self.primary {
                 self.shared.cluster.suspect(b.node);
+            }
+            let own = self
+                .primary
+                .as_ref()
+                .filter(|b| b.key.0 == self.key.0)
+                .map(|b| b.node);
+            if let (Some(f), Some(node)) = (self.primary_fatal.take(), own) {
+                if self.terminated_alone(&f, node).await {
+                    // The backend whose process id the client holds was terminated
+                    // (`pg_terminate_backend`) while its node serves on: the session ends
+                    // with that backend's FATAL, as it would without dbproxy.
+                    tracing::info!("the session's own backend was terminated; ending the session");
+                    self.primary = None;
+                    self.cycle = Cycle::Idle;
+                    self.slot = None;
+                    self.client.wbuf.put_slice(f.raw());
+                    let _ = self.client.flush().await;
+                    return Err(End);
+                }
             }
             if self.primary_busy() || self.sticky.pinned {
                 return self.lost_primary().await;
