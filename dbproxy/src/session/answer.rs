@@ -10,6 +10,12 @@ use crate::settings::Lost;
 use super::cycle::{Copy, Cycle, Mode, Split, Tx, Which};
 use super::Session;
 
+/// The SQLSTATE of a standby's `cannot access temporary or unlogged relations during recovery`
+/// (feature_not_supported): replayed on the primary like a 25006, under the same rules. Any
+/// other 0A000 of a standby's is replayed too, which costs a round trip and answers what the
+/// primary answers, as without dbproxy.
+const UNLOGGED_REFUSED: &str = "0A000";
+
 /// Caps the number of remembered SET statements; past it the session stays on the primary.
 const MAX_SETS: usize = 256;
 
@@ -176,7 +182,7 @@ impl Session {
                     self.release_holdback();
                 }
                 return Ok(());
-            } else if code == Some("25006") {
+            } else if code == Some("25006") || (w == Which::Standby && code == Some(UNLOGGED_REFUSED)) {
                 let window = self.replay.take().unwrap_or_default();
                 if let Some(replay) = window.replayable() {
                     // Swallow the standby's answers up to its ReadyForQuery, then replay; a
@@ -214,6 +220,11 @@ impl Session {
                 self.tx = Tx { status, on: w };
                 if self.tx.idle() {
                     self.split = Split::Whole;
+                    if std::mem::take(&mut self.ddl_sent) {
+                        // A CREATE, ALTER or DROP has committed (or rolled back): learn the
+                        // unlogged relations again before the next statement is routed.
+                        self.unlogged_due = true;
+                    }
                 }
                 // A replay already due runs all the same.
                 if !matches!(self.cycle, Cycle::Replaying { .. }) {

@@ -163,7 +163,7 @@ impl Session {
                     status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
                     return self.client.flush().await.map_err(|_| End);
                 }
-                let r = Route::of_bytes(&self.shared.classifier, sql, self.encoding);
+                let r = self.route(sql).await;
                 if forgets_prepared(sql) {
                     // DEALLOCATE / DISCARD drop protocol-level statements too; forgetting where
                     // they exist is safe, since a lazy prepare closes any stale copy first.
@@ -187,8 +187,10 @@ impl Session {
                 sql,
                 param_types,
             } => {
-                // Classified once here; every later execution reuses the verdict.
-                let r = Route::of_bytes(&self.shared.classifier, sql, self.encoding);
+                // Classified once here; every later execution reuses the verdict (until the
+                // unlogged relations are learned again).
+                let unlogged = self.unlogged.generation();
+                let r = self.route(sql).await;
                 if !r.standby_ok {
                     self.batch.not_read_only();
                 }
@@ -211,6 +213,7 @@ impl Session {
                 let stmt = Stmt {
                     parse: f.clone(),
                     read_only: r.standby_ok,
+                    unlogged,
                     step,
                     param_types,
                 };
@@ -263,6 +266,20 @@ impl Session {
     /// A Bind or Describe of statement `name`: the batch stays off the standbys unless the
     /// statement surely only reads.
     fn statement_used(&mut self, name: &str) {
+        let generation = self.unlogged.generation();
+        if let Some(s) = self
+            .stmts
+            .get_mut(name)
+            .filter(|s| s.read_only && s.unlogged != generation)
+        {
+            // A read classified before the unlogged relations were last learned: it may name
+            // one now known.
+            s.unlogged = generation;
+            if let Ok(FrontendMessage::Parse { sql, .. }) = FrontendMessage::parse(&s.parse) {
+                let (classifier, names) = (&self.shared.classifier, self.unlogged.names());
+                s.read_only = Route::of_bytes(classifier, sql, self.encoding, &names).standby_ok;
+            }
+        }
         if !self.stmts.get(name).is_some_and(|s| s.read_only) {
             self.batch.not_read_only();
         }
@@ -308,6 +325,21 @@ impl Session {
         let (frames, _) = self.batch.take();
         self.dispatch_routed(false, true, frames, Mode::Flush, true, TxPart::default())
             .await
+    }
+
+    /// Classifies `sql`, noting whether it may change which relations are unlogged (learned
+    /// first when due).
+    async fn route(&mut self, sql: &[u8]) -> Route {
+        self.learn_unlogged().await;
+        if crate::unlogged::may_change(sql) {
+            self.ddl_sent = true;
+        }
+        Route::of_bytes(
+            &self.shared.classifier,
+            sql,
+            self.encoding,
+            &self.unlogged.names(),
+        )
     }
 
     /// Session-state effects of a statement the client sent.

@@ -33,6 +33,8 @@ pub(super) struct Login {
     pub encoding: crate::classify::Encoding,
     /// `None` when the login was answered from the pool's knowledge of the key.
     pub primary: Option<Backend>,
+    /// The unlogged relations of the client's database.
+    pub unlogged: Arc<crate::unlogged::Db>,
     pub cancel: Arc<CancelSlot>,
     pub key: (i32, i32),
     pub member: Member,
@@ -254,6 +256,7 @@ pub(super) async fn connect(
             connected: std::time::SystemTime::now(),
         }),
     };
+    let unlogged = shared.unlogged.db(&database);
     let cluster = &shared.cluster;
     // In session mode the client is given the process id of its own primary connection (as
     // directly: `pg_terminate_backend` of it ends this session, a NOTIFY it sends names it), so
@@ -319,6 +322,7 @@ pub(super) async fn connect(
         params,
         encoding,
         primary,
+        unlogged,
         cancel,
         key,
         member,

@@ -15,6 +15,7 @@
 
 mod answer;
 mod batch;
+mod catalog;
 mod client;
 mod cycle;
 mod login;
@@ -72,6 +73,8 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The server connection pools (shared by every configuration generation).
     pub pools: Arc<crate::pool::Pools>,
+    /// The unlogged relations of each database (shared by every configuration generation).
+    pub unlogged: Arc<crate::unlogged::Unlogged>,
 }
 
 /// Why a session ends (already reported to the client where that makes sense).
@@ -159,6 +162,14 @@ struct Session {
     /// a transaction or whose transaction committed, not those rolled back (as PostgreSQL
     /// itself undoes them), nor SET LOCAL.
     settings: Tracker,
+    /// The unlogged relations of the session's database (reads naming one go to the primary).
+    unlogged: Arc<crate::unlogged::Db>,
+    /// A statement that may change which relations are unlogged was sent: they are learned
+    /// again once its transaction ends.
+    ddl_sent: bool,
+    /// The unlogged relations are to be learned before the next statement is routed (see
+    /// `catalog`): nobody had learned them when the session started, or it ran DDL.
+    unlogged_due: bool,
     /// The extended-protocol batch being gathered.
     batch: Batch,
     /// What was sent to a standby in this cycle and may still be replayed on the primary.
@@ -193,6 +204,7 @@ impl Drop for Session {
 impl Session {
     fn new(shared: Arc<Shared>, client: Conn, login: Login, slot: Slot) -> Session {
         let watch = shared.cluster.subscribe();
+        let unlogged_due = login.unlogged.generation() == 0;
         Session {
             shared,
             client,
@@ -210,6 +222,9 @@ impl Session {
             stmts: Statements::default(),
             sets: Vec::new(),
             settings: Tracker::default(),
+            unlogged: login.unlogged,
+            ddl_sent: false,
+            unlogged_due,
             batch: Batch::default(),
             replay: None,
             spare_window: Window::default(),

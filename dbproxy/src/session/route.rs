@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::classify::{Classifier, Encoding, Isolation, Step, Target, TxCommand};
+use crate::classify::{Classifier, Encoding, Isolation, Relations, Step, Target, TxCommand};
 use crate::cluster::Decision;
 use crate::config::{RoutingConfig, WriteStickiness};
 use crate::protocol::TxStatus;
@@ -58,12 +58,18 @@ impl Route {
     /// Classifies `sql`, UTF-8 text.
     #[cfg(test)]
     pub fn of(classifier: &Classifier, sql: &str) -> Route {
-        Route::of_bytes(classifier, sql.as_bytes(), Encoding::AsciiSafe)
+        Route::of_bytes(
+            classifier,
+            sql.as_bytes(),
+            Encoding::AsciiSafe,
+            &Relations::default(),
+        )
     }
 
-    /// Classifies `sql`, the bytes a client sent in its `client_encoding`.
-    pub fn of_bytes(classifier: &Classifier, sql: &[u8], encoding: Encoding) -> Route {
-        let c = classifier.classify_bytes(sql, encoding);
+    /// Classifies `sql`, the bytes a client sent in its `client_encoding`; a read naming one
+    /// of the `unlogged` relations cannot run on a standby.
+    pub fn of_bytes(classifier: &Classifier, sql: &[u8], encoding: Encoding, unlogged: &Relations) -> Route {
+        let c = classifier.classify_with(sql, encoding, unlogged);
         let begin_ro = matches!(c.tx, TxCommand::Begin { read_only: true, .. });
         let control = matches!(c.tx, TxCommand::Begin { .. } | TxCommand::End);
         let role = match c.tx {

@@ -19,6 +19,9 @@ pub(super) struct Stmt {
     pub parse: Frame,
     /// The statement surely only reads.
     pub read_only: bool,
+    /// The generation of the unlogged relations it was classified with (see
+    /// [`crate::unlogged::Db::generation`]).
+    pub unlogged: u64,
     /// What executing it does to session settings and the transaction.
     pub step: Step,
     /// Its parameter types, as declared or as a Describe learned them; kept only for a
@@ -105,6 +108,10 @@ pub(super) struct Statements {
 impl Statements {
     pub fn get(&self, name: &str) -> Option<&Stmt> {
         self.by_name.get(name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Stmt> {
+        self.by_name.get_mut(name)
     }
 
     pub fn insert(&mut self, name: &str, stmt: Stmt) {
@@ -194,6 +201,7 @@ mod tests {
         let stmt = Stmt {
             parse: Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
             read_only: false,
+            unlogged: 0,
             step: Step::Set("select set_config('a', $1, false)".into()),
             param_types: vec![25],
         };
@@ -225,6 +233,7 @@ mod tests {
             Stmt {
                 parse: parse.clone(),
                 read_only: false,
+                unlogged: 0,
                 step: Step::Set("x".into()),
                 param_types: Vec::new(),
             },

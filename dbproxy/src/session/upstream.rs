@@ -220,6 +220,7 @@ impl Session {
                 }
             }
         }
+        let stale_primary = self.primary_stale();
         let (b, other) = match target {
             Which::Primary => match self.primary.as_mut() {
                 Some(b) => (b, self.standby.as_mut()),
@@ -231,6 +232,12 @@ impl Session {
             ),
         };
         let mut other = other;
+        // A named statement prepared on a standby is prepared on the primary too, at once and in
+        // the client's order (answers swallowed), unless the primary connection is stale: the
+        // primary's pg_prepared_statements, where the client reads it, then lists the client's
+        // statements in their prepare_time order, as without dbproxy.
+        let mut mirrored = false;
+        let mirror = target == Which::Standby && !stale_primary;
         // Statements the client closed elsewhere, and settings not applied here yet.
         if !b.to_close.is_empty() {
             for name in b.to_close.drain(..) {
@@ -275,6 +282,21 @@ impl Session {
                         if let Some(o) = other.as_mut() {
                             o.prepared.remove("");
                         }
+                    } else if let Some(p) = other.as_mut().filter(|p| mirror && !p.prepared.contains(name)) {
+                        let wbuf = &mut p.conn.wbuf;
+                        for s in &self.sets[p.sets_applied..] {
+                            simple::encode_query(s, wbuf);
+                            p.swallow_rfq += 1;
+                        }
+                        p.sets_applied = self.sets.len();
+                        p.to_close.retain(|c| c != name);
+                        // Any stale copy is closed first, as a lazy prepare does.
+                        extended::encode_close_statement(name, wbuf);
+                        wbuf.put_slice(f.raw());
+                        extended::encode_sync(wbuf);
+                        p.swallow_rfq += 1;
+                        p.prepared.insert(name.to_string());
+                        mirrored = true;
                     }
                     b.prepared.insert(name.to_string());
                 }
@@ -317,6 +339,13 @@ impl Session {
             // with nothing to cancel (PostgreSQL ignores it), as it would without dbproxy.
             *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
             self.cancel_key = Some(b.key);
+        }
+        if mirrored {
+            if let Some(p) = other {
+                // Before the standby's request, so the primary prepares in the client's order;
+                // a failed write shows when the primary connection is next read.
+                let _ = p.conn.flush().await;
+            }
         }
         let written = b.conn.flush().await;
         let role = match target {

@@ -614,12 +614,48 @@ def sql_prepare_execute(dsn):
             cur.execute("execute compat_q(1)")
         except psycopg2.Error as e:
             out.append(e.pgcode)
+        for name in ["compat_a", "compat_b", "compat_c"]:
+            cur.execute(f"prepare {name} as select '{name}'")
+        cur.execute("execute compat_b")
+        out.append(cur.fetchone()[0])
+        cur.execute("deallocate compat_a")
+        cur.execute("prepare compat_a as select 'again'")
+        cur.execute("execute compat_a")
+        out.append(cur.fetchone()[0])
+        cur.execute("select name from pg_prepared_statements order by prepare_time")
+        out.append([r[0] for r in cur.fetchall()])
         cur.execute("prepare compat_r as select 1; prepare compat_s as select 2")
         cur.execute("deallocate all")
         cur.execute("select count(*) from pg_prepared_statements")
         out.append(cur.fetchone()[0])
     finally:
         c.close()
+    return out
+
+
+@case
+def psycopg_prepared_statements_view(dsn):
+    """pg_prepared_statements as a client sees it: its statements (reads that may have run on a
+    standby, writes on the primary), in prepare_time order, after psycopg evicted the oldest
+    from its cache (prepared_max) with DEALLOCATE; and SQL PREPARE among them."""
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as c:
+        c.prepared_max = 3
+        recreate(c, "compat_psv", "id int")
+        queries = ["select 1 + %s", "insert into compat_psv values (%s)", "select 2 + %s", "select 3 + %s",
+                   "select count(*) + %s from compat_psv"]
+        for q in queries:
+            c.execute(q, (1,))
+        c.execute("prepare compat_psv_sql as select 42")
+        c.execute("select 4 + %s", (1,))
+        view = "select name, statement, from_sql from pg_prepared_statements order by prepare_time, name"
+        out.append(rows(c.execute(view, prepare=False)))
+        out.append(c.execute("execute compat_psv_sql", prepare=False).fetchone())
+        c.execute("deallocate all", prepare=False)
+        out.append(rows(c.execute(view, prepare=False)))
+        c.execute("drop table compat_psv", prepare=False)
     return out
 
 
@@ -641,6 +677,48 @@ def node_local_state(dsn):
             "select setting from pg_settings where name = 'transaction_read_only'",
         ]:
             out.append([q, c.execute(q).fetchone()])
+    return out
+
+
+@case
+def unlogged_tables(dsn):
+    """Reads of unlogged tables, which a standby refuses to read: right after CREATE UNLOGGED
+    TABLE, prepared, joined, in a transaction, after ALTER ... SET LOGGED and SET UNLOGGED, and
+    over asyncpg."""
+    import asyncpg
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as c:
+        c.execute("drop table if exists compat_unlogged")
+        c.execute("create unlogged table compat_unlogged (id int primary key, v text)")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        c.execute("insert into compat_unlogged select g, 'v' || g from generate_series(1, 5) g")
+        for i in (1, 2, 3):
+            out.append(c.execute("select v from compat_unlogged where id = %s", (i,)).fetchone())
+        out.append(c.execute("select count(*) from pg_class p join compat_unlogged u on u.id = p.oid::int").fetchone())
+        with c.transaction():
+            out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        out.append(c.execute("select sum(id) from \"compat_unlogged\"").fetchone())
+        c.execute("alter table compat_unlogged set logged")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        c.execute("alter table compat_unlogged set unlogged")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        with c.pipeline():
+            curs = [c.execute("select v from compat_unlogged where id = %s", (i,)) for i in (4, 5)]
+        out.append([x.fetchone() for x in curs])
+
+    async def apg_reads():
+        a = await asyncpg.connect(**apg(dsn))
+        try:
+            return [await a.fetchval("select count(*) from compat_unlogged"),
+                    await a.fetchval("select v from compat_unlogged where id = $1", 5)]
+        finally:
+            await a.close()
+
+    out.append(asyncio.run(apg_reads()))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("drop table compat_unlogged")
     return out
 
 
