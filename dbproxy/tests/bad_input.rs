@@ -152,8 +152,8 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
     assert_eq!(support::code(&err), "57014");
 
     // pg_terminate_backend of an idle session's backend (the process id the client got, as
-    // `pg_stat_activity` shows it): the session ends with that backend's FATAL 57P01 at the
-    // client's next request, as it would directly; the others carry on.
+    // `pg_stat_activity` shows it): the session ends with that backend's FATAL 57P01, as it
+    // would directly; the others carry on.
     let victim = proxy.connect("postgres", "").await?;
     let other = proxy.connect("postgres", "").await?;
     victim.simple_query("select 1 /* victim */").await?;
@@ -165,7 +165,9 @@ async fn bad_input_gets_postgres_errors_body() -> Result<()> {
         .simple_query("select 2")
         .await
         .expect_err("the session's backend was terminated");
-    assert_eq!(support::code(&err), "57P01", "{err}");
+    // The FATAL comes when the backend goes, as directly: tokio-postgres reports it if it came
+    // after the query was sent, otherwise only that the connection closed.
+    assert!(err.is_closed() || support::code(&err) == "57P01", "{err}");
     assert!(
         victim.simple_query("select 3").await.is_err(),
         "the session ended"

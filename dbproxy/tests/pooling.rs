@@ -374,9 +374,11 @@ async fn show_body() -> Result<()> {
     assert_eq!(row["database"], "postgres");
     assert_eq!(row["user"], "postgres");
     assert_eq!(row["pool_mode"], "session");
-    // The held client's connection (the SHOW client has needed none: its key logged in before).
-    assert_eq!(row["sv_active"], "1", "{row:?}");
-    assert_eq!(row["cl_active"], "1", "{row:?}");
+    // The held client's connection and the SHOW client's: in session mode a client takes its
+    // primary connection at login while the pool has room (its BackendKeyData carries that
+    // connection's process id).
+    assert_eq!(row["sv_active"], "2", "{row:?}");
+    assert_eq!(row["cl_active"], "2", "{row:?}");
     let servers = show(&p, "servers").await?;
     let server = servers
         .iter()

@@ -383,6 +383,18 @@ impl Pools {
         self.lock().pools.get(&key).and_then(|p| p.greeting.clone())
     }
 
+    /// Whether a checkout of key (`node`, `params`) would be served now, without waiting: the
+    /// key has an idle connection (on any thread: another thread's would be closed to make
+    /// room) or room under `pool.size`, or has never been used. Racy by nature (a hint).
+    pub fn available(&self, node: usize, params: &[(String, String)]) -> bool {
+        let key = Key::new(node, params);
+        let size = self.config.load().size;
+        match self.lock().pools.get(&key) {
+            None => true,
+            Some(p) => p.open < size || p.idle.iter().any(|q| !q.is_empty()),
+        }
+    }
+
     /// Forgets a client that left.
     pub fn client_left(&self, id: u64) {
         self.lock().clients.remove(&id);

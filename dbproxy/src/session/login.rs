@@ -261,13 +261,15 @@ pub(super) async fn connect(
     // In session mode the client is given the process id of its own primary connection (as
     // directly: `pg_terminate_backend` of it ends this session, a NOTIFY it sends names it), so
     // that connection is taken at login, from the pool's idle ones when it has one (no backend
-    // round trip). Otherwise a key that logged in before needs no server connection at login:
-    // the client is told the parameters that login reported and gets a pooled connection with
-    // its first request (as PgBouncer does).
+    // round trip). Otherwise, and when the pool is full (waiting here, a client that opens its
+    // connections one after another could wait on itself), a key that logged in before needs
+    // no server connection at login: the client is told the parameters that login reported, a
+    // process id of dbproxy's, and gets a pooled connection with its first request (as
+    // PgBouncer does).
     let session_mode = shared.config.pool.mode == crate::pool::PoolMode::Session;
     let cached = cluster
         .elected()
-        .filter(|_| !session_mode)
+        .filter(|&p| !session_mode || !shared.pools.available(p, &params))
         .and_then(|p| shared.pools.greeting(p, &params));
     let (primary, greeting) = match cached {
         Some(frames) => (None, frames),
