@@ -511,7 +511,9 @@ impl Pools {
                     let greeting = Greeting {
                         frames: b.pooled.as_ref().map(|t| t.greeting.clone()).unwrap_or_default(),
                     };
-                    return Ok((*b, greeting));
+                    let mut b = *b;
+                    b.conn.written = false;
+                    return Ok((b, greeting));
                 }
                 Step::Open(id) => {
                     drop(waiting.take());
@@ -548,9 +550,10 @@ impl Pools {
         req: &Request<'_>,
         config: &PoolConfig,
     ) -> Result<(Backend, Greeting), BackendError> {
-        let (b, greeting) = self
+        let (mut b, greeting) = self
             .login(key.clone(), id, thread, req, config, ServerState::Active)
             .await?;
+        b.conn.written = false;
         {
             let mut st = self.lock();
             if let Some(c) = st.clients.get_mut(&req.client) {
@@ -653,6 +656,12 @@ impl Pools {
             && within_lifetime(tag.born, &config)
             && self.node_usable(tag.key.node);
         if !keep {
+            return;
+        }
+        if !b.conn.written {
+            // Its client never sent it anything (a session-mode login takes its primary
+            // connection at once, and a read-only session may never use it): nothing to reset.
+            self.pool_idle(b);
             return;
         }
         let id = tag.id;
