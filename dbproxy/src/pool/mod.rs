@@ -17,9 +17,9 @@
 //! topology generation (elected primary, fences) has not changed since it was opened: a failover
 //! empties the pools of every node and nothing opened before it is reused.
 //!
-//! Map: `config` (`[pool]`), `reset` (a returned connection's reset), `upkeep` (per-thread
-//! expiry, emptying after topology changes, `min_idle`), `show` (SHOW POOLS / CLIENTS /
-//! SERVERS), `metrics` (`dbproxy_pool_*`).
+//! Map: `config` (`[pool]`), `reset` (a returned connection's reset, and the close of one
+//! evicted from another thread), `upkeep` (per-thread expiry, emptying after topology changes,
+//! `min_idle`), `show` (SHOW POOLS / CLIENTS / SERVERS), `metrics` (`dbproxy_pool_*`).
 
 pub mod config;
 mod metrics;
@@ -383,15 +383,19 @@ impl Pools {
         self.lock().pools.get(&key).and_then(|p| p.greeting.clone())
     }
 
-    /// Whether a checkout of key (`node`, `params`) would be served now, without waiting: the
-    /// key has an idle connection (on any thread: another thread's would be closed to make
-    /// room) or room under `pool.size`, or has never been used. Racy by nature (a hint).
+    /// Whether a checkout of key (`node`, `params`) by the calling thread would be served now,
+    /// without waiting and without closing another thread's idle connection: the key has an
+    /// idle connection on this thread or room under `pool.size`, or has never been used. Racy
+    /// by nature (a hint). Another thread's idle connection does not count: closing it to open
+    /// one here costs a Terminate round trip and a login, which a client's login should not
+    /// wait for.
     pub fn available(&self, node: usize, params: &[(String, String)]) -> bool {
         let key = Key::new(node, params);
         let size = self.config.load().size;
+        let thread = self.thread();
         match self.lock().pools.get(&key) {
             None => true,
-            Some(p) => p.open < size || p.idle.iter().any(|q| !q.is_empty()),
+            Some(p) => p.open < size || p.idle.get(thread).is_some_and(|q| !q.is_empty()),
         }
     }
 
@@ -424,6 +428,7 @@ impl Pools {
             let generation = self.generation();
             let usable = self.node_usable(req.node);
             let mut closing: Vec<Idle> = Vec::new();
+            let mut evicted: Option<Idle> = None;
             let step = {
                 let mut st = self.lock();
                 let st = &mut *st;
@@ -452,7 +457,7 @@ impl Pools {
                         let other = (0..self.threads).find(|&t| t != thread && !p.idle[t].is_empty());
                         match other.and_then(|t| p.idle[t].pop_front()) {
                             Some(i) => {
-                                closing.push(i);
+                                evicted = Some(i);
                                 p.open += 1;
                                 Step::Open(self.next_id.fetch_add(1, Ordering::Relaxed))
                             }
@@ -517,6 +522,11 @@ impl Pools {
                 }
                 Step::Open(id) => {
                     drop(waiting.take());
+                    if let Some(i) = evicted {
+                        // Its backend is gone from the server before the new login, so the
+                        // server never counts more than `pool.size` of this key's connections.
+                        reset::close_and_wait(i.backend, secs(config.connect_timeout)).await;
+                    }
                     return self.open(key, id, thread, req, &config).await;
                 }
                 Step::Wait => {

@@ -144,6 +144,11 @@ pub fn encode_sync(out: &mut BytesMut) {
     write_msg(out, b'S', |_| {});
 }
 
+/// Appends a Terminate.
+pub fn encode_terminate(out: &mut BytesMut) {
+    write_msg(out, b'X', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
