@@ -125,6 +125,9 @@ pub struct Conn {
     /// How long a write may make no progress (a peer that stops reading) before
     /// [`Conn::flush`] fails with `TimedOut`; `None`: no limit.
     pub write_timeout: Option<Duration>,
+    /// Whether [`Conn::flush`] wrote anything since this was last cleared: the pool clears it
+    /// when it hands a connection out, so one its client never used goes back without a reset.
+    pub written: bool,
 }
 
 impl Conn {
@@ -137,6 +140,7 @@ impl Conn {
             wbuf: BytesMut::with_capacity(16 * 1024),
             max,
             write_timeout: None,
+            written: false,
         }
     }
 
@@ -170,6 +174,7 @@ impl Conn {
         if self.wbuf.is_empty() {
             return Ok(());
         }
+        self.written = true;
         let Some(limit) = self.write_timeout else {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();

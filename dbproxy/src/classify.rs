@@ -578,6 +578,44 @@ fn name_text(b: &[u8]) -> String {
     b.iter().map(|&c| char::from(c)).collect()
 }
 
+/// Relation names (`pg_class.relname`, as stored) of one database, for [`Classifier::classify_with`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Relations(HashSet<Vec<u8>>);
+
+impl Relations {
+    /// The set of these names.
+    pub fn new(names: impl IntoIterator<Item = Vec<u8>>) -> Relations {
+        Relations(names.into_iter().collect())
+    }
+
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether token `t` names one of them: a quoted name as written, an unquoted one folded to
+    /// lower case as PostgreSQL folds it (without allocating: a name is at most 63 bytes). A
+    /// column or alias of the same name also matches, which only sends a read to the primary.
+    fn named(&self, t: &Tok<'_>) -> bool {
+        match t {
+            Tok::Quoted(q) => self.0.contains(*q),
+            Tok::Word(w) if w.0.len() <= 63 => {
+                let mut buf = [0u8; 63];
+                let folded = &mut buf[..w.0.len()];
+                folded.copy_from_slice(w.0);
+                folded.make_ascii_lowercase();
+                self.0.contains(&folded[..])
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Whether token `i` is the keyword `w` (any case).
 fn word_at(t: &[Tok<'_>], i: usize, w: &str) -> bool {
     t.get(i)
@@ -615,11 +653,23 @@ impl Classifier {
 
     /// Classifies a SQL string given as the bytes the client sent, in its `client_encoding`.
     /// In an encoding where a multi-byte character may hold ASCII bytes (SJIS, BIG5, ...), a
-    /// string with any non-ASCII byte goes to the primary: the lexer could take such a byte for
-    /// a quote or a backslash and misjudge where a string ends.
+    /// string with any non-ASCII byte goes to the primary and pins the session there: the
+    /// lexer could take such a byte for a quote or a backslash and misjudge where a string
+    /// ends, so it cannot tell a SET or a LISTEN either.
     pub fn classify_bytes(&self, sql: &[u8], encoding: Encoding) -> Classified {
+        self.classify_with(sql, encoding, &Relations::default())
+    }
+
+    /// [`Classifier::classify_bytes`], where a read that names one of `unlogged` (a relation a
+    /// standby refuses to read: `cannot access temporary or unlogged relations during
+    /// recovery`) goes to the primary.
+    pub fn classify_with(&self, sql: &[u8], encoding: Encoding, unlogged: &Relations) -> Classified {
         if !encoding.lexable(sql) {
-            return Classified::PRIMARY;
+            // It may be a SET, a LISTEN, anything: the session stays on the primary.
+            return Classified {
+                pins_session: true,
+                ..Classified::PRIMARY
+            };
         }
         let mut tokens = Tokens::new();
         if lex(sql, &mut tokens).is_err() {
@@ -645,6 +695,9 @@ impl Classifier {
         }
         if !any {
             // An empty query: harmless anywhere, but there is nothing to balance either.
+            out.target = Target::Primary;
+        }
+        if out.target == Target::Standby && !unlogged.is_empty() && tokens.iter().any(|t| unlogged.named(t)) {
             out.target = Target::Primary;
         }
         out
@@ -1607,6 +1660,39 @@ mod tests {
         assert_eq!(inline_params("select $0", &[v("a")]), None);
         assert_eq!(inline_params("select $99999999999999999999999", &[v("a")]), None);
         assert_eq!(inline_params("select 'open", &[v("a")]), None);
+    }
+
+    #[test]
+    fn reads_of_unlogged_relations_go_to_the_primary() {
+        let c = Classifier::default();
+        let unlogged = Relations::new([b"scratch".to_vec(), b"Mixed".to_vec()]);
+        let target = |sql: &str| {
+            c.classify_with(sql.as_bytes(), Encoding::AsciiSafe, &unlogged)
+                .target
+        };
+        for sql in [
+            "select * from scratch",
+            "select * from public.SCRATCH where id = 1",
+            "select count(*) from t join scratch s on s.id = t.id",
+            "select * from \"Mixed\"",
+            "table scratch",
+        ] {
+            assert_eq!(target(sql), Target::Primary, "{sql}");
+        }
+        for sql in [
+            "select * from t",
+            "select * from mixed",
+            "select * from \"SCRATCH\"",
+            "select * from scratch_log",
+        ] {
+            assert_eq!(target(sql), Target::Standby, "{sql}");
+        }
+        assert_eq!(
+            c.classify_bytes(b"select * from scratch", Encoding::AsciiSafe)
+                .target,
+            Target::Standby
+        );
+        assert_eq!(unlogged.len(), 2);
     }
 
     #[test]

@@ -46,6 +46,7 @@ pub mod server;
 pub mod session;
 pub mod settings;
 pub mod tls;
+pub mod unlogged;
 
 pub use config::Config;
 pub use server::{run, run_with, run_with_admin, RunError};

@@ -97,7 +97,15 @@ pub async fn run_with(
         cluster.clone(),
         &registry,
     ));
-    let shared = ArcSwap::from_pointee(generation(config, &cluster, &cancels, &pools, &shutdown)?);
+    let unlogged = Arc::new(crate::unlogged::Unlogged::default());
+    let state = State {
+        cluster: &cluster,
+        cancels: &cancels,
+        pools: &pools,
+        unlogged: &unlogged,
+        shutdown: &shutdown,
+    };
+    let shared = ArcSwap::from_pointee(generation(config, &state)?);
     let tasks = TaskTracker::new();
     let first = shared.load_full();
     // The durable record of who is primary (a file, or etcd shared with other instances);
@@ -161,7 +169,7 @@ pub async fn run_with(
             Some(new) = recv(&mut reload) => {
                 let current = shared.load_full();
                 let next = match crate::reload::merge(&current.config, new) {
-                    Ok(c) => generation(c, &cluster, &cancels, &pools, &shutdown).map_err(|e| e.to_string()),
+                    Ok(c) => generation(c, &state).map_err(|e| e.to_string()),
                     Err(e) => Err(e.to_string()),
                 };
                 match next {
@@ -219,14 +227,24 @@ pub async fn run_with(
     Ok(())
 }
 
+/// What every configuration generation shares.
+struct State<'a> {
+    cluster: &'a Arc<Cluster>,
+    cancels: &'a Arc<session::CancelMap>,
+    pools: &'a Arc<crate::pool::Pools>,
+    unlogged: &'a Arc<crate::unlogged::Unlogged>,
+    shutdown: &'a Shutdown,
+}
+
 /// One configuration generation: everything a session needs from the config.
-fn generation(
-    config: Config,
-    cluster: &Arc<Cluster>,
-    cancels: &Arc<session::CancelMap>,
-    pools: &Arc<crate::pool::Pools>,
-    shutdown: &Shutdown,
-) -> Result<Shared, RunError> {
+fn generation(config: Config, state: &State<'_>) -> Result<Shared, RunError> {
+    let State {
+        cluster,
+        cancels,
+        pools,
+        unlogged,
+        shutdown,
+    } = *state;
     Ok(Shared {
         tls: crate::tls::acceptor(&config.tls)?,
         users: auth::resolve_users(&config.users, &cluster.metrics.scram_key_derivations)?,
@@ -236,6 +254,7 @@ fn generation(
         cluster: cluster.clone(),
         cancels: cancels.clone(),
         pools: pools.clone(),
+        unlogged: unlogged.clone(),
         shutdown: shutdown.clone(),
         config,
     })

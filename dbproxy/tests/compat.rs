@@ -30,6 +30,8 @@ const PYTHON_CASES: &[&str] = &[
     "psycopg_notify",
     "asyncpg_notify",
     "psycopg_cancel",
+    "psycopg_backend_pid",
+    "asyncpg_backend_pid",
     "psycopg_tpc",
     "psycopg_cursor_with_hold",
     "psycopg2_cursor_with_hold",
@@ -39,8 +41,12 @@ const PYTHON_CASES: &[&str] = &[
     "psycopg_pipeline_transaction",
     "psycopg_pipeline_error",
     "sql_prepare_execute",
+    "psycopg_prepared_statements_view",
     "node_local_state",
+    "unlogged_tables",
     "psycopg_encoding_parameters",
+    "encoding_query_text_simple",
+    "encoding_query_text_extended",
     "sqlalchemy_orm",
 ];
 
@@ -200,6 +206,72 @@ async fn tokio_postgres_gets_the_same_answers() -> Result<()> {
         let want = tokio_postgres_behaviours(&cluster.primary().conn_string()).await?;
         let got = tokio_postgres_behaviours(&proxy.conn_string("postgres", "pw")).await?;
         assert_eq!(got, want, "tokio-postgres through dbproxy vs directly");
+        Ok(())
+    })
+    .await
+}
+
+/// How many statements dbproxy has sent to the standby (node1).
+fn standby_queries(proxy: &Proxy) -> Result<f64> {
+    let metrics = proxy.admin_get("/metrics")?;
+    let prefix = "dbproxy_queries_total{node=\"node1\",role=\"standby\"}";
+    Ok(metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .map_or(Ok(0.0), |v| v.trim().parse())?)
+}
+
+/// An unlogged table made behind dbproxy's back (straight on the primary): a read of it, which
+/// the standby refuses (`cannot access temporary or unlogged relations during recovery`,
+/// 0A000), is replayed on the primary, simple and extended; once the session ran DDL of its
+/// own it has learned the table from the catalog, and reads of it, in a transaction too, go
+/// to the primary without trying the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unlogged_tables_are_read_on_the_primary() -> Result<()> {
+    support::bounded(async {
+        let cluster = tokio::task::spawn_blocking(cluster).await??;
+        let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+        let mut c = connect(&proxy.conn_string("postgres", "pw")).await?;
+        assert_eq!(simple(&c, "select 1").await?, [[Some("1".to_string())]]);
+        cluster.primary().psql(
+            "create unlogged table compat_behind (id int); insert into compat_behind values (1), (2)",
+        )?;
+        let count = "select count(*) from compat_behind";
+        let before = standby_queries(&proxy)?;
+        assert_eq!(simple(&c, count).await?, [[Some("2".to_string())]]);
+        let n: i64 = c
+            .query_one("select count(*) from compat_behind where id > $1", &[&0])
+            .await?
+            .get(0);
+        assert_eq!(n, 2);
+        assert!(
+            standby_queries(&proxy)? >= before + 2.0,
+            "both reads were tried on the standby first, then replayed"
+        );
+        c.batch_execute("create table if not exists compat_logged (id int)")
+            .await?;
+        let before = standby_queries(&proxy)?;
+        assert_eq!(simple(&c, count).await?, [[Some("2".to_string())]]);
+        assert_eq!(
+            simple(&c, &format!("begin; {count}; commit")).await?,
+            [[Some("2".to_string())]]
+        );
+        assert_eq!(
+            standby_queries(&proxy)?,
+            before,
+            "learned: nothing tried on the standby"
+        );
+        // In a transaction a standby's refusal could not be replayed: this read works only
+        // because it goes to the primary at once.
+        let tx = c.transaction().await?;
+        let n: i64 = tx
+            .query_one("select count(*) from compat_behind where id > $1", &[&1])
+            .await?
+            .get(0);
+        assert_eq!(n, 1);
+        tx.commit().await?;
+        c.batch_execute("drop table compat_behind; drop table compat_logged")
+            .await?;
         Ok(())
     })
     .await

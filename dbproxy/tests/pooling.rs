@@ -3,7 +3,8 @@
 //! state leaks to the next client, a connection left inside a transaction is closed, the pool
 //! size holds under many pgbench clients (counted in pg_stat_activity), a full pool answers 53300
 //! after `pool.checkout_timeout`, a cancel still reaches a reused connection, SHOW POOLS /
-//! CLIENTS / SERVERS, and a failover while clients wait for a pooled connection.
+//! CLIENTS / SERVERS, a failover while clients wait for a pooled connection, and a connection
+//! its client never used going back without a reset.
 
 mod support;
 
@@ -168,6 +169,37 @@ async fn reuse_body() -> Result<()> {
     )?;
     let new = metric(&p, "dbproxy_pool_checkouts_total{node=\"node0\",result=\"new\"}")?;
     assert!(reused >= 2.0 && new == 1.0, "reused {reused}, new {new}");
+    Ok(())
+}
+
+/// A session-mode client takes its primary connection at login (its BackendKeyData carries that
+/// backend's pid); one that never sends anything on it gives it back at once without the reset
+/// query, and the next client gets that same connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unused_connection_goes_back_without_a_reset() -> Result<()> {
+    support::bounded(unused_body()).await
+}
+
+async fn unused_body() -> Result<()> {
+    let c = cluster(0).await?;
+    let p = proxy(&c, 1, |_| {})?;
+    // Client backends that never ran a query: a reset (DISCARD ALL) would show as theirs.
+    let untouched = "select string_agg(pid::text, ',') from pg_stat_activity \
+                     where backend_type = 'client backend' and pid <> pg_backend_pid() and query = ''";
+    let first = p.connect("postgres", "pw").await?;
+    let pid = c.primary().psql(untouched)?;
+    assert!(pid.parse::<i32>().is_ok(), "one untouched connection: {pid:?}");
+    drop(first);
+    wait_for("the connection back in the pool", DEADLINE, || {
+        Ok((metric(&p, "dbproxy_pool_idle{node=\"node0\"}")? == 1.0).then_some(()))
+    })?;
+    assert_eq!(c.primary().psql(untouched)?, pid, "no reset query ran on it");
+    let second = p.connect("postgres", "pw").await?;
+    assert_eq!(
+        one(&second, "select pg_backend_pid()").await?,
+        pid,
+        "the same connection"
+    );
     Ok(())
 }
 
@@ -374,9 +406,11 @@ async fn show_body() -> Result<()> {
     assert_eq!(row["database"], "postgres");
     assert_eq!(row["user"], "postgres");
     assert_eq!(row["pool_mode"], "session");
-    // The held client's connection (the SHOW client has needed none: its key logged in before).
-    assert_eq!(row["sv_active"], "1", "{row:?}");
-    assert_eq!(row["cl_active"], "1", "{row:?}");
+    // The held client's connection and the SHOW client's: in session mode a client takes its
+    // primary connection at login while the pool has room (its BackendKeyData carries that
+    // connection's process id).
+    assert_eq!(row["sv_active"], "2", "{row:?}");
+    assert_eq!(row["cl_active"], "2", "{row:?}");
     let servers = show(&p, "servers").await?;
     let server = servers
         .iter()

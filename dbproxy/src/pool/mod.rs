@@ -17,9 +17,9 @@
 //! topology generation (elected primary, fences) has not changed since it was opened: a failover
 //! empties the pools of every node and nothing opened before it is reused.
 //!
-//! Map: `config` (`[pool]`), `reset` (a returned connection's reset), `upkeep` (per-thread
-//! expiry, emptying after topology changes, `min_idle`), `show` (SHOW POOLS / CLIENTS /
-//! SERVERS), `metrics` (`dbproxy_pool_*`).
+//! Map: `config` (`[pool]`), `reset` (a returned connection's reset, and the close of one
+//! evicted from another thread), `upkeep` (per-thread expiry, emptying after topology changes,
+//! `min_idle`), `show` (SHOW POOLS / CLIENTS / SERVERS), `metrics` (`dbproxy_pool_*`).
 
 pub mod config;
 mod metrics;
@@ -383,6 +383,22 @@ impl Pools {
         self.lock().pools.get(&key).and_then(|p| p.greeting.clone())
     }
 
+    /// Whether a checkout of key (`node`, `params`) by the calling thread would be served now,
+    /// without waiting and without closing another thread's idle connection: the key has an
+    /// idle connection on this thread or room under `pool.size`, or has never been used. Racy
+    /// by nature (a hint). Another thread's idle connection does not count: closing it to open
+    /// one here costs a Terminate round trip and a login, which a client's login should not
+    /// wait for.
+    pub fn available(&self, node: usize, params: &[(String, String)]) -> bool {
+        let key = Key::new(node, params);
+        let size = self.config.load().size;
+        let thread = self.thread();
+        match self.lock().pools.get(&key) {
+            None => true,
+            Some(p) => p.open < size || p.idle.get(thread).is_some_and(|q| !q.is_empty()),
+        }
+    }
+
     /// Forgets a client that left.
     pub fn client_left(&self, id: u64) {
         self.lock().clients.remove(&id);
@@ -412,6 +428,7 @@ impl Pools {
             let generation = self.generation();
             let usable = self.node_usable(req.node);
             let mut closing: Vec<Idle> = Vec::new();
+            let mut evicted: Option<Idle> = None;
             let step = {
                 let mut st = self.lock();
                 let st = &mut *st;
@@ -440,7 +457,7 @@ impl Pools {
                         let other = (0..self.threads).find(|&t| t != thread && !p.idle[t].is_empty());
                         match other.and_then(|t| p.idle[t].pop_front()) {
                             Some(i) => {
-                                closing.push(i);
+                                evicted = Some(i);
                                 p.open += 1;
                                 Step::Open(self.next_id.fetch_add(1, Ordering::Relaxed))
                             }
@@ -499,10 +516,17 @@ impl Pools {
                     let greeting = Greeting {
                         frames: b.pooled.as_ref().map(|t| t.greeting.clone()).unwrap_or_default(),
                     };
-                    return Ok((*b, greeting));
+                    let mut b = *b;
+                    b.conn.written = false;
+                    return Ok((b, greeting));
                 }
                 Step::Open(id) => {
                     drop(waiting.take());
+                    if let Some(i) = evicted {
+                        // Its backend is gone from the server before the new login, so the
+                        // server never counts more than `pool.size` of this key's connections.
+                        reset::close_and_wait(i.backend, secs(config.connect_timeout)).await;
+                    }
                     return self.open(key, id, thread, req, &config).await;
                 }
                 Step::Wait => {
@@ -536,9 +560,10 @@ impl Pools {
         req: &Request<'_>,
         config: &PoolConfig,
     ) -> Result<(Backend, Greeting), BackendError> {
-        let (b, greeting) = self
+        let (mut b, greeting) = self
             .login(key.clone(), id, thread, req, config, ServerState::Active)
             .await?;
+        b.conn.written = false;
         {
             let mut st = self.lock();
             if let Some(c) = st.clients.get_mut(&req.client) {
@@ -641,6 +666,12 @@ impl Pools {
             && within_lifetime(tag.born, &config)
             && self.node_usable(tag.key.node);
         if !keep {
+            return;
+        }
+        if !b.conn.written {
+            // Its client never sent it anything (a session-mode login takes its primary
+            // connection at once, and a read-only session may never use it): nothing to reset.
+            self.pool_idle(b);
             return;
         }
         let id = tag.id;

@@ -3,22 +3,22 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::{cstr, i16_, i32_, put_cstr, write_msg, ProtocolError};
+use super::{cbytes, cstr, i16_, i32_, put_cstr, write_msg, ProtocolError};
 
 /// The fields of a Parse message.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Parse<'a> {
     /// The statement name (empty for the unnamed statement).
     pub name: &'a str,
-    /// The SQL text.
-    pub query: &'a str,
+    /// The SQL text, as sent (in the client's encoding).
+    pub query: &'a [u8],
 }
 
 /// Reads a Parse body (name, query, parameter type count and oids).
 pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
     let mut b = body;
     let name = cstr(&mut b, "Parse")?;
-    let query = cstr(&mut b, "Parse")?;
+    let query = cbytes(&mut b, "Parse")?;
     check_oids(b, "Parse")?;
     Ok(Parse { name, query })
 }
@@ -27,7 +27,7 @@ pub fn parse(body: &[u8]) -> Result<Parse<'_>, ProtocolError> {
 pub fn parse_param_types(body: &[u8]) -> Result<Vec<u32>, ProtocolError> {
     let mut b = body;
     cstr(&mut b, "Parse")?;
-    cstr(&mut b, "Parse")?;
+    cbytes(&mut b, "Parse")?;
     oids(b, "Parse")
 }
 
@@ -176,6 +176,11 @@ pub fn encode_sync(out: &mut BytesMut) {
     write_msg(out, b'S', |_| {});
 }
 
+/// Appends a Terminate.
+pub fn encode_terminate(out: &mut BytesMut) {
+    write_msg(out, b'X', |_| {});
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,7 +201,7 @@ mod tests {
             p,
             Parse {
                 name: "s1",
-                query: "select $1"
+                query: b"select $1"
             }
         );
         assert!(parse(b"s1\0select $1\0\0\x02\0\0\0\x17").is_err());

@@ -2,22 +2,22 @@
 //! a [`FrontendMessage`] that points into the frame's bytes, so the session matches on variants
 //! and still relays the raw [`Frame`] untouched.
 
-use super::{cstr, extended, i16_, simple, Frame, ProtocolError};
+use super::{cbytes, cstr, extended, i16_, simple, Frame, ProtocolError};
 
 /// One client message, borrowed from its frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FrontendMessage<'a> {
     /// A simple Query.
     Query {
-        /// The SQL text.
-        sql: &'a str,
+        /// The SQL text, as sent: in the client's `client_encoding`, not necessarily UTF-8.
+        sql: &'a [u8],
     },
     /// Parse: prepare `sql` as statement `name` (empty: the unnamed statement).
     Parse {
         /// The statement name.
         name: &'a str,
-        /// The SQL text.
-        sql: &'a str,
+        /// The SQL text, as sent (in the client's encoding).
+        sql: &'a [u8],
         /// The declared parameter types (0 where the server is to infer one).
         param_types: ParamTypes<'a>,
     },
@@ -138,7 +138,7 @@ impl<'a> FrontendMessage<'a> {
             b'P' => {
                 let mut b = body;
                 let name = cstr(&mut b, "Parse")?;
-                let sql = cstr(&mut b, "Parse")?;
+                let sql = cbytes(&mut b, "Parse")?;
                 let n = i16_(&mut b, "Parse")?;
                 if n < 0 || b.len() != n as usize * 4 {
                     return Err(ProtocolError::Malformed("Parse"));
@@ -235,7 +235,7 @@ mod tests {
         let q = Frame::new(b'Q', b"select 1\0");
         assert_eq!(
             FrontendMessage::parse(&q),
-            Ok(FrontendMessage::Query { sql: "select 1" })
+            Ok(FrontendMessage::Query { sql: b"select 1" })
         );
         let p = Frame::new(b'P', b"s1\0select $1\0\0\x01\0\0\0\x17");
         let FrontendMessage::Parse {
@@ -246,7 +246,26 @@ mod tests {
         else {
             panic!("not a Parse");
         };
-        assert_eq!((name, sql, param_types.to_vec()), ("s1", "select $1", vec![23]));
+        assert_eq!(
+            (name, sql, param_types.to_vec()),
+            ("s1", &b"select $1"[..], vec![23])
+        );
+        // SQL text in a single-byte client encoding (LATIN1 `\xe9`) is taken as sent.
+        let q = Frame::new(b'Q', b"select '\xe9'\0");
+        assert_eq!(
+            FrontendMessage::parse(&q),
+            Ok(FrontendMessage::Query {
+                sql: b"select '\xe9'"
+            })
+        );
+        let p = Frame::new(b'P', b"\0select '\xe9'\0\0\0");
+        assert!(matches!(
+            FrontendMessage::parse(&p),
+            Ok(FrontendMessage::Parse {
+                sql: b"select '\xe9'",
+                ..
+            })
+        ));
         assert_eq!(param_types.len(), 1);
         let b = Frame::new(b'B', b"p\0s\0\0\0\0\x01\0\0\0\x01x\0\0");
         let FrontendMessage::Bind(bind) = FrontendMessage::parse(&b).unwrap() else {

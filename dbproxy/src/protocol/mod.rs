@@ -56,14 +56,21 @@ impl ProtocolError {
     }
 }
 
-/// Splits a NUL-terminated string off the front of `buf`.
+/// Splits a NUL-terminated string off the front of `buf`, as UTF-8 (names, parameters).
 pub(crate) fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
+    let b = cbytes(buf, what)?;
+    std::str::from_utf8(b).map_err(|_| ProtocolError::Malformed(what))
+}
+
+/// Splits a NUL-terminated string off the front of `buf`, as the bytes sent: SQL text, which is
+/// in the client's `client_encoding` (any encoding PostgreSQL supports, not only UTF-8).
+pub(crate) fn cbytes<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
     // `CStr` finds the NUL a word at a time.
     let end = std::ffi::CStr::from_bytes_until_nul(buf)
         .map_err(|_| ProtocolError::Malformed(what))?
         .to_bytes()
         .len();
-    let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed(what))?;
+    let s = &buf[..end];
     *buf = &buf[end + 1..];
     Ok(s)
 }

@@ -10,6 +10,12 @@ use crate::settings::Lost;
 use super::cycle::{Copy, Cycle, Mode, Split, Tx, Which};
 use super::Session;
 
+/// The SQLSTATE of a standby's `cannot access temporary or unlogged relations during recovery`
+/// (feature_not_supported): replayed on the primary like a 25006, under the same rules. Any
+/// other 0A000 of a standby's is replayed too, which costs a round trip and answers what the
+/// primary answers, as without dbproxy.
+const UNLOGGED_REFUSED: &str = "0A000";
+
 /// Caps the number of remembered SET statements; past it the session stays on the primary.
 const MAX_SETS: usize = 256;
 
@@ -53,6 +59,13 @@ impl Session {
     /// One message from backend `w`; an error when it is malformed.
     pub(super) fn on_backend_frame(&mut self, w: Which, f: Frame) -> Result<(), ProtocolError> {
         let msg = BackendMessage::parse(&f)?;
+        if msg == BackendMessage::ParameterStatus {
+            // SET client_encoding (or RESET, or a replayed SET) changes how the client's next
+            // SQL text is to be read.
+            if let Some(e) = super::login::client_encoding(&f) {
+                self.encoding = e;
+            }
+        }
         let in_cycle = self.cycle.on() == Some(w);
         if let Some(b) = self.backend(w).filter(|b| b.capturing) {
             // The answer to the `pg_current_wal_lsn()` sent behind the client's last write.
@@ -128,6 +141,7 @@ impl Session {
                     "primary connection ended while idle: {}",
                     e.message().unwrap_or("")
                 );
+                self.primary_fatal = Some(f);
                 return Ok(());
             }
         }
@@ -168,7 +182,7 @@ impl Session {
                     self.release_holdback();
                 }
                 return Ok(());
-            } else if code == Some("25006") {
+            } else if code == Some("25006") || (w == Which::Standby && code == Some(UNLOGGED_REFUSED)) {
                 let window = self.replay.take().unwrap_or_default();
                 if let Some(replay) = window.replayable() {
                     // Swallow the standby's answers up to its ReadyForQuery, then replay; a
@@ -206,6 +220,11 @@ impl Session {
                 self.tx = Tx { status, on: w };
                 if self.tx.idle() {
                     self.split = Split::Whole;
+                    if std::mem::take(&mut self.ddl_sent) {
+                        // A CREATE, ALTER or DROP has committed (or rolled back): learn the
+                        // unlogged relations again before the next statement is routed.
+                        self.unlogged_due = true;
+                    }
                 }
                 // A replay already due runs all the same.
                 if !matches!(self.cycle, Cycle::Replaying { .. }) {

@@ -156,14 +156,14 @@ impl Session {
                 Err(self.protocol_violation(&msg).await)
             }
             FrontendMessage::Query { sql } => {
-                if let Some(show) = crate::admin::show(sql).filter(|_| self.cycle.on().is_none()) {
+                if let Some(show) = admin_show(sql).filter(|_| self.cycle.on().is_none()) {
                     let lb = self.standby.as_ref().map(|b| b.node);
                     let (cluster, pools) = (&self.shared.cluster, &self.shared.pools);
                     crate::admin::encode_show(show, cluster, pools, lb, &mut self.client.wbuf);
                     status::encode_ready(self.tx.status.byte(), &mut self.client.wbuf);
                     return self.client.flush().await.map_err(|_| End);
                 }
-                let r = Route::of(&self.shared.classifier, sql);
+                let r = self.route(sql).await;
                 if forgets_prepared(sql) {
                     // DEALLOCATE / DISCARD drop protocol-level statements too; forgetting where
                     // they exist is safe, since a lazy prepare closes any stale copy first.
@@ -187,15 +187,23 @@ impl Session {
                 sql,
                 param_types,
             } => {
-                // Classified once here; every later execution reuses the verdict.
-                let r = Route::of(&self.shared.classifier, sql);
+                // Classified once here; every later execution reuses the verdict (until the
+                // unlogged relations are learned again).
+                let unlogged = self.unlogged.generation();
+                let r = self.route(sql).await;
                 if !r.standby_ok {
                     self.batch.not_read_only();
                 }
                 self.note(r);
                 // One statement per Parse (PostgreSQL refuses more).
-                let step = match r.follow.then(|| self.shared.classifier.steps(sql)) {
+                let step = match r
+                    .follow
+                    .then(|| self.shared.classifier.steps_bytes(sql, self.encoding))
+                {
                     Some(Some(mut steps)) if steps.len() == 1 => steps.pop().unwrap_or(Step::Other),
+                    // A SET whose text cannot be followed (not UTF-8, or in an encoding the
+                    // lexer cannot split): the session stays on the primary once it runs.
+                    Some(None) => Step::Unknown,
                     _ => Step::Other,
                 };
                 let param_types = match step {
@@ -205,6 +213,7 @@ impl Session {
                 let stmt = Stmt {
                     parse: f.clone(),
                     read_only: r.standby_ok,
+                    unlogged,
                     step,
                     param_types,
                 };
@@ -257,6 +266,20 @@ impl Session {
     /// A Bind or Describe of statement `name`: the batch stays off the standbys unless the
     /// statement surely only reads.
     fn statement_used(&mut self, name: &str) {
+        let generation = self.unlogged.generation();
+        if let Some(s) = self
+            .stmts
+            .get_mut(name)
+            .filter(|s| s.read_only && s.unlogged != generation)
+        {
+            // A read classified before the unlogged relations were last learned: it may name
+            // one now known.
+            s.unlogged = generation;
+            if let Ok(FrontendMessage::Parse { sql, .. }) = FrontendMessage::parse(&s.parse) {
+                let (classifier, names) = (&self.shared.classifier, self.unlogged.names());
+                s.read_only = Route::of_bytes(classifier, sql, self.encoding, &names).standby_ok;
+            }
+        }
         if !self.stmts.get(name).is_some_and(|s| s.read_only) {
             self.batch.not_read_only();
         }
@@ -304,6 +327,21 @@ impl Session {
             .await
     }
 
+    /// Classifies `sql`, noting whether it may change which relations are unlogged (learned
+    /// first when due).
+    async fn route(&mut self, sql: &[u8]) -> Route {
+        self.learn_unlogged().await;
+        if crate::unlogged::may_change(sql) {
+            self.ddl_sent = true;
+        }
+        Route::of_bytes(
+            &self.shared.classifier,
+            sql,
+            self.encoding,
+            &self.unlogged.names(),
+        )
+    }
+
     /// Session-state effects of a statement the client sent.
     fn note(&mut self, r: Route) {
         if r.pins {
@@ -315,16 +353,21 @@ impl Session {
     /// whose isolation level is the session's default counts as one only while that default
     /// cannot have been changed by a session setting (SET default_transaction_isolation, SET
     /// SESSION CHARACTERISTICS, a startup option); a savepoint only within the bounds followed.
-    fn tx_part(&self, role: Role, sql: &str) -> TxPart {
+    fn tx_part(&self, role: Role, sql: &[u8]) -> TxPart {
         match role {
             Role::Begin(Isolation::Default) if self.default_isolation_changed() => TxPart::default(),
-            Role::Begin(_) => TxPart {
-                role,
-                begin: Some(sql.to_string()),
-                control: None,
+            // Its text is replayed on the other connection, as UTF-8 only: a BEGIN carrying
+            // other bytes (a comment in LATIN9, say) runs its transaction whole on the primary.
+            Role::Begin(_) => match std::str::from_utf8(sql) {
+                Ok(text) => TxPart {
+                    role,
+                    begin: Some(text.to_string()),
+                    control: None,
+                },
+                Err(_) => TxPart::default(),
             },
             Role::Control if matches!(self.split, Split::Reading(_)) => {
-                match route::lone_step(&self.shared.classifier, sql) {
+                match route::lone_step(&self.shared.classifier, sql, self.encoding) {
                     Some(step) if self.split.follows(&step) => TxPart {
                         role,
                         begin: None,
@@ -460,4 +503,14 @@ impl Session {
         }
         replayed > 0
     }
+}
+
+/// The proxy's own `SHOW POOL_*` command `sql` asks for, if any (only its first word is read
+/// before the text is taken as UTF-8, so other queries are not scanned for it).
+fn admin_show(sql: &[u8]) -> Option<crate::admin::Show> {
+    let head = sql.trim_ascii_start();
+    if !head.get(..4).is_some_and(|w| w.eq_ignore_ascii_case(b"show")) {
+        return None;
+    }
+    crate::admin::show(std::str::from_utf8(head).ok()?)
 }

@@ -34,8 +34,12 @@ pub(super) struct Authed {
 pub(super) struct Login {
     pub user: String,
     pub params: Vec<(String, String)>,
+    /// The `client_encoding` the server reported at login.
+    pub encoding: crate::classify::Encoding,
     /// `None` when the login was answered from the pool's knowledge of the key.
     pub primary: Option<Backend>,
+    /// The unlogged relations of the client's database.
+    pub unlogged: Arc<crate::unlogged::Db>,
     pub cancel: Arc<CancelSlot>,
     pub key: (i32, i32),
     pub member: Member,
@@ -347,14 +351,24 @@ pub(super) async fn connect(
             connected: std::time::SystemTime::now(),
         }),
     };
+    let unlogged = shared.unlogged.db(&database);
     let cluster = &shared.cluster;
-    // A key that logged in before needs no server connection at login: the client is told the
-    // parameters that login reported and gets a pooled connection with its first request (as
-    // PgBouncer does), so a client never holds a connection it has not used yet.
+    // In session mode the client is given the process id of its own primary connection (as
+    // directly: `pg_terminate_backend` of it ends this session, a NOTIFY it sends names it), so
+    // that connection is taken at login, from the pool's idle ones when it has one (no backend
+    // round trip). Otherwise, and when the pool is full (waiting here, a client that opens its
+    // connections one after another could wait on itself), a key that logged in before needs
+    // no server connection at login: the client is told the parameters that login reported, a
+    // process id of dbproxy's, and gets a pooled connection with its first request (as
+    // PgBouncer does). A relayed (pass-through) login already holds its primary connection.
     let primary_only = relayed.as_ref().is_some_and(|r| r.primary_only);
+    let session_mode = shared.config.pool.mode == crate::pool::PoolMode::Session;
     let cached = match relayed {
         Some(r) => Err((r.backend, r.greeting.frames)),
-        None => Ok(cluster.elected().and_then(|p| shared.pools.greeting(p, &params))),
+        None => Ok(cluster
+            .elected()
+            .filter(|&p| !session_mode || !shared.pools.available(p, &params))
+            .and_then(|p| shared.pools.greeting(p, &params))),
     };
     let (primary, greeting) = match cached {
         Err((b, frames)) => (Some(b), frames),
@@ -372,30 +386,63 @@ pub(super) async fn connect(
         }
     };
     pauth::encode_request(pauth::OK, &[], &mut client.wbuf);
+    let cancel: Arc<CancelSlot> = Arc::new(Mutex::new(None));
+    let mut encoding = crate::classify::Encoding::default();
     for f in &greeting {
+        if let Some(e) = client_encoding(f) {
+            encoding = e;
+        }
         client.wbuf.put_slice(f.raw());
     }
-    let key = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+    let key = {
+        let mut cancels = shared.cancels.lock().expect("cancels poisoned");
+        loop {
+            // The real process id, with dbproxy's own secret: a CancelRequest names this
+            // session in the cancel map, whichever backend runs its request then. (Another
+            // session may hold the same process id, one its lost primary connection had: the
+            // secrets tell them apart.)
+            let pid = match &primary {
+                Some(b) => b.key.0,
+                None => rand::random::<i32>() & 0x7fff_ffff,
+            };
+            let key = (pid, rand::random::<i32>());
+            if let std::collections::hash_map::Entry::Vacant(e) = cancels.entry(key) {
+                e.insert(cancel.clone());
+                break key;
+            }
+        }
+    };
     status::encode_backend_key(key.0, key.1, &mut client.wbuf);
     status::encode_ready(TxStatus::Idle.byte(), &mut client.wbuf);
-    client.flush().await.map_err(|_| End)?;
-    let cancel = Arc::new(Mutex::new(None));
-    shared
-        .cancels
-        .lock()
-        .expect("cancels poisoned")
-        .insert(key, cancel.clone());
+    if client.flush().await.is_err() {
+        shared.cancels.lock().expect("cancels poisoned").remove(&key);
+        return Err(End);
+    }
     cluster.metrics.connections.inc();
     Ok(Some(Login {
         user,
         params,
+        encoding,
         primary,
+        unlogged,
         cancel,
         key,
         member,
         creds,
         primary_only,
     }))
+}
+
+/// The client encoding a backend message reports, if it is a ParameterStatus of
+/// `client_encoding`.
+pub(super) fn client_encoding(f: &Frame) -> Option<crate::classify::Encoding> {
+    if f.tag() != b'S' {
+        return None;
+    }
+    match status::parameter_status(f.body()) {
+        Ok(("client_encoding", v)) => Some(crate::classify::Encoding::from_name(v)),
+        _ => None,
+    }
 }
 
 /// Connects to the elected primary. While there is none, or it cannot be reached (it just died

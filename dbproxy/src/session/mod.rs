@@ -16,6 +16,7 @@
 
 mod answer;
 mod batch;
+mod catalog;
 mod client;
 mod cycle;
 mod login;
@@ -34,7 +35,7 @@ use tokio::net::TcpStream;
 
 use crate::auth::{Credentials, Hba};
 use crate::backend::{self, Backend, Conn};
-use crate::classify::Classifier;
+use crate::classify::{Classifier, Encoding};
 use crate::cluster::Cluster;
 use crate::config::{secs, Config};
 use crate::protocol::{error as perror, Frame};
@@ -76,6 +77,8 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// The server connection pools (shared by every configuration generation).
     pub pools: Arc<crate::pool::Pools>,
+    /// The unlogged relations of each database (shared by every configuration generation).
+    pub unlogged: Arc<crate::unlogged::Unlogged>,
 }
 
 /// Why a session ends (already reported to the client where that makes sense).
@@ -144,6 +147,9 @@ struct Session {
     /// Every request runs on the primary: the client authenticated by a relayed md5 or SCRAM
     /// exchange, which leaves nothing to log in to another node with.
     primary_only: bool,
+    /// The client's `client_encoding` as the server last reported it (ParameterStatus), which
+    /// the SQL text the client sends is in.
+    encoding: Encoding,
     /// The connection to the elected primary; `None` after it was lost while idle (reopened,
     /// to whichever node is primary then, when next needed).
     primary: Option<Backend>,
@@ -166,6 +172,14 @@ struct Session {
     /// a transaction or whose transaction committed, not those rolled back (as PostgreSQL
     /// itself undoes them), nor SET LOCAL.
     settings: Tracker,
+    /// The unlogged relations of the session's database (reads naming one go to the primary).
+    unlogged: Arc<crate::unlogged::Db>,
+    /// A statement that may change which relations are unlogged was sent: they are learned
+    /// again once its transaction ends.
+    ddl_sent: bool,
+    /// The unlogged relations are to be learned before the next statement is routed (see
+    /// `catalog`): nobody had learned them when the session started, or it ran DDL.
+    unlogged_due: bool,
     /// The extended-protocol batch being gathered.
     batch: Batch,
     /// What was sent to a standby in this cycle and may still be replayed on the primary.
@@ -175,6 +189,9 @@ struct Session {
     spare_window: Window,
     /// Responses held back while a replay is still possible (ParseComplete and the like).
     holdback: Vec<Frame>,
+    /// The FATAL error the primary connection sent while idle, just before it ended: told to
+    /// the client when its own backend was terminated (see `upstream::backend_lost`).
+    primary_fatal: Option<Frame>,
     cancel: Arc<CancelSlot>,
     /// The backend key now in `cancel`, so the slot's lock is taken only when it changes.
     cancel_key: Option<(i32, i32)>,
@@ -197,6 +214,7 @@ impl Drop for Session {
 impl Session {
     fn new(shared: Arc<Shared>, client: Conn, login: Login, slot: Slot) -> Session {
         let watch = shared.cluster.subscribe();
+        let unlogged_due = login.unlogged.generation() == 0;
         Session {
             shared,
             client,
@@ -205,6 +223,7 @@ impl Session {
             params: login.params,
             creds: login.creds,
             primary_only: login.primary_only,
+            encoding: login.encoding,
             primary: login.primary,
             standby: None,
             watch,
@@ -215,10 +234,14 @@ impl Session {
             stmts: Statements::default(),
             sets: Vec::new(),
             settings: Tracker::default(),
+            unlogged: login.unlogged,
+            ddl_sent: false,
+            unlogged_due,
             batch: Batch::default(),
             replay: None,
             spare_window: Window::default(),
             holdback: Vec::new(),
+            primary_fatal: None,
             cancel: login.cancel,
             cancel_key: None,
             key: login.key,

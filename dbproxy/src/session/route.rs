@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::classify::{Classifier, Isolation, Step, Target, TxCommand};
+use crate::classify::{Classifier, Encoding, Isolation, Relations, Step, Target, TxCommand};
 use crate::cluster::Decision;
 use crate::config::{RoutingConfig, WriteStickiness};
 use crate::protocol::TxStatus;
@@ -44,9 +44,9 @@ pub(super) struct Route {
     pub role: Role,
 }
 
-/// The one statement `sql` holds, if it holds exactly one.
-pub(super) fn lone_step(classifier: &Classifier, sql: &str) -> Option<Step> {
-    let mut steps = classifier.steps(sql)?;
+/// The one statement `sql` (in the client's `encoding`) holds, if it holds exactly one.
+pub(super) fn lone_step(classifier: &Classifier, sql: &[u8], encoding: Encoding) -> Option<Step> {
+    let mut steps = classifier.steps_bytes(sql, encoding)?;
     if steps.len() == 1 {
         steps.pop()
     } else {
@@ -55,28 +55,40 @@ pub(super) fn lone_step(classifier: &Classifier, sql: &str) -> Option<Step> {
 }
 
 impl Route {
-    /// Classifies `sql`.
+    /// Classifies `sql`, UTF-8 text.
+    #[cfg(test)]
     pub fn of(classifier: &Classifier, sql: &str) -> Route {
-        let c = classifier.classify(sql);
+        Route::of_bytes(
+            classifier,
+            sql.as_bytes(),
+            Encoding::AsciiSafe,
+            &Relations::default(),
+        )
+    }
+
+    /// Classifies `sql`, the bytes a client sent in its `client_encoding`; a read naming one
+    /// of the `unlogged` relations cannot run on a standby.
+    pub fn of_bytes(classifier: &Classifier, sql: &[u8], encoding: Encoding, unlogged: &Relations) -> Route {
+        let c = classifier.classify_with(sql, encoding, unlogged);
         let begin_ro = matches!(c.tx, TxCommand::Begin { read_only: true, .. });
         let control = matches!(c.tx, TxCommand::Begin { .. } | TxCommand::End);
         let role = match c.tx {
             TxCommand::Begin {
                 read_only: false,
                 isolation,
-            } if lone_step(classifier, sql).is_some() => Role::Begin(isolation),
+            } if lone_step(classifier, sql, encoding).is_some() => Role::Begin(isolation),
             TxCommand::SetTransaction { isolation, snapshot }
                 if (snapshot || !matches!(isolation, Isolation::Default | Isolation::ReadCommitted))
-                    && lone_step(classifier, sql).is_some() =>
+                    && lone_step(classifier, sql, encoding).is_some() =>
             {
                 Role::Snapshot
             }
             TxCommand::End | TxCommand::None if c.tx == TxCommand::End || c.savepoint => {
                 let prepare = sql
-                    .trim_start()
+                    .trim_ascii_start()
                     .get(..7)
-                    .is_some_and(|w| w.eq_ignore_ascii_case("prepare"));
-                match lone_step(classifier, sql) {
+                    .is_some_and(|w| w.eq_ignore_ascii_case(b"prepare"));
+                match lone_step(classifier, sql, encoding) {
                     Some(
                         Step::Commit { .. }
                         | Step::Rollback { .. }

@@ -19,6 +19,9 @@ pub(super) struct Stmt {
     pub parse: Frame,
     /// The statement surely only reads.
     pub read_only: bool,
+    /// The generation of the unlogged relations it was classified with (see
+    /// [`crate::unlogged::Db::generation`]).
+    pub unlogged: u64,
     /// What executing it does to session settings and the transaction.
     pub step: Step,
     /// Its parameter types, as declared or as a Describe learned them; kept only for a
@@ -83,8 +86,8 @@ pub(super) fn param_text(format: i16, oid: u32, v: &[u8]) -> Option<Cow<'_, str>
 }
 
 /// Whether `sql` starts with DEALLOCATE or DISCARD (which drop protocol-level statements too).
-pub(super) fn forgets_prepared(sql: &str) -> bool {
-    let head = sql.trim_start().as_bytes();
+pub(super) fn forgets_prepared(sql: &[u8]) -> bool {
+    let head = sql.trim_ascii_start();
     let starts = |w: &[u8]| head.len() >= w.len() && head[..w.len()].eq_ignore_ascii_case(w);
     starts(b"deallocate") || starts(b"discard")
 }
@@ -105,6 +108,10 @@ pub(super) struct Statements {
 impl Statements {
     pub fn get(&self, name: &str) -> Option<&Stmt> {
         self.by_name.get(name)
+    }
+
+    pub fn get_mut(&mut self, name: &str) -> Option<&mut Stmt> {
+        self.by_name.get_mut(name)
     }
 
     pub fn insert(&mut self, name: &str, stmt: Stmt) {
@@ -183,10 +190,10 @@ mod tests {
 
     #[test]
     fn deallocate_and_discard_forget_statements() {
-        assert!(forgets_prepared("  DEALLOCATE ALL"));
-        assert!(forgets_prepared("discard all"));
-        assert!(!forgets_prepared("select 1"));
-        assert!(!forgets_prepared("dis"));
+        assert!(forgets_prepared(b"  DEALLOCATE ALL"));
+        assert!(forgets_prepared(b"discard all"));
+        assert!(!forgets_prepared(b"select 1"));
+        assert!(!forgets_prepared(b"dis"));
     }
 
     #[test]
@@ -194,6 +201,7 @@ mod tests {
         let stmt = Stmt {
             parse: Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
             read_only: false,
+            unlogged: 0,
             step: Step::Set("select set_config('a', $1, false)".into()),
             param_types: vec![25],
         };
@@ -225,6 +233,7 @@ mod tests {
             Stmt {
                 parse: parse.clone(),
                 read_only: false,
+                unlogged: 0,
                 step: Step::Set("x".into()),
                 param_types: Vec::new(),
             },

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::BufMut;
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
+use crate::config::secs;
 use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
 
@@ -225,6 +226,7 @@ impl Session {
                 }
             }
         }
+        let stale_primary = self.primary_stale();
         let (b, other) = match target {
             Which::Primary => match self.primary.as_mut() {
                 Some(b) => (b, self.standby.as_mut()),
@@ -236,6 +238,12 @@ impl Session {
             ),
         };
         let mut other = other;
+        // A named statement prepared on a standby is prepared on the primary too, at once and in
+        // the client's order (answers swallowed), unless the primary connection is stale: the
+        // primary's pg_prepared_statements, where the client reads it, then lists the client's
+        // statements in their prepare_time order, as without dbproxy.
+        let mut mirrored = false;
+        let mirror = target == Which::Standby && !stale_primary;
         // Statements the client closed elsewhere, and settings not applied here yet.
         if !b.to_close.is_empty() {
             for name in b.to_close.drain(..) {
@@ -272,7 +280,7 @@ impl Session {
             }
             match FrontendMessage::parse(f) {
                 Ok(FrontendMessage::Query { sql }) if settings.active() => {
-                    settings.query(self.shared.classifier.steps(sql));
+                    settings.query(self.shared.classifier.steps_bytes(sql, self.encoding));
                 }
                 Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
                 Ok(FrontendMessage::Parse { name, .. }) => {
@@ -280,6 +288,21 @@ impl Session {
                         if let Some(o) = other.as_mut() {
                             o.prepared.remove("");
                         }
+                    } else if let Some(p) = other.as_mut().filter(|p| mirror && !p.prepared.contains(name)) {
+                        let wbuf = &mut p.conn.wbuf;
+                        for s in &self.sets[p.sets_applied..] {
+                            simple::encode_query(s, wbuf);
+                            p.swallow_rfq += 1;
+                        }
+                        p.sets_applied = self.sets.len();
+                        p.to_close.retain(|c| c != name);
+                        // Any stale copy is closed first, as a lazy prepare does.
+                        extended::encode_close_statement(name, wbuf);
+                        wbuf.put_slice(f.raw());
+                        extended::encode_sync(wbuf);
+                        p.swallow_rfq += 1;
+                        p.prepared.insert(name.to_string());
+                        mirrored = true;
                     }
                     b.prepared.insert(name.to_string());
                 }
@@ -322,6 +345,13 @@ impl Session {
             // with nothing to cancel (PostgreSQL ignores it), as it would without dbproxy.
             *self.cancel.lock().expect("slot poisoned") = Some((b.addr, b.key.0, b.key.1));
             self.cancel_key = Some(b.key);
+        }
+        if mirrored {
+            if let Some(p) = other {
+                // Before the standby's request, so the primary prepares in the client's order;
+                // a failed write shows when the primary connection is next read.
+                let _ = p.conn.flush().await;
+            }
         }
         let written = b.conn.flush().await;
         let role = match target {
@@ -396,11 +426,59 @@ impl Session {
         self.client.flush().await.map_err(|_| End)
     }
 
+    /// Whether the FATAL `f` that ended the idle primary connection to `node` terminated that
+    /// backend alone: an administrator's termination (57P01) while `node` is still the elected
+    /// primary and accepts a new login. A server shutting down sends the same 57P01 to every
+    /// backend but refuses new logins from then on (57P03), and a session then moves on to
+    /// whichever node is primary next, as before.
+    async fn terminated_alone(&self, f: &Frame, node: usize) -> bool {
+        if backend::sqlstate(f) != Some("57P01") {
+            return false;
+        }
+        let cluster = &self.shared.cluster;
+        if cluster.elected() != Some(node) || cluster.is_fenced(node) {
+            return false;
+        }
+        let config = &cluster.nodes[node].config;
+        let limits = &self.shared.config.limits;
+        let probe = backend::connect(
+            node,
+            &config.host,
+            config.port,
+            &self.params,
+            &self.user,
+            self.shared.users.get(&self.user),
+            limits.max_message_size,
+            secs(limits.connect_timeout),
+        )
+        .await;
+        probe.is_ok()
+    }
+
     /// Backend `w`'s connection ended or broke the protocol.
     async fn backend_lost(&mut self, w: Which) -> Result<(), End> {
         if w == Which::Primary {
             if let Some(b) = &self.primary {
                 self.shared.cluster.suspect(b.node);
+            }
+            let own = self
+                .primary
+                .as_ref()
+                .filter(|b| b.key.0 == self.key.0)
+                .map(|b| b.node);
+            if let (Some(f), Some(node)) = (self.primary_fatal.take(), own) {
+                if self.terminated_alone(&f, node).await {
+                    // The backend whose process id the client holds was terminated
+                    // (`pg_terminate_backend`) while its node serves on: the session ends
+                    // with that backend's FATAL, as it would without dbproxy.
+                    tracing::info!("the session's own backend was terminated; ending the session");
+                    self.primary = None;
+                    self.cycle = Cycle::Idle;
+                    self.slot = None;
+                    self.client.wbuf.put_slice(f.raw());
+                    let _ = self.client.flush().await;
+                    return Err(End);
+                }
             }
             if self.primary_busy() || self.sticky.pinned {
                 return self.lost_primary().await;

@@ -323,6 +323,65 @@ def asyncpg_notify(dsn):
 
 
 @case
+def psycopg_backend_pid(dsn):
+    """The process id a client got at login (BackendKeyData) is its server's: pg_backend_pid()
+    and pg_stat_activity agree, a NOTIFY names it as sender, pg_terminate_backend of it ends that
+    client's session (and no other), and cancel still reaches it."""
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True) as a, psycopg.connect(dsn, autocommit=True) as b:
+        pa, pb = a.info.backend_pid, b.info.backend_pid
+        out.append(a.execute("select pg_backend_pid() = %s", (pa,)).fetchone())
+        out.append(b.execute("select count(*) from pg_stat_activity where pid = %s", (pa,)).fetchone())
+        a.execute("listen compat_pid_ch")
+        b.execute("notify compat_pid_ch, 'from b'")
+        a.execute("notify compat_pid_ch, 'from a'")
+        got = sorted([n.payload, n.pid == pb, n.pid == pa] for n in a.notifies(timeout=10, stop_after=2))
+        out.append(got)
+        with Canceller(a.cancel_safe):
+            try:
+                a.execute("select pg_sleep(30)")
+                out.append("finished")
+            except psycopg.errors.QueryCanceled as e:
+                out.append(e.sqlstate)
+        out.append(a.execute("select pg_backend_pid() = %s", (pa,)).fetchone())
+        out.append(b.execute("select pg_terminate_backend(%s, 10000)", (pa,)).fetchone())
+        try:
+            a.execute("select 1")
+            out.append("still alive")
+        except psycopg.OperationalError as e:
+            out.append([type(e).__name__, e.sqlstate, a.closed])
+        out.append(b.execute("select pg_backend_pid() = %s", (pb,)).fetchone())
+    return out
+
+
+@case
+def asyncpg_backend_pid(dsn):
+    """asyncpg's get_server_pid() is its server's process id, and a listener callback gets it
+    as the sender of a NOTIFY."""
+    import asyncpg
+
+    async def main():
+        a = await asyncpg.connect(**apg(dsn))
+        b = await asyncpg.connect(**apg(dsn))
+        got = asyncio.Queue()
+        try:
+            pa, pb = a.get_server_pid(), b.get_server_pid()
+            out = [await a.fetchval("select pg_backend_pid() = $1", pa)]
+            await a.add_listener("compat_apg_pid", lambda _c, pid, _ch, payload: got.put_nowait([payload, pid == pb]))
+            await b.execute("notify compat_apg_pid, 'hello'")
+            out.append(await asyncio.wait_for(got.get(), 10))
+            out.append(await b.fetchval("select count(*) from pg_stat_activity where pid = $1", pa))
+            return out
+        finally:
+            await a.close()
+            await b.close()
+
+    return asyncio.run(main())
+
+
+@case
 def psycopg_cancel(dsn):
     """Connection.cancel_safe() during a read (balanced) and during a transaction (primary)."""
     import psycopg
@@ -555,12 +614,48 @@ def sql_prepare_execute(dsn):
             cur.execute("execute compat_q(1)")
         except psycopg2.Error as e:
             out.append(e.pgcode)
+        for name in ["compat_a", "compat_b", "compat_c"]:
+            cur.execute(f"prepare {name} as select '{name}'")
+        cur.execute("execute compat_b")
+        out.append(cur.fetchone()[0])
+        cur.execute("deallocate compat_a")
+        cur.execute("prepare compat_a as select 'again'")
+        cur.execute("execute compat_a")
+        out.append(cur.fetchone()[0])
+        cur.execute("select name from pg_prepared_statements order by prepare_time")
+        out.append([r[0] for r in cur.fetchall()])
         cur.execute("prepare compat_r as select 1; prepare compat_s as select 2")
         cur.execute("deallocate all")
         cur.execute("select count(*) from pg_prepared_statements")
         out.append(cur.fetchone()[0])
     finally:
         c.close()
+    return out
+
+
+@case
+def psycopg_prepared_statements_view(dsn):
+    """pg_prepared_statements as a client sees it: its statements (reads that may have run on a
+    standby, writes on the primary), in prepare_time order, after psycopg evicted the oldest
+    from its cache (prepared_max) with DEALLOCATE; and SQL PREPARE among them."""
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as c:
+        c.prepared_max = 3
+        recreate(c, "compat_psv", "id int")
+        queries = ["select 1 + %s", "insert into compat_psv values (%s)", "select 2 + %s", "select 3 + %s",
+                   "select count(*) + %s from compat_psv"]
+        for q in queries:
+            c.execute(q, (1,))
+        c.execute("prepare compat_psv_sql as select 42")
+        c.execute("select 4 + %s", (1,))
+        view = "select name, statement, from_sql from pg_prepared_statements order by prepare_time, name"
+        out.append(rows(c.execute(view, prepare=False)))
+        out.append(c.execute("execute compat_psv_sql", prepare=False).fetchone())
+        c.execute("deallocate all", prepare=False)
+        out.append(rows(c.execute(view, prepare=False)))
+        c.execute("drop table compat_psv", prepare=False)
     return out
 
 
@@ -586,6 +681,48 @@ def node_local_state(dsn):
 
 
 @case
+def unlogged_tables(dsn):
+    """Reads of unlogged tables, which a standby refuses to read: right after CREATE UNLOGGED
+    TABLE, prepared, joined, in a transaction, after ALTER ... SET LOGGED and SET UNLOGGED, and
+    over asyncpg."""
+    import asyncpg
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as c:
+        c.execute("drop table if exists compat_unlogged")
+        c.execute("create unlogged table compat_unlogged (id int primary key, v text)")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        c.execute("insert into compat_unlogged select g, 'v' || g from generate_series(1, 5) g")
+        for i in (1, 2, 3):
+            out.append(c.execute("select v from compat_unlogged where id = %s", (i,)).fetchone())
+        out.append(c.execute("select count(*) from pg_class p join compat_unlogged u on u.id = p.oid::int").fetchone())
+        with c.transaction():
+            out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        out.append(c.execute("select sum(id) from \"compat_unlogged\"").fetchone())
+        c.execute("alter table compat_unlogged set logged")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        c.execute("alter table compat_unlogged set unlogged")
+        out.append(c.execute("select count(*) from compat_unlogged").fetchone())
+        with c.pipeline():
+            curs = [c.execute("select v from compat_unlogged where id = %s", (i,)) for i in (4, 5)]
+        out.append([x.fetchone() for x in curs])
+
+    async def apg_reads():
+        a = await asyncpg.connect(**apg(dsn))
+        try:
+            return [await a.fetchval("select count(*) from compat_unlogged"),
+                    await a.fetchval("select v from compat_unlogged where id = $1", 5)]
+        finally:
+            await a.close()
+
+    out.append(asyncio.run(apg_reads()))
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("drop table compat_unlogged")
+    return out
+
+
+@case
 def psycopg_encoding_parameters(dsn):
     """Non-UTF-8 client encodings with non-ASCII values passed as parameters."""
     import psycopg
@@ -605,6 +742,97 @@ def psycopg_encoding_parameters(dsn):
     with psycopg.connect(dsn, autocommit=True) as c:
         out.append(rows(c.execute("select enc, v from compat_enc order by enc")))
         c.execute("drop table compat_enc")
+    return out
+
+
+ENCODED_SAMPLES = {"LATIN9": "café €", "LATIN1": "naïve ß", "WIN1252": "“quoted” €", "KOI8R": "привет",
+                   "EUC_JP": "日本語", "SJIS": "表示 ソ", "BIG5": "許功蓋", "UTF8": "ünïcödé ✓"}
+
+
+def encoded_text_statements(s, enc):
+    """Statements with `s` written into their text (so the bytes sent are in `enc`): a read that
+    dbproxy may balance, a write, a read of it, a SET and a BEGIN with non-ASCII text, and an
+    error whose message quotes the text."""
+    lit = s.replace("'", "''")
+    return [
+        f"select '{lit}'::text, length('{lit}'), octet_length('{lit}'::text) > 0 /* {lit} */",
+        f"insert into compat_enc_text values ('{enc}', '{lit}')",
+        f"select enc from compat_enc_text where v = '{lit}'",
+        f"set application_name = 'app {lit}'",
+        "select current_setting('application_name')",
+        f"/* {lit} */ begin",
+        f"select count(*) from compat_enc_text where v <> '{lit}'",
+        "commit",
+        f"select '{lit}'::int",
+    ]
+
+
+@case
+def encoding_query_text_simple(dsn):
+    """Query text with non-ASCII characters in non-UTF-8 client encodings, over the simple
+    protocol (psycopg2 sends every query with PQexec), SQL PREPARE/EXECUTE included."""
+    import psycopg2
+
+    out = []
+    c = psycopg2.connect(dsn)
+    c.autocommit = True
+    c.cursor().execute("drop table if exists compat_enc_text; create table compat_enc_text (enc text, v text)")
+    c.close()
+    for enc, s in ENCODED_SAMPLES.items():
+        c = psycopg2.connect(dsn)
+        c.autocommit = True
+        try:
+            c.set_client_encoding(enc)
+            cur = c.cursor()
+            out.append([enc, c.encoding])
+            for q in encoded_text_statements(s, enc):
+                try:
+                    cur.execute(q)
+                    out.append(rows(cur) if cur.description else cur.statusmessage)
+                except psycopg2.Error as e:
+                    out.append([e.pgcode, e.pgerror.splitlines()[0]])
+            lit = s.replace("'", "''")
+            cur.execute(f"prepare compat_enc_p(text) as select $1 || ' {lit}'")
+            cur.execute(f"execute compat_enc_p('{lit}')")
+            out.append(rows(cur))
+            cur.execute("deallocate compat_enc_p")
+        finally:
+            c.close()
+    c = psycopg2.connect(dsn)
+    c.autocommit = True
+    cur = c.cursor()
+    cur.execute("select enc, v from compat_enc_text order by enc")
+    out.append(rows(cur))
+    cur.execute("drop table compat_enc_text")
+    c.close()
+    return out
+
+
+@case
+def encoding_query_text_extended(dsn):
+    """Query text with non-ASCII characters in non-UTF-8 client encodings, over the extended
+    protocol (psycopg 3 with every statement prepared, named _pg3_N), in and out of pipelines."""
+    import psycopg
+
+    out = []
+    with psycopg.connect(dsn, autocommit=True) as c:
+        recreate(c, "compat_enc_text", "enc text, v text")
+    for enc, s in ENCODED_SAMPLES.items():
+        with psycopg.connect(dsn, autocommit=True, client_encoding=enc, prepare_threshold=0) as c:
+            out.append([enc, c.info.encoding])
+            for q in encoded_text_statements(s, enc):
+                try:
+                    cur = c.execute(q.replace("%", "%%"))
+                    out.append(cur.fetchall() if cur.description else cur.statusmessage)
+                except psycopg.Error as e:
+                    out.append([e.sqlstate, str(e).splitlines()[0]])
+            lit = s.replace("'", "''")
+            with c.pipeline():
+                curs = [c.execute(f"select %s::text || ' {lit}'", (str(i),)) for i in range(2)]
+            out.append([x.fetchone() for x in curs])
+    with psycopg.connect(dsn, autocommit=True) as c:
+        out.append(rows(c.execute("select enc, v from compat_enc_text order by enc")))
+        c.execute("drop table compat_enc_text")
     return out
 
 
