@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dbproxy::config::{Config, HealthConfig};
 use dbproxy::rejoin::RejoinMethod;
 use serde_json::{json, Value};
@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 mod drill;
 #[path = "support/writers.rs"]
 mod writers;
-use drill::{fmt_pair, median_max, poll_until, Proxy, PASSWORD};
+use drill::{fmt_pair, median_max, poll_until, Mode, Proxy, PASSWORD};
 use writers::{failovers, lock, ms, streaming_from, writer, Log, CONNECT_LIMIT, STATEMENT_LIMIT};
 
 /// Failures per drill.
@@ -43,21 +43,6 @@ const FAILOVER_LIMIT: Duration = Duration::from_secs(30);
 const WRITE_LIMIT: Duration = Duration::from_secs(45);
 /// How long after a kill the killed node may take to be back as a standby.
 const REJOIN_LIMIT: Duration = Duration::from_secs(120);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    Async,
-    Sync,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Async => "async",
-            Mode::Sync => "sync",
-        }
-    }
-}
 
 /// Kill the primary three times in a row under write load through dbproxy, with automatic rejoin.
 #[derive(Debug, Parser)]

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dbproxy::config::{Config, HealthConfig};
 use serde_json::{json, Value};
 use testkit::PgCluster;
@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 #[path = "support/drill.rs"]
 mod drill;
-use drill::{fmt_pair, median_max, poll_until, Proxy, PASSWORD, POLL};
+use drill::{fmt_pair, median_max, poll_until, Mode, Proxy, PASSWORD, POLL};
 
 /// How long the cluster and dbproxy may take to become ready.
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -42,23 +42,6 @@ const STATEMENT_LIMIT: Duration = Duration::from_secs(5);
 const CONNECT_LIMIT: Duration = Duration::from_secs(10);
 /// Pause between failed connection attempts.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(50);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    /// Asynchronous streaming replication.
-    Async,
-    /// Synchronous replication (`synchronous_standby_names = '*'`).
-    Sync,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Async => "async",
-            Mode::Sync => "sync",
-        }
-    }
-}
 
 /// Kill the PostgreSQL primary under write load through dbproxy, several times, and report.
 #[derive(Debug, Parser)]

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Parser, ValueEnum};
+use clap::Parser;
 use dbproxy::config::{Config, HealthConfig};
 use dbproxy::rejoin::RejoinMethod;
 use serde_json::{json, Value};
@@ -45,7 +45,7 @@ mod drill;
 #[path = "support/writers.rs"]
 #[allow(dead_code)] // `failovers` is the chain drill's
 mod writers;
-use drill::{fmt_pair, median_max, poll_until, status_at, PASSWORD};
+use drill::{fmt_pair, median_max, poll_until, status_at, Mode, PASSWORD};
 use writers::{epoch_ms, lock, ms, streaming_from, writer, Log, CONNECT_LIMIT, STATEMENT_LIMIT};
 
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -55,21 +55,6 @@ const WRITE_LIMIT: Duration = Duration::from_secs(60);
 const REJOIN_LIMIT: Duration = Duration::from_secs(120);
 /// How often `/status` is asked while waiting for the failover to begin.
 const FAST_POLL: Duration = Duration::from_millis(5);
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Mode {
-    Async,
-    Sync,
-}
-
-impl Mode {
-    fn as_str(self) -> &'static str {
-        match self {
-            Mode::Async => "async",
-            Mode::Sync => "sync",
-        }
-    }
-}
 
 /// Kill dbproxy in the middle of failovers, under write load, and start it again.
 #[derive(Debug, Parser)]

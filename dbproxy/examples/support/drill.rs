@@ -11,6 +11,25 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 /// The password of every drill cluster's `postgres` user.
+/// The replication mode a drill runs the cluster in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Asynchronous streaming replication.
+    Async,
+    /// Synchronous replication (`synchronous_standby_names = '*'`).
+    Sync,
+}
+
+impl Mode {
+    /// The name the reports use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Async => "async",
+            Mode::Sync => "sync",
+        }
+    }
+}
+
 pub const PASSWORD: &str = "pw";
 /// How often a wait polls.
 pub const POLL: Duration = Duration::from_millis(25);
