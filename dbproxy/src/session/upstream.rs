@@ -447,7 +447,7 @@ impl Session {
             config.port,
             &self.params,
             &self.user,
-            self.shared.users.get(&self.user),
+            self.creds.as_ref(),
             limits.max_message_size,
             secs(limits.connect_timeout),
         )
