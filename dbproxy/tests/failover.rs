@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use dbproxy::config::Config;
 use dbproxy::failover::{PromoteConfig, PromoteMethod};
 use serde_json::Value;
+use support::writers::Writers;
 use support::{config_for, Proxy};
 use testkit::{wait_for, PgCluster, DEADLINE};
 
@@ -55,114 +56,6 @@ fn wait_event(proxy: &Proxy, kind: &str, n: usize) -> Result<Value> {
 
 fn node_status(proxy: &Proxy, i: usize) -> Result<Value> {
     Ok(proxy.status()?["nodes"][i].clone())
-}
-
-/// Clients writing unique ids through dbproxy, each on its own connection, reconnecting after a
-/// lost session. Every acknowledged id is kept, with when it was acknowledged.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(i64, Instant)>>>,
-    errors: Arc<Mutex<BTreeMap<String, usize>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(proxy: &Proxy, n: usize) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(BTreeMap::new()));
-        let next = Arc::new(AtomicI64::new(1_000_000));
-        let conn = proxy.conn_string("postgres", "pw");
-        let tasks = (0..n)
-            .map(|_| {
-                let (stop, acked, errors, next, conn) = (
-                    stop.clone(),
-                    acked.clone(),
-                    errors.clone(),
-                    next.clone(),
-                    conn.clone(),
-                );
-                tokio::spawn(async move {
-                    let mut client: Option<tokio_postgres::Client> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let c = match &client {
-                            Some(c) if !c.is_closed() => c,
-                            _ => match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
-                                Ok((c, driver)) => {
-                                    tokio::spawn(driver);
-                                    client = Some(c);
-                                    continue;
-                                }
-                                Err(e) => {
-                                    *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
-                                    tokio::time::sleep(Duration::from_millis(50)).await;
-                                    continue;
-                                }
-                            },
-                        };
-                        let id = next.fetch_add(1, Ordering::Relaxed);
-                        match c.execute("insert into t (id) values ($1)", &[&id]).await {
-                            Ok(_) => acked.lock().unwrap().push((id, Instant::now())),
-                            Err(e) => {
-                                *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            acked,
-            errors,
-            tasks,
-        }
-    }
-
-    fn acked_after(&self, t: Instant) -> usize {
-        self.acked
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, at)| *at > t)
-            .count()
-    }
-
-    /// Waits until some write was acknowledged after `t`.
-    async fn wait_acked_after(&self, t: Instant) -> Result<()> {
-        self.wait_acked(t, 1).await
-    }
-
-    /// Waits until `n` writes were acknowledged after `t`.
-    async fn wait_acked(&self, t: Instant, n: usize) -> Result<()> {
-        let deadline = Instant::now() + DEADLINE;
-        while self.acked_after(t) < n {
-            if Instant::now() > deadline {
-                bail!("no write acknowledged; errors: {:?}", self.errors.lock().unwrap());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
-    }
-
-    async fn stop(self) -> (Vec<i64>, BTreeMap<String, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
-        }
-        let ids = self.acked.lock().unwrap().iter().map(|(id, _)| *id).collect();
-        let errors = self.errors.lock().unwrap().clone();
-        (ids, errors)
-    }
-}
-
-fn kind(e: &tokio_postgres::Error) -> String {
-    match e.code() {
-        Some(c) => c.code().to_string(),
-        None if e.is_closed() => "closed".into(),
-        None => "other".into(),
-    }
 }
 
 /// Every acknowledged id is on node `i`.

@@ -8,14 +8,14 @@
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use dbproxy::config::Config;
 use dbproxy::rejoin::RejoinMethod;
 use serde_json::Value;
+use support::writers::Writers;
 use support::{config_for, Proxy};
 use testkit::{wait_for, PgCluster, DEADLINE};
 
@@ -119,112 +119,6 @@ fn wait_rejoined(proxy: &Proxy, c: &PgCluster, i: usize, p: usize, limit: Durati
     })?;
     assert_eq!(standby_tl, primary_tl);
     Ok(())
-}
-
-/// Clients writing unique ids through dbproxy, reconnecting after a lost session; every
-/// acknowledged id is kept with when it was sent and when it was acknowledged.
-struct Writers {
-    stop: Arc<AtomicBool>,
-    acked: Arc<Mutex<Vec<(i64, Instant, Instant)>>>,
-    errors: Arc<Mutex<BTreeMap<String, usize>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl Writers {
-    fn start(proxy: &Proxy, n: usize) -> Writers {
-        let stop = Arc::new(AtomicBool::new(false));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let errors = Arc::new(Mutex::new(BTreeMap::new()));
-        let next = Arc::new(AtomicI64::new(1_000_000));
-        let conn = proxy.conn_string("postgres", "pw");
-        let tasks = (0..n)
-            .map(|_| {
-                let (stop, acked, errors, next, conn) = (
-                    stop.clone(),
-                    acked.clone(),
-                    errors.clone(),
-                    next.clone(),
-                    conn.clone(),
-                );
-                tokio::spawn(async move {
-                    let mut client: Option<tokio_postgres::Client> = None;
-                    while !stop.load(Ordering::Relaxed) {
-                        let c = match &client {
-                            Some(c) if !c.is_closed() => c,
-                            _ => {
-                                match tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
-                                    Ok((c, driver)) => {
-                                        tokio::spawn(driver);
-                                        client = Some(c);
-                                    }
-                                    Err(e) => {
-                                        *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
-                                        tokio::time::sleep(Duration::from_millis(50)).await;
-                                    }
-                                }
-                                continue;
-                            }
-                        };
-                        let id = next.fetch_add(1, Ordering::Relaxed);
-                        let sent = Instant::now();
-                        match c.execute("insert into t (id) values ($1)", &[&id]).await {
-                            Ok(_) => acked.lock().unwrap().push((id, sent, Instant::now())),
-                            Err(e) => {
-                                *errors.lock().unwrap().entry(kind(&e)).or_default() += 1;
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        }
-                    }
-                })
-            })
-            .collect();
-        Writers {
-            stop,
-            acked,
-            errors,
-            tasks,
-        }
-    }
-
-    /// Waits until a write sent after `t` is acknowledged; returns when it was.
-    async fn first_ack_after(&self, t: Instant) -> Result<Instant> {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            let first = self
-                .acked
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(_, sent, _)| *sent > t)
-                .map(|(_, _, at)| *at)
-                .min();
-            if let Some(at) = first {
-                return Ok(at);
-            }
-            if Instant::now() > deadline {
-                bail!("no write acknowledged; errors: {:?}", self.errors.lock().unwrap());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn stop(self) -> (Vec<i64>, BTreeMap<String, usize>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
-        }
-        let ids = self.acked.lock().unwrap().iter().map(|(id, _, _)| *id).collect();
-        let errors = self.errors.lock().unwrap().clone();
-        (ids, errors)
-    }
-}
-
-fn kind(e: &tokio_postgres::Error) -> String {
-    match e.code() {
-        Some(c) => c.code().to_string(),
-        None if e.is_closed() => "closed".into(),
-        None => "other".into(),
-    }
 }
 
 /// Errors writers may see across a failover: the statement in flight (08006, or a closed

@@ -2,6 +2,8 @@
 //! in front of a testkit cluster, and small raw-protocol helpers.
 #![allow(dead_code)]
 
+pub mod writers;
+
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
