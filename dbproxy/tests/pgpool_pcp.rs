@@ -213,3 +213,77 @@ fn pcp_bad_input_gets_a_clean_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// `pcp_promote_node` without `-s`: pgpool-II only relabels its own idea of the primary and
+/// leaves the real promotion to the operator's scripts; dbproxy answers the same command line the
+/// same way and switches over for real, so the node it names primary is one that takes writes.
+#[test]
+fn pcp_promote_node_without_switchover_promotes_for_real() -> Result<()> {
+    let c = PgCluster::builder().standbys(1).start()?;
+    let dir = tempdir()?;
+    let (pg_port, pg_pcp, db_port, db_pcp) = (
+        testkit::free_port()?,
+        testkit::free_port()?,
+        testkit::free_port()?,
+        testkit::free_port()?,
+    );
+    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
+    let passfile = dir.path().join("pcppass");
+    std::fs::write(
+        &passfile,
+        format!("127.0.0.1:{pg_pcp}:pcpadmin:secret\n127.0.0.1:{db_pcp}:pcpadmin:secret\n"),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))?;
+    }
+    let pgpool = Pgpool::start(&conf, &pcp_conf, pg_port)?;
+    let proxy = Dbproxy::start(
+        &conf,
+        &[
+            format!("listen=\"127.0.0.1:{db_port}\""),
+            format!("pcp.listen=\"127.0.0.1:{db_pcp}\""),
+        ],
+    )?;
+    // An unknown node: the same words from both, detail included (pgpool words it differently
+    // per command). Attach and detach are the exception: pgpool-II answers "Command Successful"
+    // and does nothing, dbproxy says the id is wrong.
+    for cmd in ["pcp_node_info", "pcp_health_check_stats", "pcp_promote_node"] {
+        let a = pcp(cmd, &["-n", "7"], pg_pcp, &passfile)?;
+        let b = pcp(cmd, &["-n", "7"], db_pcp, &passfile)?;
+        assert_eq!(a, b, "{cmd}");
+        assert!(a.2.starts_with("ERROR:  "), "{cmd}: {a:?}");
+    }
+    for cmd in ["pcp_attach_node", "pcp_detach_node"] {
+        let b = pcp(cmd, &["-n", "7"], db_pcp, &passfile)?;
+        assert!(b.2.ends_with("DETAIL:  invalid node ID 7"), "{cmd}: {b:?}");
+    }
+    // Promoting the primary itself: the same refusal (pgpool-II says FATAL).
+    let a = pcp("pcp_promote_node", &["-n", "0"], pg_pcp, &passfile)?;
+    let b = pcp("pcp_promote_node", &["-n", "0"], db_pcp, &passfile)?;
+    assert_eq!(a, b);
+    assert!(a.2.starts_with("FATAL:  invalid promote request"), "{a:?}");
+    // pgpool-II takes the request and answers success; its node 1 is still a standby.
+    let a = pcp("pcp_promote_node", &["-n", "1"], pg_pcp, &passfile)?;
+    drop(pgpool);
+    assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "t");
+    // dbproxy: the same command line, the same answer, and a real switchover behind it.
+    let b = pcp("pcp_promote_node", &["-n", "1"], db_pcp, &passfile)?;
+    assert_eq!((a.0, a.1.as_str()), (b.0, b.1.as_str()), "{a:?} {b:?}");
+    assert_eq!(b.0, 0, "{b:?}");
+    assert_eq!(c.node(1).psql("select pg_is_in_recovery()")?, "f");
+    let (_, out, _) = pcp("pcp_node_info", &["-n", "1"], db_pcp, &passfile)?;
+    assert_eq!(fields(&out, 7)[6], "primary", "{out}");
+    let wrote = psql(
+        db_port,
+        "create table promoted_by_pcp(x int); insert into promoted_by_pcp values (1); select inet_server_port()",
+    )?;
+    assert_eq!(wrote.lines().last(), Some(c.node(1).port().to_string().as_str()));
+    // The old primary takes no writes: dbproxy fenced it and made it read-only.
+    let (_, out, _) = pcp("pcp_node_info", &["-n", "0"], db_pcp, &passfile)?;
+    assert_eq!(fields(&out, 7)[4], "down", "{out}");
+    assert!(c.node(0).psql("create table on_old_primary(x int)").is_err());
+    let status = proxy.status()?;
+    assert_eq!(status["history"][0]["kind"], "switchover", "{status}");
+    Ok(())
+}

@@ -189,12 +189,14 @@ impl Pcp {
     }
 
     /// A node id the table has, or an ERROR naming `what` in `out`.
-    fn node(&self, id: i64, what: &str, out: &mut BytesMut) -> Option<usize> {
+    /// `detail` words the unknown id as pgpool-II does for that command (it is not the same
+    /// sentence for every command, and scripts match on it).
+    fn node(&self, id: i64, what: &str, detail: fn(i64) -> String, out: &mut BytesMut) -> Option<usize> {
         let n = self.cluster.nodes.len();
         match usize::try_from(id) {
             Ok(i) if i < n => Some(i),
             _ => {
-                protocol::encode_error("ERROR", what, &format!("invalid node ID {id}"), out);
+                protocol::encode_error("ERROR", what, &detail(id), out);
                 None
             }
         }
@@ -206,21 +208,21 @@ impl Pcp {
             Request::NodeCount => protocol::encode_node_count(self.cluster.nodes.len(), out),
             Request::NodeInfo(id) => {
                 let all = id == -1;
-                if let Some(i) = if all { Some(0) } else { self.node(id, "informing node info failed", out) } {
+                if let Some(i) = if all { Some(0) } else { self.node(id, "informing node info failed", |id| format!("invalid node ID : {id}"), out) } {
                     let infos = node_infos(&self.cluster);
                     let pick = if all { &infos[..] } else { &infos[i..=i] };
                     protocol::encode_node_info(pick, out);
                 }
             }
             Request::HealthCheckStats(id) => {
-                if let Some(i) = self.node(id, "informing health check stats info failed", out) {
+                if let Some(i) = self.node(id, "informing health check stats info failed", invalid_id, out) {
                     let rows = crate::admin::health_check_stats(&self.cluster);
                     protocol::encode_health_check_stats(&rows[i], out);
                 }
             }
             Request::ProcCount => protocol::encode_proc_count(&[std::process::id()], out),
             Request::Attach(id) => {
-                if let Some(i) = self.node(id, "attaching node failed", out) {
+                if let Some(i) = self.node(id, "attaching node failed", invalid_id, out) {
                     match self.manager.run_op(OpKind::Attach, i).await {
                         Ok(msg) => {
                             tracing::info!(node = i, "PCP attach: {msg}");
@@ -231,7 +233,7 @@ impl Pcp {
                 }
             }
             Request::Detach(id) => {
-                if let Some(i) = self.node(id, "detaching node failed", out) {
+                if let Some(i) = self.node(id, "detaching node failed", invalid_id, out) {
                     if self.cluster.elected() == Some(i) {
                         protocol::encode_error(
                             "ERROR",
@@ -247,10 +249,11 @@ impl Pcp {
                 }
             }
             Request::Promote { id, switchover } => {
-                if let Some(i) = self.node(id, "could not process promote request", out) {
+                if let Some(i) = self.node(id, "could not process promote request", |id| format!("node id {id} is not valid"), out) {
                     if self.cluster.elected() == Some(i) {
+                        // pgpool-II says FATAL here, though the connection stays usable.
                         protocol::encode_error(
-                            "ERROR",
+                            "FATAL",
                             "invalid promote request",
                             &format!("specified node is already primary node, can't promote node id {i}"),
                             out,
@@ -278,6 +281,11 @@ impl Pcp {
 }
 
 /// Every node as `pcp_node_info` reports it, from the same rows as SHOW POOL_NODES.
+/// The detail of an unknown node id for the commands whose pgpool-II wording is this one.
+fn invalid_id(id: i64) -> String {
+    format!("invalid node ID {id}")
+}
+
 pub fn node_infos(cluster: &Cluster) -> Vec<NodeInfo> {
     crate::admin::pool_nodes(cluster, None)
         .into_iter()
