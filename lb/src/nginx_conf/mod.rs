@@ -306,6 +306,9 @@ const INTERNAL: &[&str] = &[
     "proxy_busy_buffers_size",
     "proxy_request_buffering",
     "proxy_send_timeout",
+    "grpc_send_timeout",
+    "grpc_buffer_size",
+    "grpc_socket_keepalive",
     "proxy_redirect",
     "reset_timedout_connection",
     "keepalive_requests",
@@ -518,17 +521,19 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
             arity(d, 1, 1)?;
             out.ignore(d, "lb limits connections with limits.max_connections");
         }
-        "proxy_read_timeout" => {
+        // The grpc_* directives are proxy_*'s twins for `grpc_pass` locations; lb keeps one
+        // set of upstream timeouts and retries for both, as these files usually set them alike.
+        "proxy_read_timeout" | "grpc_read_timeout" => {
             arity(d, 1, 1)?;
             // nginx applies it between reads of responses and of websocket traffic alike.
             out.set(&["timeouts", "upstream_response"], time_arg(d, &d.args[0])?);
             out.set(&["timeouts", "upgraded_idle"], time_arg(d, &d.args[0])?);
         }
-        "proxy_connect_timeout" => {
+        "proxy_connect_timeout" | "grpc_connect_timeout" => {
             arity(d, 1, 1)?;
             out.set(&["timeouts", "upstream_connect"], time_arg(d, &d.args[0])?);
         }
-        "proxy_next_upstream" => {
+        "proxy_next_upstream" | "grpc_next_upstream" => {
             if d.args.iter().any(|a| a == "off") {
                 out.set(&["retry", "tries"], Value::Integer(1));
             }
@@ -538,19 +543,19 @@ fn common_directive(d: &Directive, out: &mut Out) -> Result<(), NginxConfError> 
                 .any(|a| matches!(a.as_str(), "http_502" | "http_503" | "http_504"));
             out.set(&["retry", "on_status"], Value::Boolean(on_status));
         }
-        "proxy_next_upstream_tries" => {
+        "proxy_next_upstream_tries" | "grpc_next_upstream_tries" => {
             arity(d, 1, 1)?;
             let n: i64 = d.args[0].parse().map_err(|_| NginxConfError::Syntax {
                 line: d.line,
-                message: "`proxy_next_upstream_tries` needs a number".into(),
+                message: format!("`{}` needs a number", d.name),
             })?;
             out.set(&["retry", "tries"], Value::Integer(n));
         }
-        "proxy_next_upstream_timeout" => {
+        "proxy_next_upstream_timeout" | "grpc_next_upstream_timeout" => {
             arity(d, 1, 1)?;
             out.set(&["retry", "timeout"], time_arg(d, &d.args[0])?);
         }
-        "proxy_set_header" => {
+        "proxy_set_header" | "grpc_set_header" => {
             arity(d, 2, 2)?;
             let (name, value) = (d.args[0].to_ascii_lowercase(), d.args[1].as_str());
             match (name.as_str(), value) {

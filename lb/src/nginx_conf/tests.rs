@@ -3,6 +3,7 @@
 use super::*;
 use crate::config::{Algorithm, Config};
 use common::ConfigSource;
+use std::time::Duration;
 
 #[test]
 fn the_shared_example_is_accepted_unchanged() {
@@ -223,4 +224,37 @@ fn grpc_pass_becomes_a_grpc_proxy_pass_and_its_limits_name_their_line() {
         .to_string();
         assert!(e.contains("line 4") && e.contains(words), "{conf}: {e}");
     }
+}
+
+#[test]
+fn grpc_timeouts_retries_and_headers_read_as_their_proxy_twins() {
+    let t = translate(
+        "http {\n upstream rpc { server 127.0.0.1:2; }\n server { listen 80 http2;\n\
+           location / { grpc_pass grpc://rpc;\n grpc_read_timeout 300s; grpc_connect_timeout 2s;\n\
+             grpc_send_timeout 300s; grpc_next_upstream error timeout http_502;\n\
+             grpc_next_upstream_tries 2; grpc_next_upstream_timeout 5s;\n\
+             grpc_set_header X-Real-IP $remote_addr; grpc_buffer_size 8k;\n\
+             grpc_set_header X-Custom abc; } } }",
+    )
+    .unwrap();
+    let c: Config = ConfigSource::new().base(t.table).load().unwrap();
+    assert_eq!(c.timeouts.upstream_response.0, Duration::from_secs(300));
+    assert_eq!(c.timeouts.upgraded_idle.0, Duration::from_secs(300));
+    assert_eq!(c.timeouts.upstream_connect.0, Duration::from_secs(2));
+    assert_eq!(c.retry.tries, 2);
+    assert!(c.retry.on_status);
+    assert_eq!(c.retry.timeout.0, Duration::from_secs(5));
+    let w = t.warnings.join("\n");
+    assert!(w.contains("line 6: `grpc_send_timeout` ignored"), "{w}");
+    assert!(
+        w.contains("line 9: `grpc_set_header` ignored: custom upstream headers"),
+        "{w}"
+    );
+    let e = translate("http { server { listen 80;\n location / { grpc_next_upstream_tries x; } } }")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("line 2") && e.contains("`grpc_next_upstream_tries` needs a number"),
+        "{e}"
+    );
 }
