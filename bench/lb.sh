@@ -4,8 +4,11 @@
 # --latency-correction), each setup taking turns for ROUNDS rounds; plus lb's RSS while holding
 # 1,000 concurrent keep-alive connections. Then TLS: HTTPS keep-alive (HTTP/1.1) and HTTP/2 over
 # TLS against nginx, HAProxy and lb in the same run, with h2load (nghttp2-client), and each proxy's
-# CPU time per request (user+system from /proc/PID/stat, over all its processes). Prints markdown
-# tables and writes them, with the raw numbers as JSON, to $OUT (default bench/results/).
+# CPU time per request (user+system from /proc/PID/stat, over all its processes); a routed config
+# (3 locations: prefix, `^~` prefix and regex, over 2 upstreams) read by nginx and by lb from the
+# same nginx.conf, HAProxy with the same routes as ACLs; new TLS handshakes per second (h2load in
+# rate mode: a new full handshake and one request per connection) with CPU per handshake; and lb's RSS while 1,000 TLS connections make requests. Prints markdown tables and
+# writes them, with the raw numbers as JSON, to $OUT (default bench/results/).
 #
 # Needs: nginx-light, haproxy and nghttp2-client (Debian packages, installed here when missing
 # and run as root), oha (`cargo install oha` when missing: ~11 minutes on 2 cores), python3,
@@ -21,6 +24,7 @@ PORT_BASE=${PORT_BASE:-18100}
 B1=$((PORT_BASE + 1)) B2=$((PORT_BASE + 2))
 P_NGINX=$((PORT_BASE + 10)) P_HAPROXY=$((PORT_BASE + 11)) P_LB=$((PORT_BASE + 12)) P_LB_ADMIN=$((PORT_BASE + 13))
 T_NGINX=$((PORT_BASE + 20)) T_HAPROXY=$((PORT_BASE + 21)) T_LB=$((PORT_BASE + 22)) T_LB_ADMIN=$((PORT_BASE + 23))
+R_NGINX=$((PORT_BASE + 30)) R_HAPROXY=$((PORT_BASE + 31)) R_LB=$((PORT_BASE + 32)) R_LB_ADMIN=$((PORT_BASE + 33))
 
 log() { printf '[lb-bench] %s\n' "$*" >&2; }
 
@@ -110,6 +114,8 @@ http {
     listen 127.0.0.1:$T_NGINX ssl http2;
     ssl_certificate $WORK/bench.crt;
     ssl_certificate_key $WORK/bench.key;
+    # nginx 1.22's default stops at TLS 1.2; lb and HAProxy speak 1.3, so nginx does too here.
+    ssl_protocols TLSv1.2 TLSv1.3;
     location / {
       proxy_pass http://app;
       proxy_http_version 1.1;
@@ -185,7 +191,61 @@ EOF
 RUST_LOG=warn "$LB_BIN" --config "$WORK/lb-tls.toml" 2>"$WORK/lb-tls.err" &
 LB_TLS_PID=$!
 PIDS+=("$LB_TLS_PID")
+# --- a routed config: 3 locations over 2 upstreams, the same nginx.conf for nginx and lb ---------
+routed_conf() { # port pidfile
+  cat <<EOF
+worker_processes 2;
+pid $2;
+error_log $WORK/routed-$1.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream app { server 127.0.0.1:$B1; server 127.0.0.1:$B2; keepalive 128; }
+  upstream api { server 127.0.0.1:$B2; keepalive 128; }
+  server {
+    listen 127.0.0.1:$1;
+    location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location ^~ /api/ { proxy_pass http://api; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location ~* \.(css|js)$ { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+EOF
+}
+routed_conf "$R_NGINX" "$WORK/nginx-routed.pid" >"$WORK/nginx-routed.conf"
+routed_conf "$R_LB" "$WORK/lb-routed.unused.pid" >"$WORK/lb-routed.conf"
+nginx -c "$WORK/nginx-routed.conf"
+cat >"$WORK/haproxy-routed.cfg" <<EOF
+global
+  nbthread 2
+  maxconn 1500
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$R_HAPROXY
+  acl api path_beg /api/
+  acl assets path_reg -i \.(css|js)$
+  use_backend api if api
+  use_backend app if assets
+  default_backend app
+backend app
+  balance roundrobin
+  server b1 127.0.0.1:$B1
+  server b2 127.0.0.1:$B2
+backend api
+  server b2 127.0.0.1:$B2
+EOF
+haproxy -f "$WORK/haproxy-routed.cfg" -D -p "$WORK/haproxy-routed.pid"
+RUST_LOG=warn "$LB_BIN" --nginx-conf "$WORK/lb-routed.conf" --set "admin_listen=\"127.0.0.1:$R_LB_ADMIN\"" \
+  --set access_log.enabled=false 2>"$WORK/lb-routed.err" &
+LB_ROUTED_PID=$!
+PIDS+=("$LB_ROUTED_PID")
 for p in "$P_NGINX" "$P_HAPROXY" "$P_LB" "$T_NGINX" "$T_HAPROXY" "$T_LB"; do wait_port "$p"; done
+for p in "$R_NGINX" "$R_HAPROXY" "$R_LB"; do wait_port "$p"; done
 
 if [[ -z ${TLS_ONLY:-} ]]; then
 declare -A URL=(
@@ -315,6 +375,24 @@ declare -A TURL=([nginx]="https://127.0.0.1:$T_NGINX/" [haproxy]="https://127.0.
 pids_of() { case $1 in nginx) echo "${NGINX_PIDS[@]}" ;; haproxy) echo "$HAPROXY_PID" ;; lb) echo "$LB_TLS_PID" ;; esac; }
 SECS=${DURATION%s}
 TLS_ROUNDS=${TLS_ROUNDS:-1}
+# lb's memory while 1,000 TLS connections make requests (HTTP/1.1 keep-alive, h2load; 2,000
+# requests/s in all, as the plain RSS run above), first, while its heap holds nothing of the
+# other TLS runs.
+log "lb RSS at 1000 concurrent TLS connections"
+TLS_RSS_PEAK=0
+TLS_CONNS=0
+h2load --h1 -D 6 -c 1000 -m 1 --rps 2 "${TURL[lb]}" >"$WORK/lb.tls-rss.txt" 2>&1 &
+H2LOAD_PID=$!
+while kill -0 "$H2LOAD_PID" 2>/dev/null; do
+  rss=$(awk '/^VmRSS:/ {print $2}' "/proc/$LB_TLS_PID/status")
+  ((rss > TLS_RSS_PEAK)) && TLS_RSS_PEAK=$rss
+  c=$(curl -s "http://127.0.0.1:$T_LB_ADMIN/metrics" | awk '/^lb_active_connections / {print $2}')
+  ((${c:-0} > TLS_CONNS)) && TLS_CONNS=$c
+  sleep 0.2
+done
+wait "$H2LOAD_PID" || true
+log "lb peak RSS ${TLS_RSS_PEAK} KiB with at most $TLS_CONNS client connections at once"
+echo "$TLS_RSS_PEAK $TLS_CONNS" >"$WORK/lb.tls-rss"
 TLS_LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 log "TLS: $TLS_ROUNDS round(s) of nginx haproxy lb, HTTPS/1.1 -c 64 and HTTP/2 -c 16 -m 16, ${SECS}s each"
 for round in $(seq 1 "$TLS_ROUNDS"); do
@@ -330,15 +408,51 @@ for round in $(seq 1 "$TLS_ROUNDS"); do
     done
   done
 done
+# The routed config over plain HTTP/1.1: h2load cycles through the three locations' URIs.
+NGINX_R_MASTER=$(cat "$WORK/nginx-routed.pid")
+read -r -a NGINX_R_PIDS <<<"$NGINX_R_MASTER $(pgrep -P "$NGINX_R_MASTER" | tr '\n' ' ')"
+HAPROXY_R_PID=$(cat "$WORK/haproxy-routed.pid")
+declare -A RBASE=([nginx]="http://127.0.0.1:$R_NGINX" [haproxy]="http://127.0.0.1:$R_HAPROXY" [lb]="http://127.0.0.1:$R_LB")
+rpids_of() { case $1 in nginx) echo "${NGINX_R_PIDS[@]}" ;; haproxy) echo "$HAPROXY_R_PID" ;; lb) echo "$LB_ROUTED_PID" ;; esac; }
+log "routed config: $TLS_ROUNDS round(s) of nginx haproxy lb, HTTP/1.1 -c 64 over /, /api/ and a .css"
+for round in $(seq 1 "$TLS_ROUNDS"); do
+  for setup in nginx haproxy lb; do
+    b=${RBASE[$setup]}
+    # shellcheck disable=SC2046
+    before=$(cpu_ticks $(rpids_of "$setup"))
+    h2load --h1 -D "$SECS" -c 64 -m 1 "$b/" "$b/api/items" "$b/static/app.css" \
+      >"$WORK/$setup.tls-routed.$round.txt" 2>&1 || true
+    # shellcheck disable=SC2046
+    after=$(cpu_ticks $(rpids_of "$setup"))
+    echo "$((after - before))" >"$WORK/$setup.tls-routed.$round.ticks"
+  done
+done
+
+# New TLS handshakes: h2load in rate mode opens HS_CONNS connections, 400 every 100 ms (more than
+# any of them can take), each doing a full handshake and one request before it closes.
+HS_CONNS=${HS_CONNS:-3000}
+log "TLS handshakes: $TLS_ROUNDS round(s) of nginx haproxy lb, $HS_CONNS new connections each"
+for round in $(seq 1 "$TLS_ROUNDS"); do
+  for setup in nginx haproxy lb; do
+    # shellcheck disable=SC2046
+    before=$(cpu_ticks $(pids_of "$setup"))
+    h2load --h1 -c "$HS_CONNS" -n "$HS_CONNS" -r 400 --rate-period=100ms "${TURL[$setup]}" \
+      >"$WORK/$setup.hs.$round.txt" 2>&1 || true
+    # shellcheck disable=SC2046
+    after=$(cpu_ticks $(pids_of "$setup"))
+    echo "$((after - before))" >"$WORK/$setup.hs.$round.ticks"
+  done
+done
+
 TLS_LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 mkdir -p "$OUT"
-python3 - "$WORK" "$OUT" "$TLS_ROUNDS" "$(getconf CLK_TCK)" "$TLS_LOAD_START" "$TLS_LOAD_END" <<'EOF'
+python3 - "$WORK" "$OUT" "$TLS_ROUNDS" "$(getconf CLK_TCK)" "$TLS_LOAD_START" "$TLS_LOAD_END" "$SECS" <<'EOF'
 import json, re, sys, glob, statistics
 work, out, rounds, hz = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-load_start, load_end = sys.argv[5], sys.argv[6]
+load_start, load_end, secs = sys.argv[5], sys.argv[6], float(sys.argv[7])
 res = {}
 for s in ["nginx", "haproxy", "lb"]:
-    for m in ["h1", "h2"]:
+    for m in ["h1", "h2", "routed"]:
         rows = []
         for f in sorted(glob.glob(f"{work}/{s}.tls-{m}.*.txt")):
             text = open(f).read()
@@ -362,7 +476,8 @@ lines = [f"TLS (h2load, median of {rounds} round(s); self-signed P-256 certifica
          " CPU is the proxy's own user+system time per successful request)", "",
          "| setup | protocol | req/s | mean latency | req/s vs nginx | CPU µs/request | CPU vs nginx | success |",
          "|---|---|---:|---:|---:|---:|---:|---:|"]
-for m, label in [("h1", "HTTPS/1.1 keep-alive, -c 64"), ("h2", "HTTP/2 over TLS, -c 16 -m 16")]:
+for m, label in [("h1", "HTTPS/1.1 keep-alive, -c 64"), ("h2", "HTTP/2 over TLS, -c 16 -m 16"),
+                 ("routed", "routed config, HTTP/1.1 -c 64")]:
     n = res.get(f"nginx.{m}")
     for s in ["nginx", "haproxy", "lb"]:
         r = res.get(f"{s}.{m}")
@@ -372,6 +487,43 @@ for m, label in [("h1", "HTTPS/1.1 keep-alive, -c 64"), ("h2", "HTTP/2 over TLS,
         cpu_ratio = f"{r['cpu_us_per_req'] / n['cpu_us_per_req']:.2f}x" if n else "n/a"
         lines.append(f"| {s} | {label} | {r['rps']:.0f} | {r['mean_latency']} | {ratio} | "
                      f"{r['cpu_us_per_req']:.1f} | {cpu_ratio} | {r['success']*100:.1f}% |")
+# New TLS handshakes per second: one request per connection, so h2load's req/s.
+hs = {}
+for s in ["nginx", "haproxy", "lb"]:
+    rows = []
+    for f in sorted(glob.glob(f"{work}/{s}.hs.*.txt")):
+        text = open(f).read()
+        rps = re.search(r"finished in [\d.]+s, ([\d.]+) req/s", text)
+        done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
+        proto = re.search(r"TLS Protocol: (\S+)", text)
+        if not (rps and done) or int(done.group(2)) == 0:
+            print(f"{f}: no result:\n{text[-500:]}", file=sys.stderr)
+            continue
+        ticks = int(open(f[:-4] + ".ticks").read())
+        rows.append({"per_s": float(rps.group(1)), "cpu_us": ticks * 1e6 / hz / int(done.group(2)),
+                     "proto": proto.group(1) if proto else "?"})
+    if rows:
+        hs[s] = {"per_s": statistics.median(x["per_s"] for x in rows),
+                 "cpu_us_per_handshake": statistics.median(x["cpu_us"] for x in rows),
+                 "protocol": rows[0]["proto"]}
+if hs:
+    lines += ["", "New TLS handshakes (h2load rate mode: a new connection, full handshake and one request each)", "",
+              "| setup | protocol | handshakes/s | vs nginx | CPU µs/handshake | CPU vs nginx |", "|---|---|---:|---:|---:|---:|"]
+    n = hs.get("nginx")
+    for s in ["nginx", "haproxy", "lb"]:
+        if s in hs:
+            h = hs[s]
+            lines.append(f"| {s} | {h['protocol']} | {h['per_s']:.0f} | {h['per_s'] / n['per_s']:.2f}x | "
+                         f"{h['cpu_us_per_handshake']:.0f} | {h['cpu_us_per_handshake'] / n['cpu_us_per_handshake']:.2f}x |" if n else
+                         f"| {s} | {h['protocol']} | {h['per_s']:.0f} | n/a | {h['cpu_us_per_handshake']:.0f} | n/a |")
+    res["handshakes"] = hs
+try:
+    rss_kib, conns = (int(x) for x in open(f"{work}/lb.tls-rss").read().split())
+    lines += ["", f"lb peak RSS with 1000 concurrent TLS connections making requests: {rss_kib/1024:.1f} MB "
+              f"(at most {conns} client connections seen at once; goal: at most 40 MB)"]
+    res["tls_rss_kib"] = rss_kib
+except (OSError, ValueError):
+    pass
 lines += ["", f"Load average (1, 5, 15 min) before: {load_start}; after: {load_end}."]
 table = "\n".join(lines)
 print(table)
