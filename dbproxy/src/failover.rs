@@ -285,15 +285,27 @@ pub struct Candidate {
     pub priority: u32,
     /// Whether it was a synchronous standby of the lost primary.
     pub was_sync: bool,
+    /// Whether `lsn` was read from the node just now (else it is the last health check's).
+    pub live: bool,
 }
 
 /// Orders the standbys that may be promoted, best first: healthy ones only; in synchronous mode
-/// only those that were synchronous (anything else may miss acknowledged commits); highest WAL
-/// position first, then lowest priority, then lowest id.
+/// those that were synchronous (anything else may miss acknowledged commits), and any other
+/// whose live WAL position is at least every synchronous one's (read live too): it holds all
+/// they hold, and promoting the most advanced leaves no follower with WAL past the new
+/// timeline's start (such a follower could never follow it); highest WAL position first, then
+/// lowest priority, then lowest id.
 pub fn rank(candidates: &[Candidate], synchronous: bool) -> Result<Vec<usize>, FailoverError> {
+    let syncs = || candidates.iter().filter(|c| c.was_sync);
+    // Only when every synchronous standby is up and its position was read now.
+    let floor = (synchronous && syncs().all(|c| c.healthy && c.live))
+        .then(|| syncs().map(|c| c.lsn).max())
+        .flatten();
     let mut eligible: Vec<&Candidate> = candidates
         .iter()
-        .filter(|c| c.healthy && (!synchronous || c.was_sync))
+        .filter(|c| {
+            c.healthy && (!synchronous || c.was_sync || (c.live && floor.is_some_and(|f| c.lsn >= f)))
+        })
         .collect();
     if eligible.is_empty() {
         let why = if candidates.iter().all(|c| !c.healthy) {
@@ -1043,7 +1055,12 @@ mod tests {
             lsn,
             priority,
             was_sync,
+            live: false,
         }
+    }
+
+    fn live(c: Candidate) -> Candidate {
+        Candidate { live: true, ..c }
     }
 
     #[test]
@@ -1079,6 +1096,38 @@ mod tests {
             .to_string()
             .contains("no healthy standby"));
         assert!(rank(&[], false).is_err());
+    }
+
+    #[test]
+    fn synchronous_mode_promotes_a_standby_ahead_of_every_sync_one() {
+        // Read live, the potential standby is ahead of the synchronous one: it holds every
+        // acknowledged commit, and the synchronous one can follow it (not the other way round).
+        let c = [
+            live(cand(1, true, 500, 0, false)),
+            live(cand(2, true, 400, 0, true)),
+        ];
+        assert_eq!(rank(&c, true).unwrap(), vec![1, 2]);
+        let behind = [
+            live(cand(1, true, 300, 0, false)),
+            live(cand(2, true, 400, 0, true)),
+        ];
+        assert_eq!(rank(&behind, true).unwrap(), vec![2]);
+        // A position from the last health check, on either side, proves nothing.
+        let stale = [cand(1, true, 500, 0, false), live(cand(2, true, 400, 0, true))];
+        assert_eq!(rank(&stale, true).unwrap(), vec![2]);
+        let sync_stale = [live(cand(1, true, 500, 0, false)), cand(2, true, 400, 0, true)];
+        assert_eq!(rank(&sync_stale, true).unwrap(), vec![2]);
+        // A synchronous standby that is down may hold commits nobody else has.
+        let sync_down = [
+            live(cand(1, true, 500, 0, false)),
+            live(cand(2, true, 400, 0, true)),
+            cand(3, false, 450, 0, true),
+        ];
+        assert_eq!(rank(&sync_down, true).unwrap(), vec![2]);
+        assert_eq!(
+            rank(&[live(cand(1, true, 500, 0, false))], false).unwrap(),
+            vec![1]
+        );
     }
 
     fn placeholders() -> Placeholders {
@@ -1305,19 +1354,16 @@ pub async fn fail_over(
     for (id, healthy, known_lsn, was_sync) in states {
         let Some(node) = nodes.get(id) else { continue };
         // The primary is gone, so standby positions are frozen: ask for the freshest one.
-        let lsn = if healthy {
-            live_lsn(node, cred).await.unwrap_or(known_lsn)
-        } else {
-            known_lsn
-        };
+        let fresh = if healthy { live_lsn(node, cred).await } else { None };
         let priority = cfg.priority.get(&node.name).copied().unwrap_or(id as u32);
         candidates.push(Candidate {
             id,
             name: node.name.clone(),
             healthy,
-            lsn,
+            lsn: fresh.unwrap_or(known_lsn),
             priority,
             was_sync,
+            live: fresh.is_some(),
         });
     }
     let order = match rank(&candidates, synchronous) {
@@ -1381,12 +1427,23 @@ pub async fn fail_over(
     }
     event.resumed_at = Some(std::time::SystemTime::now());
     let followers: Vec<usize> = candidates.iter().map(|c| c.id).filter(|&i| i != new).collect();
-    settle(&nodes, new, &followers, cfg, cred, &mut event).await;
+    // Its new timeline starts where its WAL ended, at or before the position read live.
+    let fork = candidates.iter().find(|c| c.id == new && c.live).map(|c| c.lsn);
+    for id in settle(&nodes, new, &followers, cfg, cred, &mut event, fork).await {
+        // Its data has WAL the new primary never had: no reads from it until it is rewound.
+        if let Err(e) = topo.fence_candidate(id).await {
+            tracing::error!(node = %name(id), error = %e, "cannot fence a standby ahead of the new primary");
+        }
+    }
     event
 }
 
 /// After `new` was promoted: re-points `followers` at it (when configured) and makes sure writes
-/// cannot hang on a synchronous standby that is gone.
+/// cannot hang on a synchronous standby that is gone. `fork`: a position at or past the start
+/// of `new`'s timeline (its WAL position read just before its promotion); a follower that has
+/// replayed past it can never follow `new` (PostgreSQL: "new timeline forked off current
+/// database system timeline before current recovery point"): it is not re-pointed or waited
+/// for, and is returned, to be fenced until a rejoin rewinds it.
 pub async fn settle(
     nodes: &[NodeRef],
     new: usize,
@@ -1394,7 +1451,9 @@ pub async fn settle(
     cfg: &FailoverConfig,
     cred: &Credentials,
     event: &mut FailoverEvent,
-) {
+    fork: Option<u64>,
+) -> Vec<usize> {
+    let mut ahead = Vec::new();
     let nodes: Vec<NodeRef> = nodes.iter().map(|n| cfg.with_data_dir(n.clone())).collect();
     let new_ref = nodes[new].clone();
     // The event names the primary that was left; pgpool's %M %P %N %S describe it.
@@ -1407,7 +1466,19 @@ pub async fn settle(
     if cfg.follow || !cfg.follow_command.is_empty() {
         for &id in followers {
             let node = &nodes[id];
-            let r = if cfg.follow_command.is_empty() {
+            let past = match fork {
+                Some(f) => replayed_lsn(node, cred).await.filter(|&r| r > f),
+                None => None,
+            };
+            let r = if let Some(r) = past {
+                ahead.push(id);
+                Err(format!(
+                    "it replayed WAL up to {} past the start of {}'s timeline (at or before {}): it cannot follow it and needs a rejoin",
+                    lsn_text(r),
+                    new_ref.name,
+                    lsn_text(fork.unwrap_or_default())
+                ))
+            } else if cfg.follow_command.is_empty() {
                 match repoint(node, &new_ref, cred).await {
                     Ok(app) => wait_streaming(&new_ref, &app, cred, follow_timeout)
                         .await
@@ -1433,6 +1504,22 @@ pub async fn settle(
         Ok(cleared) => event.cleared_synchronous = cleared,
         Err(e) => tracing::error!(node = %new_ref.name, error = %e, "cannot check synchronous_standby_names"),
     }
+    ahead
+}
+
+/// A standby's replayed WAL position.
+async fn replayed_lsn(node: &NodeRef, cred: &Credentials) -> Option<u64> {
+    let client = connect(node, cred).await.ok()?;
+    let sql = "select pg_last_wal_replay_lsn()::text";
+    let text = query_text(&client, node, sql, cred.connect_timeout)
+        .await
+        .ok()??;
+    crate::cluster::parse_lsn(&text)
+}
+
+/// An LSN as PostgreSQL writes it.
+fn lsn_text(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
 }
 
 /// Runs pgpool's `follow_primary_command` for standby `node` (pgpool's placeholders: `%d %h %p %D`

@@ -588,7 +588,7 @@ impl Manager {
             .map(|s| s.0)
             .filter(|&i| i != id)
             .collect();
-        failover::settle(&nodes, id, &followers, &self.config, &cred, &mut ev).await;
+        failover::settle(&nodes, id, &followers, &self.config, &cred, &mut ev, None).await;
         if let Err(e) = self.end_promotion().await {
             tracing::error!(error = %e, "cannot record the end of the switchover");
         }

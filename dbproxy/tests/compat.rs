@@ -276,3 +276,81 @@ async fn unlogged_tables_are_read_on_the_primary() -> Result<()> {
     })
     .await
 }
+
+/// A transaction whose reads started on the standby (a plain BEGIN) reads an unlogged table
+/// dbproxy has not learned yet (made behind its back): the standby refuses (0A000), nothing of
+/// that read reached the client, so the transaction moves to the primary as at a first write
+/// (its BEGIN and savepoints replayed there, the standby's half rolled back) and the read is
+/// answered there; simple and extended protocol. The table is learned: once the transaction
+/// ended, reads of it go to the primary without trying the standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unlearned_unlogged_table_read_in_a_transaction_moves_it_to_the_primary() -> Result<()> {
+    support::bounded(async {
+        let cluster = tokio::task::spawn_blocking(cluster).await??;
+        let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+        let mut c = connect(&proxy.conn_string("postgres", "pw")).await?;
+        let one = |v: &str| vec![vec![Some(v.to_string())]];
+        let recovery = "select pg_is_in_recovery()";
+        assert_eq!(
+            simple(&c, "select 1").await?,
+            one("1"),
+            "unlogged relations learned once"
+        );
+        cluster.primary().psql(
+            "create unlogged table compat_unlearned (id int); insert into compat_unlearned values (1), (2)",
+        )?;
+        let count = "select count(*) from compat_unlearned";
+        // Simple protocol: reads on the standby, a savepoint, then the unlearned table.
+        simple(&c, "begin").await?;
+        assert_eq!(
+            simple(&c, recovery).await?,
+            one("t"),
+            "the reads start on the standby"
+        );
+        simple(&c, "savepoint a").await?;
+        let before = standby_queries(&proxy)?;
+        assert_eq!(simple(&c, count).await?, one("2"));
+        assert!(standby_queries(&proxy)? > before, "tried on the standby first");
+        assert_eq!(simple(&c, recovery).await?, one("f"), "the transaction moved");
+        simple(&c, "insert into compat_unlearned values (3)").await?;
+        simple(&c, "rollback to savepoint a").await?;
+        assert_eq!(simple(&c, count).await?, one("2"), "savepoint a replayed there");
+        simple(&c, "commit").await?;
+        // Extended protocol: the table is made once the transaction read on the standby (the
+        // session learns the unlogged relations between transactions, before the next
+        // statement, so it would otherwise know this one already).
+        let tx = c.transaction().await?;
+        let r: bool = tx.query_one(recovery, &[]).await?.get(0);
+        assert!(r, "the reads start on the standby");
+        cluster.primary().psql(
+            "create unlogged table compat_unlearned2 (id int); insert into compat_unlearned2 values (5)",
+        )?;
+        let before = standby_queries(&proxy)?;
+        let n: i64 = tx
+            .query_one("select count(*) from compat_unlearned2 where id > $1", &[&0])
+            .await?
+            .get(0);
+        assert_eq!(n, 1);
+        assert!(standby_queries(&proxy)? > before, "tried on the standby first");
+        let r: bool = tx.query_one(recovery, &[]).await?.get(0);
+        assert!(!r, "the transaction moved");
+        tx.commit().await?;
+        // Learned: no read of either table tries the standby any more.
+        assert_eq!(simple(&c, "select 1").await?, one("1"));
+        let before = standby_queries(&proxy)?;
+        assert_eq!(simple(&c, count).await?, one("2"));
+        assert_eq!(
+            simple(&c, "select count(*) from compat_unlearned2").await?,
+            one("1")
+        );
+        assert_eq!(
+            standby_queries(&proxy)?,
+            before,
+            "learned: nothing tried on the standby"
+        );
+        c.batch_execute("drop table compat_unlearned; drop table compat_unlearned2")
+            .await?;
+        Ok(())
+    })
+    .await
+}

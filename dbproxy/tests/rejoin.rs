@@ -530,3 +530,106 @@ fn automatic_rejoin_needs_a_way_to_rejoin() {
     let e = common::Validate::validate(cfg).unwrap_err().to_string();
     assert!(e.contains("failover.rejoin.retry_interval"), "{e}");
 }
+
+/// Sends `sig` (STOP, CONT) to process `pid`.
+fn signal(pid: &str, sig: &str) -> Result<()> {
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("kill -{sig} {pid}"))
+        .output()?;
+    anyhow::ensure!(out.status.success(), "kill -{sig} {pid}: {out:?}");
+    Ok(())
+}
+
+/// The greatest WAL position node `i` has received or replayed.
+fn standby_lsn(c: &PgCluster, i: usize) -> Result<String> {
+    c.node(i).psql(
+        "select greatest(coalesce(pg_last_wal_receive_lsn(), '0/0'), coalesce(pg_last_wal_replay_lsn(), '0/0'))",
+    )
+}
+
+/// Synchronous mode, the potential standby ahead of the synchronous one when the primary dies
+/// (the WAL of a commit still waiting for the synchronous standby reached only the other one,
+/// as under load, or with a standby that has just rejoined): promoting the synchronous one
+/// would leave the other with WAL past the new timeline's start, unable to ever follow it,
+/// and writes held until `synchronous_standby_names` was cleared (`follow_timeout` later).
+/// The standby ahead is promoted instead (it holds every acknowledged commit), the synchronous
+/// one follows it and stays synchronous, and writes resume at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_synchronous_mode_a_standby_ahead_of_the_synchronous_one_is_promoted() -> Result<()> {
+    support::bounded(ahead_body()).await
+}
+
+async fn ahead_body() -> Result<()> {
+    let c = cluster_sync(2, true).await?;
+    // A hang would last follow_timeout: make it unmistakable.
+    let proxy = proxy_for(&c, true, |cfg| cfg.failover.follow_timeout = 60.0)?;
+    assert_eq!(elected(&proxy)?, 0);
+    let sync_name = c
+        .primary()
+        .psql("select application_name from pg_stat_replication where sync_state = 'sync'")?;
+    let s = (1..3)
+        .find(|&i| c.node(i).name() == sync_name)
+        .with_context(|| format!("no synchronous standby: {sync_name:?}"))?;
+    let y = 3 - s;
+    wait_for("dbproxy to see the synchronous standby", DEADLINE, || {
+        Ok((node_status(&proxy, s)?["replication_sync_state"] == "sync").then_some(()))
+    })?;
+    // Freeze the primary's WAL sender to the synchronous standby: a commit then waits for it,
+    // while its WAL reaches the other standby.
+    let sender = c.primary().psql(&format!(
+        "select pid from pg_stat_replication where application_name = '{sync_name}'"
+    ))?;
+    signal(&sender, "STOP")?;
+    let c2 = c.clone();
+    let pending = std::thread::spawn(move || {
+        // Ends with an error when the primary is killed.
+        let _ = c2.node(0).psql_timeout("insert into t values (424242)", DEADLINE);
+    });
+    let ahead = wait_for(
+        "the potential standby ahead of the synchronous one",
+        DEADLINE,
+        || {
+            let (ly, ls) = (standby_lsn(&c, y)?, standby_lsn(&c, s)?);
+            let gt = c
+                .node(y)
+                .psql(&format!("select '{ly}'::pg_lsn > '{ls}'::pg_lsn"))?;
+            Ok((gt == "t").then_some(()))
+        },
+    );
+    let killed = ahead.and_then(|()| c.node(0).kill9());
+    // Killed, not thawed: it would send the synchronous standby what it holds.
+    signal(&sender, "KILL")?;
+    killed?;
+    let t0 = Instant::now();
+    let ev = wait_event(&proxy, "failover", 1)?;
+    let took = t0.elapsed();
+    assert!(ev["error"].is_null(), "{ev}");
+    assert_eq!(ev["promoted"], c.node(y).name(), "{ev}");
+    assert!(
+        took < Duration::from_secs(20),
+        "the failover took {took:?} (writes held meanwhile): {ev}"
+    );
+    assert_eq!(ev["cleared_synchronous_standby_names"], false, "{ev}");
+    // A write through dbproxy is acknowledged: the old synchronous standby follows and is
+    // synchronous again.
+    let mut w = tokio_postgres::connect(&proxy.conn_string("postgres", "pw"), tokio_postgres::NoTls).await?;
+    tokio::spawn(w.1);
+    let w = &mut w.0;
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        w.execute("insert into t values (1)", &[]),
+    )
+    .await??;
+    wait_for("the old synchronous standby synchronous again", DEADLINE, || {
+        let out = c.node(y).psql(&format!(
+            "select sync_state from pg_stat_replication where application_name = '{}'",
+            c.node(s).name()
+        ))?;
+        Ok((out == "sync").then_some(()))
+    })?;
+    // The commit that was waiting reached the new primary (it was in the WAL it got first).
+    assert!(ids_on(&c, y)?.contains(&424242));
+    let _ = pending.join();
+    Ok(())
+}

@@ -515,3 +515,62 @@ async fn standby_lost_body() -> Result<()> {
     assert_eq!(cluster.primary().psql("select count(*) from t")?, "1");
     Ok(())
 }
+
+/// A standby lost in the middle of a read of a transaction whose reads run there, before any
+/// of the read's answer reached the client (its backend terminated during a `pg_sleep`): the
+/// transaction moves to the primary as at a first write (BEGIN and savepoints replayed there),
+/// the read is answered there, and the transaction goes on and commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_lost_mid_read_moves_the_transaction_to_the_primary() -> Result<()> {
+    support::bounded(lost_mid_read_body()).await
+}
+
+async fn lost_mid_read_body() -> Result<()> {
+    let (cluster, proxy) = setup(None).await?;
+    let pp = cluster.primary().port();
+    let c = connect(&proxy).await?;
+    c.batch_execute("begin").await?;
+    let sp = port(&c, "select inet_server_port()").await?;
+    assert_ne!(sp, pp, "the reads start on a standby");
+    c.batch_execute("savepoint a").await?;
+    let standby = cluster
+        .standbys()
+        .find(|s| s.port() == sp)
+        .context("the read ran on a standby")?;
+    let sleeping = format!(
+        "select pid from pg_stat_activity where application_name = '{APP}' \
+         and query like 'select pg_sleep%' and state = 'active'"
+    );
+    let read = c.simple_query("select pg_sleep(2), inet_server_port()");
+    let kill = async {
+        let pid = tokio::task::block_in_place(|| {
+            wait_for("the read running on the standby", DEADLINE, || {
+                let pid = standby.psql(&sleeping)?;
+                Ok((!pid.is_empty()).then_some(pid))
+            })
+        })?;
+        tokio::task::block_in_place(|| standby.psql(&format!("select pg_terminate_backend({pid})")))?;
+        anyhow::Ok(())
+    };
+    let (answer, killed) = tokio::join!(read, kill);
+    killed?;
+    let row = answer?
+        .into_iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => r.get(1).map(str::to_string),
+            _ => None,
+        })
+        .context("no row")?;
+    assert_eq!(row.parse::<u16>()?, pp, "answered by the primary");
+    assert_eq!(
+        port(&c, "select inet_server_port()").await?,
+        pp,
+        "the transaction moved"
+    );
+    c.batch_execute("insert into t values (7, 'x'); rollback to savepoint a; insert into t values (8, 'y')")
+        .await?;
+    c.batch_execute("commit").await?;
+    assert_eq!(cluster.primary().psql("select string_agg(v, ',') from t")?, "y");
+    nothing_open_on_standbys(&cluster)?;
+    Ok(())
+}

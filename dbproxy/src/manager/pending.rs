@@ -129,7 +129,7 @@ impl Manager {
             .map(|s| s.0)
             .filter(|&i| i != to)
             .collect();
-        failover::settle(&self.nodes(), to, &followers, &self.config, &cred, &mut ev).await;
+        failover::settle(&self.nodes(), to, &followers, &self.config, &cred, &mut ev, None).await;
         self.end_promotion().await?;
         tracing::warn!(kind, from = %op.from, to = %op.to, "the promotion left half-done is finished");
         self.record(kind, "finished", resolved_json(kind, &op, &ev));

@@ -83,6 +83,15 @@ impl Manager {
             .await
             .map_err(|e| failed(e.to_string()))?;
         self.cluster.update(id, |s| s.role = Role::Standby);
+        // A health check now rather than at its next period: a node unfenced while still
+        // counted down is no failover candidate, and a failure right then promotes a standby
+        // behind it, which it then cannot follow.
+        self.cluster.nodes[id].reprobe.notify_one();
+        let until =
+            Instant::now() + Duration::from_secs(3).min(deadline.saturating_duration_since(Instant::now()));
+        while !self.cluster.status(id).healthy && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         self.commit(|r, _| {
             r.fenced.remove(&name);
         })

@@ -183,8 +183,16 @@ impl Session {
                 }
                 return Ok(());
             } else if code == Some("25006") || (w == Which::Standby && code == Some(UNLOGGED_REFUSED)) {
+                if code == Some(UNLOGGED_REFUSED) {
+                    // An unlogged relation dbproxy has not learned: learn them again once the
+                    // session is between transactions.
+                    self.unlogged_due = true;
+                }
                 let window = self.replay.take().unwrap_or_default();
-                if let Some(replay) = window.replayable() {
+                if let Some(mut replay) = window.replayable() {
+                    // In a transaction whose reads run on the standby, the transaction moves to
+                    // the primary with the request (the standby's half is rolled back).
+                    replay.open = self.split.opening();
                     // Swallow the standby's answers up to its ReadyForQuery, then replay; a
                     // batch ended by Flush gets a Sync to end it (written once this read is
                     // done). The client's next messages wait for the replay.

@@ -68,8 +68,22 @@ impl Session {
             }
             if let Some(replay) = self.cycle.take_due_replay() {
                 self.shared.cluster.metrics.decision(Decision::Replay);
-                self.dispatch(Which::Primary, replay.frames, replay.mode, true, false, &[])
-                    .await?;
+                let moves = !replay.open.is_empty();
+                // A moved transaction may commit a write (see `route::choose`).
+                let capture =
+                    moves && replay.mode == Mode::Sync && self.shared.config.routing.read_your_writes_by_lsn;
+                self.dispatch(
+                    Which::Primary,
+                    replay.frames,
+                    replay.mode,
+                    true,
+                    capture,
+                    &replay.open,
+                )
+                .await?;
+                if moves {
+                    self.moved_to_primary().await;
+                }
                 continue;
             }
             let between = self.cycle.on().is_none() && self.tx.idle();
@@ -393,6 +407,16 @@ impl Session {
         self.sets.iter().any(|s| mentions(s)) || self.params.iter().any(|(k, v)| mentions(k) || mentions(v))
     }
 
+    /// A transaction whose reads ran on the standby was opened on the primary with a request:
+    /// the block is the primary's from now on, and its standby half is ended.
+    async fn moved_to_primary(&mut self) {
+        if self.cycle.on() == Some(Which::Primary) {
+            self.split = Split::Whole;
+            self.tx.on = Which::Primary;
+            self.end_on_standby().await;
+        }
+    }
+
     /// Ends the standby's half of a transaction that moved to the primary (it only read:
     /// nothing is lost); its answer is swallowed. A standby that cannot be written to is
     /// dropped (its server ends the transaction with the connection).
@@ -478,12 +502,7 @@ impl Session {
                 let opening = self.split.opening();
                 self.dispatch(target, frames, mode, follow, capture, &opening)
                     .await?;
-                if self.cycle.on() == Some(Which::Primary) {
-                    // The block is the primary's from now on.
-                    self.split = Split::Whole;
-                    self.tx.on = Which::Primary;
-                    self.end_on_standby().await;
-                }
+                self.moved_to_primary().await;
                 Ok(())
             }
         }

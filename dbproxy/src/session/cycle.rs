@@ -42,6 +42,10 @@ pub(super) enum Copy {
 pub(super) struct Replay {
     pub frames: Vec<Frame>,
     pub mode: Mode,
+    /// For a transaction whose reads ran on the standby: the statements that open it on the
+    /// primary first (its BEGIN and savepoints, see [`Split::opening`]); the transaction then
+    /// moves there, as at its first write. Empty outside such a transaction.
+    pub open: Vec<String>,
 }
 
 /// The request cycle.
@@ -293,6 +297,7 @@ mod tests {
         Replay {
             frames: Vec::new(),
             mode: Mode::Sync,
+            open: Vec::new(),
         }
     }
 

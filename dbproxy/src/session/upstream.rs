@@ -11,9 +11,9 @@ use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
 use crate::config::secs;
 use crate::protocol::frontend::Kind;
-use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
+use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage, TxStatus};
 
-use super::cycle::{Copy, Cycle, Mode, Which};
+use super::cycle::{Copy, Cycle, Mode, Phase, Which};
 use super::login::connect_primary;
 use super::stmt::Statements;
 use super::window::Window;
@@ -364,8 +364,11 @@ impl Session {
             self.holdback.clear();
         }
         // Outside a transaction, a standby's 25006 is replayed on the primary while nothing
-        // executed of the cycle reached the client.
-        if target == Which::Standby && (idle || self.replay.is_some()) {
+        // executed of the cycle reached the client; in a transaction whose reads run on the
+        // standby (not failed), the transaction then moves to the primary with the request.
+        let movable =
+            fresh && self.tx.status == TxStatus::InTransaction && self.split.phase() != Phase::Whole;
+        if target == Which::Standby && (idle || movable || self.replay.is_some()) {
             self.replay
                 .get_or_insert_with(|| std::mem::take(&mut self.spare_window))
                 .push(frames);
@@ -497,7 +500,7 @@ impl Session {
                 Some(r) => Some(r),
                 None => {
                     let window = self.replay.take();
-                    if window.as_ref().is_some_and(|w| w.batches.is_empty()) {
+                    if window.as_ref().is_some_and(|w| w.batches.is_empty()) && !self.tx.on_standby() {
                         // Everything the standby answered in this cycle was passed on and
                         // nothing was executed: the cycle simply goes on elsewhere (statements
                         // are prepared lazily where the next batch runs).
@@ -505,7 +508,11 @@ impl Session {
                         self.cycle = Cycle::Idle;
                         return self.client.flush().await.map_err(|_| End);
                     }
-                    window.and_then(Window::replayable)
+                    window.and_then(Window::replayable).map(|mut r| {
+                        // A transaction whose reads ran there moves to the primary.
+                        r.open = self.split.opening();
+                        r
+                    })
                 }
             };
             if let Some(replay) = replay {

@@ -91,7 +91,11 @@ impl Window {
             Kind::Flush => Mode::Flush,
             _ => Mode::Sync,
         };
-        Some(Replay { frames, mode })
+        Some(Replay {
+            frames,
+            mode,
+            open: Vec::new(),
+        })
     }
 }
 
