@@ -354,3 +354,181 @@ async fn an_unlearned_unlogged_table_read_in_a_transaction_moves_it_to_the_prima
     })
     .await
 }
+
+/// Characters tried in every client encoding; each encoding's sample is made of those it can
+/// represent both ways (GBK takes `€` from UTF8 as 0x80 but refuses 0x80 coming back). `表`, `ソ` and `許` end in byte 0x5C (a backslash) in SJIS and BIG5, where a
+/// byte-wise reading of the text would see an escape inside a literal.
+const ENCODING_CANDIDATES: &[&str] = &[
+    "é", "ß", "€", "ж", "ї", "α", "ğ", "ą", "ő", "ש", "ا", "ก", "ā", "ŧ", "日", "表", "ソ", "許", "中", "한",
+];
+
+/// One run of `psql -f script` with `PGCLIENTENCODING=encoding`: stdout and stderr, as bytes,
+/// interleaved as psql wrote them (errors name the script's path and line, the same in both runs).
+fn psql_script(port: u16, encoding: &str, script: &std::path::Path) -> Result<Vec<u8>> {
+    let psql = testkit::pg_bindir()?.join("psql");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg("exec timeout 60 \"$0\" -X -A -t -q -h 127.0.0.1 -U postgres -d postgres -p \"$1\" -f \"$2\" 2>&1")
+        .arg(&psql)
+        .arg(port.to_string())
+        .arg(script)
+        .env("PGCLIENTENCODING", encoding)
+        .env("PGPASSWORD", "pw")
+        .env("PGCONNECT_TIMEOUT", "5")
+        .env_remove("PGOPTIONS")
+        .env_remove("PGSERVICE")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .context("psql")?;
+    if out.status.code() == Some(124) {
+        bail!("psql with {encoding} did not finish within 60 s");
+    }
+    Ok(out.stdout)
+}
+
+/// Every client encoding this PostgreSQL can convert to from the server's UTF8, with psql (bytes
+/// in, bytes out, no driver's codec in between): query text with characters of that encoding in
+/// literals, comments, a write, a balanced read, a transaction, SET, SQL PREPARE/EXECUTE and an
+/// error quoting the text gives byte for byte the same answer directly and through dbproxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_client_encoding_gives_the_same_answers_through_psql() -> Result<()> {
+    support::bounded(async {
+        let cluster = tokio::task::spawn_blocking(cluster).await??;
+        let proxy = Proxy::start(config_for(&cluster, Some("pw")))?;
+        let mut c = connect(&cluster.primary().conn_string()).await?;
+        c.batch_execute(
+            "create or replace function compat_enc_hex(s text, e name) returns text language plpgsql as $$ \
+             begin if convert_from(convert_to(s, e), e) = s then return encode(convert_to(s, e), 'hex'); end if; \
+             return null; exception when others then return null; end $$; \
+             create or replace function compat_enc_ok(e name) returns bool language plpgsql as $$ \
+             begin perform set_config('client_encoding', e, true); return true; \
+             exception when others then return false; end $$",
+        )
+        .await?;
+        // Every encoding PostgreSQL knows that a client may ask for with this server.
+        let mut encodings = Vec::new();
+        for row in simple(
+            &c,
+            "select pg_encoding_to_char(i) from generate_series(0, 63) i \
+             where pg_encoding_to_char(i) <> '' order by 1",
+        )
+        .await?
+        {
+            let name = row[0].clone().context("encoding name")?;
+            let probe = c.transaction().await?;
+            let ok: bool = probe
+                .query_one("select compat_enc_ok($1)", &[&name])
+                .await?
+                .get(0);
+            probe.rollback().await?;
+            if ok {
+                encodings.push(name);
+            }
+        }
+        assert!(
+            encodings.len() >= 30,
+            "PostgreSQL 15 converts UTF8 to more than 30 client encodings, found {encodings:?}"
+        );
+        let dir = tempfile::tempdir()?;
+        let before = standby_queries(&proxy)?;
+        let mut tested = 0;
+        for enc in &encodings {
+            let mut sample = Vec::new();
+            for ch in ENCODING_CANDIDATES {
+                let hex: Option<String> = c
+                    .query_one("select compat_enc_hex($1, $2)", &[&ch.to_string(), enc])
+                    .await?
+                    .get(0);
+                if let Some(hex) = hex {
+                    sample.extend(hex_bytes(&hex)?);
+                    sample.push(b' ');
+                }
+            }
+            let non_ascii = sample.iter().any(|b| *b >= 0x80);
+            let script = dir.path().join(format!("{enc}.sql"));
+            std::fs::write(&script, encoding_script(enc, &sample))?;
+            let direct = tokio::task::block_in_place(|| psql_script(cluster.primary().port(), enc, &script))?;
+            let proxied = tokio::task::block_in_place(|| psql_script(proxy.port(), enc, &script))?;
+            assert!(
+                direct == proxied,
+                "{enc}: psql answers differ\n  direct:  {}\n  dbproxy: {}",
+                String::from_utf8_lossy(&direct),
+                String::from_utf8_lossy(&proxied)
+            );
+            // Not vacuous: the sample came back in the answers, and the script ran to its end.
+            assert!(
+                direct.windows(sample.len().max(1)).any(|w| w == &sample[..]) || sample.is_empty(),
+                "{enc}: the sample is not in the answers: {}",
+                String::from_utf8_lossy(&direct)
+            );
+            assert!(
+                direct.ends_with(b"end\n"),
+                "{enc}: the script did not run to its end: {}",
+                String::from_utf8_lossy(&direct)
+            );
+            if non_ascii {
+                tested += 1;
+            }
+        }
+        assert!(
+            tested >= 30,
+            "at least 30 encodings were tried with non-ASCII text, only {tested} were"
+        );
+        assert!(
+            standby_queries(&proxy)? > before,
+            "the reads were balanced to the standby as well"
+        );
+        c.batch_execute("drop function compat_enc_hex(text, name); drop function compat_enc_ok(name)")
+            .await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The script run in one encoding: `s` is the sample, already in that encoding's bytes.
+fn encoding_script(enc: &str, s: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut line = |parts: &[&[u8]]| {
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        out.push(b'\n');
+    };
+    let e = enc.as_bytes();
+    line(&[b"drop table if exists compat_enc_all; create table compat_enc_all (enc text, v text);"]);
+    line(&[b"show client_encoding;"]);
+    line(&[
+        b"select '",
+        s,
+        b"'::text, length('",
+        s,
+        b"'), octet_length('",
+        s,
+        b"'::text) > 0 /* ",
+        s,
+        b" */;",
+    ]);
+    line(&[b"insert into compat_enc_all values ('", e, b"', '", s, b"');"]);
+    line(&[b"select enc from compat_enc_all where v = '", s, b"';"]);
+    line(&[b"select E'", s, b"\\\\', '", s, b"' || '''';"]);
+    line(&[b"set application_name = 'app ", s, b"';"]);
+    line(&[b"select current_setting('application_name');"]);
+    line(&[b"/* ", s, b" */ begin;"]);
+    line(&[b"select count(*) from compat_enc_all where v <> '", s, b"';"]);
+    line(&[b"commit;"]);
+    line(&[b"prepare compat_enc_p(text) as select $1 || ' ", s, b"';"]);
+    line(&[b"execute compat_enc_p('", s, b"');"]);
+    line(&[b"deallocate compat_enc_p;"]);
+    line(&[b"select '", s, b"'::int;"]);
+    line(&[b"select v from compat_enc_all;"]);
+    line(&[b"drop table compat_enc_all;"]);
+    line(&[b"select 'end';"]);
+    out
+}
+
+fn hex_bytes(hex: &str) -> Result<Vec<u8>> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).context("hex"))
+        .collect()
+}
