@@ -23,6 +23,8 @@
 
 pub mod config;
 mod metrics;
+mod pinned;
+mod release;
 mod reset;
 pub mod show;
 mod upkeep;
@@ -175,6 +177,8 @@ struct Client {
     waiting: Option<(Instant, Arc<Key>)>,
     /// The server connection it last took.
     link: Option<u64>,
+    /// The node whose connection it is pinned to (see `pinned`), if it is.
+    pinned: Option<usize>,
 }
 
 /// An idle pooled connection.
@@ -367,6 +371,7 @@ impl Pools {
                 info,
                 waiting: None,
                 link: None,
+                pinned: None,
             },
         );
         id
@@ -401,7 +406,10 @@ impl Pools {
 
     /// Forgets a client that left.
     pub fn client_left(&self, id: u64) {
-        self.lock().clients.remove(&id);
+        let gone = self.lock().clients.remove(&id);
+        if let Some(node) = gone.and_then(|c| c.pinned) {
+            self.metrics.unpinned(&self.cluster, node);
+        }
     }
 
     /// A connection to `req.node` for `req.client`: an idle one of this thread when there is one
@@ -691,20 +699,34 @@ impl Pools {
         });
     }
 
-    /// Puts a reset (or freshly opened) connection on its thread's idle list.
+    /// Puts a reset (or freshly opened) connection on its thread's idle list; what its reset
+    /// or login reported is what the key's next client logging in is told.
     fn pool_idle(&self, b: Backend) {
+        self.put_idle(b, true);
+    }
+
+    /// Puts a connection back on its thread's idle list between two transactions of its
+    /// client: the key's greeting stays (nothing was reset).
+    fn pool_idle_as_is(&self, b: Backend) {
+        self.put_idle(b, false);
+    }
+
+    fn put_idle(&self, b: Backend, greet: bool) {
         let Some(tag) = b.pooled.as_ref() else { return };
         if tag.generation != self.generation() || !self.node_usable(tag.key.node) {
             return;
         }
         let (key, id, thread) = (tag.key.clone(), tag.id, tag.thread);
+        let greeting = greet.then(|| tag.greeting.clone());
         let mut st = self.lock();
         let st_ref = &mut *st;
         let Some(p) = st_ref.pools.get_mut(&key) else {
             drop(st);
             return;
         };
-        p.greeting = Some(tag.greeting.clone());
+        if let Some(g) = greeting {
+            p.greeting = Some(g);
+        }
         p.idle[thread].push_back(Idle {
             backend: b,
             since: Instant::now(),
@@ -836,7 +858,7 @@ fn within_lifetime(born: Instant, config: &PoolConfig) -> bool {
 
 /// Whether nothing is pending on a connection: no injected answers to swallow, no WAL-position
 /// answer to read, nothing buffered either way.
-fn quiet(b: &Backend) -> bool {
+pub fn quiet(b: &Backend) -> bool {
     b.swallow_rfq == 0
         && b.swallow_parse == 0
         && b.swallow_close == 0

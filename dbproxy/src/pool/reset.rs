@@ -61,6 +61,7 @@ pub(super) async fn run(b: &mut Backend, query: &str, greeting: &mut Vec<Frame>)
     b.prepared.clear();
     b.to_close.clear();
     b.sets_applied = 0;
+    b.sets_owner = 0;
     Ok(())
 }
 

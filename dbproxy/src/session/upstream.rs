@@ -10,22 +10,24 @@ use bytes::BufMut;
 use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
 use crate::config::secs;
+use crate::pool::PoolMode;
 use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage};
 
 use super::cycle::{Copy, Cycle, Mode, Which};
 use super::login::connect_primary;
-use super::stmt::Statements;
+use super::stmt::{fingerprint, Statements};
 use super::window::Window;
 use super::{batch, End, Session};
 
-/// Before `f` goes to backend `b`: a statement it uses that `b` lacks is prepared there (any
-/// stale copy closed first), both answers to be swallowed.
+/// Before `f` goes to backend `b`: a statement it uses that `b` lacks (or holds as another
+/// Parse made it: another client's of the same name, in transaction pooling) is prepared there
+/// (any stale copy closed first), both answers to be swallowed.
 fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
     let Some(st) = stmts.get(name) else {
         return;
     };
-    if b.prepared.contains(name) {
+    if b.prepared.get(name) == Some(&st.fp) {
         return;
     }
     let wbuf = &mut b.conn.wbuf;
@@ -35,7 +37,37 @@ fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
     }
     wbuf.put_slice(st.parse.raw());
     b.swallow_parse += 1;
-    b.prepared.insert(name.to_string());
+    b.prepared.insert(name.to_string(), st.fp);
+}
+
+/// Transaction pooling: before a Bind or Describe of statement `name`, which this client has not
+/// prepared, a statement of that name another client left on `b` is closed (answer swallowed),
+/// so the server answers 26000 as it would to this client alone, instead of running it.
+fn forget_foreign(b: &mut Backend, stmts: &Statements, name: &str) {
+    if stmts.get(name).is_none() && b.prepared.remove(name).is_some() {
+        extended::encode_close_statement(name, &mut b.conn.wbuf);
+        b.swallow_close += 1;
+    }
+}
+
+/// What a connection that carries another client's session settings runs before this client's
+/// request (transaction pooling): back to the defaults of its login, role included (`RESET ALL`
+/// leaves the role and the session authorization alone).
+const RESET_SETTINGS: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL";
+
+/// Before backend `b` runs a request of client `owner`: when the session settings applied there
+/// are another client's, they are reset first (answer swallowed), and the client's own are
+/// applied from the start.
+fn adopt(b: &mut Backend, owner: u64) {
+    if b.sets_owner == owner {
+        return;
+    }
+    if b.sets_applied > 0 {
+        simple::encode_query(RESET_SETTINGS, &mut b.conn.wbuf);
+        b.swallow_rfq += 1;
+    }
+    b.sets_applied = 0;
+    b.sets_owner = owner;
 }
 
 impl Session {
@@ -108,6 +140,45 @@ impl Session {
         self.cycle = Cycle::Idle;
         self.end("08006", message).await;
         Err(End)
+    }
+
+    /// The session's state can no longer move to another connection: it keeps to the primary
+    /// (and, in transaction pooling, to its primary connection) until it leaves.
+    pub(super) fn pin(&mut self) {
+        if self.sticky.pinned {
+            return;
+        }
+        self.sticky.pinned = true;
+        let node = self.primary.as_ref().map(|b| b.node).or_else(|| self.shared.cluster.elected());
+        if let Some(node) = node {
+            self.shared.pools.pinned(self.member.id, node);
+        }
+    }
+
+    /// Transaction pooling: between two transactions of the client (no request in flight, no
+    /// transaction open, ReadyForQuery `I` seen) its server connections go back to the pool,
+    /// each once nothing is pending on it. A pinned session keeps its primary connection (and
+    /// so does one whose login was relayed: nothing else to log in with). The cancel slot is
+    /// emptied with them, so a late CancelRequest cannot reach the next client's query.
+    pub(super) fn release_between(&mut self) {
+        if self.cycle.on().is_some() || !self.tx.idle() || self.shared.config.pool.mode != PoolMode::Transaction
+        {
+            return;
+        }
+        let pools = &self.shared.pools;
+        let mut released = false;
+        let keep_primary = self.sticky.pinned || self.primary_only;
+        if let Some(b) = self.primary.take_if(|b| !keep_primary && crate::pool::quiet(b)) {
+            pools.release(b);
+            released = true;
+        }
+        if let Some(b) = self.standby.take_if(|b| crate::pool::quiet(b)) {
+            pools.release(b);
+            released = true;
+        }
+        if released && self.cancel_key.take().is_some() {
+            *self.cancel.lock().expect("slot poisoned") = None;
+        }
     }
 
     /// Makes sure a usable standby connection exists; false when none can be had.
@@ -252,11 +323,14 @@ impl Session {
             extended::encode_sync(&mut b.conn.wbuf);
             b.swallow_rfq += 1;
         }
+        let owner = self.member.id;
+        adopt(b, owner);
         for s in &self.sets[b.sets_applied..] {
             simple::encode_query(s, &mut b.conn.wbuf);
             b.swallow_rfq += 1;
         }
         b.sets_applied = self.sets.len();
+        let transaction_mode = self.shared.config.pool.mode == PoolMode::Transaction;
         for s in open {
             simple::encode_query(s, &mut b.conn.wbuf);
             b.swallow_rfq += 1;
@@ -284,11 +358,23 @@ impl Session {
                 }
                 Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
                 Ok(FrontendMessage::Parse { name, .. }) => {
+                    let fp = fingerprint(f);
+                    if transaction_mode && !name.is_empty() && b.prepared.contains_key(name) {
+                        // In transaction pooling a statement of that name here may be another
+                        // client's (or one this client closed on another connection): closed
+                        // first, so the client's Parse is not refused (42P05) for it.
+                        extended::encode_close_statement(name, &mut b.conn.wbuf);
+                        b.swallow_close += 1;
+                    }
                     if name.is_empty() {
                         if let Some(o) = other.as_mut() {
                             o.prepared.remove("");
                         }
-                    } else if let Some(p) = other.as_mut().filter(|p| mirror && !p.prepared.contains(name)) {
+                    } else if let Some(p) = other
+                        .as_mut()
+                        .filter(|p| mirror && p.prepared.get(name) != Some(&fp))
+                    {
+                        adopt(p, owner);
                         let wbuf = &mut p.conn.wbuf;
                         for s in &self.sets[p.sets_applied..] {
                             simple::encode_query(s, wbuf);
@@ -301,12 +387,15 @@ impl Session {
                         wbuf.put_slice(f.raw());
                         extended::encode_sync(wbuf);
                         p.swallow_rfq += 1;
-                        p.prepared.insert(name.to_string());
+                        p.prepared.insert(name.to_string(), fp);
                         mirrored = true;
                     }
-                    b.prepared.insert(name.to_string());
+                    b.prepared.insert(name.to_string(), fp);
                 }
                 Ok(FrontendMessage::Bind(bind)) => {
+                    if transaction_mode {
+                        forget_foreign(b, &self.stmts, bind.stmt);
+                    }
                     prepare_lazily(b, &self.stmts, bind.stmt);
                     let step = self
                         .stmts
@@ -316,6 +405,9 @@ impl Session {
                 }
                 Ok(FrontendMessage::Describe(t)) => {
                     if let Some(name) = t.statement() {
+                        if transaction_mode {
+                            forget_foreign(b, &self.stmts, name);
+                        }
                         prepare_lazily(b, &self.stmts, name);
                         // A Describe of a statement: its ParameterDescription comes back in turn.
                         self.stmts.describe_sent(name);
@@ -325,7 +417,7 @@ impl Session {
                     if let Some(name) = t.statement() {
                         b.prepared.remove(name);
                         if let Some(o) = other.as_mut() {
-                            if o.prepared.remove(name) {
+                            if o.prepared.remove(name).is_some() {
                                 o.to_close.push(name.to_string());
                             }
                         }
