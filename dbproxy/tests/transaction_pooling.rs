@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use dbproxy::config::Config;
-use dbproxy::pool::PoolMode;
 use dbproxy::config::{AuthMethod, HbaRule};
+use dbproxy::pool::PoolMode;
 use support::{config_for, msg, pg_program, Proxy, Raw};
 use testkit::{wait_for, PgCluster, DEADLINE};
 
@@ -86,6 +86,15 @@ fn pgbench(port: u16, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
+/// Sets its flag when dropped.
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_pgbench_clients_share_ten_server_connections_per_node() -> Result<()> {
     support::bounded(many_body()).await
@@ -105,8 +114,14 @@ async fn many_body() -> Result<()> {
     let p = proxy(&c, 10, |cfg| {
         cfg.workers = 2;
         cfg.pool.checkout_timeout = 60.0;
+        // 200 clients log in at once (one pgbench thread each): the tests' 1 s limit is for
+        // one login, not for a queue of 200 password checks on a busy machine.
+        cfg.limits.startup_timeout = 60.0;
     })?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Stops the sampler however the body ends (an error or the time limit included): a
+    // blocking task still running would keep the test's runtime from shutting down.
+    let _stop_sampler = StopOnDrop(stop.clone());
     let sampler = {
         let stop = stop.clone();
         let c = c.clone();
@@ -126,15 +141,21 @@ async fn many_body() -> Result<()> {
     };
     let port = p.port();
     // Reads (on the standby and the primary), then the TPC-B-like mix (writes in transactions).
+    // One pgbench thread per client: pgbench prepares a statement with a blocking call, which
+    // with several clients per thread would stall that thread's other clients, holding their
+    // server connections inside transactions, while it waits for a free connection itself.
     let reads = tokio::task::spawn_blocking(move || {
         pgbench(
             port,
-            &["-n", "-S", "-M", "prepared", "-c", "200", "-j", "4", "-t", "20"],
+            &["-n", "-S", "-M", "prepared", "-c", "200", "-j", "200", "-t", "20"],
         )
     })
     .await??;
     let writes = tokio::task::spawn_blocking(move || {
-        pgbench(port, &["-n", "-M", "prepared", "-c", "200", "-j", "4", "-t", "5"])
+        pgbench(
+            port,
+            &["-n", "-M", "prepared", "-c", "200", "-j", "200", "-t", "5"],
+        )
     })
     .await??;
     stop.store(true, Ordering::Relaxed);
@@ -198,9 +219,13 @@ async fn leak_body() -> Result<()> {
     leaver.batch_execute("begin; insert into t values (1)").await?;
     drop(leaver);
     assert_eq!(one(&a, "select count(*) from t").await?, "0");
-    assert_eq!(one(&a, "select pg_current_xact_id_if_assigned() is null").await?, "t");
+    assert_eq!(
+        one(&a, "select pg_current_xact_id_if_assigned() is null").await?,
+        "t"
+    );
     // A temporary table pins its client to the connection until it leaves; the others wait.
-    a.batch_execute("create temp table tt (x int); insert into tt values (1)").await?;
+    a.batch_execute("create temp table tt (x int); insert into tt values (1)")
+        .await?;
     // SHOW needs no server connection: it answers while the one connection is pinned.
     assert_eq!(pools_column(&p, "cl_pinned").await?, ["1"], "one pinned client");
     assert_eq!(metric(&p, "dbproxy_pool_pinned{node=\"node0\"}")?, 1.0);
@@ -229,10 +254,7 @@ async fn answers(r: &mut Raw, n: usize) -> Result<Vec<String>> {
         let body = f.body();
         out.push(match f.tag() {
             b'D' => format!("D:{}", String::from_utf8_lossy(body.get(6..).unwrap_or(b""))),
-            b'E' => format!(
-                "E:{}",
-                dbproxy::protocol::error::sqlstate(body).unwrap_or("")
-            ),
+            b'E' => format!("E:{}", dbproxy::protocol::error::sqlstate(body).unwrap_or("")),
             b'Z' => format!("Z:{}", body.first().map_or('?', |&b| b as char)),
             t => (t as char).to_string(),
         });
@@ -261,10 +283,12 @@ async fn same_name_body() -> Result<()> {
     let run = [bind.clone(), execute.clone(), sync.clone()].concat();
     let mut a = Raw::login(&p).await?;
     let mut b = Raw::login(&p).await?;
-    a.send(&[parse("select 'a'::text"), sync.clone()].concat()).await?;
+    a.send(&[parse("select 'a'::text"), sync.clone()].concat())
+        .await?;
     assert_eq!(answers(&mut a, 2).await?, ["1", "Z:I"]);
     // The connection holds a's `q`: b's Parse of its own `q` is not refused (42P05).
-    b.send(&[parse("select 'b'::text"), sync.clone()].concat()).await?;
+    b.send(&[parse("select 'b'::text"), sync.clone()].concat())
+        .await?;
     assert_eq!(answers(&mut b, 2).await?, ["1", "Z:I"]);
     for _ in 0..3 {
         a.send(&run).await?;
@@ -298,7 +322,11 @@ async fn lazy_body() -> Result<()> {
     let holder = p.connect("postgres", "pw").await?;
     holder.batch_execute("begin").await?;
     let held = one(&holder, "select pg_backend_pid()").await?;
-    assert_eq!(held, first.to_string(), "the holder took the statement's connection");
+    assert_eq!(
+        held,
+        first.to_string(),
+        "the holder took the statement's connection"
+    );
     // The statement runs on the other connection, prepared there first.
     let row = a.query_one(&stmt, &[&21i32]).await?;
     assert_eq!(row.get::<_, i32>(0), 42);
@@ -372,7 +400,9 @@ async fn cancel_body() -> Result<()> {
     let started = Instant::now();
     let sleeper = tokio::spawn(async move { client.batch_execute("select pg_sleep(60)").await });
     wait_for("the query runs", DEADLINE, || {
-        Ok((c.primary().psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'")?
+        Ok((c
+            .primary()
+            .psql("select count(*) from pg_stat_activity where query = 'select pg_sleep(60)'")?
             == "1")
             .then_some(()))
     })?;
@@ -401,7 +431,9 @@ async fn replay_body() -> Result<()> {
     let lsn = c.primary().current_lsn()?;
     tokio::task::block_in_place(|| c.standby(0).wait_replayed(&lsn))?;
     assert_eq!(one(&client, "select bump()").await?, "1");
-    let row = client.query_one("select bump() + 0 * inet_server_port()", &[]).await?;
+    let row = client
+        .query_one("select bump() + 0 * inet_server_port()", &[])
+        .await?;
     assert_eq!(row.get::<_, i32>(0), 1, "extended protocol replay");
     assert_eq!(c.primary().psql("select count(*) from hits")?, "2");
     assert!(metric(&p, "dbproxy_routing_decisions_total{decision=\"replay_25006\"}")? >= 2.0);

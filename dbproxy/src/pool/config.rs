@@ -123,7 +123,10 @@ mod tests {
             server_reset_query: String::new(),
             ..PoolConfig::default()
         });
-        assert!(e.contains("pool.server_reset_query") && e.contains("transaction"), "{e}");
+        assert!(
+            e.contains("pool.server_reset_query") && e.contains("transaction"),
+            "{e}"
+        );
         let e = err(PoolConfig {
             size: 0,
             ..PoolConfig::default()

@@ -40,6 +40,15 @@ fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
     b.prepared.insert(name.to_string(), st.fp);
 }
 
+/// Whether statement `name` was parsed earlier in the batch being sent.
+fn parsed(name: &str, unnamed: bool, named: &[&str]) -> bool {
+    if name.is_empty() {
+        unnamed
+    } else {
+        named.contains(&name)
+    }
+}
+
 /// Transaction pooling: before a Bind or Describe of statement `name`, which this client has not
 /// prepared, a statement of that name another client left on `b` is closed (answer swallowed),
 /// so the server answers 26000 as it would to this client alone, instead of running it.
@@ -149,34 +158,42 @@ impl Session {
             return;
         }
         self.sticky.pinned = true;
-        let node = self.primary.as_ref().map(|b| b.node).or_else(|| self.shared.cluster.elected());
+        let node = self
+            .primary
+            .as_ref()
+            .map(|b| b.node)
+            .or_else(|| self.shared.cluster.elected());
         if let Some(node) = node {
             self.shared.pools.pinned(self.member.id, node);
         }
     }
 
-    /// Transaction pooling: between two transactions of the client (no request in flight, no
-    /// transaction open, ReadyForQuery `I` seen) its server connections go back to the pool,
-    /// each once nothing is pending on it. A pinned session keeps its primary connection (and
-    /// so does one whose login was relayed: nothing else to log in with). The cancel slot is
-    /// emptied with them, so a late CancelRequest cannot reach the next client's query.
+    /// Transaction pooling: a server connection that holds neither the request in flight nor
+    /// the client's open transaction goes back to the pool once nothing is pending on it: both
+    /// between two transactions (after ReadyForQuery `I`), and the other connection of a
+    /// transaction (the standby after a transaction moved to the primary at its first write,
+    /// the primary while a transaction reads on a standby). A pinned session keeps its primary
+    /// connection (and so does one whose login was relayed: nothing else to log in with). The
+    /// cancel slot is emptied with the connection it names, so a late CancelRequest cannot reach
+    /// the next client's query.
     pub(super) fn release_between(&mut self) {
-        if self.cycle.on().is_some() || !self.tx.idle() || self.shared.config.pool.mode != PoolMode::Transaction
-        {
+        if self.cycle.on().is_some() || self.shared.config.pool.mode != PoolMode::Transaction {
             return;
         }
         let pools = &self.shared.pools;
-        let mut released = false;
-        let keep_primary = self.sticky.pinned || self.primary_only;
+        let keep_primary = self.sticky.pinned || self.primary_only || self.tx.on_primary();
+        let keep_standby = self.tx.on_standby();
+        let mut released = [None, None];
         if let Some(b) = self.primary.take_if(|b| !keep_primary && crate::pool::quiet(b)) {
+            released[0] = Some(b.key);
             pools.release(b);
-            released = true;
         }
-        if let Some(b) = self.standby.take_if(|b| crate::pool::quiet(b)) {
+        if let Some(b) = self.standby.take_if(|b| !keep_standby && crate::pool::quiet(b)) {
+            released[1] = Some(b.key);
             pools.release(b);
-            released = true;
         }
-        if released && self.cancel_key.take().is_some() {
+        if self.cancel_key.is_some() && released.contains(&self.cancel_key) {
+            self.cancel_key = None;
             *self.cancel.lock().expect("slot poisoned") = None;
         }
     }
@@ -314,6 +331,11 @@ impl Session {
         // primary's pg_prepared_statements, where the client reads it, then lists the client's
         // statements in their prepare_time order, as without dbproxy.
         let mut mirrored = false;
+        // The statements this batch itself parses: what later messages of the batch name is
+        // that Parse (the session's copy already holds the batch's last Parse of each name).
+        // Without an allocation for the unnamed statement, which drivers re-parse every time.
+        let mut parsed_unnamed = false;
+        let mut parsed_named: Vec<&str> = Vec::new();
         let mirror = target == Which::Standby && !stale_primary;
         // Statements the client closed elsewhere, and settings not applied here yet.
         if !b.to_close.is_empty() {
@@ -359,6 +381,11 @@ impl Session {
                 Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
                 Ok(FrontendMessage::Parse { name, .. }) => {
                     let fp = fingerprint(f);
+                    if name.is_empty() {
+                        parsed_unnamed = true;
+                    } else {
+                        parsed_named.push(name);
+                    }
                     if transaction_mode && !name.is_empty() && b.prepared.contains_key(name) {
                         // In transaction pooling a statement of that name here may be another
                         // client's (or one this client closed on another connection): closed
@@ -393,10 +420,13 @@ impl Session {
                     b.prepared.insert(name.to_string(), fp);
                 }
                 Ok(FrontendMessage::Bind(bind)) => {
-                    if transaction_mode {
+                    let parsed_here = parsed(bind.stmt, parsed_unnamed, &parsed_named);
+                    if transaction_mode && !parsed_here {
                         forget_foreign(b, &self.stmts, bind.stmt);
                     }
-                    prepare_lazily(b, &self.stmts, bind.stmt);
+                    if !parsed_here {
+                        prepare_lazily(b, &self.stmts, bind.stmt);
+                    }
                     let step = self
                         .stmts
                         .get(bind.stmt)
@@ -405,10 +435,13 @@ impl Session {
                 }
                 Ok(FrontendMessage::Describe(t)) => {
                     if let Some(name) = t.statement() {
-                        if transaction_mode {
+                        let parsed_here = parsed(name, parsed_unnamed, &parsed_named);
+                        if transaction_mode && !parsed_here {
                             forget_foreign(b, &self.stmts, name);
                         }
-                        prepare_lazily(b, &self.stmts, name);
+                        if !parsed_here {
+                            prepare_lazily(b, &self.stmts, name);
+                        }
                         // A Describe of a statement: its ParameterDescription comes back in turn.
                         self.stmts.describe_sent(name);
                     }
