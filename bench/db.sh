@@ -20,9 +20,20 @@
 # their pools. For each setup with a process of its own the table also gives that process's CPU
 # time per transaction (user + system from /proc/PID/stat, its children included, around the run).
 #
+# `many-clients` is `pgbench -S -M prepared -c 500` against transaction pooling: 500 clients share
+# 20 server connections to the standby. It runs only for `dbproxy-tx` (dbproxy with `pool.mode =
+# "transaction"`, `pool.size = 20`) and `pgbouncer-tx` (PgBouncer with `pool_mode = transaction`,
+# `default_pool_size = 20`). PgBouncer keeps protocol-level prepared statements across transaction
+# pooling only from 1.21 (`max_prepared_statements`); an older one (Debian 12 ships 1.18) runs this
+# workload with `-M simple` instead, which the table's `note` column says. `many-clients-simple`
+# is the same with `-M simple` for both. Direct connections, the relay and pgpool-II (one process
+# and one backend connection per client, no transaction pooling) cannot serve 500 clients with
+# the servers' `max_connections = 200`, and do not run them.
+#
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
-# Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy relay"
-#        WORKLOADS="select-simple select-prepared mix orm connect"
+# Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10
+#        SETUPS="direct pgbouncer pgpool dbproxy relay pgbouncer-tx dbproxy-tx"
+#        WORKLOADS="select-simple select-prepared mix orm connect many-clients many-clients-simple"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
 # dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
@@ -40,8 +51,9 @@ ROUNDS=${ROUNDS:-3}
 CLIENTS=${CLIENTS:-16}
 THREADS=${THREADS:-2}
 SCALE=${SCALE:-10}
-SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy relay"}
-WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm connect"}
+SETUPS=${SETUPS:-"direct pgbouncer pgpool dbproxy relay pgbouncer-tx dbproxy-tx"}
+WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm connect many-clients many-clients-simple"}
+MANY=500
 
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 need_pkgs=()
@@ -63,7 +75,7 @@ PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
 
 DBPROXY=$root/target/release/dbproxy
 RELAY=$root/target/release/examples/bare_relay
-if [[ " $SETUPS " == *" dbproxy "* ]]; then
+if [[ " $SETUPS " == *" dbproxy "* || " $SETUPS " == *" dbproxy-tx "* ]]; then
   echo "building dbproxy (release)" >&2
   cargo build --release -q -p dbproxy
 fi
@@ -109,7 +121,7 @@ poll_until() { # port want seconds sql: polls until the query prints `want`; fai
 
 P_PRIMARY=$(free_port); P_STANDBY=$(free_port); P_BOUNCER=$(free_port); P_POOL=$(free_port)
 P_PCP=$(free_port); P_PROXY=$(free_port); P_PROXY_ADMIN=$(free_port)
-P_RELAY=$(free_port); P_RELAY_RW=$(free_port)
+P_RELAY=$(free_port); P_RELAY_RW=$(free_port); P_PROXY_TX=$(free_port); P_PROXY_TX_ADMIN=$(free_port)
 
 echo "starting primary :$P_PRIMARY and standby :$P_STANDBY in $work" >&2
 "${as_pg[@]}" "$PGBIN/initdb" -D "$work/primary" -U postgres -A trust -E UTF8 --locale=C --no-sync >/dev/null
@@ -156,8 +168,19 @@ default_pool_size = 40
 logfile = $work/pgbouncer.log
 pidfile = $work/pgbouncer.pid
 EOF
+# The same in transaction pooling, for `many-clients`.
+sed -e 's/^pool_mode = session/pool_mode = transaction/' -e "s/^max_client_conn = 200/max_client_conn = $((MANY + 100))/" \
+  -e 's/^default_pool_size = 40/default_pool_size = 20/' -e 's/pgbouncer\.\(log\|pid\)$/pgbouncer-tx.\1/' \
+  "$work/pgbouncer.ini" > "$work/pgbouncer-tx.ini"
+# PgBouncer before 1.21 cannot keep prepared statements across transaction pooling.
+bouncer_version=$("$PGBOUNCER" --version 2>/dev/null | sed -n 's/^PgBouncer \([0-9.]*\).*/\1/p' | head -n1)
+bouncer_prepared=no
+if [ -n "$bouncer_version" ] && printf '1.21\n%s\n' "$bouncer_version" | sort -C -V; then
+  bouncer_prepared=yes
+  echo "max_prepared_statements = 200" >> "$work/pgbouncer-tx.ini"
+fi
 echo '"postgres" ""' > "$work/userlist.txt"
-[ "$(id -u)" -eq 0 ] && chown postgres: "$work/pgbouncer.ini" "$work/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work/pgbouncer.ini" "$work/pgbouncer-tx.ini" "$work/userlist.txt"
 
 # pgpool-II, streaming replication mode, reads balanced to the standby only.
 mkdir -p "$work/pgpool"
@@ -209,8 +232,29 @@ weight = 1
 method = "trust"
 EOF
 
+# dbproxy in transaction pooling, for `many-clients`.
+{ cat "$work/dbproxy.toml"; printf '[pool]\nmode = "transaction"\nsize = 20\n'; } > "$work/dbproxy-tx.toml"
+sed -i -e "s/^listen = .*/listen = \"127.0.0.1:$P_PROXY_TX\"/" -e "s/^admin_listen = .*/admin_listen = \"127.0.0.1:$P_PROXY_TX_ADMIN\"/" \
+  -e "s|^state_dir = .*|state_dir = \"$work/dbproxy-tx-state\"|" "$work/dbproxy-tx.toml"
+
+# Whether a workload runs on a setup: `many-clients*` only on the transaction-pooling setups, the
+# others only on the rest.
+applies() { # setup workload
+  case $1:$2 in
+    pgbouncer-tx:many-clients*|dbproxy-tx:many-clients*) return 0 ;;
+    *:many-clients*|pgbouncer-tx:*|dbproxy-tx:*) return 1 ;;
+  esac
+  return 0
+}
+
 start_setup() {
   case $1 in
+    pgbouncer-tx)
+      "${as_pg[@]}" "$PGBOUNCER" "$work/pgbouncer-tx.ini" > /dev/null 2>&1 &
+      pids+=($!); wait_pg "$P_BOUNCER" bench ;;
+    dbproxy-tx)
+      RUST_LOG=warn "$DBPROXY" --config "$work/dbproxy-tx.toml" > "$work/dbproxy-tx.log" 2>&1 &
+      pids+=($!); wait_pg "$P_PROXY_TX" bench ;;
     pgbouncer)
       "${as_pg[@]}" "$PGBOUNCER" "$work/pgbouncer.ini" > /dev/null 2>&1 &
       pids+=($!); wait_pg "$P_BOUNCER" bench ;;
@@ -266,7 +310,8 @@ target() { # setup workload -> "port dbname"
     direct:mix|direct:orm) echo "$P_PRIMARY bench" ;;
     direct:*) echo "$P_STANDBY bench" ;;
     pgbouncer:mix|pgbouncer:orm) echo "$P_BOUNCER bench_rw" ;;
-    pgbouncer:*) echo "$P_BOUNCER bench" ;;
+    pgbouncer:*|pgbouncer-tx:*) echo "$P_BOUNCER bench" ;;
+    dbproxy-tx:*) echo "$P_PROXY_TX bench" ;;
     pgpool:*) echo "$P_POOL bench" ;;
     dbproxy:*) echo "$P_PROXY bench" ;;
     relay:mix|relay:orm) echo "$P_RELAY_RW bench" ;;
@@ -297,6 +342,7 @@ for round in $(seq 1 "$ROUNDS"); do
     setup=${setups[$(( (k + round - 1) % ${#setups[@]} ))]}
     start_setup "$setup"
     for wl in $WORKLOADS; do
+      applies "$setup" "$wl" || continue
       read -r port db < <(target "$setup" "$wl")
       share=""
       if [ "$wl" = orm ]; then
@@ -312,7 +358,13 @@ for round in $(seq 1 "$ROUNDS"); do
         mix) args=(-b select-only@9 -b simple-update@1 -M prepared) ;;
         orm) args=(-f "$work/orm-read.sql@9" -b simple-update@1 -M simple) ;;
         connect) args=(-S -C -M simple); clients=8 ;;
+        many-clients) args=(-S -M prepared); clients=$MANY ;;
+        many-clients-simple) args=(-S -M simple); clients=$MANY ;;
       esac
+      note=""
+      if [ "$setup:$wl" = pgbouncer-tx:many-clients ] && [ "$bouncer_prepared" = no ]; then
+        args=(-S -M simple); note="PgBouncer ${bouncer_version:-?}: -M simple (no max_prepared_statements before 1.21)"
+      fi
       proc=""
       [ "$setup" != direct ] && proc=${pids[-1]}
       before=0; [ -n "$proc" ] && before=$(cpu_ticks "$proc")
@@ -331,7 +383,7 @@ for round in $(seq 1 "$ROUNDS"); do
         share=$(python3 -c "p, s = $p1 - $p0, $s1 - $s0; print(f'{s / (p + s):.3f}' if p + s else '')")
         start_setup "$setup"
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" >> "$results"
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" "$note" >> "$results"
       printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share}" >&2
     done
     stop_setup "$setup"
@@ -343,9 +395,12 @@ python3 - "$results" "$root/bench/results/db.json" "$CLIENTS" "$THREADS" "$DURAT
 import json, statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 shares = {}
+notes = {}
 for r in rows:
     if len(r) > 7 and r[7]:
         shares.setdefault(r[2], {}).setdefault(r[1], []).append(float(r[7]))
+    if len(r) > 8 and r[8]:
+        notes[(r[2], r[1])] = r[8]
 rows = [r[:7] for r in rows]
 clients, threads, duration, rounds = sys.argv[3:7]
 data = {}
@@ -356,19 +411,20 @@ for rnd, setup, wl, tps, lat, failed, cpu in rows:
     d["tps"].append(float(tps)); d["lat"].append(float(lat)); d["failed"] += int(failed)
     d["cpu"].append(int(cpu))
     by_round.setdefault(wl, {}).setdefault(rnd, {})[setup] = float(tps)
-print(f"\npgbench, {clients} clients (connect: 8), {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
-print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | × relay | proxy CPU µs/tx | failed |")
-print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+print(f"\npgbench, {clients} clients (connect: 8, many-clients: 500), {threads} threads, {duration} s per run, median of {rounds} rounds taken in turns\n")
+print("| workload | setup | TPS | latency avg (ms) | × direct | × PgBouncer | × pgpool-II | × relay | proxy CPU µs/tx | failed | note |")
+print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 summary = {}
 for wl, setups in data.items():
     med = {s: statistics.median(v["tps"]) for s, v in setups.items()}
     for s, v in setups.items():
         m = med[s]
         def ratio(o):
+            o = {"pgbouncer": "pgbouncer-tx"}.get(o, o) if s.endswith("-tx") else o
             return f"{m / med[o]:.2f}" if o in med and med[o] > 0 else "–"
         cpu = statistics.median(v["cpu"])
         cpu_text = "–" if s == "direct" else f"{cpu:.0f}"
-        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {cpu_text} | {v['failed']} |")
+        print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {cpu_text} | {v['failed']} | {notes.get((wl, s), '')} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "cpu_us_per_tx_median": cpu, "failed": v["failed"]}
 for wl, per_setup in shares.items():
     print(f"\n{wl}: share of account lookups that ran on the standby (median over rounds)\n")
@@ -377,9 +433,10 @@ for wl, per_setup in shares.items():
     for s, v in per_setup.items():
         print(f"| {s} | {statistics.median(v):.1%} |")
         summary.setdefault(wl, {}).setdefault(s, {})["standby_share_median"] = statistics.median(v)
-names = {"dbproxy": "dbproxy", "pgbouncer": "PgBouncer", "relay": "relay"}
+names = {"dbproxy": "dbproxy", "pgbouncer": "PgBouncer", "relay": "relay",
+         "dbproxy-tx": "dbproxy (transaction pooling)", "pgbouncer-tx": "PgBouncer (transaction pooling)"}
 paired = {}
-for a, b in (("dbproxy", "pgbouncer"), ("pgbouncer", "relay"), ("dbproxy", "relay")):
+for a, b in (("dbproxy", "pgbouncer"), ("pgbouncer", "relay"), ("dbproxy", "relay"), ("dbproxy-tx", "pgbouncer-tx")):
     for wl, rnds in by_round.items():
         ratios = [r[a] / r[b] for r in rnds.values() if r.get(a, 0) > 0 and r.get(b, 0) > 0]
         if ratios:

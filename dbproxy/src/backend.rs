@@ -2,7 +2,7 @@
 //! whatever method it asks for (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection
 //! bookkeeping a session needs (which prepared statements exist there, which SETs were applied).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -237,12 +237,17 @@ pub struct Backend {
     pub pooled: Option<crate::pool::Tag>,
     /// The backend's BackendKeyData.
     pub key: (i32, i32),
-    /// Named statements (and `""` for the unnamed one) that exist on this connection.
-    pub prepared: HashSet<String>,
+    /// Named statements (and `""` for the unnamed one) that exist on this connection, each with
+    /// the fingerprint of the Parse that made it: in transaction pooling another client's
+    /// statement of the same name may be there, and is then prepared again (closed first).
+    pub prepared: HashMap<String, u64>,
     /// Statements to close here before its next use (the client closed them elsewhere).
     pub to_close: Vec<String>,
     /// How many of the session's SET statements were applied here.
     pub sets_applied: usize,
+    /// The client whose SET statements `sets_applied` counts (0: none yet); in transaction
+    /// pooling a connection whose settings are another client's is reset before its next use.
+    pub sets_owner: u64,
     /// Responses of injected queries still to swallow, counted by their ReadyForQuery.
     pub swallow_rfq: usize,
     /// ParseComplete messages of injected Parses still to swallow.
@@ -420,9 +425,10 @@ pub async fn finish_login(
                         local,
                         pooled: None,
                         key,
-                        prepared: HashSet::new(),
+                        prepared: HashMap::new(),
                         to_close: Vec::new(),
                         sets_applied: 0,
+                        sets_owner: 0,
                         swallow_rfq: 0,
                         swallow_parse: 0,
                         swallow_close: 0,

@@ -497,25 +497,26 @@ async fn failover_body() -> Result<()> {
 
 #[test]
 fn bad_pool_settings_are_refused_naming_the_key() -> Result<()> {
-    for (set, key) in [
-        ("pool.mode=\"transaction\"", "pool.mode"),
-        ("pool.mode=\"statement\"", "pool.mode"),
-        ("pool.size=0", "pool.size"),
-        ("pool.checkout_timeout=-1", "pool.checkout_timeout"),
-        ("pool.min_idle=500", "pool.min_idle"),
+    for (sets, key) in [
+        (&["pool.mode=\"statement\""][..], "pool.mode"),
+        (&["pool.size=0"][..], "pool.size"),
+        (&["pool.checkout_timeout=-1"][..], "pool.checkout_timeout"),
+        (&["pool.min_idle=500"][..], "pool.min_idle"),
+        // Transaction pooling shares connections: they must be reset when a client leaves.
+        (
+            &["pool.mode=\"transaction\"", "pool.server_reset_query=\"\""][..],
+            "pool.server_reset_query",
+        ),
     ] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_dbproxy"))
-            .args([
-                "--check-config",
-                "--set",
-                "nodes=[{ host = \"127.0.0.1\" }]",
-                "--set",
-                set,
-            ])
-            .output()?;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_dbproxy"));
+        cmd.args(["--check-config", "--set", "nodes=[{ host = \"127.0.0.1\" }]"]);
+        for set in sets {
+            cmd.args(["--set", set]);
+        }
+        let out = cmd.output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{set}: {stderr}");
-        assert!(stderr.contains(key), "{set}: {stderr}");
+        assert_eq!(out.status.code(), Some(2), "{sets:?}: {stderr}");
+        assert!(stderr.contains(key), "{sets:?}: {stderr}");
     }
     Ok(())
 }

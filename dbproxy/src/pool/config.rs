@@ -12,7 +12,11 @@ pub enum PoolMode {
     /// A client keeps its server connections until it leaves; they are then reset and pooled.
     #[default]
     Session,
-    /// A server connection per transaction (not implemented yet: refused by validation).
+    /// A client holds a server connection only while a transaction (or an autocommit request)
+    /// runs; it goes back to the pool at ReadyForQuery `I`. Session state is carried over
+    /// (settings replayed, prepared statements prepared lazily) or pins the client to its
+    /// connection (temporary tables, LISTEN, session advisory locks, WITH HOLD cursors, SQL
+    /// PREPARE).
     Transaction,
 }
 
@@ -22,8 +26,11 @@ pub enum PoolMode {
 #[serde(default, deny_unknown_fields)]
 pub struct PoolConfig {
     /// `session` (the default): a client keeps its server connections until it leaves, then they
-    /// are reset and given to the next client with the same key. `transaction` is not
-    /// implemented and is refused.
+    /// are reset and given to the next client with the same key. `transaction`: a client holds
+    /// a server connection only while a transaction or an autocommit request runs, and is given
+    /// a process id of dbproxy's (its server connection changes); what needs a session (a
+    /// temporary table, LISTEN, a session advisory lock, a WITH HOLD cursor, SQL PREPARE) pins
+    /// the client to its connection until it leaves.
     pub mode: PoolMode,
     /// Server connections per pool key and node, idle and in use together (all serving threads
     /// count against one limit); a client that needs one more waits.
@@ -64,10 +71,10 @@ impl Default for PoolConfig {
 impl PoolConfig {
     /// The rules serde cannot express, each error naming its `pool.*` key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.mode == PoolMode::Transaction {
+        if self.mode == PoolMode::Transaction && self.server_reset_query.is_empty() {
             return Err(ConfigError::invalid(
-                "pool.mode",
-                "`transaction` pooling is not implemented yet; use `session`",
+                "pool.server_reset_query",
+                "must not be empty with pool.mode = \"transaction\" (connections are shared)",
             ));
         }
         if self.size == 0 {
@@ -105,11 +112,21 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         let err = |c: PoolConfig| c.validate().unwrap_err().to_string();
-        let e = err(PoolConfig {
+        PoolConfig {
             mode: PoolMode::Transaction,
             ..PoolConfig::default()
+        }
+        .validate()
+        .unwrap();
+        let e = err(PoolConfig {
+            mode: PoolMode::Transaction,
+            server_reset_query: String::new(),
+            ..PoolConfig::default()
         });
-        assert!(e.contains("pool.mode") && e.contains("transaction"), "{e}");
+        assert!(
+            e.contains("pool.server_reset_query") && e.contains("transaction"),
+            "{e}"
+        );
         let e = err(PoolConfig {
             size: 0,
             ..PoolConfig::default()

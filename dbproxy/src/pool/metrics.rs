@@ -1,5 +1,6 @@
 //! The pools' Prometheus metrics (`dbproxy_pool_*`), per node: idle, active and waiting now
-//! (recomputed from the pool state at each change of a node's pools), checkouts and timeouts.
+//! (recomputed from the pool state at each change of a node's pools), pinned clients, checkouts
+//! and timeouts.
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 
@@ -11,6 +12,7 @@ pub(super) struct PoolMetrics {
     idle: IntGaugeVec,
     active: IntGaugeVec,
     waiting: IntGaugeVec,
+    pinned: IntGaugeVec,
     checkouts: IntCounterVec,
     timeouts: IntCounterVec,
 }
@@ -42,6 +44,11 @@ impl PoolMetrics {
                 r,
                 "dbproxy_pool_waiting",
                 "Clients waiting for a server connection of a full pool, by node",
+            ),
+            pinned: gauge(
+                r,
+                "dbproxy_pool_pinned",
+                "Clients pinned to their server connection until they leave (a temporary table, LISTEN, a session advisory lock, ...), by node",
             ),
             checkouts: register(
                 r,
@@ -90,6 +97,18 @@ impl PoolMetrics {
         let name = &cluster.nodes[node].config.name;
         let result = if reused { "reused" } else { "new" };
         self.checkouts.with_label_values(&[name, result]).inc();
+    }
+
+    pub(super) fn pinned(&self, cluster: &Cluster, node: usize) {
+        self.pinned
+            .with_label_values(&[&cluster.nodes[node].config.name])
+            .inc();
+    }
+
+    pub(super) fn unpinned(&self, cluster: &Cluster, node: usize) {
+        self.pinned
+            .with_label_values(&[&cluster.nodes[node].config.name])
+            .dec();
     }
 
     pub(super) fn timeout(&self, cluster: &Cluster, node: usize) {

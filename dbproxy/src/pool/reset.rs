@@ -61,18 +61,6 @@ pub(super) async fn run(b: &mut Backend, query: &str, greeting: &mut Vec<Frame>)
     b.prepared.clear();
     b.to_close.clear();
     b.sets_applied = 0;
+    b.sets_owner = 0;
     Ok(())
-}
-
-/// Ends an idle connection of another serving thread's: Terminate, then its close awaited
-/// (bounded by `limit`: that thread's reactor drives the socket, which is fine while it runs),
-/// then its place given back.
-pub(super) async fn close_and_wait(mut b: Backend, limit: std::time::Duration) {
-    crate::protocol::extended::encode_terminate(&mut b.conn.wbuf);
-    let _ = tokio::time::timeout(limit, async {
-        if b.conn.flush().await.is_ok() {
-            while let Ok(Some(_)) = b.conn.read_frame().await {}
-        }
-    })
-    .await;
 }

@@ -1,6 +1,6 @@
 //! SHOW POOLS, SHOW CLIENTS and SHOW SERVERS: PgBouncer's columns (1.18) where they apply,
-//! then dbproxy's own (the node each pool and server belongs to). Values PgBouncer tracks and
-//! dbproxy does not (cancel requests in flight) are 0.
+//! then dbproxy's own (the node each pool and server belongs to, checkouts, pinned clients).
+//! Values PgBouncer tracks and dbproxy does not (cancel requests in flight) are 0.
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -8,7 +8,7 @@ use std::time::Instant;
 use super::{split_secs, PoolMode, Pools, ServerState};
 
 /// SHOW POOLS columns.
-pub const POOLS_COLUMNS: [&str; 18] = [
+pub const POOLS_COLUMNS: [&str; 19] = [
     "database",
     "user",
     "cl_active",
@@ -27,6 +27,7 @@ pub const POOLS_COLUMNS: [&str; 18] = [
     "pool_mode",
     "node_id",
     "checkouts",
+    "cl_pinned",
 ];
 
 /// SHOW CLIENTS and SHOW SERVERS columns.
@@ -73,11 +74,11 @@ fn mode_name(m: PoolMode) -> &'static str {
 
 impl Pools {
     /// One SHOW POOLS row per pool (key and node).
-    pub fn pools_rows(&self) -> Vec<[String; 18]> {
+    pub fn pools_rows(&self) -> Vec<[String; 19]> {
         let mode = mode_name(self.config.load().mode);
         let st = self.lock();
         let now = Instant::now();
-        let mut rows: Vec<[String; 18]> = st
+        let mut rows: Vec<[String; 19]> = st
             .pools
             .values()
             .map(|p| {
@@ -118,6 +119,7 @@ impl Pools {
                     mode.to_string(),
                     p.key.node.to_string(),
                     p.checkouts.to_string(),
+                    super::pinned::pinned_in(&st, &p.key).to_string(),
                 ]
             })
             .collect();

@@ -33,7 +33,7 @@ impl Session {
                 let applied = self.backend(w).is_some_and(|b| b.sets_applied == before);
                 self.sets.extend(sets);
                 if self.sets.len() > MAX_SETS {
-                    self.sticky.pinned = true;
+                    self.pin();
                 }
                 let n = self.sets.len();
                 if let Some(b) = self.backend(w).filter(|_| applied) {
@@ -44,7 +44,7 @@ impl Session {
                 tracing::warn!(
                     "cannot tell which session settings of a request hold; the session stays on the primary"
                 );
-                self.sticky.pinned = true;
+                self.pin();
             }
         }
     }

@@ -14,7 +14,7 @@ use crate::protocol::{simple, status, Frame};
 
 use super::cycle::{Copy, Mode, Opened, Phase, Split, Which};
 use super::route::{self, Request, Role, Route, TxStep};
-use super::stmt::{forgets_prepared, Stmt};
+use super::stmt::{fingerprint, forgets_prepared, Stmt};
 use super::{End, Session};
 
 /// Waits for the next change of the elected primary or of fences, handing the receiver back;
@@ -86,6 +86,7 @@ impl Session {
                 }
                 continue;
             }
+            self.release_between();
             let between = self.cycle.on().is_none() && self.tx.idle();
             let idle = between && !idle_limit.is_zero();
             if idle {
@@ -225,6 +226,7 @@ impl Session {
                     _ => Vec::new(),
                 };
                 let stmt = Stmt {
+                    fp: fingerprint(&f),
                     parse: f.clone(),
                     read_only: r.standby_ok,
                     unlogged,
@@ -359,7 +361,7 @@ impl Session {
     /// Session-state effects of a statement the client sent.
     fn note(&mut self, r: Route) {
         if r.pins {
-            self.sticky.pinned = true;
+            self.pin();
         }
     }
 

@@ -402,8 +402,10 @@ pub(super) async fn connect(
             // session may hold the same process id, one its lost primary connection had: the
             // secrets tell them apart.)
             let pid = match &primary {
-                Some(b) => b.key.0,
-                None => rand::random::<i32>() & 0x7fff_ffff,
+                Some(b) if session_mode => b.key.0,
+                // In transaction pooling the server connection changes with every
+                // transaction: no one process id is the session's.
+                _ => rand::random::<i32>() & 0x7fff_ffff,
             };
             let key = (pid, rand::random::<i32>());
             if let std::collections::hash_map::Entry::Vacant(e) = cancels.entry(key) {

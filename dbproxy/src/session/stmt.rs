@@ -17,6 +17,9 @@ const MAX_DESCRIBING: usize = 4096;
 pub(super) struct Stmt {
     /// The client's Parse message, replayed as is.
     pub parse: Frame,
+    /// Its [`fingerprint`]: a connection holding a statement of this name made by another
+    /// Parse (another client's, in transaction pooling) gets this one prepared again.
+    pub fp: u64,
     /// The statement surely only reads.
     pub read_only: bool,
     /// The generation of the unlogged relations it was classified with (see
@@ -83,6 +86,12 @@ pub(super) fn param_text(format: i16, oid: u32, v: &[u8]) -> Option<Cow<'_, str>
         (1, INT8) => Some(Cow::Owned(i64::from_be_bytes(v.try_into().ok()?).to_string())),
         _ => None,
     }
+}
+
+/// The fingerprint of a Parse message (name, text and parameter types together).
+pub(super) fn fingerprint(parse: &Frame) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(parse.raw())
 }
 
 /// Whether `sql` starts with DEALLOCATE or DISCARD (which drop protocol-level statements too).
@@ -200,6 +209,7 @@ mod tests {
     fn a_set_config_call_is_replayed_with_its_values() {
         let stmt = Stmt {
             parse: Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
+            fp: 0,
             read_only: false,
             unlogged: 0,
             step: Step::Set("select set_config('a', $1, false)".into()),
@@ -232,6 +242,7 @@ mod tests {
             "s",
             Stmt {
                 parse: parse.clone(),
+                fp: 0,
                 read_only: false,
                 unlogged: 0,
                 step: Step::Set("x".into()),

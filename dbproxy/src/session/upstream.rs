@@ -10,22 +10,24 @@ use bytes::BufMut;
 use crate::backend::{self, Backend, BackendError};
 use crate::cluster::{Decision, Role};
 use crate::config::secs;
+use crate::pool::PoolMode;
 use crate::protocol::frontend::Kind;
 use crate::protocol::{error as perror, extended, simple, status, Frame, FrontendMessage, TxStatus};
 
 use super::cycle::{Copy, Cycle, Mode, Phase, Which};
 use super::login::connect_primary;
-use super::stmt::Statements;
+use super::stmt::{fingerprint, Statements};
 use super::window::Window;
 use super::{batch, End, Session};
 
-/// Before `f` goes to backend `b`: a statement it uses that `b` lacks is prepared there (any
-/// stale copy closed first), both answers to be swallowed.
+/// Before `f` goes to backend `b`: a statement it uses that `b` lacks (or holds as another
+/// Parse made it: another client's of the same name, in transaction pooling) is prepared there
+/// (any stale copy closed first), both answers to be swallowed.
 fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
     let Some(st) = stmts.get(name) else {
         return;
     };
-    if b.prepared.contains(name) {
+    if b.prepared.get(name) == Some(&st.fp) {
         return;
     }
     let wbuf = &mut b.conn.wbuf;
@@ -35,7 +37,46 @@ fn prepare_lazily(b: &mut Backend, stmts: &Statements, name: &str) {
     }
     wbuf.put_slice(st.parse.raw());
     b.swallow_parse += 1;
-    b.prepared.insert(name.to_string());
+    b.prepared.insert(name.to_string(), st.fp);
+}
+
+/// Whether statement `name` was parsed earlier in the batch being sent.
+fn parsed(name: &str, unnamed: bool, named: &[&str]) -> bool {
+    if name.is_empty() {
+        unnamed
+    } else {
+        named.contains(&name)
+    }
+}
+
+/// Transaction pooling: before a Bind or Describe of statement `name`, which this client has not
+/// prepared, a statement of that name another client left on `b` is closed (answer swallowed),
+/// so the server answers 26000 as it would to this client alone, instead of running it.
+fn forget_foreign(b: &mut Backend, stmts: &Statements, name: &str) {
+    if stmts.get(name).is_none() && b.prepared.remove(name).is_some() {
+        extended::encode_close_statement(name, &mut b.conn.wbuf);
+        b.swallow_close += 1;
+    }
+}
+
+/// What a connection that carries another client's session settings runs before this client's
+/// request (transaction pooling): back to the defaults of its login, role included (`RESET ALL`
+/// leaves the role and the session authorization alone).
+const RESET_SETTINGS: &str = "SET SESSION AUTHORIZATION DEFAULT; RESET ALL";
+
+/// Before backend `b` runs a request of client `owner`: when the session settings applied there
+/// are another client's, they are reset first (answer swallowed), and the client's own are
+/// applied from the start.
+fn adopt(b: &mut Backend, owner: u64) {
+    if b.sets_owner == owner {
+        return;
+    }
+    if b.sets_applied > 0 {
+        simple::encode_query(RESET_SETTINGS, &mut b.conn.wbuf);
+        b.swallow_rfq += 1;
+    }
+    b.sets_applied = 0;
+    b.sets_owner = owner;
 }
 
 impl Session {
@@ -108,6 +149,53 @@ impl Session {
         self.cycle = Cycle::Idle;
         self.end("08006", message).await;
         Err(End)
+    }
+
+    /// The session's state can no longer move to another connection: it keeps to the primary
+    /// (and, in transaction pooling, to its primary connection) until it leaves.
+    pub(super) fn pin(&mut self) {
+        if self.sticky.pinned {
+            return;
+        }
+        self.sticky.pinned = true;
+        let node = self
+            .primary
+            .as_ref()
+            .map(|b| b.node)
+            .or_else(|| self.shared.cluster.elected());
+        if let Some(node) = node {
+            self.shared.pools.pinned(self.member.id, node);
+        }
+    }
+
+    /// Transaction pooling: a server connection that holds neither the request in flight nor
+    /// the client's open transaction goes back to the pool once nothing is pending on it: both
+    /// between two transactions (after ReadyForQuery `I`), and the other connection of a
+    /// transaction (the standby after a transaction moved to the primary at its first write,
+    /// the primary while a transaction reads on a standby). A pinned session keeps its primary
+    /// connection (and so does one whose login was relayed: nothing else to log in with). The
+    /// cancel slot is emptied with the connection it names, so a late CancelRequest cannot reach
+    /// the next client's query.
+    pub(super) fn release_between(&mut self) {
+        if self.cycle.on().is_some() || self.shared.config.pool.mode != PoolMode::Transaction {
+            return;
+        }
+        let pools = &self.shared.pools;
+        let keep_primary = self.sticky.pinned || self.primary_only || self.tx.on_primary();
+        let keep_standby = self.tx.on_standby();
+        let mut released = [None, None];
+        if let Some(b) = self.primary.take_if(|b| !keep_primary && crate::pool::quiet(b)) {
+            released[0] = Some(b.key);
+            pools.release(b);
+        }
+        if let Some(b) = self.standby.take_if(|b| !keep_standby && crate::pool::quiet(b)) {
+            released[1] = Some(b.key);
+            pools.release(b);
+        }
+        if self.cancel_key.is_some() && released.contains(&self.cancel_key) {
+            self.cancel_key = None;
+            *self.cancel.lock().expect("slot poisoned") = None;
+        }
     }
 
     /// Makes sure a usable standby connection exists; false when none can be had.
@@ -243,6 +331,11 @@ impl Session {
         // primary's pg_prepared_statements, where the client reads it, then lists the client's
         // statements in their prepare_time order, as without dbproxy.
         let mut mirrored = false;
+        // The statements this batch itself parses: what later messages of the batch name is
+        // that Parse (the session's copy already holds the batch's last Parse of each name).
+        // Without an allocation for the unnamed statement, which drivers re-parse every time.
+        let mut parsed_unnamed = false;
+        let mut parsed_named: Vec<&str> = Vec::new();
         let mirror = target == Which::Standby && !stale_primary;
         // Statements the client closed elsewhere, and settings not applied here yet.
         if !b.to_close.is_empty() {
@@ -252,11 +345,14 @@ impl Session {
             extended::encode_sync(&mut b.conn.wbuf);
             b.swallow_rfq += 1;
         }
+        let owner = self.member.id;
+        adopt(b, owner);
         for s in &self.sets[b.sets_applied..] {
             simple::encode_query(s, &mut b.conn.wbuf);
             b.swallow_rfq += 1;
         }
         b.sets_applied = self.sets.len();
+        let transaction_mode = self.shared.config.pool.mode == PoolMode::Transaction;
         for s in open {
             simple::encode_query(s, &mut b.conn.wbuf);
             b.swallow_rfq += 1;
@@ -284,11 +380,28 @@ impl Session {
                 }
                 Ok(FrontendMessage::Execute { portal }) => settings.execute(portal),
                 Ok(FrontendMessage::Parse { name, .. }) => {
+                    let fp = fingerprint(f);
+                    if name.is_empty() {
+                        parsed_unnamed = true;
+                    } else {
+                        parsed_named.push(name);
+                    }
+                    if transaction_mode && !name.is_empty() && b.prepared.contains_key(name) {
+                        // In transaction pooling a statement of that name here may be another
+                        // client's (or one this client closed on another connection): closed
+                        // first, so the client's Parse is not refused (42P05) for it.
+                        extended::encode_close_statement(name, &mut b.conn.wbuf);
+                        b.swallow_close += 1;
+                    }
                     if name.is_empty() {
                         if let Some(o) = other.as_mut() {
                             o.prepared.remove("");
                         }
-                    } else if let Some(p) = other.as_mut().filter(|p| mirror && !p.prepared.contains(name)) {
+                    } else if let Some(p) = other
+                        .as_mut()
+                        .filter(|p| mirror && p.prepared.get(name) != Some(&fp))
+                    {
+                        adopt(p, owner);
                         let wbuf = &mut p.conn.wbuf;
                         for s in &self.sets[p.sets_applied..] {
                             simple::encode_query(s, wbuf);
@@ -301,13 +414,19 @@ impl Session {
                         wbuf.put_slice(f.raw());
                         extended::encode_sync(wbuf);
                         p.swallow_rfq += 1;
-                        p.prepared.insert(name.to_string());
+                        p.prepared.insert(name.to_string(), fp);
                         mirrored = true;
                     }
-                    b.prepared.insert(name.to_string());
+                    b.prepared.insert(name.to_string(), fp);
                 }
                 Ok(FrontendMessage::Bind(bind)) => {
-                    prepare_lazily(b, &self.stmts, bind.stmt);
+                    let parsed_here = parsed(bind.stmt, parsed_unnamed, &parsed_named);
+                    if transaction_mode && !parsed_here {
+                        forget_foreign(b, &self.stmts, bind.stmt);
+                    }
+                    if !parsed_here {
+                        prepare_lazily(b, &self.stmts, bind.stmt);
+                    }
                     let step = self
                         .stmts
                         .get(bind.stmt)
@@ -316,7 +435,13 @@ impl Session {
                 }
                 Ok(FrontendMessage::Describe(t)) => {
                     if let Some(name) = t.statement() {
-                        prepare_lazily(b, &self.stmts, name);
+                        let parsed_here = parsed(name, parsed_unnamed, &parsed_named);
+                        if transaction_mode && !parsed_here {
+                            forget_foreign(b, &self.stmts, name);
+                        }
+                        if !parsed_here {
+                            prepare_lazily(b, &self.stmts, name);
+                        }
                         // A Describe of a statement: its ParameterDescription comes back in turn.
                         self.stmts.describe_sent(name);
                     }
@@ -325,7 +450,7 @@ impl Session {
                     if let Some(name) = t.statement() {
                         b.prepared.remove(name);
                         if let Some(o) = other.as_mut() {
-                            if o.prepared.remove(name) {
+                            if o.prepared.remove(name).is_some() {
                                 o.to_close.push(name.to_string());
                             }
                         }
