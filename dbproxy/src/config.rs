@@ -350,9 +350,9 @@ pub struct RoutingConfig {
     /// of the session's last write (its commit) and of what it read before (monotonic reads:
     /// it never sees older data than it already saw), else to the primary. The position is
     /// learnt by one extra statement pipelined behind each write (and behind a read that could
-    /// have gone to a standby but ran on the primary); until its answer is in, the session's
-    /// reads go to the primary. Standbys' positions come from the health checks and, when a
-    /// session needs a newer one, from the standby itself (one poll at a time per standby).
+    /// have gone to a standby but ran on the primary), whose answer the next read waits for.
+    /// Standbys' positions come from the health checks and, when a session needs a newer one,
+    /// from the standby itself (one poll at a time per standby, shared by the sessions).
     pub read_your_writes_by_lsn: bool,
     /// With `read_your_writes_by_lsn`: milliseconds a read waits for a standby to replay the
     /// session's position before it goes to the primary instead (0: never waits).
