@@ -22,6 +22,7 @@
 #
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10 SETUPS="direct pgbouncer pgpool dbproxy relay"
+#        (also dbproxy-causal and dbproxy-nocausal: dbproxy with routing.read_your_writes_by_lsn on/off)
 #        WORKLOADS="select-simple select-prepared mix orm connect"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
@@ -63,7 +64,7 @@ PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
 
 DBPROXY=$root/target/release/dbproxy
 RELAY=$root/target/release/examples/bare_relay
-if [[ " $SETUPS " == *" dbproxy "* ]]; then
+if [[ " $SETUPS " == *" dbproxy"* ]]; then
   echo "building dbproxy (release)" >&2
   cargo build --release -q -p dbproxy
 fi
@@ -208,6 +209,12 @@ weight = 1
 [[hba]]
 method = "trust"
 EOF
+# The same with causal reads on and off (`SETUPS="dbproxy-causal dbproxy-nocausal"` measures
+# their cost; `dbproxy` runs the default).
+for causal in true false; do
+  name=dbproxy-causal; [ "$causal" = false ] && name=dbproxy-nocausal
+  { cat "$work/dbproxy.toml"; printf '[routing]\nread_your_writes_by_lsn = %s\n' "$causal"; } > "$work/$name.toml"
+done
 
 start_setup() {
   case $1 in
@@ -217,8 +224,8 @@ start_setup() {
     pgpool)
       "$PGPOOL" -n -f "$work/pgpool/pgpool.conf" -F /dev/null > "$work/pgpool/out.log" 2>&1 &
       pids+=($!); wait_pg "$P_POOL" bench ;;
-    dbproxy)
-      RUST_LOG=warn "$DBPROXY" --config "$work/dbproxy.toml" > "$work/dbproxy.log" 2>&1 &
+    dbproxy|dbproxy-causal|dbproxy-nocausal)
+      RUST_LOG=warn "$DBPROXY" --config "$work/$1.toml" > "$work/$1.log" 2>&1 &
       pids+=($!); wait_pg "$P_PROXY" bench ;;
     relay)
       "$RELAY" "127.0.0.1:$P_RELAY=127.0.0.1:$P_STANDBY" "127.0.0.1:$P_RELAY_RW=127.0.0.1:$P_PRIMARY" \
@@ -268,7 +275,7 @@ target() { # setup workload -> "port dbname"
     pgbouncer:mix|pgbouncer:orm) echo "$P_BOUNCER bench_rw" ;;
     pgbouncer:*) echo "$P_BOUNCER bench" ;;
     pgpool:*) echo "$P_POOL bench" ;;
-    dbproxy:*) echo "$P_PROXY bench" ;;
+    dbproxy*:*) echo "$P_PROXY bench" ;;
     relay:mix|relay:orm) echo "$P_RELAY_RW bench" ;;
     relay:*) echo "$P_RELAY bench" ;;
   esac

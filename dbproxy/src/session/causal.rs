@@ -21,7 +21,12 @@ impl Session {
     /// outside a transaction (a read, or a BEGIN that may open on a standby).
     pub(super) async fn unreplayed(&mut self) -> Result<bool, End> {
         let routing = &self.shared.config.routing;
-        if !routing.read_your_writes_by_lsn {
+        if !routing.read_your_writes_by_lsn
+            || !routing.load_balance
+            || self.primary_only
+            || self.sticky.pinned
+        {
+            // Off, or its reads run on the primary anyway: nothing to wait for.
             return Ok(false);
         }
         let wait = Duration::from_millis(routing.causal_wait_ms);
@@ -41,10 +46,11 @@ impl Session {
     /// Whether no standby fits the session's position by `deadline`.
     async fn standby_unreplayed(&mut self, deadline: Instant) -> bool {
         let (need, read_on) = (self.sticky.write_lsn, self.sticky.read_on);
-        if need.is_none() && read_on.is_none() {
-            return false;
-        }
         let cluster = self.shared.cluster.clone();
+        if need.is_none() {
+            // Nothing written nor read on the primary: only where it read binds it.
+            return read_on.is_some_and(|r| !cluster.eligible(r));
+        }
         let wait = |target: usize| {
             let wait = deadline.saturating_duration_since(Instant::now());
             let cluster = cluster.clone();

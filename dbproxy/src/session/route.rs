@@ -285,11 +285,13 @@ pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: I
     // A write, a statement of a transaction that may commit one, or a read that could have run
     // on a standby (monotonic reads: a later read on a standby must not see older data): learn
     // the WAL position.
-    let balanced_read = req.standby_ok && routing.load_balance && !s.sticky.pinned;
+    // Not when the session's reads cannot run on a standby anyway.
+    let may_balance = routing.load_balance && !s.sticky.pinned;
     let capture_lsn = routing.read_your_writes_by_lsn
+        && may_balance
         && target == Which::Primary
         && req.mode == Mode::Sync
-        && (req.writes || !s.tx.idle() || balanced_read);
+        && (req.writes || !s.tx.idle() || req.standby_ok);
     Choice {
         target,
         decision,
@@ -670,5 +672,6 @@ mod tests {
             !choose(read(), state(&pinned), &lsn, now).capture_lsn,
             "a pinned session never reads on a standby again"
         );
+        assert!(!choose(write(), state(&pinned), &lsn, now).capture_lsn);
     }
 }
