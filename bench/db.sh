@@ -47,8 +47,13 @@ WORKLOADS=${WORKLOADS:-"select-simple select-prepared mix orm connect"}
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 need_pkgs=()
 [ -x "$PGBIN/initdb" ] || need_pkgs+=(postgresql-15)
-command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_pkgs+=(pgbouncer)
-command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || need_pkgs+=(pgpool2)
+# Only what the chosen setups run.
+if [[ " $SETUPS " == *" pgbouncer "* ]]; then
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_pkgs+=(pgbouncer)
+fi
+if [[ " $SETUPS " == *" pgpool "* ]]; then
+  command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || need_pkgs+=(pgpool2)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing ${need_pkgs[*]}" >&2
   # Keep the packages from starting services of their own.
