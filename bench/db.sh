@@ -33,6 +33,7 @@
 # Usage: bench/db.sh            (as root or as a user who can run PostgreSQL)
 # Env:   DURATION=10 ROUNDS=3 CLIENTS=16 THREADS=2 SCALE=10
 #        SETUPS="direct pgbouncer pgpool dbproxy relay pgbouncer-tx dbproxy-tx"
+#        (also dbproxy-causal and dbproxy-nocausal: dbproxy with routing.read_your_writes_by_lsn on/off)
 #        WORKLOADS="select-simple select-prepared mix orm connect many-clients many-clients-simple"
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
@@ -58,8 +59,13 @@ MANY=500
 PGBIN=${PG_BINDIR:-/usr/lib/postgresql/15/bin}
 need_pkgs=()
 [ -x "$PGBIN/initdb" ] || need_pkgs+=(postgresql-15)
-command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_pkgs+=(pgbouncer)
-command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || need_pkgs+=(pgpool2)
+# Only what the chosen setups run.
+if [[ " $SETUPS " == *" pgbouncer "* ]]; then
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_pkgs+=(pgbouncer)
+fi
+if [[ " $SETUPS " == *" pgpool "* ]]; then
+  command -v pgpool >/dev/null 2>&1 || [ -x /usr/sbin/pgpool ] || need_pkgs+=(pgpool2)
+fi
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "installing ${need_pkgs[*]}" >&2
   # Keep the packages from starting services of their own.
@@ -75,7 +81,7 @@ PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
 
 DBPROXY=$root/target/release/dbproxy
 RELAY=$root/target/release/examples/bare_relay
-if [[ " $SETUPS " == *" dbproxy "* || " $SETUPS " == *" dbproxy-tx "* ]]; then
+if [[ " $SETUPS " == *" dbproxy"* ]]; then
   echo "building dbproxy (release)" >&2
   cargo build --release -q -p dbproxy
 fi
@@ -231,6 +237,12 @@ weight = 1
 [[hba]]
 method = "trust"
 EOF
+# The same with causal reads on and off (`SETUPS="dbproxy-causal dbproxy-nocausal"` measures
+# their cost; `dbproxy` runs the default).
+for causal in true false; do
+  name=dbproxy-causal; [ "$causal" = false ] && name=dbproxy-nocausal
+  { cat "$work/dbproxy.toml"; printf '[routing]\nread_your_writes_by_lsn = %s\n' "$causal"; } > "$work/$name.toml"
+done
 
 # dbproxy in transaction pooling, for `many-clients`.
 { cat "$work/dbproxy.toml"; printf '[pool]\nmode = "transaction"\nsize = 20\n'; } > "$work/dbproxy-tx.toml"
@@ -261,8 +273,8 @@ start_setup() {
     pgpool)
       "$PGPOOL" -n -f "$work/pgpool/pgpool.conf" -F /dev/null > "$work/pgpool/out.log" 2>&1 &
       pids+=($!); wait_pg "$P_POOL" bench ;;
-    dbproxy)
-      RUST_LOG=warn "$DBPROXY" --config "$work/dbproxy.toml" > "$work/dbproxy.log" 2>&1 &
+    dbproxy|dbproxy-causal|dbproxy-nocausal)
+      RUST_LOG=warn "$DBPROXY" --config "$work/$1.toml" > "$work/$1.log" 2>&1 &
       pids+=($!); wait_pg "$P_PROXY" bench ;;
     relay)
       "$RELAY" "127.0.0.1:$P_RELAY=127.0.0.1:$P_STANDBY" "127.0.0.1:$P_RELAY_RW=127.0.0.1:$P_PRIMARY" \
@@ -313,7 +325,7 @@ target() { # setup workload -> "port dbname"
     pgbouncer:*|pgbouncer-tx:*) echo "$P_BOUNCER bench" ;;
     dbproxy-tx:*) echo "$P_PROXY_TX bench" ;;
     pgpool:*) echo "$P_POOL bench" ;;
-    dbproxy:*) echo "$P_PROXY bench" ;;
+    dbproxy*:*) echo "$P_PROXY bench" ;;
     relay:mix|relay:orm) echo "$P_RELAY_RW bench" ;;
     relay:*) echo "$P_RELAY bench" ;;
   esac

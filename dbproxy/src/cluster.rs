@@ -76,6 +76,8 @@ pub struct Node {
     pub reprobe: Notify,
     /// Its health-check statistics (pgpool's SHOW POOL_HEALTH_CHECK_STATS).
     pub checks: crate::health_stats::HealthStats,
+    /// Its WAL replay position as last learnt, for causal reads.
+    pub replay: crate::replay_position::ReplayPosition,
     queries: [IntCounter; 2],
     healthy_gauge: IntGauge,
     lag_gauge: IntGauge,
@@ -254,6 +256,7 @@ impl NodeMetrics {
             fenced: AtomicBool::new(false),
             reprobe: Notify::new(),
             checks: Default::default(),
+            replay: Default::default(),
             queries: [
                 self.queries.with_label_values(&[&n.name, "primary"]),
                 self.queries.with_label_values(&[&n.name, "standby"]),
@@ -593,14 +596,10 @@ impl Cluster {
         true
     }
 
-    /// Whether standby `i` has replayed WAL up to `lsn`, as its last health check saw.
+    /// Whether standby `i` has replayed WAL up to `lsn`, as last learnt (its health check, or
+    /// its replay-position refresher).
     pub fn replayed(&self, i: usize, lsn: u64) -> bool {
-        self.nodes[i]
-            .status
-            .lock()
-            .expect("status poisoned")
-            .lsn
-            .is_some_and(|l| l >= lsn)
+        self.nodes[i].replay.reached(lsn)
     }
 
     /// Picks a standby for a new session connection by smooth weighted round robin among the

@@ -346,11 +346,17 @@ pub struct RoutingConfig {
     pub fallback_to_primary: bool,
     /// Milliseconds after a session's write during which its reads go to the primary (0 = off).
     pub read_your_writes: u64,
-    /// After a session's write, its reads go to the primary until a standby has replayed that
-    /// write's WAL position (as the health checks last saw it). Costs one extra statement,
-    /// pipelined behind each write, to learn the position; until its answer is in, the
-    /// session's reads go to the primary too.
+    /// Causal reads: a session's read goes only to a standby that has replayed the WAL position
+    /// of the session's last write (its commit) and of what it read before (monotonic reads:
+    /// it never sees older data than it already saw), else to the primary. The position is
+    /// learnt by one extra statement pipelined behind each write (and behind a read that could
+    /// have gone to a standby but ran on the primary), whose answer the next read waits for.
+    /// Standbys' positions come from the health checks and, when a session needs a newer one,
+    /// from the standby itself (one poll at a time per standby, shared by the sessions).
     pub read_your_writes_by_lsn: bool,
+    /// With `read_your_writes_by_lsn`: milliseconds a read waits for a standby to replay the
+    /// session's position before it goes to the primary instead (0: never waits).
+    pub causal_wait_ms: u64,
     /// Functions known not to write, so statements calling them may go to a standby.
     pub read_only_functions: Vec<String>,
 }
@@ -365,6 +371,7 @@ impl Default for RoutingConfig {
             fallback_to_primary: true,
             read_your_writes: 0,
             read_your_writes_by_lsn: false,
+            causal_wait_ms: 20,
             read_only_functions: Vec::new(),
         }
     }

@@ -87,14 +87,20 @@ impl Checker {
     }
 }
 
-/// The connection string a checker of `node` uses with `config`.
-fn conn_string(node: &crate::config::NodeConfig, config: &HealthConfig) -> String {
+/// The connection string a checker of `node` (or its replay-position refresher, by
+/// `application_name`) uses with `config`.
+pub(crate) fn conn_string(
+    node: &crate::config::NodeConfig,
+    config: &HealthConfig,
+    application_name: &str,
+) -> String {
     let mut s = format!(
-        "host={} port={} user={} dbname={} application_name=dbproxy-health connect_timeout={}",
+        "host={} port={} user={} dbname={} application_name={} connect_timeout={}",
         node.host,
         node.port,
         quote(&config.user),
         quote(&config.database),
+        application_name,
         config.timeout.ceil().max(1.0) as u64
     );
     if !config.password.is_empty() {
@@ -123,7 +129,7 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
     let mut settings = cluster.watch_health();
     let mut config = settings.borrow_and_update().clone();
     let mut checker = Checker {
-        conn_string: conn_string(node, &config),
+        conn_string: conn_string(node, &config, "dbproxy-health"),
         client: None,
     };
     // Nodes configured at start are assumed up until checked; one added by a reload is down
@@ -141,7 +147,7 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
             }
             Ok(()) = settings.changed() => {
                 config = settings.borrow_and_update().clone();
-                checker.conn_string = conn_string(node, &config);
+                checker.conn_string = conn_string(node, &config, "dbproxy-health");
                 state.set_thresholds(thresholds(&config));
                 ticker = interval_for(&config);
                 continue;
@@ -227,6 +233,7 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
                     s.lsn = p.lsn;
                     s.lag_ms = p.lag_ms;
                 });
+                cluster.nodes[i].replay.checked(p.lsn);
                 if p.role == Role::Primary {
                     for (j, n) in cluster.nodes.iter().enumerate() {
                         if j == i {

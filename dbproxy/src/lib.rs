@@ -41,6 +41,7 @@ pub mod protocol;
 pub mod record;
 pub mod rejoin;
 pub mod reload;
+pub mod replay_position;
 pub mod scram_client;
 pub mod server;
 pub mod session;

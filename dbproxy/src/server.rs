@@ -124,6 +124,7 @@ pub async fn run_with(
     tasks.spawn(manager.clone().run(shutdown.clone(), lost));
     for i in 0..cluster.nodes.len() {
         tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
+        tasks.spawn(crate::replay_position::run(cluster.clone(), i, shutdown.clone()));
     }
     if let Some(admin) = admin {
         let token = &first.config.admin_token;
@@ -176,6 +177,7 @@ pub async fn run_with(
                     Ok(g) => {
                         for i in crate::reload::apply(&cluster, &g.config) {
                             tasks.spawn(crate::health::run(cluster.clone(), i, shutdown.clone()));
+                            tasks.spawn(crate::replay_position::run(cluster.clone(), i, shutdown.clone()));
                         }
                         pools.set_config(g.config.pool.clone());
                         shared.store(Arc::new(g));

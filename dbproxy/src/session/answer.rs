@@ -74,6 +74,8 @@ impl Session {
                     if let Some(lsn) = row.first_text().and_then(parse_lsn) {
                         let s = &mut self.sticky;
                         s.write_lsn = Some(s.write_lsn.map_or(lsn, |l| l.max(lsn)));
+                        // Taken after any read the session ran on a standby: it bounds them.
+                        s.read_on = None;
                     }
                 }
                 BackendMessage::ReadyForQuery { .. } => {

@@ -444,18 +444,10 @@ impl Session {
         tx: TxPart,
     ) -> Result<(), End> {
         let cur = self.cycle.on();
-        // The WAL position of a write is asked for behind it and answers after the client's
-        // ReadyForQuery: until that answer is read, the write counts as replayed nowhere.
-        let capturing = self.primary.as_ref().is_some_and(|b| b.capture_lsn > 0);
+        // Causal reads: a write whose position is still being learnt counts as replayed
+        // nowhere; otherwise a standby must have replayed the session's position.
         let balanced = standby_ok || matches!(tx.role, Role::Begin(_));
-        let unreplayed = balanced
-            && cur.is_none()
-            && self.tx.idle()
-            && (capturing
-                || self
-                    .sticky
-                    .write_lsn
-                    .is_some_and(|l| !self.some_standby_replayed(l)));
+        let unreplayed = balanced && cur.is_none() && self.tx.idle() && self.unreplayed().await?;
         let routing = &self.shared.config.routing;
         let now = Instant::now();
         let req = Request {
@@ -478,7 +470,7 @@ impl Session {
         let in_tx = !self.tx.idle();
         self.sticky.sent(writes, choice.target, in_tx, routing, now);
         let (target, capture) = (choice.target, choice.capture_lsn);
-        match choice.step {
+        let sent = match choice.step {
             TxStep::Stay => {
                 if let Some(step) = tx.control.filter(|_| target == Which::Standby) {
                     self.split.control(&step);
@@ -507,22 +499,9 @@ impl Session {
                 self.moved_to_primary().await;
                 Ok(())
             }
-        }
-    }
-
-    /// Whether some eligible standby has replayed WAL up to `lsn`; once every eligible one has,
-    /// the session stops checking.
-    fn some_standby_replayed(&mut self, lsn: u64) -> bool {
-        let cluster = &self.shared.cluster;
-        let (mut eligible, mut replayed) = (0, 0);
-        for i in (0..cluster.nodes.len()).filter(|&i| cluster.eligible(i)) {
-            eligible += 1;
-            replayed += cluster.replayed(i, lsn) as usize;
-        }
-        if replayed > 0 && replayed == eligible {
-            self.sticky.write_lsn = None;
-        }
-        replayed > 0
+        };
+        self.note_standby_read();
+        sent
     }
 }
 

@@ -17,6 +17,7 @@
 mod answer;
 mod batch;
 mod catalog;
+mod causal;
 mod client;
 mod cycle;
 mod login;

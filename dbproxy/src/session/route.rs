@@ -131,9 +131,14 @@ pub(super) struct Sticky {
     pub wrote: Wrote,
     /// When it last wrote (for read-your-writes).
     pub last_write: Option<Instant>,
-    /// The primary's WAL position after the session's last write (read-your-writes by LSN):
-    /// reads go only to standbys that have replayed it.
+    /// The primary's WAL position after the session's last write or read there (causal reads:
+    /// see `causal.rs`): reads go only to standbys that have replayed it.
     pub write_lsn: Option<u64>,
+    /// The standby the session read on since `write_lsn` was learnt (causal reads): its reads
+    /// stay there or go to the primary until a new position is learnt.
+    pub read_on: Option<usize>,
+    /// The standby a read waited for (causal reads), to connect to next.
+    pub next_standby: Option<usize>,
 }
 
 impl Sticky {
@@ -277,11 +282,16 @@ pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: I
     } else {
         (Which::Standby, None, TxStep::Stay)
     };
-    // A write, or a statement of a transaction that may commit one: learn the WAL position.
+    // A write, a statement of a transaction that may commit one, or a read that could have run
+    // on a standby (monotonic reads: a later read on a standby must not see older data): learn
+    // the WAL position.
+    // Not when the session's reads cannot run on a standby anyway.
+    let may_balance = routing.load_balance && !s.sticky.pinned;
     let capture_lsn = routing.read_your_writes_by_lsn
+        && may_balance
         && target == Which::Primary
         && req.mode == Mode::Sync
-        && (req.writes || !s.tx.idle());
+        && (req.writes || !s.tx.idle() || req.standby_ok);
     Choice {
         target,
         decision,
@@ -648,5 +658,20 @@ mod tests {
             choose(read(), s, &lsn, now).capture_lsn,
             "a transaction may commit a write"
         );
+        let mut s = state(&st);
+        s.unreplayed = true;
+        assert!(
+            choose(read(), s, &lsn, now).capture_lsn,
+            "a read the primary runs in a standby's stead bounds later reads"
+        );
+        let pinned = Sticky {
+            pinned: true,
+            ..Sticky::default()
+        };
+        assert!(
+            !choose(read(), state(&pinned), &lsn, now).capture_lsn,
+            "a pinned session never reads on a standby again"
+        );
+        assert!(!choose(write(), state(&pinned), &lsn, now).capture_lsn);
     }
 }

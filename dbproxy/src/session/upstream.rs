@@ -200,18 +200,14 @@ impl Session {
 
     /// Makes sure a usable standby connection exists; false when none can be had.
     async fn ensure_standby(&mut self) -> bool {
-        let min_lsn = self.sticky.write_lsn;
         if let Some(b) = &self.standby {
-            let cluster = &self.shared.cluster;
-            if self.tx.on_standby()
-                || (cluster.eligible(b.node) && min_lsn.is_none_or(|l| cluster.replayed(b.node, l)))
-            {
+            if self.tx.on_standby() || self.standby_fits(b.node) {
                 return true;
             }
             self.standby = None;
         }
         let cluster = self.shared.cluster.clone();
-        let Some(i) = cluster.pick_standby(min_lsn) else {
+        let Some(i) = self.pick_standby() else {
             return false;
         };
         let request = crate::pool::Request {
