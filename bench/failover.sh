@@ -13,12 +13,19 @@
 # (dbproxy/examples/restart_drill.rs): the dbproxy binary in front of primary + 2 standbys,
 # `kill -9`ed while it promotes, then `kill -9`ed before the primary it promoted is; it writes
 # bench/results/failover-restart.md and .json.
+# `bench/failover.sh --proxies 2 ...` runs the two-instance drill (dbproxy/examples/pair_drill.rs,
+# issue 17): two dbproxy binaries coordinated through a real one-member etcd in front of primary +
+# standby; the primary, the leader instance, or both `kill -9`ed; it writes
+# bench/results/failover-pair.md and .json.
 #
 # Usage: bench/failover.sh [--drills 10] [--modes async,sync] [--standbys 1] [--writers 4]
 #                          [--load 1.5] [--after 2] [--note TEXT]...
 #        bench/failover.sh chain [--drills 3] [--modes async,sync] [--writers 4] [--load 1]
 #                          [--note TEXT]...
 #        bench/failover.sh restart [--drills 3] [--modes async,sync] [--writers 4] [--load 1]
+#                          [--note TEXT]...
+#        bench/failover.sh --proxies 2 [--drills 3] [--modes async,sync]
+#                          [--kinds primary,leader,both] [--ttl 10] [--writers 4] [--load 1]
 #                          [--note TEXT]...
 #        (arguments go to the example; as root, the servers run as the postgres user)
 # Env:   OUT (bench/results), RUST_LOG (dbproxy=warn; e.g. dbproxy=info for more),
@@ -53,6 +60,13 @@ case ${1:-} in
     shift
     example=chain_drill
     name=failover-chain
+    ;;
+  --proxies)
+    [ "${2:-}" = 2 ] || { echo "--proxies takes 2 (the two-instance drill)" >&2; exit 2; }
+    shift 2
+    example=pair_drill
+    name=failover-pair
+    bins=(--bin dbproxy)
     ;;
   restart)
     shift

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Creates the base image ha-stack's Dockerfiles build FROM, on an engine that cannot pull images
 # (no registry): a Debian bookworm rootfs made with debootstrap, with the PostgreSQL 15 server,
-# curl and CA certificates, imported with `docker import`. Does nothing when the image exists.
+# etcd (Debian's etcd-server, for docker/etcd.Dockerfile), curl and CA certificates, imported with
+# `docker import`. Does nothing when the image exists with etcd in it; an older base image without
+# etcd is made again, since a build FROM it could only add etcd with a network the engine may not
+# give its builds.
 #
 # Usage: docker/bootstrap-base.sh [IMAGE]      (default ha-stack-base:bookworm; needs root)
 # On a machine with Docker Hub this is unnecessary: build with --build-arg BASE=debian:bookworm-slim.
 set -euo pipefail
 image=${1:-ha-stack-base:bookworm}
 if docker image inspect "$image" >/dev/null 2>&1; then
-  echo "$image exists"
-  exit 0
+  if docker run --rm "$image" test -x /usr/bin/etcd; then
+    echo "$image exists"
+    exit 0
+  fi
+  echo "$image has no etcd: making it again" >&2
 fi
 if ! command -v debootstrap >/dev/null 2>&1; then
   apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap
@@ -30,7 +36,7 @@ echo 'create_main_cluster = false' > "$rootfs/etc/postgresql-common/createcluste
 mount -t proc proc "$rootfs/proc"
 chroot "$rootfs" apt-get update -q >/dev/null
 chroot "$rootfs" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-  -o Dpkg::Options::=--force-confold postgresql-15 curl ca-certificates procps >/dev/null
+  -o Dpkg::Options::=--force-confold postgresql-15 etcd-server curl ca-certificates procps >/dev/null
 chroot "$rootfs" apt-get clean
 umount "$rootfs/proc"
 rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs/usr/sbin/policy-rc.d"

@@ -2,6 +2,10 @@
 # End-to-end drills on the compose topology (compose.yaml), every piece a real container:
 #   page     the page through lb on :8080 names the serving instance and the database node
 #   webapp   `docker kill` one webapp: zero failed GETs through lb; it comes back
+#   proxy    `docker kill` the dbproxy instance holding the leader lease in etcd: writes go on through
+#            the other one at once, the page still answers (the webapps move to the other instance
+#            of their multi-host URL), the other takes the lease within the TTL, and the killed one,
+#            started again, follows
 #   primary  `docker kill` the primary: writes through dbproxy resume and the page shows the standby
 #            as the primary; the old primary, started again (`docker compose start`), rejoins on
 #            its own (dbproxy's automatic rejoin, docker/rejoin-node.sh + docker/pg-node.sh): it
@@ -9,18 +13,18 @@
 #   second   the same again with the roles swapped (the second failure): `docker kill` the current
 #            primary; the node that rejoined takes over, and the killed one rejoins in turn
 #   samples  the collector lost no sample: every sample it took is in the database exactly once
-# Usage: docker/drills.sh [DRILL...]   (default: page webapp primary second samples; BUILD=0 skips the build,
+# Usage: docker/drills.sh [DRILL...]   (default: page webapp proxy primary second samples; BUILD=0 skips the build,
 #        KEEP=1 leaves the stack running). Prints one line per drill and exits non-zero on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 drills=("$@")
-[ ${#drills[@]} -gt 0 ] || drills=(page webapp primary second samples)
+[ ${#drills[@]} -gt 0 ] || drills=(page webapp proxy primary second samples)
 project=${PROJECT:-hastack-drill}
 if docker compose version >/dev/null 2>&1; then dc=(docker compose -p "$project"); else dc=(docker-compose -p "$project"); fi
 export COLLECTOR_INTERVAL=${COLLECTOR_INTERVAL:-2s} COLLECTOR_HOST=${COLLECTOR_HOST:-drill-host}
 t0=$(date +%s)
 say() { printf '[%4ss] %s\n' "$(( $(date +%s) - t0 ))" "$*"; }
-fail() { say "FAIL: $*"; "${dc[@]}" ps || true; for s in dbproxy lb collector; do "${dc[@]}" logs --tail 30 "$s" || true; done; exit 1; }
+fail() { say "FAIL: $*"; "${dc[@]}" ps || true; for s in etcd dbproxy dbproxy2 lb collector; do "${dc[@]}" logs --tail 30 "$s" || true; done; exit 1; }
 cleanup() { [ "${KEEP:-0}" = 1 ] || "${dc[@]}" down -v --remove-orphans >/dev/null 2>&1 || true; }
 trap cleanup EXIT
 
@@ -36,13 +40,23 @@ say "docker compose up -d"
 secret() { docker exec "$("${dc[@]}" ps -q dbproxy)" sh -c ". /run/ha-stack/secrets.env; echo \"\$$1\""; }
 app_password=$(secret APP_PASSWORD) || fail "cannot read the generated secrets"
 [ -n "$app_password" ] || fail "no APP_PASSWORD in the secrets volume"
-psql_app() { PGPASSWORD=$app_password PGCONNECT_TIMEOUT=3 psql -X -qAt -h 127.0.0.1 -p 9999 -U app app "$@"; }
+# Through either dbproxy instance (libpq tries the next host when one does not answer).
+psql_app() { psql_port 9999,9998 "$@"; }
+psql_port() { local port=$1; shift; PGPASSWORD=$app_password PGCONNECT_TIMEOUT=3 psql -X -qAt -h 127.0.0.1,127.0.0.1 -p "$port" -U app app "$@"; }
 until_ok() { # seconds command...
   local limit=$1; shift; local end=$(( $(date +%s) + limit ))
   until "$@" >/dev/null 2>&1; do [ "$(date +%s)" -lt "$end" ] || return 1; sleep 0.2; done
 }
 page_ok() { curl -fsS -m 10 http://127.0.0.1:8080/ >/dev/null; }
-dbproxy_status() { docker exec "$("${dc[@]}" ps -q dbproxy)" curl -fsS -m 2 http://127.0.0.1:9930/status; }
+dbproxy_status() { proxy_status dbproxy; }
+# /status of dbproxy instance (service) $1.
+proxy_status() { docker exec "$("${dc[@]}" ps -q "$1")" curl -fsS -m 2 http://127.0.0.1:9930/status; }
+# The instance $1 holds the leader lease.
+leads() { proxy_status "$1" | python3 -c 'import json,sys; sys.exit(0 if json.load(sys.stdin)["record"]["coordination"]["is_leader"] else 1)'; }
+# The instance $1 follows $2 (reaches etcd, sees $2 as the leader).
+follows() {
+  proxy_status "$1" | python3 -c 'import json,sys; c=json.load(sys.stdin)["record"]["coordination"]; sys.exit(0 if c["etcd_reachable"] and not c["is_leader"] and c["leader"]==sys.argv[1] else 1)' "$2"
+}
 # The elected primary's name, per dbproxy.
 elected() { dbproxy_status | python3 -c 'import json,sys; s=json.load(sys.stdin); p=s["primary"]; print(s["nodes"][p]["name"] if p is not None else "")'; }
 # The standbys streaming from node (service) $1, by application_name.
@@ -123,6 +137,31 @@ for drill in "${drills[@]}"; do
       "${dc[@]}" start webapp1 >/dev/null 2>&1
       until_ok 60 sh -c "curl -fsS -m 2 http://127.0.0.1:8080/ | grep -q webapp" || fail "webapp: page lost after restart"
       say "webapp: ok (0 of 200 GETs failed with webapp1 killed; it is back)"
+      ;;
+    proxy)
+      if leads dbproxy; then old=dbproxy new=dbproxy2 new_port=9998
+      elif leads dbproxy2; then old=dbproxy2 new=dbproxy new_port=9999
+      else fail "proxy: neither dbproxy instance holds the leader lease"; fi
+      psql_app -c "create table if not exists drill_writes (id serial primary key, at timestamptz default now())" \
+        || fail "proxy: cannot write before the drill"
+      docker kill "$("${dc[@]}" ps -q "$old")" >/dev/null
+      killed=$(date +%s%N)
+      # Writes through the other instance never depended on the leader.
+      until_ok 20 psql_port "$new_port" -c "insert into drill_writes default values" \
+        || fail "proxy: no write through $new within 20 s of killing $old"
+      resumed=$(( ($(date +%s%N) - killed) / 1000000 ))
+      failed=0
+      for _ in $(seq 1 50); do page_ok || failed=$((failed + 1)); done
+      [ "$failed" -eq 0 ] || fail "proxy: $failed of 50 GETs of the page failed with $old dead"
+      ttl=$(proxy_status "$new" | python3 -c 'import json,sys; print(json.load(sys.stdin)["record"]["coordination"]["lease_ttl_s"])')
+      until_ok $(( ttl + 5 )) leads "$new" || fail "proxy: $new did not take the lease within ${ttl} s + 5 s"
+      took=$(( ($(date +%s%N) - killed) / 1000000 ))
+      "${dc[@]}" start "$old" >/dev/null 2>&1 || fail "proxy: cannot start $old again"
+      until_ok 60 follows "$old" "$new" || fail "proxy: $old, started again, does not follow $new"
+      [ "$(proxy_status "$old" | python3 -c 'import json,sys; print(json.load(sys.stdin)["record"]["primary"])')" \
+        = "$(proxy_status "$new" | python3 -c 'import json,sys; print(json.load(sys.stdin)["record"]["primary"])')" ] \
+        || fail "proxy: the instances disagree on the recorded primary"
+      say "proxy: ok (leader $old killed: a write through $new ${resumed} ms later, 0 of 50 page GETs failed, $new leads ${took} ms after the kill (TTL ${ttl} s); $old back as a follower)"
       ;;
     primary)
       fail_primary pg-primary pg-standby

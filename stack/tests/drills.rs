@@ -370,6 +370,31 @@ async fn with_two_proxies_the_page_and_the_collector_survive_killing_the_leader_
         "lease taken over {:?} after the leader dbproxy was killed",
         killed.elapsed()
     );
+    // The dashboard (through lb) lists both instances and follows the lease.
+    let new_leader = stack::dbproxy_name(other);
+    loop {
+        let (_, body) = http_get(ports.lb, "/dashboard/state").await.unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let list = v["dbproxies"].as_array().cloned().unwrap_or_default();
+        let named = |n: &str| {
+            list.iter()
+                .find(|i| i["instance"] == n)
+                .cloned()
+                .unwrap_or_default()
+        };
+        if list.len() == 2
+            && named(&new_leader)["is_leader"] == true
+            && named(&new_leader)["etcd_reachable"] == true
+            && list.iter().any(|i| i["reachable"] == false)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dashboard does not show {new_leader} leading and the other down: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let running = stack::status(&state.0)
         .into_iter()
         .filter(|(_, pid)| pid.is_some())

@@ -47,6 +47,12 @@ pub struct EtcdCluster {
 impl EtcdCluster {
     /// Starts `n` members forming one cluster and waits until every one reports healthy.
     pub fn start(n: usize) -> Result<EtcdCluster> {
+        EtcdCluster::start_also_on(n, None)
+    }
+
+    /// Like [`EtcdCluster::start`], each member also taking clients on `also` (same port), for
+    /// a client in another network namespace; [`EtcdMember::client_url`] stays the loopback one.
+    pub fn start_also_on(n: usize, also: Option<std::net::IpAddr>) -> Result<EtcdCluster> {
         if n == 0 {
             bail!("an etcd cluster needs at least one member");
         }
@@ -69,10 +75,14 @@ impl EtcdCluster {
                 let data_dir = dir.path().join(&name);
                 let client_url = format!("http://127.0.0.1:{client}");
                 let peer_url = format!("http://127.0.0.1:{peer}");
+                let listen = match also {
+                    Some(ip) => format!("{client_url},http://{ip}:{client}"),
+                    None => client_url.clone(),
+                };
                 let args = vec![
                     format!("--name={name}"),
                     format!("--data-dir={}", data_dir.display()),
-                    format!("--listen-client-urls={client_url}"),
+                    format!("--listen-client-urls={listen}"),
                     format!("--advertise-client-urls={client_url}"),
                     format!("--listen-peer-urls={peer_url}"),
                     format!("--initial-advertise-peer-urls={peer_url}"),

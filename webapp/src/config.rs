@@ -24,7 +24,9 @@ pub struct Config {
     pub history: u32,
     /// lb's `/status` URL, read by the dashboard; empty hides lb from it.
     pub lb_status_url: String,
-    /// dbproxy's `/status` URL, read by the dashboard; empty hides dbproxy from it.
+    /// dbproxy's `/status` URL, read by the dashboard; empty hides dbproxy from it. With several
+    /// dbproxy instances coordinated through etcd, list every one's, separated by commas: the
+    /// dashboard shows each, which one holds the leader lease and what each knows of etcd.
     pub dbproxy_status_url: String,
     /// dbproxy's admin base URL; when set, the dashboard shows a switchover button that POSTs to
     /// `{dbproxy_admin_url}/nodes/{id}/promote`.
@@ -74,6 +76,15 @@ impl Config {
     /// The query timeout as a duration.
     pub fn query_timeout(&self) -> Duration {
         Duration::from_millis(self.query_timeout_ms)
+    }
+
+    /// The dbproxy instances' `/status` URLs (`dbproxy_status_url`, split at commas).
+    pub fn dbproxy_status_urls(&self) -> Vec<&str> {
+        self.dbproxy_status_url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
     }
 
     /// The instance name: the configured one, or the hostname, or `webapp` when neither is known.
@@ -164,7 +175,17 @@ impl common::Validate for Config {
             ));
         }
         check_http_url("lb_status_url", &self.lb_status_url)?;
-        check_http_url("dbproxy_status_url", &self.dbproxy_status_url)?;
+        if self.dbproxy_status_url.split(',').any(|u| u.trim().is_empty())
+            && !self.dbproxy_status_url.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "dbproxy_status_url",
+                "an empty entry in the comma-separated list",
+            ));
+        }
+        for url in self.dbproxy_status_urls() {
+            check_http_url("dbproxy_status_url", url)?;
+        }
         check_http_url("dbproxy_admin_url", &self.dbproxy_admin_url)?;
         Ok(self)
     }
@@ -184,6 +205,31 @@ mod tests {
         let c = Config::default().validate().unwrap();
         assert_eq!(c.listen, "0.0.0.0:8000");
         assert!(!c.instance_name().is_empty());
+    }
+
+    #[test]
+    fn several_dbproxy_status_urls_are_each_checked() {
+        let c = Config {
+            dbproxy_status_url: "http://a:9930/status, http://b:9930/status".into(),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(
+            c.dbproxy_status_urls(),
+            ["http://a:9930/status", "http://b:9930/status"]
+        );
+        for bad in [
+            "http://a/status,ftp://b/status",
+            "http://a/status,,http://b/status",
+            "http://a/status,",
+        ] {
+            let e = invalid(Config {
+                dbproxy_status_url: bad.into(),
+                ..Config::default()
+            });
+            assert!(e.contains("dbproxy_status_url"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! The live dashboard's data: lb's and dbproxy's `/status` JSON fetched server-side, merged into one
 //! snapshot, and published to every Server-Sent Events subscriber; plus the switchover call to
-//! dbproxy's admin API.
+//! dbproxy's admin API. With several dbproxy instances (coordinated through etcd) each one's
+//! `/status` is read: the snapshot lists them with their part in the pair (leader or follower,
+//! etcd reachable or not), and the leader's view (else the first reachable one's) is the cluster.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -52,11 +54,56 @@ struct Source<'a> {
     status: Option<serde_json::Value>,
 }
 
+impl Source<'_> {
+    /// This dbproxy instance as the dashboard lists it: reachable or not, its name, who leads,
+    /// and what it knows of etcd (from its `/status`'s `record.coordination`; null fields when it
+    /// runs alone).
+    fn instance(&self) -> serde_json::Value {
+        let c = self
+            .status
+            .as_ref()
+            .and_then(|s| s.pointer("/record/coordination"))
+            .filter(|c| c.is_object());
+        let field = |k: &str| c.and_then(|c| c.get(k)).cloned().unwrap_or_default();
+        serde_json::json!({
+            "url": self.url,
+            "reachable": self.reachable,
+            "error": self.error,
+            "instance": field("instance"),
+            "leader": field("leader"),
+            "is_leader": field("is_leader"),
+            "etcd_reachable": field("etcd_reachable"),
+            "etcd_since": field("etcd_since"),
+            "etcd_error": field("etcd_error"),
+            "lease_ttl_s": field("lease_ttl_s"),
+            "mode": field("mode"),
+            "primary": self.status.as_ref().and_then(|s| s.get("primary")).cloned().unwrap_or_default(),
+        })
+    }
+}
+
+/// The instance whose view of the cluster the page draws: the leader's, else the first reachable
+/// one's, else the first.
+fn main_view<'s, 'a>(proxies: &'s [Source<'a>]) -> Option<&'s Source<'a>> {
+    let leads = |p: &&Source<'_>| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.pointer("/record/coordination/is_leader"))
+            .and_then(|l| l.as_bool())
+            == Some(true)
+    };
+    proxies
+        .iter()
+        .find(leads)
+        .or_else(|| proxies.iter().find(|p| p.reachable))
+        .or_else(|| proxies.first())
+}
+
 /// Fetches status and fans snapshots out to subscribers.
 pub struct Dashboard {
     client: Client<HttpConnector, Empty<Bytes>>,
     lb_url: String,
-    dbproxy_url: String,
+    dbproxy_urls: Vec<String>,
     admin_url: String,
     admin_token: String,
     operator: bool,
@@ -67,6 +114,9 @@ pub struct Dashboard {
     wake: Notify,
     metrics: Arc<Metrics>,
     events: Mutex<EventLog>,
+    /// The last name each dbproxy instance (by status URL) gave, so one that stops answering
+    /// keeps its name on the page.
+    names: Mutex<BTreeMap<String, String>>,
 }
 
 impl Dashboard {
@@ -84,7 +134,11 @@ impl Dashboard {
         Dashboard {
             client,
             lb_url: config.lb_status_url.clone(),
-            dbproxy_url: config.dbproxy_status_url.clone(),
+            dbproxy_urls: config
+                .dbproxy_status_urls()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
             admin_url: config.dbproxy_admin_url.trim_end_matches('/').to_string(),
             admin_token: config.dbproxy_admin_token.clone(),
             operator: !config.operator_password.is_empty(),
@@ -95,6 +149,7 @@ impl Dashboard {
             wake: Notify::new(),
             metrics,
             events: Mutex::new(EventLog::default()),
+            names: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -143,12 +198,35 @@ impl Dashboard {
     }
 
     async fn fetch_snapshot(&self) -> Arc<str> {
-        let (lb, db) = tokio::join!(
+        let (lb, proxies) = tokio::join!(
             self.source("lb", &self.lb_url),
-            self.source("dbproxy", &self.dbproxy_url)
+            futures_util::future::join_all(self.dbproxy_urls.iter().map(|u| self.source("dbproxy", u)))
         );
+        let proxies: Vec<Source<'_>> = proxies.into_iter().flatten().collect();
+        let mut instances: Vec<serde_json::Value> = proxies.iter().map(Source::instance).collect();
+        {
+            // Held for a few map operations, never across an await.
+            let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+            for i in &mut instances {
+                let url = i["url"].as_str().unwrap_or_default().to_string();
+                match i["instance"].as_str() {
+                    Some(name) => {
+                        names.insert(url, name.to_string());
+                    }
+                    None => {
+                        if let Some(name) = names.get(&url) {
+                            i["instance"] = name.clone().into();
+                        }
+                    }
+                }
+            }
+        }
+        let db = main_view(&proxies).cloned();
         let at = now_ms();
-        let summary = Summary::of(lb.as_ref(), db.as_ref());
+        let mut summary = Summary::of(lb.as_ref(), db.as_ref());
+        summary.leader = instances
+            .iter()
+            .find_map(|i| i["leader"].as_str().map(str::to_string));
         let events = {
             // Held for a diff and a copy, never across an await.
             let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,6 +239,7 @@ impl Dashboard {
             "switchover": self.switchover_enabled(),
             "lb": lb,
             "dbproxy": db,
+            "dbproxies": instances,
             "events": events,
         });
         Arc::from(v.to_string())
@@ -266,6 +345,8 @@ struct Summary {
     primary: Option<String>,
     db_nodes: BTreeMap<String, (String, String)>,
     servers: BTreeMap<String, bool>,
+    /// The dbproxy instance holding the leader lease, as the instances report it.
+    leader: Option<String>,
 }
 
 fn text_of(v: &serde_json::Value) -> Option<String> {
@@ -359,6 +440,11 @@ impl EventLog {
                 self.push(at, format!("primary changed: node {a} → node {b}"));
             }
         }
+        match (&prev.leader, &now.leader) {
+            (Some(a), Some(b)) if a != b => self.push(at, format!("dbproxy leader changed: {a} → {b}")),
+            (None, Some(b)) if prev.dbproxy.is_some() => self.push(at, format!("dbproxy leader: {b}")),
+            _ => {}
+        }
         for (id, (role, state)) in &now.db_nodes {
             if let Some((old_role, old_state)) = prev.db_nodes.get(id) {
                 if old_role != role {
@@ -390,6 +476,11 @@ impl EventLog {
         }
         if merged.lb == Some(false) {
             merged.servers = prev.servers;
+        }
+        // No holder for a moment (the lease of a dead leader running out): remember the last
+        // one, so the change shows as `a → b`.
+        if merged.leader.is_none() {
+            merged.leader = prev.leader;
         }
         self.last = Some(merged);
     }

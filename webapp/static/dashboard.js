@@ -63,6 +63,26 @@
     return "unknown";
   }
 
+  // The dbproxy instances of a pair (snap.dbproxies), each with its part and its view of etcd.
+  function instances(snap) {
+    return arr(snap.dbproxies).map(function (p0) {
+      var p = obj(p0);
+      return { url: str(p.url), reachable: p.reachable === true, error: p.error, instance: p.instance, leader: p.leader,
+        is_leader: p.is_leader, etcd_reachable: p.etcd_reachable, etcd_since: p.etcd_since, etcd_error: p.etcd_error,
+        mode: p.mode, lease_ttl_s: p.lease_ttl_s, primary: p.primary };
+    });
+  }
+
+  // The proxy tier's title: with a pair, who leads and how many instances reach etcd.
+  function proxyTitle(snap) {
+    var pair = instances(snap);
+    if (pair.length <= 1) return TIER_NAME[2];
+    var leader = "";
+    pair.forEach(function (p) { if (p.reachable && str(p.leader) && !leader) leader = str(p.leader); });
+    var reach = pair.filter(function (p) { return p.reachable && p.etcd_reachable === true; }).length;
+    return TIER_NAME[2] + " · leader " + (leader || "none") + " · etcd reached by " + reach + " of " + pair.length;
+  }
+
   // Builds the list of drawable nodes from a snapshot.
   function model(snap) {
     var nodes = [];
@@ -82,10 +102,23 @@
     if (!lb || arr(lb.status.servers).length === 0) {
       nodes.push({ key: "web:self", tier: 1, label: str(snap.instance || "webapp"), sub: "this instance", cls: "up", info: { instance: snap.instance } });
     }
+    var pair = instances(snap);
+    if (pair.length > 1) {
+      // Several dbproxy instances coordinated through etcd: one box each, the leader marked.
+      pair.forEach(function (p, i) {
+        var name = str(p.instance) || ("dbproxy " + (i + 1));
+        var sub = !p.reachable ? "unreachable"
+          : (p.is_leader === true ? "leader" : "follower") + " · " + (p.etcd_reachable === false ? "etcd unreachable" : "etcd ok");
+        var cls = !p.reachable ? "down" : "up" + (p.is_leader === true ? " leader" : "") + (p.etcd_reachable === false ? " etcd-lost" : "");
+        nodes.push({ key: "dbproxy:" + name, tier: 2, label: name, sub: sub, cls: cls, info: p });
+      });
+    }
     if (dp) {
       var ds = dp.status;
-      nodes.push({ key: "dbproxy", tier: 2, label: "dbproxy", sub: dp.reachable ? "primary: " + str(ds.primary === undefined ? "?" : ds.primary) : "unreachable",
-        cls: dp.reachable ? "up" : "unknown", info: dp.reachable ? ds : { url: dp.url, error: dp.error } });
+      if (pair.length <= 1) {
+        nodes.push({ key: "dbproxy", tier: 2, label: "dbproxy", sub: dp.reachable ? "primary: " + str(ds.primary === undefined ? "?" : ds.primary) : "unreachable",
+          cls: dp.reachable ? "up" : "unknown", info: dp.reachable ? ds : { url: dp.url, error: dp.error } });
+      }
       arr(ds.nodes).forEach(function (n0, i) {
         var n = obj(n0);
         var id = dbId(n, i);
@@ -119,11 +152,15 @@
     }
     byTier[1].forEach(function (w) {
       byTier[0].forEach(function (l) { link(l, w, w.cls === "down"); });
-      byTier[2].forEach(function (d) { link(w, d, d.cls !== "up"); });
+      byTier[2].forEach(function (d) { link(w, d, d.cls.split(" ")[0] !== "up"); });
     });
     byTier[3].forEach(function (n) { byTier[2].forEach(function (d) { link(d, n, n.cls === "down"); }); });
     byTier.forEach(function (list, t) {
-      if (list.length) { var tt = el("text", { x: 8, y: TIER_Y[t] - BOX_H / 2 - 8, "class": "title" }, svg); tt.textContent = TIER_NAME[t]; }
+      if (list.length) {
+        var tt = el("text", { x: 8, y: TIER_Y[t] - BOX_H / 2 - 8, "class": "title" }, svg);
+        if (t === 2) tt.setAttribute("id", "proxy-tier");
+        tt.textContent = t === 2 ? proxyTitle(snap) : TIER_NAME[t];
+      }
     });
     nodes.forEach(function (n) {
       var g = el("g", { "class": "node " + n.cls + (n.key === selected ? " selected" : ""), "data-key": n.key, transform: "translate(" + n.x + "," + n.y + ")" }, svg);

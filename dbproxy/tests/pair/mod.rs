@@ -1,8 +1,11 @@
 //! Shared pieces of the drills with two dbproxy instances coordinated through a real etcd: the
 //! pair's configuration, dbproxy as a separate process that a drill can kill, writes that say
 //! which server took them, and a TCP relay a drill can cut to partition one instance from one
-//! server (a real socket in the path, closed for real).
+//! server (a real socket in the path, closed for real); `netns` runs an instance in a network
+//! namespace of its own, to cut it off with nftables.
 #![allow(dead_code)]
+
+pub mod netns;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -122,15 +125,37 @@ impl Binary {
     }
 
     /// Starts it with extra environment variables.
-    pub fn start_with_env(mut config: Config, env: &[(&str, &str)]) -> Result<Binary> {
+    pub fn start_with_env(config: Config, env: &[(&str, &str)]) -> Result<Binary> {
+        Binary::spawn(config, env, None)
+    }
+
+    /// Starts it inside the network namespace `ns`, listening on the namespace's address.
+    pub fn start_in(config: Config, ns: &netns::Netns) -> Result<Binary> {
+        Binary::spawn(config, &[], Some(ns))
+    }
+
+    fn spawn(mut config: Config, env: &[(&str, &str)], ns: Option<&netns::Netns>) -> Result<Binary> {
+        // Inside a namespace of its own every port is free.
         let port = free_port()?;
         let admin_port = free_port()?;
-        config.listen = format!("127.0.0.1:{port}");
-        config.admin_listen = format!("127.0.0.1:{admin_port}");
+        let ip = ns.map_or("127.0.0.1".to_string(), |n| n.inside.to_string());
+        config.listen = format!("{ip}:{port}");
+        config.admin_listen = format!("{ip}:{admin_port}");
+        // The namespace's address is reachable from the test's namespace only.
+        config.admin_allow_open = ns.is_some();
         let dir = tempfile::tempdir()?;
         let path: PathBuf = dir.path().join("dbproxy.toml");
         std::fs::write(&path, toml::to_string(&config)?)?;
-        let child = Command::new(env!("CARGO_BIN_EXE_dbproxy"))
+        let mut cmd = match ns {
+            // `ip netns exec` execs the program in place, so killing the child kills dbproxy.
+            Some(n) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &n.name, env!("CARGO_BIN_EXE_dbproxy")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_dbproxy")),
+        };
+        let child = cmd
             .arg("--config")
             .arg(&path)
             .envs(env.iter().copied())
@@ -179,8 +204,12 @@ impl Drop for Binary {
 
 /// Inserts `id` through the proxy on `port`; the server port that took it.
 pub async fn write(port: u16, id: i64) -> Result<u16> {
-    let conn =
-        format!("host=127.0.0.1 port={port} user=postgres password=pw dbname=postgres connect_timeout=5");
+    write_at("127.0.0.1", port, id).await
+}
+
+/// Inserts `id` through the proxy at `host:port`; the server port that took it.
+pub async fn write_at(host: &str, port: u16, id: i64) -> Result<u16> {
+    let conn = format!("host={host} port={port} user=postgres password=pw dbname=postgres connect_timeout=5");
     let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = c.await;
@@ -199,10 +228,20 @@ pub async fn write(port: u16, id: i64) -> Result<u16> {
 
 /// Writes through `port` until one is acknowledged (a fresh id each try); the server port.
 pub async fn write_eventually(port: u16, next_id: &mut i64, deadline: Duration) -> Result<u16> {
+    write_eventually_at("127.0.0.1", port, next_id, deadline).await
+}
+
+/// [`write_eventually`] through the proxy at `host:port`.
+pub async fn write_eventually_at(
+    host: &str,
+    port: u16,
+    next_id: &mut i64,
+    deadline: Duration,
+) -> Result<u16> {
     let end = Instant::now() + deadline;
     loop {
         *next_id += 1;
-        match write(port, *next_id).await {
+        match write_at(host, port, *next_id).await {
             Ok(p) => return Ok(p),
             Err(e) if Instant::now() < end => {
                 let _ = e;
@@ -211,6 +250,31 @@ pub async fn write_eventually(port: u16, next_id: &mut i64, deadline: Duration) 
             Err(e) => return Err(e.context("no write acknowledged before the deadline")),
         }
     }
+}
+
+/// `SHOW POOL_NODES` through the proxy at `host:port`, by column name, one map per node.
+pub async fn pool_nodes(host: &str, port: u16) -> Result<Vec<std::collections::BTreeMap<String, String>>> {
+    let conn = format!("host={host} port={port} user=postgres password=pw dbname=postgres connect_timeout=5");
+    let (client, c) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = c.await;
+    });
+    let msgs = tokio::time::timeout(Duration::from_secs(10), client.simple_query("show pool_nodes"))
+        .await
+        .context("SHOW POOL_NODES hung")??;
+    Ok(msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_string(), r.get(i).unwrap_or("").to_string()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A TCP relay on a loopback port in front of `target`, on the test's runtime: every connection
