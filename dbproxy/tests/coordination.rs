@@ -56,7 +56,9 @@ async fn leader_killed() -> Result<()> {
     let took = killed.elapsed();
     eprintln!("lease taken over {took:?} after the leader was killed (TTL {TTL} s)");
     assert!(
-        took <= Duration::from_secs(TTL) + Duration::from_millis(TTL * 1000 / 3 + 1000),
+        // The lease runs out at most a TTL after the leader's last renewal, and the follower,
+        // watching the leader key, takes it at once (1 s of slack for a loaded machine).
+        took <= Duration::from_secs(TTL) + Duration::from_secs(1),
         "takeover took {took:?}"
     );
     assert_eq!(write(b.port(), 1_000_001).await?, c.node(0).port());
