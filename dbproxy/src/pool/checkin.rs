@@ -15,16 +15,17 @@ use super::{quiet, reset, within_lifetime, Idle, Key, Pools, ServerState};
 impl Pools {
     /// A connection's place is free (its tag was dropped, or its login failed).
     pub(super) fn released(&self, key: &Arc<Key>, id: u64) {
+        let thread = self.thread();
         let mut st = self.lock();
         st.servers.remove(&id);
-        let freed = st.pools.get_mut(key).map(|p| {
+        let wake = st.pools.get_mut(key).and_then(|p| {
             p.open -= 1;
-            p.freed.clone()
+            p.wake(thread)
         });
         self.metrics.refresh(&st, key.node, &self.cluster);
         drop(st);
-        if let Some(n) = freed {
-            n.notify_waiters();
+        if let Some(w) = wake {
+            w.wake();
         }
     }
 
@@ -105,7 +106,7 @@ impl Pools {
             backend: b,
             since: Instant::now(),
         });
-        let freed = p.freed.clone();
+        let wake = p.wake(thread);
         if let Some(s) = st_ref.servers.get_mut(&id) {
             s.state = ServerState::Idle;
             s.client = None;
@@ -113,7 +114,9 @@ impl Pools {
         }
         self.metrics.refresh(st_ref, key.node, &self.cluster);
         drop(st);
-        freed.notify_waiters();
+        if let Some(w) = wake {
+            w.wake();
+        }
     }
 
     pub(super) fn set_state(&self, id: u64, state: ServerState) {

@@ -6,13 +6,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::Notify;
-
 use crate::backend::{self, Backend, BackendError, Greeting};
 use crate::config::secs;
 
 use super::{
-    close, fresh, parameter_frames, Idle, Key, PoolConfig, Pools, Request, Server, ServerState, Tag,
+    close, fresh, parameter_frames, Freed, Idle, Key, PoolConfig, Pools, Request, Server, ServerState, Tag,
 };
 
 /// Decrements a pool's waiting count when the wait ends, however it ends.
@@ -20,6 +18,7 @@ struct Waiting<'a> {
     pools: &'a Pools,
     key: Arc<Key>,
     client: u64,
+    thread: usize,
 }
 
 impl Drop for Waiting<'_> {
@@ -27,6 +26,7 @@ impl Drop for Waiting<'_> {
         let mut st = self.pools.lock();
         if let Some(p) = st.pools.get_mut(&self.key) {
             p.waiting -= 1;
+            p.waiting_on[self.thread] -= 1;
         }
         if let Some(c) = st.clients.get_mut(&self.client) {
             c.waiting = None;
@@ -75,12 +75,12 @@ impl Pools {
             self.entry(&mut st, &key, req).freed.clone()
         };
         let mut waiting: Option<Waiting<'_>> = None;
-        let mut renewed: Option<Arc<Notify>> = None;
+        let mut renewed: Option<Arc<Freed>> = None;
         loop {
             if let Some(n) = renewed.take() {
                 freed = n;
             }
-            let notified = freed.notified();
+            let notified = freed.on[thread].notified();
             tokio::pin!(notified);
             let generation = self.generation();
             let usable = self.node_usable(req.node);
@@ -156,6 +156,7 @@ impl Pools {
                     Step::Wait => {
                         if waiting.is_none() {
                             p.waiting += 1;
+                            p.waiting_on[thread] += 1;
                             if let Some(c) = st.clients.get_mut(&req.client) {
                                 c.waiting = Some((Instant::now(), key.clone()));
                             }
@@ -192,6 +193,7 @@ impl Pools {
                             pools: self,
                             key: key.clone(),
                             client: req.client,
+                            thread,
                         });
                     }
                     if tokio::time::timeout_at(deadline, notified).await.is_err() {
