@@ -419,6 +419,10 @@ pub struct LimitsConfig {
     /// Seconds a write to a client may make no progress (the client stopped reading, its socket
     /// buffer is full) before the session ends and frees its server connections (0 = forever).
     pub client_write_timeout: f64,
+    /// Named prepared statements one session may keep (dbproxy stores each one's Parse to
+    /// prepare it lazily on any server); a Parse of one more ends the session with 53400
+    /// (configuration_limit_exceeded). 0 = no limit.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for LimitsConfig {
@@ -430,6 +434,7 @@ impl Default for LimitsConfig {
             max_connections: 1000,
             client_idle_timeout: 0.0,
             client_write_timeout: 60.0,
+            max_prepared_statements: 10_000,
         }
     }
 }
