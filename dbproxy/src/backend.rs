@@ -130,6 +130,23 @@ impl tokio::io::AsyncWrite for Stream {
     }
 }
 
+/// The usual size of a connection's buffers.
+const BUFFER: usize = 16 * 1024;
+
+/// Buffers that grew past this for one large message go back to [`BUFFER`] once it has passed,
+/// so a session that sent (or received) one 32 MiB message does not keep 32 MiB while idle.
+const LARGE_BUFFER: usize = 1024 * 1024;
+
+/// `buf`, or a fresh [`BUFFER`]-sized copy of its few bytes when its allocation is large.
+fn right_sized(buf: BytesMut) -> BytesMut {
+    if buf.capacity() <= LARGE_BUFFER || buf.len() > BUFFER {
+        return buf;
+    }
+    let mut fresh = BytesMut::with_capacity(BUFFER);
+    fresh.extend_from_slice(&buf);
+    fresh
+}
+
 /// A socket with a read buffer and a write buffer, decoding whole frames.
 #[derive(Debug)]
 pub struct Conn {
@@ -160,8 +177,8 @@ impl Conn {
     pub fn over(stream: Stream, max: usize) -> Conn {
         Conn {
             stream,
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            wbuf: BytesMut::with_capacity(16 * 1024),
+            rbuf: BytesMut::with_capacity(BUFFER),
+            wbuf: BytesMut::with_capacity(BUFFER),
             max,
             write_timeout: None,
             written: false,
@@ -175,8 +192,11 @@ impl Conn {
 
     /// Reads more bytes; 0 means end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        self.rbuf = right_sized(std::mem::take(&mut self.rbuf));
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(16 * 1024);
+            // May take back the whole allocation a large frame came in (once that is dropped).
+            self.rbuf.reserve(BUFFER);
+            self.rbuf = right_sized(std::mem::take(&mut self.rbuf));
         }
         self.stream.read_buf(&mut self.rbuf).await
     }
@@ -202,6 +222,7 @@ impl Conn {
         let Some(limit) = self.write_timeout else {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
+            self.wbuf = right_sized(std::mem::take(&mut self.wbuf));
             if self.stream.is_encrypted() {
                 // TLS buffers records: push them out.
                 self.stream.flush().await?;
@@ -227,6 +248,7 @@ impl Conn {
             at += n;
         }
         self.wbuf.clear();
+        self.wbuf = right_sized(std::mem::take(&mut self.wbuf));
         if self.stream.is_encrypted() {
             tokio::time::timeout(limit, self.stream.flush())
                 .await
@@ -527,4 +549,40 @@ pub async fn cancel(addr: SocketAddr, pid: i32, key: i32, timeout: Duration) {
 /// The SQLSTATE of an ErrorResponse frame.
 pub fn sqlstate(f: &Frame) -> Option<&str> {
     perror::sqlstate(f.body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffers_shrink_after_a_large_message() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut a, mut b) = (
+            Conn::new(client.unwrap(), 8 << 20),
+            Conn::new(server.unwrap().0, 8 << 20),
+        );
+        let big = crate::protocol::Frame::new(b'Q', &vec![b'x'; 4 << 20]);
+        a.wbuf.extend_from_slice(big.raw());
+        let (sent, got) = tokio::join!(a.flush(), b.read_frame());
+        sent.unwrap();
+        assert_eq!(got.unwrap().unwrap().body().len(), 4 << 20);
+        // The next frame is read into a right-sized buffer again.
+        a.wbuf
+            .extend_from_slice(crate::protocol::Frame::new(b'S', b"").raw());
+        a.flush().await.unwrap();
+        assert_eq!(b.read_frame().await.unwrap().unwrap().tag(), b'S');
+        assert!(
+            b.rbuf.capacity() <= LARGE_BUFFER,
+            "read buffer {}",
+            b.rbuf.capacity()
+        );
+        assert!(
+            a.wbuf.capacity() <= LARGE_BUFFER,
+            "write buffer {}",
+            a.wbuf.capacity()
+        );
+    }
 }
