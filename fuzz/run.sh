@@ -36,14 +36,22 @@ run_one() {
     local t=$1 log="logs/$1.log"
     mkdir -p "corpus/$t" "artifacts/$t"
     echo "== $t: start ($(date -u +%H:%M:%S))"
+    local rc=0
     "$bin_dir/$t" "corpus/$t" -artifact_prefix="artifacts/$t/" "${limit[@]}" -rss_limit_mb=1024 \
-        -max_len=65536 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || true
+        -max_len=65536 -timeout=10 -print_final_stats=1 >"$log" 2>&1 || rc=$?
     field() { sed -n "s/^stat::$1: *//p" "$log" | tail -n 1; }
     echo "== $t: runs=$(field number_of_executed_units) exec_per_sec=$(field average_exec_per_sec)" \
         "new_units=$(field new_units_added) peak_rss_mb=$(field peak_rss_mb)"
     if ls "artifacts/$t"/* >/dev/null 2>&1; then
         grep -E "panicked|ERROR: libFuzzer|SUMMARY|Test unit written|artifact_prefix" "$log" | head -n 20 || true
         echo "== $t: FINDING: $(ls "artifacts/$t"/* | tr '\n' ' ')(full output in fuzz/$log)"
+        return 1
+    fi
+    # A run that ends badly without leaving an input behind (killed, a missing binary, a bad
+    # flag) fails too: libFuzzer exits 0 when its time or run count is up.
+    if [ "$rc" -ne 0 ]; then
+        tail -n 20 "$log"
+        echo "== $t: FINDING: the fuzzer exited with $rc and saved no input (full output in fuzz/$log)"
         return 1
     fi
 }
@@ -63,7 +71,7 @@ while [ "$running" -gt 0 ]; do
     running=$((running - 1))
 done
 if [ "$failed" -ne 0 ]; then
-    echo "== fuzzing found a crash: see the FINDING lines above" >&2
+    echo "== fuzzing failed: see the FINDING lines above" >&2
     exit 1
 fi
 echo "== fuzzing: no finding in ${#targets[@]} targets"
