@@ -204,7 +204,6 @@ impl Lookup<'_> {
 
     async fn run(&self, user: &str) -> Result<Option<String>, LookupError> {
         let p = self.cluster.elected().ok_or(LookupError::NoPrimary)?;
-        let node = &self.cluster.nodes[p].config;
         let params = [
             ("user".to_string(), self.config.user.clone()),
             ("database".to_string(), self.config.dbname.clone()),
@@ -212,8 +211,7 @@ impl Lookup<'_> {
         ];
         let login = backend::connect(
             p,
-            &node.host,
-            node.port,
+            self.cluster.target(p),
             &params,
             &self.config.user,
             self.creds,

@@ -1,6 +1,7 @@
-//! Framed sockets ([`Conn`]) and backend connections: connecting to a node, logging in with
-//! whatever method it asks for (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection
-//! bookkeeping a session needs (which prepared statements exist there, which SETs were applied).
+//! Framed sockets ([`Conn`]) and backend connections: connecting to a node (over TLS when
+//! `[tls]` says so, see `backend_tls`), logging in with whatever method it asks for
+//! (SCRAM-SHA-256, md5, cleartext, trust), and the per-connection bookkeeping a session needs
+//! (which prepared statements exist there, which SETs were applied).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,6 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::auth::{Credentials, ScramClient};
+use crate::backend_tls::BackendTls;
+use crate::config::BackendTlsMode;
 use crate::protocol::{self, auth as pauth, error as perror, BackendMessage, Frame, ProtocolError};
 
 /// Why talking to a backend failed.
@@ -42,15 +45,22 @@ pub enum BackendError {
     /// number given) for `pool.checkout_timeout`.
     #[error("no server connection became free within pool.checkout_timeout (pool.size = {0})")]
     PoolTimeout(usize),
+    /// TLS to the server is wanted and cannot be had (refused, handshake or certificate
+    /// check failed).
+    #[error("tls to the server: {0}")]
+    Tls(String),
 }
 
-/// A client or backend socket: plain TCP, or TLS once a client asked for it with SSLRequest.
+/// A client or backend socket: plain TCP, or TLS once a client asked for it with SSLRequest (or
+/// dbproxy asked a server).
 #[derive(Debug)]
 pub enum Stream {
     /// Plain TCP.
     Plain(TcpStream),
-    /// TLS over TCP (client side only).
+    /// TLS over TCP, dbproxy being the server (a client's connection).
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS over TCP, dbproxy being the client (a connection to a PostgreSQL server).
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// Between the two, during the handshake (never read or written).
     Upgrading,
 }
@@ -58,6 +68,11 @@ pub enum Stream {
 impl Stream {
     fn gone() -> std::io::Error {
         std::io::Error::new(std::io::ErrorKind::NotConnected, "connection is being upgraded")
+    }
+
+    /// Whether the bytes are encrypted.
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self, Stream::Tls(_) | Stream::TlsClient(_))
     }
 }
 
@@ -70,6 +85,7 @@ impl tokio::io::AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsClient(s) => std::pin::Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
         }
     }
@@ -84,6 +100,7 @@ impl tokio::io::AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsClient(s) => std::pin::Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
         }
     }
@@ -95,6 +112,7 @@ impl tokio::io::AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsClient(s) => std::pin::Pin::new(s.as_mut()).poll_flush(cx),
             Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
         }
     }
@@ -106,9 +124,27 @@ impl tokio::io::AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsClient(s) => std::pin::Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::Upgrading => std::task::Poll::Ready(Err(Stream::gone())),
         }
     }
+}
+
+/// The usual size of a connection's buffers.
+const BUFFER: usize = 16 * 1024;
+
+/// Buffers that grew past this for one large message go back to [`BUFFER`] once it has passed,
+/// so a session that sent (or received) one 32 MiB message does not keep 32 MiB while idle.
+const LARGE_BUFFER: usize = 1024 * 1024;
+
+/// `buf`, or a fresh [`BUFFER`]-sized copy of its few bytes when its allocation is large.
+fn right_sized(buf: BytesMut) -> BytesMut {
+    if buf.capacity() <= LARGE_BUFFER || buf.len() > BUFFER {
+        return buf;
+    }
+    let mut fresh = BytesMut::with_capacity(BUFFER);
+    fresh.extend_from_slice(&buf);
+    fresh
 }
 
 /// A socket with a read buffer and a write buffer, decoding whole frames.
@@ -134,10 +170,15 @@ impl Conn {
     /// Wraps a connected socket.
     pub fn new(stream: TcpStream, max: usize) -> Conn {
         let _ = stream.set_nodelay(true);
+        Conn::over(Stream::Plain(stream), max)
+    }
+
+    /// Wraps a connected (possibly encrypted) stream.
+    pub fn over(stream: Stream, max: usize) -> Conn {
         Conn {
-            stream: Stream::Plain(stream),
-            rbuf: BytesMut::with_capacity(16 * 1024),
-            wbuf: BytesMut::with_capacity(16 * 1024),
+            stream,
+            rbuf: BytesMut::with_capacity(BUFFER),
+            wbuf: BytesMut::with_capacity(BUFFER),
             max,
             write_timeout: None,
             written: false,
@@ -151,8 +192,11 @@ impl Conn {
 
     /// Reads more bytes; 0 means end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        self.rbuf = right_sized(std::mem::take(&mut self.rbuf));
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-            self.rbuf.reserve(16 * 1024);
+            // May take back the whole allocation a large frame came in (once that is dropped).
+            self.rbuf.reserve(BUFFER);
+            self.rbuf = right_sized(std::mem::take(&mut self.rbuf));
         }
         self.stream.read_buf(&mut self.rbuf).await
     }
@@ -178,7 +222,8 @@ impl Conn {
         let Some(limit) = self.write_timeout else {
             self.stream.write_all(&self.wbuf).await?;
             self.wbuf.clear();
-            if matches!(self.stream, Stream::Tls(_)) {
+            self.wbuf = right_sized(std::mem::take(&mut self.wbuf));
+            if self.stream.is_encrypted() {
                 // TLS buffers records: push them out.
                 self.stream.flush().await?;
             }
@@ -203,7 +248,8 @@ impl Conn {
             at += n;
         }
         self.wbuf.clear();
-        if matches!(self.stream, Stream::Tls(_)) {
+        self.wbuf = right_sized(std::mem::take(&mut self.wbuf));
+        if self.stream.is_encrypted() {
             tokio::time::timeout(limit, self.stream.flush())
                 .await
                 .map_err(|_| stalled())??;
@@ -269,36 +315,61 @@ pub struct Greeting {
     pub frames: Vec<Frame>,
 }
 
-/// Connects to `host:port` and logs in with `params` as `user`; the whole exchange is bounded by
+/// Where and how to reach one node: its address and the TLS settings for it.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Host name or address (also the name a `verify-full` certificate must carry).
+    pub host: &'a str,
+    /// Port.
+    pub port: u16,
+    /// The process's backend TLS settings.
+    pub tls: &'a BackendTls,
+    /// The TLS mode for this node.
+    pub mode: BackendTlsMode,
+}
+
+impl<'a> Target<'a> {
+    /// Node `node` with the settings in `tls`.
+    pub fn new(node: &'a crate::config::NodeConfig, tls: &'a BackendTls) -> Target<'a> {
+        Target {
+            host: &node.host,
+            port: node.port,
+            tls,
+            mode: tls.mode_for(node),
+        }
+    }
+}
+
+/// Connects to `target` and logs in with `params` as `user`; the whole exchange is bounded by
 /// `timeout`. The password (when the server asks for one) comes from `creds`.
-#[allow(clippy::too_many_arguments)] // each is a distinct input of one login; a struct would only rename them
 pub async fn connect(
     node: usize,
-    host: &str,
-    port: u16,
+    target: Target<'_>,
     params: &[(String, String)],
     user: &str,
     creds: Option<&Credentials>,
     max: usize,
     timeout: Duration,
 ) -> Result<(Backend, Greeting), BackendError> {
-    tokio::time::timeout(timeout, connect_inner(node, host, port, params, user, creds, max))
+    tokio::time::timeout(timeout, connect_inner(node, target, params, user, creds, max))
         .await
         .map_err(|_| BackendError::Timeout)?
 }
 
-/// Connects to `host:port` and sends the startup packet with `params`; returns the connection,
-/// the server's address and this side's, before any answer is read.
+/// Connects to `target` (with TLS when its mode asks and the server agrees) and sends the
+/// startup packet with `params`; returns the connection, the server's address and this side's,
+/// before any answer is read.
 pub async fn open(
-    host: &str,
-    port: u16,
+    target: Target<'_>,
     params: &[(String, String)],
     max: usize,
 ) -> Result<(Conn, SocketAddr, Option<SocketAddr>), BackendError> {
-    let stream = TcpStream::connect((host, port)).await?;
+    let stream = TcpStream::connect((target.host, target.port)).await?;
+    let _ = stream.set_nodelay(true);
     let addr = stream.peer_addr()?;
     let local = stream.local_addr().ok();
-    let mut conn = Conn::new(stream, max);
+    let stream = target.tls.negotiate(target.mode, target.host, stream).await?;
+    let mut conn = Conn::over(stream, max);
     protocol::startup::encode_startup(
         params.iter().map(|(k, v)| (k.as_str(), v.as_str())),
         &mut conn.wbuf,
@@ -307,17 +378,15 @@ pub async fn open(
     Ok((conn, addr, local))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn connect_inner(
     node: usize,
-    host: &str,
-    port: u16,
+    target: Target<'_>,
     params: &[(String, String)],
     user: &str,
     creds: Option<&Credentials>,
     max: usize,
 ) -> Result<(Backend, Greeting), BackendError> {
-    let (mut conn, addr, local) = open(host, port, params, max).await?;
+    let (mut conn, addr, local) = open(target, params, max).await?;
     let mut scram: Option<ScramClient> = None;
     let mut greeting = Greeting::default();
     loop {
@@ -327,6 +396,7 @@ async fn connect_inner(
                 match code {
                     pauth::OK => return finish_login(conn, node, addr, local, greeting).await,
                     pauth::CLEARTEXT => {
+                        target.tls.check_cleartext(conn.stream.is_encrypted())?;
                         let pw = plain(creds, user)?;
                         pauth::encode_password(pw, &mut conn.wbuf);
                     }
@@ -485,4 +555,40 @@ pub async fn cancel(addr: SocketAddr, pid: i32, key: i32, timeout: Duration) {
 /// The SQLSTATE of an ErrorResponse frame.
 pub fn sqlstate(f: &Frame) -> Option<&str> {
     perror::sqlstate(f.body())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffers_shrink_after_a_large_message() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let (mut a, mut b) = (
+            Conn::new(client.unwrap(), 8 << 20),
+            Conn::new(server.unwrap().0, 8 << 20),
+        );
+        let big = crate::protocol::Frame::new(b'Q', &vec![b'x'; 4 << 20]);
+        a.wbuf.extend_from_slice(big.raw());
+        let (sent, got) = tokio::join!(a.flush(), b.read_frame());
+        sent.unwrap();
+        assert_eq!(got.unwrap().unwrap().body().len(), 4 << 20);
+        // The next frame is read into a right-sized buffer again.
+        a.wbuf
+            .extend_from_slice(crate::protocol::Frame::new(b'S', b"").raw());
+        a.flush().await.unwrap();
+        assert_eq!(b.read_frame().await.unwrap().unwrap().tag(), b'S');
+        assert!(
+            b.rbuf.capacity() <= LARGE_BUFFER,
+            "read buffer {}",
+            b.rbuf.capacity()
+        );
+        assert!(
+            a.wbuf.capacity() <= LARGE_BUFFER,
+            "write buffer {}",
+            a.wbuf.capacity()
+        );
+    }
 }

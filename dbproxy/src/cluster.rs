@@ -202,6 +202,8 @@ impl Metrics {
 pub struct Cluster {
     /// The nodes in config order (their index is pgpool's node_id).
     pub nodes: Nodes,
+    /// TLS to the nodes (`[tls]`'s `backend*` keys, fixed at start).
+    pub backend_tls: crate::backend_tls::BackendTls,
     /// Metrics shared by sessions.
     pub metrics: Metrics,
     /// Smooth weighted round robin state, one value per node; its lock also serialises appends.
@@ -279,6 +281,11 @@ fn register<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T
 }
 
 impl Cluster {
+    /// How to reach node `i` (its address and TLS settings).
+    pub fn target(&self, i: usize) -> crate::backend::Target<'_> {
+        crate::backend::Target::new(&self.nodes[i].config, &self.backend_tls)
+    }
+
     /// Builds the table from `config`: node 0 is assumed primary and the others standbys until
     /// the first health check says otherwise; every node starts healthy.
     pub fn new(config: &Config, registry: &Registry) -> Cluster {
@@ -368,7 +375,13 @@ impl Cluster {
             nodes.push(node_metrics.node(n, role, true));
         }
         let d = |name: &str| decisions.with_label_values(&[name]);
+        let backend_tls = crate::backend_tls::BackendTls::new(&config.tls).unwrap_or_else(|e| {
+            // Validation read the CA file a moment ago: fail closed if it went away since.
+            tracing::error!(error = %e, "tls.backend_ca_file: encrypted server connections will fail");
+            crate::backend_tls::BackendTls::broken(&config.tls, e.to_string())
+        });
         Cluster {
+            backend_tls,
             wrr: Mutex::new(vec![0; nodes.len()]),
             nodes,
             health: watch::Sender::new(config.health.clone()),

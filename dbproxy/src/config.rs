@@ -115,6 +115,7 @@ impl Config {
                     port,
                     weight: 1,
                     data_dir: String::new(),
+                    tls: None,
                 })
                 .collect(),
             users: vec![UserConfig {
@@ -159,8 +160,8 @@ fn fresh_state_dir() -> String {
         .to_string()
 }
 
-/// TLS for client connections (the answer to a client's SSLRequest). Connections to the
-/// PostgreSQL servers stay in clear text.
+/// TLS for client connections (the answer to a client's SSLRequest) and for dbproxy's own
+/// connections to the PostgreSQL servers (`backend*`; changing those needs a restart).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
@@ -170,6 +171,33 @@ pub struct TlsConfig {
     pub key_file: String,
     /// Refuse clients that do not use TLS (as `hostssl`-only pg_hba.conf rules do).
     pub require: bool,
+    /// TLS on every connection dbproxy opens to a server (sessions, pool, health checks,
+    /// failover steps), as libpq's `sslmode`; a node's own `tls` overrides it.
+    pub backend: BackendTlsMode,
+    /// PEM file with the certificates of the authorities that sign the servers' certificates;
+    /// needed by `verify-full`.
+    pub backend_ca_file: String,
+    /// Answer a server's request for a clear-text password (pg_hba.conf method `password`)
+    /// on a connection that is not encrypted; refused otherwise, so the password never crosses
+    /// the network in the clear.
+    pub backend_allow_cleartext_password: bool,
+}
+
+/// How a connection to a PostgreSQL server uses TLS (libpq's `sslmode` values).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendTlsMode {
+    /// Clear text.
+    Disable,
+    /// TLS when the server offers it (no certificate check), clear text otherwise.
+    #[default]
+    Prefer,
+    /// TLS or no connection; the certificate is not checked (it protects against eavesdropping,
+    /// not against an active man in the middle).
+    Require,
+    /// TLS with the certificate checked against `tls.backend_ca_file` and the node's host name
+    /// (or address).
+    VerifyFull,
 }
 
 /// One PostgreSQL server.
@@ -187,6 +215,8 @@ pub struct NodeConfig {
     /// The server's data directory on its host (pgpool's `backend_data_directoryN`), for the
     /// `%D`/`%R`/`{data_dir}` placeholders of failover, follow and rejoin commands.
     pub data_dir: String,
+    /// TLS to this node when it differs from `tls.backend`.
+    pub tls: Option<BackendTlsMode>,
 }
 
 impl Default for NodeConfig {
@@ -197,6 +227,7 @@ impl Default for NodeConfig {
             port: 5432,
             weight: 1,
             data_dir: String::new(),
+            tls: None,
         }
     }
 }
@@ -395,6 +426,10 @@ pub struct LimitsConfig {
     /// Seconds a write to a client may make no progress (the client stopped reading, its socket
     /// buffer is full) before the session ends and frees its server connections (0 = forever).
     pub client_write_timeout: f64,
+    /// Named prepared statements one session may keep (dbproxy stores each one's Parse to
+    /// prepare it lazily on any server); a Parse of one more ends the session with 53400
+    /// (configuration_limit_exceeded). 0 = no limit.
+    pub max_prepared_statements: usize,
 }
 
 impl Default for LimitsConfig {
@@ -406,6 +441,7 @@ impl Default for LimitsConfig {
             max_connections: 1000,
             client_idle_timeout: 0.0,
             client_write_timeout: 60.0,
+            max_prepared_statements: 10_000,
         }
     }
 }
@@ -599,6 +635,19 @@ impl common::Validate for Config {
                 "needs tls.cert_file and tls.key_file",
             ));
         }
+        let verify_full = std::iter::once(t.backend)
+            .chain(self.nodes.iter().filter_map(|n| n.tls))
+            .any(|m| m == BackendTlsMode::VerifyFull);
+        if verify_full && t.backend_ca_file.is_empty() {
+            return Err(ConfigError::invalid(
+                "tls.backend_ca_file",
+                "verify-full needs the certificate authority that signs the servers' certificates",
+            ));
+        }
+        if !t.backend_ca_file.is_empty() {
+            crate::backend_tls::BackendTls::new(t)
+                .map_err(|e| ConfigError::invalid("tls.backend_ca_file", e.to_string()))?;
+        }
         let l = &self.limits;
         if l.max_message_size < 1024 || l.max_message_size > 1 << 30 {
             return Err(ConfigError::invalid(
@@ -664,6 +713,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("nodes"));
+    }
+
+    #[test]
+    fn verify_full_needs_a_readable_ca_file() {
+        let mut c = base();
+        c.nodes[0].tls = Some(BackendTlsMode::VerifyFull);
+        let e = c.clone().validate().unwrap_err().to_string();
+        assert!(
+            e.contains("tls.backend_ca_file") && e.contains("verify-full"),
+            "{e}"
+        );
+        c.tls.backend_ca_file = "/nonexistent/ca.pem".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("tls.backend_ca_file") && e.contains("/nonexistent/ca.pem"),
+            "{e}"
+        );
     }
 
     #[test]

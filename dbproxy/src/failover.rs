@@ -337,6 +337,8 @@ pub struct NodeRef {
     pub port: u16,
     /// Data directory (for templates), may be empty.
     pub data_dir: String,
+    /// TLS to it when it differs from `tls.backend`.
+    pub tls: Option<crate::config::BackendTlsMode>,
 }
 
 /// Login used for control statements (the health-check user).
@@ -350,6 +352,8 @@ pub struct Credentials {
     pub database: String,
     /// Connect timeout.
     pub connect_timeout: Duration,
+    /// TLS to the servers.
+    pub tls: crate::backend_tls::BackendTls,
 }
 
 /// The values a promotion or rejoin template can use.
@@ -517,13 +521,14 @@ pub async fn connect(node: &NodeRef, cred: &Credentials) -> Result<tokio_postgre
         node: node.name.clone(),
         message,
     };
-    let (client, conn) = tokio::time::timeout(cred.connect_timeout, cfg.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| server(format!("connect timed out after {:?}", cred.connect_timeout)))?
-        .map_err(|e| server(format!("connect failed: {e}")))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let mode = node.tls.unwrap_or(cred.tls.mode);
+    let client = tokio::time::timeout(
+        cred.connect_timeout,
+        cred.tls.connect_postgres(mode, &node.host, node.port, &cfg),
+    )
+    .await
+    .map_err(|_| server(format!("connect timed out after {:?}", cred.connect_timeout)))?
+    .map_err(|e| server(format!("connect failed: {e}")))?;
     Ok(client)
 }
 
@@ -1137,6 +1142,7 @@ mod tests {
             host: "hb".into(),
             port: 5433,
             data_dir: "/d/b".into(),
+            tls: None,
         };
         Placeholders {
             subject: b.clone(),
@@ -1146,6 +1152,7 @@ mod tests {
                 host: "ha".into(),
                 port: 5432,
                 data_dir: "/d/a".into(),
+                tls: None,
             },
             new_primary: NodeRef {
                 id: 1,
@@ -1153,6 +1160,7 @@ mod tests {
                 host: "hb".into(),
                 port: 5433,
                 data_dir: "/d/b".into(),
+                tls: None,
             },
             old_primary: NodeRef {
                 id: 0,
@@ -1160,6 +1168,7 @@ mod tests {
                 host: "ha".into(),
                 port: 5432,
                 data_dir: "/d/a".into(),
+                tls: None,
             },
             container: "pg-b".into(),
         }

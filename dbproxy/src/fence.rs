@@ -196,12 +196,14 @@ mod tests {
             host: "h2".into(),
             port: 5434,
             data_dir: "/d/2".into(),
+            tls: None,
         };
         let cred = Credentials {
             user: "postgres".into(),
             password: String::new(),
             database: "postgres".into(),
             connect_timeout: Duration::from_secs(1),
+            tls: Default::default(),
         };
         let cfg = FenceConfig {
             method: PromoteMethod::Exec,

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{HealthState, Shutdown, Thresholds, Transition};
-use tokio_postgres::NoTls;
 
 use crate::cluster::{parse_lsn, Cluster, Role};
 use crate::config::{secs, HealthConfig};
@@ -21,6 +20,9 @@ pub enum ProbeError {
     /// The probe took longer than the timeout.
     #[error("timed out")]
     Timeout,
+    /// Connecting, TLS or the login failed.
+    #[error("{0}")]
+    Link(String),
     /// The node answered something unexpected.
     #[error("unexpected answer: {0}")]
     Unexpected(String),
@@ -48,16 +50,23 @@ const PROBE_SQL: &str = "select pg_is_in_recovery(), \
 /// A checker's connection (one per probe).
 struct Checker {
     conn_string: String,
+    /// TLS to the servers, and the mode for this node (`tls.backend`, or the node's `tls`).
+    tls: crate::backend_tls::BackendTls,
+    mode: crate::config::BackendTlsMode,
+    host: String,
+    port: u16,
     client: Option<tokio_postgres::Client>,
 }
 
 impl Checker {
     async fn probe(&mut self) -> Result<Probe, ProbeError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, conn) = tokio_postgres::connect(&self.conn_string, NoTls).await?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+            let config: tokio_postgres::Config = self.conn_string.parse()?;
+            let client = self
+                .tls
+                .connect_postgres(self.mode, &self.host, self.port, &config)
+                .await
+                .map_err(|e| ProbeError::Link(e.to_string()))?;
             self.client = Some(client);
         }
         let client = self.client.as_ref().expect("connected above");
@@ -130,6 +139,10 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
     let mut config = settings.borrow_and_update().clone();
     let mut checker = Checker {
         conn_string: conn_string(node, &config, "dbproxy-health"),
+        tls: cluster.backend_tls.clone(),
+        mode: cluster.backend_tls.mode_for(node),
+        host: node.host.clone(),
+        port: node.port,
         client: None,
     };
     // Nodes configured at start are assumed up until checked; one added by a reload is down

@@ -16,6 +16,7 @@ pub mod admin;
 pub mod auth;
 pub mod auth_query;
 pub mod backend;
+pub mod backend_tls;
 pub mod classify;
 pub mod cluster;
 pub mod config;

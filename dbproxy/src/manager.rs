@@ -72,6 +72,7 @@ impl Topology for Manager {
                 host: n.config.host.clone(),
                 port: n.config.port,
                 data_dir: n.config.data_dir.clone(),
+                tls: n.config.tls,
             })
             .collect()
     }
@@ -281,6 +282,7 @@ impl Manager {
             password: h.password,
             database: h.database,
             connect_timeout: secs(h.timeout),
+            tls: self.cluster.backend_tls.clone(),
         }
     }
 
@@ -311,6 +313,7 @@ impl Manager {
             host: n.host.clone(),
             port: n.port,
             data_dir: n.data_dir.clone(),
+            tls: n.tls,
         })
     }
 

@@ -401,9 +401,14 @@ fn judge(key: &str, value: &str, beside: Beside) -> (Verdict, String) {
         "memory_cache_enabled" => s(Same, "no query cache"),
         "ssl" if on(value) => s(
             Different,
-            "client TLS needs tls.cert_file and tls.key_file (ssl_cert/ssl_key are not imported)",
+            "TLS to the servers is tls.backend = prefer; client TLS needs tls.cert_file and \
+             tls.key_file (ssl_cert/ssl_key are not imported)",
         ),
-        "ssl" => s(Same, "no client TLS"),
+        "ssl" => s(
+            Approximated,
+            "no client TLS; dbproxy still asks the servers for TLS (tls.backend = prefer)",
+        ),
+        "ssl_ca_cert" => s(Same, "tls.backend_ca_file, for tls.backend = verify-full"),
         k if k.starts_with("recovery_") || k == "client_idle_limit_in_recovery" => s(
             Approximated,
             "pcp_recovery_node is not supported: rebuild nodes with failover.rejoin.command",

@@ -94,6 +94,7 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     let mut routing = Table::new();
     let mut health = Table::new();
     let mut limits = Table::new();
+    let mut tls = Table::new();
     let mut nodes: BTreeMap<u32, Table> = BTreeMap::new();
 
     for (key, (line, value)) in &entries {
@@ -256,6 +257,22 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
             }
             "failover_command" if !value.is_empty() => out.failover_command = Some(value.clone()),
             "follow_primary_command" if !value.is_empty() => out.follow_primary_command = Some(value.clone()),
+            // pgpool with ssl = on tries TLS to the backends and falls back to clear text.
+            "ssl" if boolean(value) == Some(true) => {
+                tls.insert("backend".into(), Value::String("prefer".into()));
+            }
+            "ssl" => out.notes.push(format!(
+                "line {line}: ssl = off: dbproxy still asks the servers for TLS (tls.backend = prefer); \
+                 set tls.backend = \"disable\" to match pgpool"
+            )),
+            // pgpool checks the backends' certificates against ssl_ca_cert.
+            "ssl_ca_cert" if !value.is_empty() => {
+                tls.insert("backend_ca_file".into(), Value::String(value.clone()));
+                out.notes.push(format!(
+                    "line {line}: ssl_ca_cert is tls.backend_ca_file; set tls.backend = \"verify-full\" \
+                     to refuse servers whose certificate it does not sign"
+                ));
+            }
             "pool_passwd" | "enable_pool_hba" | "pcp_listen_addresses" | "pcp_port" => {}
             _ => out.ignored.push(format!("{key} (line {line})")),
         }
@@ -365,7 +382,12 @@ pub fn parse(text: &str, base_dir: &Path) -> Result<PgpoolImport, PgpoolConfErro
     }
 
     crate::pgpool_clients::import(get("pool_passwd"), base_dir, hba_on, &pool_hba, &mut out)?;
-    for (name, t) in [("routing", routing), ("health", health), ("limits", limits)] {
+    for (name, t) in [
+        ("routing", routing),
+        ("health", health),
+        ("limits", limits),
+        ("tls", tls),
+    ] {
         if !t.is_empty() {
             out.table.insert(name.into(), Value::Table(t));
         }
@@ -634,6 +656,24 @@ mod tests {
         assert_eq!(imp.table["health"]["password"].as_str(), Some("a'b#c"));
         assert_eq!(imp.table["nodes"][0]["weight"].as_integer(), Some(500));
         assert_eq!(imp.table["nodes"][0]["name"].as_str(), Some("node0"));
+    }
+
+    #[test]
+    fn ssl_is_tls_to_the_servers() {
+        let imp = parse(
+            "ssl = on\nssl_ca_cert = '/etc/ca.pem'\n",
+            Path::new("/nonexistent"),
+        )
+        .unwrap();
+        assert_eq!(imp.table["tls"]["backend"].as_str(), Some("prefer"));
+        assert_eq!(imp.table["tls"]["backend_ca_file"].as_str(), Some("/etc/ca.pem"));
+        let imp = parse("ssl = off\n", Path::new("/nonexistent")).unwrap();
+        assert!(imp.table.get("tls").is_none());
+        assert!(
+            imp.notes[0].contains("tls.backend = \"disable\""),
+            "{:?}",
+            imp.notes
+        );
     }
 
     #[test]

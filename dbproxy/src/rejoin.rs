@@ -683,6 +683,7 @@ mod tests {
             password: "pw".into(),
             database: "postgres".into(),
             connect_timeout: Duration::from_secs(1),
+            tls: Default::default(),
         };
         assert_eq!(
             primary_conninfo(&saved, &node, &primary, &cred),

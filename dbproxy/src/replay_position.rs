@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use common::Shutdown;
 use tokio::sync::{watch, Notify};
-use tokio_postgres::NoTls;
 
 use crate::cluster::{parse_lsn, Cluster};
 use crate::config::secs;
@@ -119,17 +118,27 @@ enum PollError {
     Postgres(#[from] tokio_postgres::Error),
     #[error("timed out")]
     Timeout,
+    #[error("cannot connect: {0}")]
+    Connect(String),
     #[error("not a standby (no replay position)")]
     NoPosition,
 }
 
-/// Asks the node its replay position on `client` (connected first when needed).
-async fn poll(client: &mut Option<tokio_postgres::Client>, conn_string: &str) -> Result<u64, PollError> {
+/// Asks the node its replay position on `client` (connected first when needed, with the
+/// node's `tls.backend` mode, as the health checks connect).
+async fn poll(
+    client: &mut Option<tokio_postgres::Client>,
+    cluster: &Cluster,
+    node: &crate::config::NodeConfig,
+    conn_string: &str,
+) -> Result<u64, PollError> {
     if client.as_ref().is_none_or(|c| c.is_closed()) {
-        let (c, conn) = tokio_postgres::connect(conn_string, NoTls).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
+        let config: tokio_postgres::Config = conn_string.parse()?;
+        let tls = &cluster.backend_tls;
+        let c = tls
+            .connect_postgres(tls.mode_for(node), &node.host, node.port, &config)
+            .await
+            .map_err(|e| PollError::Connect(e.to_string()))?;
         *client = Some(c);
     }
     let c = client.as_ref().expect("connected above");
@@ -159,10 +168,13 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
                     secs(config.timeout),
                 )
             };
-            let result = match tokio::time::timeout(timeout, poll(&mut client, &conn_string)).await {
-                Ok(r) => r,
-                Err(_) => Err(PollError::Timeout),
-            };
+            let result =
+                match tokio::time::timeout(timeout, poll(&mut client, &cluster, &node.config, &conn_string))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(PollError::Timeout),
+                };
             let pause = match result {
                 Ok(lsn) => {
                     slot.observed(lsn);

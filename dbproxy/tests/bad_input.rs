@@ -282,3 +282,40 @@ async fn a_batch_without_sync_body() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_per_session_are_capped() -> Result<()> {
+    support::bounded(prepared_cap_body()).await
+}
+
+async fn prepared_cap_body() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().start()).await??;
+    let mut config = trusting(&cluster);
+    config.limits.max_prepared_statements = 3;
+    let proxy = Proxy::start(config)?;
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=postgres dbname=postgres",
+            proxy.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await?;
+    tokio::spawn(conn);
+    let mut kept = Vec::new();
+    for i in 0..3 {
+        kept.push(client.prepare(&format!("select {i}")).await?);
+    }
+    // A closed statement frees its place (tokio-postgres closes it when dropped).
+    kept.pop();
+    kept.push(client.prepare("select 'again'").await?);
+    let e = client.prepare("select 'one too many'").await.unwrap_err();
+    let db = e.as_db_error().context("an ErrorResponse")?;
+    assert_eq!(db.code().code(), "53400");
+    assert_eq!(
+        db.message(),
+        "too many prepared statements in this session (limits.max_prepared_statements = 3)"
+    );
+    assert!(client.is_closed() || client.simple_query("select 1").await.is_err());
+    Ok(())
+}

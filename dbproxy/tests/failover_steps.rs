@@ -15,6 +15,7 @@ fn node_ref(id: usize, n: &PgNode) -> NodeRef {
         host: "127.0.0.1".into(),
         port: n.port(),
         data_dir: n.data_dir().display().to_string(),
+        tls: None,
     }
 }
 
@@ -24,6 +25,7 @@ fn cred() -> Credentials {
         password: String::new(),
         database: "postgres".into(),
         connect_timeout: Duration::from_secs(3),
+        tls: Default::default(),
     }
 }
 

@@ -156,6 +156,13 @@ async fn pass_through_body() -> Result<()> {
     let mut config = config_for(&c, Some("pw"));
     config.auth.passthrough = true;
     config.limits.startup_timeout = 5.0;
+    // The servers' links are plain TCP here: the cleartext step below needs this on purpose.
+    let strict_state = tempfile::tempdir()?;
+    let strict = Proxy::start(dbproxy::config::Config {
+        state_dir: strict_state.path().display().to_string(),
+        ..config.clone()
+    })?;
+    config.tls.backend_allow_cleartext_password = true;
     let proxy = Proxy::start(config)?;
 
     // SCRAM-SHA-256 (testkit's pg_hba.conf): the primary checks the proof; the session cannot
@@ -192,6 +199,14 @@ async fn pass_through_body() -> Result<()> {
         psycopg_read_then_write(&proxy, "app", "app-pw").is_ok_and(|s| s == "True")
     })
     .await?;
+    // Without tls.backend_allow_cleartext_password the client's password is not relayed over
+    // the unencrypted server link.
+    let e = psycopg_read_then_write(&strict, "app", "app-pw")?;
+    assert!(
+        e.contains("clear-text password on an unencrypted connection: refused")
+            && e.contains("tls.backend_allow_cleartext_password"),
+        "{e}"
+    );
     let e = psycopg_read_then_write(&proxy, "app", "wrong")?;
     assert!(
         e.starts_with("error ") && e.ends_with("FATAL:  password authentication failed for user \"app\""),

@@ -85,7 +85,7 @@ async fn weights_health_and_added_nodes_apply_on_reload_body() -> Result<()> {
         host: "127.0.0.1".into(),
         port: s2,
         weight: 1,
-        data_dir: String::new(),
+        ..NodeConfig::default()
     });
     proxy.reload(next.clone()).await?;
     wait_column(&open, STATUS, &["up", "up", "up"]).await?;

@@ -86,6 +86,7 @@ pub struct PgClusterBuilder {
     synchronous: bool,
     password: Option<String>,
     settings: Vec<(String, String)>,
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl PgClusterBuilder {
@@ -106,6 +107,14 @@ impl PgClusterBuilder {
     /// Gives the `postgres` superuser this password and requires SCRAM-SHA-256 for TCP logins.
     pub fn password(mut self, password: &str) -> Self {
         self.password = Some(password.to_string());
+        self
+    }
+
+    /// Turns `ssl` on with this PEM certificate and key (copied into the data directory as
+    /// `server.crt` and `server.key`, owned by the server's user, so standbys get them through
+    /// their base backup).
+    pub fn tls(mut self, cert: impl Into<PathBuf>, key: impl Into<PathBuf>) -> Self {
+        self.tls = Some((cert.into(), key.into()));
         self
     }
 
@@ -348,6 +357,19 @@ impl PgCluster {
         }
         for (k, v) in &b.settings {
             conf.push_str(&format!("{k} = {v}\n"));
+        }
+        if let Some((cert, key)) = &b.tls {
+            use std::os::unix::fs::PermissionsExt;
+            for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+                let to = data_dir.join(to);
+                fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+                // PostgreSQL refuses a key others can read.
+                fs::set_permissions(&to, fs::Permissions::from_mode(0o600))?;
+                if let Some((uid, gid)) = self.ctx.owner {
+                    std::os::unix::fs::chown(&to, Some(uid), Some(gid))?;
+                }
+            }
+            conf.push_str("ssl = on\n");
         }
         append(&data_dir.join("postgresql.conf"), &conf)?;
         let node = PgNode::new(&self.ctx, name, data_dir)?;

@@ -255,11 +255,9 @@ impl Pools {
             armed: true,
         };
         let generation = self.generation();
-        let node = &self.cluster.nodes[req.node].config;
         let (mut b, greeting) = backend::connect(
             req.node,
-            &node.host,
-            node.port,
+            self.cluster.target(req.node),
             req.params,
             req.user,
             req.creds,

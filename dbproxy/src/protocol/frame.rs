@@ -17,6 +17,14 @@ impl Frame {
         Frame { raw }
     }
 
+    /// The same frame in an allocation of its own: a frame kept for long must not pin the
+    /// (possibly much larger) read buffer [`decode`] cut it from.
+    pub fn detached(&self) -> Frame {
+        Frame {
+            raw: Bytes::copy_from_slice(&self.raw),
+        }
+    }
+
     /// Encodes a message with `tag` and `body` (for messages the proxy makes itself, and tests).
     pub fn new(tag: u8, body: &[u8]) -> Frame {
         let mut raw = BytesMut::with_capacity(body.len() + 5);
@@ -86,6 +94,18 @@ mod tests {
         assert_eq!(decode(&mut part, 1024).unwrap(), None);
         part.extend_from_slice(b"c\0");
         assert!(decode(&mut part, 1024).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_detached_frame_does_not_share_the_read_buffer() {
+        let mut buf = BytesMut::with_capacity(1 << 20);
+        buf.extend_from_slice(b"P\0\0\0\x08s\0\0\0");
+        let f = decode(&mut buf, 1024).unwrap().unwrap();
+        let d = f.detached();
+        assert_eq!(d, f);
+        let (start, len) = (f.raw().as_ptr() as usize, 1 << 20);
+        let at = d.raw().as_ptr() as usize;
+        assert!(at < start || at >= start + len, "a copy outside the 1 MiB buffer");
     }
 
     #[test]

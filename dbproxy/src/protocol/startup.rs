@@ -97,10 +97,29 @@ pub fn encode_cancel(pid: i32, key: i32, out: &mut BytesMut) {
     out.put_i32(key);
 }
 
-/// Appends an SSLRequest (used by tests).
+/// Appends an SSLRequest (sent to servers when TLS is wanted, and by tests).
 pub fn encode_ssl_request(out: &mut BytesMut) {
     out.put_i32(8);
     out.put_i32(SSL_REQUEST);
+}
+
+/// A server's one-byte answer to SSLRequest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslAnswer {
+    /// `S`: the TLS handshake comes next.
+    Accepted,
+    /// `N`: the connection stays in clear text.
+    Refused,
+}
+
+/// Reads a server's answer to SSLRequest; anything but `S` or `N` (an old server's
+/// ErrorResponse) breaks the protocol.
+pub fn ssl_answer(byte: u8) -> Result<SslAnswer, ProtocolError> {
+    match byte {
+        b'S' => Ok(SslAnswer::Accepted),
+        b'N' => Ok(SslAnswer::Refused),
+        _ => Err(ProtocolError::Malformed("answer to SSLRequest")),
+    }
 }
 
 #[cfg(test)]

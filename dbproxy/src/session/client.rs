@@ -227,13 +227,21 @@ impl Session {
                 };
                 let stmt = Stmt {
                     fp: fingerprint(&f),
-                    parse: f.clone(),
+                    // A copy: a view would pin the whole read buffer the Parse was cut from.
+                    parse: f.detached(),
                     read_only: r.standby_ok,
                     unlogged,
                     step,
                     param_types,
                 };
-                self.stmts.insert(name, stmt);
+                let max = self.shared.config.limits.max_prepared_statements;
+                if !self.stmts.insert(name, stmt, max) {
+                    let msg = format!(
+                        "too many prepared statements in this session (limits.max_prepared_statements = {max})"
+                    );
+                    self.end("53400", &msg).await;
+                    return Err(End);
+                }
                 self.push_batch(f).await
             }
             FrontendMessage::Bind(b) => {

@@ -63,11 +63,10 @@ pub(super) async fn relay(
         .await;
         return Err(End);
     };
-    let node = &cluster.nodes[p].config;
     let limit = secs(shared.config.pool.connect_timeout);
     let max = shared.config.limits.max_message_size;
     let (mut conn, addr, local) =
-        match tokio::time::timeout(limit, backend::open(&node.host, node.port, params, max)).await {
+        match tokio::time::timeout(limit, backend::open(cluster.target(p), params, max)).await {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => return Err(unreachable_primary(client, shared, p, &e.to_string()).await),
             Err(_) => return Err(unreachable_primary(client, shared, p, "timed out").await),
@@ -100,6 +99,14 @@ pub(super) async fn relay(
                     pauth::CLEARTEXT | pauth::MD5 | pauth::SASL | pauth::SASL_CONTINUE
                 ) =>
             {
+                if code == pauth::CLEARTEXT {
+                    // The client's password would cross the server link in the clear.
+                    if let Err(e) = cluster.backend_tls.check_cleartext(conn.stream.is_encrypted()) {
+                        cluster.metrics.error("auth");
+                        fatal(client, "28000", &e.to_string()).await;
+                        return Err(End);
+                    }
+                }
                 client.wbuf.put_slice(f.raw());
                 client.flush().await.map_err(|_| End)?;
                 let Some(answer) = read_password(client).await? else {

@@ -123,8 +123,20 @@ impl Statements {
         self.by_name.get_mut(name)
     }
 
-    pub fn insert(&mut self, name: &str, stmt: Stmt) {
+    /// Keeps `stmt` as `name`, unless that would make more than `max` named statements (0: no
+    /// limit); `false` then. The unnamed statement and a replaced name always fit.
+    #[must_use]
+    pub fn insert(&mut self, name: &str, stmt: Stmt, max: usize) -> bool {
+        if let Some(kept) = self.by_name.get_mut(name) {
+            *kept = stmt;
+            return true;
+        }
+        let named = self.by_name.len() - usize::from(self.by_name.contains_key(""));
+        if max > 0 && !name.is_empty() && named >= max {
+            return false;
+        }
         self.by_name.insert(name.to_string(), stmt);
+        true
     }
 
     pub fn remove(&mut self, name: &str) {
@@ -198,6 +210,36 @@ mod tests {
     }
 
     #[test]
+    fn named_statements_are_capped() {
+        let parse = |sql: &str| {
+            let mut body = b"s\0".to_vec();
+            body.extend_from_slice(sql.as_bytes());
+            body.extend_from_slice(b"\0\0\0");
+            Frame::new(b'P', &body)
+        };
+        let stmt = |sql: &str| Stmt {
+            parse: parse(sql),
+            read_only: true,
+            unlogged: 0,
+            step: Step::Other,
+            param_types: Vec::new(),
+        };
+        let mut s = Statements::default();
+        assert!(s.insert("a", stmt("select 1"), 2));
+        assert!(
+            s.insert("", stmt("select 2"), 2),
+            "the unnamed statement does not count"
+        );
+        assert!(s.insert("b", stmt("select 3"), 2));
+        assert!(!s.insert("c", stmt("select 4"), 2));
+        assert!(s.insert("b", stmt("select 5"), 2), "replacing a name fits");
+        assert!(s.insert("", stmt("select 6"), 2));
+        s.remove("a");
+        assert!(s.insert("c", stmt("select 7"), 2));
+        assert!(s.insert("d", stmt("select 8"), 0), "0: no limit");
+    }
+
+    #[test]
     fn deallocate_and_discard_forget_statements() {
         assert!(forgets_prepared(b"  DEALLOCATE ALL"));
         assert!(forgets_prepared(b"discard all"));
@@ -238,7 +280,7 @@ mod tests {
     fn describes_are_answered_in_order() {
         let mut s = Statements::default();
         let parse = Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0");
-        s.insert(
+        assert!(s.insert(
             "s",
             Stmt {
                 parse: parse.clone(),
@@ -248,7 +290,8 @@ mod tests {
                 step: Step::Set("x".into()),
                 param_types: Vec::new(),
             },
-        );
+            0,
+        ));
         s.describe_sent("other");
         s.describe_sent("s");
         s.described(|| Some(vec![1]));

@@ -563,12 +563,10 @@ impl Session {
         if cluster.elected() != Some(node) || cluster.is_fenced(node) {
             return false;
         }
-        let config = &cluster.nodes[node].config;
         let limits = &self.shared.config.limits;
         let probe = backend::connect(
             node,
-            &config.host,
-            config.port,
+            cluster.target(node),
             &self.params,
             &self.user,
             self.creds.as_ref(),
