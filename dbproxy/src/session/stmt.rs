@@ -218,6 +218,7 @@ mod tests {
             Frame::new(b'P', &body)
         };
         let stmt = |sql: &str| Stmt {
+            fp: fingerprint(&parse(sql)),
             parse: parse(sql),
             read_only: true,
             unlogged: 0,
