@@ -195,14 +195,19 @@ pub async fn up(opts: &UpOptions) -> Result<State> {
         .map(|i| format!("http://127.0.0.1:{}/status", p.dbproxy_admin + i as u16))
         .collect();
     let status_urls = status_urls.join(",");
+    // The switchover goes to whichever of them holds the leader lease (comma-separated too).
+    let admin_urls: Vec<String> = (0..opts.proxies)
+        .map(|i| format!("http://127.0.0.1:{}", p.dbproxy_admin + i as u16))
+        .collect();
+    let admin_urls = admin_urls.join(",");
     for (i, name) in ["web1", "web2"].iter().enumerate() {
         let port = p.webapp + i as u16;
         let cfg = format!(
             "listen = \"127.0.0.1:{port}\"\ninstance = \"{name}\"\ndatabase_url = \"{database_url}\"\n\
              lb_status_url = \"http://127.0.0.1:{}/status\"\ndbproxy_status_url = \"{status_urls}\"\n\
-             dbproxy_admin_url = \"http://127.0.0.1:{}\"\ndbproxy_admin_token = \"{admin_token}\"\n\
+             dbproxy_admin_url = \"{admin_urls}\"\ndbproxy_admin_token = \"{admin_token}\"\n\
              operator_password = \"{operator_password}\"\n",
-            p.lb_admin, p.dbproxy_admin
+            p.lb_admin
         );
         start_service(
             &state,

@@ -29,10 +29,14 @@ pub struct Config {
     /// dashboard shows each, which one holds the leader lease and what each knows of etcd.
     pub dbproxy_status_url: String,
     /// dbproxy's admin base URL; when set, the dashboard shows a switchover button that POSTs to
-    /// `{dbproxy_admin_url}/nodes/{id}/promote`.
+    /// `{dbproxy_admin_url}/nodes/{id}/promote`. With several dbproxy instances coordinated
+    /// through etcd, list every one's, separated by commas: only the holder of the leader lease
+    /// accepts a switchover, so the dashboard reads each one's `{url}/status` and sends it to the
+    /// one that leads (and, when a follower answers 409 naming another leader, to that one).
     pub dbproxy_admin_url: String,
     /// The token dbproxy's admin listener requires for the switchover (its `admin_token`), sent
-    /// as `Authorization: Bearer <token>`; empty sends none.
+    /// as `Authorization: Bearer <token>`; empty sends none. With several instances every one
+    /// gets the same token.
     pub dbproxy_admin_token: String,
     /// The operator password: the dashboard's switchover needs a login with it (a session cookie
     /// and a CSRF token). Empty (the default) makes the dashboard read-only: no switchover button,
@@ -83,6 +87,16 @@ impl Config {
         self.dbproxy_status_url
             .split(',')
             .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .collect()
+    }
+
+    /// The dbproxy instances' admin base URLs (`dbproxy_admin_url`, split at commas, without a
+    /// trailing slash).
+    pub fn dbproxy_admin_urls(&self) -> Vec<&str> {
+        self.dbproxy_admin_url
+            .split(',')
+            .map(|u| u.trim().trim_end_matches('/'))
             .filter(|u| !u.is_empty())
             .collect()
     }
@@ -186,7 +200,17 @@ impl common::Validate for Config {
         for url in self.dbproxy_status_urls() {
             check_http_url("dbproxy_status_url", url)?;
         }
-        check_http_url("dbproxy_admin_url", &self.dbproxy_admin_url)?;
+        if self.dbproxy_admin_url.split(',').any(|u| u.trim().is_empty())
+            && !self.dbproxy_admin_url.is_empty()
+        {
+            return Err(ConfigError::invalid(
+                "dbproxy_admin_url",
+                "an empty entry in the comma-separated list",
+            ));
+        }
+        for url in self.dbproxy_admin_urls() {
+            check_http_url("dbproxy_admin_url", url)?;
+        }
         Ok(self)
     }
 }
@@ -229,6 +253,24 @@ mod tests {
                 ..Config::default()
             });
             assert!(e.contains("dbproxy_status_url"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn several_dbproxy_admin_urls_are_each_checked() {
+        let c = Config {
+            dbproxy_admin_url: "http://a:9930/, http://b:9930".into(),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.dbproxy_admin_urls(), ["http://a:9930", "http://b:9930"]);
+        for bad in ["http://a,https://b", "http://a,,http://b", ",http://a"] {
+            let e = invalid(Config {
+                dbproxy_admin_url: bad.into(),
+                ..Config::default()
+            });
+            assert!(e.contains("dbproxy_admin_url"), "{bad}: {e}");
         }
     }
 

@@ -3,6 +3,8 @@
 //! dbproxy's admin API. With several dbproxy instances (coordinated through etcd) each one's
 //! `/status` is read: the snapshot lists them with their part in the pair (leader or follower,
 //! etcd reachable or not), and the leader's view (else the first reachable one's) is the cluster.
+//! Only the instance holding the leader lease accepts a switchover, so with several admin URLs the
+//! switchover goes to the one whose `/status` says it leads (see [`Dashboard::switchover`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -104,7 +106,7 @@ pub struct Dashboard {
     client: Client<HttpConnector, Empty<Bytes>>,
     lb_url: String,
     dbproxy_urls: Vec<String>,
-    admin_url: String,
+    admin_urls: Vec<String>,
     admin_token: String,
     operator: bool,
     instance: String,
@@ -139,7 +141,11 @@ impl Dashboard {
                 .into_iter()
                 .map(str::to_string)
                 .collect(),
-            admin_url: config.dbproxy_admin_url.trim_end_matches('/').to_string(),
+            admin_urls: config
+                .dbproxy_admin_urls()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
             admin_token: config.dbproxy_admin_token.clone(),
             operator: !config.operator_password.is_empty(),
             instance,
@@ -156,7 +162,7 @@ impl Dashboard {
     /// Whether the switchover is offered (to a logged-in operator): it needs dbproxy's admin URL
     /// and an operator password.
     pub fn switchover_enabled(&self) -> bool {
-        !self.admin_url.is_empty() && self.operator
+        !self.admin_urls.is_empty() && self.operator
     }
 
     /// A receiver of snapshots (JSON text; empty until the first fetch); wakes the fetcher.
@@ -317,12 +323,104 @@ impl Dashboard {
     }
 
     /// Asks dbproxy to promote node `id` (a graceful switchover); returns dbproxy's status and body.
+    ///
+    /// With one admin URL the request goes there. With several (instances coordinated through
+    /// etcd, of which only the lease holder acts) each one's `/status` is read first and the
+    /// request goes to the one that says it leads, else to the first reachable one; when that one
+    /// answers 409 because it does not hold the lease and names the leader, the request is sent
+    /// once more, to the instance of that name.
     pub async fn switchover(&self, id: &str) -> Result<(StatusCode, Bytes), FetchError> {
-        let url = format!("{}/nodes/{id}/promote", self.admin_url);
+        let urls = match self.admin_urls.as_slice() {
+            [] => return Err(FetchError::Url("no dbproxy admin url configured".into())),
+            [only] => return self.promote(only, id).await,
+            urls => urls,
+        };
+        let views: Vec<AdminView> =
+            futures_util::future::join_all(urls.iter().map(|u| self.admin_view(u))).await;
+        let target = switchover_target(&views);
+        tracing::info!(node = %id, admin = %urls[target], "switchover sent to the dbproxy that leads");
+        let (code, body) = self.promote(&urls[target], id).await?;
+        if code != StatusCode::CONFLICT {
+            return Ok((code, body));
+        }
+        let Some(leader) = named_leader(&String::from_utf8_lossy(&body)).map(str::to_string) else {
+            return Ok((code, body));
+        };
+        match views
+            .iter()
+            .position(|v| v.name.as_deref() == Some(leader.as_str()))
+            .filter(|&i| i != target)
+        {
+            Some(i) => {
+                tracing::info!(node = %id, admin = %urls[i], %leader, "a follower named the leader: switchover sent there");
+                self.promote(&urls[i], id).await
+            }
+            None => Ok((code, body)),
+        }
+    }
+
+    /// One POST of `{admin}/nodes/{id}/promote`.
+    async fn promote(&self, admin: &str, id: &str) -> Result<(StatusCode, Bytes), FetchError> {
+        let url = format!("{admin}/nodes/{id}/promote");
         // dbproxy answers at once with an operation id (202) and runs the switchover itself; its
         // progress shows in its /status.
         self.call(Method::POST, &url, self.timeout).await
     }
+
+    /// What the admin listener at `admin` says of itself in its `/status`.
+    async fn admin_view(&self, admin: &str) -> AdminView {
+        match self.get_json(&format!("{admin}/status")).await {
+            Ok(status) => AdminView::of(&status),
+            Err(e) => {
+                tracing::debug!(admin, error = %e, "dbproxy admin status unreadable before a switchover");
+                AdminView::default()
+            }
+        }
+    }
+}
+
+/// One dbproxy admin listener as the switchover sees it before sending.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct AdminView {
+    /// It answered its `/status`.
+    reachable: bool,
+    /// Its instance name (`record.coordination.instance`), when it is one of several.
+    name: Option<String>,
+    /// It says it holds the leader lease.
+    leads: bool,
+}
+
+impl AdminView {
+    fn of(status: &serde_json::Value) -> AdminView {
+        let c = status.pointer("/record/coordination");
+        AdminView {
+            reachable: true,
+            name: c
+                .and_then(|c| c.get("instance"))
+                .and_then(|n| n.as_str())
+                .map(str::to_string),
+            leads: c.and_then(|c| c.get("is_leader")).and_then(|l| l.as_bool()) == Some(true),
+        }
+    }
+}
+
+/// The admin listener a switchover goes to: the one that leads, else the first that answered,
+/// else the first.
+fn switchover_target(views: &[AdminView]) -> usize {
+    views
+        .iter()
+        .position(|v| v.leads)
+        .or_else(|| views.iter().position(|v| v.reachable))
+        .unwrap_or(0)
+}
+
+/// The leader a follower's 409 names: dbproxy answers "this dbproxy (b) does not hold the leader
+/// lease; ask the leader (a)". None for any other conflict, or when the leader is unknown.
+fn named_leader(body: &str) -> Option<&str> {
+    let (_, rest) = body.split_once("does not hold the leader lease")?;
+    let (_, rest) = rest.split_once("ask the leader (")?;
+    let name = rest.split_once(')')?.0.trim();
+    (!name.is_empty() && name != "unknown").then_some(name)
 }
 
 /// How many failover events the dashboard remembers.
@@ -523,6 +621,50 @@ fn snapshot_time(snapshot: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_followers_conflict_names_the_leader_and_other_conflicts_do_not() {
+        assert_eq!(
+            named_leader("this dbproxy (b) does not hold the leader lease; ask the leader (a)\n"),
+            Some("a")
+        );
+        assert_eq!(
+            named_leader("this dbproxy (b) does not hold the leader lease; ask the leader (unknown)"),
+            None
+        );
+        assert_eq!(
+            named_leader("operation 3 (switchover of node 1) is running"),
+            None
+        );
+        assert_eq!(named_leader("ask the leader (a)"), None);
+        assert_eq!(named_leader(""), None);
+    }
+
+    #[test]
+    fn the_switchover_goes_to_the_instance_that_leads() {
+        let follower = AdminView::of(&serde_json::json!({
+            "record": {"coordination": {"instance": "b", "is_leader": false}}
+        }));
+        let leader = AdminView::of(&serde_json::json!({
+            "record": {"coordination": {"instance": "a", "is_leader": true}}
+        }));
+        assert_eq!(follower.name.as_deref(), Some("b"));
+        assert!(leader.leads && !follower.leads);
+        let down = AdminView::default();
+        assert_eq!(switchover_target(&[follower.clone(), leader.clone()]), 1);
+        assert_eq!(switchover_target(&[down.clone(), follower.clone()]), 1);
+        assert_eq!(switchover_target(&[down.clone(), down.clone()]), 0);
+        // A single instance's status has no coordination: reachable, nameless, not "leading".
+        let alone = AdminView::of(&serde_json::json!({"record": {"coordination": null}}));
+        assert_eq!(
+            alone,
+            AdminView {
+                reachable: true,
+                name: None,
+                leads: false
+            }
+        );
+    }
 
     #[test]
     fn node_ids_are_restricted() {

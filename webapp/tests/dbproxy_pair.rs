@@ -2,7 +2,8 @@
 //! PostgreSQL, real dbproxy, real etcd, headless Chromium for the drawing): it lists both
 //! instances from their `/status`, marks the one holding the leader lease, shows what each knows
 //! of etcd, and follows the lease when the leader stops; the webapp's queries move to the other
-//! instance of its multi-host connection string.
+//! instance of its multi-host connection string. Its switchover button reaches the leader even
+//! when the first admin URL configured is the follower's (which refuses a switchover with 409).
 
 mod chromium;
 mod common;
@@ -19,6 +20,9 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Both instances' admin token, which the webapp sends with the switchover.
+const ADMIN_TOKEN: &str = "pair admin token";
+
 /// One dbproxy instance of the pair, in this runtime.
 struct Instance {
     port: u16,
@@ -33,6 +37,7 @@ async fn start_instance(c: &testkit::PgCluster, etcd: &[String], name: &str) -> 
     cfg.coordination.prefix = "/dashboard".into();
     cfg.coordination.lease_ttl = 3;
     cfg.coordination.name = name.into();
+    cfg.admin_token = ADMIN_TOKEN.into();
     let cfg = ::common::Validate::validate(cfg).map_err(|e| anyhow::anyhow!("{e}"))?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
@@ -83,6 +88,10 @@ async fn the_dashboard_shows_both_dbproxy_instances_the_leader_and_etcd() -> Res
     );
     let mut cfg = config("web-pair", &url);
     cfg.dbproxy_status_url = format!("http://{}/status, http://{}/status", a.admin, b.admin);
+    // The follower's admin URL first: a switchover sent to it alone would be refused.
+    cfg.dbproxy_admin_url = format!("http://{}/, http://{}", b.admin, a.admin);
+    cfg.dbproxy_admin_token = ADMIN_TOKEN.into();
+    cfg.operator_password = common::OPERATOR_PASSWORD.into();
     let app = App::start(cfg).await?;
     wait_ready(&app).await?;
 
@@ -125,6 +134,51 @@ async fn the_dashboard_shows_both_dbproxy_instances_the_leader_and_etcd() -> Res
         app.url("/dashboard"),
         artifacts_dir()?.join("webapp-dashboard-pair.png"),
     )
+    .await?;
+
+    // The switchover pressed on the dashboard: b, the first admin URL, is a follower and refuses
+    // it itself; the webapp sends it to a, which leads, and both instances record node 1 as the
+    // primary.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let refused = common::request(
+        hyper::Method::POST,
+        &format!("http://{}/nodes/1/promote", b.admin),
+        &[("authorization", &bearer)],
+    )
+    .await?;
+    ensure!(
+        refused.status == StatusCode::CONFLICT
+            && refused.body.contains("leader lease")
+            && refused.body.contains("(a)"),
+        "the follower should refuse a switchover: {refused:?}"
+    );
+    let standby = c.nodes()[1].name().to_string();
+    let op = common::login(&app.url(""), common::OPERATOR_PASSWORD).await?;
+    let r = common::request(
+        hyper::Method::POST,
+        &app.url("/dashboard/switchover/1"),
+        &[("cookie", &op.cookie), (webapp::CSRF_HEADER, &op.csrf)],
+    )
+    .await?;
+    ensure!(r.status == StatusCode::OK, "the switchover was refused: {r:?}");
+    let answer = r.json()?;
+    ensure!(answer["dbproxy_status"] == 202, "{answer}");
+    for (name, admin) in [("a", a.admin), ("b", b.admin)] {
+        poll(
+            &format!("node 1 recorded as the primary on {name}"),
+            Duration::from_secs(60),
+            || async {
+                let body = common::request(hyper::Method::GET, &format!("http://{admin}/status"), &[])
+                    .await?
+                    .json()?;
+                Ok((body["record"]["primary"] == standby.as_str()).then_some(()))
+            },
+        )
+        .await?;
+    }
+    wait_instances(&app, "the dashboard to show node 1 as the primary", |l| {
+        l.len() == 2 && l.iter().all(|i| i["primary"] == 1)
+    })
     .await?;
 
     // The leader stops: b takes the lease, the dashboard says so, and the page is still served
