@@ -9,31 +9,12 @@
 mod support;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use dbproxy::config::Config;
-use support::{config_for, pg_program, Proxy};
-use testkit::{wait_for, PgCluster, DEADLINE};
-
-async fn cluster(standbys: usize) -> Result<Arc<PgCluster>> {
-    let c =
-        tokio::task::spawn_blocking(move || PgCluster::builder().standbys(standbys).password("pw").start())
-            .await??;
-    Ok(Arc::new(c))
-}
-
-/// A proxy on `c` with one serving thread (so that consecutive clients share a thread's pool)
-/// and pools of `size`.
-fn proxy(c: &PgCluster, size: usize, tweak: impl FnOnce(&mut Config)) -> Result<Proxy> {
-    let mut cfg = config_for(c, Some("pw"));
-    cfg.workers = 1;
-    cfg.pool.size = size;
-    tweak(&mut cfg);
-    Proxy::start(cfg)
-}
+use support::pooling::{cluster, metric, one, pgbench, pgbench_init, proxy, MaxConnections};
+use support::Proxy;
+use testkit::{wait_for, DEADLINE};
 
 /// SHOW `what` through the proxy, as one map of column → value per row.
 async fn show(proxy: &Proxy, what: &str) -> Result<Vec<HashMap<String, String>>> {
@@ -52,16 +33,6 @@ async fn show(proxy: &Proxy, what: &str) -> Result<Vec<HashMap<String, String>>>
     Ok(out)
 }
 
-async fn one(client: &tokio_postgres::Client, sql: &str) -> Result<String> {
-    let rows = client.simple_query(sql).await?;
-    for m in rows {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return Ok(r.get(0).unwrap_or("").to_string());
-        }
-    }
-    bail!("no row for {sql}")
-}
-
 /// The server pid and backend_start of a session's primary connection.
 async fn backend_of(client: &tokio_postgres::Client) -> Result<(String, String)> {
     let pid = one(client, "select pg_backend_pid()").await?;
@@ -71,15 +42,6 @@ async fn backend_of(client: &tokio_postgres::Client) -> Result<(String, String)>
     )
     .await?;
     Ok((pid, start))
-}
-
-fn metric(proxy: &Proxy, line_prefix: &str) -> Result<f64> {
-    let m = proxy.admin_get("/metrics")?;
-    Ok(m.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -284,73 +246,20 @@ async fn many_pgbench_clients_never_exceed_the_pool_size_per_node() -> Result<()
 
 async fn many_body() -> Result<()> {
     let c = cluster(1).await?;
-    let out = pg_program("pgbench")?
-        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p"])
-        .arg(c.primary().port().to_string())
-        .args(["-U", "postgres", "postgres"])
-        .env("PGPASSWORD", "pw")
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    c.wait_replicated()?;
+    pgbench_init(&c)?;
     // Two serving threads share the limit of 3 per node.
     let p = proxy(&c, 3, |cfg| {
         cfg.workers = 2;
         cfg.pool.checkout_timeout = 60.0;
     })?;
-    let stop = Arc::new(AtomicBool::new(false));
     let ports: Vec<u16> = (0..2).map(|i| c.node(i).port()).collect();
-    let sampler = {
-        let stop = stop.clone();
-        let c = c.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<usize>> {
-            let mut max = vec![0usize; 2];
-            while !stop.load(Ordering::Relaxed) {
-                for (i, m) in max.iter_mut().enumerate() {
-                    let n: usize = c
-                        .node(i)
-                        .psql("select count(*) from pg_stat_activity where application_name = 'pgbench'")?
-                        .parse()?;
-                    *m = (*m).max(n);
-                }
-            }
-            Ok(max)
-        })
-    };
-    let bench = tokio::task::spawn_blocking({
-        let port = p.port();
-        move || {
-            pg_program("pgbench").and_then(|mut cmd| {
-                Ok(cmd
-                    .args([
-                        "-n",
-                        "-S",
-                        "-C",
-                        "-c",
-                        "12",
-                        "-j",
-                        "2",
-                        "-t",
-                        "40",
-                        "-h",
-                        "127.0.0.1",
-                        "-p",
-                    ])
-                    .arg(port.to_string())
-                    .args(["-U", "postgres", "postgres"])
-                    .env("PGPASSWORD", "pw")
-                    .output()?)
-            })
-        }
+    let sampler = MaxConnections::start(&c);
+    let port = p.port();
+    let stdout = tokio::task::spawn_blocking(move || {
+        pgbench(port, &["-n", "-S", "-C", "-c", "12", "-j", "2", "-t", "40"])
     })
     .await??;
-    stop.store(true, Ordering::Relaxed);
-    let max = sampler.await??;
-    let stdout = String::from_utf8_lossy(&bench.stdout);
-    assert!(
-        bench.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&bench.stderr)
-    );
+    let max = sampler.finish().await?;
     assert!(
         stdout.contains("number of transactions actually processed: 480/480"),
         "{stdout}"

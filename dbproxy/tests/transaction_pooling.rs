@@ -9,52 +9,23 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use dbproxy::config::Config;
 use dbproxy::config::{AuthMethod, HbaRule};
 use dbproxy::pool::PoolMode;
-use support::{config_for, msg, pg_program, Proxy, Raw};
+use support::pooling::{self, cluster, metric, one, pgbench, pgbench_init, MaxConnections};
+use support::{msg, Proxy, Raw};
 use testkit::{wait_for, PgCluster, DEADLINE};
-
-async fn cluster(standbys: usize) -> Result<Arc<PgCluster>> {
-    let c =
-        tokio::task::spawn_blocking(move || PgCluster::builder().standbys(standbys).password("pw").start())
-            .await??;
-    Ok(Arc::new(c))
-}
 
 /// A transaction-pooling proxy on `c` with one serving thread (consecutive clients share its
 /// pools) and pools of `size`.
 fn proxy(c: &PgCluster, size: usize, tweak: impl FnOnce(&mut Config)) -> Result<Proxy> {
-    let mut cfg = config_for(c, Some("pw"));
-    cfg.workers = 1;
-    cfg.pool.size = size;
-    cfg.pool.mode = PoolMode::Transaction;
-    tweak(&mut cfg);
-    Proxy::start(cfg)
-}
-
-async fn one(client: &tokio_postgres::Client, sql: &str) -> Result<String> {
-    let rows = client.simple_query(sql).await?;
-    for m in rows {
-        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
-            return Ok(r.get(0).unwrap_or("").to_string());
-        }
-    }
-    bail!("no row for {sql}")
-}
-
-fn metric(proxy: &Proxy, line_prefix: &str) -> Result<f64> {
-    let m = proxy.admin_get("/metrics")?;
-    Ok(m.lines()
-        .find(|l| l.starts_with(line_prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0))
+    pooling::proxy(c, size, |cfg| {
+        cfg.pool.mode = PoolMode::Transaction;
+        tweak(cfg);
+    })
 }
 
 /// SHOW POOLS through the proxy: the value of `col` in each row.
@@ -70,31 +41,6 @@ async fn pools_column(proxy: &Proxy, col: &str) -> Result<Vec<String>> {
     Ok(out)
 }
 
-/// Runs pgbench through the proxy with `args`; its stdout, or an error with its output.
-fn pgbench(port: u16, args: &[&str]) -> Result<String> {
-    let out = pg_program("pgbench")?
-        .args(args)
-        .args(["-h", "127.0.0.1", "-p"])
-        .arg(port.to_string())
-        .args(["-U", "postgres", "postgres"])
-        .env("PGPASSWORD", "pw")
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    if !out.status.success() {
-        bail!("pgbench failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(stdout)
-}
-
-/// Sets its flag when dropped.
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_pgbench_clients_share_ten_server_connections_per_node() -> Result<()> {
     support::bounded(many_body()).await
@@ -102,14 +48,7 @@ async fn two_hundred_pgbench_clients_share_ten_server_connections_per_node() -> 
 
 async fn many_body() -> Result<()> {
     let c = cluster(1).await?;
-    let out = pg_program("pgbench")?
-        .args(["-i", "-q", "-s", "1", "-h", "127.0.0.1", "-p"])
-        .arg(c.primary().port().to_string())
-        .args(["-U", "postgres", "postgres"])
-        .env("PGPASSWORD", "pw")
-        .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    c.wait_replicated()?;
+    pgbench_init(&c)?;
     // Two serving threads share the limit of 10 per node.
     let p = proxy(&c, 10, |cfg| {
         cfg.workers = 2;
@@ -118,27 +57,7 @@ async fn many_body() -> Result<()> {
         // one login, not for a queue of 200 password checks on a busy machine.
         cfg.limits.startup_timeout = 60.0;
     })?;
-    let stop = Arc::new(AtomicBool::new(false));
-    // Stops the sampler however the body ends (an error or the time limit included): a
-    // blocking task still running would keep the test's runtime from shutting down.
-    let _stop_sampler = StopOnDrop(stop.clone());
-    let sampler = {
-        let stop = stop.clone();
-        let c = c.clone();
-        tokio::task::spawn_blocking(move || -> Result<Vec<usize>> {
-            let mut max = vec![0usize; 2];
-            while !stop.load(Ordering::Relaxed) {
-                for (i, m) in max.iter_mut().enumerate() {
-                    let n: usize = c
-                        .node(i)
-                        .psql("select count(*) from pg_stat_activity where application_name = 'pgbench'")?
-                        .parse()?;
-                    *m = (*m).max(n);
-                }
-            }
-            Ok(max)
-        })
-    };
+    let sampler = MaxConnections::start(&c);
     let port = p.port();
     // Reads (on the standby and the primary), then the TPC-B-like mix (writes in transactions).
     // One pgbench thread per client: pgbench prepares a statement with a blocking call, which
@@ -158,8 +77,7 @@ async fn many_body() -> Result<()> {
         )
     })
     .await??;
-    stop.store(true, Ordering::Relaxed);
-    let max = sampler.await??;
+    let max = sampler.finish().await?;
     assert!(
         reads.contains("number of transactions actually processed: 4000/4000"),
         "{reads}"

@@ -2,6 +2,7 @@
 //! in front of a testkit cluster, and small raw-protocol helpers.
 #![allow(dead_code)]
 
+pub mod pooling;
 pub mod writers;
 
 use std::net::SocketAddr;
