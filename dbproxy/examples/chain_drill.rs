@@ -32,7 +32,9 @@ mod drill;
 #[path = "support/writers.rs"]
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, Mode, Proxy, PASSWORD};
-use writers::{failovers, lock, ms, streaming_from, writer, Log, CONNECT_LIMIT, STATEMENT_LIMIT};
+use writers::{
+    failovers, lock, ms, start_writers, streaming_from, writer, Log, Writers, CONNECT_LIMIT, STATEMENT_LIMIT,
+};
 
 /// Failures per drill.
 const FAILURES: usize = 3;
@@ -210,30 +212,14 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, mode: Mode, n: usize) -> Res
     }
     let standbys_start = streaming_from(&c, 0).len();
 
-    let log = Arc::new(Mutex::new(Log::default()));
-    let stop = CancellationToken::new();
-    let handles: Vec<_> = (0..args.writers)
-        .map(|w| {
-            rt.spawn(writer(
-                w as i32,
-                proxy.conn_string("chain-drill"),
-                log.clone(),
-                stop.clone(),
-            ))
-        })
-        .collect();
-    let writing = poll_until(Instant::now() + READY_LIMIT, || {
-        let seen: HashSet<i64> = lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
-        seen.len() == args.writers
-    });
-    if !writing {
-        stop.cancel();
-        bail!(
-            "the writers did not all get a write through: {:?}",
-            lock(&log).errors
-        );
-    }
-    std::thread::sleep(Duration::from_secs_f64(args.load));
+    let Writers { log, stop, handles } = start_writers(
+        rt,
+        args.writers,
+        &proxy.conn_string("chain-drill"),
+        READY_LIMIT,
+        args.load,
+    )
+    .map_err(|e| anyhow::anyhow!(e))?;
 
     let mut primary = 0;
     let mut rounds = Vec::new();

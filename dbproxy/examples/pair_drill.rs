@@ -25,7 +25,6 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -35,7 +34,6 @@ use dbproxy::failover::{PromoteConfig, PromoteMethod};
 use serde_json::{json, Value};
 use testkit::etcd::EtcdCluster;
 use testkit::PgCluster;
-use tokio_util::sync::CancellationToken;
 
 #[path = "support/drill.rs"]
 #[allow(dead_code)] // the in-process `Proxy`: this drill runs the binary
@@ -44,7 +42,7 @@ mod drill;
 #[allow(dead_code)]
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, status_at, Mode, PASSWORD};
-use writers::{lock, ms, writer, Log};
+use writers::{lock, ms, start_writers, Log, Writers};
 
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// How long after a kill a write must be acknowledged by the expected primary.
@@ -199,23 +197,8 @@ fn drill(
         b.addr.port()
     );
 
-    let log = Arc::new(Mutex::new(Log::default()));
-    let stop = CancellationToken::new();
-    let handles: Vec<_> = (0..args.writers)
-        .map(|w| rt.spawn(writer(w as i32, conn.clone(), log.clone(), stop.clone())))
-        .collect();
-    let writing = poll_until(Instant::now() + READY_LIMIT, || {
-        let seen: HashSet<i64> = lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
-        seen.len() == args.writers
-    });
-    if !writing {
-        stop.cancel();
-        bail!(
-            "the writers did not all get a write through: {:?}",
-            lock(&log).errors
-        );
-    }
-    std::thread::sleep(Duration::from_secs_f64(args.load));
+    let Writers { log, stop, handles } =
+        start_writers(rt, args.writers, &conn, READY_LIMIT, args.load).map_err(|e| anyhow!(e))?;
 
     let (old, new) = (c.node(0).port() as i32, c.node(1).port() as i32);
     let expected = if kind == "leader" { old } else { new };

@@ -28,7 +28,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -37,7 +37,6 @@ use dbproxy::config::{Config, HealthConfig};
 use dbproxy::rejoin::RejoinMethod;
 use serde_json::{json, Value};
 use testkit::PgCluster;
-use tokio_util::sync::CancellationToken;
 
 #[path = "support/drill.rs"]
 #[allow(dead_code)] // the in-process `Proxy`: this drill runs the binary
@@ -46,7 +45,9 @@ mod drill;
 #[allow(dead_code)] // `failovers` is the chain drill's
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, status_at, Mode, PASSWORD};
-use writers::{epoch_ms, lock, ms, streaming_from, writer, Log, CONNECT_LIMIT, STATEMENT_LIMIT};
+use writers::{
+    epoch_ms, lock, ms, start_writers, streaming_from, Log, Writers, CONNECT_LIMIT, STATEMENT_LIMIT,
+};
 
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// How long after a kill a write must be acknowledged by the node elected in the end.
@@ -214,23 +215,8 @@ fn drill(rt: &tokio::runtime::Runtime, args: &Args, bin: &Path, mode: Mode, n: u
     }
     let standbys_start = streaming_from(&c, 0).len();
 
-    let log = Arc::new(Mutex::new(Log::default()));
-    let stop = CancellationToken::new();
-    let handles: Vec<_> = (0..args.writers)
-        .map(|w| rt.spawn(writer(w as i32, d.conn_string(), log.clone(), stop.clone())))
-        .collect();
-    let writing = poll_until(Instant::now() + READY_LIMIT, || {
-        let seen: HashSet<i64> = lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
-        seen.len() == args.writers
-    });
-    if !writing {
-        stop.cancel();
-        bail!(
-            "the writers did not all get a write through: {:?}",
-            lock(&log).errors
-        );
-    }
-    std::thread::sleep(Duration::from_secs_f64(args.load));
+    let Writers { log, stop, handles } =
+        start_writers(rt, args.writers, &d.conn_string(), READY_LIMIT, args.load).map_err(|e| anyhow!(e))?;
     let port = |i: usize| c.node(i).port() as i32;
     let mut failures = Vec::new();
     let mut rounds = Vec::new();

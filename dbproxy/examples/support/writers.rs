@@ -151,3 +151,45 @@ pub fn epoch_ms(t: SystemTime) -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Writers running on a drill's runtime: what they saw, their stop signal and their tasks.
+pub struct Writers {
+    pub log: Arc<Mutex<Log>>,
+    pub stop: CancellationToken,
+    pub handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Starts `n` writers through `conn` on `rt` and waits until each has had a write acknowledged
+/// (within `limit`, else they are stopped and the errors they saw are returned), then lets them
+/// write for `load` seconds before the drill's first kill.
+pub fn start_writers(
+    rt: &tokio::runtime::Runtime,
+    n: usize,
+    conn: &str,
+    limit: Duration,
+    load: f64,
+) -> Result<Writers, String> {
+    let log = Arc::new(Mutex::new(Log::default()));
+    let stop = CancellationToken::new();
+    let handles = (0..n)
+        .map(|w| rt.spawn(writer(w as i32, conn.to_string(), log.clone(), stop.clone())))
+        .collect();
+    let deadline = Instant::now() + limit;
+    loop {
+        let seen: std::collections::HashSet<i64> =
+            lock(&log).acks.iter().map(|a| a.id / 1_000_000_000).collect();
+        if seen.len() == n {
+            break;
+        }
+        if Instant::now() > deadline {
+            stop.cancel();
+            return Err(format!(
+                "the writers did not all get a write through: {:?}",
+                lock(&log).errors
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs_f64(load));
+    Ok(Writers { log, stop, handles })
+}
