@@ -127,8 +127,10 @@ async fn run(cli: Cli) -> Result<()> {
                 );
                 return Ok(());
             }
-            println!("Ctrl-C (or `stack down` from another shell) stops everything.");
+            // Claimed before saying so: a `stack down` from another shell as soon as the line
+            // shows must find this process to stop.
             state.claim_supervisor()?;
+            println!("Ctrl-C (or `stack down` from another shell) stops everything.");
             supervise(&state, signals.shutdown).await;
             stack::down(&state);
             state.release_supervisor();
