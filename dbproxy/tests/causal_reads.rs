@@ -166,14 +166,18 @@ async fn body() -> Result<()> {
         "stale or backward reads ({primary_lag} backward on the primary right after a standby \
          read are PostgreSQL's and not counted): {all:?}"
     );
-    // Reads still run on the standbys: every one of them takes a share.
-    for p in &standbys {
-        let n = all.ports.get(p).copied().unwrap_or(0);
-        assert!(
-            n * 20 >= all.reads,
-            "standby {p} ran {n} of {} reads: {all:?}",
-            all.reads
-        );
-    }
+    // Reads still run on the standbys. A session stays on the standby it read on (monotonic
+    // reads), so with 8 sessions a standby may get none of them (one run in CI: 0 of 38,880 on
+    // one of three): at least two standbys take a real share, and the standbys most reads.
+    let on_standbys: Vec<usize> = standbys
+        .iter()
+        .map(|p| all.ports.get(p).copied().unwrap_or(0))
+        .collect();
+    let serving = on_standbys.iter().filter(|&&n| n * 20 >= all.reads).count();
+    assert!(serving >= 2, "reads on the standbys {on_standbys:?}: {all:?}");
+    assert!(
+        on_standbys.iter().sum::<usize>() * 2 >= all.reads,
+        "most reads on the standbys {on_standbys:?}: {all:?}"
+    );
     Ok(())
 }
