@@ -14,7 +14,7 @@
 //!     --json bench/results/failover-chain.json
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -33,7 +33,8 @@ mod drill;
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, Mode, Proxy, PASSWORD};
 use writers::{
-    failovers, lock, ms, start_writers, streaming_from, writer, Log, Writers, CONNECT_LIMIT, STATEMENT_LIMIT,
+    error_summary, failovers, lock, ms, start_writers, streaming_from, writer, Log, Writers, CONNECT_LIMIT,
+    STATEMENT_LIMIT,
 };
 
 /// Failures per drill.
@@ -406,17 +407,7 @@ fn main() -> Result<()> {
         );
         let (s0, s1) = (sum(&ds, "standbys_start"), sum(&ds, "standbys_end"));
         let lost = sum(&ds, "lost");
-        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-        for d in &ds {
-            for (k, v) in d["errors"].as_object().into_iter().flatten() {
-                *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
-            }
-        }
-        let errors = errors
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let errors = error_summary(ds.iter().copied());
         line(format!(
             "| {} | {ok}/{} | {} | {} | {} | {} | {lost} | {direct} / {via} | {} | {s0} → {s1} | {} |",
             mode.as_str(),

@@ -21,7 +21,7 @@
 //! target/release/examples/pair_drill --drills 3 --modes async,sync --json out.json
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +42,7 @@ mod drill;
 #[allow(dead_code)]
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, status_at, Mode, PASSWORD};
-use writers::{lock, ms, start_writers, Log, Writers};
+use writers::{error_summary, lock, ms, start_writers, Log, Writers};
 
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// How long after a kill a write must be acknowledged by the expected primary.
@@ -370,17 +370,7 @@ fn main() -> Result<()> {
             let want = u64::from(kind != "leader");
             let promotions: Vec<String> = rs.iter().map(|r| r["promotions"].to_string()).collect();
             let first = median_max(f("kill_to_first_write_ms"));
-            let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-            for r in &rs {
-                for (k, v) in r["errors"].as_object().into_iter().flatten() {
-                    *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
-                }
-            }
-            let errors = errors
-                .iter()
-                .map(|(k, v)| format!("{k}×{v}"))
-                .collect::<Vec<_>>()
-                .join(", ");
+            let errors = error_summary(rs.iter().copied());
             md.push_str(&format!(
                 "| {} | {kind} | {ok}/{} | {} | {} | {} | {} | {} (want {want}) | {} | {} |\n",
                 mode.as_str(),

@@ -24,7 +24,7 @@
 //! target/release/examples/restart_drill --drills 3 --modes async,sync --json out.json
 //! ```
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -46,7 +46,8 @@ mod drill;
 mod writers;
 use drill::{fmt_pair, median_max, poll_until, status_at, Mode, PASSWORD};
 use writers::{
-    epoch_ms, lock, ms, start_writers, streaming_from, Log, Writers, CONNECT_LIMIT, STATEMENT_LIMIT,
+    epoch_ms, error_summary, lock, ms, start_writers, streaming_from, Log, Writers, CONNECT_LIMIT,
+    STATEMENT_LIMIT,
 };
 
 const READY_LIMIT: Duration = Duration::from_secs(30);
@@ -499,17 +500,7 @@ fn main() -> Result<()> {
         let fenced = total(&ds, "writes_on_fenced_nodes");
         let (s0, s1) = (sum(&ds, "standbys_start"), sum(&ds, "standbys_end"));
         let lost = sum(&ds, "lost");
-        let mut errors: BTreeMap<String, u64> = BTreeMap::new();
-        for d in &ds {
-            for (k, v) in d["errors"].as_object().into_iter().flatten() {
-                *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
-            }
-        }
-        let errors = errors
-            .iter()
-            .map(|(k, v)| format!("{k}×{v}"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let errors = error_summary(ds.iter().copied());
         line(format!(
             "| {} | {ok}/{} | {} | {} | {} | {lost} | {fenced} | {} | {s0} → {s1} | {} |",
             mode.as_str(),

@@ -193,3 +193,19 @@ pub fn start_writers(
     std::thread::sleep(Duration::from_secs_f64(load));
     Ok(Writers { log, stop, handles })
 }
+
+/// The client errors of several drills' records (each an `errors` object of kind → count),
+/// added up and written `kind×n, ...` in kind order.
+pub fn error_summary<'a>(records: impl IntoIterator<Item = &'a Value>) -> String {
+    let mut errors: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for r in records {
+        for (k, v) in r["errors"].as_object().into_iter().flatten() {
+            *errors.entry(k.clone()).or_default() += v.as_u64().unwrap_or(0);
+        }
+    }
+    errors
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
