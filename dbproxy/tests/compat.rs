@@ -241,11 +241,20 @@ async fn tokio_postgres_gets_the_same_answers() -> Result<()> {
 
 /// How many statements dbproxy has sent to the standby (node1).
 fn standby_queries(proxy: &Proxy) -> Result<f64> {
+    queries(proxy, "node1", "standby")
+}
+
+/// How many statements dbproxy has sent to the primary (node0).
+fn primary_queries(proxy: &Proxy) -> Result<f64> {
+    queries(proxy, "node0", "primary")
+}
+
+fn queries(proxy: &Proxy, node: &str, role: &str) -> Result<f64> {
     let metrics = proxy.admin_get("/metrics")?;
-    let prefix = "dbproxy_queries_total{node=\"node1\",role=\"standby\"}";
+    let prefix = format!("dbproxy_queries_total{{node=\"{node}\",role=\"{role}\"}}");
     Ok(metrics
         .lines()
-        .find_map(|l| l.strip_prefix(prefix))
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
         .map_or(Ok(0.0), |v| v.trim().parse())?)
 }
 
@@ -284,11 +293,17 @@ async fn unlogged_tables_are_read_on_the_primary() -> Result<()> {
         c.batch_execute("create table if not exists compat_logged (id int)")
             .await?;
         let before = standby_queries(&proxy)?;
+        let on_primary = primary_queries(&proxy)?;
         assert_eq!(simple(&c, count).await?, [[Some("2".to_string())]]);
         assert_eq!(
             simple(&c, &format!("begin; {count}; commit")).await?,
             [[Some("2".to_string())]]
         );
+        // Both reads counted on the primary; a session counts its statements in order, so a try
+        // on the standby before them would show by then.
+        wait_for("both reads to be counted on the primary", DEADLINE, || {
+            Ok((primary_queries(&proxy)? >= on_primary + 2.0).then_some(()))
+        })?;
         assert_eq!(
             standby_queries(&proxy)?,
             before,
