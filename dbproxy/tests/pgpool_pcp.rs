@@ -8,30 +8,32 @@ use anyhow::Result;
 use pgpool::*;
 use testkit::{wait_for, PgCluster, DEADLINE};
 
-#[test]
-fn pcp_commands_answer_as_pgpool_does() -> Result<()> {
-    let c = PgCluster::builder().standbys(1).start()?;
-    let dir = tempdir()?;
+/// pgpool-II and dbproxy started from the same pgpool.conf and pcp.conf on `c` (only their ports
+/// differ), and a `.pcppass` file with the right password for both PCP ports.
+struct Pair {
+    pg_pcp: u16,
+    db_port: u16,
+    db_pcp: u16,
+    passfile: std::path::PathBuf,
+    pgpool: Pgpool,
+    proxy: Dbproxy,
+}
+
+fn start_pair(c: &PgCluster, dir: &std::path::Path) -> Result<Pair> {
     let (pg_port, pg_pcp, db_port, db_pcp) = (
         testkit::free_port()?,
         testkit::free_port()?,
         testkit::free_port()?,
         testkit::free_port()?,
     );
-    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
-    let passfile = dir.path().join("pcppass");
+    let (conf, pcp_conf) = shared_files(c, dir, pg_port, pg_pcp, "")?;
+    let passfile = dir.join("pcppass");
     std::fs::write(
         &passfile,
         format!("127.0.0.1:{pg_pcp}:pcpadmin:secret\n127.0.0.1:{db_pcp}:pcpadmin:secret\n"),
     )?;
-    let wrongpass = dir.path().join("wrongpass");
-    std::fs::write(&wrongpass, "*:*:pcpadmin:wrong\n")?;
-    for f in [&passfile, &wrongpass] {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))?;
-    }
+    private(&passfile)?;
     let pgpool = Pgpool::start(&conf, &pcp_conf, pg_port)?;
-    // The same files; only the ports differ, both running at once.
     let proxy = Dbproxy::start(
         &conf,
         &[
@@ -39,6 +41,39 @@ fn pcp_commands_answer_as_pgpool_does() -> Result<()> {
             format!("pcp.listen=\"127.0.0.1:{db_pcp}\""),
         ],
     )?;
+    Ok(Pair {
+        pg_pcp,
+        db_port,
+        db_pcp,
+        passfile,
+        pgpool,
+        proxy,
+    })
+}
+
+/// Mode 0600, as libpq wants of a password file.
+fn private(f: &std::path::Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
+}
+
+#[test]
+fn pcp_commands_answer_as_pgpool_does() -> Result<()> {
+    let c = PgCluster::builder().standbys(1).start()?;
+    let dir = tempdir()?;
+    // The same files; only the ports differ, both running at once.
+    let Pair {
+        pg_pcp,
+        db_port,
+        db_pcp,
+        passfile,
+        pgpool,
+        proxy,
+    } = start_pair(&c, dir.path())?;
+    let wrongpass = dir.path().join("wrongpass");
+    std::fs::write(&wrongpass, "*:*:pcpadmin:wrong\n")?;
+    private(&wrongpass)?;
     let both = |cmd: &str, args: &[&str]| -> Result<[(i32, String, String); 2]> {
         Ok([
             pcp(cmd, args, pg_pcp, &passfile)?,
@@ -221,30 +256,14 @@ fn pcp_bad_input_gets_a_clean_error() -> Result<()> {
 fn pcp_promote_node_without_switchover_promotes_for_real() -> Result<()> {
     let c = PgCluster::builder().standbys(1).start()?;
     let dir = tempdir()?;
-    let (pg_port, pg_pcp, db_port, db_pcp) = (
-        testkit::free_port()?,
-        testkit::free_port()?,
-        testkit::free_port()?,
-        testkit::free_port()?,
-    );
-    let (conf, pcp_conf) = shared_files(&c, dir.path(), pg_port, pg_pcp, "")?;
-    let passfile = dir.path().join("pcppass");
-    std::fs::write(
-        &passfile,
-        format!("127.0.0.1:{pg_pcp}:pcpadmin:secret\n127.0.0.1:{db_pcp}:pcpadmin:secret\n"),
-    )?;
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&passfile, std::fs::Permissions::from_mode(0o600))?;
-    }
-    let pgpool = Pgpool::start(&conf, &pcp_conf, pg_port)?;
-    let proxy = Dbproxy::start(
-        &conf,
-        &[
-            format!("listen=\"127.0.0.1:{db_port}\""),
-            format!("pcp.listen=\"127.0.0.1:{db_pcp}\""),
-        ],
-    )?;
+    let Pair {
+        pg_pcp,
+        db_port,
+        db_pcp,
+        passfile,
+        pgpool,
+        proxy,
+    } = start_pair(&c, dir.path())?;
     // An unknown node: the same words from both, detail included (pgpool words it differently
     // per command). Attach and detach are the exception: pgpool-II answers "Command Successful"
     // and does nothing, dbproxy says the id is wrong.
