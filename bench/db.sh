@@ -35,6 +35,7 @@
 #        SETUPS="direct pgbouncer pgpool dbproxy relay pgbouncer-tx dbproxy-tx"
 #        (also dbproxy-causal and dbproxy-nocausal: dbproxy with routing.read_your_writes_by_lsn on/off)
 #        WORKLOADS="select-simple select-prepared mix orm connect many-clients many-clients-simple"
+#        DBPROXY=/path/to/dbproxy (a binary to measure instead of building this checkout)
 #
 # Reads are sent to the standby in every setup (direct and PgBouncer connect to it; pgpool-II and
 # dbproxy get weight 0 on the primary), so the figures compare proxies, not servers. The mix goes
@@ -79,9 +80,12 @@ fi
 PGBOUNCER=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
 PGPOOL=$(command -v pgpool || echo /usr/sbin/pgpool)
 
-DBPROXY=$root/target/release/dbproxy
+# DBPROXY=/path/to/dbproxy measures that binary instead of building this checkout's (an A/B of
+# two commits with the same script).
+DBPROXY=${DBPROXY:-}
 RELAY=$root/target/release/examples/bare_relay
-if [[ " $SETUPS " == *" dbproxy"* ]]; then
+if [ -z "$DBPROXY" ] && [[ " $SETUPS " == *" dbproxy"* ]]; then
+  DBPROXY=$root/target/release/dbproxy
   echo "building dbproxy (release)" >&2
   cargo build --release -q -p dbproxy
 fi
@@ -383,6 +387,12 @@ for round in $(seq 1 "$ROUNDS"); do
       out=$("$PGBIN/pgbench" -n "${args[@]}" -c "$clients" -j "$THREADS" -T "$DURATION" \
         -h 127.0.0.1 -p "$port" -U postgres "$db" 2>&1) || { echo "$out" >&2; tps=0; lat=0; }
       after=0; [ -n "$proc" ] && after=$(cpu_ticks "$proc")
+      logins=""
+      if [ "$setup" = dbproxy-tx ]; then
+        # Server logins during the run (a pooled hand-over costs none): the pool's "new" checkouts.
+        logins=$(curl -fsS "http://127.0.0.1:$P_PROXY_TX_ADMIN/metrics" 2>/dev/null \
+          | awk '/^dbproxy_pool_checkouts_total\{.*result="new"/ {n += $2} END {print n + 0}')
+      fi
       txs=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
       cpu_us=0
       [ -n "$proc" ] && [ "${txs:-0}" -gt 0 ] && cpu_us=$(( (after - before) * TICK_US / txs ))
@@ -396,7 +406,7 @@ for round in $(seq 1 "$ROUNDS"); do
         start_setup "$setup"
       fi
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" "$note" >> "$results"
-      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share}" >&2
+      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share}" "${logins:+ server logins since start $logins}" >&2
     done
     stop_setup "$setup"
   done

@@ -22,7 +22,6 @@ impl Pools {
             p.open -= 1;
             p.wake(thread)
         });
-        self.metrics.refresh(&st, key.node, &self.cluster);
         drop(st);
         if let Some(w) = wake {
             w.wake();
@@ -112,7 +111,6 @@ impl Pools {
             s.client = None;
             s.since = Instant::now();
         }
-        self.metrics.refresh(st_ref, key.node, &self.cluster);
         drop(st);
         if let Some(w) = wake {
             w.wake();

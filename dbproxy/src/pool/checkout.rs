@@ -31,9 +31,6 @@ impl Drop for Waiting<'_> {
         if let Some(c) = st.clients.get_mut(&self.client) {
             c.waiting = None;
         }
-        self.pools
-            .metrics
-            .refresh(&st, self.key.node, &self.pools.cluster);
     }
 }
 
@@ -110,8 +107,13 @@ impl Pools {
                         Step::Open(self.next_id.fetch_add(1, Ordering::Relaxed))
                     }
                     None => {
-                        // At the limit: an idle connection of another thread makes room.
-                        let other = (0..self.threads).find(|&t| t != thread && !p.idle[t].is_empty());
+                        // At the limit: an idle connection of another thread makes room, unless
+                        // a client waits on that thread: it was woken for that connection and
+                        // takes it without a login. Closing it would cost a login per hand-over
+                        // whenever a woken waiter finds its connection taken by a client of its
+                        // own thread that came first.
+                        let other = (0..self.threads)
+                            .find(|&t| t != thread && !p.idle[t].is_empty() && p.waiting_on[t] == 0);
                         match other.and_then(|t| p.idle[t].pop_front()) {
                             Some(i) => {
                                 evicted = Some(i);
@@ -163,7 +165,6 @@ impl Pools {
                         }
                     }
                 }
-                self.metrics.refresh(st, req.node, &self.cluster);
                 step
             };
             // Closed outside the lock (each tag's drop takes it).

@@ -201,7 +201,8 @@ pub struct Pools {
     threads: usize,
     config: ArcSwap<PoolConfig>,
     cluster: Arc<Cluster>,
-    state: Mutex<State>,
+    /// Shared with the `dbproxy_pool_*` gauges' collector, which counts them when read.
+    state: Arc<Mutex<State>>,
     metrics: metrics::PoolMetrics,
     next_id: AtomicU64,
     /// Whether each serving thread's upkeep task runs.
@@ -228,16 +229,17 @@ impl Pools {
     /// Pools for `threads` serving threads.
     pub fn new(threads: usize, config: PoolConfig, cluster: Arc<Cluster>, registry: &Registry) -> Pools {
         let threads = threads.max(1);
+        let state = Arc::new(Mutex::new(State {
+            pools: HashMap::new(),
+            servers: HashMap::new(),
+            clients: HashMap::new(),
+        }));
         Pools {
             threads,
             config: ArcSwap::from_pointee(config),
+            metrics: metrics::PoolMetrics::new(registry, &cluster, Arc::downgrade(&state)),
             cluster,
-            state: Mutex::new(State {
-                pools: HashMap::new(),
-                servers: HashMap::new(),
-                clients: HashMap::new(),
-            }),
-            metrics: metrics::PoolMetrics::new(registry),
+            state,
             next_id: AtomicU64::new(1),
             upkeep: (0..threads).map(|_| AtomicBool::new(false)).collect(),
         }
