@@ -62,7 +62,10 @@ impl Pools {
     /// (no backend round trip), else a new login if the pool has room, else the first to free
     /// up within `pool.checkout_timeout` (then [`BackendError::PoolTimeout`]).
     pub async fn checkout(self: &Arc<Self>, req: &Request<'_>) -> Result<(Backend, Greeting), BackendError> {
-        let key = Arc::new(Key::new(req.node, req.params));
+        let key = match &req.key {
+            Some(k) => k.clone(),
+            None => Arc::new(Key::new(req.node, req.params)),
+        };
         let thread = self.thread();
         self.start_upkeep(thread);
         let config = self.config.load_full();

@@ -1,20 +1,31 @@
 //! A pool's key (node and startup parameters) and the tag every pooled connection carries,
 //! whose drop gives the connection's place back.
 
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::Instant;
+
+use smallvec::SmallVec;
 
 use crate::protocol::Frame;
 
 use super::Pools;
 
 /// What a pool is for: a node and the startup parameters (user and database among them).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Hashed once, when made: a checkout looks its pool up by the hash alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Key {
     /// The node's index.
     pub node: usize,
     /// The startup parameters, sorted by name.
     pub params: Vec<(String, String)>,
+    hash: u64,
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
 }
 
 impl Key {
@@ -22,7 +33,14 @@ impl Key {
     pub fn new(node: usize, params: &[(String, String)]) -> Key {
         let mut params = params.to_vec();
         params.sort();
-        Key { node, params }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        node.hash(&mut h);
+        params.hash(&mut h);
+        Key {
+            node,
+            params,
+            hash: h.finish(),
+        }
     }
 
     pub(super) fn get(&self, name: &str) -> &str {
@@ -43,6 +61,23 @@ impl Key {
             "" => self.user(),
             d => d,
         }
+    }
+}
+
+/// A session's pool keys, one per node it took connections of: made at its first checkout
+/// there, not at every one (a key copies and sorts the startup parameters).
+#[derive(Debug, Default)]
+pub struct Keys(SmallVec<[Arc<Key>; 2]>);
+
+impl Keys {
+    /// The key of `params`' connections to `node` (`params` never change in a session).
+    pub fn get(&mut self, node: usize, params: &[(String, String)]) -> Arc<Key> {
+        if let Some(k) = self.0.iter().find(|k| k.node == node) {
+            return k.clone();
+        }
+        let k = Arc::new(Key::new(node, params));
+        self.0.push(k.clone());
+        k
     }
 }
 

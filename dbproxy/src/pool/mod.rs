@@ -53,7 +53,7 @@ use crate::config::secs;
 use crate::protocol::{BackendMessage, Frame};
 
 pub use config::{PoolConfig, PoolMode};
-pub use key::{Key, Tag};
+pub use key::{Key, Keys, Tag};
 
 /// What SHOW SERVERS says a server connection is doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,6 +223,8 @@ pub struct Request<'a> {
     pub max_message: usize,
     /// The client asking (SHOW CLIENTS).
     pub client: u64,
+    /// The pool key of `node` and `params`, when the caller keeps one (see [`Keys`]).
+    pub key: Option<Arc<Key>>,
 }
 
 impl Pools {
@@ -253,6 +255,16 @@ impl Pools {
     /// Key `key`'s pool, made if missing; it remembers what `min_idle` logins need.
     fn entry<'s>(&self, st: &'s mut State, key: &Arc<Key>, req: &Request<'_>) -> &'s mut Pool {
         let threads = self.threads;
+        if st.pools.contains_key(key) {
+            let p = st.pools.get_mut(key).expect("just seen");
+            // Only `min_idle` logs in without a client: the credentials are kept fresh for it
+            // (a reload may change a password); nothing else reads them.
+            if self.config.load().min_idle > 0 {
+                p.creds = req.creds.cloned();
+            }
+            p.max_message = req.max_message;
+            return p;
+        }
         let p = st.pools.entry(key.clone()).or_insert_with(|| Pool {
             key: key.clone(),
             open: 0,

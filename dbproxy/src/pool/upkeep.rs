@@ -71,6 +71,7 @@ async fn open_idle(
         creds: creds.as_ref(),
         max_message,
         client: 0,
+        key: Some(key.clone()),
     };
     let (b, _) = pools
         .login(key.clone(), id, thread, &req, &config, ServerState::Idle)

@@ -47,6 +47,8 @@ pub(super) struct Login {
     pub creds: Option<Credentials>,
     /// Every request runs on the primary (see `relay`).
     pub primary_only: bool,
+    /// The pool keys of the session's connections, made once.
+    pub keys: crate::pool::Keys,
 }
 
 /// A logged-in client's entry in the pools' client list (SHOW CLIENTS); dropping it removes it.
@@ -362,6 +364,7 @@ pub(super) async fn connect(
     // process id of dbproxy's, and gets a pooled connection with its first request (as
     // PgBouncer does). A relayed (pass-through) login already holds its primary connection.
     let primary_only = relayed.as_ref().is_some_and(|r| r.primary_only);
+    let mut keys = crate::pool::Keys::default();
     let session_mode = shared.config.pool.mode == crate::pool::PoolMode::Session;
     let cached = match relayed {
         Some(r) => Err((r.backend, r.greeting.frames)),
@@ -375,7 +378,8 @@ pub(super) async fn connect(
         Ok(Some(frames)) => (None, frames),
         Ok(None) => {
             let mut watch = cluster.subscribe();
-            match connect_primary(shared, &params, &user, creds.as_ref(), member.id, &mut watch).await {
+            let ids = (member.id, &mut keys);
+            match connect_primary(shared, &params, &user, creds.as_ref(), ids, &mut watch).await {
                 Ok((b, g)) => (Some(b), g.frames),
                 Err(e) => {
                     metrics.error("backend");
@@ -432,6 +436,7 @@ pub(super) async fn connect(
         member,
         creds,
         primary_only,
+        keys,
     }))
 }
 
@@ -456,7 +461,7 @@ pub(super) async fn connect_primary(
     params: &[(String, String)],
     user: &str,
     creds: Option<&Credentials>,
-    client: u64,
+    (client, keys): (u64, &mut crate::pool::Keys),
     watch: &mut tokio::sync::watch::Receiver<u64>,
 ) -> Result<(Backend, backend::Greeting), BackendError> {
     let cluster = &shared.cluster;
@@ -474,6 +479,7 @@ pub(super) async fn connect_primary(
                 creds,
                 max_message: limits.max_message_size,
                 client,
+                key: Some(keys.get(p, params)),
             };
             let attempt = shared.pools.checkout(&request);
             tokio::select! {

@@ -145,6 +145,8 @@ struct Session {
     /// What this session's backend logins use: the configured credentials, or what its
     /// client's authentication revealed (`auth_query`, pass-through).
     creds: Option<Credentials>,
+    /// The pool keys of this session's server connections (see `pool::Keys`).
+    pool_keys: crate::pool::Keys,
     /// Every request runs on the primary: the client authenticated by a relayed md5 or SCRAM
     /// exchange, which leaves nothing to log in to another node with.
     primary_only: bool,
@@ -223,6 +225,7 @@ impl Session {
             user: login.user,
             params: login.params,
             creds: login.creds,
+            pool_keys: login.keys,
             primary_only: login.primary_only,
             encoding: login.encoding,
             primary: login.primary,

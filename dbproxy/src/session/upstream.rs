@@ -217,6 +217,7 @@ impl Session {
             creds: self.creds.as_ref(),
             max_message: self.shared.config.limits.max_message_size,
             client: self.member.id,
+            key: Some(self.pool_keys.get(i, &self.params)),
         };
         match self.shared.pools.checkout(&request).await {
             Ok((b, _greeting)) => {
@@ -289,8 +290,8 @@ impl Session {
             if self.primary.is_none() {
                 let client = self.member.id;
                 let (params, creds) = (&self.params, self.creds.as_ref());
-                match connect_primary(&self.shared, params, &self.user, creds, client, &mut self.watch).await
-                {
+                let ids = (client, &mut self.pool_keys);
+                match connect_primary(&self.shared, params, &self.user, creds, ids, &mut self.watch).await {
                     Ok((b, _greeting)) => self.primary = Some(b),
                     Err(BackendError::Refused(f)) => {
                         self.client.wbuf.put_slice(f.raw());
