@@ -300,7 +300,7 @@ pub struct Backend {
     pub swallow_parse: usize,
     /// CloseComplete messages of injected Closes still to swallow.
     pub swallow_close: usize,
-    /// Responses of `pg_current_wal_lsn()` queries sent behind a write, still to read (their
+    /// Responses of `pg_current_wal_insert_lsn()` queries sent behind a write, still to read (their
     /// value becomes the session's read-your-writes position).
     pub capture_lsn: usize,
     /// The frames arriving now answer such a query (from the end of the client's request until

@@ -94,3 +94,48 @@ async fn reads_reach(c: &tokio_postgres::Client, port: &str) -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_an_asynchronous_commit_sees_it() -> Result<()> {
+    support::bounded(asynchronous_commit_body()).await
+}
+
+/// With `synchronous_commit = off` a commit is visible on the primary before its WAL is written,
+/// so the position to wait for is where WAL is inserted, not where it is written: a standby that
+/// replayed everything written may still miss the commit.
+async fn asynchronous_commit_body() -> Result<()> {
+    let cluster =
+        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
+    let sp = cluster.standby(0).port().to_string();
+    // The WAL writer then leaves an asynchronous commit in the WAL buffers for seconds.
+    tokio::task::block_in_place(|| {
+        cluster
+            .primary()
+            .psql("alter system set wal_writer_delay = '10s'")?;
+        cluster.primary().psql("select pg_reload_conf()")
+    })?;
+    let mut config = config_for(&cluster, Some("pw"));
+    config.routing.read_your_writes_by_lsn = true;
+    let proxy = Proxy::start(config)?;
+    let c = proxy.connect("postgres", "pw").await?;
+    c.batch_execute("create table t(id int primary key)").await?;
+    tokio::task::block_in_place(|| {
+        cluster
+            .standby(0)
+            .wait_replayed(&cluster.primary().current_lsn()?)
+    })?;
+    reads_reach(&c, &sp).await?;
+    c.batch_execute("set synchronous_commit = off").await?;
+    const WRITES: u32 = 50;
+    let mut stale = 0;
+    for id in 0..WRITES {
+        if !write_then_read(&c, id).await? {
+            stale += 1;
+        }
+    }
+    assert_eq!(
+        stale, 0,
+        "{stale} of {WRITES} reads missed the asynchronous commit before them"
+    );
+    Ok(())
+}

@@ -68,7 +68,7 @@ impl Session {
         }
         let in_cycle = self.cycle.on() == Some(w);
         if let Some(b) = self.backend(w).filter(|b| b.capturing) {
-            // The answer to the `pg_current_wal_lsn()` sent behind the client's last write.
+            // The answer to the `pg_current_wal_insert_lsn()` sent behind the client's last write.
             match msg {
                 BackendMessage::DataRow(row) => {
                     if let Some(lsn) = row.first_text().and_then(parse_lsn) {

@@ -3,7 +3,7 @@
 //! (monotonic reads).
 //!
 //! The session carries a WAL position at or past everything it wrote or read on the primary
-//! (`Sticky::write_lsn`, learnt by a `pg_current_wal_lsn()` pipelined behind those statements),
+//! (`Sticky::write_lsn`, learnt by a `pg_current_wal_insert_lsn()` pipelined behind those statements),
 //! and the standby it read on since that position was learnt (`Sticky::read_on`): what that read
 //! saw is bounded by no known position, so until one is learnt the session's reads stay on that
 //! standby (its replay never goes back) or go to the primary. A standby qualifies when its

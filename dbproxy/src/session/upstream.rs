@@ -458,7 +458,9 @@ impl Session {
             b.conn.wbuf.put_slice(f.raw());
         }
         if capture_lsn && target == Which::Primary && mode == Mode::Sync {
-            simple::encode_query("select pg_current_wal_lsn()::text", &mut b.conn.wbuf);
+            // Where WAL is inserted, not where it is written: an asynchronous commit
+            // (`synchronous_commit = off`) is visible before its WAL is written.
+            simple::encode_query("select pg_current_wal_insert_lsn()::text", &mut b.conn.wbuf);
             b.capture_lsn += 1;
         }
         let node = b.node;
