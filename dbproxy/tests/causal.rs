@@ -31,22 +31,29 @@ async fn a_read_right_after_a_write_sees_it() -> Result<()> {
     support::bounded(a_read_right_after_a_write_sees_it_body()).await
 }
 
-async fn a_read_right_after_a_write_sees_it_body() -> Result<()> {
+/// A primary and a standby, dbproxy with causal reads in front, table `t` replayed on the
+/// standby, and a session whose reads reach the standby. Returns the standby's port too.
+async fn start() -> Result<(PgCluster, String, Proxy, tokio_postgres::Client)> {
     let cluster =
         tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
     let sp = cluster.standby(0).port().to_string();
     let mut config = config_for(&cluster, Some("pw"));
     config.routing.read_your_writes_by_lsn = true;
     let proxy = Proxy::start(config)?;
-    let setup = proxy.connect("postgres", "pw").await?;
-    setup.batch_execute("create table t(id int primary key)").await?;
+    let c = proxy.connect("postgres", "pw").await?;
+    c.batch_execute("create table t(id int primary key)").await?;
     tokio::task::block_in_place(|| {
         cluster
             .standby(0)
             .wait_replayed(&cluster.primary().current_lsn()?)
     })?;
     // Once the health checks see the standby past the table's creation, reads go there.
-    reads_reach(&setup, &sp).await?;
+    reads_reach(&c, &sp).await?;
+    Ok((cluster, sp, proxy, c))
+}
+
+async fn a_read_right_after_a_write_sees_it_body() -> Result<()> {
+    let (cluster, sp, proxy, _setup) = start().await?;
 
     // With replay paused on the standby, any read that reaches it misses the row just written.
     // A new session's first write is the one whose position dbproxy learns last: the read
@@ -104,9 +111,7 @@ async fn a_read_after_an_asynchronous_commit_sees_it() -> Result<()> {
 /// so the position to wait for is where WAL is inserted, not where it is written: a standby that
 /// replayed everything written may still miss the commit.
 async fn asynchronous_commit_body() -> Result<()> {
-    let cluster =
-        tokio::task::spawn_blocking(|| PgCluster::builder().standbys(1).password("pw").start()).await??;
-    let sp = cluster.standby(0).port().to_string();
+    let (cluster, _sp, _proxy, c) = start().await?;
     // The WAL writer then leaves an asynchronous commit in the WAL buffers for seconds.
     tokio::task::block_in_place(|| {
         cluster
@@ -114,17 +119,6 @@ async fn asynchronous_commit_body() -> Result<()> {
             .psql("alter system set wal_writer_delay = '10s'")?;
         cluster.primary().psql("select pg_reload_conf()")
     })?;
-    let mut config = config_for(&cluster, Some("pw"));
-    config.routing.read_your_writes_by_lsn = true;
-    let proxy = Proxy::start(config)?;
-    let c = proxy.connect("postgres", "pw").await?;
-    c.batch_execute("create table t(id int primary key)").await?;
-    tokio::task::block_in_place(|| {
-        cluster
-            .standby(0)
-            .wait_replayed(&cluster.primary().current_lsn()?)
-    })?;
-    reads_reach(&c, &sp).await?;
     c.batch_execute("set synchronous_commit = off").await?;
     const WRITES: u32 = 50;
     let mut stale = 0;
