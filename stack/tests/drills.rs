@@ -11,20 +11,47 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use stack::{http_get, Ports, UpOptions};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Free ports for one topology, all distinct: each stays bound until the picker is dropped, so
+/// the kernel cannot hand the same port out twice (it did: PostgreSQL and dbproxy once got the
+/// same one, and dbproxy could not bind it), and none is one that the other test of this file
+/// was handed.
+#[derive(Default)]
+struct PortPicker(Vec<std::net::TcpListener>);
+
+fn handed_out(port: u16) -> bool {
+    static HANDED: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut h = HANDED.lock().unwrap();
+    if h.contains(&port) {
+        return true;
+    }
+    h.push(port);
+    false
 }
 
-/// Two consecutive free ports (webapps, PostgreSQL nodes take a run of ports).
-fn free_pair() -> u16 {
-    loop {
-        let p = free_port();
-        if p < 65000 && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
+impl PortPicker {
+    fn port(&mut self) -> u16 {
+        loop {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let p = l.local_addr().unwrap().port();
+            self.0.push(l);
+            if !handed_out(p) {
+                return p;
+            }
+        }
+    }
+
+    /// Two consecutive free ports (webapps, PostgreSQL nodes take a run of ports).
+    fn pair(&mut self) -> u16 {
+        loop {
+            let p = self.port();
+            if p < 65000 {
+                if let Ok(next) = std::net::TcpListener::bind(("127.0.0.1", p + 1)) {
+                    self.0.push(next);
+                    if !handed_out(p + 1) {
+                        return p;
+                    }
+                }
+            }
         }
     }
 }
@@ -50,16 +77,18 @@ impl Drop for Down {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_whole_topology_comes_up_and_survives_a_webapp_kill_and_a_primary_kill() {
+    let mut pick = PortPicker::default();
     let ports = Ports {
-        lb: free_port(),
-        lb_admin: free_port(),
-        dbproxy: free_port(),
-        dbproxy_admin: free_port(),
-        webapp: free_pair(),
-        postgres: free_pair(),
-        collector_admin: free_port(),
-        etcd: free_pair(),
+        lb: pick.port(),
+        lb_admin: pick.port(),
+        dbproxy: pick.port(),
+        dbproxy_admin: pick.port(),
+        webapp: pick.pair(),
+        postgres: pick.pair(),
+        collector_admin: pick.port(),
+        etcd: pick.pair(),
     };
+    drop(pick);
     let state_dir = std::env::temp_dir().join(format!("stack-drill-{}", std::process::id()));
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
         .parent()
@@ -275,16 +304,18 @@ async fn leads(admin: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_two_proxies_the_page_and_the_collector_survive_killing_the_leader_dbproxy() {
+    let mut pick = PortPicker::default();
     let ports = Ports {
-        lb: free_port(),
-        lb_admin: free_port(),
-        dbproxy: free_pair(),
-        dbproxy_admin: free_pair(),
-        webapp: free_pair(),
-        postgres: free_pair(),
-        collector_admin: free_port(),
-        etcd: free_pair(),
+        lb: pick.port(),
+        lb_admin: pick.port(),
+        dbproxy: pick.pair(),
+        dbproxy_admin: pick.pair(),
+        webapp: pick.pair(),
+        postgres: pick.pair(),
+        collector_admin: pick.port(),
+        etcd: pick.pair(),
     };
+    drop(pick);
     let state_dir = std::env::temp_dir().join(format!("stack-proxies-{}", std::process::id()));
     let bin_dir = PathBuf::from(env!("CARGO_BIN_EXE_stack"))
         .parent()
