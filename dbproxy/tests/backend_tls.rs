@@ -7,10 +7,9 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::Result;
 use dbproxy::auth::Credentials;
 use dbproxy::backend::{self, BackendError, Target};
 use dbproxy::backend_tls::BackendTls;
@@ -19,17 +18,7 @@ use support::{config_for, Proxy};
 use testkit::PgCluster;
 
 fn openssl(args: &[&str], dir: &Path) -> Result<()> {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .context("running openssl (Debian package openssl)")?;
-    ensure!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    testkit::openssl(dir, args)
 }
 
 /// In `dir`: `ca.crt` (a CA), `server.crt`/`server.key` (signed by it, for 127.0.0.1 only) and

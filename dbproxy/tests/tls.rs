@@ -4,7 +4,6 @@
 
 mod support;
 
-use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use support::{code, config_for, pg_program, Proxy, Raw};
@@ -13,9 +12,9 @@ use tokio::io::AsyncReadExt;
 
 /// A self-signed certificate and key for 127.0.0.1 in `dir`.
 fn certificate(dir: &std::path::Path) -> Result<(String, String)> {
-    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
-    let out = Command::new("openssl")
-        .args([
+    testkit::openssl(
+        dir,
+        &[
             "req",
             "-x509",
             "-newkey",
@@ -25,18 +24,13 @@ fn certificate(dir: &std::path::Path) -> Result<(String, String)> {
             "2",
             "-subj",
             "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .context("running openssl (Debian package openssl)")?;
-    ensure!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.crt",
+        ],
+    )?;
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
     Ok((cert.display().to_string(), key.display().to_string()))
 }
 

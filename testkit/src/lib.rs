@@ -59,6 +59,19 @@ pub fn free_port() -> Result<u16> {
     bail!("could not find a free loopback port")
 }
 
+/// Runs `openssl` with `args` in `dir` (test certificates; Debian package openssl).
+pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .context("running openssl (Debian package openssl)")?;
+    if !out.status.success() {
+        bail!("openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
+
 /// Polls `f` until it returns `Ok(Some(_))`, failing after `deadline` with the last error.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let start = Instant::now();
