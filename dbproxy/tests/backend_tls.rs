@@ -24,28 +24,8 @@ fn openssl(args: &[&str], dir: &Path) -> Result<()> {
 /// In `dir`: `ca.crt` (a CA), `server.crt`/`server.key` (signed by it, for 127.0.0.1 only) and
 /// `other-ca.crt` (a CA that signed nothing here).
 fn certificates(dir: &Path) -> Result<()> {
-    let ca = |name: &str| {
-        openssl(
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                &format!("/CN={name}"),
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.crt"),
-            ],
-            dir,
-        )
-    };
-    ca("ca")?;
-    ca("other-ca")?;
+    testkit::self_signed(dir, "ca", "ca")?;
+    testkit::self_signed(dir, "other-ca", "other-ca")?;
     openssl(
         &[
             "req",

@@ -4,7 +4,6 @@
 
 mod support;
 
-
 use anyhow::{ensure, Context, Result};
 use support::{code, config_for, pg_program, Proxy, Raw};
 use testkit::PgCluster;
@@ -12,24 +11,7 @@ use tokio::io::AsyncReadExt;
 
 /// A self-signed certificate and key for 127.0.0.1 in `dir`.
 fn certificate(dir: &std::path::Path) -> Result<(String, String)> {
-    testkit::openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.crt",
-        ],
-    )?;
+    testkit::self_signed(dir, "server", "127.0.0.1")?;
     let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
     Ok((cert.display().to_string(), key.display().to_string()))
 }

@@ -72,6 +72,19 @@ pub fn openssl(dir: &Path, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// A self-signed certificate (RSA, two days) for common name `cn`, written to `stem.crt` and
+/// `stem.key` in `dir`; also what a test CA is.
+pub fn self_signed(dir: &Path, stem: &str, cn: &str) -> Result<()> {
+    let (subject, key, crt) = (format!("/CN={cn}"), format!("{stem}.key"), format!("{stem}.crt"));
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", &subject, "-keyout",
+            &key, "-out", &crt,
+        ],
+    )
+}
+
 /// Polls `f` until it returns `Ok(Some(_))`, failing after `deadline` with the last error.
 pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     let start = Instant::now();
