@@ -58,14 +58,12 @@ enum Step {
 }
 
 impl Pools {
-    /// A connection to `req.node` for `req.client`: an idle one of this thread when there is one
+    /// A connection of pool `req.key` for `req.client`: an idle one of this thread when there is one
     /// (no backend round trip), else a new login if the pool has room, else the first to free
     /// up within `pool.checkout_timeout` (then [`BackendError::PoolTimeout`]).
     pub async fn checkout(self: &Arc<Self>, req: &Request<'_>) -> Result<(Backend, Greeting), BackendError> {
-        let key = match &req.key {
-            Some(k) => k.clone(),
-            None => Arc::new(Key::new(req.node, req.params)),
-        };
+        let key = req.key.clone();
+        let node = key.node;
         let thread = self.thread();
         self.start_upkeep(thread);
         let config = self.config.load_full();
@@ -83,7 +81,7 @@ impl Pools {
             let notified = freed.on[thread].notified();
             tokio::pin!(notified);
             let generation = self.generation();
-            let usable = self.node_usable(req.node);
+            let usable = self.node_usable(node);
             let mut closing: Vec<Idle> = Vec::new();
             let mut evicted: Option<Idle> = None;
             let step = {
@@ -174,7 +172,7 @@ impl Pools {
             drop(closing);
             match step {
                 Step::Reuse(b) => {
-                    self.metrics.checkout(&self.cluster, req.node, true);
+                    self.metrics.checkout(&self.cluster, node, true);
                     let greeting = Greeting {
                         frames: b.pooled.as_ref().map(|t| t.greeting.clone()).unwrap_or_default(),
                     };
@@ -206,7 +204,7 @@ impl Pools {
                             p.timeouts += 1;
                         }
                         drop(st);
-                        self.metrics.timeout(&self.cluster, req.node);
+                        self.metrics.timeout(&self.cluster, node);
                         return Err(BackendError::PoolTimeout(config.size));
                     }
                 }
@@ -237,7 +235,7 @@ impl Pools {
                 p.greeting = b.pooled.as_ref().map(|t| t.greeting.clone());
             }
         }
-        self.metrics.checkout(&self.cluster, req.node, false);
+        self.metrics.checkout(&self.cluster, key.node, false);
         Ok((b, greeting))
     }
 
@@ -260,9 +258,9 @@ impl Pools {
         };
         let generation = self.generation();
         let (mut b, greeting) = backend::connect(
-            req.node,
-            self.cluster.target(req.node),
-            req.params,
+            key.node,
+            self.cluster.target(key.node),
+            &key.params,
             req.user,
             req.creds,
             req.max_message,

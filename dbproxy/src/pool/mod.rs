@@ -211,10 +211,9 @@ pub struct Pools {
 
 /// A client's request for a connection to `node`.
 pub struct Request<'a> {
-    /// The node's index.
-    pub node: usize,
-    /// The client's startup parameters.
-    pub params: &'a [(String, String)],
+    /// The pool: the node and the client's startup parameters (a session keeps its keys, see
+    /// [`Keys`]).
+    pub key: Arc<Key>,
     /// The user.
     pub user: &'a str,
     /// The user's credentials for the backend login.
@@ -223,8 +222,6 @@ pub struct Request<'a> {
     pub max_message: usize,
     /// The client asking (SHOW CLIENTS).
     pub client: u64,
-    /// The pool key of `node` and `params`, when the caller keeps one (see [`Keys`]).
-    pub key: Option<Arc<Key>>,
 }
 
 impl Pools {
@@ -333,12 +330,11 @@ impl Pools {
     /// What a client logging in with `params` is told of node `node`'s parameters when a
     /// connection of that key logged in before (and the node is usable): the client then gets
     /// its server connection when its first request needs one, not at login.
-    pub fn greeting(&self, node: usize, params: &[(String, String)]) -> Option<Vec<Frame>> {
-        if !self.node_usable(node) {
+    pub fn greeting(&self, key: &Key) -> Option<Vec<Frame>> {
+        if !self.node_usable(key.node) {
             return None;
         }
-        let key = Key::new(node, params);
-        self.lock().pools.get(&key).and_then(|p| p.greeting.clone())
+        self.lock().pools.get(key).and_then(|p| p.greeting.clone())
     }
 
     /// Whether a checkout of key (`node`, `params`) by the calling thread would be served now,
@@ -347,11 +343,10 @@ impl Pools {
     /// by nature (a hint). Another thread's idle connection does not count: closing it to open
     /// one here costs a Terminate round trip and a login, which a client's login should not
     /// wait for.
-    pub fn available(&self, node: usize, params: &[(String, String)]) -> bool {
-        let key = Key::new(node, params);
+    pub fn available(&self, key: &Key) -> bool {
         let size = self.config.load().size;
         let thread = self.thread();
-        match self.lock().pools.get(&key) {
+        match self.lock().pools.get(key) {
             None => true,
             Some(p) => p.open < size || p.idle.get(thread).is_some_and(|q| !q.is_empty()),
         }

@@ -65,13 +65,11 @@ async fn open_idle(
     };
     let config = pools.config.load_full();
     let req = super::Request {
-        node: key.node,
-        params: &key.params,
+        key: key.clone(),
         user: key.user(),
         creds: creds.as_ref(),
         max_message,
         client: 0,
-        key: Some(key.clone()),
     };
     let (b, _) = pools
         .login(key.clone(), id, thread, &req, &config, ServerState::Idle)

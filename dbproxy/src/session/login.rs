@@ -370,8 +370,9 @@ pub(super) async fn connect(
         Some(r) => Err((r.backend, r.greeting.frames)),
         None => Ok(cluster
             .elected()
-            .filter(|&p| !session_mode || !shared.pools.available(p, &params))
-            .and_then(|p| shared.pools.greeting(p, &params))),
+            .map(|p| keys.get(p, &params))
+            .filter(|k| !session_mode || !shared.pools.available(k))
+            .and_then(|k| shared.pools.greeting(&k))),
     };
     let (primary, greeting) = match cached {
         Err((b, frames)) => (Some(b), frames),
@@ -473,13 +474,11 @@ pub(super) async fn connect_primary(
         if let Some(p) = cluster.elected() {
             let node = &cluster.nodes[p].config;
             let request = crate::pool::Request {
-                node: p,
-                params,
+                key: keys.get(p, params),
                 user,
                 creds,
                 max_message: limits.max_message_size,
                 client,
-                key: Some(keys.get(p, params)),
             };
             let attempt = shared.pools.checkout(&request);
             tokio::select! {

@@ -211,13 +211,11 @@ impl Session {
             return false;
         };
         let request = crate::pool::Request {
-            node: i,
-            params: &self.params,
+            key: self.pool_keys.get(i, &self.params),
             user: &self.user,
             creds: self.creds.as_ref(),
             max_message: self.shared.config.limits.max_message_size,
             client: self.member.id,
-            key: Some(self.pool_keys.get(i, &self.params)),
         };
         match self.shared.pools.checkout(&request).await {
             Ok((b, _greeting)) => {
