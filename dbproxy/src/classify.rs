@@ -93,6 +93,9 @@ pub struct Classified {
     pub session_set: bool,
     /// It makes, releases or rolls back to a savepoint (which decides whether earlier SETs hold).
     pub savepoint: bool,
+    /// It may be a COPY FROM STDIN: the server may switch to copy-in mode, where any message but
+    /// the client's data is an error, so nothing may be pipelined behind it.
+    pub copy_in: bool,
 }
 
 /// The most statements [`Classifier::steps`] lists for one string.
@@ -137,6 +140,7 @@ impl Classified {
         pins_session: false,
         session_set: false,
         savepoint: false,
+        copy_in: false,
     };
     const READ: Classified = Classified {
         target: Target::Standby,
@@ -692,6 +696,7 @@ impl Classifier {
             out.pins_session |= c.pins_session;
             out.session_set |= c.session_set;
             out.savepoint |= c.savepoint;
+            out.copy_in |= c.copy_in;
         }
         if !any {
             // An empty query: harmless anywhere, but there is nothing to balance either.
@@ -1027,7 +1032,10 @@ impl Classifier {
             return if is_to {
                 self.read_like(inner)
             } else {
-                Classified::PRIMARY
+                Classified {
+                    copy_in: true,
+                    ..Classified::PRIMARY
+                }
             };
         }
         let is_to = t
@@ -1039,7 +1047,10 @@ impl Classifier {
         if is_to && !is_from {
             Classified::READ
         } else {
-            Classified::PRIMARY
+            Classified {
+                copy_in: true,
+                ..Classified::PRIMARY
+            }
         }
     }
 }
@@ -1381,6 +1392,26 @@ mod tests {
         reads("with x (a, b) as materialized (select 1, 2) select * from x");
         reads("select * from generate_series(1, 3) as g(n)");
         reads("explain (analyze, buffers) select 1");
+    }
+
+    #[test]
+    fn a_copy_from_stdin_is_marked() {
+        let c = Classifier::default();
+        for sql in [
+            "copy t from stdin",
+            "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
+            "select 1; copy t from stdin",
+        ] {
+            assert!(c.classify(sql).copy_in, "{sql}");
+        }
+        for sql in [
+            "copy t to stdout",
+            "copy (select 1) to stdout",
+            "insert into t values (1)",
+            "select 1",
+        ] {
+            assert!(!c.classify(sql).copy_in, "{sql}");
+        }
     }
 
     #[test]

@@ -21,6 +21,23 @@ const POLL_PAUSE: Duration = Duration::from_millis(1);
 /// Pause after a failed poll before the next one (the health checks judge the node meanwhile).
 const FAILED_PAUSE: Duration = Duration::from_millis(100);
 
+/// WAL page size (`XLOG_BLCKSZ`, PostgreSQL's default build).
+const WAL_PAGE: u64 = 8192;
+
+/// The end of the WAL content at insert position `lsn`. Right after a page header (24 bytes,
+/// or 40 at a segment's start) the insert position counts the header of a page that holds no
+/// record yet, while a standby's replay position stops at the end of the last record, the page
+/// boundary: it would never reach the insert position until more WAL comes. No record ends
+/// between the boundary and the header's end (a record is at least 24 bytes long, and a
+/// record's continuation ending at offset 40 started before the boundary), so a standby that
+/// replayed up to the boundary has replayed everything the insert position covers.
+pub fn content_end(lsn: u64) -> u64 {
+    match lsn % WAL_PAGE {
+        24 | 40 => lsn - lsn % WAL_PAGE,
+        _ => lsn,
+    }
+}
+
 /// One node's cached replay position and the sessions waiting for a newer one.
 #[derive(Debug)]
 pub struct ReplayPosition {
@@ -199,6 +216,15 @@ pub async fn run(cluster: Arc<Cluster>, i: usize, shutdown: Shutdown) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_page_header_is_not_content() {
+        assert_eq!(content_end(0x3018018), 0x3018000, "a short page header");
+        assert_eq!(content_end(0x4000028), 0x4000000, "a segment's long header");
+        assert_eq!(content_end(0x3018000), 0x3018000);
+        assert_eq!(content_end(0x3018030), 0x3018030);
+        assert_eq!(content_end(0x30181A0), 0x30181A0);
+    }
 
     #[tokio::test]
     async fn waits_end_when_the_position_is_learnt_or_the_wait_is_over() {

@@ -133,3 +133,70 @@ async fn asynchronous_commit_body() -> Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_copy_from_stdin_sees_it() -> Result<()> {
+    support::bounded(copy_body()).await
+}
+
+/// No WAL position can be asked for behind a COPY FROM STDIN (a query sent while the server
+/// waits for the data fails the COPY), so the read after one runs on the primary until a
+/// position is learnt. With replay paused on the standby, a read that reached it would miss
+/// the copied rows. The extended protocol (tokio-postgres) and the simple one (psql) both.
+async fn copy_body() -> Result<()> {
+    use futures_util::SinkExt;
+    let (cluster, sp, proxy, c) = start().await?;
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+
+    for round in 0..20u32 {
+        let sink = c.copy_in("copy t from stdin").await?;
+        futures_util::pin_mut!(sink);
+        let first = 10_000 + 2 * round;
+        sink.send(bytes::Bytes::from(format!("{first}\n{}\n", first + 1)))
+            .await?;
+        assert_eq!(sink.finish().await?, 2);
+        let seen = value(
+            &c,
+            &format!("select count(*) from t where id in ({first}, {})", first + 1),
+        )
+        .await?;
+        assert_eq!(seen, "2", "round {round}: the read after COPY missed its rows");
+    }
+
+    // psql sends COPY FROM STDIN as a simple query, and the next -c in the same session.
+    let out = tokio::task::block_in_place(|| -> Result<String> {
+        use std::io::Write;
+        let mut child = support::pg_program("psql")?
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p"])
+            .arg(proxy.port().to_string())
+            .args(["-U", "postgres", "-d", "postgres"])
+            .args([
+                "-c",
+                "copy t from stdin",
+                "-c",
+                "select count(*) from t where id >= 20000",
+            ])
+            .env("PGPASSWORD", "pw")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?;
+        child
+            .stdin
+            .take()
+            .context("stdin")?
+            .write_all(b"20000\n20001\n20002\n\\.\n")?;
+        let out = child.wait_with_output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "psql: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    })?;
+    assert_eq!(out.lines().last(), Some("3"), "psql printed {out:?}");
+
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    // Once the standby has replayed the session's position, its reads go back there.
+    reads_reach(&c, &sp).await
+}

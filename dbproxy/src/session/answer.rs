@@ -72,8 +72,11 @@ impl Session {
             match msg {
                 BackendMessage::DataRow(row) => {
                     if let Some(lsn) = row.first_text().and_then(parse_lsn) {
+                        let lsn = crate::replay_position::content_end(lsn);
                         let s = &mut self.sticky;
                         s.write_lsn = Some(s.write_lsn.map_or(lsn, |l| l.max(lsn)));
+                        // Asked for behind anything that ran before it, a COPY included.
+                        s.position_owed = false;
                         // Taken after any read the session ran on a standby: it bounds them.
                         s.read_on = None;
                     }
@@ -245,7 +248,13 @@ impl Session {
                     b.capturing = b.capture_lsn > 0;
                 }
             }
-            BackendMessage::CopyInResponse => self.cycle.set_copy(Copy::In),
+            BackendMessage::CopyInResponse => {
+                self.cycle.set_copy(Copy::In);
+                if w == Which::Primary && self.shared.config.routing.read_your_writes_by_lsn {
+                    // No position was asked for behind a COPY (see `Route::copy_in`).
+                    self.sticky.position_owed = true;
+                }
+            }
             _ => {}
         }
         self.client.wbuf.extend_from_slice(f.raw());

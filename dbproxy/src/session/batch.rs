@@ -18,6 +18,8 @@ pub(super) struct Batch {
     frames: Vec<Frame>,
     /// Every statement of the batch surely only reads.
     read_only: bool,
+    /// A statement of the batch may be a COPY FROM STDIN.
+    copy_in: bool,
     /// The bytes held.
     bytes: usize,
 }
@@ -27,6 +29,7 @@ impl Default for Batch {
         Batch {
             frames: Vec::new(),
             read_only: true,
+            copy_in: false,
             bytes: 0,
         }
     }
@@ -42,6 +45,11 @@ impl Batch {
         self.read_only = false;
     }
 
+    /// A statement of the batch may be a COPY FROM STDIN.
+    pub fn copy_in(&mut self) {
+        self.copy_in = true;
+    }
+
     /// Adds a message; true when the batch outgrew its limits and must be sent on now.
     pub fn push(&mut self, f: Frame) -> bool {
         self.bytes += f.raw().len();
@@ -49,11 +57,13 @@ impl Batch {
         self.frames.len() >= MAX_BATCH_MESSAGES || self.bytes > MAX_BATCH_BYTES
     }
 
-    /// Takes the batch's messages, and whether all of them only read, leaving it empty.
-    pub fn take(&mut self) -> (Vec<Frame>, bool) {
+    /// Takes the batch's messages, whether all of them only read, and whether one may be a
+    /// COPY FROM STDIN, leaving it empty.
+    pub fn take(&mut self) -> (Vec<Frame>, bool, bool) {
         self.bytes = 0;
         let read_only = std::mem::replace(&mut self.read_only, true);
-        (std::mem::take(&mut self.frames), read_only)
+        let copy_in = std::mem::take(&mut self.copy_in);
+        (std::mem::take(&mut self.frames), read_only, copy_in)
     }
 
     /// A message list holding just `f`, made of the batch's emptied list so that a Query or
@@ -106,8 +116,12 @@ mod tests {
             assert!(!b.push(sync()));
         }
         assert!(b.push(sync()));
-        let (frames, read_only) = b.take();
-        assert_eq!((frames.len(), read_only), (MAX_BATCH_MESSAGES, false));
-        assert!(b.is_empty() && b.read_only && b.bytes == 0);
+        b.copy_in();
+        let (frames, read_only, copy_in) = b.take();
+        assert_eq!(
+            (frames.len(), read_only, copy_in),
+            (MAX_BATCH_MESSAGES, false, true)
+        );
+        assert!(b.is_empty() && b.read_only && !b.copy_in && b.bytes == 0);
     }
 }

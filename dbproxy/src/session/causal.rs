@@ -40,6 +40,10 @@ impl Session {
                 Err(_) => return Ok(true),
             }
         }
+        if self.sticky.position_owed {
+            // Its read runs on the primary, and the position learnt behind it bounds the COPY.
+            return Ok(true);
+        }
         Ok(self.standby_unreplayed(deadline).await)
     }
 

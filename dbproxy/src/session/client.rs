@@ -191,11 +191,17 @@ impl Session {
                 }
                 self.note(r);
                 let follow = r.follow;
-                let (standby_ok, writes) = (r.standby_ok, r.writes);
+                let (standby_ok, writes, copy_in) = (r.standby_ok, r.writes, r.copy_in);
                 let tx = self.tx_part(r.role, sql);
                 let frames = self.batch.alone(f);
-                self.dispatch_routed(standby_ok, writes, frames, Mode::Sync, follow, tx)
-                    .await
+                let req = Request {
+                    standby_ok,
+                    writes,
+                    mode: Mode::Sync,
+                    role: tx.role,
+                    copy_in,
+                };
+                self.dispatch_routed(req, frames, follow, tx).await
             }
             FrontendMessage::Parse {
                 name,
@@ -230,6 +236,7 @@ impl Session {
                     // A copy: a view would pin the whole read buffer the Parse was cut from.
                     parse: f.detached(),
                     read_only: r.standby_ok,
+                    copy_in: r.copy_in,
                     unlogged,
                     step,
                     param_types,
@@ -268,14 +275,14 @@ impl Session {
                     Mode::Sync
                 };
                 self.batch.push(f);
-                let (frames, ok) = self.batch.take();
-                self.dispatch_routed(ok, !ok, frames, mode, true, TxPart::default())
+                let (frames, ok, copy_in) = self.batch.take();
+                self.dispatch_routed(Request::batch(ok, mode, copy_in), frames, true, TxPart::default())
                     .await
             }
             FrontendMessage::FunctionCall => {
                 let frames = self.batch.alone(f);
-                self.dispatch_routed(false, true, frames, Mode::Sync, true, TxPart::default())
-                    .await
+                let req = Request::batch(false, Mode::Sync, false);
+                self.dispatch_routed(req, frames, true, TxPart::default()).await
             }
             // Outside COPY, PostgreSQL ignores these too.
             FrontendMessage::CopyData | FrontendMessage::CopyDone | FrontendMessage::CopyFail => Ok(()),
@@ -304,8 +311,13 @@ impl Session {
                 s.read_only = Route::of_bytes(classifier, sql, self.encoding, &names).standby_ok;
             }
         }
-        if !self.stmts.get(name).is_some_and(|s| s.read_only) {
-            self.batch.not_read_only();
+        match self.stmts.get(name) {
+            Some(s) if s.read_only => {}
+            Some(s) if s.copy_in => {
+                self.batch.not_read_only();
+                self.batch.copy_in();
+            }
+            _ => self.batch.not_read_only(),
         }
     }
 
@@ -346,9 +358,9 @@ impl Session {
         if !self.batch.push(f) {
             return Ok(());
         }
-        let (frames, _) = self.batch.take();
-        self.dispatch_routed(false, true, frames, Mode::Flush, true, TxPart::default())
-            .await
+        let (frames, _, copy_in) = self.batch.take();
+        let req = Request::batch(false, Mode::Flush, copy_in);
+        self.dispatch_routed(req, frames, true, TxPart::default()).await
     }
 
     /// Classifies `sql`, noting whether it may change which relations are unlogged (learned
@@ -444,13 +456,12 @@ impl Session {
     /// moving a transaction whose reads run on a standby.
     async fn dispatch_routed(
         &mut self,
-        standby_ok: bool,
-        writes: bool,
+        req: Request,
         frames: Vec<Frame>,
-        mode: Mode,
         follow: bool,
         tx: TxPart,
     ) -> Result<(), End> {
+        let (standby_ok, writes, mode) = (req.standby_ok, req.writes, req.mode);
         let cur = self.cycle.on();
         // Causal reads: a write whose position is still being learnt counts as replayed
         // nowhere; otherwise a standby must have replayed the session's position.
@@ -458,12 +469,6 @@ impl Session {
         let unreplayed = balanced && cur.is_none() && self.tx.idle() && self.unreplayed().await?;
         let routing = &self.shared.config.routing;
         let now = Instant::now();
-        let req = Request {
-            standby_ok,
-            writes,
-            mode,
-            role: tx.role,
-        };
         let state = route::State {
             cur,
             tx: self.tx,

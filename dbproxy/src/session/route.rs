@@ -42,6 +42,8 @@ pub(super) struct Route {
     pub follow: bool,
     /// What it is to a transaction whose reads run on a standby.
     pub role: Role,
+    /// It may be a COPY FROM STDIN (nothing may be pipelined behind it).
+    pub copy_in: bool,
 }
 
 /// The one statement `sql` (in the client's `encoding`) holds, if it holds exactly one.
@@ -107,6 +109,7 @@ impl Route {
             pins: c.pins_session,
             follow: c.session_set || control || c.savepoint,
             role,
+            copy_in: c.copy_in,
         }
     }
 }
@@ -139,6 +142,9 @@ pub(super) struct Sticky {
     pub read_on: Option<usize>,
     /// The standby a read waited for (causal reads), to connect to next.
     pub next_standby: Option<usize>,
+    /// A COPY FROM STDIN ran on the primary and no WAL position was asked for behind it
+    /// (causal reads): until one is learnt, no standby is known to hold the session's writes.
+    pub position_owed: bool,
 }
 
 impl Sticky {
@@ -178,6 +184,22 @@ pub(super) struct Request {
     pub mode: Mode,
     /// What it is to a transaction whose reads run on a standby.
     pub role: Role,
+    /// It may be a COPY FROM STDIN: no WAL position is asked for behind it (a query sent
+    /// while the server waits for COPY data would fail the COPY).
+    pub copy_in: bool,
+}
+
+impl Request {
+    /// An extended-protocol batch (or a FunctionCall): no transaction role of its own.
+    pub fn batch(read_only: bool, mode: Mode, copy_in: bool) -> Request {
+        Request {
+            standby_ok: read_only,
+            writes: !read_only,
+            mode,
+            role: Role::Other,
+            copy_in,
+        }
+    }
 }
 
 /// The session's state as far as routing goes.
@@ -291,6 +313,7 @@ pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: I
         && may_balance
         && target == Which::Primary
         && req.mode == Mode::Sync
+        && !req.copy_in
         && (req.writes || !s.tx.idle() || req.standby_ok);
     Choice {
         target,
@@ -311,6 +334,7 @@ mod tests {
             writes: false,
             mode: Mode::Sync,
             role: Role::Other,
+            copy_in: false,
         }
     }
 
@@ -320,6 +344,7 @@ mod tests {
             writes: true,
             mode: Mode::Sync,
             role: Role::Other,
+            copy_in: false,
         }
     }
 
@@ -435,6 +460,7 @@ mod tests {
             writes: false,
             mode: Mode::Sync,
             role: Role::Begin(Isolation::Default),
+            copy_in: false,
         }
     }
 
@@ -635,8 +661,10 @@ mod tests {
 
     #[test]
     fn the_wal_position_is_learned_behind_writes() {
-        let lsn = RoutingConfig {
-            read_your_writes_by_lsn: true,
+        let lsn = RoutingConfig::default();
+        assert!(lsn.read_your_writes_by_lsn, "on by default");
+        let off = RoutingConfig {
+            read_your_writes_by_lsn: false,
             ..RoutingConfig::default()
         };
         let now = Instant::now();
@@ -651,7 +679,15 @@ mod tests {
             !choose(flush, state(&st), &lsn, now).capture_lsn,
             "only at a Sync"
         );
-        assert!(!choose(write(), state(&st), &RoutingConfig::default(), now).capture_lsn);
+        let copy = Request {
+            copy_in: true,
+            ..write()
+        };
+        assert!(
+            !choose(copy, state(&st), &lsn, now).capture_lsn,
+            "nothing behind a COPY FROM STDIN"
+        );
+        assert!(!choose(write(), state(&st), &off, now).capture_lsn);
         let mut s = state(&st);
         s.tx.status = TxStatus::InTransaction;
         assert!(

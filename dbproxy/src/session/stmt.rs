@@ -22,6 +22,8 @@ pub(super) struct Stmt {
     pub fp: u64,
     /// The statement surely only reads.
     pub read_only: bool,
+    /// It may be a COPY FROM STDIN.
+    pub copy_in: bool,
     /// The generation of the unlogged relations it was classified with (see
     /// [`crate::unlogged::Db::generation`]).
     pub unlogged: u64,
@@ -221,6 +223,7 @@ mod tests {
             fp: fingerprint(&parse(sql)),
             parse: parse(sql),
             read_only: true,
+            copy_in: false,
             unlogged: 0,
             step: Step::Other,
             param_types: Vec::new(),
@@ -254,6 +257,7 @@ mod tests {
             parse: Frame::new(b'P', b"s\0select set_config('a', $1, false)\0\0\0"),
             fp: 0,
             read_only: false,
+            copy_in: false,
             unlogged: 0,
             step: Step::Set("select set_config('a', $1, false)".into()),
             param_types: vec![25],
@@ -287,6 +291,7 @@ mod tests {
                 parse: parse.clone(),
                 fp: 0,
                 read_only: false,
+                copy_in: false,
                 unlogged: 0,
                 step: Step::Set("x".into()),
                 param_types: Vec::new(),
