@@ -144,7 +144,7 @@ shared_buffers = '256MB'
 wal_level = replica
 hot_standby = on
 fsync = off
-synchronous_commit = off
+synchronous_commit = on
 EOF
 "${as_pg[@]}" "$PGBIN/postgres" -D "$work/primary" > "$work/primary.log" 2>&1 &
 pids+=($!)
@@ -157,6 +157,11 @@ wait_pg "$P_STANDBY"
 
 "$PGBIN/createdb" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench
 "$PGBIN/pgbench" -i -q -s "$SCALE" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres bench 2>/dev/null
+# `orm`'s per-client counters and the empty table a stale read scans (see orm-read.sql below).
+"$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -d bench -c "
+  create table orm_marks (client int primary key, n bigint not null);
+  insert into orm_marks select g, 0 from generate_series(0, $((CLIENTS + MANY))) g;
+  create table orm_stale (x int);"
 lsn=$("$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -c 'select pg_current_wal_lsn()')
 poll_until "$P_STANDBY" t 60 "select pg_last_wal_replay_lsn() >= '$lsn'" ||
   { echo "the standby did not replay $lsn within 60 s" >&2; exit 1; }
@@ -335,18 +340,41 @@ target() { # setup workload -> "port dbname"
   esac
 }
 
-# The ORM's read transaction (psycopg2 sends BEGIN before the first statement, COMMIT at the end).
+# The ORM's read transaction (psycopg2 sends BEGIN before the first statement, COMMIT at the end),
+# and its write transaction (pgbench's simple-update). Each client also keeps a counter of its
+# own in `orm_marks`: the write transaction bumps it and keeps the value (`written`), the read
+# transaction reads it back (`seen`), and a read older than the client's own last write (a stale
+# read) runs `SELECT count(*) FROM orm_stale`, which the table's scan statistics count on
+# whichever node it ran (no write, so counting does not change the routing).
 cat > "$work/orm-read.sql" <<'EOF'
 \set aid random(1, 100000 * :scale)
 BEGIN;
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
 SELECT abalance FROM pgbench_accounts WHERE aid = :aid + 1;
+SELECT n AS seen FROM orm_marks WHERE client = :client_id \gset
 COMMIT;
+\if :seen < :written
+SELECT count(*) FROM orm_stale;
+\endif
 EOF
-[ "$(id -u)" -eq 0 ] && chown postgres: "$work/orm-read.sql"
-lookups() { # port -> index scans of pgbench_accounts counted by that node
-  "$PGBIN/psql" -XqAt -h 127.0.0.1 -p "$1" -U postgres -d bench -c \
-    "select coalesce(sum(idx_scan), 0) from pg_stat_user_tables where relname = 'pgbench_accounts'"
+cat > "$work/orm-write.sql" <<'EOF'
+\set aid random(1, 100000 * :scale)
+\set bid random(1, 1 * :scale)
+\set tid random(1, 10 * :scale)
+\set delta random(-5000, 5000)
+BEGIN;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (:tid, :bid, :aid, :delta, CURRENT_TIMESTAMP);
+UPDATE orm_marks SET n = n + 1 WHERE client = :client_id RETURNING n AS written \gset
+END;
+EOF
+[ "$(id -u)" -eq 0 ] && chown postgres: "$work/orm-read.sql" "$work/orm-write.sql"
+lookups() { # port -> "index scans of pgbench_accounts, scans of orm_stale" counted by that node
+  "$PGBIN/psql" -XqAt -F ' ' -h 127.0.0.1 -p "$1" -U postgres -d bench -c \
+    "select coalesce(sum(idx_scan) filter (where relname = 'pgbench_accounts'), 0),
+            coalesce(sum(seq_scan) filter (where relname = 'orm_stale'), 0)
+     from pg_stat_user_tables"
 }
 
 results="$work/results.tsv"
@@ -360,11 +388,11 @@ for round in $(seq 1 "$ROUNDS"); do
     for wl in $WORKLOADS; do
       applies "$setup" "$wl" || continue
       read -r port db < <(target "$setup" "$wl")
-      share=""
+      share=""; stale=""
       if [ "$wl" = orm ]; then
         # A fresh start, so the statistics counted between the two readings are this run's only.
         stop_setup "$setup"
-        p0=$(lookups "$P_PRIMARY"); s0=$(lookups "$P_STANDBY")
+        read -r p0 ps0 < <(lookups "$P_PRIMARY"); read -r s0 ss0 < <(lookups "$P_STANDBY")
         start_setup "$setup"
       fi
       clients=$CLIENTS
@@ -372,7 +400,7 @@ for round in $(seq 1 "$ROUNDS"); do
         select-simple) args=(-S -M simple) ;;
         select-prepared) args=(-S -M prepared) ;;
         mix) args=(-b select-only@9 -b simple-update@1 -M prepared) ;;
-        orm) args=(-f "$work/orm-read.sql@9" -b simple-update@1 -M simple) ;;
+        orm) args=(-f "$work/orm-read.sql@9" -f "$work/orm-write.sql@1" -D written=0 -M simple) ;;
         connect) args=(-S -C -M simple); clients=8 ;;
         many-clients) args=(-S -M prepared); clients=$MANY ;;
         many-clients-simple) args=(-S -M simple); clients=$MANY ;;
@@ -401,12 +429,13 @@ for round in $(seq 1 "$ROUNDS"); do
       failed=$(sed -n 's/^number of failed transactions: \([0-9]*\).*/\1/p' <<<"$out" | head -n1)
       if [ "$wl" = orm ]; then
         stop_setup "$setup"
-        p1=$(lookups "$P_PRIMARY"); s1=$(lookups "$P_STANDBY")
+        read -r p1 ps1 < <(lookups "$P_PRIMARY"); read -r s1 ss1 < <(lookups "$P_STANDBY")
         share=$(python3 -c "p, s = $p1 - $p0, $s1 - $s0; print(f'{s / (p + s):.3f}' if p + s else '')")
+        stale=$(( ps1 - ps0 + ss1 - ss0 ))
         start_setup "$setup"
       fi
-      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" "$note" >> "$results"
-      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share}" "${logins:+ server logins since start $logins}" >&2
+      printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "$share" "$note" "$stale" >> "$results"
+      printf 'round %s %-9s %-16s %10s tps %8s ms failed %s proxy CPU %s us/tx %s%s\n' "$round" "$setup" "$wl" "${tps:-0}" "${lat:-0}" "${failed:-0}" "$cpu_us" "${share:+standby share $share stale reads $stale}" "${logins:+ server logins since start $logins}" >&2
     done
     stop_setup "$setup"
   done
@@ -420,7 +449,7 @@ shares = {}
 notes = {}
 for r in rows:
     if len(r) > 7 and r[7]:
-        shares.setdefault(r[2], {}).setdefault(r[1], []).append(float(r[7]))
+        shares.setdefault(r[2], {}).setdefault(r[1], []).append((float(r[7]), int(r[9] or 0)))
     if len(r) > 8 and r[8]:
         notes[(r[2], r[1])] = r[8]
 rows = [r[:7] for r in rows]
@@ -449,12 +478,15 @@ for wl, setups in data.items():
         print(f"| {wl} | {s} | {m:.0f} | {statistics.median(v['lat']):.3f} | {ratio('direct')} | {ratio('pgbouncer')} | {ratio('pgpool')} | {ratio('relay')} | {cpu_text} | {v['failed']} | {notes.get((wl, s), '')} |")
         summary.setdefault(wl, {})[s] = {"tps_median": m, "tps_runs": v["tps"], "latency_ms_median": statistics.median(v["lat"]), "cpu_us_per_tx_median": cpu, "failed": v["failed"]}
 for wl, per_setup in shares.items():
-    print(f"\n{wl}: share of account lookups that ran on the standby (median over rounds)\n")
-    print("| setup | standby share |")
-    print("|---|---:|")
+    print(f"\n{wl}: share of account lookups that ran on the standby (median over rounds), and stale reads (a client's read older than its own last write; all rounds)\n")
+    print("| setup | standby share | stale reads |")
+    print("|---|---:|---:|")
     for s, v in per_setup.items():
-        print(f"| {s} | {statistics.median(v):.1%} |")
-        summary.setdefault(wl, {}).setdefault(s, {})["standby_share_median"] = statistics.median(v)
+        share = statistics.median(x for x, _ in v)
+        stale = sum(n for _, n in v)
+        print(f"| {s} | {share:.1%} | {stale} |")
+        summary.setdefault(wl, {}).setdefault(s, {})["standby_share_median"] = share
+        summary.setdefault(wl, {}).setdefault(s, {})["stale_reads"] = stale
 names = {"dbproxy": "dbproxy", "pgbouncer": "PgBouncer", "relay": "relay",
          "dbproxy-tx": "dbproxy (transaction pooling)", "pgbouncer-tx": "PgBouncer (transaction pooling)"}
 paired = {}

@@ -383,7 +383,10 @@ pub struct RoutingConfig {
     /// learnt by one extra statement pipelined behind each write (and behind a read that could
     /// have gone to a standby but ran on the primary), whose answer the next read waits for.
     /// Standbys' positions come from the health checks and, when a session needs a newer one,
-    /// from the standby itself (one poll at a time per standby, shared by the sessions).
+    /// from the standby itself (one poll at a time per standby, shared by the sessions). On by
+    /// default. A commit made with `synchronous_commit = off` reaches the standbys only once the
+    /// WAL writer writes it (up to `wal_writer_delay` later), so the reads after it run on the
+    /// primary until then.
     pub read_your_writes_by_lsn: bool,
     /// With `read_your_writes_by_lsn`: milliseconds a read waits for a standby to replay the
     /// session's position before it goes to the primary instead (0: never waits).
@@ -401,7 +404,7 @@ impl Default for RoutingConfig {
             max_replica_lag_ms: 0,
             fallback_to_primary: true,
             read_your_writes: 0,
-            read_your_writes_by_lsn: false,
+            read_your_writes_by_lsn: true,
             causal_wait_ms: 20,
             read_only_functions: Vec::new(),
         }
