@@ -96,6 +96,8 @@ pub struct Classified {
     /// It may be a COPY FROM STDIN: the server may switch to copy-in mode, where any message but
     /// the client's data is an error, so nothing may be pipelined behind it.
     pub copy_in: bool,
+    /// It is exactly one statement (as the lexer splits the text at its semicolons).
+    pub single: bool,
 }
 
 /// The most statements [`Classifier::steps`] lists for one string.
@@ -141,6 +143,7 @@ impl Classified {
         session_set: false,
         savepoint: false,
         copy_in: false,
+        single: false,
     };
     const READ: Classified = Classified {
         target: Target::Standby,
@@ -680,12 +683,12 @@ impl Classifier {
             return Classified::PRIMARY;
         }
         let mut out = Classified::READ;
-        let mut any = false;
+        let mut count = 0;
         for stmt in tokens
             .split(|t| matches!(t, Tok::Semi(_)))
             .filter(|s| !s.is_empty())
         {
-            any = true;
+            count += 1;
             let c = self.statement(stmt);
             if c.target == Target::Primary {
                 out.target = Target::Primary;
@@ -698,10 +701,11 @@ impl Classifier {
             out.savepoint |= c.savepoint;
             out.copy_in |= c.copy_in;
         }
-        if !any {
+        if count == 0 {
             // An empty query: harmless anywhere, but there is nothing to balance either.
             out.target = Target::Primary;
         }
+        out.single = count == 1;
         if out.target == Target::Standby && !unlogged.is_empty() && tokens.iter().any(|t| unlogged.named(t)) {
             out.target = Target::Primary;
         }
@@ -1392,6 +1396,28 @@ mod tests {
         reads("with x (a, b) as materialized (select 1, 2) select * from x");
         reads("select * from generate_series(1, 3) as g(n)");
         reads("explain (analyze, buffers) select 1");
+    }
+
+    #[test]
+    fn a_lone_statement_is_marked() {
+        let c = Classifier::default();
+        for sql in [
+            "select 1",
+            "insert into t values (';')",
+            "commit;",
+            "  update t set x = 1 ; ",
+        ] {
+            assert!(c.classify(sql).single, "{sql}");
+        }
+        for sql in [
+            "select 1; commit",
+            "insert into t values (1); select 1",
+            "",
+            ";",
+            "select 'unterminated",
+        ] {
+            assert!(!c.classify(sql).single, "{sql}");
+        }
     }
 
     #[test]

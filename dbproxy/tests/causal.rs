@@ -200,3 +200,40 @@ async fn copy_body() -> Result<()> {
     // Once the standby has replayed the session's position, its reads go back there.
     reads_reach(&c, &sp).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_a_transaction_sees_its_writes() -> Result<()> {
+    support::bounded(transaction_body()).await
+}
+
+/// Inside a transaction block the WAL position is learnt only behind what may end it (its
+/// statements run on the primary until then): writes sent one statement at a time, then
+/// COMMIT, END, or COMMIT sent together with a write, and the read after each must see them.
+/// With replay paused on the standby, a read that reached it would miss them.
+async fn transaction_body() -> Result<()> {
+    let (cluster, sp, _proxy, c) = start().await?;
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+    let mut id = 30_000;
+    for end in ["commit", "end", "commit and chain; commit"] {
+        for _ in 0..10 {
+            c.simple_query("begin").await?;
+            c.simple_query(&format!("insert into t values ({id})")).await?;
+            c.simple_query(&format!("update t set id = id + 1 where id = {id}"))
+                .await?;
+            c.simple_query(end).await?;
+            let seen = value(&c, &format!("select count(*) from t where id = {}", id + 1)).await?;
+            assert_eq!(seen, "1", "the read after `{end}` missed the transaction's write");
+            id += 2;
+        }
+    }
+    for _ in 0..10 {
+        c.simple_query("begin").await?;
+        c.simple_query(&format!("insert into t values ({id}); commit"))
+            .await?;
+        let seen = value(&c, &format!("select count(*) from t where id = {id}")).await?;
+        assert_eq!(seen, "1", "the read after a write sent with its COMMIT missed it");
+        id += 1;
+    }
+    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    reads_reach(&c, &sp).await
+}

@@ -191,15 +191,15 @@ impl Session {
                 }
                 self.note(r);
                 let follow = r.follow;
-                let (standby_ok, writes, copy_in) = (r.standby_ok, r.writes, r.copy_in);
                 let tx = self.tx_part(r.role, sql);
                 let frames = self.batch.alone(f);
                 let req = Request {
-                    standby_ok,
-                    writes,
+                    standby_ok: r.standby_ok,
+                    writes: r.writes,
                     mode: Mode::Sync,
                     role: tx.role,
-                    copy_in,
+                    copy_in: r.copy_in,
+                    ends_tx: r.ends_tx,
                 };
                 self.dispatch_routed(req, frames, follow, tx).await
             }

@@ -44,6 +44,9 @@ pub(super) struct Route {
     pub role: Role,
     /// It may be a COPY FROM STDIN (nothing may be pipelined behind it).
     pub copy_in: bool,
+    /// It may end a transaction block: not one lone statement other than COMMIT, ROLLBACK,
+    /// ABORT, END or PREPARE TRANSACTION.
+    pub ends_tx: bool,
 }
 
 /// The one statement `sql` (in the client's `encoding`) holds, if it holds exactly one.
@@ -110,6 +113,7 @@ impl Route {
             follow: c.session_set || control || c.savepoint,
             role,
             copy_in: c.copy_in,
+            ends_tx: !c.single || c.tx == TxCommand::End,
         }
     }
 }
@@ -187,6 +191,8 @@ pub(super) struct Request {
     /// It may be a COPY FROM STDIN: no WAL position is asked for behind it (a query sent
     /// while the server waits for COPY data would fail the COPY).
     pub copy_in: bool,
+    /// It may end a transaction block (see `Route::ends_tx`).
+    pub ends_tx: bool,
 }
 
 impl Request {
@@ -198,6 +204,8 @@ impl Request {
             mode,
             role: Role::Other,
             copy_in,
+            // Its statements are not looked at one by one: any may be a COMMIT.
+            ends_tx: true,
         }
     }
 }
@@ -304,17 +312,23 @@ pub(super) fn choose(req: Request, s: State<'_>, routing: &RoutingConfig, now: I
     } else {
         (Which::Standby, None, TxStep::Stay)
     };
-    // A write, a statement of a transaction that may commit one, or a read that could have run
-    // on a standby (monotonic reads: a later read on a standby must not see older data): learn
-    // the WAL position.
+    // Outside a transaction block, a write or a read that could have run on a standby
+    // (monotonic reads: a later read on a standby must not see older data); inside one, what
+    // may end it (its reads and writes stay on the primary until then, and the position learnt
+    // at its end covers them all): learn the WAL position.
     // Not when the session's reads cannot run on a standby anyway.
     let may_balance = routing.load_balance && !s.sticky.pinned;
+    let due = if s.tx.idle() {
+        req.writes || req.standby_ok
+    } else {
+        req.ends_tx
+    };
     let capture_lsn = routing.read_your_writes_by_lsn
         && may_balance
         && target == Which::Primary
         && req.mode == Mode::Sync
         && !req.copy_in
-        && (req.writes || !s.tx.idle() || req.standby_ok);
+        && due;
     Choice {
         target,
         decision,
@@ -335,6 +349,7 @@ mod tests {
             mode: Mode::Sync,
             role: Role::Other,
             copy_in: false,
+            ends_tx: false,
         }
     }
 
@@ -345,6 +360,7 @@ mod tests {
             mode: Mode::Sync,
             role: Role::Other,
             copy_in: false,
+            ends_tx: false,
         }
     }
 
@@ -461,6 +477,7 @@ mod tests {
             mode: Mode::Sync,
             role: Role::Begin(Isolation::Default),
             copy_in: false,
+            ends_tx: false,
         }
     }
 
@@ -691,9 +708,21 @@ mod tests {
         let mut s = state(&st);
         s.tx.status = TxStatus::InTransaction;
         assert!(
-            choose(read(), s, &lsn, now).capture_lsn,
-            "a transaction may commit a write"
+            !choose(write(), s, &lsn, now).capture_lsn,
+            "inside a transaction, a lone statement that cannot end it"
         );
+        let commit = Request {
+            ends_tx: true,
+            role: Role::Control,
+            writes: false,
+            ..write()
+        };
+        assert!(
+            choose(commit, s, &lsn, now).capture_lsn,
+            "what may end a transaction that may have written"
+        );
+        s.tx.status = TxStatus::Failed;
+        assert!(choose(commit, s, &lsn, now).capture_lsn, "a failed one too");
         let mut s = state(&st);
         s.unreplayed = true;
         assert!(
