@@ -3,7 +3,8 @@
 # pgpool-II 4.3 (load_balance_mode on), all in front of the same primary + streaming standby on
 # loopback. Runs `pgbench -S` (simple and -M prepared), a mix with writes, and `orm` (short
 # transactions the way an ORM with psycopg2 sends them: BEGIN; SELECT; SELECT; COMMIT 90%, pgbench's
-# simple-update 10%, simple protocol), every setup taking
+# simple-update 10%, simple protocol; each client's own counter, bumped by its writes and read back
+# by its reads, counts stale reads), every setup taking
 # turns, ROUNDS times, and prints a markdown table (median TPS and latency, with ratios); the raw
 # numbers go to bench/results/db.json. Each round starts with the next setup in the list, and a setup
 # starts only once the previous one's server connections are gone. Below the table, TPS ratios
@@ -44,6 +45,9 @@
 # pgbench_accounts, from each node's statistics, read with the setup stopped so every backend has
 # flushed them) that ran on the standby. simple-update's UPDATE and the SELECT after it in the same
 # transaction are lookups on the primary by design, so about 1 in 10 lookups cannot be balanced.
+# The primary runs with PostgreSQL's default `synchronous_commit = on` (and `fsync = off`: the disk
+# is not what is measured): with it off, a commit reaches the standby only when the WAL writer
+# writes it, up to `wal_writer_delay` later, and causal reads send the reads after it to the primary.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)

@@ -380,8 +380,9 @@ pub struct RoutingConfig {
     /// Causal reads: a session's read goes only to a standby that has replayed the WAL position
     /// of the session's last write (its commit) and of what it read before (monotonic reads:
     /// it never sees older data than it already saw), else to the primary. The position is
-    /// learnt by one extra statement pipelined behind each write (and behind a read that could
-    /// have gone to a standby but ran on the primary), whose answer the next read waits for.
+    /// learnt by one extra statement pipelined behind each write (inside a transaction block,
+    /// behind what ends it; and behind a read that could have gone to a standby but ran on the
+    /// primary), whose answer the next read waits for.
     /// Standbys' positions come from the health checks and, when a session needs a newer one,
     /// from the standby itself (one poll at a time per standby, shared by the sessions). On by
     /// default. A commit made with `synchronous_commit = off` reaches the standbys only once the
