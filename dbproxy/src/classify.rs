@@ -1398,46 +1398,50 @@ mod tests {
         reads("explain (analyze, buffers) select 1");
     }
 
-    #[test]
-    fn a_lone_statement_is_marked() {
+    /// `flag` of the classification is set for every one of `yes` and for none of `no`.
+    #[track_caller]
+    fn flag_marks(flag: fn(&Classified) -> bool, yes: &[&str], no: &[&str]) {
         let c = Classifier::default();
-        for sql in [
-            "select 1",
-            "insert into t values (';')",
-            "commit;",
-            "  update t set x = 1 ; ",
-        ] {
-            assert!(c.classify(sql).single, "{sql}");
+        for sql in yes {
+            assert!(flag(&c.classify(sql)), "expected it set: {sql}");
         }
-        for sql in [
-            "select 1; commit",
-            "insert into t values (1); select 1",
-            "",
-            ";",
-            "select 'unterminated",
-        ] {
-            assert!(!c.classify(sql).single, "{sql}");
+        for sql in no {
+            assert!(!flag(&c.classify(sql)), "expected it clear: {sql}");
         }
     }
 
     #[test]
-    fn a_copy_from_stdin_is_marked() {
-        let c = Classifier::default();
-        for sql in [
-            "copy t from stdin",
-            "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
-            "select 1; copy t from stdin",
-        ] {
-            assert!(c.classify(sql).copy_in, "{sql}");
-        }
-        for sql in [
-            "copy t to stdout",
-            "copy (select 1) to stdout",
-            "insert into t values (1)",
-            "select 1",
-        ] {
-            assert!(!c.classify(sql).copy_in, "{sql}");
-        }
+    fn lone_statements_and_copy_from_stdin_are_marked() {
+        flag_marks(
+            |c| c.single,
+            &[
+                "select 1",
+                "insert into t values (';')",
+                "commit;",
+                "  update t set x = 1 ; ",
+            ],
+            &[
+                "select 1; commit",
+                "insert into t values (1); select 1",
+                "",
+                ";",
+                "select 'unterminated",
+            ],
+        );
+        flag_marks(
+            |c| c.copy_in,
+            &[
+                "copy t from stdin",
+                "COPY t (a, b) FROM STDIN WITH (FORMAT csv)",
+                "select 1; copy t from stdin",
+            ],
+            &[
+                "copy t to stdout",
+                "copy (select 1) to stdout",
+                "insert into t values (1)",
+                "select 1",
+            ],
+        );
     }
 
     #[test]

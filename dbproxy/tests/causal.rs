@@ -59,7 +59,7 @@ async fn a_read_right_after_a_write_sees_it_body() -> Result<()> {
     // A new session's first write is the one whose position dbproxy learns last: the read
     // right behind it is where the race was (before the fix, about a third of these reads were
     // stale, and about 1 in 6000 of the loop below).
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+    replay(&cluster, false)?;
     let mut stale = 0;
     const SESSIONS: u32 = 300;
     for id in 0..SESSIONS {
@@ -68,7 +68,7 @@ async fn a_read_right_after_a_write_sees_it_body() -> Result<()> {
             stale += 1;
         }
     }
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    replay(&cluster, true)?;
     let first_stale = stale;
 
     // One session in a tight loop with replay running: every read sees the write before it.
@@ -90,6 +90,18 @@ async fn a_read_right_after_a_write_sees_it_body() -> Result<()> {
 
     // Reads still reach the standby once it has replayed the session's writes.
     reads_reach(&c, &sp).await
+}
+
+/// Pauses (`false`) or resumes (`true`) WAL replay on the standby: while it is paused, a read
+/// that reaches the standby misses every write since.
+fn replay(cluster: &PgCluster, on: bool) -> Result<()> {
+    let sql = if on {
+        "select pg_wal_replay_resume()"
+    } else {
+        "select pg_wal_replay_pause()"
+    };
+    tokio::task::block_in_place(|| cluster.standby(0).psql(sql))?;
+    Ok(())
 }
 
 /// Polls until a read on `c` runs on the server listening on `port`.
@@ -146,7 +158,7 @@ async fn a_read_after_a_copy_from_stdin_sees_it() -> Result<()> {
 async fn copy_body() -> Result<()> {
     use futures_util::SinkExt;
     let (cluster, sp, proxy, c) = start().await?;
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+    replay(&cluster, false)?;
 
     for round in 0..20u32 {
         let sink = c.copy_in("copy t from stdin").await?;
@@ -196,7 +208,7 @@ async fn copy_body() -> Result<()> {
     })?;
     assert_eq!(out.lines().last(), Some("3"), "psql printed {out:?}");
 
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    replay(&cluster, true)?;
     // Once the standby has replayed the session's position, its reads go back there.
     reads_reach(&c, &sp).await
 }
@@ -212,7 +224,7 @@ async fn a_read_after_a_transaction_sees_its_writes() -> Result<()> {
 /// With replay paused on the standby, a read that reached it would miss them.
 async fn transaction_body() -> Result<()> {
     let (cluster, sp, _proxy, c) = start().await?;
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_pause()"))?;
+    replay(&cluster, false)?;
     let mut id = 30_000;
     for end in ["commit", "end", "commit and chain; commit"] {
         for _ in 0..10 {
@@ -234,6 +246,6 @@ async fn transaction_body() -> Result<()> {
         assert_eq!(seen, "1", "the read after a write sent with its COMMIT missed it");
         id += 1;
     }
-    tokio::task::block_in_place(|| cluster.standby(0).psql("select pg_wal_replay_resume()"))?;
+    replay(&cluster, true)?;
     reads_reach(&c, &sp).await
 }
