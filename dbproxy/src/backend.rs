@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use crate::auth::{Credentials, ScramClient};
 use crate::backend_tls::BackendTls;
 use crate::config::BackendTlsMode;
+use crate::memory::Charge;
 use crate::protocol::{self, auth as pauth, error as perror, BackendMessage, Frame, ProtocolError};
 
 /// Why talking to a backend failed.
@@ -164,6 +165,11 @@ pub struct Conn {
     /// Whether [`Conn::flush`] wrote anything since this was last cleared: the pool clears it
     /// when it hands a connection out, so one its client never used goes back without a reset.
     pub written: bool,
+    /// What this connection's large messages hold of `limits.max_message_memory` (charged on a
+    /// client's connection only).
+    pub charge: Charge,
+    /// The message at the head of the read buffer is charged already.
+    charged_head: bool,
 }
 
 impl Conn {
@@ -182,16 +188,57 @@ impl Conn {
             max,
             write_timeout: None,
             written: false,
+            charge: Charge::default(),
+            charged_head: false,
         }
     }
 
-    /// A frame already buffered, if any.
+    /// A frame already buffered, if any. A large message is charged against the connection's
+    /// budget as soon as its header is in, before its body is read.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        protocol::decode(&mut self.rbuf, self.max)
+        if !self.charged_head && self.rbuf.len() >= 5 {
+            let len = i32::from_be_bytes([self.rbuf[1], self.rbuf[2], self.rbuf[3], self.rbuf[4]]);
+            let total = usize::try_from(len).unwrap_or(0) + 1;
+            if total > crate::memory::LARGE_MESSAGE && total <= self.max {
+                self.charge
+                    .message(total)
+                    .map_err(|limit| ProtocolError::OverBudget { len: total, limit })?;
+                self.charged_head = true;
+            }
+        }
+        let frame = protocol::decode(&mut self.rbuf, self.max)?;
+        if frame.is_some() {
+            self.charged_head = false;
+        }
+        Ok(frame)
+    }
+
+    /// Reads and drops the next `n` bytes (the rest of a message refused unread), for at most
+    /// `limit`: the peer's writes then complete, and it reads the error sent before the
+    /// connection closes instead of a reset.
+    pub async fn discard(&mut self, mut n: usize, limit: Duration) {
+        let _ = tokio::time::timeout(limit, async {
+            loop {
+                let take = n.min(self.rbuf.len());
+                let _ = self.rbuf.split_to(take);
+                n -= take;
+                if n == 0 {
+                    return;
+                }
+                if !matches!(self.stream.read_buf(&mut self.rbuf).await, Ok(1..)) {
+                    return;
+                }
+            }
+        })
+        .await;
     }
 
     /// Reads more bytes; 0 means end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if !self.charged_head {
+            // Reading again: the large messages taken from this buffer have been dealt with.
+            self.charge.release();
+        }
         self.rbuf = right_sized(std::mem::take(&mut self.rbuf));
         if self.rbuf.capacity() - self.rbuf.len() < 4096 {
             // May take back the whole allocation a large frame came in (once that is dropped).

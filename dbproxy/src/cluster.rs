@@ -9,7 +9,7 @@
 //! the elected primary or of a fence bumps a generation that sessions watch.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::SystemTime;
 
 use tokio::sync::{watch, Notify};
@@ -206,6 +206,9 @@ pub struct Cluster {
     pub backend_tls: crate::backend_tls::BackendTls,
     /// Metrics shared by sessions.
     pub metrics: Metrics,
+    /// `limits.max_message_memory` and what client messages hold of it (every configuration
+    /// generation shares it; a reload changes its limit).
+    pub message_budget: Arc<crate::memory::Budget>,
     /// Smooth weighted round robin state, one value per node; its lock also serialises appends.
     wrr: Mutex<Vec<i64>>,
     max_lag_bytes: AtomicU64,
@@ -342,6 +345,14 @@ impl Cluster {
             IntGauge::new("dbproxy_connections", "Open client connections").expect("valid metric"),
         );
         let scram_key_derivations = register(registry, crate::auth::derivations_counter());
+        let message_memory = register(
+            registry,
+            IntGauge::new(
+                "dbproxy_message_memory_bytes",
+                "Bytes charged to limits.max_message_memory by client messages larger than 1 MiB",
+            )
+            .expect("valid metric"),
+        );
         let connections_total = register(
             registry,
             IntCounter::new("dbproxy_connections_total", "Accepted client connections")
@@ -382,6 +393,10 @@ impl Cluster {
         });
         Cluster {
             backend_tls,
+            message_budget: Arc::new(crate::memory::Budget::new(
+                config.limits.max_message_memory,
+                message_memory,
+            )),
             wrr: Mutex::new(vec![0; nodes.len()]),
             nodes,
             health: watch::Sender::new(config.health.clone()),

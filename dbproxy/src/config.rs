@@ -434,6 +434,11 @@ pub struct LimitsConfig {
     /// prepare it lazily on any server); a Parse of one more ends the session with 53400
     /// (configuration_limit_exceeded). 0 = no limit.
     pub max_prepared_statements: usize,
+    /// Bytes that client messages larger than 1 MiB may hold at once, over all sessions: each
+    /// is charged twice its size (it is read whole, then copied towards the server) until the
+    /// session has sent it on. A message that would take the total past this ends its session
+    /// with 53200 (out of memory). 0 = no limit; otherwise at least twice `max_message_size`.
+    pub max_message_memory: usize,
 }
 
 impl Default for LimitsConfig {
@@ -446,6 +451,7 @@ impl Default for LimitsConfig {
             client_idle_timeout: 0.0,
             client_write_timeout: 60.0,
             max_prepared_statements: 10_000,
+            max_message_memory: 1 << 30,
         }
     }
 }
@@ -659,6 +665,12 @@ impl common::Validate for Config {
                 "must be between 1024 and 1073741824 bytes",
             ));
         }
+        if l.max_message_memory != 0 && l.max_message_memory < 2 * l.max_message_size {
+            return Err(ConfigError::invalid(
+                "limits.max_message_memory",
+                "must be 0 (no limit) or at least twice limits.max_message_size",
+            ));
+        }
         check_secs("limits.startup_timeout", l.startup_timeout, true)?;
         check_secs("limits.connect_timeout", l.connect_timeout, true)?;
         check_secs("limits.client_idle_timeout", l.client_idle_timeout, false)?;
@@ -712,6 +724,13 @@ mod tests {
             ..UserConfig::default()
         });
         assert!(c.validate().unwrap_err().to_string().contains("users.0"));
+        let mut c = base();
+        c.limits.max_message_memory = c.limits.max_message_size;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("limits.max_message_memory"), "{e}");
+        let mut c = base();
+        c.limits.max_message_memory = 0;
+        assert!(c.validate().is_ok(), "0: no limit");
         assert!(Config::default()
             .validate()
             .unwrap_err()

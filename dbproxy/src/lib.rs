@@ -30,6 +30,7 @@ pub mod fuzzing;
 pub mod health;
 pub mod health_stats;
 pub mod manager;
+pub mod memory;
 pub mod operations;
 pub mod pcp;
 pub mod pgpool_check;

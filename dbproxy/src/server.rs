@@ -247,6 +247,7 @@ fn generation(config: Config, state: &State<'_>) -> Result<Shared, RunError> {
         unlogged,
         shutdown,
     } = *state;
+    cluster.message_budget.set_limit(config.limits.max_message_memory);
     Ok(Shared {
         tls: crate::tls::acceptor(&config.tls)?,
         users: auth::resolve_users(&config.users, &cluster.metrics.scram_key_derivations)?,

@@ -319,3 +319,59 @@ async fn prepared_cap_body() -> Result<()> {
     assert!(client.is_closed() || client.simple_query("select 1").await.is_err());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_share_one_memory_budget() -> Result<()> {
+    support::bounded(message_budget_body()).await
+}
+
+/// dbproxy's `dbproxy_message_memory_bytes` gauge, polled until it is `want`.
+fn wait_charged(proxy: &Proxy, want: usize) -> Result<()> {
+    wait_for(&format!("{want} bytes charged"), DEADLINE, || {
+        let metrics = proxy.admin_get("/metrics")?;
+        let now = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("dbproxy_message_memory_bytes "))
+            .context("no dbproxy_message_memory_bytes")?;
+        Ok((now.trim() == want.to_string()).then_some(()))
+    })
+}
+
+/// `limits.max_message_memory` bounds what large client messages hold at once over all sessions.
+/// With 5 MiB queries (charged twice their size) and a budget of 16 MiB: a session whose query
+/// is still arriving holds its charge, a second session's large query then ends that session
+/// with 53200 while a small query runs as usual, and once the first query is answered its charge
+/// is given back and a third session's large query runs.
+async fn message_budget_body() -> Result<()> {
+    let cluster = tokio::task::spawn_blocking(|| PgCluster::builder().start()).await??;
+    let mut config = trusting(&cluster);
+    config.limits.max_message_size = 8 << 20;
+    config.limits.max_message_memory = 16 << 20;
+    let proxy = Proxy::start(config)?;
+    const TEXT: usize = 5 << 20;
+    let mut sql = format!("select length('{}')", "x".repeat(TEXT)).into_bytes();
+    sql.push(0);
+    let big = msg(b'Q', &sql);
+    let length = TEXT.to_string().into_bytes();
+
+    let mut a = Raw::login(&proxy).await?;
+    let (head, rest) = big.split_at(big.len() / 2);
+    a.send(head).await?;
+    tokio::task::block_in_place(|| wait_charged(&proxy, 2 * big.len()))?;
+
+    let mut b = Raw::login(&proxy).await?;
+    b.send(&big).await?;
+    assert_eq!(b.fatal_code().await?, "53200", "past the budget");
+    let mut small = Raw::login(&proxy).await?;
+    assert_eq!(small.value("select 'small'").await?, Some(b"small".to_vec()));
+
+    a.send(rest).await?;
+    assert_eq!(a.last_until_ready(b'D', 6).await?, Some(length.clone()));
+    tokio::task::block_in_place(|| wait_charged(&proxy, 0))?;
+
+    let mut c = Raw::login(&proxy).await?;
+    c.send(&big).await?;
+    assert_eq!(c.last_until_ready(b'D', 6).await?, Some(length));
+    assert_eq!(a.value("select 'a again'").await?, Some(b"a again".to_vec()));
+    Ok(())
+}

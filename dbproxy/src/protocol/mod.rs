@@ -35,6 +35,15 @@ pub enum ProtocolError {
         /// The configured maximum.
         max: usize,
     },
+    /// A client message that would take the large messages in flight past
+    /// `limits.max_message_memory`.
+    #[error("out of memory: a message of {len} bytes would take dbproxy past limits.max_message_memory ({limit} bytes)")]
+    OverBudget {
+        /// The size of the message.
+        len: usize,
+        /// The budget.
+        limit: usize,
+    },
     /// A startup packet with a bad length.
     #[error("invalid length of startup packet")]
     BadStartupLength,
@@ -51,6 +60,7 @@ impl ProtocolError {
     pub fn sqlstate(&self) -> &'static str {
         match self {
             ProtocolError::UnsupportedVersion(..) => "0A000",
+            ProtocolError::OverBudget { .. } => "53200",
             _ => "08P01",
         }
     }

@@ -10,7 +10,7 @@ use crate::classify::{Isolation, Step};
 use crate::cluster::Decision;
 use crate::config::secs;
 use crate::protocol::frontend::{self, FrontendMessage, Target};
-use crate::protocol::{simple, status, Frame};
+use crate::protocol::{simple, status, Frame, ProtocolError};
 
 use super::cycle::{Copy, Mode, Opened, Phase, Split, Which};
 use super::route::{self, Request, Role, Route, TxStep};
@@ -60,6 +60,13 @@ impl Session {
                 match self.client.buffered() {
                     Ok(Some(f)) => self.on_client(f).await?,
                     Ok(None) => break,
+                    Err(e @ ProtocolError::OverBudget { len, .. }) => {
+                        self.shared.cluster.metrics.error("limit");
+                        self.end(e.sqlstate(), &e.to_string()).await;
+                        // Read past the message (never held) so the client sees the error.
+                        self.client.discard(len, Duration::from_secs(1)).await;
+                        return Err(End);
+                    }
                     Err(e) => {
                         let msg = e.to_string();
                         return Err(self.protocol_violation(&msg).await);

@@ -125,6 +125,7 @@ pub async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>, slo
         return;
     };
     client.max = max;
+    client.charge = crate::memory::Charge::on(shared.cluster.message_budget.clone());
     Session::new(shared, client, login, slot).run().await;
 }
 
