@@ -220,7 +220,8 @@ async fn a_read_after_a_transaction_sees_its_writes() -> Result<()> {
 
 /// Inside a transaction block the WAL position is learnt only behind what may end it (its
 /// statements run on the primary until then): writes sent one statement at a time, then
-/// COMMIT, END, or COMMIT sent together with a write, and the read after each must see them.
+/// COMMIT, END, or COMMIT sent together with a write, in the simple protocol and in the
+/// extended one, and the read after each must see them.
 /// With replay paused on the standby, a read that reached it would miss them.
 async fn transaction_body() -> Result<()> {
     let (cluster, sp, _proxy, c) = start().await?;
@@ -237,6 +238,21 @@ async fn transaction_body() -> Result<()> {
             assert_eq!(seen, "1", "the read after `{end}` missed the transaction's write");
             id += 2;
         }
+    }
+    // The extended protocol: each statement its own batch, COMMIT one too.
+    for _ in 0..10 {
+        c.execute("begin", &[]).await?;
+        let row = i32::try_from(id)?;
+        c.execute("insert into t values ($1)", &[&row]).await?;
+        c.execute("update t set id = id + 1 where id = $1", &[&row])
+            .await?;
+        c.execute("commit", &[]).await?;
+        let seen = value(&c, &format!("select count(*) from t where id = {}", id + 1)).await?;
+        assert_eq!(
+            seen, "1",
+            "the read after an extended-protocol COMMIT missed its write"
+        );
+        id += 2;
     }
     for _ in 0..10 {
         c.simple_query("begin").await?;

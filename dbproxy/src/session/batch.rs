@@ -1,6 +1,8 @@
 //! The extended-protocol batch a client is sending (everything up to its Sync or Flush), held to
 //! be routed whole, and the reuse of emptied message lists so a request allocates none.
 
+use super::cycle::Mode;
+use super::route::{Request, Role};
 use crate::protocol::Frame;
 
 /// The most messages an extended-protocol batch holds before it is sent on without its Sync.
@@ -20,6 +22,12 @@ pub(super) struct Batch {
     read_only: bool,
     /// A statement of the batch may be a COPY FROM STDIN.
     copy_in: bool,
+    /// A statement of the batch may end a transaction block.
+    ends_tx: bool,
+    /// Bind and Execute messages in the batch: an Execute of a portal bound in an earlier
+    /// batch runs a statement this batch does not name.
+    binds: usize,
+    executes: usize,
     /// The bytes held.
     bytes: usize,
 }
@@ -30,6 +38,9 @@ impl Default for Batch {
             frames: Vec::new(),
             read_only: true,
             copy_in: false,
+            ends_tx: false,
+            binds: 0,
+            executes: 0,
             bytes: 0,
         }
     }
@@ -50,6 +61,20 @@ impl Batch {
         self.copy_in = true;
     }
 
+    /// A statement of the batch may end a transaction block.
+    pub fn ends_tx(&mut self) {
+        self.ends_tx = true;
+    }
+
+    /// A Bind (`bind`) or an Execute (`!bind`) is in the batch.
+    pub fn count(&mut self, bind: bool) {
+        if bind {
+            self.binds += 1;
+        } else {
+            self.executes += 1;
+        }
+    }
+
     /// Adds a message; true when the batch outgrew its limits and must be sent on now.
     pub fn push(&mut self, f: Frame) -> bool {
         self.bytes += f.raw().len();
@@ -57,13 +82,23 @@ impl Batch {
         self.frames.len() >= MAX_BATCH_MESSAGES || self.bytes > MAX_BATCH_BYTES
     }
 
-    /// Takes the batch's messages, whether all of them only read, and whether one may be a
-    /// COPY FROM STDIN, leaving it empty.
-    pub fn take(&mut self) -> (Vec<Frame>, bool, bool) {
-        self.bytes = 0;
+    /// Takes the batch's messages and the request they make (ending with `mode`), leaving it
+    /// empty: read-only when all its statements only read, a possible COPY FROM STDIN, and
+    /// whether it may end a transaction block (a statement that may, or a portal bound before).
+    pub fn take(&mut self, mode: Mode) -> (Vec<Frame>, Request) {
         let read_only = std::mem::replace(&mut self.read_only, true);
-        let copy_in = std::mem::take(&mut self.copy_in);
-        (std::mem::take(&mut self.frames), read_only, copy_in)
+        let req = Request {
+            standby_ok: read_only,
+            writes: !read_only,
+            mode,
+            role: Role::Other,
+            copy_in: std::mem::take(&mut self.copy_in),
+            ends_tx: std::mem::take(&mut self.ends_tx) || self.executes > self.binds,
+        };
+        self.bytes = 0;
+        self.binds = 0;
+        self.executes = 0;
+        (std::mem::take(&mut self.frames), req)
     }
 
     /// A message list holding just `f`, made of the batch's emptied list so that a Query or
@@ -117,11 +152,18 @@ mod tests {
         }
         assert!(b.push(sync()));
         b.copy_in();
-        let (frames, read_only, copy_in) = b.take();
+        let (frames, req) = b.take(Mode::Flush);
         assert_eq!(
-            (frames.len(), read_only, copy_in),
-            (MAX_BATCH_MESSAGES, false, true)
+            (frames.len(), req.standby_ok, req.copy_in, req.ends_tx),
+            (MAX_BATCH_MESSAGES, false, true, false)
         );
         assert!(b.is_empty() && b.read_only && !b.copy_in && b.bytes == 0);
+        b.count(true);
+        b.count(false);
+        assert!(!b.take(Mode::Sync).1.ends_tx, "its own Bind");
+        b.count(false);
+        assert!(b.take(Mode::Sync).1.ends_tx, "a portal bound before");
+        b.ends_tx();
+        assert!(b.take(Mode::Sync).1.ends_tx);
     }
 }

@@ -244,6 +244,7 @@ impl Session {
                     parse: f.detached(),
                     read_only: r.standby_ok,
                     copy_in: r.copy_in,
+                    ends_tx: r.ends_tx,
                     unlogged,
                     step,
                     param_types,
@@ -259,6 +260,7 @@ impl Session {
                 self.push_batch(f).await
             }
             FrontendMessage::Bind(b) => {
+                self.batch.count(true);
                 self.statement_used(b.stmt);
                 self.push_batch(f).await
             }
@@ -274,7 +276,10 @@ impl Session {
                 }
                 self.push_batch(f).await
             }
-            FrontendMessage::Execute { .. } => self.push_batch(f).await,
+            FrontendMessage::Execute { .. } => {
+                self.batch.count(false);
+                self.push_batch(f).await
+            }
             FrontendMessage::Sync | FrontendMessage::Flush => {
                 let mode = if msg == FrontendMessage::Flush {
                     Mode::Flush
@@ -282,13 +287,12 @@ impl Session {
                     Mode::Sync
                 };
                 self.batch.push(f);
-                let (frames, ok, copy_in) = self.batch.take();
-                self.dispatch_routed(Request::batch(ok, mode, copy_in), frames, true, TxPart::default())
-                    .await
+                let (frames, req) = self.batch.take(mode);
+                self.dispatch_routed(req, frames, true, TxPart::default()).await
             }
             FrontendMessage::FunctionCall => {
                 let frames = self.batch.alone(f);
-                let req = Request::batch(false, Mode::Sync, false);
+                let req = Request::function_call();
                 self.dispatch_routed(req, frames, true, TxPart::default()).await
             }
             // Outside COPY, PostgreSQL ignores these too.
@@ -319,12 +323,22 @@ impl Session {
             }
         }
         match self.stmts.get(name) {
-            Some(s) if s.read_only => {}
-            Some(s) if s.copy_in => {
-                self.batch.not_read_only();
-                self.batch.copy_in();
+            Some(s) => {
+                if !s.read_only {
+                    self.batch.not_read_only();
+                }
+                if s.copy_in {
+                    self.batch.copy_in();
+                }
+                if s.ends_tx {
+                    self.batch.ends_tx();
+                }
             }
-            _ => self.batch.not_read_only(),
+            None => {
+                // PostgreSQL will refuse it; nothing is known of it.
+                self.batch.not_read_only();
+                self.batch.ends_tx();
+            }
         }
     }
 
@@ -365,8 +379,10 @@ impl Session {
         if !self.batch.push(f) {
             return Ok(());
         }
-        let (frames, _, copy_in) = self.batch.take();
-        let req = Request::batch(false, Mode::Flush, copy_in);
+        // Sent on to the primary whatever its statements are (see above).
+        let (frames, mut req) = self.batch.take(Mode::Flush);
+        req.standby_ok = false;
+        req.writes = true;
         self.dispatch_routed(req, frames, true, TxPart::default()).await
     }
 

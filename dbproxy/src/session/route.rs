@@ -196,15 +196,14 @@ pub(super) struct Request {
 }
 
 impl Request {
-    /// An extended-protocol batch (or a FunctionCall): no transaction role of its own.
-    pub fn batch(read_only: bool, mode: Mode, copy_in: bool) -> Request {
+    /// A FunctionCall: the primary's, and nothing is known of what it does.
+    pub fn function_call() -> Request {
         Request {
-            standby_ok: read_only,
-            writes: !read_only,
-            mode,
+            standby_ok: false,
+            writes: true,
+            mode: Mode::Sync,
             role: Role::Other,
-            copy_in,
-            // Its statements are not looked at one by one: any may be a COMMIT.
+            copy_in: false,
             ends_tx: true,
         }
     }

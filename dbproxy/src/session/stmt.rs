@@ -24,6 +24,8 @@ pub(super) struct Stmt {
     pub read_only: bool,
     /// It may be a COPY FROM STDIN.
     pub copy_in: bool,
+    /// It may end a transaction block.
+    pub ends_tx: bool,
     /// The generation of the unlogged relations it was classified with (see
     /// [`crate::unlogged::Db::generation`]).
     pub unlogged: u64,
@@ -224,6 +226,7 @@ mod tests {
             parse: parse(sql),
             read_only: true,
             copy_in: false,
+            ends_tx: false,
             unlogged: 0,
             step: Step::Other,
             param_types: Vec::new(),
@@ -258,6 +261,7 @@ mod tests {
             fp: 0,
             read_only: false,
             copy_in: false,
+            ends_tx: false,
             unlogged: 0,
             step: Step::Set("select set_config('a', $1, false)".into()),
             param_types: vec![25],
@@ -292,6 +296,7 @@ mod tests {
                 fp: 0,
                 read_only: false,
                 copy_in: false,
+                ends_tx: false,
                 unlogged: 0,
                 step: Step::Set("x".into()),
                 param_types: Vec::new(),
