@@ -242,7 +242,7 @@ async fn transaction_body() -> Result<()> {
     // The extended protocol: each statement its own batch, COMMIT one too.
     for _ in 0..10 {
         c.execute("begin", &[]).await?;
-        let row = i32::try_from(id)?;
+        let row: i32 = id;
         c.execute("insert into t values ($1)", &[&row]).await?;
         c.execute("update t set id = id + 1 where id = $1", &[&row])
             .await?;
