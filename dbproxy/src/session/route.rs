@@ -354,12 +354,8 @@ mod tests {
 
     fn write() -> Request {
         Request {
-            standby_ok: false,
-            writes: true,
-            mode: Mode::Sync,
-            role: Role::Other,
-            copy_in: false,
             ends_tx: false,
+            ..Request::function_call()
         }
     }
 
